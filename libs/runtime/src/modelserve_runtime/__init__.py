@@ -1,0 +1,1 @@
+"""Shared runtime of every modelserve service: settings, logs, traces, errors, gRPC plumbing."""

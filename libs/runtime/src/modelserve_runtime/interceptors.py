@@ -1,0 +1,306 @@
+"""Server and client interceptors: tracing, request context, logs and metrics, error status."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from typing import Any
+
+import grpc
+import structlog
+from grpc.aio import AbortError
+from opentelemetry import propagate, trace
+from opentelemetry.trace import SpanKind, Status, StatusCode
+from prometheus_client import Counter, Histogram
+
+from modelserve_runtime.errors import ModelServeError, internal_status, to_status
+from modelserve_runtime.tracing import tracer
+
+log = structlog.get_logger()
+
+REQUEST_ID_HEADER = "x-request-id"
+
+RPC_LATENCY = Histogram(
+    "modelserve_rpc_duration_seconds",
+    "Server-side latency of RPCs.",
+    ["service", "method", "code"],
+    buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+)
+RPC_TOTAL = Counter("modelserve_rpc_total", "RPCs handled, by status code.", ["service", "method", "code"])
+
+# Span-ending tasks, kept referenced until they finish.
+_PENDING: set[asyncio.Future[None]] = set()
+
+Scope = Callable[[str, grpc.aio.ServicerContext[Any, Any]], AbstractAsyncContextManager[None]]
+
+
+def _metadata(context: grpc.aio.ServicerContext[Any, Any]) -> dict[str, str]:
+    return {k: v for k, v in (context.invocation_metadata() or ()) if isinstance(v, str)}
+
+
+def _code_of(context: grpc.aio.ServicerContext[Any, Any], error: BaseException | None) -> grpc.StatusCode:
+    """The status code the call ends with, as set by an abort or implied by success."""
+    code = context.code()
+    if isinstance(code, grpc.StatusCode):
+        return code
+    if isinstance(code, int):
+        return next((c for c in grpc.StatusCode if c.value[0] == code), grpc.StatusCode.UNKNOWN)
+    if error is None:
+        return grpc.StatusCode.OK
+    if isinstance(error, ModelServeError):
+        return error.code
+    if isinstance(error, Exception):
+        return grpc.StatusCode.UNKNOWN
+    return grpc.StatusCode.CANCELLED
+
+
+def _wrap(handler: grpc.RpcMethodHandler, method: str, scope: Scope) -> grpc.RpcMethodHandler:
+    """Returns the handler with every call run inside `scope(method, context)`."""
+    ser, deser = handler.response_serializer, handler.request_deserializer
+    if handler.unary_unary:
+        inner_uu = handler.unary_unary
+
+        async def unary_unary(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+            async with scope(method, context):
+                return await inner_uu(request, context)
+
+        return grpc.unary_unary_rpc_method_handler(unary_unary, deser, ser)
+    if handler.stream_unary:
+        inner_su = handler.stream_unary
+
+        async def stream_unary(requests: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+            async with scope(method, context):
+                return await inner_su(requests, context)
+
+        return grpc.stream_unary_rpc_method_handler(stream_unary, deser, ser)
+    if handler.unary_stream:
+        inner_us = handler.unary_stream
+
+        async def unary_stream(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+            async with scope(method, context):
+                async for response in inner_us(request, context):
+                    yield response
+
+        return grpc.unary_stream_rpc_method_handler(unary_stream, deser, ser)
+    inner_ss = handler.stream_stream
+
+    async def stream_stream(requests: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+        async with scope(method, context):
+            async for response in inner_ss(requests, context):
+                yield response
+
+    return grpc.stream_stream_rpc_method_handler(stream_stream, deser, ser)
+
+
+class _ScopeInterceptor(grpc.aio.ServerInterceptor):
+    """An interceptor whose work is an async context manager around each call."""
+
+    def scope(
+        self, method: str, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> AbstractAsyncContextManager[None]:
+        raise NotImplementedError
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        handler = await continuation(handler_call_details)
+        if handler is None:
+            return handler
+        return _wrap(handler, handler_call_details.method, self.scope)
+
+
+class TracingInterceptor(_ScopeInterceptor):
+    """Continues the caller's W3C trace and records one SERVER span per call."""
+
+    @asynccontextmanager
+    async def scope(
+        self, method: str, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> AsyncIterator[None]:
+        parent = propagate.extract(_metadata(context))
+        service, _, name = method.lstrip("/").partition("/")
+        with tracer().start_as_current_span(
+            method.lstrip("/"),
+            context=parent,
+            kind=SpanKind.SERVER,
+            record_exception=False,
+            set_status_on_exception=False,
+            attributes={"rpc.system": "grpc", "rpc.service": service, "rpc.method": name},
+        ) as span:
+            error: BaseException | None = None
+            try:
+                yield
+            except BaseException as exc:
+                error = exc
+                raise
+            finally:
+                code = _code_of(context, error)
+                span.set_attribute("rpc.grpc.status_code", code.value[0])
+                if code is not grpc.StatusCode.OK:
+                    span.set_status(Status(StatusCode.ERROR, code.name))
+
+
+class RequestContextInterceptor(_ScopeInterceptor):
+    """Binds request_id and the RPC name to the log context of the call."""
+
+    @asynccontextmanager
+    async def scope(
+        self, method: str, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> AsyncIterator[None]:
+        request_id = _metadata(context).get(REQUEST_ID_HEADER) or uuid.uuid4().hex
+        with structlog.contextvars.bound_contextvars(request_id=request_id, rpc=method):
+            yield
+
+
+class LoggingMetricsInterceptor(_ScopeInterceptor):
+    """Writes one summary line per call and records its latency by status code."""
+
+    def __init__(self, service: str) -> None:
+        self._service = service
+
+    @asynccontextmanager
+    async def scope(
+        self, method: str, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> AsyncIterator[None]:
+        start = time.perf_counter()
+        error: BaseException | None = None
+        try:
+            yield
+        except BaseException as exc:
+            error = exc
+            raise
+        finally:
+            elapsed = time.perf_counter() - start
+            code = _code_of(context, error).name
+            RPC_LATENCY.labels(self._service, method, code).observe(elapsed)
+            RPC_TOTAL.labels(self._service, method, code).inc()
+            log.info("rpc", method=method, code=code, latency_ms=round(elapsed * 1000, 3))
+
+
+class ErrorStatusInterceptor(_ScopeInterceptor):
+    """Turns domain exceptions into status codes with ErrorInfo; hides unexpected ones."""
+
+    def __init__(self, domain: str) -> None:
+        self._domain = domain
+
+    @asynccontextmanager
+    async def scope(
+        self, method: str, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> AsyncIterator[None]:
+        try:
+            yield
+        except AbortError:
+            raise
+        except ModelServeError as exc:
+            status = to_status(exc, self._domain)
+            trace.get_current_span().set_attribute("error.reason", exc.reason)
+            await context.abort(status.code, status.details, status.trailing_metadata)
+        except Exception:
+            log.exception("rpc_internal_error", method=method)
+            status = internal_status()
+            await context.abort(status.code, status.details, status.trailing_metadata)
+
+
+def server_interceptors(service: str) -> list[grpc.aio.ServerInterceptor]:
+    """The one interceptor list every service uses, outermost first."""
+    return [
+        TracingInterceptor(),
+        RequestContextInterceptor(),
+        LoggingMetricsInterceptor(service),
+        ErrorStatusInterceptor(f"{service}.modelserve"),
+    ]
+
+
+def _with_headers(
+    details: grpc.aio.ClientCallDetails, span: trace.Span, default_timeout: float
+) -> grpc.aio.ClientCallDetails:
+    metadata = grpc.aio.Metadata(*(details.metadata or ()))
+    carrier: dict[str, str] = {}
+    propagate.inject(carrier, context=trace.set_span_in_context(span))
+    for key, value in carrier.items():
+        metadata[key] = value
+    request_id = structlog.contextvars.get_contextvars().get("request_id")
+    if request_id and REQUEST_ID_HEADER not in metadata:
+        metadata[REQUEST_ID_HEADER] = str(request_id)
+    return grpc.aio.ClientCallDetails(
+        method=details.method,
+        timeout=details.timeout if details.timeout is not None else default_timeout,
+        metadata=metadata,
+        credentials=details.credentials,
+        wait_for_ready=details.wait_for_ready,
+    )
+
+
+def _method_name(details: grpc.aio.ClientCallDetails) -> str:
+    method = details.method
+    return (method.decode() if isinstance(method, bytes) else method).lstrip("/")
+
+
+class _ClientInterceptorBase:
+    """Starts a CLIENT span, propagates it and the request id, and applies a default deadline."""
+
+    def __init__(self, default_timeout: float) -> None:
+        self._timeout = default_timeout
+
+    async def _call(self, continuation: Any, details: grpc.aio.ClientCallDetails, request: Any) -> Any:
+        name = _method_name(details)
+        service, _, method = name.partition("/")
+        span = tracer().start_span(
+            name,
+            kind=SpanKind.CLIENT,
+            attributes={"rpc.system": "grpc", "rpc.service": service, "rpc.method": method},
+        )
+        call = await continuation(_with_headers(details, span, self._timeout), request)
+
+        async def finish(done: Any) -> None:
+            code = await done.code()
+            span.set_attribute("rpc.grpc.status_code", code.value[0])
+            if code is not grpc.StatusCode.OK:
+                span.set_status(Status(StatusCode.ERROR, code.name))
+            span.end()
+
+        def on_done(done: Any) -> None:
+            task = asyncio.ensure_future(finish(done))
+            _PENDING.add(task)
+            task.add_done_callback(_PENDING.discard)
+
+        call.add_done_callback(on_done)
+        return call
+
+
+class _UnaryUnary(_ClientInterceptorBase, grpc.aio.UnaryUnaryClientInterceptor):
+    async def intercept_unary_unary(self, continuation: Any, client_call_details: Any, request: Any) -> Any:
+        return await self._call(continuation, client_call_details, request)
+
+
+class _UnaryStream(_ClientInterceptorBase, grpc.aio.UnaryStreamClientInterceptor):
+    async def intercept_unary_stream(self, continuation: Any, client_call_details: Any, request: Any) -> Any:
+        return await self._call(continuation, client_call_details, request)
+
+
+class _StreamUnary(_ClientInterceptorBase, grpc.aio.StreamUnaryClientInterceptor):
+    async def intercept_stream_unary(
+        self, continuation: Any, client_call_details: Any, request_iterator: Any
+    ) -> Any:
+        return await self._call(continuation, client_call_details, request_iterator)
+
+
+class _StreamStream(_ClientInterceptorBase, grpc.aio.StreamStreamClientInterceptor):
+    async def intercept_stream_stream(
+        self, continuation: Any, client_call_details: Any, request_iterator: Any
+    ) -> Any:
+        return await self._call(continuation, client_call_details, request_iterator)
+
+
+def client_interceptors(default_timeout: float) -> list[grpc.aio.ClientInterceptor]:
+    """Interceptors for every outbound channel: tracing, request id and a default deadline."""
+    return [
+        _UnaryUnary(default_timeout),
+        _UnaryStream(default_timeout),
+        _StreamUnary(default_timeout),
+        _StreamStream(default_timeout),
+    ]

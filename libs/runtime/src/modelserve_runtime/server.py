@@ -1,0 +1,161 @@
+"""gRPC server bootstrap: interceptors, health, reflection, and an orderly SIGTERM shutdown."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import signal
+import sys
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol, TypeVar
+
+import grpc
+import structlog
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+from prometheus_client import start_http_server
+
+from modelserve_runtime.config import ConfigError, ServiceSettings, load_settings
+from modelserve_runtime.discovery import Discovery, create_discovery
+from modelserve_runtime.interceptors import server_interceptors
+from modelserve_runtime.logs import configure_logging
+from modelserve_runtime.tracing import configure_tracing
+
+log = structlog.get_logger()
+
+SettingsT = TypeVar("SettingsT", bound=ServiceSettings)
+
+
+class ServiceApp(Protocol):
+    """The domain side of a service: dependencies to check at start and close at stop."""
+
+    async def check_ready(self) -> None:
+        """Returns once every dependency answers; raises when one cannot be reached."""
+        ...
+
+    async def close(self) -> None:
+        """Closes clients and background tasks."""
+        ...
+
+
+@dataclass
+class GrpcServer:
+    """A built, not yet started, server and the names of the services it hosts."""
+
+    server: grpc.aio.Server
+    port: int
+    health: health.aio.HealthServicer
+    service_names: list[str]
+
+    async def set_serving(self, serving: bool) -> None:
+        """Sets the health of the server and of each hosted service."""
+        status = (
+            health_pb2.HealthCheckResponse.SERVING
+            if serving
+            else health_pb2.HealthCheckResponse.NOT_SERVING
+        )
+        for name in ["", *self.service_names]:
+            await self.health.set(name, status)
+
+
+def build_grpc_server(
+    service: str,
+    settings: ServiceSettings,
+    register: Callable[[grpc.aio.Server], Sequence[str]],
+) -> GrpcServer:
+    """Creates the server with the standard interceptors, health and reflection, bound to its port.
+
+    `register` adds the servicers and returns their full service names.
+    """
+    options = [
+        ("grpc.max_receive_message_length", settings.server.max_message_bytes),
+        ("grpc.max_send_message_length", settings.server.max_message_bytes),
+        ("grpc.so_reuseport", 0),
+    ]
+    server = grpc.aio.server(
+        interceptors=server_interceptors(service),
+        options=options,
+        maximum_concurrent_rpcs=settings.server.max_concurrent_rpcs,
+    )
+    names = list(register(server))
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection(
+        [*names, health.SERVICE_NAME, reflection.SERVICE_NAME], server
+    )
+    port = server.add_insecure_port(f"{settings.server.host}:{settings.server.port}")
+    if port == 0:
+        raise ConfigError(f"cannot bind {settings.server.host}:{settings.server.port}")
+    return GrpcServer(server=server, port=port, health=health_servicer, service_names=names)
+
+
+async def serve(
+    service: str,
+    settings: SettingsT,
+    build: Callable[[SettingsT], Awaitable[tuple[GrpcServer, ServiceApp]]],
+    *,
+    discovery: Discovery | None = None,
+    stop_event: asyncio.Event | None = None,
+) -> None:
+    """Runs one service until SIGTERM/SIGINT (or `stop_event`), then stops it in order:
+    health NOT_SERVING, deregister, `stop(grace)` letting in-flight calls finish, close clients.
+    """
+    grpc_server, app = await build(settings)
+    stop = stop_event or asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    discovery = discovery or create_discovery(settings.discovery)
+    await grpc_server.server.start()
+    await grpc_server.set_serving(False)
+    try:
+        await app.check_ready()
+        await grpc_server.set_serving(True)
+        advertise = settings.discovery.advertise_host or settings.server.host
+        await discovery.register(service, advertise, grpc_server.port)
+        log.info("service_started", port=grpc_server.port, host=settings.server.host)
+        await stop.wait()
+        log.info("service_stopping", grace_s=settings.server.grace_period_s)
+    finally:
+        await grpc_server.health.enter_graceful_shutdown()
+        try:
+            await discovery.deregister()
+        except Exception:
+            log.exception("deregister_failed")
+        await grpc_server.server.stop(settings.server.grace_period_s)
+        await app.close()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(sig)
+        log.info("service_stopped")
+
+
+def run_service(
+    service: str,
+    settings_cls: type[SettingsT],
+    build: Callable[[SettingsT], Awaitable[tuple[GrpcServer, ServiceApp]]],
+    argv: Sequence[str] | None = None,
+) -> None:
+    """The body of every `modelserve-<service>` console script."""
+    parser = argparse.ArgumentParser(prog=f"modelserve-{service}")
+    parser.add_argument("--config", type=Path, help="YAML settings file (env vars override it)")
+    args = parser.parse_args(argv)
+    try:
+        settings = load_settings(settings_cls, args.config)
+    except ConfigError as exc:
+        print(f"modelserve-{service}: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
+    configure_logging(service, settings.telemetry.log_level, settings.telemetry.log_format)
+    provider = configure_tracing(service, settings.otlp_endpoint)
+    if settings.telemetry.metrics_port is not None:
+        start_http_server(settings.telemetry.metrics_port, addr=settings.server.host)
+    import uvloop
+
+    try:
+        uvloop.run(serve(service, settings, build))
+    except Exception:
+        log.exception("service_failed")
+        raise SystemExit(1) from None
+    finally:
+        provider.shutdown()

@@ -1,0 +1,38 @@
+"""OpenTelemetry set-up: a tracer provider per process, OTLP/gRPC export when configured."""
+
+from __future__ import annotations
+
+from opentelemetry import trace
+from opentelemetry.sdk.resources import Resource
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import BatchSpanProcessor
+
+TRACER_NAME = "modelserve"
+
+
+def configure_tracing(service: str, otlp_endpoint: str | None) -> TracerProvider:
+    """Installs the global tracer provider; spans are exported only when an endpoint is set."""
+    provider = TracerProvider(resource=Resource.create({"service.name": service}))
+    if otlp_endpoint:
+        from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
+
+        insecure = not otlp_endpoint.startswith("https://")
+        provider.add_span_processor(
+            BatchSpanProcessor(
+                OTLPSpanExporter(endpoint=otlp_endpoint, insecure=insecure),
+                schedule_delay_millis=200,
+            )
+        )
+    trace.set_tracer_provider(provider)
+    return provider
+
+
+def tracer() -> trace.Tracer:
+    """The tracer that modelserve code creates its spans with."""
+    return trace.get_tracer(TRACER_NAME)
+
+
+def current_trace_id() -> str:
+    """The hex trace id of the current span, or an empty string outside a trace."""
+    ctx = trace.get_current_span().get_span_context()
+    return format(ctx.trace_id, "032x") if ctx.is_valid else ""

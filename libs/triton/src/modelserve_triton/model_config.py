@@ -1,0 +1,108 @@
+"""Triton model configs and load-request files for ONNX models run by the python backend."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from importlib import resources
+from typing import Any
+
+#: Triton's tensor datatypes (as the inference protocol names them) that configs accept.
+TRITON_DATATYPES: frozenset[str] = frozenset(
+    {"BOOL", "INT8", "INT16", "INT32", "INT64", "UINT8", "FP16", "FP32", "FP64", "BYTES"}
+)
+
+
+@dataclass(frozen=True, slots=True)
+class TensorSpec:
+    """One named tensor of a model's signature.
+
+    ``datatype`` is Triton's name for the element type ("FP32", "INT64", ...) and
+    ``shape`` includes the leading batch dimension, written -1.
+    """
+
+    name: str
+    datatype: str
+    shape: tuple[int, ...]
+
+    def __post_init__(self) -> None:
+        if self.datatype not in TRITON_DATATYPES:
+            raise ValueError(f"unknown Triton datatype {self.datatype!r} for tensor {self.name!r}")
+
+
+def _tensor_config(spec: TensorSpec, *, batched: bool) -> dict[str, Any]:
+    dims = list(spec.shape[1:] if batched else spec.shape)
+    config: dict[str, Any] = {"name": spec.name, "data_type": f"TYPE_{_config_type(spec)}"}
+    if dims:
+        config["dims"] = dims
+    else:
+        # A tensor with only a batch dimension ([-1]) has no per-item dims, which Triton
+        # does not accept; the usual spelling is dims [1] reshaped to a scalar per item.
+        config["dims"] = [1]
+        config["reshape"] = {"shape": []}
+    return config
+
+
+def _config_type(spec: TensorSpec) -> str:
+    # The config proto calls BYTES "STRING"; every other name is the same.
+    return "STRING" if spec.datatype == "BYTES" else spec.datatype
+
+
+def build_model_config(
+    model_name: str,
+    inputs: Sequence[TensorSpec],
+    outputs: Sequence[TensorSpec],
+    *,
+    max_batch_size: int = 256,
+    backend: str = "python",
+    max_queue_delay_us: int = 0,
+    instance_count: int = 1,
+) -> dict[str, Any]:
+    """Returns a Triton model config, JSON-able, for ``load_model(config=json.dumps(...))``.
+
+    With ``max_batch_size > 0`` the batch dimension is stripped from every tensor's
+    dims and the dynamic batcher is on; all versions sent in the load stay loaded.
+    """
+    batched = max_batch_size > 0
+    if batched:
+        for spec in (*inputs, *outputs):
+            if not spec.shape or spec.shape[0] != -1:
+                raise ValueError(
+                    f"tensor {spec.name!r} has shape {spec.shape}; a batched model needs a"
+                    " leading -1 batch dimension"
+                )
+    config: dict[str, Any] = {
+        "name": model_name,
+        "backend": backend,
+        "max_batch_size": max_batch_size,
+        "input": [_tensor_config(spec, batched=batched) for spec in inputs],
+        "output": [_tensor_config(spec, batched=batched) for spec in outputs],
+        "version_policy": {"all": {}},
+        "instance_group": [{"kind": "KIND_CPU", "count": instance_count}],
+    }
+    if batched:
+        config["dynamic_batching"] = {"max_queue_delay_microseconds": max_queue_delay_us}
+    return config
+
+
+def backend_source() -> bytes:
+    """Returns the source of the python-backend model that runs ONNX files with onnxruntime."""
+    return resources.files("modelserve_triton.backend").joinpath("model.py").read_bytes()
+
+
+def model_files(versions: Mapping[int, bytes]) -> dict[str, bytes]:
+    """Returns the ``files`` of a load request: each version's ONNX model and the backend.
+
+    ``versions`` maps a version number to its ONNX bytes; load them all in one request
+    so that Triton keeps every one of them loaded.
+    """
+    if not versions:
+        raise ValueError("at least one model version is needed")
+    source = backend_source()
+    files: dict[str, bytes] = {}
+    for version, onnx_bytes in sorted(versions.items()):
+        if version < 1:
+            raise ValueError(f"model versions are positive integers, got {version}")
+        files[f"file:{version}/model.onnx"] = onnx_bytes
+        files[f"file:{version}/model.py"] = source
+    return files

@@ -1,0 +1,277 @@
+"""Runs the tritonserver binary from the nvidia-pytriton wheel as a child process."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import importlib.util
+import os
+import shutil
+import signal
+import socket
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import structlog
+
+from modelserve_triton.runner import TritonError, TritonRunner
+
+log = structlog.get_logger()
+
+_LOG_FILE = "tritonserver.log"
+
+
+class TritonStartError(RuntimeError):
+    """tritonserver did not become ready; the message ends with the tail of its log."""
+
+
+@dataclass(frozen=True, slots=True)
+class TritonOptions:
+    """How to run one tritonserver; a port of 0 means "pick a free one"."""
+
+    work_dir: Path
+    grpc_port: int = 0
+    http_port: int = 0
+    metrics_port: int = 0
+    trace_otlp_endpoint: str | None = None
+    """``host:port`` of an OTLP/HTTP receiver; Triton posts spans to its /v1/traces."""
+    log_verbose: int = 0
+    extra_args: tuple[str, ...] = ()
+    """Further tritonserver flags, appended last."""
+
+
+@dataclass(frozen=True, slots=True)
+class TritonInstall:
+    """Where the nvidia-pytriton wheel keeps the server, its libraries and backend pieces."""
+
+    binary: Path
+    libs_dir: Path
+    python_backend_dir: Path
+    python_stub: Path
+
+    @classmethod
+    def locate(cls) -> TritonInstall:
+        """Finds the wheel's files in the running interpreter's environment."""
+        spec = importlib.util.find_spec("pytriton")
+        if spec is None or not spec.submodule_search_locations:
+            raise TritonStartError("nvidia-pytriton is not installed in this environment")
+        package_dir = Path(next(iter(spec.submodule_search_locations)))
+        server_dir = package_dir / "tritonserver"
+        python_version = f"{sys.version_info.major}.{sys.version_info.minor}"
+        install = cls(
+            binary=server_dir / "bin" / "tritonserver",
+            libs_dir=package_dir.parent / "nvidia_pytriton.libs",
+            python_backend_dir=server_dir / "backends" / "python",
+            python_stub=server_dir
+            / "python_backend_stubs"
+            / python_version
+            / "triton_python_backend_stub",
+        )
+        needed = (install.binary, install.libs_dir, install.python_backend_dir, install.python_stub)
+        for path in needed:
+            if not path.exists():
+                raise TritonStartError(f"nvidia-pytriton is missing {path}")
+        return install
+
+
+def _free_port() -> int:
+    # The port is free when we look; Triton cannot bind port 0 itself and report it.
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+class TritonServer:
+    """One tritonserver child process in explicit model-control mode, on 127.0.0.1.
+
+    The child leads its own process group, so stopping it also stops the python-backend
+    stub processes it started.
+    """
+
+    def __init__(self, options: TritonOptions) -> None:
+        self._options = options
+        self._process: asyncio.subprocess.Process | None = None
+        self._stopped = False
+        self._grpc_port = options.grpc_port
+        self._http_port = options.http_port
+        self._metrics_port = options.metrics_port
+
+    @property
+    def grpc_endpoint(self) -> str:
+        """``127.0.0.1:PORT`` of the gRPC (KServe v2) endpoint, known once started."""
+        return f"127.0.0.1:{self._require_port(self._grpc_port)}"
+
+    @property
+    def http_endpoint(self) -> str:
+        """``127.0.0.1:PORT`` of the HTTP endpoint, known once started."""
+        return f"127.0.0.1:{self._require_port(self._http_port)}"
+
+    @property
+    def metrics_endpoint(self) -> str:
+        """``127.0.0.1:PORT`` of the Prometheus metrics endpoint, known once started."""
+        return f"127.0.0.1:{self._require_port(self._metrics_port)}"
+
+    @property
+    def pid(self) -> int | None:
+        """The child's process id (and process group id), or None before start."""
+        return None if self._process is None else self._process.pid
+
+    @property
+    def log_path(self) -> Path:
+        """The file that receives tritonserver's and the stubs' stdout and stderr."""
+        return self._options.work_dir / _LOG_FILE
+
+    def log_tail(self, lines: int = 40) -> str:
+        """The last lines of the server log."""
+        try:
+            text = self.log_path.read_text(errors="replace")
+        except FileNotFoundError:
+            return ""
+        return "\n".join(text.splitlines()[-lines:])
+
+    async def start(self, timeout: float = 60) -> None:  # noqa: ASYNC109 - the error names the log
+        """Starts tritonserver and returns once it answers that it is ready.
+
+        Raises TritonStartError, with the log's tail, when the process exits first or is
+        not ready within ``timeout`` seconds; the process is stopped then.
+        """
+        if self._process is not None:
+            raise RuntimeError("this TritonServer was already started")
+        started = time.monotonic()
+        argv, env = await asyncio.to_thread(self._prepare)
+        log_file = await asyncio.to_thread(self.log_path.open, "ab")
+        try:
+            self._process = await asyncio.create_subprocess_exec(
+                *argv,
+                stdin=asyncio.subprocess.DEVNULL,
+                stdout=log_file,
+                stderr=asyncio.subprocess.STDOUT,
+                env=env,
+                cwd=self._options.work_dir,
+                start_new_session=True,
+            )
+        finally:
+            log_file.close()
+        log.info("triton_starting", pid=self._process.pid, grpc=self.grpc_endpoint)
+        try:
+            await self._wait_ready(self._process, timeout)
+        except BaseException:
+            await self.stop(grace=2)
+            raise
+        log.info(
+            "triton_ready",
+            pid=self._process.pid,
+            grpc=self.grpc_endpoint,
+            seconds=round(time.monotonic() - started, 3),
+        )
+
+    async def stop(self, grace: float = 10) -> None:
+        """Sends SIGTERM to the process group, then SIGKILL after ``grace`` seconds."""
+        process = self._process
+        if process is None or self._stopped:
+            return
+        self._stopped = True
+        if process.returncode is None:
+            _signal_group(process.pid, signal.SIGTERM)
+            try:
+                await asyncio.wait_for(process.wait(), grace)
+            except TimeoutError:
+                log.warning("triton_kill", pid=process.pid, grace=grace)
+        # Whatever is left of the group (stubs that outlived the server included) goes now.
+        _signal_group(process.pid, signal.SIGKILL)
+        await process.wait()
+        log.info("triton_stopped", pid=process.pid, returncode=process.returncode)
+
+    def _require_port(self, port: int) -> int:
+        if port == 0:
+            raise RuntimeError("ports are chosen at start(); start the server first")
+        return port
+
+    def _prepare(self) -> tuple[list[str], dict[str, str]]:
+        """Builds the work dir (backends, empty model repository) and the command line."""
+        options = self._options
+        install = TritonInstall.locate()
+        work_dir = options.work_dir
+        python_backend = work_dir / "backends" / "python"
+        python_backend.mkdir(parents=True, exist_ok=True)
+        for name in ("libtriton_python.so", "triton_python_backend_utils.py"):
+            shutil.copy2(install.python_backend_dir / name, python_backend / name)
+        shutil.copy2(install.python_stub, python_backend / "triton_python_backend_stub")
+        model_repository = work_dir / "models"
+        model_repository.mkdir(exist_ok=True)
+
+        self._grpc_port = self._grpc_port or _free_port()
+        self._http_port = self._http_port or _free_port()
+        self._metrics_port = self._metrics_port or _free_port()
+        argv = [
+            str(install.binary),
+            f"--model-repository={model_repository}",
+            "--model-control-mode=explicit",
+            f"--backend-directory={work_dir / 'backends'}",
+            "--strict-readiness=true",
+            "--exit-on-error=true",
+            "--grpc-address=127.0.0.1",
+            f"--grpc-port={self._grpc_port}",
+            "--http-address=127.0.0.1",
+            f"--http-port={self._http_port}",
+            "--metrics-address=127.0.0.1",
+            f"--metrics-port={self._metrics_port}",
+            "--allow-gpu-metrics=false",
+            # No GPU is assumed: without this Triton tries to pin host memory through CUDA.
+            "--pinned-memory-pool-byte-size=0",
+            f"--log-verbose={options.log_verbose}",
+        ]
+        if options.trace_otlp_endpoint:
+            argv += [
+                "--trace-config=mode=opentelemetry",
+                f"--trace-config=opentelemetry,url={options.trace_otlp_endpoint}/v1/traces",
+                "--trace-config=opentelemetry,resource=service.name=triton",
+                "--trace-config=rate=1",
+                "--trace-config=level=TIMESTAMPS",
+            ]
+        argv += options.extra_args
+
+        env = dict(os.environ)
+        # The stub embeds Python and finds its prefix from the first python3 on PATH: put
+        # this environment's first so the stub imports our numpy and onnxruntime.
+        env["PATH"] = os.pathsep.join(
+            [str(Path(sys.prefix) / "bin"), *filter(None, [env.get("PATH")])]
+        )
+        env["LD_LIBRARY_PATH"] = os.pathsep.join(
+            [str(install.libs_dir), *filter(None, [env.get("LD_LIBRARY_PATH")])]
+        )
+        return argv, env
+
+    async def _wait_ready(self, process: asyncio.subprocess.Process, limit_s: float) -> None:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + limit_s
+        exited = asyncio.ensure_future(process.wait())
+        runner = TritonRunner(self.grpc_endpoint)
+        try:
+            while True:
+                if exited.done():
+                    raise TritonStartError(
+                        f"tritonserver exited with code {process.returncode} before it was"
+                        f" ready; log {self.log_path}:\n{self.log_tail()}"
+                    )
+                remaining = deadline - loop.time()
+                if remaining <= 0:
+                    raise TritonStartError(
+                        f"tritonserver was not ready after {limit_s} s; log {self.log_path}:\n"
+                        f"{self.log_tail()}"
+                    )
+                with contextlib.suppress(TritonError):
+                    if await runner.is_server_ready(timeout_s=min(1.0, remaining)):
+                        return
+                # Ask again shortly, or wake at once if the process exits meanwhile.
+                await asyncio.wait({exited}, timeout=min(0.05, max(remaining, 0)))
+        finally:
+            exited.cancel()
+            await runner.close()
+
+
+def _signal_group(pgid: int, signum: signal.Signals) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(pgid, signum)

@@ -1,0 +1,148 @@
+"""Calls Triton over gRPC: inference that carries our trace into Triton, and model control."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+import structlog
+from opentelemetry import propagate, trace
+from tritonclient.grpc import InferInput, InferRequestedOutput
+from tritonclient.grpc.aio import InferenceServerClient
+from tritonclient.utils import InferenceServerException, np_to_triton_dtype
+
+log = structlog.get_logger()
+
+
+class TritonError(Exception):
+    """A call to Triton failed; ``status`` is the gRPC status, e.g. "StatusCode.UNAVAILABLE"."""
+
+    def __init__(self, message: str, status: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.status = status
+
+    def __str__(self) -> str:
+        return f"[{self.status}] {self.message}" if self.status else self.message
+
+
+def _triton_error(exc: InferenceServerException) -> TritonError:
+    status = exc.status()
+    return TritonError(str(exc.message() or exc), None if status is None else str(status))
+
+
+class TritonRunner:
+    """A gRPC client of one Triton server; open it inside the event loop that uses it."""
+
+    def __init__(self, url: str, *, tracer: trace.Tracer | None = None) -> None:
+        self._url = url
+        self._client = InferenceServerClient(url)
+        self._tracer = tracer or trace.get_tracer(__name__)
+
+    @property
+    def url(self) -> str:
+        """The ``host:port`` of Triton's gRPC endpoint."""
+        return self._url
+
+    async def infer(
+        self,
+        model_name: str,
+        version: int,
+        inputs: Mapping[str, npt.NDArray[Any]],
+        output_names: Sequence[str],
+        *,
+        timeout_s: float,
+        headers: Mapping[str, str] | None = None,
+    ) -> dict[str, npt.NDArray[Any]]:
+        """Runs one version of a model on a batch; the current trace continues inside Triton."""
+        with self._tracer.start_as_current_span(
+            "triton.infer",
+            kind=trace.SpanKind.CLIENT,
+            attributes={
+                "rpc.system": "grpc",
+                "server.address": self._url,
+                "model.name": model_name,
+                "model.version": version,
+            },
+        ):
+            metadata = dict(headers or {})
+            # Writes the W3C traceparent of the span above, which Triton continues.
+            propagate.inject(metadata)
+            request_inputs = []
+            for name, array in inputs.items():
+                request_input = InferInput(name, list(array.shape), np_to_triton_dtype(array.dtype))
+                request_input.set_data_from_numpy(np.ascontiguousarray(array))
+                request_inputs.append(request_input)
+            try:
+                result = await self._client.infer(
+                    model_name,
+                    request_inputs,
+                    model_version=str(version),
+                    outputs=[InferRequestedOutput(name) for name in output_names],
+                    client_timeout=timeout_s,
+                    headers=metadata,
+                )
+            except InferenceServerException as exc:
+                raise _triton_error(exc) from exc
+            outputs: dict[str, npt.NDArray[Any]] = {}
+            for name in output_names:
+                value = result.as_numpy(name)
+                if value is None:
+                    raise TritonError(f"model {model_name!r} returned no output {name!r}")
+                outputs[name] = value
+            return outputs
+
+    async def load(
+        self,
+        model_name: str,
+        config: Mapping[str, Any],
+        files: Mapping[str, bytes],
+        *,
+        timeout_s: float | None = None,
+    ) -> None:
+        """Loads (or reloads) a model from a config and the files of all its versions."""
+        try:
+            await self._client.load_model(
+                model_name,
+                config=json.dumps(config),
+                files=dict(files),
+                client_timeout=timeout_s,
+            )
+        except InferenceServerException as exc:
+            raise _triton_error(exc) from exc
+        log.info("triton_model_loaded", model=model_name, url=self._url)
+
+    async def unload(self, model_name: str, *, timeout_s: float | None = None) -> None:
+        """Unloads every version of a model."""
+        try:
+            await self._client.unload_model(model_name, client_timeout=timeout_s)
+        except InferenceServerException as exc:
+            raise _triton_error(exc) from exc
+        log.info("triton_model_unloaded", model=model_name, url=self._url)
+
+    async def is_model_ready(
+        self, model_name: str, version: int, *, timeout_s: float | None = None
+    ) -> bool:
+        """Whether Triton can run this version of the model now."""
+        try:
+            ready = await self._client.is_model_ready(
+                model_name, str(version), client_timeout=timeout_s
+            )
+        except InferenceServerException as exc:
+            raise _triton_error(exc) from exc
+        return bool(ready)
+
+    async def is_server_ready(self, *, timeout_s: float | None = None) -> bool:
+        """Whether Triton reports itself ready for inference."""
+        try:
+            ready = await self._client.is_server_ready(client_timeout=timeout_s)
+        except InferenceServerException as exc:
+            raise _triton_error(exc) from exc
+        return bool(ready)
+
+    async def close(self) -> None:
+        """Closes the gRPC channel."""
+        await self._client.close()
