@@ -1,1 +1,1 @@
-"""modelserve demo."""
+"""The demo model that modelserve ships with: card-fraud scoring trained on synthetic data."""
