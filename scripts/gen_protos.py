@@ -24,12 +24,17 @@ def generate(out_root: Path) -> None:
     sources = sorted(str(p.relative_to(PROTOS)) for p in PROTOS.rglob("*.proto"))
     subprocess.run(
         [
-            sys.executable, "-m", "grpc_tools.protoc",
-            f"-I{PROTOS}", f"-I{well_known}",
+            sys.executable,
+            "-m",
+            "grpc_tools.protoc",
+            f"-I{PROTOS}",
+            f"-I{well_known}",
             f"--plugin=protoc-gen-mypy={bin_dir / 'protoc-gen-mypy'}",
             f"--plugin=protoc-gen-mypy_grpc={bin_dir / 'protoc-gen-mypy_grpc'}",
-            f"--python_out={out_root}", f"--grpc_python_out={out_root}",
-            f"--mypy_out={out_root}", f"--mypy_grpc_out={out_root}",
+            f"--python_out={out_root}",
+            f"--grpc_python_out={out_root}",
+            f"--mypy_out={out_root}",
+            f"--mypy_grpc_out={out_root}",
             *sources,
         ],
         check=True,

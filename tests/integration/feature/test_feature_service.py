@@ -5,11 +5,11 @@ from __future__ import annotations
 import grpc
 import pytest
 import redis.asyncio as aioredis
+from support import running
+
 from modelserve.feature.v1 import feature_service_pb2 as pb
 from modelserve.feature.v1 import feature_service_pb2_grpc as pb_grpc
 from modelserve.type.v1 import feature_value_pb2
-from support import running
-
 from modelserve_feature.config import FeatureSettings
 from modelserve_feature.server import build_server
 from modelserve_runtime.errors import decode_rpc_error
@@ -20,7 +20,9 @@ def _settings(redis_url: str) -> FeatureSettings:
 
 
 class TestFeatureService:
-    async def test_write_then_read_many_entities(self, redis_url: str, redis_client: aioredis.Redis) -> None:
+    async def test_write_then_read_many_entities(
+        self, redis_url: str, redis_client: aioredis.Redis
+    ) -> None:
         """Written values come back typed, per entity, with missing ones marked MISSING."""
         async with running(build_server, _settings(redis_url)) as (_, channel, _app):
             stub = pb_grpc.FeatureServiceStub(channel)
@@ -76,7 +78,9 @@ class TestFeatureService:
         assert error.domain == "feature.modelserve"
         assert [v.field for v in error.violations] == ["features[0]"]
 
-    async def test_bad_write_writes_nothing(self, redis_url: str, redis_client: aioredis.Redis) -> None:
+    async def test_bad_write_writes_nothing(
+        self, redis_url: str, redis_client: aioredis.Redis
+    ) -> None:
         """A batch with one unset value is refused whole: the good entry is not written either."""
         async with running(build_server, _settings(redis_url)) as (_, channel, _app):
             stub = pb_grpc.FeatureServiceStub(channel)

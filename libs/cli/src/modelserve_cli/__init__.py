@@ -1,1 +1,1 @@
-"""modelserve cli."""
+"""The `modelserve` command line: run the local stack, deploy the demo, call the API."""

@@ -101,7 +101,9 @@ class RedisFeatureStore:
         async with self._redis.pipeline(transaction=True) as pipe:
             for entity, values in writes:
                 if values:
-                    pipe.hset(redis_key(entity), mapping={k: encode_value(v) for k, v in values.items()})
+                    pipe.hset(
+                        redis_key(entity), mapping={k: encode_value(v) for k, v in values.items()}
+                    )
                     count += len(values)
             await pipe.execute()
         return count

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import numpy as np
 import numpy.typing as npt
-from modelserve.type.v1 import feature_value_pb2, tensor_pb2
 
+from modelserve.type.v1 import feature_value_pb2, tensor_pb2
 from modelserve_runtime.errors import InvalidArgumentError
 
 PyValue = int | float | str | bool
 
-DTYPES: dict[int, np.dtype[np.generic]] = {
+DTYPES: dict[tensor_pb2.DataType.ValueType, np.dtype[np.generic]] = {
     tensor_pb2.DATA_TYPE_BOOL: np.dtype(np.bool_),
     tensor_pb2.DATA_TYPE_INT32: np.dtype(np.int32),
     tensor_pb2.DATA_TYPE_INT64: np.dtype(np.int64),
@@ -19,7 +19,7 @@ DTYPES: dict[int, np.dtype[np.generic]] = {
     tensor_pb2.DATA_TYPE_BYTES: np.dtype(np.object_),
 }
 #: Triton's name of each data type.
-TRITON_NAMES: dict[int, str] = {
+TRITON_NAMES: dict[tensor_pb2.DataType.ValueType, str] = {
     tensor_pb2.DATA_TYPE_BOOL: "BOOL",
     tensor_pb2.DATA_TYPE_INT32: "INT32",
     tensor_pb2.DATA_TYPE_INT64: "INT64",
@@ -27,9 +27,14 @@ TRITON_NAMES: dict[int, str] = {
     tensor_pb2.DATA_TYPE_FP64: "FP64",
     tensor_pb2.DATA_TYPE_BYTES: "BYTES",
 }
-_BY_NUMPY = {np.dtype(np.bool_): tensor_pb2.DATA_TYPE_BOOL, np.dtype(np.int32): tensor_pb2.DATA_TYPE_INT32,
-             np.dtype(np.int64): tensor_pb2.DATA_TYPE_INT64, np.dtype(np.float32): tensor_pb2.DATA_TYPE_FP32,
-             np.dtype(np.float64): tensor_pb2.DATA_TYPE_FP64, np.dtype(np.object_): tensor_pb2.DATA_TYPE_BYTES}
+_BY_NUMPY = {
+    np.dtype(np.bool_): tensor_pb2.DATA_TYPE_BOOL,
+    np.dtype(np.int32): tensor_pb2.DATA_TYPE_INT32,
+    np.dtype(np.int64): tensor_pb2.DATA_TYPE_INT64,
+    np.dtype(np.float32): tensor_pb2.DATA_TYPE_FP32,
+    np.dtype(np.float64): tensor_pb2.DATA_TYPE_FP64,
+    np.dtype(np.object_): tensor_pb2.DATA_TYPE_BYTES,
+}
 
 
 def value_to_proto(value: PyValue | None) -> feature_value_pb2.FeatureValue:
@@ -48,14 +53,18 @@ def value_to_proto(value: PyValue | None) -> feature_value_pb2.FeatureValue:
 def value_from_proto(value: feature_value_pb2.FeatureValue) -> PyValue | None:
     """The Python value of a FeatureValue; None when it is unset."""
     kind = value.WhichOneof("kind")
-    return None if kind is None else getattr(value, kind)  # type: ignore[no-any-return]
+    return None if kind is None else getattr(value, kind)
 
 
-def tensor_to_numpy(tensor: tensor_pb2.Tensor, field_path: str = "tensor") -> npt.NDArray[np.generic]:
+def tensor_to_numpy(
+    tensor: tensor_pb2.Tensor, field_path: str = "tensor"
+) -> npt.NDArray[np.generic]:
     """The tensor as an array; InvalidArgumentError when type, shape and values disagree."""
     dtype = DTYPES.get(tensor.datatype)
     if dtype is None:
-        raise InvalidArgumentError.for_field(f"{field_path}.datatype", "must be set to a known data type")
+        raise InvalidArgumentError.for_field(
+            f"{field_path}.datatype", "must be set to a known data type"
+        )
     contents = tensor.contents
     values: list[object]
     if tensor.datatype == tensor_pb2.DATA_TYPE_BOOL:

@@ -99,7 +99,9 @@ class ConsulDiscovery:
         log.info("consul_deregistered", service_id=service_id)
 
     async def resolve(self, service: str) -> str:
-        _index, entries = await asyncio.to_thread(self._consul.health.service, service, passing=True)
+        _index, entries = await asyncio.to_thread(
+            self._consul.health.service, service, passing=True
+        )
         if not entries:
             raise UnavailableError(
                 f"no passing instance of service {service!r} in Consul",
@@ -114,5 +116,7 @@ class ConsulDiscovery:
 def create_discovery(settings: DiscoverySettings) -> Discovery:
     """The discovery implementation that the settings choose."""
     if settings.mode == "consul":
-        return ConsulDiscovery(settings.consul_host, settings.consul_port, token=settings.consul_token)
+        return ConsulDiscovery(
+            settings.consul_host, settings.consul_port, token=settings.consul_token
+        )
     return StaticDiscovery(settings.static)

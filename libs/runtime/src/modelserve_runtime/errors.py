@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import grpc
 from google.protobuf import any_pb2
@@ -56,9 +57,17 @@ class InvalidArgumentError(ModelServeError):
         self.violations = list(violations)
 
     @classmethod
+    def from_violations(cls, violations: Sequence[FieldViolation]) -> InvalidArgumentError:
+        """An error listing every violation, each also spelled out in the message."""
+        message = "; ".join(f"{v.field}: {v.description}" for v in violations)
+        return cls(message, violations=violations)
+
+    @classmethod
     def for_field(cls, field_path: str, description: str) -> InvalidArgumentError:
         """An error about a single field, with the field named in the message too."""
-        return cls(f"{field_path}: {description}", violations=[FieldViolation(field_path, description)])
+        return cls(
+            f"{field_path}: {description}", violations=[FieldViolation(field_path, description)]
+        )
 
 
 class NotFoundError(ModelServeError):
@@ -133,12 +142,16 @@ def to_status(error: ModelServeError, domain: str) -> grpc.Status:
     """Builds the status, with one ErrorInfo and BadRequest field violations, for an error."""
     details: list[any_pb2.Any] = []
     info = any_pb2.Any()
-    info.Pack(error_details_pb2.ErrorInfo(reason=error.reason, domain=domain, metadata=error.metadata))
+    info.Pack(
+        error_details_pb2.ErrorInfo(reason=error.reason, domain=domain, metadata=error.metadata)
+    )
     details.append(info)
     if isinstance(error, InvalidArgumentError) and error.violations:
         bad_request = error_details_pb2.BadRequest(
             field_violations=[
-                error_details_pb2.BadRequest.FieldViolation(field=v.field, description=v.description)
+                error_details_pb2.BadRequest.FieldViolation(
+                    field=v.field, description=v.description
+                )
                 for v in error.violations
             ]
         )
@@ -146,13 +159,15 @@ def to_status(error: ModelServeError, domain: str) -> grpc.Status:
         packed.Pack(bad_request)
         details.append(packed)
     proto = status_pb2.Status(code=error.code.value[0], message=error.message, details=details)
-    return rpc_status.to_status(proto)
+    status: grpc.Status = rpc_status.to_status(proto)
+    return status
 
 
 def internal_status(message: str = "internal error") -> grpc.Status:
     """The status for an unexpected failure: a fixed message, never a traceback."""
     proto = status_pb2.Status(code=code_pb2.INTERNAL, message=message)
-    return rpc_status.to_status(proto)
+    status: grpc.Status = rpc_status.to_status(proto)
+    return status
 
 
 def decode_rpc_error(error: grpc.RpcError) -> DecodedError:
@@ -187,8 +202,9 @@ def decode_rpc_error(error: grpc.RpcError) -> DecodedError:
 
 
 def _status_from_trailers(error: grpc.RpcError) -> status_pb2.Status | None:
-    trailers = error.trailing_metadata() if hasattr(error, "trailing_metadata") else None
-    for key, value in trailers or ():
+    trailers: Any = error.trailing_metadata() if hasattr(error, "trailing_metadata") else None
+    for item in trailers or ():
+        key, value = item[0], item[1]
         if key == "grpc-status-details-bin" and isinstance(value, bytes):
             status = status_pb2.Status()
             status.ParseFromString(value)

@@ -29,7 +29,9 @@ RPC_LATENCY = Histogram(
     ["service", "method", "code"],
     buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
 )
-RPC_TOTAL = Counter("modelserve_rpc_total", "RPCs handled, by status code.", ["service", "method", "code"])
+RPC_TOTAL = Counter(
+    "modelserve_rpc_total", "RPCs handled, by status code.", ["service", "method", "code"]
+)
 
 # Span-ending tasks, kept referenced until they finish.
 _PENDING: set[asyncio.Future[None]] = set()
@@ -41,7 +43,9 @@ def _metadata(context: grpc.aio.ServicerContext[Any, Any]) -> dict[str, str]:
     return {k: v for k, v in (context.invocation_metadata() or ()) if isinstance(v, str)}
 
 
-def _code_of(context: grpc.aio.ServicerContext[Any, Any], error: BaseException | None) -> grpc.StatusCode:
+def _code_of(
+    context: grpc.aio.ServicerContext[Any, Any], error: BaseException | None
+) -> grpc.StatusCode:
     """The status code the call ends with, as set by an abort or implied by success."""
     code = context.code()
     if isinstance(code, grpc.StatusCode):
@@ -57,7 +61,7 @@ def _code_of(context: grpc.aio.ServicerContext[Any, Any], error: BaseException |
     return grpc.StatusCode.CANCELLED
 
 
-def _wrap(handler: grpc.RpcMethodHandler, method: str, scope: Scope) -> grpc.RpcMethodHandler:
+def _wrap(handler: Any, method: str, scope: Scope) -> Any:
     """Returns the handler with every call run inside `scope(method, context)`."""
     ser, deser = handler.response_serializer, handler.request_deserializer
     if handler.unary_unary:
@@ -105,9 +109,9 @@ class _ScopeInterceptor(grpc.aio.ServerInterceptor):
 
     async def intercept_service(
         self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[Any]],
         handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler:
+    ) -> Any:
         handler = await continuation(handler_call_details)
         if handler is None:
             return handler
@@ -224,7 +228,7 @@ def _with_headers(
     for key, value in carrier.items():
         metadata[key] = value
     request_id = structlog.contextvars.get_contextvars().get("request_id")
-    if request_id and REQUEST_ID_HEADER not in metadata:
+    if request_id and not metadata.get(REQUEST_ID_HEADER):
         metadata[REQUEST_ID_HEADER] = str(request_id)
     return grpc.aio.ClientCallDetails(
         method=details.method,
@@ -246,7 +250,9 @@ class _ClientInterceptorBase:
     def __init__(self, default_timeout: float) -> None:
         self._timeout = default_timeout
 
-    async def _call(self, continuation: Any, details: grpc.aio.ClientCallDetails, request: Any) -> Any:
+    async def _call(
+        self, continuation: Any, details: grpc.aio.ClientCallDetails, request: Any
+    ) -> Any:
         name = _method_name(details)
         service, _, method = name.partition("/")
         span = tracer().start_span(
@@ -273,12 +279,16 @@ class _ClientInterceptorBase:
 
 
 class _UnaryUnary(_ClientInterceptorBase, grpc.aio.UnaryUnaryClientInterceptor):
-    async def intercept_unary_unary(self, continuation: Any, client_call_details: Any, request: Any) -> Any:
+    async def intercept_unary_unary(
+        self, continuation: Any, client_call_details: Any, request: Any
+    ) -> Any:
         return await self._call(continuation, client_call_details, request)
 
 
 class _UnaryStream(_ClientInterceptorBase, grpc.aio.UnaryStreamClientInterceptor):
-    async def intercept_unary_stream(self, continuation: Any, client_call_details: Any, request: Any) -> Any:
+    async def intercept_unary_stream(
+        self, continuation: Any, client_call_details: Any, request: Any
+    ) -> Any:
         return await self._call(continuation, client_call_details, request)
 
 

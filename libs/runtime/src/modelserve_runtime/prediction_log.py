@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Mapping
+from typing import Any
 
 import redis.asyncio as redis
 import structlog
+
 from modelserve.type.v1 import prediction_record_pb2
 
 log = structlog.get_logger()
@@ -54,7 +56,9 @@ class PredictionLogWriter:
         """Schedules the append; counts and logs a drop when too many appends are in flight."""
         if len(self._pending) >= self._max_pending:
             self.dropped += 1
-            log.warning("prediction_log_dropped", request_id=record.request_id, dropped=self.dropped)
+            log.warning(
+                "prediction_log_dropped", request_id=record.request_id, dropped=self.dropped
+            )
             return
         task = asyncio.ensure_future(self._append(record))
         self._pending.add(task)
@@ -63,7 +67,7 @@ class PredictionLogWriter:
     async def _append(self, record: prediction_record_pb2.PredictionRecord) -> None:
         try:
             await self._redis.xadd(
-                self._stream, encode_record(record), maxlen=self._max_len, approximate=True
+                self._stream, dict[Any, Any](encode_record(record)), maxlen=self._max_len, approximate=True
             )
         except redis.RedisError as exc:
             self.dropped += 1

@@ -6,13 +6,13 @@ from collections.abc import Sequence
 
 import grpc
 import redis.asyncio as redis
+
 from modelserve.feature.v1 import feature_service_pb2 as pb
 from modelserve.feature.v1 import feature_service_pb2_grpc as pb_grpc
-
-from modelserve_features.redis_store import RedisFeatureStore
 from modelserve_feature.config import FeatureSettings
 from modelserve_feature.servicer import FeatureServicer
 from modelserve_feature.store import OnlineFeatures
+from modelserve_features.redis_store import RedisFeatureStore
 from modelserve_runtime.errors import UnavailableError
 from modelserve_runtime.server import GrpcServer, build_grpc_server, run_service
 

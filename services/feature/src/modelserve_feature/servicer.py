@@ -5,11 +5,11 @@ from __future__ import annotations
 from typing import Any
 
 import grpc
+
 from modelserve.feature.v1 import feature_service_pb2 as pb
 from modelserve.feature.v1 import feature_service_pb2_grpc as pb_grpc
-
-from modelserve_features.redis_store import EntityKey
 from modelserve_feature.store import OnlineFeatures
+from modelserve_features.redis_store import EntityKey
 from modelserve_runtime.convert import value_from_proto, value_to_proto
 
 

@@ -24,11 +24,15 @@ class OnlineFeatures:
         if not entities:
             violations.append(FieldViolation("entities", "at least one entity is required"))
         elif len(entities) > self._max_entities:
-            violations.append(FieldViolation("entities", f"at most {self._max_entities} entities per call"))
+            violations.append(
+                FieldViolation("entities", f"at most {self._max_entities} entities per call")
+            )
         if not features:
             violations.append(FieldViolation("features", "at least one feature is required"))
         elif len(features) > self._max_features:
-            violations.append(FieldViolation("features", f"at most {self._max_features} features per call"))
+            violations.append(
+                FieldViolation("features", f"at most {self._max_features} features per call")
+            )
         for i, entity in enumerate(entities):
             if not entity.entity_type:
                 violations.append(FieldViolation(f"entities[{i}].entity_type", "must not be empty"))
@@ -39,11 +43,11 @@ class OnlineFeatures:
             try:
                 refs.append(FeatureRef.parse(ref))
             except ValueError:
-                violations.append(FieldViolation(f"features[{i}]", f"{ref!r} is not 'entity_type:name'"))
+                violations.append(
+                    FieldViolation(f"features[{i}]", f"{ref!r} is not 'entity_type:name'")
+                )
         if violations:
-            raise InvalidArgumentError(
-                "; ".join(f"{v.field}: {v.description}" for v in violations), violations=violations
-            )
+            raise InvalidArgumentError.from_violations(violations)
         return await self._store.read(entities, refs)
 
     async def write(self, writes: Sequence[tuple[EntityKey, Mapping[str, Value | None]]]) -> int:
@@ -54,17 +58,23 @@ class OnlineFeatures:
         clean: list[tuple[EntityKey, Mapping[str, Value]]] = []
         for i, (entity, values) in enumerate(writes):
             if not entity.entity_type or not entity.entity_id:
-                violations.append(FieldViolation(f"writes[{i}].entity", "entity_type and entity_id are required"))
+                violations.append(
+                    FieldViolation(f"writes[{i}].entity", "entity_type and entity_id are required")
+                )
             if not values:
-                violations.append(FieldViolation(f"writes[{i}].values", "at least one value is required"))
+                violations.append(
+                    FieldViolation(f"writes[{i}].values", "at least one value is required")
+                )
             for name, value in values.items():
                 if not name or ":" in name:
-                    violations.append(FieldViolation(f"writes[{i}].values[{name!r}]", "bad feature name"))
+                    violations.append(
+                        FieldViolation(f"writes[{i}].values[{name!r}]", "bad feature name")
+                    )
                 if value is None:
-                    violations.append(FieldViolation(f"writes[{i}].values[{name!r}]", "value must be set"))
+                    violations.append(
+                        FieldViolation(f"writes[{i}].values[{name!r}]", "value must be set")
+                    )
             clean.append((entity, {k: v for k, v in values.items() if v is not None}))
         if violations:
-            raise InvalidArgumentError(
-                "; ".join(f"{v.field}: {v.description}" for v in violations), violations=violations
-            )
+            raise InvalidArgumentError.from_violations(violations)
         return await self._store.write(clean)

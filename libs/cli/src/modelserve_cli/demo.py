@@ -1,0 +1,114 @@
+"""Deploys the demo fraud model onto a running stack: train, register, load, route, seed features."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import grpc
+
+from modelserve.feature.v1 import feature_service_pb2 as feature_pb
+from modelserve.feature.v1 import feature_service_pb2_grpc as feature_grpc
+from modelserve.inference.v1 import inference_service_pb2 as inference_pb
+from modelserve.inference.v1 import inference_service_pb2_grpc as inference_grpc
+from modelserve.registry.v1 import registry_service_pb2 as registry_pb
+from modelserve.router.v1 import router_service_pb2 as router_pb
+from modelserve.router.v1 import router_service_pb2_grpc as router_grpc
+from modelserve.type.v1 import feature_value_pb2, tensor_pb2
+from modelserve_demo import fraud
+from modelserve_runtime.channels import create_channel
+from modelserve_runtime.clients import RegistryAdminClient
+from modelserve_triton.model_config import TensorSpec
+
+ENDPOINT = "fraud"
+MODEL_ID = "fraud"
+_DATATYPES = {"FP32": tensor_pb2.DATA_TYPE_FP32, "INT64": tensor_pb2.DATA_TYPE_INT64}
+
+
+def _spec(spec: TensorSpec) -> tensor_pb2.TensorSpec:
+    return tensor_pb2.TensorSpec(
+        name=spec.name, datatype=_DATATYPES[spec.datatype], shape=list(spec.shape)
+    )
+
+
+@dataclass(frozen=True)
+class DemoDeployment:
+    """What `deploy_demo` created."""
+
+    model_version: str
+    trained: fraud.TrainedModel
+    customers: dict[str, dict[str, float]]
+
+
+async def deploy_demo(targets: dict[str, str], *, seed: int = 0) -> DemoDeployment:
+    """Trains the fraud model and makes endpoint `fraud` answer with it."""
+    trained = fraud.train(seed=seed)
+    customers = fraud.demo_customers()
+    async with (
+        create_channel(
+            targets["registry"], default_timeout_s=60, max_message_bytes=64 << 20
+        ) as registry,
+        create_channel(targets["inference"], default_timeout_s=120) as inference,
+        create_channel(targets["feature"]) as feature,
+    ):
+        admin = RegistryAdminClient(registry)
+        try:
+            await admin.create_model(MODEL_ID, "Card-payment fraud score (demo, synthetic data)")
+        except grpc.aio.AioRpcError as exc:
+            if exc.code() is not grpc.StatusCode.ALREADY_EXISTS:
+                raise
+        version = await admin.upload_model_version(
+            f"models/{MODEL_ID}",
+            registry_pb.ModelVersion(
+                description=f"GradientBoosting on synthetic payments, seed {seed}",
+                format=registry_pb.ARTIFACT_FORMAT_ONNX,
+                signature=registry_pb.Signature(
+                    inputs=[_spec(s) for s in trained.inputs],
+                    outputs=[_spec(s) for s in trained.outputs],
+                    feature_refs=list(trained.feature_refs),
+                ),
+            ),
+            trained.onnx_bytes,
+        )
+        loaded = await inference_grpc.InferenceServiceStub(inference).LoadModelVersion(
+            inference_pb.LoadModelVersionRequest(name=version.name)
+        )
+        if loaded.model_version.state != inference_pb.MODEL_VERSION_STATE_READY:
+            raise RuntimeError(f"{version.name} failed to load: {loaded.model_version.reason}")
+        await admin.set_traffic(ENDPOINT, {version.name: 100})
+        await feature_grpc.FeatureServiceStub(feature).WriteFeatures(
+            feature_pb.WriteFeaturesRequest(
+                writes=[
+                    feature_pb.EntityFeatureWrite(
+                        entity=feature_pb.EntityKey(entity_type=fraud.ENTITY_TYPE, entity_id=cid),
+                        values={
+                            name: feature_value_pb2.FeatureValue(double_value=value)
+                            for name, value in values.items()
+                        },
+                    )
+                    for cid, values in customers.items()
+                ]
+            )
+        )
+    return DemoDeployment(model_version=version.name, trained=trained, customers=customers)
+
+
+def demo_request(customer: str = "c-1001", amount: float = 420.0) -> router_pb.PredictRequest:
+    """A Predict request for the demo endpoint."""
+    request = router_pb.PredictRequest(
+        endpoint=ENDPOINT,
+        entities={fraud.ENTITY_TYPE: customer},
+        features={"amount": feature_value_pb2.FeatureValue(double_value=amount)},
+    )
+    request.context.user_agent = (
+        "Mozilla/5.0 (iPhone; CPU iPhone OS 17_5 like Mac OS X) Mobile/15E148"
+    )
+    request.context.event_time.FromSeconds(1_717_208_000)
+    return request
+
+
+async def predict(
+    router_target: str, request: router_pb.PredictRequest
+) -> router_pb.PredictResponse:
+    """One Predict call through the router."""
+    async with create_channel(router_target) as channel:
+        return await router_grpc.RouterServiceStub(channel).Predict(request)

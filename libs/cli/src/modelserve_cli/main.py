@@ -1,0 +1,109 @@
+"""`modelserve` CLI: `up` runs the local stack with the demo model; `predict` calls the router."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+from pathlib import Path
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from modelserve_cli.demo import demo_request, deploy_demo, predict
+from modelserve_cli.stack import SERVICES, Stack, StackError, StackOptions
+from modelserve_runtime.errors import decode_rpc_error
+
+app = typer.Typer(
+    help="modelserve: deploy models to Triton behind a routed gRPC API.", no_args_is_help=True
+)
+console = Console()
+
+
+@app.command()
+def up(
+    run_dir: Path = typer.Option(
+        Path(".run"), help="Where logs, the registry and Triton's files go."
+    ),
+    router_port: int = typer.Option(50051, help="The router's port (0: any free port)."),
+    otlp_endpoint: str | None = typer.Option(
+        None,
+        envvar="OTEL_EXPORTER_OTLP_ENDPOINT",
+        help="OTLP/gRPC collector for the services' spans.",
+    ),
+    triton_trace_endpoint: str | None = typer.Option(
+        None, help="OTLP/HTTP receiver (host:port) for Triton's spans."
+    ),
+    exit_after_demo: bool = typer.Option(False, help="Stop once the demo prediction is printed."),
+) -> None:
+    """Start Redis, Triton and every service, deploy the demo model, predict once, run until Ctrl-C."""
+    options = StackOptions(
+        run_dir=run_dir.resolve(),
+        ports={"router": router_port} if router_port else {},
+        otlp_endpoint=otlp_endpoint,
+        triton_trace_endpoint=triton_trace_endpoint,
+    )
+    try:
+        asyncio.run(_up(options, exit_after_demo))
+    except StackError as exc:
+        console.print(f"[red]modelserve up failed:[/red] {exc}")
+        raise typer.Exit(1) from None
+
+
+async def _up(options: StackOptions, exit_after_demo: bool) -> None:
+    stack = Stack(options)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        with console.status("starting redis, triton and the services"):
+            await stack.start()
+        table = Table(title="modelserve is up")
+        table.add_column("service")
+        table.add_column("address")
+        table.add_column("log")
+        for service in SERVICES:
+            table.add_row(service, stack.targets[service], str(stack.log_path(service)))
+        table.add_row("redis", stack.redis.url, str(options.run_dir / "redis" / "redis.log"))
+        console.print(table)
+        with console.status("training and deploying the demo fraud model"):
+            deployment = await deploy_demo(stack.targets)
+        console.print(
+            f"deployed [bold]{deployment.model_version}[/bold] to endpoint [bold]fraud[/bold]"
+        )
+        response = await predict(stack.targets["router"], demo_request())
+        probabilities = next(o for o in response.outputs if o.name == "probabilities")
+        console.print(
+            f"prediction: fraud probability [bold]{probabilities.contents.fp32_contents[1]:.4f}[/bold]"
+            f" from {response.model_version} (request {response.request_id}, trace {response.trace_id})"
+        )
+        console.print("[green]ready[/green]; Ctrl-C stops everything", highlight=False)
+        if not exit_after_demo:
+            await stop.wait()
+    finally:
+        with console.status("stopping"):
+            await stack.stop()
+        console.print("stopped")
+
+
+@app.command(name="predict")
+def predict_command(
+    customer: str = typer.Option("c-1001", help="Customer id (entity `customer`)."),
+    amount: float = typer.Option(420.0, help="Payment amount."),
+    router: str = typer.Option("127.0.0.1:50051", help="The router's host:port."),
+) -> None:
+    """Send one Predict for the demo `fraud` endpoint and print the answer."""
+    import grpc
+
+    try:
+        response = asyncio.run(predict(router, demo_request(customer, amount)))
+    except grpc.aio.AioRpcError as exc:
+        error = decode_rpc_error(exc)
+        console.print(f"[red]{error.code.name}[/red] {error.message} {error.violations or ''}")
+        raise typer.Exit(1) from None
+    console.print(response)
+
+
+if __name__ == "__main__":
+    app()

@@ -1,0 +1,261 @@
+"""The local stack: redis-server plus the five services as child processes, started and stopped in order."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc
+import redis
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+#: Start order; the reverse is the stop order (the router first, so no request is orphaned).
+SERVICES: tuple[str, ...] = ("registry", "feature", "monitor", "inference", "router")
+
+
+class StackError(RuntimeError):
+    """A process of the stack did not start; the message holds the tail of its log."""
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that was free a moment ago."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _tail(path: Path, lines: int = 30) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except FileNotFoundError:
+        return ""
+
+
+class RedisProcess:
+    """A redis-server child on a free port, persistence off; waited for by PING."""
+
+    def __init__(self, work_dir: Path, port: int = 0) -> None:
+        self.work_dir = work_dir
+        self.port = port or free_port()
+        self._process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        """`redis://` URL of the server."""
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    @property
+    def pid(self) -> int | None:
+        """The child's pid once started."""
+        return None if self._process is None else self._process.pid
+
+    def start(self, timeout_s: float = 10.0) -> None:
+        """Starts the server and returns once it answers PING."""
+        binary = shutil.which("redis-server")
+        if binary is None:
+            raise StackError("redis-server is not installed (Debian: apt-get install redis-server)")
+        self.work_dir.mkdir(parents=True, exist_ok=True)
+        log_path = self.work_dir / "redis.log"
+        with log_path.open("ab") as log_file:
+            self._process = subprocess.Popen(
+                [
+                    binary,
+                    "--port",
+                    str(self.port),
+                    "--bind",
+                    "127.0.0.1",
+                    "--save",
+                    "",
+                    "--appendonly",
+                    "no",
+                    "--dir",
+                    str(self.work_dir),
+                ],
+                stdout=log_file,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                start_new_session=True,
+            )
+        client = redis.Redis(port=self.port, socket_connect_timeout=0.5)
+        deadline = time.monotonic() + timeout_s
+        try:
+            while True:
+                try:
+                    client.ping()
+                    return
+                except redis.ConnectionError:
+                    if self._process.poll() is not None or time.monotonic() > deadline:
+                        self.stop()
+                        raise StackError(
+                            f"redis-server did not start:\n{_tail(log_path)}"
+                        ) from None
+                    time.sleep(0.02)
+        finally:
+            client.close()
+
+    def stop(self, timeout_s: float = 10.0) -> None:
+        """SIGTERM, then SIGKILL after `timeout_s`."""
+        if self._process is None or self._process.poll() is not None:
+            return
+        self._process.terminate()
+        try:
+            self._process.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            self._process.kill()
+            self._process.wait()
+
+
+@dataclass
+class StackOptions:
+    """What differs between `make up` and a test's stack."""
+
+    run_dir: Path
+    ports: Mapping[str, int] = field(default_factory=dict)
+    """Fixed ports per service; the others get free ones."""
+    otlp_endpoint: str | None = None
+    """OTLP/gRPC collector for the services' spans."""
+    triton_trace_endpoint: str | None = None
+    """OTLP/HTTP receiver (`host:port`) for Triton's spans."""
+    env: Mapping[str, str] = field(default_factory=dict)
+    """Extra environment for every service (e.g. MODELSERVE_ROUTER_MODEL_RUNNER=triton)."""
+    start_timeout_s: float = 180.0
+
+
+class Stack:
+    """Redis and the five services on this machine, wired by static discovery."""
+
+    def __init__(self, options: StackOptions) -> None:
+        self.options = options
+        self.redis = RedisProcess(options.run_dir / "redis")
+        self.targets = {s: f"127.0.0.1:{options.ports.get(s) or free_port()}" for s in SERVICES}
+        self.processes: dict[str, subprocess.Popen[bytes]] = {}
+
+    def log_path(self, service: str) -> Path:
+        """Where a service's stdout and stderr go."""
+        return self.options.run_dir / "logs" / f"{service}.log"
+
+    def _environment(self, service: str) -> dict[str, str]:
+        prefix = f"MODELSERVE_{service.upper()}_"
+        env = dict(os.environ)
+        env.pop("MODELSERVE_CONFIG", None)
+        env.update(
+            {
+                f"{prefix}SERVER__PORT": self.targets[service].rsplit(":", 1)[1],
+                f"{prefix}DISCOVERY__STATIC": json.dumps(self.targets),
+                f"{prefix}TELEMETRY__LOG_FORMAT": "json",
+                "NO_PROXY": "127.0.0.1,localhost",
+                "no_proxy": "127.0.0.1,localhost",
+                "PYTHONUNBUFFERED": "1",
+            }
+        )
+        if service in ("feature", "router", "monitor"):
+            env[f"{prefix}REDIS_URL"] = self.redis.url
+        if service == "registry":
+            env[f"{prefix}DATA_DIR"] = str(self.options.run_dir / "registry")
+        if service == "inference":
+            env[f"{prefix}TRITON_WORK_DIR"] = str(self.options.run_dir / "triton")
+            if self.options.triton_trace_endpoint:
+                env[f"{prefix}TRITON_TRACE_ENDPOINT"] = self.options.triton_trace_endpoint
+        if self.options.otlp_endpoint:
+            env["OTEL_EXPORTER_OTLP_ENDPOINT"] = self.options.otlp_endpoint
+        else:
+            env.pop("OTEL_EXPORTER_OTLP_ENDPOINT", None)
+        env.update(self.options.env)
+        return env
+
+    def _command(self, service: str) -> list[str]:
+        script = Path(sys.executable).parent / f"modelserve-{service}"
+        if script.exists():
+            return [str(script)]
+        return [sys.executable, "-c", f"from modelserve_{service}.server import main; main()"]
+
+    def spawn(self, service: str) -> subprocess.Popen[bytes]:
+        """Starts one service process (in its own session, so a terminal's Ctrl-C reaches only us)."""
+        log_path = self.log_path(service)
+        log_path.parent.mkdir(parents=True, exist_ok=True)
+        with log_path.open("ab") as log_file:
+            process = subprocess.Popen(
+                self._command(service),
+                env=self._environment(service),
+                stdout=log_file,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                start_new_session=True,
+            )
+        self.processes[service] = process
+        return process
+
+    async def start(self) -> None:
+        """Starts Redis, then every service, and returns once each reports SERVING."""
+        self.options.run_dir.mkdir(parents=True, exist_ok=True)
+        await asyncio.to_thread(self.redis.start)
+        try:
+            for service in SERVICES:
+                self.spawn(service)
+            await asyncio.gather(*(self.wait_serving(s) for s in SERVICES))
+        except BaseException:
+            await self.stop()
+            raise
+
+    async def wait_serving(self, service: str) -> None:
+        """Polls the service's standard health check until SERVING; fails when it exits first."""
+        process = self.processes[service]
+        deadline = time.monotonic() + self.options.start_timeout_s
+        async with grpc.aio.insecure_channel(self.targets[service]) as channel:
+            stub = health_pb2_grpc.HealthStub(channel)
+            while True:
+                if process.poll() is not None:
+                    raise StackError(
+                        f"{service} exited with code {process.returncode} before it was serving;"
+                        f" log {self.log_path(service)}:\n{_tail(self.log_path(service))}"
+                    )
+                if time.monotonic() > deadline:
+                    raise StackError(
+                        f"{service} was not serving after {self.options.start_timeout_s}s:\n"
+                        f"{_tail(self.log_path(service))}"
+                    )
+                with contextlib.suppress(grpc.aio.AioRpcError):
+                    answer = await stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=1)
+                    if answer.status == health_pb2.HealthCheckResponse.SERVING:
+                        return
+                await asyncio.sleep(0.05)
+
+    def pids(self) -> list[int]:
+        """Every process the stack started, their children (Triton and its stubs) included."""
+        import psutil
+
+        pids: list[int] = []
+        roots = [p.pid for p in self.processes.values()]
+        if self.redis.pid is not None:
+            roots.append(self.redis.pid)
+        for pid in roots:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                proc = psutil.Process(pid)
+                pids.append(pid)
+                pids.extend(child.pid for child in proc.children(recursive=True))
+        return pids
+
+    async def stop(self, grace_s: float = 15.0) -> None:
+        """Stops services in reverse start order (SIGTERM, then SIGKILL after `grace_s`), then Redis."""
+        for service in reversed(SERVICES):
+            process = self.processes.get(service)
+            if process is None or process.poll() is not None:
+                continue
+            process.send_signal(signal.SIGTERM)
+            try:
+                await asyncio.to_thread(process.wait, grace_s)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                await asyncio.to_thread(process.wait)
+        await asyncio.to_thread(self.redis.stop)

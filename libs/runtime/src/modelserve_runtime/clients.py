@@ -1,0 +1,170 @@
+"""Typed clients for the services that other services call: registry, feature, inference."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+import grpc
+
+from modelserve.feature.v1 import feature_service_pb2 as feature_pb
+from modelserve.feature.v1 import feature_service_pb2_grpc as feature_grpc
+from modelserve.inference.v1 import inference_service_pb2 as inference_pb
+from modelserve.inference.v1 import inference_service_pb2_grpc as inference_grpc
+from modelserve.registry.v1 import registry_service_pb2 as registry_pb
+from modelserve.registry.v1 import registry_service_pb2_grpc as registry_grpc
+from modelserve_runtime.errors import NotFoundError, UnavailableError
+
+
+def _translate(error: grpc.aio.AioRpcError, what: str) -> Exception:
+    """Upstream NOT_FOUND stays NOT_FOUND; anything else is UNAVAILABLE for our caller."""
+    if error.code() is grpc.StatusCode.NOT_FOUND:
+        return NotFoundError(error.details() or f"{what} not found", metadata={"resource": what})
+    return UnavailableError(
+        f"{what}: upstream answered {error.code().name}: {error.details()}",
+        reason="UPSTREAM_UNAVAILABLE",
+        metadata={"upstream_code": error.code().name},
+    )
+
+
+class RegistryClient:
+    """The registry calls that router and inference make."""
+
+    def __init__(self, channel: grpc.aio.Channel, *, timeout_s: float = 5.0) -> None:
+        self._stub = registry_grpc.RegistryServiceStub(channel)
+        self._timeout = timeout_s
+
+    async def get_deployment(self, name: str) -> registry_pb.Deployment:
+        """The deployment `deployments/{id}`."""
+        try:
+            response = await self._stub.GetDeployment(
+                registry_pb.GetDeploymentRequest(name=name), timeout=self._timeout
+            )
+        except grpc.aio.AioRpcError as exc:
+            raise _translate(exc, name) from exc
+        return response.deployment
+
+    async def get_model_version(self, name: str) -> registry_pb.ModelVersion:
+        """The version `models/{m}/versions/{v}`."""
+        try:
+            response = await self._stub.GetModelVersion(
+                registry_pb.GetModelVersionRequest(name=name), timeout=self._timeout
+            )
+        except grpc.aio.AioRpcError as exc:
+            raise _translate(exc, name) from exc
+        return response.model_version
+
+    async def read_artifact(self, name: str, *, timeout_s: float = 60.0) -> bytes:
+        """The whole artifact of a version."""
+        parts: list[bytes] = []
+        try:
+            async for chunk in self._stub.ReadModelVersionArtifact(
+                registry_pb.ReadModelVersionArtifactRequest(name=name), timeout=timeout_s
+            ):
+                parts.append(chunk.chunk)
+        except grpc.aio.AioRpcError as exc:
+            raise _translate(exc, name) from exc
+        return b"".join(parts)
+
+
+class FeatureClient:
+    """FeatureService reads."""
+
+    def __init__(self, channel: grpc.aio.Channel, *, timeout_s: float = 1.0) -> None:
+        self._stub = feature_grpc.FeatureServiceStub(channel)
+        self._timeout = timeout_s
+
+    async def get_online_features(
+        self, request: feature_pb.GetOnlineFeaturesRequest
+    ) -> feature_pb.GetOnlineFeaturesResponse:
+        """One GetOnlineFeatures call."""
+        try:
+            return await self._stub.GetOnlineFeatures(request, timeout=self._timeout)
+        except grpc.aio.AioRpcError as exc:
+            raise _translate(exc, "features") from exc
+
+
+class InferenceClient:
+    """InferenceService calls."""
+
+    def __init__(self, channel: grpc.aio.Channel, *, timeout_s: float = 2.0) -> None:
+        self._stub = inference_grpc.InferenceServiceStub(channel)
+        self._timeout = timeout_s
+
+    async def infer(self, request: inference_pb.InferRequest) -> inference_pb.InferResponse:
+        """One Infer call."""
+        try:
+            return await self._stub.Infer(request, timeout=self._timeout)
+        except grpc.aio.AioRpcError as exc:
+            raise _translate(exc, request.name) from exc
+
+    async def list_model_versions(self) -> list[inference_pb.LoadedModelVersion]:
+        """Every version inference holds."""
+        try:
+            response = await self._stub.ListModelVersions(
+                inference_pb.ListModelVersionsRequest(), timeout=self._timeout
+            )
+        except grpc.aio.AioRpcError as exc:
+            raise _translate(exc, "model versions") from exc
+        return list(response.model_versions)
+
+
+class RegistryAdminClient:
+    """The registry calls that register models and deploy them (CLI, bootstrap, tests)."""
+
+    def __init__(self, channel: grpc.aio.Channel, *, timeout_s: float = 60.0) -> None:
+        self._stub = registry_grpc.RegistryServiceStub(channel)
+        self._timeout = timeout_s
+
+    async def create_model(self, model_id: str, description: str = "") -> registry_pb.Model:
+        """Creates `models/{model_id}`."""
+        response = await self._stub.CreateModel(
+            registry_pb.CreateModelRequest(
+                model_id=model_id, model=registry_pb.Model(description=description)
+            ),
+            timeout=self._timeout,
+        )
+        return response.model
+
+    async def upload_model_version(
+        self,
+        parent: str,
+        version: registry_pb.ModelVersion,
+        artifact: bytes,
+        *,
+        chunk_bytes: int = 1024 * 1024,
+    ) -> registry_pb.ModelVersion:
+        """Uploads an artifact in chunks as a new version of `parent` (`models/{model}`)."""
+        import hashlib
+
+        digest = hashlib.sha256(artifact).hexdigest()
+
+        async def messages() -> AsyncIterator[registry_pb.CreateModelVersionRequest]:
+            yield registry_pb.CreateModelVersionRequest(
+                upload=registry_pb.ModelVersionUpload(
+                    parent=parent, model_version=version, sha256=digest
+                )
+            )
+            for start in range(0, len(artifact), chunk_bytes):
+                yield registry_pb.CreateModelVersionRequest(
+                    chunk=artifact[start : start + chunk_bytes]
+                )
+
+        response = await self._stub.CreateModelVersion(messages(), timeout=self._timeout)
+        return response.model_version
+
+    async def set_traffic(self, endpoint: str, traffic: dict[str, int]) -> registry_pb.Deployment:
+        """Creates or updates `deployments/{endpoint}` to send `percent` to each version."""
+        response = await self._stub.UpdateDeployment(
+            registry_pb.UpdateDeploymentRequest(
+                deployment=registry_pb.Deployment(
+                    name=f"deployments/{endpoint}",
+                    traffic=[
+                        registry_pb.TrafficTarget(model_version=v, percent=p)
+                        for v, p in traffic.items()
+                    ],
+                ),
+                allow_missing=True,
+            ),
+            timeout=self._timeout,
+        )
+        return response.deployment

@@ -1,0 +1,200 @@
+"""Benchmark: Predict through the router against the direct paths it wraps, in one run.
+
+Starts the local stack (redis-server, Triton, the five services), deploys the demo model,
+then for each concurrency drives four paths for a fixed time and prints p50/p95/p99
+latency and throughput, plus the ratios router/Triton and feature-service/Redis.
+
+    .venv/bin/python loadtests/bench.py --duration 5 --concurrency 1 16 64
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import tempfile
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import redis.asyncio as aioredis
+import uvloop
+
+from modelserve.feature.v1 import feature_service_pb2 as feature_pb
+from modelserve.feature.v1 import feature_service_pb2_grpc as feature_grpc
+from modelserve.router.v1 import router_service_pb2_grpc as router_grpc
+from modelserve_cli.demo import demo_request, deploy_demo
+from modelserve_cli.stack import Stack, StackOptions
+from modelserve_demo import fraud
+from modelserve_features.redis_store import EntityKey, redis_key
+from modelserve_runtime.channels import create_channel
+from modelserve_triton.runner import TritonRunner
+
+
+@dataclass
+class Result:
+    """Latencies of one path at one concurrency."""
+
+    path: str
+    concurrency: int
+    latencies_ms: list[float]
+    seconds: float
+    errors: int
+
+    @property
+    def rps(self) -> float:
+        return len(self.latencies_ms) / self.seconds
+
+    def percentile(self, q: float) -> float:
+        return float(np.percentile(self.latencies_ms, q)) if self.latencies_ms else float("nan")
+
+
+async def drive(
+    path: str, call: Callable[[int], Awaitable[object]], concurrency: int, duration: float
+) -> Result:
+    """Runs `concurrency` loops calling `call` back to back for `duration` seconds."""
+    latencies: list[float] = []
+    errors = 0
+    stop_at = time.perf_counter() + duration
+
+    async def loop(worker: int) -> None:
+        nonlocal errors
+        i = worker
+        while time.perf_counter() < stop_at:
+            start = time.perf_counter()
+            try:
+                await call(i)
+            except Exception:
+                errors += 1
+                continue
+            latencies.append((time.perf_counter() - start) * 1000)
+            i += concurrency
+
+    started = time.perf_counter()
+    await asyncio.gather(*(loop(w) for w in range(concurrency)))
+    return Result(path, concurrency, latencies, time.perf_counter() - started, errors)
+
+
+async def main(args: argparse.Namespace) -> None:
+    run_dir = Path(tempfile.mkdtemp(prefix="modelserve-bench-"))
+    env = {
+        "MODELSERVE_ROUTER_MODEL_RUNNER": args.model_runner,
+        "MODELSERVE_ROUTER_FEATURE_READER": args.feature_reader,
+        "MODELSERVE_ROUTER_TELEMETRY__LOG_LEVEL": "warning",
+        "MODELSERVE_FEATURE_TELEMETRY__LOG_LEVEL": "warning",
+        "MODELSERVE_INFERENCE_TELEMETRY__LOG_LEVEL": "warning",
+        "MODELSERVE_REGISTRY_TELEMETRY__LOG_LEVEL": "warning",
+        "MODELSERVE_MONITOR_TELEMETRY__LOG_LEVEL": "warning",
+    }
+    stack = Stack(StackOptions(run_dir=run_dir, env=env))
+    await stack.start()
+    try:
+        demo = await deploy_demo(stack.targets)
+        customers = list(demo.customers)
+        requests = [demo_request(c, 10.0 + i) for i, c in enumerate(customers)]
+        rows = np.stack(
+            [
+                fraud.feature_vector(
+                    {
+                        **{f"customer:{k}": v for k, v in demo.customers[c].items()},
+                        "request:amount": 10.0,
+                        "request:hour_of_day": 3.0,
+                        "request:day_of_week": 1.0,
+                        "request:is_mobile": 1.0,
+                    }
+                )
+                for c in customers
+            ]
+        )
+        feature_requests = [
+            feature_pb.GetOnlineFeaturesRequest(
+                entities=[feature_pb.EntityKey(entity_type="customer", entity_id=c)],
+                features=[r for r in fraud.FEATURE_REFS if r.startswith("customer:")],
+            )
+            for c in customers
+        ]
+        keys = [redis_key(EntityKey("customer", c)) for c in customers]
+        inference = await _triton_endpoint(stack)
+        _, version = demo.model_version.rsplit("/", 1)
+
+        router_channel = create_channel(stack.targets["router"])
+        feature_channel = create_channel(stack.targets["feature"])
+        router = router_grpc.RouterServiceStub(router_channel)
+        features = feature_grpc.FeatureServiceStub(feature_channel)
+        triton = TritonRunner(inference)
+        redis_client = aioredis.Redis.from_url(stack.redis.url)
+        n = len(customers)
+        paths: dict[str, Callable[[int], Awaitable[object]]] = {
+            "router Predict": lambda i: router.Predict(requests[i % n]),
+            "triton Infer (direct)": lambda i: triton.infer(
+                "fraud",
+                int(version),
+                {"features": rows[i % n : i % n + 1]},
+                ["label", "probabilities"],
+                timeout_s=5,
+            ),
+            "feature GetOnlineFeatures": lambda i: features.GetOnlineFeatures(
+                feature_requests[i % n]
+            ),
+            "redis HGETALL (direct)": lambda i: redis_client.hgetall(keys[i % n]),
+        }
+        results: list[Result] = []
+        for concurrency in args.concurrency:
+            for name, call in paths.items():
+                await drive(name, call, concurrency, min(1.0, args.duration))  # warm-up
+                results.append(await drive(name, call, concurrency, args.duration))
+        _print(results, args)
+        await router_channel.close()
+        await feature_channel.close()
+        await triton.close()
+        await redis_client.aclose()
+    finally:
+        await stack.stop()
+
+
+async def _triton_endpoint(stack: Stack) -> str:
+    from modelserve_runtime.clients import InferenceClient
+
+    async with create_channel(stack.targets["inference"]) as channel:
+        held = await InferenceClient(channel).list_model_versions()
+    return next(h.triton_endpoint for h in held if h.triton_endpoint)
+
+
+def _print(results: list[Result], args: argparse.Namespace) -> None:
+    print(
+        f"\nmodel_runner={args.model_runner} feature_reader={args.feature_reader} duration={args.duration}s\n"
+    )
+    print("| path | conc | p50 ms | p95 ms | p99 ms | req/s | errors |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
+    for r in results:
+        print(
+            f"| {r.path} | {r.concurrency} | {r.percentile(50):.2f} | {r.percentile(95):.2f} | "
+            f"{r.percentile(99):.2f} | {r.rps:.0f} | {r.errors} |"
+        )
+    print("\n| ratio | conc | p50 x | req/s x |")
+    print("|---|---:|---:|---:|")
+    by = {(r.path, r.concurrency): r for r in results}
+    for wrapped, direct in (
+        ("router Predict", "triton Infer (direct)"),
+        ("feature GetOnlineFeatures", "redis HGETALL (direct)"),
+    ):
+        for c in args.concurrency:
+            a, b = by[(wrapped, c)], by[(direct, c)]
+            print(
+                f"| {wrapped} / {direct} | {c} | {a.percentile(50) / b.percentile(50):.2f} | "
+                f"{a.rps / b.rps:.2f} |"
+            )
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--duration", type=float, default=5.0, help="seconds per path and concurrency"
+    )
+    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 16, 64])
+    parser.add_argument("--model-runner", choices=["service", "triton"], default="service")
+    parser.add_argument("--feature-reader", choices=["service", "redis"], default="service")
+    uvloop.run(main(parser.parse_args()))

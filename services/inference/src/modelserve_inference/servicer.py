@@ -1,0 +1,84 @@
+"""InferenceService RPCs: protobuf in, domain call, protobuf out."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import grpc
+
+from modelserve.inference.v1 import inference_service_pb2 as pb
+from modelserve.inference.v1 import inference_service_pb2_grpc as pb_grpc
+from modelserve.type.v1 import tensor_pb2
+from modelserve_inference.models import HeldVersion, ModelVersions
+from modelserve_runtime.convert import TRITON_NAMES, numpy_to_tensor, tensor_to_numpy
+from modelserve_runtime.errors import InvalidArgumentError
+from modelserve_triton.model_config import TensorSpec
+
+_STATES = {
+    "LOADING": pb.MODEL_VERSION_STATE_LOADING,
+    "READY": pb.MODEL_VERSION_STATE_READY,
+    "FAILED": pb.MODEL_VERSION_STATE_FAILED,
+    "UNLOADING": pb.MODEL_VERSION_STATE_UNLOADING,
+}
+_DATATYPES = {name: code for code, name in TRITON_NAMES.items()}
+
+
+def _spec(spec: TensorSpec) -> tensor_pb2.TensorSpec:
+    return tensor_pb2.TensorSpec(
+        name=spec.name, datatype=_DATATYPES[spec.datatype], shape=list(spec.shape)
+    )
+
+
+def held_to_proto(held: HeldVersion, triton_endpoint: str) -> pb.LoadedModelVersion:
+    """A held version as the API shows it."""
+    return pb.LoadedModelVersion(
+        name=held.name,
+        state=_STATES[held.state.value],
+        reason=held.reason,
+        triton_endpoint=triton_endpoint if held.state.value == "READY" else "",
+        triton_model_name=held.model,
+        triton_model_version=held.version,
+        inputs=[_spec(s) for s in held.inputs],
+        outputs=[_spec(s) for s in held.outputs],
+    )
+
+
+class InferenceServicer(pb_grpc.InferenceServiceServicer):
+    """Translates InferenceService calls to ModelVersions."""
+
+    def __init__(self, versions: ModelVersions) -> None:
+        self._versions = versions
+
+    async def LoadModelVersion(
+        self, request: pb.LoadModelVersionRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> pb.LoadModelVersionResponse:
+        held = await self._versions.load(request.name)
+        return pb.LoadModelVersionResponse(
+            model_version=held_to_proto(held, self._versions.triton_endpoint)
+        )
+
+    async def UnloadModelVersion(
+        self, request: pb.UnloadModelVersionRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> pb.UnloadModelVersionResponse:
+        await self._versions.unload(request.name)
+        return pb.UnloadModelVersionResponse()
+
+    async def ListModelVersions(
+        self, request: pb.ListModelVersionsRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> pb.ListModelVersionsResponse:
+        endpoint = self._versions.triton_endpoint
+        return pb.ListModelVersionsResponse(
+            model_versions=[held_to_proto(h, endpoint) for h in self._versions.list()]
+        )
+
+    async def Infer(
+        self, request: pb.InferRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> pb.InferResponse:
+        if not request.inputs:
+            raise InvalidArgumentError.for_field("inputs", "at least one input tensor is required")
+        inputs = {t.name: tensor_to_numpy(t, f"inputs[{i}]") for i, t in enumerate(request.inputs)}
+        outputs = await self._versions.infer(request.name, inputs, list(request.output_names))
+        return pb.InferResponse(
+            name=request.name,
+            outputs=[numpy_to_tensor(name, array) for name, array in outputs.items()],
+        )

@@ -1,0 +1,121 @@
+"""Wires the router: registry, feature reader, model runner, prediction log, servicer."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import grpc
+import redis.asyncio as redis
+
+from modelserve.router.v1 import router_service_pb2 as pb
+from modelserve.router.v1 import router_service_pb2_grpc as pb_grpc
+from modelserve_features.redis_store import RedisFeatureStore
+from modelserve_router.config import RouterSettings
+from modelserve_router.predict import Predictor
+from modelserve_router.routing import DeploymentTable
+from modelserve_router.servicer import RouterServicer
+from modelserve_router.sources import (
+    FeatureReader,
+    ModelRunner,
+    RedisFeatureReader,
+    ServiceFeatureReader,
+    ServiceModelRunner,
+    TritonModelRunner,
+)
+from modelserve_runtime.channels import create_channel
+from modelserve_runtime.clients import FeatureClient, InferenceClient, RegistryClient
+from modelserve_runtime.discovery import Discovery, create_discovery
+from modelserve_runtime.errors import UnavailableError
+from modelserve_runtime.prediction_log import PredictionLogWriter
+from modelserve_runtime.server import GrpcServer, build_grpc_server, run_service
+
+SERVICE = "router"
+
+
+class RouterApp:
+    """The router's clients."""
+
+    def __init__(
+        self,
+        client: redis.Redis,
+        channels: list[grpc.aio.Channel],
+        prediction_log: PredictionLogWriter,
+        runner: ModelRunner,
+    ) -> None:
+        self.redis = client
+        self.channels = channels
+        self.prediction_log = prediction_log
+        self.runner = runner
+
+    async def check_ready(self) -> None:
+        try:
+            await self.redis.ping()
+        except redis.RedisError as exc:
+            raise UnavailableError(f"redis does not answer: {exc}") from exc
+
+    async def close(self) -> None:
+        await self.prediction_log.flush()
+        if isinstance(self.runner, TritonModelRunner):
+            await self.runner.close()
+        for channel in self.channels:
+            await channel.close()
+        await self.redis.aclose()
+
+
+async def _target(explicit: str | None, discovery: Discovery, service: str) -> str:
+    return explicit or await discovery.resolve(service)
+
+
+async def build_server(settings: RouterSettings) -> tuple[GrpcServer, RouterApp]:
+    """Builds the router bound to its port, with the readers and runner its settings choose."""
+    discovery = create_discovery(settings.discovery)
+    client = redis.Redis.from_url(settings.redis_url, socket_timeout=settings.feature_timeout_s)
+    registry_channel = create_channel(
+        await _target(settings.registry_target, discovery, "registry")
+    )
+    inference_channel = create_channel(
+        await _target(settings.inference_target, discovery, "inference"),
+        default_timeout_s=settings.inference_timeout_s,
+    )
+    channels = [registry_channel, inference_channel]
+    features: FeatureReader
+    if settings.feature_reader == "redis":
+        features = RedisFeatureReader(RedisFeatureStore(client))
+    else:
+        feature_channel = create_channel(
+            await _target(settings.feature_target, discovery, "feature"),
+            default_timeout_s=settings.feature_timeout_s,
+        )
+        channels.append(feature_channel)
+        features = ServiceFeatureReader(
+            FeatureClient(feature_channel, timeout_s=settings.feature_timeout_s)
+        )
+    inference = InferenceClient(inference_channel, timeout_s=settings.inference_timeout_s)
+    runner: ModelRunner
+    if settings.model_runner == "triton":
+        runner = TritonModelRunner(inference, timeout_s=settings.inference_timeout_s)
+    else:
+        runner = ServiceModelRunner(inference)
+    prediction_log = PredictionLogWriter(
+        client, stream=settings.prediction_stream, max_len=settings.prediction_stream_max_len
+    )
+    predictor = Predictor(
+        DeploymentTable(RegistryClient(registry_channel), refresh_s=settings.deployment_refresh_s),
+        features,
+        runner,
+        prediction_log,
+    )
+
+    def register(server: grpc.aio.Server) -> Sequence[str]:
+        pb_grpc.add_RouterServiceServicer_to_server(
+            RouterServicer(predictor, default_timeout_s=settings.request_timeout_s), server
+        )
+        return [pb.DESCRIPTOR.services_by_name["RouterService"].full_name]
+
+    app = RouterApp(client, channels, prediction_log, runner)
+    return build_grpc_server(SERVICE, settings, register), app
+
+
+def main() -> None:
+    """Console script `modelserve-router`."""
+    run_service(SERVICE, RouterSettings, build_server)

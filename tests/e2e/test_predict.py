@@ -1,0 +1,185 @@
+"""A prediction through the running stack: same answer as onnxruntime, traced end to end, logged."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from datetime import UTC, datetime
+
+import grpc
+import numpy as np
+import onnxruntime as ort
+import pytest
+from otlp_receiver import OtlpReceiver
+
+from modelserve.monitor.v1 import monitor_service_pb2 as monitor_pb
+from modelserve.monitor.v1 import monitor_service_pb2_grpc as monitor_grpc
+from modelserve.router.v1 import router_service_pb2 as router_pb
+from modelserve.router.v1 import router_service_pb2_grpc as router_grpc
+from modelserve.type.v1 import feature_value_pb2
+from modelserve_cli.demo import DemoDeployment, demo_request
+from modelserve_cli.stack import Stack
+from modelserve_demo import fraud
+from modelserve_features.request_time import RequestFacts
+from modelserve_runtime.channels import create_channel
+from modelserve_runtime.errors import decode_rpc_error
+
+
+def _expected_probabilities(demo: DemoDeployment, request: router_pb.PredictRequest) -> np.ndarray:
+    """What onnxruntime in this process says for the feature vector the router should build."""
+    customer = request.entities[fraud.ENTITY_TYPE]
+    values = {f"{fraud.ENTITY_TYPE}:{k}": v for k, v in demo.customers[customer].items()}
+    facts = RequestFacts(
+        event_time=datetime.fromtimestamp(request.context.event_time.seconds, UTC),
+        user_agent=request.context.user_agent,
+        query=request.context.query,
+    )
+    values.update(fraud.request_feature_values(request.features["amount"].double_value, facts))
+    row = fraud.feature_vector(values)[None, :]
+    session = ort.InferenceSession(demo.trained.onnx_bytes, providers=["CPUExecutionProvider"])
+    probabilities = session.run(["probabilities"], {"features": row})[0]
+    return np.asarray(probabilities[0])
+
+
+async def _predict(stack: Stack, request: router_pb.PredictRequest) -> router_pb.PredictResponse:
+    async with create_channel(stack.targets["router"]) as channel:
+        return await router_grpc.RouterServiceStub(channel).Predict(request)
+
+
+class TestPredict:
+    @pytest.mark.parametrize(
+        ("customer", "amount"), [("c-1001", 420.0), ("c-1007", 12.5), ("c-1019", 3000.0)]
+    )
+    async def test_matches_onnxruntime(
+        self, stack: Stack, demo: DemoDeployment, customer: str, amount: float
+    ) -> None:
+        """The router's answer equals onnxruntime in-process on the same feature vector, to 1e-5."""
+        request = demo_request(customer, amount)
+        response = await _predict(stack, request)
+        probabilities = next(o for o in response.outputs if o.name == "probabilities")
+        assert list(probabilities.shape) == [1, 2]
+        np.testing.assert_allclose(
+            np.asarray(probabilities.contents.fp32_contents),
+            _expected_probabilities(demo, request),
+            atol=1e-5,
+        )
+        assert response.model_version == demo.model_version
+        assert response.route_reason == "single_target"
+        assert len(response.request_id) == 32
+        assert not response.degraded
+
+    async def test_one_trace_across_every_hop(
+        self, stack: Stack, demo: DemoDeployment, otlp: OtlpReceiver
+    ) -> None:
+        """One Predict yields spans from router, feature, inference and Triton under one trace id,
+        each with its parent present in the trace."""
+        response = await _predict(stack, demo_request("c-1002", 99.0))
+        trace_id = response.trace_id
+        assert len(trace_id) == 32
+        wanted = {"router", "feature", "inference", "triton"}
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            spans = otlp.trace(trace_id)
+            if wanted <= {s.service for s in spans}:
+                break
+            await asyncio.sleep(0.1)
+        spans = otlp.trace(trace_id)
+        assert wanted <= {s.service for s in spans}, spans
+        by_id = {s.span_id: s for s in spans}
+        roots = [s for s in spans if not s.parent_span_id]
+        assert [r.name for r in roots] == ["modelserve.router.v1.RouterService/Predict"]
+        for span in spans:
+            if span.parent_span_id:
+                assert span.parent_span_id in by_id, f"{span} has no parent in the trace"
+
+        def parent_service(service: str, name_part: str) -> str:
+            span = next(s for s in spans if s.service == service and name_part in s.name)
+            return by_id[span.parent_span_id].service
+
+        assert parent_service("feature", "GetOnlineFeatures") == "router"
+        assert parent_service("inference", "InferenceService/Infer") == "router"
+        triton_root = next(
+            s
+            for s in spans
+            if s.service == "triton"
+            and s.parent_span_id in by_id
+            and by_id[s.parent_span_id].service != "triton"
+        )
+        assert by_id[triton_root.parent_span_id].name == "triton.infer"
+        assert by_id[triton_root.parent_span_id].service == "inference"
+
+    async def test_monitor_counts_the_predictions(self, stack: Stack, demo: DemoDeployment) -> None:
+        """Each answered Predict lands in the prediction log and the monitor's count for its version."""
+        async with create_channel(stack.targets["monitor"]) as channel:
+            monitor = monitor_grpc.MonitorServiceStub(channel)
+
+            async def count() -> int:
+                try:
+                    stats = await monitor.GetEndpointStats(
+                        monitor_pb.GetEndpointStatsRequest(endpoint="fraud")
+                    )
+                except grpc.aio.AioRpcError as exc:
+                    if exc.code() is grpc.StatusCode.NOT_FOUND:
+                        return 0
+                    raise
+                return sum(
+                    v.request_count for v in stats.versions if v.model_version == demo.model_version
+                )
+
+            before = await count()
+            for amount in (1.0, 2.0, 3.0, 4.0, 5.0):
+                await _predict(stack, demo_request("c-1003", amount))
+            deadline = time.monotonic() + 10
+            while await count() < before + 5 and time.monotonic() < deadline:
+                await asyncio.sleep(0.05)
+            assert await count() == before + 5
+
+
+class TestBadInput:
+    async def test_unknown_endpoint_is_not_found(self, stack: Stack, demo: DemoDeployment) -> None:
+        """An endpoint without a deployment answers NOT_FOUND."""
+        request = demo_request()
+        request.endpoint = "no-such-endpoint"
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await _predict(stack, request)
+        assert info.value.code() is grpc.StatusCode.NOT_FOUND
+
+    async def test_missing_entity_id_names_the_field(
+        self, stack: Stack, demo: DemoDeployment
+    ) -> None:
+        """A request without the customer id the model needs is INVALID_ARGUMENT naming entities.customer."""
+        request = demo_request()
+        del request.entities[fraud.ENTITY_TYPE]
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await _predict(stack, request)
+        error = decode_rpc_error(info.value)
+        assert error.code is grpc.StatusCode.INVALID_ARGUMENT
+        assert error.domain == "router.modelserve"
+        assert [v.field for v in error.violations] == ["entities.customer"]
+
+    async def test_missing_caller_feature_names_the_field(
+        self, stack: Stack, demo: DemoDeployment
+    ) -> None:
+        """A request without the amount the model needs is INVALID_ARGUMENT naming features.amount."""
+        request = demo_request()
+        del request.features["amount"]
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await _predict(stack, request)
+        assert [v.field for v in decode_rpc_error(info.value).violations] == ["features.amount"]
+
+    async def test_oversized_message_is_refused_and_service_keeps_serving(
+        self, stack: Stack, demo: DemoDeployment
+    ) -> None:
+        """A request over the size limit gets RESOURCE_EXHAUSTED, and the next request is answered."""
+        request = demo_request()
+        request.features["blob"].CopyFrom(
+            feature_value_pb2.FeatureValue(string_value="x" * (5 * 1024 * 1024))
+        )
+        async with grpc.aio.insecure_channel(
+            stack.targets["router"], options=[("grpc.max_send_message_length", 64 << 20)]
+        ) as channel:
+            with pytest.raises(grpc.aio.AioRpcError) as info:
+                await router_grpc.RouterServiceStub(channel).Predict(request, timeout=10)
+        assert info.value.code() is grpc.StatusCode.RESOURCE_EXHAUSTED
+        response = await _predict(stack, demo_request())
+        assert response.model_version == demo.model_version
