@@ -1,0 +1,118 @@
+"""Conversions between the registry's resources and their protobuf messages."""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+from google.protobuf import timestamp_pb2
+
+from modelserve.registry.v1 import registry_service_pb2 as pb
+from modelserve.type.v1 import tensor_pb2
+from modelserve_registry.resources import (
+    ArtifactFormat,
+    DataType,
+    Deployment,
+    Model,
+    ModelVersion,
+    Signature,
+    TensorSpec,
+)
+
+_DATATYPES: dict[tensor_pb2.DataType.ValueType, DataType] = {
+    tensor_pb2.DATA_TYPE_BOOL: DataType.BOOL,
+    tensor_pb2.DATA_TYPE_INT32: DataType.INT32,
+    tensor_pb2.DATA_TYPE_INT64: DataType.INT64,
+    tensor_pb2.DATA_TYPE_FP32: DataType.FP32,
+    tensor_pb2.DATA_TYPE_FP64: DataType.FP64,
+    tensor_pb2.DATA_TYPE_BYTES: DataType.BYTES,
+}
+_DATATYPE_VALUES = {datatype: value for value, datatype in _DATATYPES.items()}
+_FORMATS: dict[pb.ArtifactFormat.ValueType, ArtifactFormat] = {pb.ARTIFACT_FORMAT_ONNX: ArtifactFormat.ONNX}
+_FORMAT_VALUES = {fmt: value for value, fmt in _FORMATS.items()}
+
+
+def timestamp(moment: datetime) -> timestamp_pb2.Timestamp:
+    """A timezone-aware datetime as a Timestamp."""
+    stamp = timestamp_pb2.Timestamp()
+    stamp.FromDatetime(moment)
+    return stamp
+
+
+def format_from_proto(value: pb.ArtifactFormat.ValueType) -> ArtifactFormat | None:
+    """The artifact format, or None for UNSPECIFIED and values this build does not know."""
+    return _FORMATS.get(value)
+
+
+def signature_from_proto(message: pb.Signature) -> Signature:
+    """A Signature message as a value; unset or unknown data types become None."""
+
+    def spec(tensor: tensor_pb2.TensorSpec) -> TensorSpec:
+        return TensorSpec(tensor.name, _DATATYPES.get(tensor.datatype), tuple(tensor.shape))
+
+    return Signature(
+        inputs=tuple(spec(t) for t in message.inputs),
+        outputs=tuple(spec(t) for t in message.outputs),
+        feature_refs=tuple(message.feature_refs),
+    )
+
+
+def signature_to_proto(signature: Signature) -> pb.Signature:
+    """A Signature value as its message; a stored signature always has its data types set."""
+
+    def spec(tensor: TensorSpec) -> tensor_pb2.TensorSpec:
+        datatype = (
+            tensor_pb2.DATA_TYPE_UNSPECIFIED
+            if tensor.datatype is None
+            else _DATATYPE_VALUES[tensor.datatype]
+        )
+        return tensor_pb2.TensorSpec(name=tensor.name, datatype=datatype, shape=tensor.shape)
+
+    return pb.Signature(
+        inputs=[spec(t) for t in signature.inputs],
+        outputs=[spec(t) for t in signature.outputs],
+        feature_refs=signature.feature_refs,
+    )
+
+
+def signature_from_bytes(data: bytes) -> Signature:
+    """A signature stored as a serialized Signature message."""
+    return signature_from_proto(pb.Signature.FromString(data))
+
+
+def signature_to_bytes(signature: Signature) -> bytes:
+    """A signature as a serialized Signature message, the form it is stored in."""
+    return signature_to_proto(signature).SerializeToString(deterministic=True)
+
+
+def model_to_proto(model: Model) -> pb.Model:
+    """A Model value as its message."""
+    return pb.Model(
+        name=model.name, description=model.description, create_time=timestamp(model.create_time)
+    )
+
+
+def model_version_to_proto(version: ModelVersion) -> pb.ModelVersion:
+    """A ModelVersion value as its message."""
+    return pb.ModelVersion(
+        name=version.name,
+        description=version.description,
+        format=_FORMAT_VALUES[version.format],
+        signature=signature_to_proto(version.signature),
+        artifact_uri=version.artifact_uri,
+        sha256=version.sha256,
+        size_bytes=version.size_bytes,
+        create_time=timestamp(version.create_time),
+    )
+
+
+def deployment_to_proto(deployment: Deployment) -> pb.Deployment:
+    """A Deployment value as its message."""
+    return pb.Deployment(
+        name=deployment.name,
+        traffic=[
+            pb.TrafficTarget(model_version=t.model_version, percent=t.percent)
+            for t in deployment.traffic
+        ],
+        revision=deployment.revision,
+        update_time=timestamp(deployment.update_time),
+    )

@@ -1,0 +1,132 @@
+"""The registry's resources as plain values: models, versions, signatures, deployments."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+from datetime import datetime
+
+
+class ArtifactFormat(enum.Enum):
+    """The file format of a version's artifact."""
+
+    ONNX = "onnx"
+
+
+class DataType(enum.Enum):
+    """The element type of a tensor, named as in the Open Inference Protocol."""
+
+    BOOL = "BOOL"
+    INT32 = "INT32"
+    INT64 = "INT64"
+    FP32 = "FP32"
+    FP64 = "FP64"
+    BYTES = "BYTES"
+
+
+@dataclass(frozen=True, slots=True)
+class TensorSpec:
+    """One declared input or output; `datatype` is None when the caller left it unset."""
+
+    name: str
+    datatype: DataType | None
+    shape: tuple[int, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Signature:
+    """A version's inputs and outputs, and the features that fill the first input."""
+
+    inputs: tuple[TensorSpec, ...] = ()
+    outputs: tuple[TensorSpec, ...] = ()
+    feature_refs: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class Model:
+    """A named family of versions."""
+
+    model_id: str
+    description: str
+    create_time: datetime
+
+    @property
+    def name(self) -> str:
+        """`models/{model}`."""
+        return f"models/{self.model_id}"
+
+
+@dataclass(frozen=True, slots=True)
+class ModelVersion:
+    """One immutable, uploaded artifact of a model."""
+
+    model_id: str
+    version: int
+    description: str
+    format: ArtifactFormat
+    signature: Signature
+    artifact_uri: str
+    sha256: str
+    size_bytes: int
+    create_time: datetime
+
+    @property
+    def name(self) -> str:
+        """`models/{model}/versions/{version}`."""
+        return f"models/{self.model_id}/versions/{self.version}"
+
+
+@dataclass(frozen=True, slots=True)
+class VersionUpload:
+    """The metadata that opens an upload; `format` is None when the caller left it unset."""
+
+    parent: str
+    description: str
+    format: ArtifactFormat | None
+    signature: Signature
+    sha256: str
+
+
+@dataclass(frozen=True, slots=True)
+class VersionPage:
+    """One page of a model's versions, newest first."""
+
+    versions: list[ModelVersion]
+    next_page_token: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class TrafficTarget:
+    """A share (0-100) of an endpoint's traffic sent to one version."""
+
+    model_id: str
+    version: int
+    percent: int
+
+    @property
+    def model_version(self) -> str:
+        """The version's name, `models/{model}/versions/{version}`."""
+        return f"models/{self.model_id}/versions/{self.version}"
+
+
+@dataclass(frozen=True, slots=True)
+class Deployment:
+    """The desired traffic state of one endpoint."""
+
+    deployment_id: str
+    traffic: tuple[TrafficTarget, ...]
+    revision: int
+    update_time: datetime
+
+    @property
+    def name(self) -> str:
+        """`deployments/{deployment}`."""
+        return f"deployments/{self.deployment_id}"
+
+
+@dataclass(frozen=True, slots=True)
+class TrafficShare:
+    """A share of traffic as a caller asks for it: a version's name, not yet checked."""
+
+    model_version: str
+    percent: int
