@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import inspect
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -61,42 +62,41 @@ def _code_of(
     return grpc.StatusCode.CANCELLED
 
 
+_FACTORIES = {
+    (False, False): ("unary_unary", grpc.unary_unary_rpc_method_handler),
+    (True, False): ("stream_unary", grpc.stream_unary_rpc_method_handler),
+    (False, True): ("unary_stream", grpc.unary_stream_rpc_method_handler),
+    (True, True): ("stream_stream", grpc.stream_stream_rpc_method_handler),
+}
+
+
 def _wrap(handler: Any, method: str, scope: Scope) -> Any:
-    """Returns the handler with every call run inside `scope(method, context)`."""
-    ser, deser = handler.response_serializer, handler.request_deserializer
-    if handler.unary_unary:
-        inner_uu = handler.unary_unary
+    """Returns the handler with every call run inside `scope(method, context)`.
 
-        async def unary_unary(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+    Streaming responses come either from an async generator or from a coroutine that
+    calls `context.write` (the health service's Watch does); each keeps its own style.
+    """
+    attribute, factory = _FACTORIES[(handler.request_streaming, handler.response_streaming)]
+    inner = getattr(handler, attribute)
+    wrapped: Callable[..., Any]
+    if inspect.isasyncgenfunction(inner):
+
+        async def wrapped(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
             async with scope(method, context):
-                return await inner_uu(request, context)
-
-        return grpc.unary_unary_rpc_method_handler(unary_unary, deser, ser)
-    if handler.stream_unary:
-        inner_su = handler.stream_unary
-
-        async def stream_unary(requests: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
-            async with scope(method, context):
-                return await inner_su(requests, context)
-
-        return grpc.stream_unary_rpc_method_handler(stream_unary, deser, ser)
-    if handler.unary_stream:
-        inner_us = handler.unary_stream
-
-        async def unary_stream(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
-            async with scope(method, context):
-                async for response in inner_us(request, context):
+                async for response in inner(request, context):
                     yield response
 
-        return grpc.unary_stream_rpc_method_handler(unary_stream, deser, ser)
-    inner_ss = handler.stream_stream
+    else:
 
-    async def stream_stream(requests: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
-        async with scope(method, context):
-            async for response in inner_ss(requests, context):
-                yield response
+        async def wrapped(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+            async with scope(method, context):
+                return await inner(request, context)
 
-    return grpc.stream_stream_rpc_method_handler(stream_stream, deser, ser)
+    return factory(
+        wrapped,
+        request_deserializer=handler.request_deserializer,
+        response_serializer=handler.response_serializer,
+    )
 
 
 class _ScopeInterceptor(grpc.aio.ServerInterceptor):

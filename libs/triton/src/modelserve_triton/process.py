@@ -131,7 +131,7 @@ class TritonServer:
             return ""
         return "\n".join(text.splitlines()[-lines:])
 
-    async def start(self, timeout: float = 60) -> None:  # noqa: ASYNC109 - the error names the log
+    async def start(self, timeout: float = 60) -> None:  # noqa: ASYNC109 - a deadline that also stops Triton
         """Starts tritonserver and returns once it answers that it is ready.
 
         Raises TritonStartError, with the log's tail, when the process exits first or is

@@ -96,9 +96,7 @@ class TritonPythonModel:
             return [self._run_one(feed) for feed in feeds]
         bounds = np.cumsum(sizes)[:-1]
         parts = [np.split(output, bounds) for output in outputs]
-        return [
-            self._response([part[index] for part in parts]) for index in range(len(feeds))
-        ]
+        return [self._response([part[index] for part in parts]) for index in range(len(feeds))]
 
     def _run_one(self, feed: dict[str, npt.NDArray[Any]]) -> Any:
         try:

@@ -1,0 +1,210 @@
+"""Integration tests against a real tritonserver: lifecycle, model control, inference, traces."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import psutil
+import pytest
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from opentelemetry.trace import SpanKind
+from otlp_receiver import OtlpReceiver
+from tritonclient.grpc.aio import InferenceServerClient
+
+from modelserve_demo.fraud import TrainedModel, make_dataset
+from modelserve_triton.model_config import build_model_config, model_files
+from modelserve_triton.process import TritonOptions, TritonServer, TritonStartError
+from modelserve_triton.runner import TritonError, TritonRunner
+
+FRAUD = "fraud"
+OUTPUTS = ("label", "probabilities")
+
+pytestmark = pytest.mark.triton
+
+
+def _onnxruntime(model: TrainedModel, features: np.ndarray) -> np.ndarray:
+    session = ort.InferenceSession(model.onnx_bytes, providers=["CPUExecutionProvider"])
+    probabilities: np.ndarray = session.run(["probabilities"], {"features": features})[0]
+    return probabilities
+
+
+async def _eventually(check: Callable[[], bool], what: str, within_s: float = 10.0) -> None:
+    """Asks `check` until it holds; fails after `within_s` seconds."""
+    deadline = time.monotonic() + within_s
+    while not check():
+        if time.monotonic() > deadline:
+            pytest.fail(f"{what}: not seen within {within_s} s")
+        await asyncio.sleep(0.05)
+
+
+class TestTritonServer:
+    async def test_started_server_is_ready(
+        self, triton_server: TritonServer, triton_runner: TritonRunner
+    ) -> None:
+        """start() returns only once Triton answers ready, on the endpoints it reports."""
+        assert await triton_runner.is_server_ready()
+        assert triton_server.grpc_endpoint.startswith("127.0.0.1:")
+        assert triton_server.pid is not None and psutil.pid_exists(triton_server.pid)
+
+    async def test_start_fails_fast_with_the_log_when_triton_exits(self, tmp_path: Path) -> None:
+        """A tritonserver that exits at once fails start() at once, with its log in the error."""
+        server = TritonServer(
+            TritonOptions(work_dir=tmp_path, extra_args=("--model-control-mode=bogus",))
+        )
+        started = time.monotonic()
+
+        with pytest.raises(TritonStartError, match="invalid argument for --model-control-mode"):
+            await server.start(timeout=60)
+
+        assert time.monotonic() - started < 15
+
+    async def test_stop_ends_the_server_and_its_stubs(
+        self, tmp_path: Path, fraud_models: dict[int, TrainedModel]
+    ) -> None:
+        """stop() leaves neither tritonserver nor the python-backend stubs it started."""
+        server = TritonServer(TritonOptions(work_dir=tmp_path))
+        await server.start()
+        runner = TritonRunner(server.grpc_endpoint)
+        try:
+            model = fraud_models[1]
+            config = build_model_config(FRAUD, model.inputs, model.outputs)
+            await runner.load(FRAUD, config, model_files({1: model.onnx_bytes}))
+        finally:
+            await runner.close()
+        assert server.pid is not None
+        process = psutil.Process(server.pid)
+        children = process.children(recursive=True)
+        assert any(child.name() == "triton_python_backend_stub" for child in children)
+
+        await server.stop()
+
+        _, alive = psutil.wait_procs([process, *children], timeout=0)
+        assert alive == []
+
+
+class TestTritonRunner:
+    async def test_each_version_answers_as_onnxruntime_does(
+        self, triton_runner: TritonRunner, fraud_model: dict[int, TrainedModel]
+    ) -> None:
+        """Both loaded versions answer a 5-row batch with their own model's probabilities."""
+        features, _ = make_dataset(5, seed=11)
+        answers = {}
+        for version, model in fraud_model.items():
+            outputs = await triton_runner.infer(
+                FRAUD, version, {"features": features}, OUTPUTS, timeout_s=10
+            )
+            expected = _onnxruntime(model, features)
+            np.testing.assert_allclose(outputs["probabilities"], expected, rtol=0, atol=1e-5)
+            # A batch-only output is served as [N, 1]: Triton's dims [1] + reshape [].
+            assert outputs["label"].shape == (5, 1)
+            np.testing.assert_array_equal(outputs["label"][:, 0], expected.argmax(axis=1))
+            answers[version] = outputs["probabilities"]
+        assert not np.allclose(answers[1], answers[2])
+
+    async def test_concurrent_rows_are_batched_and_split_back(
+        self,
+        triton_server: TritonServer,
+        triton_runner: TritonRunner,
+        fraud_model: dict[int, TrainedModel],
+    ) -> None:
+        """32 concurrent single-row calls run in shared batches, and each gets its own row."""
+        features, _ = make_dataset(32, seed=12)
+        expected = [_onnxruntime(fraud_model[1], features[i : i + 1]) for i in range(32)]
+        stats = InferenceServerClient(triton_server.grpc_endpoint)
+        try:
+            before = await _counts(stats)
+
+            answers = await asyncio.gather(
+                *(
+                    triton_runner.infer(
+                        FRAUD, 1, {"features": features[i : i + 1]}, OUTPUTS, timeout_s=10
+                    )
+                    for i in range(32)
+                )
+            )
+
+            inferences, executions = np.subtract(await _counts(stats), before)
+        finally:
+            await stats.close()
+        for answer, row in zip(answers, expected, strict=True):
+            assert answer["probabilities"].shape == (1, 2)
+            np.testing.assert_allclose(answer["probabilities"], row, rtol=0, atol=1e-5)
+        assert inferences == 32
+        assert executions < inferences, "Triton never batched requests together"
+
+    async def test_unload_makes_the_model_unready(
+        self, triton_runner: TritonRunner, fraud_models: dict[int, TrainedModel]
+    ) -> None:
+        """After unload, Triton no longer reports the version ready."""
+        model = fraud_models[1]
+        config = build_model_config("fraud_unload", model.inputs, model.outputs)
+        await triton_runner.load("fraud_unload", config, model_files({1: model.onnx_bytes}))
+        assert await triton_runner.is_model_ready("fraud_unload", 1)
+
+        await triton_runner.unload("fraud_unload")
+
+        assert not await triton_runner.is_model_ready("fraud_unload", 1)
+
+    async def test_unknown_model_raises_triton_error(self, triton_runner: TritonRunner) -> None:
+        """Inference on a model Triton does not know raises TritonError with NOT_FOUND."""
+        features, _ = make_dataset(1, seed=13)
+
+        with pytest.raises(TritonError) as raised:
+            await triton_runner.infer(
+                "no_such_model", 1, {"features": features}, OUTPUTS, timeout_s=5
+            )
+
+        assert raised.value.status == "StatusCode.NOT_FOUND"
+
+    async def test_infer_records_a_client_span(
+        self,
+        triton_runner: TritonRunner,
+        fraud_model: dict[int, TrainedModel],
+        client_spans: InMemorySpanExporter,
+    ) -> None:
+        """Each call is a CLIENT span "triton.infer" naming the model and version."""
+        client_spans.clear()
+        features, _ = make_dataset(1, seed=14)
+
+        await triton_runner.infer(FRAUD, 2, {"features": features}, OUTPUTS, timeout_s=10)
+
+        (span,) = client_spans.get_finished_spans()
+        assert span.name == "triton.infer"
+        assert span.kind is SpanKind.CLIENT
+        assert span.attributes is not None
+        assert span.attributes["model.name"] == FRAUD
+        assert span.attributes["model.version"] == 2
+
+    async def test_triton_continues_the_callers_trace(
+        self,
+        triton_runner: TritonRunner,
+        fraud_model: dict[int, TrainedModel],
+        client_spans: InMemorySpanExporter,
+        triton_otlp: OtlpReceiver,
+    ) -> None:
+        """Triton's spans for a call join our trace, under our triton.infer span."""
+        client_spans.clear()
+        features, _ = make_dataset(1, seed=15)
+
+        await triton_runner.infer(FRAUD, 1, {"features": features}, OUTPUTS, timeout_s=10)
+
+        (span,) = client_spans.get_finished_spans()
+        trace_id = format(span.context.trace_id, "032x")
+        span_id = format(span.context.span_id, "016x")
+        await _eventually(
+            lambda: any(s.parent_span_id == span_id for s in triton_otlp.trace(trace_id)),
+            "a Triton span whose parent is our triton.infer span",
+        )
+        assert {s.service for s in triton_otlp.trace(trace_id)} == {"triton"}
+
+
+async def _counts(client: InferenceServerClient) -> tuple[int, int]:
+    """(inference count, execution count) of fraud version 1 so far."""
+    stats = await client.get_inference_statistics(FRAUD, "1", as_json=True)
+    (model,) = stats["model_stats"]
+    return int(model.get("inference_count", 0)), int(model.get("execution_count", 0))
