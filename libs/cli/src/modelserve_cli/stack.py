@@ -167,6 +167,7 @@ class Stack:
             env[f"{prefix}TRITON_WORK_DIR"] = str(self.options.run_dir / "triton")
             if self.options.triton_trace_endpoint:
                 env[f"{prefix}TRITON_TRACE_ENDPOINT"] = self.options.triton_trace_endpoint
+                env[f"{prefix}TRITON_TRACE_EXPORT_DELAY_MS"] = "100"
         if self.options.otlp_endpoint:
             env["OTEL_EXPORTER_OTLP_ENDPOINT"] = self.options.otlp_endpoint
         else:

@@ -26,6 +26,8 @@ class InferenceSettings(ServiceSettings):
     """Local mode: Triton's gRPC port; 0 picks a free one."""
     triton_trace_endpoint: str | None = None
     """Local mode: `host:port` of an OTLP/HTTP receiver for Triton's own spans; none: off."""
+    triton_trace_export_delay_ms: int = Field(default=1000, ge=10)
+    """Local mode: how often Triton sends its batched spans (Triton's own default is 5000)."""
     triton_start_timeout_s: float = Field(default=120.0, gt=0)
     """Local mode: how long Triton may take to become ready."""
     registry_target: str | None = None

@@ -61,6 +61,12 @@ async def build_server(settings: InferenceSettings) -> tuple[GrpcServer, Inferen
                 work_dir=settings.triton_work_dir,
                 grpc_port=settings.triton_grpc_port,
                 trace_otlp_endpoint=settings.triton_trace_endpoint,
+                extra_args=(
+                    "--trace-config=opentelemetry,bsp_schedule_delay="
+                    f"{settings.triton_trace_export_delay_ms}",
+                )
+                if settings.triton_trace_endpoint
+                else (),
             )
         )
         await triton.start(timeout=settings.triton_start_timeout_s)
