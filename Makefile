@@ -58,6 +58,7 @@ check-protos: $(STAMP) $(BUF) ## buf lint, buf breaking, and fail when generated
 .PHONY: lint
 lint: $(STAMP) ## ruff and mypy
 	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/mypy
 
 .PHONY: test

@@ -15,6 +15,7 @@ def generate(out_root: Path) -> None:
     """Writes modelserve/**/*_pb2*.py and their .pyi stubs below out_root."""
     import grpc_tools
 
+    out_root = out_root.resolve()
     package_dir = out_root / "modelserve"
     if package_dir.exists():
         shutil.rmtree(package_dir)
@@ -33,8 +34,8 @@ def generate(out_root: Path) -> None:
             f"--plugin=protoc-gen-mypy_grpc={bin_dir / 'protoc-gen-mypy_grpc'}",
             f"--python_out={out_root}",
             f"--grpc_python_out={out_root}",
-            f"--mypy_out={out_root}",
-            f"--mypy_grpc_out={out_root}",
+            f"--mypy_out=quiet:{out_root}",
+            f"--mypy_grpc_out=quiet:{out_root}",
             *sources,
         ],
         check=True,

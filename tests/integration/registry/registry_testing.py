@@ -81,9 +81,9 @@ def upload_requests(
     ]
 
 
-async def stream(requests: Sequence[pb.CreateModelVersionRequest]) -> AsyncIterator[
-    pb.CreateModelVersionRequest
-]:
+async def stream(
+    requests: Sequence[pb.CreateModelVersionRequest],
+) -> AsyncIterator[pb.CreateModelVersionRequest]:
     """The requests as the async iterator a client-streaming call takes."""
     for request in requests:
         yield request

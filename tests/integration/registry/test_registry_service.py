@@ -47,9 +47,7 @@ async def upload(
     chunk_bytes: int = 64,
     sig: pb.Signature | None = None,
 ) -> pb.ModelVersion:
-    requests = upload_requests(
-        data, parent=parent, sha256=sha256, chunk_bytes=chunk_bytes, sig=sig
-    )
+    requests = upload_requests(data, parent=parent, sha256=sha256, chunk_bytes=chunk_bytes, sig=sig)
     return (await stub.CreateModelVersion(stream(requests))).model_version
 
 
@@ -86,7 +84,9 @@ class TestCreateModel:
         assert error.metadata == {"name": "models/fraud"}
 
     @pytest.mark.parametrize("model_id", ["", "Fraud", "1fraud", "fraud_v2", "a" * 64, "fraud\n"])
-    async def test_bad_model_id_is_field_violation(self, registry: RunningRegistry, model_id: str) -> None:
+    async def test_bad_model_id_is_field_violation(
+        self, registry: RunningRegistry, model_id: str
+    ) -> None:
         """A model id outside `[a-z][a-z0-9-]{0,62}` is INVALID_ARGUMENT naming `model_id`."""
         error = await failure(create_model(registry.stub, model_id))
         assert error.code is grpc.StatusCode.INVALID_ARGUMENT
@@ -124,7 +124,9 @@ class TestCreateModelVersion:
         second = await upload(registry.stub, data, chunk_bytes=1000)
         assert second.name == "models/fraud/versions/2"
         assert second.artifact_uri == first.artifact_uri
-        assert files_under(registry.settings.artifacts_dir) == [Path(urlparse(first.artifact_uri).path)]
+        assert files_under(registry.settings.artifacts_dir) == [
+            Path(urlparse(first.artifact_uri).path)
+        ]
         third = await upload(registry.stub, tiny_onnx(weight=2.0))
         assert third.name == "models/fraud/versions/3"
         assert third.artifact_uri != first.artifact_uri
@@ -147,7 +149,9 @@ class TestCreateModelVersion:
     ) -> None:
         """A signature whose input names differ from the graph's is refused, naming both tensors."""
         await create_model(registry.stub)
-        error = await failure(upload(registry.stub, tiny_onnx(), sig=signature(input_name="inputs")))
+        error = await failure(
+            upload(registry.stub, tiny_onnx(), sig=signature(input_name="inputs"))
+        )
         assert error.code is grpc.StatusCode.INVALID_ARGUMENT
         assert error.reason == "SIGNATURE_MISMATCH"
         [violation] = error.violations
@@ -195,7 +199,9 @@ class TestCreateModelVersion:
             stub = pb_grpc.RegistryServiceStub(channel)
             await create_model(stub)
             error = await failure(stub.CreateModelVersion(huge(), timeout=30))
-            versions = await stub.ListModelVersions(pb.ListModelVersionsRequest(parent="models/fraud"))
+            versions = await stub.ListModelVersions(
+                pb.ListModelVersionsRequest(parent="models/fraud")
+            )
         assert error.code is grpc.StatusCode.RESOURCE_EXHAUSTED
         assert error.reason == "ARTIFACT_TOO_LARGE"
         assert error.metadata == {"max_artifact_bytes": "1000"}
@@ -334,10 +340,18 @@ class TestReadAndListVersions:
 
     @pytest.mark.parametrize(
         "name",
-        ["models/fraud/versions/0", "models/fraud/versions/x", "models/fraud", "fraud/versions/1",
-         "models/fraud/versions/1/", "models/fraud/versions/01"],
+        [
+            "models/fraud/versions/0",
+            "models/fraud/versions/x",
+            "models/fraud",
+            "fraud/versions/1",
+            "models/fraud/versions/1/",
+            "models/fraud/versions/01",
+        ],
     )
-    async def test_malformed_version_name_is_invalid(self, registry: RunningRegistry, name: str) -> None:
+    async def test_malformed_version_name_is_invalid(
+        self, registry: RunningRegistry, name: str
+    ) -> None:
         """A name that is not exactly models/{model}/versions/{n>=1} is INVALID_ARGUMENT on `name`."""
         error = await failure(registry.stub.GetModelVersion(pb.GetModelVersionRequest(name=name)))
         assert error.code is grpc.StatusCode.INVALID_ARGUMENT
@@ -453,7 +467,9 @@ class TestDeployments:
         reordered = deployment(
             "deployments/fraud", ("models/fraud/versions/2", 10), ("models/fraud/versions/1", 90)
         )
-        same = (await stub.UpdateDeployment(pb.UpdateDeploymentRequest(deployment=reordered))).deployment
+        same = (
+            await stub.UpdateDeployment(pb.UpdateDeploymentRequest(deployment=reordered))
+        ).deployment
         assert same == changed
         flipped = deployment("deployments/fraud", ("models/fraud/versions/2", 100))
         assert (
@@ -463,7 +479,10 @@ class TestDeployments:
     @pytest.mark.parametrize(
         ("targets", "fields"),
         [
-            ([("models/fraud/versions/1", 50), ("models/fraud/versions/2", 40)], ["deployment.traffic"]),
+            (
+                [("models/fraud/versions/1", 50), ("models/fraud/versions/2", 40)],
+                ["deployment.traffic"],
+            ),
             ([], ["deployment.traffic"]),
             (
                 [("models/fraud/versions/1", 120), ("models/fraud/versions/2", -20)],

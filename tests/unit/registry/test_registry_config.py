@@ -11,7 +11,9 @@ from modelserve_runtime.config import ConfigError, load_settings
 
 
 class TestRegistrySettings:
-    def test_reads_its_environment_variables(self, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    def test_reads_its_environment_variables(
+        self, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+    ) -> None:
         """MODELSERVE_REGISTRY_* variables set the data directory and limits; paths derive from it."""
         monkeypatch.setenv("MODELSERVE_REGISTRY_DATA_DIR", str(tmp_path))
         monkeypatch.setenv("MODELSERVE_REGISTRY_MAX_ARTIFACT_BYTES", "2048")

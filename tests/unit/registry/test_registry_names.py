@@ -21,8 +21,17 @@ class TestResourceNames:
 
     @pytest.mark.parametrize(
         "name",
-        ["", "models/", "models/Fraud", "models/fraud/", "model/fraud", "models/fraud\n",
-         "models/-fraud", "models/" + "a" * 64, " models/fraud"],
+        [
+            "",
+            "models/",
+            "models/Fraud",
+            "models/fraud/",
+            "model/fraud",
+            "models/fraud\n",
+            "models/-fraud",
+            "models/" + "a" * 64,
+            " models/fraud",
+        ],
     )
     def test_bad_model_names_name_the_field(self, name: str) -> None:
         """Anything but exactly models/{id} is refused, naming the field it came in."""
@@ -32,16 +41,25 @@ class TestResourceNames:
 
     @pytest.mark.parametrize(
         "name",
-        ["models/fraud/versions/0", "models/fraud/versions/-1", "models/fraud/versions/01",
-         "models/fraud/versions/1.0", "models/fraud/versions/", "models/fraud/versions/\u0661",
-         "models/fraud/versions/9999999999999999999", "models/fraud/versions/1/artifact"],
+        [
+            "models/fraud/versions/0",
+            "models/fraud/versions/-1",
+            "models/fraud/versions/01",
+            "models/fraud/versions/1.0",
+            "models/fraud/versions/",
+            "models/fraud/versions/\u0661",
+            "models/fraud/versions/9999999999999999999",
+            "models/fraud/versions/1/artifact",
+        ],
     )
     def test_bad_version_names_are_refused(self, name: str) -> None:
         """Version numbers are positive decimal integers without leading zeros that fit in int64."""
         with pytest.raises(InvalidArgumentError):
             parse_version_name(name, "name")
 
-    @pytest.mark.parametrize("name", ["deployments/", "deployment/x", "deployments/x/y", "models/x"])
+    @pytest.mark.parametrize(
+        "name", ["deployments/", "deployment/x", "deployments/x/y", "models/x"]
+    )
     def test_bad_deployment_names_are_refused(self, name: str) -> None:
         """Anything but exactly deployments/{id} is refused."""
         with pytest.raises(InvalidArgumentError):

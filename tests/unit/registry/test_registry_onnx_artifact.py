@@ -42,7 +42,9 @@ class TestCheckOnnxArtifact:
     def test_matching_signature_passes(self) -> None:
         """A symbolic batch dimension accepts -1 or a fixed size in the signature."""
         check_onnx_artifact(identity_model(["N", 3]), signature(X))
-        check_onnx_artifact(identity_model(["N", 3]), signature(TensorSpec("x", DataType.FP32, (8, 3))))
+        check_onnx_artifact(
+            identity_model(["N", 3]), signature(TensorSpec("x", DataType.FP32, (8, 3)))
+        )
 
     def test_initializers_listed_as_inputs_are_not_inputs(self) -> None:
         """An old-style model that lists its weights among its inputs still matches its real inputs."""
@@ -52,9 +54,18 @@ class TestCheckOnnxArtifact:
     @pytest.mark.parametrize(
         ("x", "field"),
         [
-            (TensorSpec("x", DataType.FP32, (-1, 4)), "upload.model_version.signature.inputs[0].shape"),
-            (TensorSpec("x", DataType.FP32, (-1, 3, 1)), "upload.model_version.signature.inputs[0].shape"),
-            (TensorSpec("x", DataType.INT64, (-1, 3)), "upload.model_version.signature.inputs[0].datatype"),
+            (
+                TensorSpec("x", DataType.FP32, (-1, 4)),
+                "upload.model_version.signature.inputs[0].shape",
+            ),
+            (
+                TensorSpec("x", DataType.FP32, (-1, 3, 1)),
+                "upload.model_version.signature.inputs[0].shape",
+            ),
+            (
+                TensorSpec("x", DataType.INT64, (-1, 3)),
+                "upload.model_version.signature.inputs[0].datatype",
+            ),
             (TensorSpec("z", DataType.FP32, (-1, 3)), "upload.model_version.signature.inputs"),
         ],
     )

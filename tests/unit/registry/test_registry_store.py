@@ -155,11 +155,15 @@ class TestDeployments:
         await add_version(store)
         await add_version(store)
         one = (TrafficTarget("fraud", 1, 100),)
-        created, changed = await store.put_deployment("fraud", one, allow_missing=True, update_time=NOW)
+        created, changed = await store.put_deployment(
+            "fraud", one, allow_missing=True, update_time=NOW
+        )
         assert (created.revision, changed) == (1, True)
         split = (TrafficTarget("fraud", 1, 80), TrafficTarget("fraud", 2, 20))
         later = NOW + timedelta(seconds=1)
-        updated, changed = await store.put_deployment("fraud", split, allow_missing=False, update_time=later)
+        updated, changed = await store.put_deployment(
+            "fraud", split, allow_missing=False, update_time=later
+        )
         assert (updated.revision, changed, updated.update_time) == (2, True, later)
         same, changed = await store.put_deployment(
             "fraud", split[::-1], allow_missing=False, update_time=later + timedelta(seconds=1)

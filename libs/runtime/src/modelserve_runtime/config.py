@@ -6,7 +6,7 @@ import os
 from pathlib import Path
 from typing import Literal, TypeVar
 
-from pydantic import AliasChoices, BaseModel, Field, ValidationError
+from pydantic import AliasChoices, BaseModel, Field, ValidationError, model_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -69,6 +69,8 @@ class DiscoverySettings(BaseModel):
     """Consul ACL token; read from the environment or a file, never logged."""
     advertise_host: str | None = None
     """Address other services use to reach this one; the bind host when unset."""
+    consul_timeout_s: float = Field(default=2.0, gt=0)
+    """Deadline of each call to the Consul agent."""
 
 
 class ServiceSettings(BaseSettings):
@@ -92,6 +94,17 @@ class ServiceSettings(BaseSettings):
         validation_alias=AliasChoices("OTEL_EXPORTER_OTLP_ENDPOINT", "otlp_endpoint"),
     )
     """OTLP/gRPC collector for traces (the standard OTEL_EXPORTER_OTLP_ENDPOINT); none: no export."""
+
+    @model_validator(mode="after")
+    def _consul_needs_a_reachable_address(self) -> ServiceSettings:
+        """A wildcard bind address cannot be what Consul hands to other services."""
+        advertised = self.discovery.advertise_host or self.server.host
+        if self.discovery.mode == "consul" and advertised in ("0.0.0.0", "::", ""):
+            raise ValueError(
+                f"discovery.advertise_host must be set to a routable address in consul mode "
+                f"(the bind host is {self.server.host!r})"
+            )
+        return self
 
     @classmethod
     def settings_customise_sources(
@@ -129,6 +142,9 @@ def load_settings(cls: type[SettingsT], config_file: Path | None = None) -> Sett
         prefix = str(cls.model_config.get("env_prefix", ""))
         problems = []
         for err in exc.errors():
+            if not err["loc"]:
+                problems.append(err["msg"])
+                continue
             path = ".".join(str(p) for p in err["loc"])
             env_name = prefix + "__".join(str(p) for p in err["loc"]).upper()
             problems.append(f"{env_name} ({path}): {err['msg']}")

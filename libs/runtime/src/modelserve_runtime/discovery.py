@@ -62,12 +62,15 @@ class ConsulDiscovery:
         port: int,
         *,
         token: str | None = None,
+        timeout_s: float = 2.0,
         check_interval: str = "5s",
         deregister_after: str = "1m",
     ) -> None:
         import consul
 
-        self._consul: Any = consul.Consul(host=host, port=port, token=token)
+        self._consul: Any = consul.Consul(
+            host=host, port=port, token=token, connections_timeout=timeout_s
+        )
         self._check_interval = check_interval
         self._deregister_after = deregister_after
         self._service_id: str | None = None
@@ -117,6 +120,9 @@ def create_discovery(settings: DiscoverySettings) -> Discovery:
     """The discovery implementation that the settings choose."""
     if settings.mode == "consul":
         return ConsulDiscovery(
-            settings.consul_host, settings.consul_port, token=settings.consul_token
+            settings.consul_host,
+            settings.consul_port,
+            token=settings.consul_token,
+            timeout_s=settings.consul_timeout_s,
         )
     return StaticDiscovery(settings.static)

@@ -204,6 +204,9 @@ class ErrorStatusInterceptor(_ScopeInterceptor):
             trace.get_current_span().set_attribute("error.reason", exc.reason)
             await context.abort(status.code, status.details, status.trailing_metadata)
         except Exception:
+            if _code_of(context, None) is grpc.StatusCode.UNIMPLEMENTED:
+                # The generated base servicer sets UNIMPLEMENTED, then raises NotImplementedError.
+                await context.abort(grpc.StatusCode.UNIMPLEMENTED, "method not implemented")
             log.exception("rpc_internal_error", method=method)
             status = internal_status()
             await context.abort(status.code, status.details, status.trailing_metadata)

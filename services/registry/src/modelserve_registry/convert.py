@@ -27,7 +27,9 @@ _DATATYPES: dict[tensor_pb2.DataType.ValueType, DataType] = {
     tensor_pb2.DATA_TYPE_BYTES: DataType.BYTES,
 }
 _DATATYPE_VALUES = {datatype: value for value, datatype in _DATATYPES.items()}
-_FORMATS: dict[pb.ArtifactFormat.ValueType, ArtifactFormat] = {pb.ARTIFACT_FORMAT_ONNX: ArtifactFormat.ONNX}
+_FORMATS: dict[pb.ArtifactFormat.ValueType, ArtifactFormat] = {
+    pb.ARTIFACT_FORMAT_ONNX: ArtifactFormat.ONNX
+}
 _FORMAT_VALUES = {fmt: value for value, fmt in _FORMATS.items()}
 
 

@@ -130,15 +130,21 @@ def _check_tensors(field: str, tensors: Sequence[TensorSpec]) -> list[FieldViola
         if not tensor.name:
             violations.append(FieldViolation(f"{field}[{i}].name", "must not be empty"))
         elif tensor.name in seen:
-            violations.append(FieldViolation(f"{field}[{i}].name", f"{tensor.name!r} appears twice"))
+            violations.append(
+                FieldViolation(f"{field}[{i}].name", f"{tensor.name!r} appears twice")
+            )
         seen.add(tensor.name)
         if tensor.datatype is None:
             violations.append(FieldViolation(f"{field}[{i}].datatype", "must be set"))
         if not tensor.shape:
-            violations.append(FieldViolation(f"{field}[{i}].shape", "at least one dimension is required"))
+            violations.append(
+                FieldViolation(f"{field}[{i}].shape", "at least one dimension is required")
+            )
         elif any(d < 1 and d != -1 for d in tensor.shape):
             violations.append(
-                FieldViolation(f"{field}[{i}].shape", "each dimension is -1 (variable) or at least 1")
+                FieldViolation(
+                    f"{field}[{i}].shape", "each dimension is -1 (variable) or at least 1"
+                )
             )
     return violations
 
@@ -252,9 +258,7 @@ class Registry:
             raise
         # Once the bytes are in and valid, recording finishes even if the caller goes away:
         # a cancelled insert could still land after its artifact file had been removed.
-        task = asyncio.create_task(
-            self._record(model_id, artifact_format, upload, staged, digest)
-        )
+        task = asyncio.create_task(self._record(model_id, artifact_format, upload, staged, digest))
         self._recording.add(task)
         task.add_done_callback(self._recording.discard)
         version = await asyncio.shield(task)
@@ -320,7 +324,9 @@ class Registry:
             raise _version_not_found(name)
         return version
 
-    async def list_model_versions(self, parent: str, page_size: int, page_token: str) -> VersionPage:
+    async def list_model_versions(
+        self, parent: str, page_size: int, page_token: str
+    ) -> VersionPage:
         """One page of a model's versions, newest first; `page_size` 0 means the default."""
         model_id = parse_model_name(parent, "parent")
         if page_size < 0:
@@ -333,14 +339,18 @@ class Registry:
         if len(rows) <= limit:
             return VersionPage(versions=rows)
         page = rows[:limit]
-        return VersionPage(versions=page, next_page_token=_encode_page_token(model_id, page[-1].version))
+        return VersionPage(
+            versions=page, next_page_token=_encode_page_token(model_id, page[-1].version)
+        )
 
     async def read_artifact(self, name: str) -> AsyncIterator[bytes]:
         """The version's artifact in chunks; fails at the end if the stored bytes changed."""
         version = await self.get_model_version(name)
         digest = hashlib.sha256()
         size = 0
-        async for chunk in self._artifacts.open_chunks(version.artifact_uri, self._read_chunk_bytes):
+        async for chunk in self._artifacts.open_chunks(
+            version.artifact_uri, self._read_chunk_bytes
+        ):
             digest.update(chunk)
             size += len(chunk)
             yield chunk
@@ -393,7 +403,9 @@ class Registry:
             if path in _DEPLOYMENT_OUTPUT_ONLY_FIELDS:
                 violations.append(FieldViolation("update_mask", f"{path!r} cannot be written"))
             elif path != "*" and path not in DEPLOYMENT_WRITABLE_FIELDS:
-                violations.append(FieldViolation("update_mask", f"{path!r} is not a Deployment field"))
+                violations.append(
+                    FieldViolation("update_mask", f"{path!r} is not a Deployment field")
+                )
         targets: list[TrafficTarget] = []
         first_index: dict[tuple[str, int], int] = {}
         for i, share in enumerate(traffic):

@@ -66,9 +66,7 @@ MIGRATIONS: tuple[tuple[int, tuple[str, ...]], ...] = (
     ),
 )
 
-_VERSION_COLUMNS = (
-    "model_id, version, description, format, signature, artifact_uri, sha256, size_bytes, create_time"
-)
+_VERSION_COLUMNS = "model_id, version, description, format, signature, artifact_uri, sha256, size_bytes, create_time"
 
 
 class RegistryStore(Protocol):
@@ -313,7 +311,10 @@ class SqliteRegistryStore:
 
         def work(conn: sqlite3.Connection) -> ModelVersion:
             with _transaction(conn):
-                if conn.execute("SELECT 1 FROM models WHERE model_id = ?", (model_id,)).fetchone() is None:
+                if (
+                    conn.execute("SELECT 1 FROM models WHERE model_id = ?", (model_id,)).fetchone()
+                    is None
+                ):
                     raise _model_not_found(model_id)
                 # The number is allocated in the statement that inserts the row, inside the
                 # write transaction, so two uploads can never get the same one.
@@ -439,7 +440,9 @@ def _migrate(conn: sqlite3.Connection) -> list[int]:
     applied: list[int] = []
     for number, statements in MIGRATIONS:
         with _transaction(conn):
-            current = conn.execute("SELECT COALESCE(MAX(version), 0) FROM schema_migrations").fetchone()[0]
+            current = conn.execute(
+                "SELECT COALESCE(MAX(version), 0) FROM schema_migrations"
+            ).fetchone()[0]
             if current > known:
                 raise FailedPreconditionError(
                     f"the database schema is at version {current}, newer than this build's {known}",

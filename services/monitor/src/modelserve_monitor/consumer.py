@@ -1,0 +1,217 @@
+"""Reads the prediction log stream in a consumer group and feeds each record to EndpointStats."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import redis.asyncio as redis
+import structlog
+from google.protobuf.message import DecodeError
+from prometheus_client import Counter
+
+from modelserve_monitor.stats import EndpointStats
+from modelserve_runtime.prediction_log import decode_record
+
+log = structlog.get_logger()
+
+RECORDS_READ = Counter(
+    "modelserve_monitor_records_total",
+    "Prediction log entries read, by outcome (counted, duplicate, malformed).",
+    ["outcome"],
+)
+
+#: Entries never delivered to the group.
+_NEW = ">"
+_MAX_BACKOFF_S = 5.0
+
+Entry = tuple[bytes, Mapping[bytes, bytes] | None]
+
+
+def _stream_id(raw: bytes | str) -> tuple[int, int]:
+    text = raw.decode() if isinstance(raw, bytes) else raw
+    ms, _, seq = text.partition("-")
+    return int(ms), int(seq or 0)
+
+
+class PredictionLogConsumer:
+    """Reads the stream in a consumer group, aggregates each entry, then acknowledges it.
+
+    Delivery is at least once: entries are acknowledged only after they were aggregated,
+    and after a Redis error the consumer first re-reads its own unacknowledged entries,
+    which EndpointStats counts only once. A malformed entry is logged, counted in
+    `malformed` and acknowledged, so it cannot stop the stream.
+    """
+
+    def __init__(
+        self,
+        client: redis.Redis,
+        stats: EndpointStats,
+        *,
+        stream: str,
+        group: str,
+        consumer: str,
+        block_ms: int,
+        batch_size: int,
+    ) -> None:
+        self._redis = client
+        self._stats = stats
+        self._stream = stream
+        self._group = group
+        self._consumer = consumer
+        self._block_ms = block_ms
+        self._batch_size = batch_size
+        self._task: asyncio.Task[None] | None = None
+        self._stopping = False
+        self._progress = asyncio.Condition()
+        self.malformed = 0
+
+    async def ensure_group(self) -> None:
+        """Creates the group, and the stream, when missing; a new group reads from the start."""
+        try:
+            await self._redis.xgroup_create(self._stream, self._group, id="0", mkstream=True)
+        except redis.ResponseError as exc:
+            if not str(exc).startswith("BUSYGROUP"):
+                raise
+        else:
+            log.info("consumer_group_created", stream=self._stream, group=self._group)
+
+    def start(self) -> None:
+        """Starts reading in a background task (once)."""
+        if self._task is None:
+            self._stopping = False
+            self._task = asyncio.create_task(self.run(), name="prediction-log-consumer")
+
+    async def close(self) -> None:
+        """Stops the background task and waits for it to end."""
+        task, self._task = self._task, None
+        if task is None:
+            return
+        # On Python 3.11, redis-py can swallow a cancellation (its socket writes go through
+        # asyncio.wait_for), so the loop also stops when it sees `_stopping`.
+        self._stopping = True
+        task.cancel()
+        await asyncio.wait({task})
+        if not task.cancelled() and task.exception() is not None:
+            log.error("prediction_log_consumer_crashed", error=str(task.exception()))
+
+    async def run(self) -> None:
+        """Reads until closed; Redis errors are logged and retried with a growing pause."""
+        backoff_s = 0.1
+        recovering = True
+        while not self._stopping:
+            try:
+                if recovering:
+                    await self.ensure_group()
+                    await self._read_pending()
+                    recovering = False
+                await self._read_batch(_NEW, block_ms=self._block_ms)
+                backoff_s = 0.1
+            except redis.RedisError as exc:
+                # A lost connection, or NOGROUP when the stream was deleted: start over from
+                # the group and this consumer's own pending entries.
+                log.warning("prediction_log_read_failed", retry_in_s=backoff_s, error=str(exc))
+                recovering = True
+                await asyncio.sleep(backoff_s)
+                backoff_s = min(backoff_s * 2, _MAX_BACKOFF_S)
+            except Exception:
+                # A bug must not silence the monitor; the traceback goes to the log.
+                log.exception("prediction_log_consumer_failed", retry_in_s=backoff_s)
+                recovering = True
+                await asyncio.sleep(backoff_s)
+                backoff_s = min(backoff_s * 2, _MAX_BACKOFF_S)
+
+    async def process_available(self) -> int:
+        """Aggregates every entry waiting for this consumer, without blocking; returns how many."""
+        handled = await self._read_pending()
+        while batch := await self._read_batch(_NEW, block_ms=None):
+            handled += len(batch)
+        return handled
+
+    async def drain(self, timeout_s: float = 10.0) -> None:
+        """Returns once every entry appended before the call is aggregated and acknowledged.
+
+        Waits by asking Redis after each batch (or each `block_ms`) rather than by sleeping;
+        TimeoutError after `timeout_s`.
+        """
+        newest = await self._redis.xrevrange(self._stream, count=1)
+        target = newest[0][0] if newest else None
+        if target is None:
+            return
+        async with asyncio.timeout(timeout_s):
+            while not await self._handled_up_to(target):
+                if self._task is None and await self.process_available():
+                    continue
+                async with self._progress:
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(self._progress.wait(), self._block_ms / 1000)
+
+    async def _handled_up_to(self, target: bytes | str) -> bool:
+        """True when the group has delivered `target` and holds nothing pending up to it."""
+        groups: Sequence[Mapping[str, Any]] = await self._redis.xinfo_groups(self._stream)
+        group = next((g for g in groups if _as_str(g["name"]) == self._group), None)
+        if group is None or _stream_id(group["last-delivered-id"]) < _stream_id(target):
+            return False
+        pending = await self._redis.xpending_range(
+            self._stream, self._group, min="-", max=target, count=1
+        )
+        return not pending
+
+    async def _read_pending(self) -> int:
+        """Re-reads this consumer's unacknowledged entries, oldest first; returns how many.
+
+        Each read starts after the last entry of the one before, so the pass ends even
+        when an entry stays pending.
+        """
+        handled, after = 0, b"0"
+        while batch := await self._read_batch(after, block_ms=None):
+            handled += len(batch)
+            after = batch[-1]
+        return handled
+
+    async def _read_batch(self, start_id: str | bytes, *, block_ms: int | None) -> list[bytes]:
+        """Reads one batch after `start_id`, aggregates and acknowledges it; returns its ids."""
+        response: Any = await self._redis.xreadgroup(
+            self._group,
+            self._consumer,
+            {self._stream: start_id},
+            count=self._batch_size,
+            block=block_ms,
+        )
+        entries = _entries(response)
+        if not entries:
+            return []
+        for entry_id, fields in entries:
+            self._aggregate(entry_id, fields)
+        ids = [entry_id for entry_id, _ in entries]
+        await self._redis.xack(self._stream, self._group, *ids)
+        async with self._progress:
+            self._progress.notify_all()
+        return ids
+
+    def _aggregate(self, entry_id: bytes, fields: Mapping[bytes, bytes] | None) -> None:
+        try:
+            if fields is None:
+                raise ValueError("entry was deleted from the stream before it was read")
+            counted = self._stats.add(decode_record(fields), entry_id=entry_id.decode())
+        except (ValueError, DecodeError) as exc:
+            self.malformed += 1
+            RECORDS_READ.labels("malformed").inc()
+            log.warning("prediction_record_malformed", entry_id=entry_id.decode(), error=str(exc))
+            return
+        RECORDS_READ.labels("counted" if counted else "duplicate").inc()
+
+
+def _entries(response: Any) -> list[Entry]:
+    """The entries of a one-stream XREADGROUP reply, in RESP2 or RESP3 shape."""
+    if not response:
+        return []
+    if isinstance(response, Mapping):
+        return [(entry_id, fields) for entry_id, fields in next(iter(response.values()))]
+    return list(response[0][1])
+
+
+def _as_str(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value

@@ -1,0 +1,116 @@
+"""Settings loading: env and YAML sources, their precedence, and errors that name the setting."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from modelserve_feature.config import FeatureSettings
+from modelserve_runtime.config import CONFIG_FILE_ENV, ConfigError, load_settings
+
+
+@pytest.fixture(autouse=True)
+def clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    """No setting leaks in from the environment the tests run in."""
+    for name in list(os.environ):
+        if name.startswith("MODELSERVE_") or name == "OTEL_EXPORTER_OTLP_ENDPOINT":
+            monkeypatch.delenv(name)
+
+
+def _yaml(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "feature.yaml"
+    path.write_text(text)
+    return path
+
+
+class TestLoadSettings:
+    def test_bad_env_value_names_the_variable_and_the_field(
+        self, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """A wrong value raises ConfigError naming the env var and the field path it sets."""
+        monkeypatch.setenv("MODELSERVE_FEATURE_SERVER__PORT", "not-a-port")
+        with pytest.raises(ConfigError) as info:
+            load_settings(FeatureSettings)
+        assert "MODELSERVE_FEATURE_SERVER__PORT (server.port)" in str(info.value)
+
+    def test_every_bad_value_is_named(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        """All wrong values are reported at once, not just the first."""
+        monkeypatch.setenv("MODELSERVE_FEATURE_SERVER__PORT", "70000")
+        monkeypatch.setenv("MODELSERVE_FEATURE_MAX_ENTITIES", "0")
+        with pytest.raises(ConfigError) as info:
+            load_settings(FeatureSettings)
+        assert "MODELSERVE_FEATURE_SERVER__PORT" in str(info.value)
+        assert "MODELSERVE_FEATURE_MAX_ENTITIES (max_entities)" in str(info.value)
+
+    def test_yaml_file_is_read_and_env_overrides_it(
+        self, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+    ) -> None:
+        """Values come from the MODELSERVE_CONFIG file unless an env var sets them too."""
+        path = _yaml(
+            tmp_path,
+            "redis_url: redis://from-yaml:6379/0\n"
+            "max_entities: 25\n"
+            "server:\n  host: 0.0.0.0\n  port: 7100\n",
+        )
+        monkeypatch.setenv(CONFIG_FILE_ENV, str(path))
+        monkeypatch.setenv("MODELSERVE_FEATURE_REDIS_URL", "redis://from-env:6379/0")
+        monkeypatch.setenv("MODELSERVE_FEATURE_SERVER__PORT", "7200")
+        settings = load_settings(FeatureSettings)
+        assert settings.redis_url == "redis://from-env:6379/0"
+        assert settings.max_entities == 25
+        assert settings.server.port == 7200
+        assert settings.server.host == "0.0.0.0"
+
+    def test_config_file_argument_is_read_and_then_forgotten(
+        self, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+    ) -> None:
+        """A file passed to load_settings (--config) is used for that load only."""
+        path = _yaml(tmp_path, "max_features: 9\n")
+        assert load_settings(FeatureSettings, path).max_features == 9
+        assert CONFIG_FILE_ENV not in os.environ
+        assert load_settings(FeatureSettings).max_features == 500
+
+    def test_bad_value_in_the_file_is_named(
+        self, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+    ) -> None:
+        """A wrong or unknown setting in the YAML file is refused, naming it."""
+        monkeypatch.setenv(
+            CONFIG_FILE_ENV, str(_yaml(tmp_path, "server:\n  port: -1\nredis_uri: x\n"))
+        )
+        with pytest.raises(ConfigError) as info:
+            load_settings(FeatureSettings)
+        assert "(server.port)" in str(info.value)
+        assert "(redis_uri)" in str(info.value)
+
+    def test_missing_config_file_from_env_is_a_clear_error(
+        self, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+    ) -> None:
+        """MODELSERVE_CONFIG naming no file raises ConfigError naming the variable and the path."""
+        missing = tmp_path / "nope.yaml"
+        monkeypatch.setenv(CONFIG_FILE_ENV, str(missing))
+        with pytest.raises(ConfigError, match=f"{CONFIG_FILE_ENV}={missing}: no such file"):
+            load_settings(FeatureSettings)
+
+    def test_missing_config_file_argument_is_a_clear_error(self, tmp_path: Path) -> None:
+        """A --config path that does not exist raises ConfigError naming the path."""
+        missing = tmp_path / "nope.yaml"
+        with pytest.raises(ConfigError, match=f"config file {missing} does not exist"):
+            load_settings(FeatureSettings, missing)
+
+
+class TestConsoleScript:
+    def test_bad_setting_stops_the_service_at_start(self, tmp_path: Path) -> None:
+        """modelserve-feature with a wrong env value exits 2 at once, naming the setting on stderr."""
+        script = Path(sys.executable).parent / "modelserve-feature"
+        env = {k: v for k, v in os.environ.items() if not k.startswith("MODELSERVE_")}
+        env["MODELSERVE_FEATURE_SERVER__PORT"] = "not-a-port"
+        done = subprocess.run(
+            [str(script)], env=env, cwd=tmp_path, capture_output=True, text=True, timeout=60
+        )
+        assert done.returncode == 2, done.stderr
+        assert "MODELSERVE_FEATURE_SERVER__PORT (server.port)" in done.stderr
+        assert "Traceback" not in done.stderr
