@@ -1,13 +1,20 @@
-"""Helpers the tests share: in-process services on port 0 and error decoding."""
+"""Helpers the tests share: in-process services on port 0, the demo model's reference answer."""
 
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
+from datetime import UTC, datetime
 from typing import Any, TypeVar
 
 import grpc
+import numpy as np
+import onnxruntime as ort
 
+from modelserve.router.v1 import router_service_pb2 as router_pb
+from modelserve_cli.demo import DemoDeployment
+from modelserve_demo import fraud
+from modelserve_features.request_time import RequestFacts
 from modelserve_runtime.channels import create_channel
 from modelserve_runtime.server import GrpcServer, ServiceApp
 
@@ -30,3 +37,19 @@ async def running(
         await channel.close()
         await grpc_server.server.stop(0)
         await app.close()
+
+
+def expected_probabilities(demo: DemoDeployment, request: router_pb.PredictRequest) -> np.ndarray:
+    """What onnxruntime in this process says for the feature vector the router should build."""
+    customer = request.entities[fraud.ENTITY_TYPE]
+    values = {f"{fraud.ENTITY_TYPE}:{k}": v for k, v in demo.customers[customer].items()}
+    facts = RequestFacts(
+        event_time=datetime.fromtimestamp(request.context.event_time.seconds, UTC),
+        user_agent=request.context.user_agent,
+        query=request.context.query,
+    )
+    values.update(fraud.request_feature_values(request.features["amount"].double_value, facts))
+    row = fraud.feature_vector(values)[None, :]
+    session = ort.InferenceSession(demo.trained.onnx_bytes, providers=["CPUExecutionProvider"])
+    probabilities = session.run(["probabilities"], {"features": row})[0]
+    return np.asarray(probabilities[0])

@@ -33,6 +33,11 @@ async def stack(
             run_dir=run_dir,
             otlp_endpoint=otlp.grpc_endpoint,
             triton_trace_endpoint=otlp.http_endpoint,
+            # Through the feature and inference services; test_direct_path covers the default.
+            env={
+                "MODELSERVE_ROUTER_FEATURE_READER": "service",
+                "MODELSERVE_ROUTER_MODEL_RUNNER": "service",
+            },
         )
     )
     await stack.start()

@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import time
-from datetime import UTC, datetime
 
 import grpc
 import numpy as np
-import onnxruntime as ort
 import pytest
 from otlp_receiver import OtlpReceiver
+from support import expected_probabilities
 
 from modelserve.monitor.v1 import monitor_service_pb2 as monitor_pb
 from modelserve.monitor.v1 import monitor_service_pb2_grpc as monitor_grpc
@@ -20,25 +19,8 @@ from modelserve.type.v1 import feature_value_pb2
 from modelserve_cli.demo import DemoDeployment, demo_request
 from modelserve_cli.stack import Stack
 from modelserve_demo import fraud
-from modelserve_features.request_time import RequestFacts
 from modelserve_runtime.channels import create_channel
 from modelserve_runtime.errors import decode_rpc_error
-
-
-def _expected_probabilities(demo: DemoDeployment, request: router_pb.PredictRequest) -> np.ndarray:
-    """What onnxruntime in this process says for the feature vector the router should build."""
-    customer = request.entities[fraud.ENTITY_TYPE]
-    values = {f"{fraud.ENTITY_TYPE}:{k}": v for k, v in demo.customers[customer].items()}
-    facts = RequestFacts(
-        event_time=datetime.fromtimestamp(request.context.event_time.seconds, UTC),
-        user_agent=request.context.user_agent,
-        query=request.context.query,
-    )
-    values.update(fraud.request_feature_values(request.features["amount"].double_value, facts))
-    row = fraud.feature_vector(values)[None, :]
-    session = ort.InferenceSession(demo.trained.onnx_bytes, providers=["CPUExecutionProvider"])
-    probabilities = session.run(["probabilities"], {"features": row})[0]
-    return np.asarray(probabilities[0])
 
 
 async def _predict(stack: Stack, request: router_pb.PredictRequest) -> router_pb.PredictResponse:
@@ -60,7 +42,7 @@ class TestPredict:
         assert list(probabilities.shape) == [1, 2]
         np.testing.assert_allclose(
             np.asarray(probabilities.contents.fp32_contents),
-            _expected_probabilities(demo, request),
+            expected_probabilities(demo, request),
             atol=1e-5,
         )
         assert response.model_version == demo.model_version

@@ -21,11 +21,12 @@ class RouterSettings(ServiceSettings):
     """The Redis Stream that receives one PredictionRecord per request."""
     prediction_stream_max_len: int = Field(default=1_000_000, ge=1000)
     """Approximate cap on the stream's length."""
-    feature_reader: Literal["service", "redis"] = "service"
-    """`service`: features through the feature service; `redis`: straight from Redis."""
-    model_runner: Literal["service", "triton"] = "service"
-    """`service`: inference through the inference service; `triton`: straight to the Triton
-    endpoint that inference publishes for a READY version."""
+    feature_reader: Literal["service", "redis"] = "redis"
+    """`redis`: features straight from Redis (one pipeline); `service`: through the feature
+    service. The benchmark in loadtests/RESULTS.md picked `redis`."""
+    model_runner: Literal["service", "triton"] = "triton"
+    """`triton`: straight to the Triton endpoint that inference publishes for a READY version;
+    `service`: through the inference service. The benchmark picked `triton`."""
     registry_target: str | None = None
     """The registry's `host:port`; resolved through discovery (service `registry`) when unset."""
     feature_target: str | None = None

@@ -1,0 +1,70 @@
+"""The router's default data path: features straight from Redis, inference straight to Triton."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+
+import numpy as np
+import pytest
+from otlp_receiver import OtlpReceiver
+from support import expected_probabilities
+
+from modelserve.router.v1 import router_service_pb2_grpc as router_grpc
+from modelserve_cli.demo import DemoDeployment, demo_request, deploy_demo
+from modelserve_cli.stack import Stack, StackOptions
+from modelserve_runtime.channels import create_channel
+
+
+@pytest.fixture(scope="module")
+async def direct(
+    otlp: OtlpReceiver, tmp_path_factory: pytest.TempPathFactory
+) -> AsyncIterator[tuple[Stack, DemoDeployment]]:
+    """A stack with the router's default settings and the demo model deployed."""
+    stack = Stack(
+        StackOptions(
+            run_dir=tmp_path_factory.mktemp("direct"),
+            otlp_endpoint=otlp.grpc_endpoint,
+            triton_trace_endpoint=otlp.http_endpoint,
+        )
+    )
+    await stack.start()
+    try:
+        yield stack, await deploy_demo(stack.targets)
+    finally:
+        await stack.stop()
+
+
+class TestDirectPath:
+    async def test_answer_and_trace(
+        self, direct: tuple[Stack, DemoDeployment], otlp: OtlpReceiver
+    ) -> None:
+        """The direct path answers like onnxruntime, and Triton's spans hang under the router's
+        triton.infer span with no feature or inference hop in between."""
+        stack, demo = direct
+        request = demo_request("c-1011", 777.0)
+        async with create_channel(stack.targets["router"]) as channel:
+            router = router_grpc.RouterServiceStub(channel)
+            # The first request also asks inference where the version is served.
+            await router.Predict(request)
+            response = await router.Predict(request)
+        probabilities = next(o for o in response.outputs if o.name == "probabilities")
+        np.testing.assert_allclose(
+            np.asarray(probabilities.contents.fp32_contents),
+            expected_probabilities(demo, request),
+            atol=1e-5,
+        )
+
+        def linked() -> bool:
+            spans = otlp.trace(response.trace_id)
+            client = {
+                s.span_id for s in spans if s.name == "triton.infer" and s.service == "router"
+            }
+            return any(s.service == "triton" and s.parent_span_id in client for s in spans)
+
+        deadline = time.monotonic() + 20
+        while not linked():
+            assert time.monotonic() < deadline, otlp.trace(response.trace_id)
+            await asyncio.sleep(0.1)
+        assert {s.service for s in otlp.trace(response.trace_id)} == {"router", "triton"}
