@@ -49,6 +49,8 @@ class OtlpReceiver:
 
     def __init__(self) -> None:
         self.spans: list[ReceivedSpan] = []
+        self.errors: list[str] = []
+        self.http_posts = 0
         self._lock = threading.Lock()
         self._grpc = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
         trace_service_pb2_grpc.add_TraceServiceServicer_to_server(_TraceService(self), self._grpc)
@@ -58,12 +60,17 @@ class OtlpReceiver:
         class Handler(BaseHTTPRequestHandler):
             def do_POST(self) -> None:
                 body = self.rfile.read(int(self.headers.get("Content-Length", "0")))
-                if "json" in (self.headers.get("Content-Type") or ""):
-                    receiver.add_json(json.loads(body))
-                else:
-                    request = trace_service_pb2.ExportTraceServiceRequest()
-                    request.ParseFromString(body)
-                    receiver.add_proto(request)
+                receiver.http_posts += 1
+                try:
+                    if "json" in (self.headers.get("Content-Type") or ""):
+                        receiver.add_json(json.loads(body))
+                    else:
+                        request = trace_service_pb2.ExportTraceServiceRequest()
+                        request.ParseFromString(body)
+                        receiver.add_proto(request)
+                except Exception as exc:
+                    receiver.errors.append(f"{exc!r}: {body[:2000]!r}")
+                    raise
                 self.send_response(200)
                 self.send_header("Content-Type", "application/json")
                 self.end_headers()

@@ -113,22 +113,29 @@ class TestTritonRunner:
         fraud_model: dict[int, TrainedModel],
     ) -> None:
         """32 concurrent single-row calls run in shared batches, and each gets its own row."""
+        # A 20 ms queue delay lets the batcher gather the calls however busy the machine is;
+        # with the default delay of 0, batching depends on calls arriving while one runs.
+        model = fraud_model[1]
+        config = build_model_config(
+            "fraud_batched", model.inputs, model.outputs, max_queue_delay_us=20_000
+        )
+        await triton_runner.load("fraud_batched", config, model_files({1: model.onnx_bytes}))
         features, _ = make_dataset(32, seed=12)
-        expected = [_onnxruntime(fraud_model[1], features[i : i + 1]) for i in range(32)]
+        expected = [_onnxruntime(model, features[i : i + 1]) for i in range(32)]
         stats = InferenceServerClient(triton_server.grpc_endpoint)
         try:
-            before = await _counts(stats)
+            before = await _counts(stats, "fraud_batched")
 
             answers = await asyncio.gather(
                 *(
                     triton_runner.infer(
-                        FRAUD, 1, {"features": features[i : i + 1]}, OUTPUTS, timeout_s=10
+                        "fraud_batched", 1, {"features": features[i : i + 1]}, OUTPUTS, timeout_s=10
                     )
                     for i in range(32)
                 )
             )
 
-            inferences, executions = np.subtract(await _counts(stats), before)
+            inferences, executions = np.subtract(await _counts(stats, "fraud_batched"), before)
         finally:
             await stats.close()
         for answer, row in zip(answers, expected, strict=True):
@@ -203,8 +210,8 @@ class TestTritonRunner:
         assert {s.service for s in triton_otlp.trace(trace_id)} == {"triton"}
 
 
-async def _counts(client: InferenceServerClient) -> tuple[int, int]:
-    """(inference count, execution count) of fraud version 1 so far."""
-    stats = await client.get_inference_statistics(FRAUD, "1", as_json=True)
+async def _counts(client: InferenceServerClient, model_name: str = FRAUD) -> tuple[int, int]:
+    """(inference count, execution count) of version 1 of a model so far."""
+    stats = await client.get_inference_statistics(model_name, "1", as_json=True)
     (model,) = stats["model_stats"]
     return int(model.get("inference_count", 0)), int(model.get("execution_count", 0))

@@ -7,6 +7,8 @@ from dataclasses import dataclass
 from importlib import resources
 from typing import Any
 
+import numpy.typing as npt
+
 #: Triton's tensor datatypes (as the inference protocol names them) that configs accept.
 TRITON_DATATYPES: frozenset[str] = frozenset(
     {"BOOL", "INT8", "INT16", "INT32", "INT64", "UINT8", "FP16", "FP32", "FP64", "BYTES"}
@@ -106,3 +108,21 @@ def model_files(versions: Mapping[int, bytes]) -> dict[str, bytes]:
         files[f"file:{version}/model.onnx"] = onnx_bytes
         files[f"file:{version}/model.py"] = source
     return files
+
+
+def conform_outputs(
+    outputs: Mapping[str, npt.NDArray[Any]], shapes: Mapping[str, Sequence[int]]
+) -> dict[str, npt.NDArray[Any]]:
+    """Gives each output the rank its signature declares.
+
+    A per-row scalar output (signature shape [-1]) needs config dims [1] with a reshape to
+    [] (see _tensor_config), and Triton then answers it as [N, 1]; this returns it as [N].
+    Outputs without a declared shape are returned unchanged.
+    """
+    conformed: dict[str, npt.NDArray[Any]] = {}
+    for name, array in outputs.items():
+        shape = shapes.get(name)
+        if shape is not None and len(shape) == 1 and array.ndim == 2 and array.shape[1] == 1:
+            array = array.reshape(-1)
+        conformed[name] = array
+    return conformed

@@ -20,7 +20,12 @@ from modelserve_runtime.errors import (
     NotFoundError,
     UnavailableError,
 )
-from modelserve_triton.model_config import TensorSpec, build_model_config, model_files
+from modelserve_triton.model_config import (
+    TensorSpec,
+    build_model_config,
+    conform_outputs,
+    model_files,
+)
 from modelserve_triton.runner import TritonError
 
 log = structlog.get_logger()
@@ -222,21 +227,33 @@ class ModelVersions:
                 metadata={"name": name, "state": held.state.value},
             )
         arrays = self._check_inputs(held, inputs)
-        known = {o.name for o in held.outputs}
-        wanted = list(output_names) or [o.name for o in held.outputs]
+        sizes = sorted({array.shape[0] for array in arrays.values()})
+        if len(sizes) != 1 or not 1 <= sizes[0] <= self._max_batch_size:
+            raise InvalidArgumentError.for_field(
+                "inputs",
+                f"every input needs the same batch size, from 1 to {self._max_batch_size};"
+                f" got {sizes}",
+            )
+        known = {o.name: o.shape for o in held.outputs}
+        wanted = list(output_names) or list(known)
         unknown = [n for n in wanted if n not in known]
         if unknown:
             raise InvalidArgumentError.for_field(
                 "output_names", f"unknown outputs {unknown}; the version has {sorted(known)}"
             )
         try:
-            return await self._triton.infer(
+            outputs = await self._triton.infer(
                 held.model, held.version, arrays, wanted, timeout_s=self._infer_timeout_s
             )
         except TritonError as exc:
+            if exc.status == "StatusCode.INVALID_ARGUMENT":
+                raise InvalidArgumentError(
+                    f"triton refused the inputs of {name}: {exc}", reason="TRITON_REFUSED_INPUT"
+                ) from exc
             raise UnavailableError(
                 f"triton failed to run {name}: {exc}", reason="TRITON_UNAVAILABLE"
             ) from exc
+        return conform_outputs(outputs, known)
 
     @staticmethod
     def _check_inputs(
@@ -265,9 +282,13 @@ class ModelVersions:
                     )
                 )
                 continue
-            arrays[spec.name] = array.astype(
-                _NUMPY_TYPES.get(spec.datatype, array.dtype), copy=False
-            )
+            target = np.dtype(_NUMPY_TYPES.get(spec.datatype, array.dtype))
+            if (array.dtype == np.object_) != (target == np.object_):
+                violations.append(
+                    FieldViolation(f"inputs[{spec.name}].datatype", f"expected {spec.datatype}")
+                )
+                continue
+            arrays[spec.name] = array.astype(target, copy=False)
         if violations:
             raise InvalidArgumentError.from_violations(violations)
         return arrays

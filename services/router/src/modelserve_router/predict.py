@@ -28,6 +28,7 @@ from modelserve_runtime.errors import (
 )
 from modelserve_runtime.prediction_log import PredictionLogWriter
 from modelserve_runtime.tracing import current_trace_id, tracer
+from modelserve_triton.model_config import conform_outputs
 
 log = structlog.get_logger()
 
@@ -184,7 +185,10 @@ class Predictor:
         first = signature.inputs[0]
         dtype = DTYPES.get(first.datatype, np.dtype(np.float32))
         inputs = {first.name: np.asarray([row], dtype=dtype)}
-        outputs = await self._runner.run(model_version, inputs, [o.name for o in signature.outputs])
+        outputs = conform_outputs(
+            await self._runner.run(model_version, inputs, [o.name for o in signature.outputs]),
+            {o.name: list(o.shape) for o in signature.outputs},
+        )
         return PredictionResult(
             outputs=outputs,
             model_version=model_version,
