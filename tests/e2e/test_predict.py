@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import grpc
 import numpy as np
@@ -172,3 +176,50 @@ class TestBadInput:
         assert info.value.code() is grpc.StatusCode.RESOURCE_EXHAUSTED
         response = await _predict(stack, demo_request())
         assert response.model_version == demo.model_version
+
+
+class TestPredictCommand:
+    async def test_prints_the_answer(self, stack: Stack, demo: DemoDeployment) -> None:
+        """`modelserve predict` prints the version, both outputs and the trace id, exit code 0."""
+        result = await asyncio.to_thread(
+            subprocess.run,
+            [
+                str(Path(sys.executable).parent / "modelserve"),
+                "predict",
+                "--router",
+                stack.targets["router"],
+                "--customer",
+                "c-1004",
+                "--amount",
+                "950",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            env={**os.environ, "COLUMNS": "200"},
+        )
+        assert result.returncode == 0, result.stdout + result.stderr
+        assert demo.model_version in result.stdout
+        assert "output probabilities [1, 2]" in result.stdout
+        assert "trace id" in result.stdout
+
+    async def test_reports_a_refusal(self, stack: Stack, demo: DemoDeployment) -> None:
+        """A refused call prints the status code and the message, exit code 1."""
+        result = await asyncio.to_thread(
+            subprocess.run,
+            [
+                str(Path(sys.executable).parent / "modelserve"),
+                "predict",
+                "--router",
+                stack.targets["router"],
+                "--customer",
+                "",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            env={**os.environ, "COLUMNS": "200"},
+        )
+        assert result.returncode == 1
+        assert "INVALID_ARGUMENT" in result.stdout
+        assert "entities.customer" in result.stdout

@@ -102,7 +102,20 @@ def predict_command(
         error = decode_rpc_error(exc)
         console.print(f"[red]{error.code.name}[/red] {error.message} {error.violations or ''}")
         raise typer.Exit(1) from None
-    console.print(response)
+    table = Table(title=f"endpoint fraud, customer {customer}, amount {amount}")
+    table.add_column("field")
+    table.add_column("value")
+    for output in response.outputs:
+        contents = output.contents
+        values = list(contents.fp32_contents) or list(contents.int_contents)
+        table.add_row(
+            f"output {output.name} {list(output.shape)}", ", ".join(f"{v:.6g}" for v in values)
+        )
+    table.add_row("model version", response.model_version)
+    table.add_row("route reason", response.route_reason)
+    table.add_row("request id", response.request_id)
+    table.add_row("trace id", response.trace_id)
+    console.print(table)
 
 
 if __name__ == "__main__":
