@@ -1,104 +1,394 @@
-"""FeatureService against a real Redis, through a real gRPC server and channel."""
+"""Online reads and writes through a real FeatureService and a real Redis."""
 
 from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime
 
 import grpc
 import pytest
 import redis.asyncio as aioredis
+from feature_testing import ago, at, customer_view, double, entity, rpc_error, settings, write
+from prometheus_client import REGISTRY
 from support import running
 
 from modelserve.feature.v1 import feature_service_pb2 as pb
 from modelserve.feature.v1 import feature_service_pb2_grpc as pb_grpc
-from modelserve.type.v1 import feature_value_pb2
-from modelserve_feature.config import FeatureSettings
+from modelserve.type.v1 import feature_value_pb2 as value_pb
 from modelserve_feature.server import build_server
-from modelserve_runtime.errors import decode_rpc_error
+
+ALL = [
+    "customer:avg_amount_30d",
+    "customer:chargebacks_90d",
+    "customer:segment",
+    "customer:vip",
+    "customer:embedding",
+]
 
 
-def _settings(redis_url: str) -> FeatureSettings:
-    return FeatureSettings(redis_url=redis_url)
+async def _apply(stub: pb_grpc.FeatureServiceStub, max_age_s: int = 0) -> None:
+    await stub.ApplyFeatureView(
+        pb.ApplyFeatureViewRequest(feature_view=customer_view(max_age_s=max_age_s))
+    )
 
 
-class TestFeatureService:
-    async def test_write_then_read_many_entities(
+def _sample(name: str, **labels: str) -> float:
+    return REGISTRY.get_sample_value(name, labels) or 0.0
+
+
+class TestRead:
+    async def test_many_entities_many_features_typed_with_statuses(
         self, redis_url: str, redis_client: aioredis.Redis
     ) -> None:
-        """Written values come back typed, per entity, with missing ones marked MISSING."""
-        async with running(build_server, _settings(redis_url)) as (_, channel, _app):
+        """Every dtype comes back as written with its event time and PRESENT; an unwritten
+        feature with a default is DEFAULTED, one without is MISSING; entities keep request
+        order; the whole read is one Redis round trip."""
+        written_at = datetime(2026, 1, 2, 3, 4, 5, 123456, tzinfo=UTC)
+        async with running(build_server, settings(redis_url)) as (_, channel, _app):
             stub = pb_grpc.FeatureServiceStub(channel)
-            write = pb.WriteFeaturesRequest(
-                writes=[
-                    pb.EntityFeatureWrite(
-                        entity=pb.EntityKey(entity_type="customer", entity_id="c-1"),
-                        values={
-                            "avg_amount_30d": feature_value_pb2.FeatureValue(double_value=42.5),
-                            "chargebacks_90d": feature_value_pb2.FeatureValue(int64_value=2),
-                        },
-                    ),
-                    pb.EntityFeatureWrite(
-                        entity=pb.EntityKey(entity_type="customer", entity_id="c-2"),
-                        values={"avg_amount_30d": feature_value_pb2.FeatureValue(double_value=7.0)},
-                    ),
-                ]
+            await _apply(stub)
+            await stub.WriteFeatures(
+                pb.WriteFeaturesRequest(
+                    writes=[
+                        write(
+                            "c-1",
+                            {
+                                "avg_amount_30d": double(42.5),
+                                "chargebacks_90d": value_pb.FeatureValue(int64_value=-(2**62)),
+                                "segment": value_pb.FeatureValue(string_value="gold ✓"),
+                                "vip": value_pb.FeatureValue(bool_value=False),
+                                "embedding": value_pb.FeatureValue(
+                                    float_vector_value=value_pb.FloatVector(values=[0.5, -1.25])
+                                ),
+                            },
+                            event_time=at(written_at),
+                        ),
+                        write("c-2", {"avg_amount_30d": double(7.0)}),
+                    ]
+                )
             )
-            written = await stub.WriteFeatures(write)
-            assert written.values_written == 3
+            reads_before = _sample("modelserve_feature_redis_seconds_count", op="read")
             response = await stub.GetOnlineFeatures(
                 pb.GetOnlineFeaturesRequest(
-                    entities=[
-                        pb.EntityKey(entity_type="customer", entity_id="c-1"),
-                        pb.EntityKey(entity_type="customer", entity_id="c-2"),
-                    ],
+                    entities=[entity("c-2"), entity("c-1"), entity("c-3")], features=ALL
+                )
+            )
+            reads_after = _sample("modelserve_feature_redis_seconds_count", op="read")
+        second, first, unknown = response.results
+        assert [r.entity.entity_id for r in response.results] == ["c-2", "c-1", "c-3"]
+        assert first.values["customer:avg_amount_30d"].double_value == 42.5
+        assert first.values["customer:chargebacks_90d"].int64_value == -(2**62)
+        assert first.values["customer:segment"].string_value == "gold ✓"
+        assert first.values["customer:vip"].HasField("bool_value")
+        assert not first.values["customer:vip"].bool_value
+        assert list(first.values["customer:embedding"].float_vector_value.values) == [0.5, -1.25]
+        assert set(first.statuses.values()) == {pb.FEATURE_STATUS_PRESENT}
+        assert first.event_times["customer:segment"].ToDatetime(UTC) == written_at
+        assert second.statuses["customer:avg_amount_30d"] == pb.FEATURE_STATUS_PRESENT
+        assert second.statuses["customer:chargebacks_90d"] == pb.FEATURE_STATUS_DEFAULTED
+        assert second.values["customer:chargebacks_90d"].int64_value == 0
+        assert "customer:chargebacks_90d" not in second.event_times
+        assert second.statuses["customer:segment"] == pb.FEATURE_STATUS_MISSING
+        assert second.values["customer:segment"].WhichOneof("kind") is None
+        assert unknown.statuses["customer:avg_amount_30d"] == pb.FEATURE_STATUS_MISSING
+        assert reads_after - reads_before == 1
+
+    async def test_values_older_than_max_age_are_expired(
+        self, redis_url: str, redis_client: aioredis.Redis
+    ) -> None:
+        """With a max age of one minute, a value from two minutes ago reads EXPIRED (with the
+        feature's default where it has one, and the stale value's event time); a fresh one
+        reads PRESENT."""
+        async with running(build_server, settings(redis_url)) as (_, channel, _app):
+            stub = pb_grpc.FeatureServiceStub(channel)
+            await _apply(stub, max_age_s=60)
+            old = ago(120)
+            await stub.WriteFeatures(
+                pb.WriteFeaturesRequest(
+                    writes=[
+                        write(
+                            "c-1",
+                            {
+                                "avg_amount_30d": double(1.0),
+                                "chargebacks_90d": value_pb.FeatureValue(int64_value=3),
+                            },
+                            event_time=old,
+                        ),
+                        write("c-2", {"avg_amount_30d": double(2.0)}, event_time=ago(1)),
+                    ]
+                )
+            )
+            response = await stub.GetOnlineFeatures(
+                pb.GetOnlineFeaturesRequest(
+                    entities=[entity("c-1"), entity("c-2")],
                     features=["customer:avg_amount_30d", "customer:chargebacks_90d"],
                 )
             )
-        first, second = response.results
-        assert first.entity.entity_id == "c-1"
-        assert first.values["customer:avg_amount_30d"].double_value == 42.5
-        assert first.values["customer:chargebacks_90d"].int64_value == 2
-        assert second.values["customer:avg_amount_30d"].double_value == 7.0
-        assert second.statuses["customer:chargebacks_90d"] == pb.FEATURE_STATUS_MISSING
-        assert not second.values["customer:chargebacks_90d"].HasField("double_value")
+        stale, fresh = response.results
+        assert stale.statuses["customer:avg_amount_30d"] == pb.FEATURE_STATUS_EXPIRED
+        assert stale.values["customer:avg_amount_30d"].WhichOneof("kind") is None
+        assert stale.event_times["customer:avg_amount_30d"] == old
+        assert stale.statuses["customer:chargebacks_90d"] == pb.FEATURE_STATUS_EXPIRED
+        assert stale.values["customer:chargebacks_90d"].int64_value == 0
+        assert fresh.statuses["customer:avg_amount_30d"] == pb.FEATURE_STATUS_PRESENT
+        assert fresh.values["customer:avg_amount_30d"].double_value == 2.0
 
-    async def test_bad_feature_reference_is_invalid_argument(
-        self, redis_url: str, redis_client: aioredis.Redis
+    @pytest.mark.parametrize(
+        ("features", "reason", "named"),
+        [
+            (["merchant:avg_amount_30d"], "FEATURE_VIEW_NOT_FOUND", "'merchant'"),
+            (["customer:avg_amount_30d", "customer:nope"], "FEATURE_NOT_FOUND", "'customer:nope'"),
+        ],
+    )
+    async def test_unknown_view_or_feature_is_not_found(
+        self,
+        redis_url: str,
+        redis_client: aioredis.Redis,
+        features: list[str],
+        reason: str,
+        named: str,
     ) -> None:
-        """A feature reference without an entity type is refused, naming the field."""
-        async with running(build_server, _settings(redis_url)) as (_, channel, _app):
+        """A read naming a view or a feature that does not exist is NOT_FOUND naming it."""
+        async with running(build_server, settings(redis_url)) as (_, channel, _app):
             stub = pb_grpc.FeatureServiceStub(channel)
+            await _apply(stub)
             with pytest.raises(grpc.aio.AioRpcError) as info:
                 await stub.GetOnlineFeatures(
-                    pb.GetOnlineFeaturesRequest(
-                        entities=[pb.EntityKey(entity_type="customer", entity_id="c-1")],
-                        features=["avg_amount_30d"],
-                    )
+                    pb.GetOnlineFeaturesRequest(entities=[entity("c-1")], features=features)
                 )
-        error = decode_rpc_error(info.value)
-        assert error.code is grpc.StatusCode.INVALID_ARGUMENT
-        assert error.domain == "feature.modelserve"
-        assert [v.field for v in error.violations] == ["features[0]"]
+        error = rpc_error(info)
+        assert error.code is grpc.StatusCode.NOT_FOUND
+        assert error.reason == reason
+        assert named in error.message
 
-    async def test_bad_write_writes_nothing(
+    async def test_bad_requests_are_invalid_argument(
         self, redis_url: str, redis_client: aioredis.Redis
     ) -> None:
-        """A batch with one unset value is refused whole: the good entry is not written either."""
-        async with running(build_server, _settings(redis_url)) as (_, channel, _app):
+        """A reference without a view, or a feature whose view's entity type has no entity in
+        the request, is INVALID_ARGUMENT naming the field."""
+        async with running(build_server, settings(redis_url)) as (_, channel, _app):
             stub = pb_grpc.FeatureServiceStub(channel)
+            await _apply(stub)
+            with pytest.raises(grpc.aio.AioRpcError) as shape:
+                await stub.GetOnlineFeatures(
+                    pb.GetOnlineFeaturesRequest(
+                        entities=[entity("c-1")], features=["avg_amount_30d"]
+                    )
+                )
+            with pytest.raises(grpc.aio.AioRpcError) as no_entity:
+                await stub.GetOnlineFeatures(
+                    pb.GetOnlineFeaturesRequest(
+                        entities=[entity("m-1", "merchant")], features=["customer:vip"]
+                    )
+                )
+        assert rpc_error(shape).code is grpc.StatusCode.INVALID_ARGUMENT
+        assert rpc_error(shape).domain == "feature.modelserve"
+        assert [v.field for v in rpc_error(shape).violations] == ["features[0]"]
+        assert [v.field for v in rpc_error(no_entity).violations] == ["features[0]"]
+
+    async def test_cache_is_off_by_default_and_serves_hot_entities_when_on(
+        self, redis_url: str, redis_client: aioredis.Redis
+    ) -> None:
+        """Without a cache a read sees a change made behind the service's back at once; with
+        CACHE_TTL_S set, a read within the TTL answers from the process (and a write through
+        the service drops the cached entry)."""
+        request = pb.GetOnlineFeaturesRequest(
+            entities=[entity("c-1")], features=["customer:avg_amount_30d"]
+        )
+
+        async def read(stub: pb_grpc.FeatureServiceStub) -> float:
+            response = await stub.GetOnlineFeatures(request)
+            return response.results[0].values["customer:avg_amount_30d"].double_value
+
+        first = write("c-1", {"avg_amount_30d": double(1.0)})
+        second = write("c-1", {"avg_amount_30d": double(2.0)})
+        for cache_ttl_s, expected in ((0.0, [1.0, 0.0, 2.0]), (300.0, [1.0, 1.0, 2.0])):
+            await redis_client.flushall()
+            async with running(build_server, settings(redis_url, cache_ttl_s=cache_ttl_s)) as (
+                _,
+                channel,
+                _app,
+            ):
+                stub = pb_grpc.FeatureServiceStub(channel)
+                await _apply(stub)
+                await stub.WriteFeatures(pb.WriteFeaturesRequest(writes=[first]))
+                seen = [await read(stub)]
+                await redis_client.delete("fs:{customer:c-1}:customer")
+                seen.append(await read(stub))
+                await stub.WriteFeatures(pb.WriteFeaturesRequest(writes=[second]))
+                seen.append(await read(stub))
+            assert seen == expected, cache_ttl_s
+
+    async def test_metrics_count_reads_entities_and_statuses_per_view(
+        self, redis_url: str, redis_client: aioredis.Redis
+    ) -> None:
+        """A read adds to the per-view read, entity and value-status counters and to the Redis
+        latency histogram."""
+        view = "customer"
+        before = {
+            "reads": _sample("modelserve_feature_reads_total", view=view),
+            "entities": _sample("modelserve_feature_entities_read_total", view=view),
+            "present": _sample("modelserve_feature_values_read_total", view=view, status="present"),
+            "missing": _sample("modelserve_feature_values_read_total", view=view, status="missing"),
+            "written": _sample(
+                "modelserve_feature_values_written_total", view=view, outcome="written"
+            ),
+        }
+        async with running(build_server, settings(redis_url)) as (_, channel, _app):
+            stub = pb_grpc.FeatureServiceStub(channel)
+            await _apply(stub)
+            await stub.WriteFeatures(
+                pb.WriteFeaturesRequest(writes=[write("c-1", {"avg_amount_30d": double(1.0)})])
+            )
+            await stub.GetOnlineFeatures(
+                pb.GetOnlineFeaturesRequest(
+                    entities=[entity("c-1"), entity("c-2")],
+                    features=["customer:avg_amount_30d", "customer:segment"],
+                )
+            )
+        after = {
+            "reads": _sample("modelserve_feature_reads_total", view=view),
+            "entities": _sample("modelserve_feature_entities_read_total", view=view),
+            "present": _sample("modelserve_feature_values_read_total", view=view, status="present"),
+            "missing": _sample("modelserve_feature_values_read_total", view=view, status="missing"),
+            "written": _sample(
+                "modelserve_feature_values_written_total", view=view, outcome="written"
+            ),
+        }
+        assert {k: after[k] - before[k] for k in before} == {
+            "reads": 1,
+            "entities": 2,
+            "present": 1,
+            "missing": 3,
+            "written": 1,
+        }
+
+
+class TestWrite:
+    async def test_bad_value_refuses_the_whole_batch(
+        self, redis_url: str, redis_client: aioredis.Redis
+    ) -> None:
+        """A batch with a value of the wrong dtype, an unknown feature, an unset value or an
+        entity of another type is INVALID_ARGUMENT naming entity, feature and expected dtype,
+        and none of the batch's good values is written."""
+        async with running(build_server, settings(redis_url)) as (_, channel, _app):
+            stub = pb_grpc.FeatureServiceStub(channel)
+            await _apply(stub)
+            keys_before = sorted(await redis_client.keys("*"))
             with pytest.raises(grpc.aio.AioRpcError) as info:
                 await stub.WriteFeatures(
                     pb.WriteFeaturesRequest(
                         writes=[
-                            pb.EntityFeatureWrite(
-                                entity=pb.EntityKey(entity_type="customer", entity_id="c-1"),
-                                values={"a": feature_value_pb2.FeatureValue(double_value=1.0)},
+                            write("c-1", {"avg_amount_30d": double(1.0)}),
+                            write(
+                                "c-2",
+                                {
+                                    "avg_amount_30d": value_pb.FeatureValue(string_value="high"),
+                                    "nope": double(1.0),
+                                    "vip": value_pb.FeatureValue(),
+                                },
                             ),
-                            pb.EntityFeatureWrite(
-                                entity=pb.EntityKey(entity_type="customer", entity_id="c-2"),
-                                values={"b": feature_value_pb2.FeatureValue()},
+                            write(
+                                "m-1",
+                                {"vip": value_pb.FeatureValue(bool_value=True)},
+                                entity_type="merchant",
                             ),
                         ]
                     )
                 )
-        assert info.value.code() is grpc.StatusCode.INVALID_ARGUMENT
-        assert decode_rpc_error(info.value).violations[0].field == "writes[1].values['b']"
-        assert await redis_client.keys("*") == []
+            keys_after = sorted(await redis_client.keys("*"))
+        error = rpc_error(info)
+        assert error.code is grpc.StatusCode.INVALID_ARGUMENT
+        violations = {v.field: v.description for v in error.violations}
+        assert violations["writes[1].values['avg_amount_30d']"] == (
+            "entity customer/c-2, feature 'avg_amount_30d': expected double, got string"
+        )
+        assert "has no feature 'nope'" in violations["writes[1].values['nope']"]
+        assert "expected bool, got no value" in violations["writes[1].values['vip']"]
+        assert "keyed by 'customer'" in violations["writes[2].entity.entity_type"]
+        assert keys_after == keys_before
+
+    async def test_older_event_time_never_overwrites_newer(
+        self, redis_url: str, redis_client: aioredis.Redis
+    ) -> None:
+        """A value with an earlier event time than the stored one is skipped and counted stale,
+        while a newer value in the same batch is written."""
+        async with running(build_server, settings(redis_url)) as (_, channel, _app):
+            stub = pb_grpc.FeatureServiceStub(channel)
+            await _apply(stub)
+            await stub.WriteFeatures(
+                pb.WriteFeaturesRequest(
+                    writes=[
+                        write(
+                            "c-1",
+                            {
+                                "avg_amount_30d": double(2.0),
+                                "segment": value_pb.FeatureValue(string_value="new"),
+                            },
+                            event_time=ago(10),
+                        )
+                    ]
+                )
+            )
+            late = await stub.WriteFeatures(
+                pb.WriteFeaturesRequest(
+                    writes=[
+                        write(
+                            "c-1",
+                            {
+                                "avg_amount_30d": double(1.0),
+                                "segment": value_pb.FeatureValue(string_value="old"),
+                            },
+                            event_time=ago(20),
+                        ),
+                        write(
+                            "c-1",
+                            {"vip": value_pb.FeatureValue(bool_value=True)},
+                            event_time=ago(20),
+                        ),
+                    ]
+                )
+            )
+            newer = await stub.WriteFeatures(
+                pb.WriteFeaturesRequest(
+                    writes=[write("c-1", {"avg_amount_30d": double(3.0)}, event_time=ago(5))]
+                )
+            )
+            response = await stub.GetOnlineFeatures(
+                pb.GetOnlineFeaturesRequest(entities=[entity("c-1")], features=ALL[:4])
+            )
+        values = response.results[0].values
+        assert (late.values_written, late.values_skipped_stale) == (1, 2)
+        assert (newer.values_written, newer.values_skipped_stale) == (1, 0)
+        assert values["customer:avg_amount_30d"].double_value == 3.0
+        assert values["customer:segment"].string_value == "new"
+        assert values["customer:vip"].bool_value
+
+    async def test_bulk_write_streams_batches_and_stops_at_a_bad_one(
+        self, redis_url: str, redis_client: aioredis.Redis
+    ) -> None:
+        """BulkWriteFeatures writes each streamed batch; a bad batch is refused whole, named by
+        its index, and ends the call with the earlier batches written."""
+
+        async def batches(bad_at: int | None) -> AsyncIterator[pb.BulkWriteFeaturesRequest]:
+            for b in range(3):
+                value = value_pb.FeatureValue(int64_value=1) if b == bad_at else double(float(b))
+                yield pb.BulkWriteFeaturesRequest(
+                    writes=[write(f"c-{b}-{i}", {"avg_amount_30d": value}) for i in range(100)]
+                )
+
+        async with running(build_server, settings(redis_url)) as (_, channel, _app):
+            stub = pb_grpc.FeatureServiceStub(channel)
+            await _apply(stub)
+            result = await stub.BulkWriteFeatures(batches(None))
+            await redis_client.flushall()
+            await _apply(stub)
+            with pytest.raises(grpc.aio.AioRpcError) as info:
+                await stub.BulkWriteFeatures(batches(1))
+            written = sorted(await redis_client.keys("fs:{customer:*"))
+        assert (result.batches, result.values_written, result.values_skipped_stale) == (3, 300, 0)
+        error = rpc_error(info)
+        assert error.code is grpc.StatusCode.INVALID_ARGUMENT
+        assert error.violations[0].field == "requests[1].writes[0].values['avg_amount_30d']"
+        assert len(written) == 100
+        assert all(key.startswith(b"fs:{customer:c-0-") for key in written)

@@ -1,4 +1,5 @@
-"""Deploys the demo fraud model onto a running stack: train, register, load, route, seed features."""
+"""Deploys the demo fraud model onto a running stack: train, register, load, route, define the
+feature view and seed its features."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from modelserve.router.v1 import router_service_pb2 as router_pb
 from modelserve.router.v1 import router_service_pb2_grpc as router_grpc
 from modelserve.type.v1 import feature_value_pb2, tensor_pb2
 from modelserve_demo import fraud
+from modelserve_features.convert import view_to_proto
 from modelserve_runtime.channels import create_channel
 from modelserve_runtime.clients import RegistryAdminClient
 from modelserve_triton.model_config import TensorSpec
@@ -75,10 +77,16 @@ async def deploy_demo(targets: dict[str, str], *, seed: int = 0) -> DemoDeployme
         if loaded.model_version.state != inference_pb.MODEL_VERSION_STATE_READY:
             raise RuntimeError(f"{version.name} failed to load: {loaded.model_version.reason}")
         await admin.set_traffic(ENDPOINT, {version.name: 100})
-        await feature_grpc.FeatureServiceStub(feature).WriteFeatures(
+        features = feature_grpc.FeatureServiceStub(feature)
+        # The view first: writes are validated against it, and the router reads through it.
+        await features.ApplyFeatureView(
+            feature_pb.ApplyFeatureViewRequest(feature_view=view_to_proto(fraud.feature_view()))
+        )
+        await features.WriteFeatures(
             feature_pb.WriteFeaturesRequest(
                 writes=[
                     feature_pb.EntityFeatureWrite(
+                        feature_view=f"featureViews/{fraud.VIEW}",
                         entity=feature_pb.EntityKey(entity_type=fraud.ENTITY_TYPE, entity_id=cid),
                         values={
                             name: feature_value_pb2.FeatureValue(double_value=value)

@@ -16,6 +16,7 @@ from sklearn.pipeline import Pipeline
 from sklearn.preprocessing import StandardScaler
 
 from modelserve_features.request_time import RequestFacts, compute_request_features
+from modelserve_features.views import FeatureDtype, FeatureSpec, FeatureView
 from modelserve_triton.model_config import TensorSpec
 
 #: The entity whose stored features the model reads.
@@ -28,6 +29,30 @@ STORED_FEATURES: tuple[str, ...] = (
     "chargebacks_90d",
     "txn_count_24h",
 )
+
+#: The online view the model reads its stored features from (named like its entity type,
+#: so the refs below read `customer:<feature>`).
+VIEW = "customer"
+
+
+def feature_view() -> FeatureView:
+    """The demo's feature view: the customer's stored features, all doubles; the counts
+    default to 0 for a customer with no history."""
+    return FeatureView(
+        name=VIEW,
+        entity_type=ENTITY_TYPE,
+        features=(
+            FeatureSpec("avg_amount_30d", FeatureDtype.DOUBLE, description="Mean payment, 30 days"),
+            FeatureSpec("account_age_days", FeatureDtype.DOUBLE, description="Days since sign-up"),
+            FeatureSpec(
+                "chargebacks_90d", FeatureDtype.DOUBLE, 0.0, "Chargebacks in the last 90 days"
+            ),
+            FeatureSpec("txn_count_24h", FeatureDtype.DOUBLE, 0.0, "Payments in the last 24 hours"),
+        ),
+        owner="demo",
+        description="Card-fraud demo: what is known about each customer",
+    )
+
 
 #: The model's input vector, in order: ``<entity type or "request">:<feature>``.
 FEATURE_REFS: tuple[str, ...] = (
@@ -107,6 +132,58 @@ def _customers(rng: np.random.Generator, n: int) -> npt.NDArray[np.float64]:
     return np.column_stack([avg_amount, account_age, chargebacks, txn_count]).astype(np.float64)
 
 
+@dataclass(frozen=True)
+class Payment:
+    """One synthetic payment as the router sees it: the customer's stored features, the
+    amount the caller sends, and the facts the request-time features come from."""
+
+    customer: dict[str, float]
+    amount: float
+    facts: RequestFacts
+
+
+def make_payments(n: int, seed: int) -> list[Payment]:
+    """The payments behind `make_dataset(n, seed)`, row for row."""
+    return _synthesize(n, seed)[0]
+
+
+def training_row(payment: Payment) -> npt.NDArray[np.float32]:
+    """The training-side feature vector of one payment, in FEATURE_REFS order."""
+    values = {f"{ENTITY_TYPE}:{name}": value for name, value in payment.customer.items()}
+    values.update(request_feature_values(payment.amount, payment.facts))
+    return feature_vector(values)
+
+
+def _synthesize(
+    n: int, seed: int
+) -> tuple[list[Payment], np.random.Generator, npt.NDArray[np.float64], npt.NDArray[np.float64]]:
+    """Payments, the generator (to draw labels from next), stored features and amounts."""
+    rng = np.random.default_rng(seed)
+    stored = _customers(rng, n)
+    avg_amount = stored[:, 0]
+    amount = (avg_amount * rng.lognormal(mean=0.0, sigma=0.7, size=n)).round(2)
+    # Payments cluster in the day; the seconds offset spreads them over one year.
+    hours = rng.choice(24, size=n, p=_hour_weights())
+    days = rng.integers(0, 365, size=n)
+    seconds = rng.integers(0, 3600, size=n)
+    agents = rng.choice(len(_USER_AGENTS), size=n, p=[weight for _, weight in _USER_AGENTS])
+    payments = [
+        Payment(
+            customer={
+                name: float(stored[row, column]) for column, name in enumerate(STORED_FEATURES)
+            },
+            amount=float(amount[row]),
+            facts=RequestFacts(
+                event_time=_EPOCH
+                + timedelta(days=int(days[row]), hours=int(hours[row]), seconds=int(seconds[row])),
+                user_agent=_USER_AGENTS[agents[row]][0],
+            ),
+        )
+        for row in range(n)
+    ]
+    return payments, rng, stored, amount
+
+
 def make_dataset(n: int, seed: int) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.int64]]:
     """Synthesizes n payments, one customer each: features in FEATURE_REFS order and is-fraud.
 
@@ -114,28 +191,11 @@ def make_dataset(n: int, seed: int) -> tuple[npt.NDArray[np.float32], npt.NDArra
     is young, it had chargebacks, the payment is at night or from a phone; the label is
     drawn from that probability, so the rule is learnable but noisy.
     """
-    rng = np.random.default_rng(seed)
-    stored = _customers(rng, n)
+    payments, rng, stored, amount = _synthesize(n, seed)
     avg_amount, account_age, chargebacks, txn_count = stored.T
-    amount = (avg_amount * rng.lognormal(mean=0.0, sigma=0.7, size=n)).round(2)
-    # Payments cluster in the day; the seconds offset spreads them over one year.
-    hours = rng.choice(24, size=n, p=_hour_weights())
-    days = rng.integers(0, 365, size=n)
-    seconds = rng.integers(0, 3600, size=n)
-    agents = rng.choice(len(_USER_AGENTS), size=n, p=[weight for _, weight in _USER_AGENTS])
-
     features = np.empty((n, len(FEATURE_REFS)), dtype=np.float32)
-    for row in range(n):
-        when = _EPOCH + timedelta(
-            days=int(days[row]), hours=int(hours[row]), seconds=int(seconds[row])
-        )
-        facts = RequestFacts(event_time=when, user_agent=_USER_AGENTS[agents[row]][0])
-        values = {
-            f"{ENTITY_TYPE}:{name}": float(stored[row, column])
-            for column, name in enumerate(STORED_FEATURES)
-        }
-        values.update(request_feature_values(float(amount[row]), facts))
-        features[row] = feature_vector(values)
+    for row, payment in enumerate(payments):
+        features[row] = training_row(payment)
 
     hour_of_day = features[:, FEATURE_REFS.index("request:hour_of_day")]
     is_mobile = features[:, FEATURE_REFS.index("request:is_mobile")]

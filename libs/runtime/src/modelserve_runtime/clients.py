@@ -8,6 +8,7 @@ import grpc
 
 from modelserve.feature.v1 import feature_service_pb2 as feature_pb
 from modelserve.feature.v1 import feature_service_pb2_grpc as feature_grpc
+from modelserve.feature.v1 import feature_view_pb2
 from modelserve.inference.v1 import inference_service_pb2 as inference_pb
 from modelserve.inference.v1 import inference_service_pb2_grpc as inference_grpc
 from modelserve.registry.v1 import registry_service_pb2 as registry_pb
@@ -81,6 +82,16 @@ class FeatureClient:
             return await self._stub.GetOnlineFeatures(request, timeout=self._timeout)
         except grpc.aio.AioRpcError as exc:
             raise _translate(exc, "features") from exc
+
+    async def get_feature_view(self, name: str) -> feature_view_pb2.FeatureView:
+        """The view `featureViews/{id}`."""
+        try:
+            response = await self._stub.GetFeatureView(
+                feature_pb.GetFeatureViewRequest(name=name), timeout=self._timeout
+            )
+        except grpc.aio.AioRpcError as exc:
+            raise _translate(exc, name) from exc
+        return response.feature_view
 
 
 class InferenceClient:

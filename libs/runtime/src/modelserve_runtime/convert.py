@@ -8,7 +8,8 @@ import numpy.typing as npt
 from modelserve.type.v1 import feature_value_pb2, tensor_pb2
 from modelserve_runtime.errors import InvalidArgumentError
 
-PyValue = int | float | str | bool
+#: A feature value in Python; a float vector is a tuple of floats.
+PyValue = int | float | str | bool | tuple[float, ...]
 
 DTYPES: dict[tensor_pb2.DataType.ValueType, np.dtype[np.generic]] = {
     tensor_pb2.DATA_TYPE_BOOL: np.dtype(np.bool_),
@@ -47,12 +48,18 @@ def value_to_proto(value: PyValue | None) -> feature_value_pb2.FeatureValue:
         return feature_value_pb2.FeatureValue(int64_value=value)
     if isinstance(value, float):
         return feature_value_pb2.FeatureValue(double_value=value)
+    if isinstance(value, tuple):
+        return feature_value_pb2.FeatureValue(
+            float_vector_value=feature_value_pb2.FloatVector(values=value)
+        )
     return feature_value_pb2.FeatureValue(string_value=value)
 
 
 def value_from_proto(value: feature_value_pb2.FeatureValue) -> PyValue | None:
-    """The Python value of a FeatureValue; None when it is unset."""
+    """The Python value of a FeatureValue (a vector as a tuple of floats); None when unset."""
     kind = value.WhichOneof("kind")
+    if kind == "float_vector_value":
+        return tuple(float(v) for v in value.float_vector_value.values)
     return None if kind is None else getattr(value, kind)
 
 

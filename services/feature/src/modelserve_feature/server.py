@@ -1,37 +1,71 @@
-"""Wires the feature service: Redis client, domain, servicer, server."""
+"""Wires the feature service: Redis client, online store, domain, servicer, server, health."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 from collections.abc import Sequence
 
 import grpc
 import redis.asyncio as redis
+import structlog
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
 
 from modelserve.feature.v1 import feature_service_pb2 as pb
 from modelserve.feature.v1 import feature_service_pb2_grpc as pb_grpc
 from modelserve_feature.config import FeatureSettings
 from modelserve_feature.servicer import FeatureServicer
 from modelserve_feature.store import OnlineFeatures
-from modelserve_features.redis_store import RedisFeatureStore
+from modelserve_features.online import OnlineStore
 from modelserve_runtime.errors import UnavailableError
 from modelserve_runtime.server import GrpcServer, build_grpc_server, run_service
 
 SERVICE = "feature"
 
+log = structlog.get_logger()
+
 
 class FeatureApp:
-    """The feature service's dependencies."""
+    """The feature service's dependencies, and the watch that keeps its health current:
+    NOT_SERVING while Redis does not answer, SERVING again once it does."""
 
-    def __init__(self, client: redis.Redis) -> None:
+    def __init__(
+        self, client: redis.Redis, store: OnlineStore, server: GrpcServer, interval_s: float
+    ) -> None:
         self.redis = client
+        self.store = store
+        self._server = server
+        self._interval_s = interval_s
+        self._watch: asyncio.Task[None] | None = None
 
     async def check_ready(self) -> None:
-        try:
-            await self.redis.ping()
-        except redis.RedisError as exc:
-            raise UnavailableError(f"redis does not answer: {exc}") from exc
+        await self.store.ping()
+        if self._watch is None:
+            self._watch = asyncio.create_task(self._watch_redis(), name="feature-redis-health")
+
+    async def _watch_redis(self) -> None:
+        serving = True
+        while True:
+            await asyncio.sleep(self._interval_s)
+            try:
+                await self.store.ping(self._interval_s)
+                up = True
+            except UnavailableError as exc:
+                up = False
+                if serving:
+                    log.warning("redis_unavailable", error=exc.message)
+            if up != serving:
+                serving = up
+                await self._server.set_serving(up)
+                if up:
+                    log.info("redis_available")
 
     async def close(self) -> None:
+        if self._watch is not None:
+            self._watch.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._watch
         await self.redis.aclose()
 
 
@@ -41,18 +75,25 @@ async def build_server(settings: FeatureSettings) -> tuple[GrpcServer, FeatureAp
         settings.redis_url,
         socket_timeout=settings.redis_timeout_s,
         socket_connect_timeout=settings.redis_timeout_s,
+        # Fail fast: a caller's deadline is short, and health reports the outage.
+        retry=Retry(NoBackoff(), 0),
+    )
+    store = OnlineStore(
+        client,
+        timeout_s=settings.redis_timeout_s,
+        cache_ttl_s=settings.cache_ttl_s,
+        cache_max_entries=settings.cache_max_entries,
     )
     features = OnlineFeatures(
-        RedisFeatureStore(client),
-        max_entities=settings.max_entities,
-        max_features=settings.max_features,
+        store, max_entities=settings.max_entities, max_features=settings.max_features
     )
 
     def register(server: grpc.aio.Server) -> Sequence[str]:
         pb_grpc.add_FeatureServiceServicer_to_server(FeatureServicer(features), server)
         return [pb.DESCRIPTOR.services_by_name["FeatureService"].full_name]
 
-    return build_grpc_server(SERVICE, settings, register), FeatureApp(client)
+    grpc_server = build_grpc_server(SERVICE, settings, register)
+    return grpc_server, FeatureApp(client, store, grpc_server, settings.health_interval_s)
 
 
 def main() -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 import uuid
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -15,11 +15,13 @@ import structlog
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from modelserve.type.v1 import prediction_record_pb2
-from modelserve_features.redis_store import FeatureRef, Value
+from modelserve_features.convert import value_to_proto
+from modelserve_features.online import FeatureResult, FeatureStatus
 from modelserve_features.request_time import RequestFacts, compute_request_features
+from modelserve_features.views import FeatureRef, Value
 from modelserve_router.routing import DeploymentTable
 from modelserve_router.sources import FeatureReader, ModelRunner, as_float
-from modelserve_runtime.convert import DTYPES, numpy_to_tensor, value_to_proto
+from modelserve_runtime.convert import DTYPES, numpy_to_tensor
 from modelserve_runtime.errors import (
     FailedPreconditionError,
     FieldViolation,
@@ -60,6 +62,8 @@ class PredictionResult:
     trace_id: str
     features: dict[str, Value | None] = field(default_factory=dict)
     missing_features: list[str] = field(default_factory=list)
+    feature_statuses: dict[str, str] = field(default_factory=dict)
+    """The status of each stored feature (present, missing, expired, defaulted)."""
 
 
 class Predictor:
@@ -130,58 +134,40 @@ class Predictor:
             )
         refs = list(signature.feature_refs)
         stored = [FeatureRef.parse(r) for r in refs if not r.startswith(REQUEST_ENTITY + ":")]
-        needed_types = sorted({r.entity_type for r in stored})
-        missing_ids = [t for t in needed_types if not request.entities.get(t)]
-        if missing_ids:
-            violations = [
-                FieldViolation(f"entities.{t}", f"{model_version} needs the id of a {t!r} entity")
-                for t in missing_ids
-            ]
-            raise InvalidArgumentError.from_violations(violations)
-        entities = {t: request.entities[t] for t in needed_types}
         with tracer().start_as_current_span("router.features"):
-            stored_values = await self._features.read(entities, stored) if stored else {}
-        computed = compute_request_features(
-            RequestFacts(
-                event_time=request.event_time or datetime.now(UTC),
-                user_agent=request.user_agent,
-                query=request.query,
+            entity_types = (
+                await self._features.entity_types(sorted({r.view for r in stored}))
+                if stored
+                else {}
             )
-        )
-        values: dict[str, Value | None] = {}
-        row: list[float] = []
-        missing: list[str] = []
-        problems: list[FieldViolation] = []
-        for ref in refs:
-            entity_type, _, name = ref.partition(":")
-            value: Value | None
-            if entity_type == REQUEST_ENTITY:
-                value = request.features.get(name)
-                if value is None:
-                    value = computed.get(name)
-                if value is None:
-                    problems.append(
-                        FieldViolation(f"features.{name}", f"required by {model_version}")
-                    )
-                    continue
-            else:
-                value = stored_values.get(FeatureRef(entity_type, name))
-                if value is None:
-                    missing.append(ref)
-            values[ref] = value
-            try:
-                row.append(0.0 if value is None else as_float(value))
-            except ValueError:
-                problems.append(
+            needed_types = sorted(set(entity_types.values()))
+            missing_ids = [t for t in needed_types if not request.entities.get(t)]
+            if missing_ids:
+                violations = [
                     FieldViolation(
-                        f"features.{name}" if entity_type == REQUEST_ENTITY else ref,
-                        "must be numeric",
+                        f"entities.{t}", f"{model_version} needs the id of a {t!r} entity"
                     )
-                )
-        if problems:
-            raise InvalidArgumentError.from_violations(problems)
-        if missing:
-            log.warning("features_missing", features=missing)
+                    for t in missing_ids
+                ]
+                raise InvalidArgumentError.from_violations(violations)
+            entities = {t: request.entities[t] for t in needed_types}
+            stored_values = await self._features.read(entities, stored) if stored else {}
+        facts = RequestFacts(
+            event_time=request.event_time or datetime.now(UTC),
+            user_agent=request.user_agent,
+            query=request.query,
+        )
+        row, values, statuses = assemble_row(
+            refs, stored_values, request.features, facts, model_version=model_version
+        )
+        missing = [ref for ref, status in statuses.items() if status is FeatureStatus.MISSING]
+        not_present = {
+            ref: status.value
+            for ref, status in statuses.items()
+            if status is not FeatureStatus.PRESENT
+        }
+        if not_present:
+            log.warning("features_not_present", features=not_present)
         first = signature.inputs[0]
         dtype = DTYPES.get(first.datatype, np.dtype(np.float32))
         inputs = {first.name: np.asarray([row], dtype=dtype)}
@@ -197,4 +183,53 @@ class Predictor:
             trace_id=current_trace_id(),
             features=values,
             missing_features=missing,
+            feature_statuses={ref: status.value for ref, status in statuses.items()},
         )
+
+
+def assemble_row(
+    refs: Sequence[str],
+    stored: Mapping[FeatureRef, FeatureResult],
+    request_features: Mapping[str, Value | None],
+    facts: RequestFacts,
+    *,
+    model_version: str = "the model",
+) -> tuple[list[float], dict[str, Value | None], dict[str, FeatureStatus]]:
+    """The model's input row in `refs` order, the value of each ref, and the status of each
+    stored one: a `request:` ref takes the caller's value or the shared request-time
+    function's; a stored ref takes what the store read (its view's default when none is
+    stored or it expired) or 0.0 when there is no value at all.
+
+    InvalidArgumentError names a request feature nobody supplies and a non-numeric value.
+    """
+    computed = compute_request_features(facts)
+    values: dict[str, Value | None] = {}
+    statuses: dict[str, FeatureStatus] = {}
+    row: list[float] = []
+    problems: list[FieldViolation] = []
+    for ref in refs:
+        source, _, name = ref.partition(":")
+        value: Value | None
+        if source == REQUEST_ENTITY:
+            value = request_features.get(name)
+            if value is None:
+                value = computed.get(name)
+            if value is None:
+                problems.append(FieldViolation(f"features.{name}", f"required by {model_version}"))
+                continue
+        else:
+            read = stored.get(FeatureRef(source, name))
+            value = None if read is None else read.value
+            statuses[ref] = FeatureStatus.MISSING if read is None else read.status
+        values[ref] = value
+        try:
+            row.append(0.0 if value is None else as_float(value))
+        except ValueError:
+            problems.append(
+                FieldViolation(
+                    f"features.{name}" if source == REQUEST_ENTITY else ref, "must be numeric"
+                )
+            )
+    if problems:
+        raise InvalidArgumentError.from_violations(problems)
+    return row, values, statuses

@@ -9,7 +9,7 @@ import redis.asyncio as redis
 
 from modelserve.router.v1 import router_service_pb2 as pb
 from modelserve.router.v1 import router_service_pb2_grpc as pb_grpc
-from modelserve_features.redis_store import RedisFeatureStore
+from modelserve_features.online import OnlineStore
 from modelserve_router.config import RouterSettings
 from modelserve_router.predict import Predictor
 from modelserve_router.routing import DeploymentTable
@@ -80,7 +80,7 @@ async def build_server(settings: RouterSettings) -> tuple[GrpcServer, RouterApp]
     channels = [registry_channel, inference_channel]
     features: FeatureReader
     if settings.feature_reader == "redis":
-        features = RedisFeatureReader(RedisFeatureStore(client))
+        features = RedisFeatureReader(OnlineStore(client, timeout_s=settings.feature_timeout_s))
     else:
         feature_channel = create_channel(
             await _target(settings.feature_target, discovery, "feature"),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Mapping, Sequence
 from typing import Any, Protocol
 
@@ -9,9 +10,12 @@ import numpy.typing as npt
 
 from modelserve.feature.v1 import feature_service_pb2 as feature_pb
 from modelserve.inference.v1 import inference_service_pb2 as inference_pb
-from modelserve_features.redis_store import EntityKey, FeatureRef, RedisFeatureStore, Value
+from modelserve_features.convert import timestamp_us, value_from_proto
+from modelserve_features.online import FeatureResult, FeatureStatus, OnlineStore
+from modelserve_features.redis_store import EntityKey
+from modelserve_features.views import FeatureRef, Value
 from modelserve_runtime.clients import FeatureClient, InferenceClient
-from modelserve_runtime.convert import numpy_to_tensor, tensor_to_numpy, value_from_proto
+from modelserve_runtime.convert import numpy_to_tensor, tensor_to_numpy
 from modelserve_runtime.errors import FailedPreconditionError, UnavailableError
 from modelserve_triton.runner import TritonError, TritonRunner
 
@@ -21,10 +25,15 @@ Arrays = dict[str, npt.NDArray[Any]]
 class FeatureReader(Protocol):
     """Reads stored features of a request's entities in one call."""
 
+    async def entity_types(self, views: Sequence[str]) -> dict[str, str]:
+        """The entity type of each view; NotFoundError naming an unknown view."""
+        ...
+
     async def read(
         self, entities: Mapping[str, str], refs: Sequence[FeatureRef]
-    ) -> dict[FeatureRef, Value | None]:
-        """The value of each ref for the entity of its type (None when missing)."""
+    ) -> dict[FeatureRef, FeatureResult]:
+        """Each ref for the entity of its view's type: value (the default where none is
+        stored or it expired), status and event time."""
         ...
 
 
@@ -41,15 +50,37 @@ class ModelRunner(Protocol):
         ...
 
 
-class ServiceFeatureReader:
-    """Features through the feature service."""
+_STATUSES = {
+    feature_pb.FEATURE_STATUS_PRESENT: FeatureStatus.PRESENT,
+    feature_pb.FEATURE_STATUS_MISSING: FeatureStatus.MISSING,
+    feature_pb.FEATURE_STATUS_EXPIRED: FeatureStatus.EXPIRED,
+    feature_pb.FEATURE_STATUS_DEFAULTED: FeatureStatus.DEFAULTED,
+}
 
-    def __init__(self, client: FeatureClient) -> None:
+
+class ServiceFeatureReader:
+    """Features through the feature service; view definitions are reused for `refresh_s`."""
+
+    def __init__(self, client: FeatureClient, *, refresh_s: float = 2.0) -> None:
         self._client = client
+        self._refresh_s = refresh_s
+        self._entity_types: dict[str, tuple[float, str]] = {}
+
+    async def entity_types(self, views: Sequence[str]) -> dict[str, str]:
+        now = time.monotonic()
+        types: dict[str, str] = {}
+        for view in views:
+            cached = self._entity_types.get(view)
+            if cached is None or cached[0] <= now:
+                definition = await self._client.get_feature_view(f"featureViews/{view}")
+                cached = (now + self._refresh_s, definition.entity_type)
+                self._entity_types[view] = cached
+            types[view] = cached[1]
+        return types
 
     async def read(
         self, entities: Mapping[str, str], refs: Sequence[FeatureRef]
-    ) -> dict[FeatureRef, Value | None]:
+    ) -> dict[FeatureRef, FeatureResult]:
         request = feature_pb.GetOnlineFeaturesRequest(
             entities=[
                 feature_pb.EntityKey(entity_type=t, entity_id=i) for t, i in entities.items()
@@ -58,25 +89,34 @@ class ServiceFeatureReader:
         )
         response = await self._client.get_online_features(request)
         by_ref = {str(r): r for r in refs}
-        values: dict[FeatureRef, Value | None] = {}
+        values: dict[FeatureRef, FeatureResult] = {}
         for result in response.results:
             for key, value in result.values.items():
                 if key in by_ref:
-                    values[by_ref[key]] = value_from_proto(value)
+                    event_time = result.event_times.get(key)
+                    values[by_ref[key]] = FeatureResult(
+                        value_from_proto(value),
+                        _STATUSES.get(result.statuses[key], FeatureStatus.MISSING),
+                        None if event_time is None else timestamp_us(event_time),
+                    )
         return values
 
 
 class RedisFeatureReader:
-    """Features straight from Redis (one pipeline), with the same layout the feature service uses."""
+    """Features straight from Redis (one pipeline), through the same OnlineStore (layout,
+    views, statuses) that the feature service uses."""
 
-    def __init__(self, store: RedisFeatureStore) -> None:
+    def __init__(self, store: OnlineStore) -> None:
         self._store = store
+
+    async def entity_types(self, views: Sequence[str]) -> dict[str, str]:
+        return {name: view.entity_type for name, view in (await self._store.views(views)).items()}
 
     async def read(
         self, entities: Mapping[str, str], refs: Sequence[FeatureRef]
-    ) -> dict[FeatureRef, Value | None]:
+    ) -> dict[FeatureRef, FeatureResult]:
         keys = [EntityKey(t, i) for t, i in entities.items()]
-        values: dict[FeatureRef, Value | None] = {}
+        values: dict[FeatureRef, FeatureResult] = {}
         for row in await self._store.read(keys, refs):
             values.update(row)
         return values
@@ -160,7 +200,7 @@ class TritonModelRunner:
 
 
 def as_float(value: Value) -> float:
-    """A numeric feature value as float; ValueError for strings."""
-    if isinstance(value, str):
+    """A numeric feature value as float; ValueError for strings and vectors."""
+    if isinstance(value, str | tuple):
         raise ValueError(f"{value!r} is not numeric")
     return float(value)

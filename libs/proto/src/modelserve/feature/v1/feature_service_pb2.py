@@ -22,10 +22,12 @@ _runtime_version.ValidateProtobufRuntimeVersion(
 _sym_db = _symbol_database.Default()
 
 
+from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
+from modelserve.feature.v1 import feature_view_pb2 as modelserve_dot_feature_dot_v1_dot_feature__view__pb2
 from modelserve.type.v1 import feature_value_pb2 as modelserve_dot_type_dot_v1_dot_feature__value__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n+modelserve/feature/v1/feature_service.proto\x12\x15modelserve.feature.v1\x1a&modelserve/type/v1/feature_value.proto\"3\n\tEntityKey\x12\x13\n\x0b\x65ntity_type\x18\x01 \x01(\t\x12\x11\n\tentity_id\x18\x02 \x01(\t\"`\n\x18GetOnlineFeaturesRequest\x12\x32\n\x08\x65ntities\x18\x01 \x03(\x0b\x32 .modelserve.feature.v1.EntityKey\x12\x10\n\x08\x66\x65\x61tures\x18\x02 \x03(\t\"\xf4\x02\n\x0e\x45ntityFeatures\x12\x30\n\x06\x65ntity\x18\x01 \x01(\x0b\x32 .modelserve.feature.v1.EntityKey\x12\x41\n\x06values\x18\x02 \x03(\x0b\x32\x31.modelserve.feature.v1.EntityFeatures.ValuesEntry\x12\x45\n\x08statuses\x18\x03 \x03(\x0b\x32\x33.modelserve.feature.v1.EntityFeatures.StatusesEntry\x1aO\n\x0bValuesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12/\n\x05value\x18\x02 \x01(\x0b\x32 .modelserve.type.v1.FeatureValue:\x02\x38\x01\x1aU\n\rStatusesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\x33\n\x05value\x18\x02 \x01(\x0e\x32$.modelserve.feature.v1.FeatureStatus:\x02\x38\x01\"S\n\x19GetOnlineFeaturesResponse\x12\x36\n\x07results\x18\x01 \x03(\x0b\x32%.modelserve.feature.v1.EntityFeatures\"\xde\x01\n\x12\x45ntityFeatureWrite\x12\x30\n\x06\x65ntity\x18\x01 \x01(\x0b\x32 .modelserve.feature.v1.EntityKey\x12\x45\n\x06values\x18\x02 \x03(\x0b\x32\x35.modelserve.feature.v1.EntityFeatureWrite.ValuesEntry\x1aO\n\x0bValuesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12/\n\x05value\x18\x02 \x01(\x0b\x32 .modelserve.type.v1.FeatureValue:\x02\x38\x01\"Q\n\x14WriteFeaturesRequest\x12\x39\n\x06writes\x18\x01 \x03(\x0b\x32).modelserve.feature.v1.EntityFeatureWrite\"/\n\x15WriteFeaturesResponse\x12\x16\n\x0evalues_written\x18\x01 \x01(\x03*g\n\rFeatureStatus\x12\x1e\n\x1a\x46\x45\x41TURE_STATUS_UNSPECIFIED\x10\x00\x12\x1a\n\x16\x46\x45\x41TURE_STATUS_PRESENT\x10\x01\x12\x1a\n\x16\x46\x45\x41TURE_STATUS_MISSING\x10\x02\x32\xf4\x01\n\x0e\x46\x65\x61tureService\x12v\n\x11GetOnlineFeatures\x12/.modelserve.feature.v1.GetOnlineFeaturesRequest\x1a\x30.modelserve.feature.v1.GetOnlineFeaturesResponse\x12j\n\rWriteFeatures\x12+.modelserve.feature.v1.WriteFeaturesRequest\x1a,.modelserve.feature.v1.WriteFeaturesResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n+modelserve/feature/v1/feature_service.proto\x12\x15modelserve.feature.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a(modelserve/feature/v1/feature_view.proto\x1a&modelserve/type/v1/feature_value.proto\"3\n\tEntityKey\x12\x13\n\x0b\x65ntity_type\x18\x01 \x01(\t\x12\x11\n\tentity_id\x18\x02 \x01(\t\"`\n\x18GetOnlineFeaturesRequest\x12\x32\n\x08\x65ntities\x18\x01 \x03(\x0b\x32 .modelserve.feature.v1.EntityKey\x12\x10\n\x08\x66\x65\x61tures\x18\x02 \x03(\t\"\x8f\x04\n\x0e\x45ntityFeatures\x12\x30\n\x06\x65ntity\x18\x01 \x01(\x0b\x32 .modelserve.feature.v1.EntityKey\x12\x41\n\x06values\x18\x02 \x03(\x0b\x32\x31.modelserve.feature.v1.EntityFeatures.ValuesEntry\x12\x45\n\x08statuses\x18\x03 \x03(\x0b\x32\x33.modelserve.feature.v1.EntityFeatures.StatusesEntry\x12J\n\x0b\x65vent_times\x18\x04 \x03(\x0b\x32\x35.modelserve.feature.v1.EntityFeatures.EventTimesEntry\x1aO\n\x0bValuesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12/\n\x05value\x18\x02 \x01(\x0b\x32 .modelserve.type.v1.FeatureValue:\x02\x38\x01\x1aU\n\rStatusesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\x33\n\x05value\x18\x02 \x01(\x0e\x32$.modelserve.feature.v1.FeatureStatus:\x02\x38\x01\x1aM\n\x0f\x45ventTimesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12)\n\x05value\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp:\x02\x38\x01\"S\n\x19GetOnlineFeaturesResponse\x12\x36\n\x07results\x18\x01 \x03(\x0b\x32%.modelserve.feature.v1.EntityFeatures\"\xa4\x02\n\x12\x45ntityFeatureWrite\x12\x30\n\x06\x65ntity\x18\x01 \x01(\x0b\x32 .modelserve.feature.v1.EntityKey\x12\x45\n\x06values\x18\x02 \x03(\x0b\x32\x35.modelserve.feature.v1.EntityFeatureWrite.ValuesEntry\x12\x14\n\x0c\x66\x65\x61ture_view\x18\x03 \x01(\t\x12.\n\nevent_time\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x1aO\n\x0bValuesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12/\n\x05value\x18\x02 \x01(\x0b\x32 .modelserve.type.v1.FeatureValue:\x02\x38\x01\"Q\n\x14WriteFeaturesRequest\x12\x39\n\x06writes\x18\x01 \x03(\x0b\x32).modelserve.feature.v1.EntityFeatureWrite\"M\n\x15WriteFeaturesResponse\x12\x16\n\x0evalues_written\x18\x01 \x01(\x03\x12\x1c\n\x14values_skipped_stale\x18\x02 \x01(\x03\"U\n\x18\x42ulkWriteFeaturesRequest\x12\x39\n\x06writes\x18\x01 \x03(\x0b\x32).modelserve.feature.v1.EntityFeatureWrite\"b\n\x19\x42ulkWriteFeaturesResponse\x12\x0f\n\x07\x62\x61tches\x18\x01 \x01(\x03\x12\x16\n\x0evalues_written\x18\x02 \x01(\x03\x12\x1c\n\x14values_skipped_stale\x18\x03 \x01(\x03\"b\n\x17\x41pplyFeatureViewRequest\x12\x38\n\x0c\x66\x65\x61ture_view\x18\x01 \x01(\x0b\x32\".modelserve.feature.v1.FeatureView\x12\r\n\x05\x66orce\x18\x02 \x01(\x08\"e\n\x18\x41pplyFeatureViewResponse\x12\x38\n\x0c\x66\x65\x61ture_view\x18\x01 \x01(\x0b\x32\".modelserve.feature.v1.FeatureView\x12\x0f\n\x07\x63hanged\x18\x02 \x01(\x08\"6\n\x15GetFeatureViewRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x03\"R\n\x16GetFeatureViewResponse\x12\x38\n\x0c\x66\x65\x61ture_view\x18\x01 \x01(\x0b\x32\".modelserve.feature.v1.FeatureView\"@\n\x17ListFeatureViewsRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\"n\n\x18ListFeatureViewsResponse\x12\x39\n\rfeature_views\x18\x01 \x03(\x0b\x32\".modelserve.feature.v1.FeatureView\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"(\n\x18\x44\x65leteFeatureViewRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"\x1b\n\x19\x44\x65leteFeatureViewResponse*\xa1\x01\n\rFeatureStatus\x12\x1e\n\x1a\x46\x45\x41TURE_STATUS_UNSPECIFIED\x10\x00\x12\x1a\n\x16\x46\x45\x41TURE_STATUS_PRESENT\x10\x01\x12\x1a\n\x16\x46\x45\x41TURE_STATUS_MISSING\x10\x02\x12\x1a\n\x16\x46\x45\x41TURE_STATUS_EXPIRED\x10\x03\x12\x1c\n\x18\x46\x45\x41TURE_STATUS_DEFAULTED\x10\x04\x32\xbf\x06\n\x0e\x46\x65\x61tureService\x12v\n\x11GetOnlineFeatures\x12/.modelserve.feature.v1.GetOnlineFeaturesRequest\x1a\x30.modelserve.feature.v1.GetOnlineFeaturesResponse\x12j\n\rWriteFeatures\x12+.modelserve.feature.v1.WriteFeaturesRequest\x1a,.modelserve.feature.v1.WriteFeaturesResponse\x12x\n\x11\x42ulkWriteFeatures\x12/.modelserve.feature.v1.BulkWriteFeaturesRequest\x1a\x30.modelserve.feature.v1.BulkWriteFeaturesResponse(\x01\x12s\n\x10\x41pplyFeatureView\x12..modelserve.feature.v1.ApplyFeatureViewRequest\x1a/.modelserve.feature.v1.ApplyFeatureViewResponse\x12m\n\x0eGetFeatureView\x12,.modelserve.feature.v1.GetFeatureViewRequest\x1a-.modelserve.feature.v1.GetFeatureViewResponse\x12s\n\x10ListFeatureViews\x12..modelserve.feature.v1.ListFeatureViewsRequest\x1a/.modelserve.feature.v1.ListFeatureViewsResponse\x12v\n\x11\x44\x65leteFeatureView\x12/.modelserve.feature.v1.DeleteFeatureViewRequest\x1a\x30.modelserve.feature.v1.DeleteFeatureViewResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -36,30 +38,54 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_ENTITYFEATURES_VALUESENTRY']._serialized_options = b'8\001'
   _globals['_ENTITYFEATURES_STATUSESENTRY']._loaded_options = None
   _globals['_ENTITYFEATURES_STATUSESENTRY']._serialized_options = b'8\001'
+  _globals['_ENTITYFEATURES_EVENTTIMESENTRY']._loaded_options = None
+  _globals['_ENTITYFEATURES_EVENTTIMESENTRY']._serialized_options = b'8\001'
   _globals['_ENTITYFEATUREWRITE_VALUESENTRY']._loaded_options = None
   _globals['_ENTITYFEATUREWRITE_VALUESENTRY']._serialized_options = b'8\001'
-  _globals['_FEATURESTATUS']._serialized_start=1078
-  _globals['_FEATURESTATUS']._serialized_end=1181
-  _globals['_ENTITYKEY']._serialized_start=110
-  _globals['_ENTITYKEY']._serialized_end=161
-  _globals['_GETONLINEFEATURESREQUEST']._serialized_start=163
-  _globals['_GETONLINEFEATURESREQUEST']._serialized_end=259
-  _globals['_ENTITYFEATURES']._serialized_start=262
-  _globals['_ENTITYFEATURES']._serialized_end=634
-  _globals['_ENTITYFEATURES_VALUESENTRY']._serialized_start=468
-  _globals['_ENTITYFEATURES_VALUESENTRY']._serialized_end=547
-  _globals['_ENTITYFEATURES_STATUSESENTRY']._serialized_start=549
-  _globals['_ENTITYFEATURES_STATUSESENTRY']._serialized_end=634
-  _globals['_GETONLINEFEATURESRESPONSE']._serialized_start=636
-  _globals['_GETONLINEFEATURESRESPONSE']._serialized_end=719
-  _globals['_ENTITYFEATUREWRITE']._serialized_start=722
-  _globals['_ENTITYFEATUREWRITE']._serialized_end=944
-  _globals['_ENTITYFEATUREWRITE_VALUESENTRY']._serialized_start=468
-  _globals['_ENTITYFEATUREWRITE_VALUESENTRY']._serialized_end=547
-  _globals['_WRITEFEATURESREQUEST']._serialized_start=946
-  _globals['_WRITEFEATURESREQUEST']._serialized_end=1027
-  _globals['_WRITEFEATURESRESPONSE']._serialized_start=1029
-  _globals['_WRITEFEATURESRESPONSE']._serialized_end=1076
-  _globals['_FEATURESERVICE']._serialized_start=1184
-  _globals['_FEATURESERVICE']._serialized_end=1428
+  _globals['_FEATURESTATUS']._serialized_start=2188
+  _globals['_FEATURESTATUS']._serialized_end=2349
+  _globals['_ENTITYKEY']._serialized_start=185
+  _globals['_ENTITYKEY']._serialized_end=236
+  _globals['_GETONLINEFEATURESREQUEST']._serialized_start=238
+  _globals['_GETONLINEFEATURESREQUEST']._serialized_end=334
+  _globals['_ENTITYFEATURES']._serialized_start=337
+  _globals['_ENTITYFEATURES']._serialized_end=864
+  _globals['_ENTITYFEATURES_VALUESENTRY']._serialized_start=619
+  _globals['_ENTITYFEATURES_VALUESENTRY']._serialized_end=698
+  _globals['_ENTITYFEATURES_STATUSESENTRY']._serialized_start=700
+  _globals['_ENTITYFEATURES_STATUSESENTRY']._serialized_end=785
+  _globals['_ENTITYFEATURES_EVENTTIMESENTRY']._serialized_start=787
+  _globals['_ENTITYFEATURES_EVENTTIMESENTRY']._serialized_end=864
+  _globals['_GETONLINEFEATURESRESPONSE']._serialized_start=866
+  _globals['_GETONLINEFEATURESRESPONSE']._serialized_end=949
+  _globals['_ENTITYFEATUREWRITE']._serialized_start=952
+  _globals['_ENTITYFEATUREWRITE']._serialized_end=1244
+  _globals['_ENTITYFEATUREWRITE_VALUESENTRY']._serialized_start=619
+  _globals['_ENTITYFEATUREWRITE_VALUESENTRY']._serialized_end=698
+  _globals['_WRITEFEATURESREQUEST']._serialized_start=1246
+  _globals['_WRITEFEATURESREQUEST']._serialized_end=1327
+  _globals['_WRITEFEATURESRESPONSE']._serialized_start=1329
+  _globals['_WRITEFEATURESRESPONSE']._serialized_end=1406
+  _globals['_BULKWRITEFEATURESREQUEST']._serialized_start=1408
+  _globals['_BULKWRITEFEATURESREQUEST']._serialized_end=1493
+  _globals['_BULKWRITEFEATURESRESPONSE']._serialized_start=1495
+  _globals['_BULKWRITEFEATURESRESPONSE']._serialized_end=1593
+  _globals['_APPLYFEATUREVIEWREQUEST']._serialized_start=1595
+  _globals['_APPLYFEATUREVIEWREQUEST']._serialized_end=1693
+  _globals['_APPLYFEATUREVIEWRESPONSE']._serialized_start=1695
+  _globals['_APPLYFEATUREVIEWRESPONSE']._serialized_end=1796
+  _globals['_GETFEATUREVIEWREQUEST']._serialized_start=1798
+  _globals['_GETFEATUREVIEWREQUEST']._serialized_end=1852
+  _globals['_GETFEATUREVIEWRESPONSE']._serialized_start=1854
+  _globals['_GETFEATUREVIEWRESPONSE']._serialized_end=1936
+  _globals['_LISTFEATUREVIEWSREQUEST']._serialized_start=1938
+  _globals['_LISTFEATUREVIEWSREQUEST']._serialized_end=2002
+  _globals['_LISTFEATUREVIEWSRESPONSE']._serialized_start=2004
+  _globals['_LISTFEATUREVIEWSRESPONSE']._serialized_end=2114
+  _globals['_DELETEFEATUREVIEWREQUEST']._serialized_start=2116
+  _globals['_DELETEFEATUREVIEWREQUEST']._serialized_end=2156
+  _globals['_DELETEFEATUREVIEWRESPONSE']._serialized_start=2158
+  _globals['_DELETEFEATUREVIEWRESPONSE']._serialized_end=2185
+  _globals['_FEATURESERVICE']._serialized_start=2352
+  _globals['_FEATURESERVICE']._serialized_end=3183
 # @@protoc_insertion_point(module_scope)

@@ -6,8 +6,10 @@ isort:skip_file
 from collections import abc as _abc
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
+from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from google.protobuf.internal import containers as _containers
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
+from modelserve.feature.v1 import feature_view_pb2 as _feature_view_pb2
 from modelserve.type.v1 import feature_value_pb2 as _feature_value_pb2
 import builtins as _builtins
 import sys
@@ -29,9 +31,15 @@ class _FeatureStatusEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Feature
     FEATURE_STATUS_UNSPECIFIED: _FeatureStatus.ValueType  # 0
     """Not set."""
     FEATURE_STATUS_PRESENT: _FeatureStatus.ValueType  # 1
-    """The value was stored."""
+    """The value was stored and is within the view's max age."""
     FEATURE_STATUS_MISSING: _FeatureStatus.ValueType  # 2
-    """No value is stored; `value` is unset."""
+    """No value is stored and the feature has no default; `value` is unset."""
+    FEATURE_STATUS_EXPIRED: _FeatureStatus.ValueType  # 3
+    """The stored value is older than the view's max age; `value` is the feature's default
+    (unset when it has none) and the event time is the stale value's.
+    """
+    FEATURE_STATUS_DEFAULTED: _FeatureStatus.ValueType  # 4
+    """No value is stored; `value` is the feature's default."""
 
 class FeatureStatus(_FeatureStatus, metaclass=_FeatureStatusEnumTypeWrapper):
     """FeatureStatus says where a returned value came from."""
@@ -39,9 +47,15 @@ class FeatureStatus(_FeatureStatus, metaclass=_FeatureStatusEnumTypeWrapper):
 FEATURE_STATUS_UNSPECIFIED: FeatureStatus.ValueType  # 0
 """Not set."""
 FEATURE_STATUS_PRESENT: FeatureStatus.ValueType  # 1
-"""The value was stored."""
+"""The value was stored and is within the view's max age."""
 FEATURE_STATUS_MISSING: FeatureStatus.ValueType  # 2
-"""No value is stored; `value` is unset."""
+"""No value is stored and the feature has no default; `value` is unset."""
+FEATURE_STATUS_EXPIRED: FeatureStatus.ValueType  # 3
+"""The stored value is older than the view's max age; `value` is the feature's default
+(unset when it has none) and the event time is the stale value's.
+"""
+FEATURE_STATUS_DEFAULTED: FeatureStatus.ValueType  # 4
+"""No value is stored; `value` is the feature's default."""
 Global___FeatureStatus: _TypeAlias = FeatureStatus  # noqa: Y015
 
 @_typing.final
@@ -84,8 +98,8 @@ class GetOnlineFeaturesRequest(_message.Message):
 
     @_builtins.property
     def features(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
-        """Required. The features to read, as `entity_type:feature_name`; each is read for
-        every entity of its entity type.
+        """Required. The features to read, as `feature_view:feature`; each is read for every
+        entity of its view's entity type, and each must have at least one such entity.
         """
 
     def __init__(
@@ -149,20 +163,46 @@ class EntityFeatures(_message.Message):
         def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
         def WhichOneof(self, oneof_group: _Never) -> None: ...
 
+    @_typing.final
+    class EventTimesEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        @_builtins.property
+        def value(self) -> _timestamp_pb2.Timestamp: ...
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _timestamp_pb2.Timestamp | None = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _typing.Literal["value", b"value"]  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
     ENTITY_FIELD_NUMBER: _builtins.int
     VALUES_FIELD_NUMBER: _builtins.int
     STATUSES_FIELD_NUMBER: _builtins.int
+    EVENT_TIMES_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def entity(self) -> Global___EntityKey:
         """The entity these values belong to."""
 
     @_builtins.property
     def values(self) -> _containers.MessageMap[_builtins.str, _feature_value_pb2.FeatureValue]:
-        """The values, keyed by feature reference (`entity_type:feature_name`)."""
+        """The values, keyed by feature reference (`feature_view:feature`)."""
 
     @_builtins.property
     def statuses(self) -> _containers.ScalarMap[_builtins.str, Global___FeatureStatus.ValueType]:
         """The status of each requested feature, keyed like `values`."""
+
+    @_builtins.property
+    def event_times(self) -> _containers.MessageMap[_builtins.str, _timestamp_pb2.Timestamp]:
+        """The event time of each stored value (PRESENT or EXPIRED), keyed like `values`."""
 
     def __init__(
         self,
@@ -170,10 +210,11 @@ class EntityFeatures(_message.Message):
         entity: Global___EntityKey | None = ...,
         values: _abc.Mapping[_builtins.str, _feature_value_pb2.FeatureValue] | None = ...,
         statuses: _abc.Mapping[_builtins.str, Global___FeatureStatus.ValueType] | None = ...,
+        event_times: _abc.Mapping[_builtins.str, _timestamp_pb2.Timestamp] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["entity", b"entity"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["entity", b"entity", "statuses", b"statuses", "values", b"values"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["entity", b"entity", "event_times", b"event_times", "statuses", b"statuses", "values", b"values"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -205,7 +246,7 @@ Global___GetOnlineFeaturesResponse: _TypeAlias = GetOnlineFeaturesResponse  # no
 
 @_typing.final
 class EntityFeatureWrite(_message.Message):
-    """EntityFeatureWrite is a set of values for one entity."""
+    """EntityFeatureWrite is a set of values for one entity in one view."""
 
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -232,23 +273,37 @@ class EntityFeatureWrite(_message.Message):
 
     ENTITY_FIELD_NUMBER: _builtins.int
     VALUES_FIELD_NUMBER: _builtins.int
+    FEATURE_VIEW_FIELD_NUMBER: _builtins.int
+    EVENT_TIME_FIELD_NUMBER: _builtins.int
+    feature_view: _builtins.str
+    """Required. The view the values belong to. Format: `featureViews/{feature_view}`."""
     @_builtins.property
     def entity(self) -> Global___EntityKey:
-        """Required. The entity to write."""
+        """Required. The entity to write; its type must be the view's entity type."""
 
     @_builtins.property
     def values(self) -> _containers.MessageMap[_builtins.str, _feature_value_pb2.FeatureValue]:
-        """Required. The values, keyed by feature name (without the entity type prefix)."""
+        """Required. The values, keyed by feature name (without the view prefix); each of the
+        feature's dtype.
+        """
+
+    @_builtins.property
+    def event_time(self) -> _timestamp_pb2.Timestamp:
+        """Optional. When the values were true; unset means now. A stored value with a later
+        event time is kept.
+        """
 
     def __init__(
         self,
         *,
         entity: Global___EntityKey | None = ...,
         values: _abc.Mapping[_builtins.str, _feature_value_pb2.FeatureValue] | None = ...,
+        feature_view: _builtins.str = ...,
+        event_time: _timestamp_pb2.Timestamp | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["entity", b"entity"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["entity", b"entity", "event_time", b"event_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["entity", b"entity", "values", b"values"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["entity", b"entity", "event_time", b"event_time", "feature_view", b"feature_view", "values", b"values"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -285,17 +340,274 @@ class WriteFeaturesResponse(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     VALUES_WRITTEN_FIELD_NUMBER: _builtins.int
+    VALUES_SKIPPED_STALE_FIELD_NUMBER: _builtins.int
     values_written: _builtins.int
     """Output only. The number of values written."""
+    values_skipped_stale: _builtins.int
+    """Output only. The number of values not written because a newer one was stored."""
     def __init__(
         self,
         *,
         values_written: _builtins.int = ...,
+        values_skipped_stale: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["values_written", b"values_written"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["values_skipped_stale", b"values_skipped_stale", "values_written", b"values_written"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___WriteFeaturesResponse: _TypeAlias = WriteFeaturesResponse  # noqa: Y015
+
+@_typing.final
+class BulkWriteFeaturesRequest(_message.Message):
+    """BulkWriteFeaturesRequest is one batch of a bulk write."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    WRITES_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def writes(self) -> _containers.RepeatedCompositeFieldContainer[Global___EntityFeatureWrite]:
+        """Required. The writes of this batch, at least one."""
+
+    def __init__(
+        self,
+        *,
+        writes: _abc.Iterable[Global___EntityFeatureWrite] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["writes", b"writes"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___BulkWriteFeaturesRequest: _TypeAlias = BulkWriteFeaturesRequest  # noqa: Y015
+
+@_typing.final
+class BulkWriteFeaturesResponse(_message.Message):
+    """BulkWriteFeaturesResponse reports what a bulk write stored."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    BATCHES_FIELD_NUMBER: _builtins.int
+    VALUES_WRITTEN_FIELD_NUMBER: _builtins.int
+    VALUES_SKIPPED_STALE_FIELD_NUMBER: _builtins.int
+    batches: _builtins.int
+    """Output only. The number of batches written."""
+    values_written: _builtins.int
+    """Output only. The number of values written."""
+    values_skipped_stale: _builtins.int
+    """Output only. The number of values not written because a newer one was stored."""
+    def __init__(
+        self,
+        *,
+        batches: _builtins.int = ...,
+        values_written: _builtins.int = ...,
+        values_skipped_stale: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["batches", b"batches", "values_skipped_stale", b"values_skipped_stale", "values_written", b"values_written"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___BulkWriteFeaturesResponse: _TypeAlias = BulkWriteFeaturesResponse  # noqa: Y015
+
+@_typing.final
+class ApplyFeatureViewRequest(_message.Message):
+    """ApplyFeatureViewRequest carries the definition a view should have."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    FEATURE_VIEW_FIELD_NUMBER: _builtins.int
+    FORCE_FIELD_NUMBER: _builtins.int
+    force: _builtins.bool
+    """Optional. Apply a change that would break readers anyway."""
+    @_builtins.property
+    def feature_view(self) -> _feature_view_pb2.FeatureView:
+        """Required. The definition; output-only fields are ignored."""
+
+    def __init__(
+        self,
+        *,
+        feature_view: _feature_view_pb2.FeatureView | None = ...,
+        force: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["feature_view", b"feature_view"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["feature_view", b"feature_view", "force", b"force"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ApplyFeatureViewRequest: _TypeAlias = ApplyFeatureViewRequest  # noqa: Y015
+
+@_typing.final
+class ApplyFeatureViewResponse(_message.Message):
+    """ApplyFeatureViewResponse holds the view as stored."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    FEATURE_VIEW_FIELD_NUMBER: _builtins.int
+    CHANGED_FIELD_NUMBER: _builtins.int
+    changed: _builtins.bool
+    """True when the call created the view or changed it (and so made a new version)."""
+    @_builtins.property
+    def feature_view(self) -> _feature_view_pb2.FeatureView:
+        """The view after the call."""
+
+    def __init__(
+        self,
+        *,
+        feature_view: _feature_view_pb2.FeatureView | None = ...,
+        changed: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["feature_view", b"feature_view"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["changed", b"changed", "feature_view", b"feature_view"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ApplyFeatureViewResponse: _TypeAlias = ApplyFeatureViewResponse  # noqa: Y015
+
+@_typing.final
+class GetFeatureViewRequest(_message.Message):
+    """GetFeatureViewRequest names a view."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    VERSION_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """Required. The view. Format: `featureViews/{feature_view}`."""
+    version: _builtins.int
+    """Optional. An earlier version to return; 0 returns the current one."""
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        version: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["name", b"name", "version", b"version"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetFeatureViewRequest: _TypeAlias = GetFeatureViewRequest  # noqa: Y015
+
+@_typing.final
+class GetFeatureViewResponse(_message.Message):
+    """GetFeatureViewResponse holds one view."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    FEATURE_VIEW_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def feature_view(self) -> _feature_view_pb2.FeatureView:
+        """The view."""
+
+    def __init__(
+        self,
+        *,
+        feature_view: _feature_view_pb2.FeatureView | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["feature_view", b"feature_view"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["feature_view", b"feature_view"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetFeatureViewResponse: _TypeAlias = GetFeatureViewResponse  # noqa: Y015
+
+@_typing.final
+class ListFeatureViewsRequest(_message.Message):
+    """ListFeatureViewsRequest asks for a page of views."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PAGE_SIZE_FIELD_NUMBER: _builtins.int
+    PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    page_size: _builtins.int
+    """Optional. The most views to return (default 100, at most 1000)."""
+    page_token: _builtins.str
+    """Optional. The `next_page_token` of a previous call."""
+    def __init__(
+        self,
+        *,
+        page_size: _builtins.int = ...,
+        page_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["page_size", b"page_size", "page_token", b"page_token"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListFeatureViewsRequest: _TypeAlias = ListFeatureViewsRequest  # noqa: Y015
+
+@_typing.final
+class ListFeatureViewsResponse(_message.Message):
+    """ListFeatureViewsResponse holds a page of views."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    FEATURE_VIEWS_FIELD_NUMBER: _builtins.int
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    next_page_token: _builtins.str
+    """A token for the next page; empty on the last one."""
+    @_builtins.property
+    def feature_views(self) -> _containers.RepeatedCompositeFieldContainer[_feature_view_pb2.FeatureView]:
+        """The views, by name."""
+
+    def __init__(
+        self,
+        *,
+        feature_views: _abc.Iterable[_feature_view_pb2.FeatureView] | None = ...,
+        next_page_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["feature_views", b"feature_views", "next_page_token", b"next_page_token"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListFeatureViewsResponse: _TypeAlias = ListFeatureViewsResponse  # noqa: Y015
+
+@_typing.final
+class DeleteFeatureViewRequest(_message.Message):
+    """DeleteFeatureViewRequest names the view to delete."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """Required. The view. Format: `featureViews/{feature_view}`."""
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["name", b"name"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DeleteFeatureViewRequest: _TypeAlias = DeleteFeatureViewRequest  # noqa: Y015
+
+@_typing.final
+class DeleteFeatureViewResponse(_message.Message):
+    """DeleteFeatureViewResponse is empty."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DeleteFeatureViewResponse: _TypeAlias = DeleteFeatureViewResponse  # noqa: Y015

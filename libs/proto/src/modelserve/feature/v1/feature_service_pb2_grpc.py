@@ -26,7 +26,8 @@ if _version_not_supported:
 
 
 class FeatureServiceStub:
-    """FeatureService serves online features from Redis and accepts writes to them.
+    """FeatureService defines feature views, serves their online values from Redis and
+    accepts writes to them.
     """
 
     def __init__(self, channel):
@@ -45,10 +46,36 @@ class FeatureServiceStub:
                 request_serializer=modelserve_dot_feature_dot_v1_dot_feature__service__pb2.WriteFeaturesRequest.SerializeToString,
                 response_deserializer=modelserve_dot_feature_dot_v1_dot_feature__service__pb2.WriteFeaturesResponse.FromString,
                 _registered_method=True)
+        self.BulkWriteFeatures = channel.stream_unary(
+                '/modelserve.feature.v1.FeatureService/BulkWriteFeatures',
+                request_serializer=modelserve_dot_feature_dot_v1_dot_feature__service__pb2.BulkWriteFeaturesRequest.SerializeToString,
+                response_deserializer=modelserve_dot_feature_dot_v1_dot_feature__service__pb2.BulkWriteFeaturesResponse.FromString,
+                _registered_method=True)
+        self.ApplyFeatureView = channel.unary_unary(
+                '/modelserve.feature.v1.FeatureService/ApplyFeatureView',
+                request_serializer=modelserve_dot_feature_dot_v1_dot_feature__service__pb2.ApplyFeatureViewRequest.SerializeToString,
+                response_deserializer=modelserve_dot_feature_dot_v1_dot_feature__service__pb2.ApplyFeatureViewResponse.FromString,
+                _registered_method=True)
+        self.GetFeatureView = channel.unary_unary(
+                '/modelserve.feature.v1.FeatureService/GetFeatureView',
+                request_serializer=modelserve_dot_feature_dot_v1_dot_feature__service__pb2.GetFeatureViewRequest.SerializeToString,
+                response_deserializer=modelserve_dot_feature_dot_v1_dot_feature__service__pb2.GetFeatureViewResponse.FromString,
+                _registered_method=True)
+        self.ListFeatureViews = channel.unary_unary(
+                '/modelserve.feature.v1.FeatureService/ListFeatureViews',
+                request_serializer=modelserve_dot_feature_dot_v1_dot_feature__service__pb2.ListFeatureViewsRequest.SerializeToString,
+                response_deserializer=modelserve_dot_feature_dot_v1_dot_feature__service__pb2.ListFeatureViewsResponse.FromString,
+                _registered_method=True)
+        self.DeleteFeatureView = channel.unary_unary(
+                '/modelserve.feature.v1.FeatureService/DeleteFeatureView',
+                request_serializer=modelserve_dot_feature_dot_v1_dot_feature__service__pb2.DeleteFeatureViewRequest.SerializeToString,
+                response_deserializer=modelserve_dot_feature_dot_v1_dot_feature__service__pb2.DeleteFeatureViewResponse.FromString,
+                _registered_method=True)
 
 
 class FeatureServiceServicer:
-    """FeatureService serves online features from Redis and accepts writes to them.
+    """FeatureService defines feature views, serves their online values from Redis and
+    accepts writes to them.
     """
 
     def GetOnlineFeatures(self, request, context):
@@ -59,7 +86,46 @@ class FeatureServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def WriteFeatures(self, request, context):
-        """WriteFeatures stores feature values for entities.
+        """WriteFeatures stores feature values for entities: the whole batch or nothing of it.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def BulkWriteFeatures(self, request_iterator, context):
+        """BulkWriteFeatures stores a stream of batches; each batch is written whole or refused
+        whole, and the first refused batch ends the call (earlier batches stay written).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ApplyFeatureView(self, request, context):
+        """ApplyFeatureView creates a view or changes it to the given definition. A change that
+        would break readers (a feature removed or retyped, the entity type changed) is refused
+        with FAILED_PRECONDITION unless `force` is set.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetFeatureView(self, request, context):
+        """GetFeatureView returns one view, its current version or an earlier one.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListFeatureViews(self, request, context):
+        """ListFeatureViews lists the views, by name.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DeleteFeatureView(self, request, context):
+        """DeleteFeatureView removes a view's definition; reads of its features then fail with
+        NOT_FOUND.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -78,6 +144,31 @@ def add_FeatureServiceServicer_to_server(servicer, server):
                     request_deserializer=modelserve_dot_feature_dot_v1_dot_feature__service__pb2.WriteFeaturesRequest.FromString,
                     response_serializer=modelserve_dot_feature_dot_v1_dot_feature__service__pb2.WriteFeaturesResponse.SerializeToString,
             ),
+            'BulkWriteFeatures': grpc.stream_unary_rpc_method_handler(
+                    servicer.BulkWriteFeatures,
+                    request_deserializer=modelserve_dot_feature_dot_v1_dot_feature__service__pb2.BulkWriteFeaturesRequest.FromString,
+                    response_serializer=modelserve_dot_feature_dot_v1_dot_feature__service__pb2.BulkWriteFeaturesResponse.SerializeToString,
+            ),
+            'ApplyFeatureView': grpc.unary_unary_rpc_method_handler(
+                    servicer.ApplyFeatureView,
+                    request_deserializer=modelserve_dot_feature_dot_v1_dot_feature__service__pb2.ApplyFeatureViewRequest.FromString,
+                    response_serializer=modelserve_dot_feature_dot_v1_dot_feature__service__pb2.ApplyFeatureViewResponse.SerializeToString,
+            ),
+            'GetFeatureView': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetFeatureView,
+                    request_deserializer=modelserve_dot_feature_dot_v1_dot_feature__service__pb2.GetFeatureViewRequest.FromString,
+                    response_serializer=modelserve_dot_feature_dot_v1_dot_feature__service__pb2.GetFeatureViewResponse.SerializeToString,
+            ),
+            'ListFeatureViews': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListFeatureViews,
+                    request_deserializer=modelserve_dot_feature_dot_v1_dot_feature__service__pb2.ListFeatureViewsRequest.FromString,
+                    response_serializer=modelserve_dot_feature_dot_v1_dot_feature__service__pb2.ListFeatureViewsResponse.SerializeToString,
+            ),
+            'DeleteFeatureView': grpc.unary_unary_rpc_method_handler(
+                    servicer.DeleteFeatureView,
+                    request_deserializer=modelserve_dot_feature_dot_v1_dot_feature__service__pb2.DeleteFeatureViewRequest.FromString,
+                    response_serializer=modelserve_dot_feature_dot_v1_dot_feature__service__pb2.DeleteFeatureViewResponse.SerializeToString,
+            ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
             'modelserve.feature.v1.FeatureService', rpc_method_handlers)
@@ -87,7 +178,8 @@ def add_FeatureServiceServicer_to_server(servicer, server):
 
  # This class is part of an EXPERIMENTAL API.
 class FeatureService:
-    """FeatureService serves online features from Redis and accepts writes to them.
+    """FeatureService defines feature views, serves their online values from Redis and
+    accepts writes to them.
     """
 
     @staticmethod
@@ -134,6 +226,141 @@ class FeatureService:
             '/modelserve.feature.v1.FeatureService/WriteFeatures',
             modelserve_dot_feature_dot_v1_dot_feature__service__pb2.WriteFeaturesRequest.SerializeToString,
             modelserve_dot_feature_dot_v1_dot_feature__service__pb2.WriteFeaturesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def BulkWriteFeatures(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_unary(
+            request_iterator,
+            target,
+            '/modelserve.feature.v1.FeatureService/BulkWriteFeatures',
+            modelserve_dot_feature_dot_v1_dot_feature__service__pb2.BulkWriteFeaturesRequest.SerializeToString,
+            modelserve_dot_feature_dot_v1_dot_feature__service__pb2.BulkWriteFeaturesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ApplyFeatureView(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/modelserve.feature.v1.FeatureService/ApplyFeatureView',
+            modelserve_dot_feature_dot_v1_dot_feature__service__pb2.ApplyFeatureViewRequest.SerializeToString,
+            modelserve_dot_feature_dot_v1_dot_feature__service__pb2.ApplyFeatureViewResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetFeatureView(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/modelserve.feature.v1.FeatureService/GetFeatureView',
+            modelserve_dot_feature_dot_v1_dot_feature__service__pb2.GetFeatureViewRequest.SerializeToString,
+            modelserve_dot_feature_dot_v1_dot_feature__service__pb2.GetFeatureViewResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListFeatureViews(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/modelserve.feature.v1.FeatureService/ListFeatureViews',
+            modelserve_dot_feature_dot_v1_dot_feature__service__pb2.ListFeatureViewsRequest.SerializeToString,
+            modelserve_dot_feature_dot_v1_dot_feature__service__pb2.ListFeatureViewsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DeleteFeatureView(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/modelserve.feature.v1.FeatureService/DeleteFeatureView',
+            modelserve_dot_feature_dot_v1_dot_feature__service__pb2.DeleteFeatureViewRequest.SerializeToString,
+            modelserve_dot_feature_dot_v1_dot_feature__service__pb2.DeleteFeatureViewResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -27,7 +27,9 @@ GRPC_GENERATED_VERSION: str
 GRPC_VERSION: str
 
 class FeatureServiceStub:
-    """FeatureService serves online features from Redis and accepts writes to them."""
+    """FeatureService defines feature views, serves their online values from Redis and
+    accepts writes to them.
+    """
 
     @_typing.overload
     def __new__(cls, channel: _grpc.Channel) -> _Self: ...
@@ -36,20 +38,58 @@ class FeatureServiceStub:
     GetOnlineFeatures: _grpc.UnaryUnaryMultiCallable[_feature_service_pb2.GetOnlineFeaturesRequest, _feature_service_pb2.GetOnlineFeaturesResponse]
     """GetOnlineFeatures reads many features of many entities in one Redis round trip."""
     WriteFeatures: _grpc.UnaryUnaryMultiCallable[_feature_service_pb2.WriteFeaturesRequest, _feature_service_pb2.WriteFeaturesResponse]
-    """WriteFeatures stores feature values for entities."""
+    """WriteFeatures stores feature values for entities: the whole batch or nothing of it."""
+    BulkWriteFeatures: _grpc.StreamUnaryMultiCallable[_feature_service_pb2.BulkWriteFeaturesRequest, _feature_service_pb2.BulkWriteFeaturesResponse]
+    """BulkWriteFeatures stores a stream of batches; each batch is written whole or refused
+    whole, and the first refused batch ends the call (earlier batches stay written).
+    """
+    ApplyFeatureView: _grpc.UnaryUnaryMultiCallable[_feature_service_pb2.ApplyFeatureViewRequest, _feature_service_pb2.ApplyFeatureViewResponse]
+    """ApplyFeatureView creates a view or changes it to the given definition. A change that
+    would break readers (a feature removed or retyped, the entity type changed) is refused
+    with FAILED_PRECONDITION unless `force` is set.
+    """
+    GetFeatureView: _grpc.UnaryUnaryMultiCallable[_feature_service_pb2.GetFeatureViewRequest, _feature_service_pb2.GetFeatureViewResponse]
+    """GetFeatureView returns one view, its current version or an earlier one."""
+    ListFeatureViews: _grpc.UnaryUnaryMultiCallable[_feature_service_pb2.ListFeatureViewsRequest, _feature_service_pb2.ListFeatureViewsResponse]
+    """ListFeatureViews lists the views, by name."""
+    DeleteFeatureView: _grpc.UnaryUnaryMultiCallable[_feature_service_pb2.DeleteFeatureViewRequest, _feature_service_pb2.DeleteFeatureViewResponse]
+    """DeleteFeatureView removes a view's definition; reads of its features then fail with
+    NOT_FOUND.
+    """
 
 @_typing.type_check_only
 class FeatureServiceAsyncStub(FeatureServiceStub):
-    """FeatureService serves online features from Redis and accepts writes to them."""
+    """FeatureService defines feature views, serves their online values from Redis and
+    accepts writes to them.
+    """
 
     def __init__(self, channel: _aio.Channel) -> None: ...
     GetOnlineFeatures: _aio.UnaryUnaryMultiCallable[_feature_service_pb2.GetOnlineFeaturesRequest, _feature_service_pb2.GetOnlineFeaturesResponse]  # type: ignore[assignment]
     """GetOnlineFeatures reads many features of many entities in one Redis round trip."""
     WriteFeatures: _aio.UnaryUnaryMultiCallable[_feature_service_pb2.WriteFeaturesRequest, _feature_service_pb2.WriteFeaturesResponse]  # type: ignore[assignment]
-    """WriteFeatures stores feature values for entities."""
+    """WriteFeatures stores feature values for entities: the whole batch or nothing of it."""
+    BulkWriteFeatures: _aio.StreamUnaryMultiCallable[_feature_service_pb2.BulkWriteFeaturesRequest, _feature_service_pb2.BulkWriteFeaturesResponse]  # type: ignore[assignment]
+    """BulkWriteFeatures stores a stream of batches; each batch is written whole or refused
+    whole, and the first refused batch ends the call (earlier batches stay written).
+    """
+    ApplyFeatureView: _aio.UnaryUnaryMultiCallable[_feature_service_pb2.ApplyFeatureViewRequest, _feature_service_pb2.ApplyFeatureViewResponse]  # type: ignore[assignment]
+    """ApplyFeatureView creates a view or changes it to the given definition. A change that
+    would break readers (a feature removed or retyped, the entity type changed) is refused
+    with FAILED_PRECONDITION unless `force` is set.
+    """
+    GetFeatureView: _aio.UnaryUnaryMultiCallable[_feature_service_pb2.GetFeatureViewRequest, _feature_service_pb2.GetFeatureViewResponse]  # type: ignore[assignment]
+    """GetFeatureView returns one view, its current version or an earlier one."""
+    ListFeatureViews: _aio.UnaryUnaryMultiCallable[_feature_service_pb2.ListFeatureViewsRequest, _feature_service_pb2.ListFeatureViewsResponse]  # type: ignore[assignment]
+    """ListFeatureViews lists the views, by name."""
+    DeleteFeatureView: _aio.UnaryUnaryMultiCallable[_feature_service_pb2.DeleteFeatureViewRequest, _feature_service_pb2.DeleteFeatureViewResponse]  # type: ignore[assignment]
+    """DeleteFeatureView removes a view's definition; reads of its features then fail with
+    NOT_FOUND.
+    """
 
 class FeatureServiceServicer(metaclass=_abc_1.ABCMeta):
-    """FeatureService serves online features from Redis and accepts writes to them."""
+    """FeatureService defines feature views, serves their online values from Redis and
+    accepts writes to them.
+    """
 
     @_abc_1.abstractmethod
     def GetOnlineFeatures(
@@ -65,6 +105,53 @@ class FeatureServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _feature_service_pb2.WriteFeaturesRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_feature_service_pb2.WriteFeaturesResponse, _abc.Awaitable[_feature_service_pb2.WriteFeaturesResponse]]:
-        """WriteFeatures stores feature values for entities."""
+        """WriteFeatures stores feature values for entities: the whole batch or nothing of it."""
+
+    @_abc_1.abstractmethod
+    def BulkWriteFeatures(
+        self,
+        request_iterator: _MaybeAsyncIterator[_feature_service_pb2.BulkWriteFeaturesRequest],
+        context: _ServicerContext,
+    ) -> _typing.Union[_feature_service_pb2.BulkWriteFeaturesResponse, _abc.Awaitable[_feature_service_pb2.BulkWriteFeaturesResponse]]:
+        """BulkWriteFeatures stores a stream of batches; each batch is written whole or refused
+        whole, and the first refused batch ends the call (earlier batches stay written).
+        """
+
+    @_abc_1.abstractmethod
+    def ApplyFeatureView(
+        self,
+        request: _feature_service_pb2.ApplyFeatureViewRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_feature_service_pb2.ApplyFeatureViewResponse, _abc.Awaitable[_feature_service_pb2.ApplyFeatureViewResponse]]:
+        """ApplyFeatureView creates a view or changes it to the given definition. A change that
+        would break readers (a feature removed or retyped, the entity type changed) is refused
+        with FAILED_PRECONDITION unless `force` is set.
+        """
+
+    @_abc_1.abstractmethod
+    def GetFeatureView(
+        self,
+        request: _feature_service_pb2.GetFeatureViewRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_feature_service_pb2.GetFeatureViewResponse, _abc.Awaitable[_feature_service_pb2.GetFeatureViewResponse]]:
+        """GetFeatureView returns one view, its current version or an earlier one."""
+
+    @_abc_1.abstractmethod
+    def ListFeatureViews(
+        self,
+        request: _feature_service_pb2.ListFeatureViewsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_feature_service_pb2.ListFeatureViewsResponse, _abc.Awaitable[_feature_service_pb2.ListFeatureViewsResponse]]:
+        """ListFeatureViews lists the views, by name."""
+
+    @_abc_1.abstractmethod
+    def DeleteFeatureView(
+        self,
+        request: _feature_service_pb2.DeleteFeatureViewRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_feature_service_pb2.DeleteFeatureViewResponse, _abc.Awaitable[_feature_service_pb2.DeleteFeatureViewResponse]]:
+        """DeleteFeatureView removes a view's definition; reads of its features then fail with
+        NOT_FOUND.
+        """
 
 def add_FeatureServiceServicer_to_server(servicer: FeatureServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -24,13 +24,15 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n&modelserve/type/v1/feature_value.proto\x12\x12modelserve.type.v1\"s\n\x0c\x46\x65\x61tureValue\x12\x15\n\x0bint64_value\x18\x01 \x01(\x03H\x00\x12\x16\n\x0c\x64ouble_value\x18\x02 \x01(\x01H\x00\x12\x16\n\x0cstring_value\x18\x03 \x01(\tH\x00\x12\x14\n\nbool_value\x18\x04 \x01(\x08H\x00\x42\x06\n\x04kindb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n&modelserve/type/v1/feature_value.proto\x12\x12modelserve.type.v1\"\xb2\x01\n\x0c\x46\x65\x61tureValue\x12\x15\n\x0bint64_value\x18\x01 \x01(\x03H\x00\x12\x16\n\x0c\x64ouble_value\x18\x02 \x01(\x01H\x00\x12\x16\n\x0cstring_value\x18\x03 \x01(\tH\x00\x12\x14\n\nbool_value\x18\x04 \x01(\x08H\x00\x12=\n\x12\x66loat_vector_value\x18\x05 \x01(\x0b\x32\x1f.modelserve.type.v1.FloatVectorH\x00\x42\x06\n\x04kind\"\x1d\n\x0b\x46loatVector\x12\x0e\n\x06values\x18\x01 \x03(\x02\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'modelserve.type.v1.feature_value_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_FEATUREVALUE']._serialized_start=62
-  _globals['_FEATUREVALUE']._serialized_end=177
+  _globals['_FEATUREVALUE']._serialized_start=63
+  _globals['_FEATUREVALUE']._serialized_end=241
+  _globals['_FLOATVECTOR']._serialized_start=243
+  _globals['_FLOATVECTOR']._serialized_end=272
 # @@protoc_insertion_point(module_scope)

@@ -3,16 +3,18 @@
 isort:skip_file
 """
 
+from collections import abc as _abc
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
+from google.protobuf.internal import containers as _containers
 import builtins as _builtins
 import sys
 import typing as _typing
 
-if sys.version_info >= (3, 10):
-    from typing import TypeAlias as _TypeAlias
+if sys.version_info >= (3, 11):
+    from typing import TypeAlias as _TypeAlias, Never as _Never
 else:
-    from typing_extensions import TypeAlias as _TypeAlias
+    from typing_extensions import TypeAlias as _TypeAlias, Never as _Never
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
@@ -26,6 +28,7 @@ class FeatureValue(_message.Message):
     DOUBLE_VALUE_FIELD_NUMBER: _builtins.int
     STRING_VALUE_FIELD_NUMBER: _builtins.int
     BOOL_VALUE_FIELD_NUMBER: _builtins.int
+    FLOAT_VECTOR_VALUE_FIELD_NUMBER: _builtins.int
     int64_value: _builtins.int
     """A signed 64-bit integer value."""
     double_value: _builtins.float
@@ -34,6 +37,10 @@ class FeatureValue(_message.Message):
     """A UTF-8 string value."""
     bool_value: _builtins.bool
     """A boolean value."""
+    @_builtins.property
+    def float_vector_value(self) -> Global___FloatVector:
+        """A vector of single precision floats (an embedding, for example)."""
+
     def __init__(
         self,
         *,
@@ -41,13 +48,38 @@ class FeatureValue(_message.Message):
         double_value: _builtins.float = ...,
         string_value: _builtins.str = ...,
         bool_value: _builtins.bool = ...,
+        float_vector_value: Global___FloatVector | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["bool_value", b"bool_value", "double_value", b"double_value", "int64_value", b"int64_value", "kind", b"kind", "string_value", b"string_value"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["bool_value", b"bool_value", "double_value", b"double_value", "float_vector_value", b"float_vector_value", "int64_value", b"int64_value", "kind", b"kind", "string_value", b"string_value"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["bool_value", b"bool_value", "double_value", b"double_value", "int64_value", b"int64_value", "kind", b"kind", "string_value", b"string_value"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["bool_value", b"bool_value", "double_value", b"double_value", "float_vector_value", b"float_vector_value", "int64_value", b"int64_value", "kind", b"kind", "string_value", b"string_value"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_kind: _TypeAlias = _typing.Literal["int64_value", "double_value", "string_value", "bool_value"]  # noqa: Y015
+    _WhichOneofReturnType_kind: _TypeAlias = _typing.Literal["int64_value", "double_value", "string_value", "bool_value", "float_vector_value"]  # noqa: Y015
     _WhichOneofArgType_kind: _TypeAlias = _typing.Literal["kind", b"kind"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_kind) -> _WhichOneofReturnType_kind | None: ...
 
 Global___FeatureValue: _TypeAlias = FeatureValue  # noqa: Y015
+
+@_typing.final
+class FloatVector(_message.Message):
+    """FloatVector is a vector of single precision floats."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    VALUES_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def values(self) -> _containers.RepeatedScalarFieldContainer[_builtins.float]:
+        """The elements, in order."""
+
+    def __init__(
+        self,
+        *,
+        values: _abc.Iterable[_builtins.float] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["values", b"values"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___FloatVector: _TypeAlias = FloatVector  # noqa: Y015
