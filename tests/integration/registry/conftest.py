@@ -6,12 +6,25 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
-from registry_testing import RunningRegistry
+from registry_testing import (
+    PRINCIPALS,
+    AuthRegistry,
+    RunningRegistry,
+    create_model,
+    set_traffic,
+    upload_version,
+)
 from support import running
 
+from modelserve.registry.v1 import registry_service_pb2 as pb
 from modelserve.registry.v1 import registry_service_pb2_grpc as pb_grpc
 from modelserve_registry.config import RegistrySettings
 from modelserve_registry.server import RegistryApp, build_server
+from modelserve_runtime.auth import AuthSettings, new_api_key
+
+#: Cheap scrypt for tests; production keys use the default cost.
+TEST_SCRYPT_N = 16
+V1 = "models/fraud/versions/1"
 
 
 @pytest.fixture
@@ -26,3 +39,29 @@ async def registry(registry_settings: RegistrySettings) -> AsyncIterator[Running
     async with running(build_server, registry_settings) as (_, channel, app):
         assert isinstance(app, RegistryApp)
         yield RunningRegistry(pb_grpc.RegistryServiceStub(channel), app, registry_settings)
+
+
+@pytest.fixture
+async def secured(tmp_path: Path) -> AsyncIterator[AuthRegistry]:
+    """A registry with auth on, a key for each of PRINCIPALS, and `models/fraud` version 1
+    in STAGING deployed to `deployments/fraud`."""
+    keys: dict[str, str] = {}
+    records = []
+    for principal, roles in PRINCIPALS.items():
+        key, record = new_api_key(principal, roles, n=TEST_SCRYPT_N)
+        keys[principal] = key
+        records.append(record)
+    settings = RegistrySettings(
+        data_dir=tmp_path / "registry", auth=AuthSettings(enabled=True, keys=records)
+    )
+    async with running(build_server, settings) as (_, channel, _app):
+        registry = AuthRegistry(pb_grpc.RegistryServiceStub(channel), channel, keys)
+        admin = registry.bearer("ada")
+        await create_model(registry.stub, metadata=admin)
+        await upload_version(registry.stub, metadata=admin)
+        await registry.stub.TransitionModelVersionStage(
+            pb.TransitionModelVersionStageRequest(name=V1, stage=pb.STAGE_STAGING),
+            metadata=admin,
+        )
+        await set_traffic(registry.stub, "deployments/fraud", (V1, 100), metadata=admin)
+        yield registry

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import hashlib
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import grpc
 import numpy as np
 import onnx
+import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from modelserve.registry.v1 import registry_service_pb2 as pb
@@ -16,6 +18,8 @@ from modelserve.registry.v1 import registry_service_pb2_grpc as pb_grpc
 from modelserve.type.v1 import tensor_pb2
 from modelserve_registry.config import RegistrySettings
 from modelserve_registry.server import RegistryApp
+from modelserve_runtime.auth import Role
+from modelserve_runtime.errors import DecodedError, decode_rpc_error
 
 
 def tiny_onnx(
@@ -101,3 +105,92 @@ class RunningRegistry:
     stub: pb_grpc.RegistryServiceAsyncStub
     app: RegistryApp
     settings: RegistrySettings
+
+
+DOMAIN = "registry.modelserve"
+Metadata = tuple[tuple[str, str], ...]
+
+
+async def failure(call: Awaitable[object]) -> DecodedError:
+    """The decoded error of a call that must fail, checked to come from the registry."""
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await call
+    error = decode_rpc_error(info.value)
+    assert error.domain == DOMAIN
+    return error
+
+
+async def create_model(
+    stub: pb_grpc.RegistryServiceAsyncStub,
+    model_id: str = "fraud",
+    *,
+    metadata: Metadata = (),
+    reason: str = "",
+) -> pb.Model:
+    """Creates `models/{model_id}`."""
+    response = await stub.CreateModel(
+        pb.CreateModelRequest(
+            model_id=model_id, model=pb.Model(description="card fraud"), reason=reason
+        ),
+        metadata=metadata,
+    )
+    return response.model
+
+
+async def upload_version(
+    stub: pb_grpc.RegistryServiceAsyncStub,
+    data: bytes | None = None,
+    *,
+    parent: str = "models/fraud",
+    metadata: Metadata = (),
+) -> pb.ModelVersion:
+    """Uploads `data` (a fresh tiny model by default) as a new version of `parent`."""
+    requests = upload_requests(data if data is not None else tiny_onnx(), parent=parent)
+    response = await stub.CreateModelVersion(stream(requests), metadata=metadata)
+    return response.model_version
+
+
+async def set_traffic(
+    stub: pb_grpc.RegistryServiceAsyncStub,
+    name: str,
+    *targets: tuple[str, int],
+    reason: str = "",
+    metadata: Metadata = (),
+) -> pb.Deployment:
+    """Sets a deployment's traffic (creating it), returning the deployment."""
+    response = await stub.UpdateDeployment(
+        pb.UpdateDeploymentRequest(
+            deployment=pb.Deployment(
+                name=name,
+                traffic=[pb.TrafficTarget(model_version=v, percent=p) for v, p in targets],
+            ),
+            allow_missing=True,
+            reason=reason,
+        ),
+        metadata=metadata,
+    )
+    return response.deployment
+
+
+@dataclass
+class AuthRegistry:
+    """A registry with auth on, a stub, and a key per principal."""
+
+    stub: pb_grpc.RegistryServiceAsyncStub
+    channel: grpc.aio.Channel
+    keys: dict[str, str]
+
+    def bearer(self, principal: str) -> Metadata:
+        return (("authorization", f"Bearer {self.keys[principal]}"),)
+
+
+#: The principals of an auth-enabled test registry and their roles.
+PRINCIPALS: dict[str, set[Role]] = {
+    "vera": {Role.VIEWER},
+    "dan": {Role.DEPLOYER},
+    "april": {Role.APPROVER},
+    "ada": {Role.ADMIN},
+    "sam": {Role.DEPLOYER, Role.APPROVER},
+}
+#: The principal that holds each single role.
+ROLE_HOLDER = {Role.VIEWER: "vera", Role.DEPLOYER: "dan", Role.APPROVER: "april", Role.ADMIN: "ada"}

@@ -15,6 +15,7 @@ from registry_testing import files_under, tiny_onnx
 from modelserve_registry.artifacts import LocalArtifactStore
 from modelserve_registry.domain import Registry
 from modelserve_registry.resources import (
+    Actor,
     ArtifactFormat,
     DataType,
     Signature,
@@ -24,6 +25,7 @@ from modelserve_registry.resources import (
 from modelserve_registry.store import SqliteRegistryStore
 from modelserve_runtime.errors import NotFoundError, ResourceExhaustedError
 
+ACTOR = Actor("tester", "testing")
 SIGNATURE = Signature(
     inputs=(TensorSpec("features", DataType.FP32, (-1, 3)),),
     outputs=(TensorSpec("probabilities", DataType.FP32, (-1, 2)),),
@@ -75,7 +77,7 @@ class TestUploadAtomicity:
     ) -> None:
         """When the version row cannot be written, the artifact file this upload created is removed."""
         registry, _, root = stores
-        await registry.create_model("fraud", "")
+        await registry.create_model("fraud", "", ACTOR)
         data = tiny_onnx()
 
         async def messages() -> AsyncIterator[VersionUpload | bytes]:
@@ -85,7 +87,7 @@ class TestUploadAtomicity:
             await asyncio.to_thread(delete_model, root / "registry.db", "fraud")
 
         with pytest.raises(NotFoundError) as info:
-            await registry.create_model_version(messages())
+            await registry.create_model_version(messages(), "tester")
         assert info.value.reason == "MODEL_NOT_FOUND"
         assert files_under(root / "artifacts") == []
 
@@ -94,15 +96,15 @@ class TestUploadAtomicity:
     ) -> None:
         """A failed upload of bytes another version already stored leaves that version's file alone."""
         registry, _, root = stores
-        await registry.create_model("fraud", "")
-        await registry.create_model("churn", "")
+        await registry.create_model("fraud", "", ACTOR)
+        await registry.create_model("churn", "", ACTOR)
         data = tiny_onnx()
 
         async def upload(parent: str) -> AsyncIterator[VersionUpload | bytes]:
             yield metadata(data, parent)
             yield data
 
-        kept = await registry.create_model_version(upload("models/fraud"))
+        kept = await registry.create_model_version(upload("models/fraud"), "tester")
 
         async def then_delete() -> AsyncIterator[VersionUpload | bytes]:
             async for message in upload("models/churn"):
@@ -110,7 +112,7 @@ class TestUploadAtomicity:
             await asyncio.to_thread(delete_model, root / "registry.db", "churn")
 
         with pytest.raises(NotFoundError):
-            await registry.create_model_version(then_delete())
+            await registry.create_model_version(then_delete(), "tester")
         chunks = [c async for c in registry.read_artifact(kept.name)]
         assert b"".join(chunks) == data
 
@@ -119,7 +121,7 @@ class TestUploadAtomicity:
     ) -> None:
         """A caller that goes away mid-upload leaves no staged file and no version."""
         registry, store, root = stores
-        await registry.create_model("fraud", "")
+        await registry.create_model("fraud", "", ACTOR)
         data = tiny_onnx()
         asked_for_more = asyncio.Event()
 
@@ -130,7 +132,7 @@ class TestUploadAtomicity:
             await asyncio.Event().wait()
             yield data[100:]
 
-        task = asyncio.create_task(registry.create_model_version(stalls()))
+        task = asyncio.create_task(registry.create_model_version(stalls(), "tester"))
         await asked_for_more.wait()
         assert len(files_under(root / "artifacts" / "tmp")) == 1
         task.cancel()
@@ -157,7 +159,7 @@ class TestUploadAtomicity:
             read_chunk_bytes=1 << 10,
             clock=clock,
         )
-        await registry.create_model("fraud", "")
+        await registry.create_model("fraud", "", ACTOR)
         recording.clear()
         data = tiny_onnx()
 
@@ -168,7 +170,7 @@ class TestUploadAtomicity:
         # Another writer holds the database, so the version insert waits while we cancel.
         blocker = sqlite3.connect(root / "registry.db", isolation_level=None)
         blocker.execute("BEGIN IMMEDIATE")
-        task = asyncio.create_task(registry.create_model_version(upload()))
+        task = asyncio.create_task(registry.create_model_version(upload(), "tester"))
         await recording.wait()
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
@@ -186,7 +188,7 @@ class TestUploadAtomicity:
     ) -> None:
         """Uploads racing for one model get versions 1..n, each exactly once."""
         registry, _, root = stores
-        await registry.create_model("fraud", "")
+        await registry.create_model("fraud", "", ACTOR)
         models = [tiny_onnx(weight=float(i % 3)) for i in range(12)]
 
         async def upload(data: bytes) -> AsyncIterator[VersionUpload | bytes]:
@@ -194,7 +196,9 @@ class TestUploadAtomicity:
             for i in range(0, len(data), 64):
                 yield data[i : i + 64]
 
-        versions = await asyncio.gather(*(registry.create_model_version(upload(d)) for d in models))
+        versions = await asyncio.gather(
+            *(registry.create_model_version(upload(d), "tester") for d in models)
+        )
         assert sorted(v.version for v in versions) == list(range(1, 13))
         assert len(files_under(root / "artifacts")) == 3
         for version, data in zip(versions, models, strict=True):
@@ -208,7 +212,7 @@ class TestSizeLimit:
         """The chunk that takes the upload past the limit is the last one read."""
         _, store, root = stores
         registry = registry_over(store, root, max_artifact_bytes=1000)
-        await registry.create_model("fraud", "")
+        await registry.create_model("fraud", "", ACTOR)
         pulled = 0
 
         async def chunks() -> AsyncIterator[VersionUpload | bytes]:
@@ -219,7 +223,7 @@ class TestSizeLimit:
                 yield b"x" * 300
 
         with pytest.raises(ResourceExhaustedError):
-            await registry.create_model_version(chunks())
+            await registry.create_model_version(chunks(), "tester")
         assert pulled == 4
         assert files_under(root / "artifacts") == []
 
@@ -229,13 +233,15 @@ class TestSizeLimit:
         """An artifact as large as max_artifact_bytes is accepted; one byte less of limit refuses it."""
         registry, store, root = stores
         data = tiny_onnx()
-        await registry.create_model("fraud", "")
+        await registry.create_model("fraud", "", ACTOR)
 
         async def upload() -> AsyncIterator[VersionUpload | bytes]:
             yield metadata(data)
             yield data
 
         with pytest.raises(ResourceExhaustedError):
-            await registry_over(store, root, len(data) - 1).create_model_version(upload())
-        version = await registry_over(store, root, len(data)).create_model_version(upload())
+            await registry_over(store, root, len(data) - 1).create_model_version(upload(), "tester")
+        version = await registry_over(store, root, len(data)).create_model_version(
+            upload(), "tester"
+        )
         assert version.size_bytes == len(data)

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
 
 from modelserve_registry.config import RegistrySettings
+from modelserve_runtime.auth import Role, new_api_key
 from modelserve_runtime.config import ConfigError, load_settings
 
 
@@ -42,3 +44,25 @@ class TestRegistrySettings:
         monkeypatch.setenv("MODELSERVE_REGISTRY_MAX_ARTIFACT_BYTES", "0")
         with pytest.raises(ConfigError, match="MODELSERVE_REGISTRY_MAX_ARTIFACT_BYTES"):
             load_settings(RegistrySettings)
+
+    def test_auth_is_off_by_default(self) -> None:
+        """Without configuration auth is off, so a local stack needs no keys."""
+        assert RegistrySettings().auth.enabled is False
+
+    def test_auth_on_without_keys_names_the_setting(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        """MODELSERVE_REGISTRY_AUTH__ENABLED=true with no keys stops the service at start."""
+        monkeypatch.setenv("MODELSERVE_REGISTRY_AUTH__ENABLED", "true")
+        with pytest.raises(ConfigError, match="MODELSERVE_REGISTRY_AUTH"):
+            load_settings(RegistrySettings)
+
+    def test_auth_keys_file_from_the_environment(
+        self, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+    ) -> None:
+        """MODELSERVE_REGISTRY_AUTH__KEYS_FILE names a JSON file of key records."""
+        _, record = new_api_key("alice", {Role.ADMIN}, n=16)
+        path = tmp_path / "keys.json"
+        path.write_text(json.dumps([record.model_dump(mode="json")]))
+        monkeypatch.setenv("MODELSERVE_REGISTRY_AUTH__ENABLED", "true")
+        monkeypatch.setenv("MODELSERVE_REGISTRY_AUTH__KEYS_FILE", str(path))
+        settings = load_settings(RegistrySettings)
+        assert settings.auth.all_keys() == [record]

@@ -12,6 +12,7 @@ import pytest
 
 from modelserve_registry.resources import (
     ArtifactFormat,
+    Change,
     DataType,
     Model,
     ModelVersion,
@@ -35,6 +36,11 @@ SIGNATURE = Signature(
 )
 
 
+def change(at: datetime = NOW, action: str = "Test") -> Change:
+    """A change by the principal `tester`."""
+    return Change("tester", "testing", action, at)
+
+
 def query(db: Path, sql: str) -> list[tuple[object, ...]]:
     """Rows from a second, independent connection to the database file."""
     conn = sqlite3.connect(db)
@@ -49,7 +55,7 @@ async def store(tmp_path: Path) -> AsyncIterator[SqliteRegistryStore]:
     """An opened store in a fresh file, with the model `fraud`."""
     opened = SqliteRegistryStore(tmp_path / "data" / "registry.db")
     await opened.open()
-    await opened.create_model(Model("fraud", "card fraud", NOW))
+    await opened.create_model(Model("fraud", "card fraud", NOW), change())
     yield opened
     await opened.close()
 
@@ -63,7 +69,7 @@ async def add_version(store: SqliteRegistryStore, model_id: str = "fraud") -> Mo
         artifact_uri="file:///a/sha256/ab/" + "ab" * 32,
         sha256="ab" * 32,
         size_bytes=10,
-        create_time=NOW,
+        change=change(),
     )
 
 
@@ -80,6 +86,38 @@ class TestSchema:
         await store.open()
         await store.close()
         assert query(db, "SELECT version FROM schema_migrations ORDER BY version") == applied
+
+    async def test_upgrade_keeps_deployments_as_their_first_revision(self, tmp_path: Path) -> None:
+        """A database made before revision history gets each deployment's current state as
+        a revision, and existing versions start in DEVELOPMENT."""
+        db = tmp_path / "registry.db"
+        conn = sqlite3.connect(db, isolation_level=None)
+        conn.execute(
+            "CREATE TABLE schema_migrations (version INTEGER PRIMARY KEY, applied_time TEXT NOT NULL) STRICT"
+        )
+        for statement in MIGRATIONS[0][1]:
+            conn.execute(statement)
+        conn.execute("INSERT INTO schema_migrations VALUES (1, 'then')")
+        conn.execute("INSERT INTO models VALUES ('fraud', '', ?)", (NOW.isoformat(),))
+        conn.execute(
+            "INSERT INTO model_versions VALUES ('fraud', 1, '', 'onnx', x'', 'file:///x', ?, 1, ?)",
+            ("ab" * 32, NOW.isoformat()),
+        )
+        traffic = '[{"model": "fraud", "version": 1, "percent": 100}]'
+        conn.execute(
+            "INSERT INTO deployments VALUES ('fraud', ?, 4, ?)", (traffic, NOW.isoformat())
+        )
+        conn.close()
+        store = SqliteRegistryStore(db)
+        await store.open()
+        try:
+            [revision] = await store.list_deployment_revisions("fraud", before=None, limit=10)
+            assert revision.deployment == await store.get_deployment("fraud")
+            assert revision.deployment.revision == 4
+            assert (await store.current_revisions(None))[1] == revision.sequence
+            assert query(db, "SELECT stage FROM model_versions") == [("development",)]
+        finally:
+            await store.close()
 
     async def test_file_is_in_wal_mode(self, store: SqliteRegistryStore, tmp_path: Path) -> None:
         """The database runs in WAL mode, so readers do not block the writer."""
@@ -116,7 +154,7 @@ class TestModelsAndVersions:
     async def test_duplicate_model_is_already_exists(self, store: SqliteRegistryStore) -> None:
         """A second model with the same id is refused, and the first one is unchanged."""
         with pytest.raises(AlreadyExistsError):
-            await store.create_model(Model("fraud", "other", NOW))
+            await store.create_model(Model("fraud", "other", NOW), change())
         model = await store.get_model("fraud")
         assert model is not None and model.description == "card fraud"
 
@@ -134,7 +172,7 @@ class TestModelsAndVersions:
 
     async def test_numbers_are_per_model_and_never_repeat(self, store: SqliteRegistryStore) -> None:
         """Concurrent inserts number a model's versions 1..n; another model starts again at 1."""
-        await store.create_model(Model("churn", "", NOW))
+        await store.create_model(Model("churn", "", NOW), change())
         created = await asyncio.gather(*(add_version(store) for _ in range(20)))
         assert sorted(v.version for v in created) == list(range(1, 21))
         assert (await add_version(store, "churn")).version == 1
@@ -156,17 +194,17 @@ class TestDeployments:
         await add_version(store)
         one = (TrafficTarget("fraud", 1, 100),)
         created, changed = await store.put_deployment(
-            "fraud", one, allow_missing=True, update_time=NOW
+            "fraud", one, allow_missing=True, change=change(NOW)
         )
         assert (created.revision, changed) == (1, True)
         split = (TrafficTarget("fraud", 1, 80), TrafficTarget("fraud", 2, 20))
         later = NOW + timedelta(seconds=1)
         updated, changed = await store.put_deployment(
-            "fraud", split, allow_missing=False, update_time=later
+            "fraud", split, allow_missing=False, change=change(later)
         )
         assert (updated.revision, changed, updated.update_time) == (2, True, later)
         same, changed = await store.put_deployment(
-            "fraud", split[::-1], allow_missing=False, update_time=later + timedelta(seconds=1)
+            "fraud", split[::-1], allow_missing=False, change=change(later + timedelta(seconds=1))
         )
         assert (same, changed) == (updated, False)
         assert await store.get_deployment("fraud") == updated
@@ -176,7 +214,7 @@ class TestDeployments:
         await add_version(store)
         split = (TrafficTarget("fraud", 1, 50), TrafficTarget("fraud", 2, 50))
         with pytest.raises(NotFoundError) as info:
-            await store.put_deployment("fraud", split, allow_missing=True, update_time=NOW)
+            await store.put_deployment("fraud", split, allow_missing=True, change=change(NOW))
         assert info.value.metadata == {"name": "models/fraud/versions/2"}
         assert await store.get_deployment("fraud") is None
 
@@ -185,7 +223,7 @@ class TestDeployments:
         await add_version(store)
         with pytest.raises(NotFoundError) as info:
             await store.put_deployment(
-                "fraud", (TrafficTarget("fraud", 1, 100),), allow_missing=False, update_time=NOW
+                "fraud", (TrafficTarget("fraud", 1, 100),), allow_missing=False, change=change(NOW)
             )
         assert info.value.reason == "DEPLOYMENT_NOT_FOUND"
         assert await store.get_deployment("fraud") is None

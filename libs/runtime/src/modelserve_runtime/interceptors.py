@@ -6,7 +6,7 @@ import asyncio
 import inspect
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from typing import Any
 
@@ -212,13 +212,20 @@ class ErrorStatusInterceptor(_ScopeInterceptor):
             await context.abort(status.code, status.details, status.trailing_metadata)
 
 
-def server_interceptors(service: str) -> list[grpc.aio.ServerInterceptor]:
-    """The one interceptor list every service uses, outermost first."""
+def server_interceptors(
+    service: str, inner: Sequence[grpc.aio.ServerInterceptor] = ()
+) -> list[grpc.aio.ServerInterceptor]:
+    """The one interceptor list every service uses, outermost first.
+
+    `inner` (authentication, for a service that has it) runs after the error interceptor,
+    so what it refuses is traced, logged and mapped to a status like any domain error.
+    """
     return [
         TracingInterceptor(),
         RequestContextInterceptor(),
         LoggingMetricsInterceptor(service),
         ErrorStatusInterceptor(f"{service}.modelserve"),
+        *inner,
     ]
 
 

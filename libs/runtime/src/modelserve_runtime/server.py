@@ -64,10 +64,13 @@ def build_grpc_server(
     service: str,
     settings: ServiceSettings,
     register: Callable[[grpc.aio.Server], Sequence[str]],
+    *,
+    inner_interceptors: Sequence[grpc.aio.ServerInterceptor] = (),
 ) -> GrpcServer:
     """Creates the server with the standard interceptors, health and reflection, bound to its port.
 
-    `register` adds the servicers and returns their full service names.
+    `register` adds the servicers and returns their full service names;
+    `inner_interceptors` (authentication) run innermost, after the error interceptor.
     """
     options = [
         ("grpc.max_receive_message_length", settings.server.max_message_bytes),
@@ -75,7 +78,7 @@ def build_grpc_server(
         ("grpc.so_reuseport", 0),
     ]
     server = grpc.aio.server(
-        interceptors=server_interceptors(service),
+        interceptors=server_interceptors(service, inner_interceptors),
         options=options,
         maximum_concurrent_rpcs=settings.server.max_concurrent_rpcs,
     )

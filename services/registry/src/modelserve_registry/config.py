@@ -7,6 +7,7 @@ from pathlib import Path
 from pydantic import Field, ValidationInfo, field_validator
 from pydantic_settings import SettingsConfigDict
 
+from modelserve_runtime.auth import AuthSettings
 from modelserve_runtime.config import ServerSettings, ServiceSettings
 
 MIB = 1024 * 1024
@@ -23,6 +24,8 @@ class RegistrySettings(ServiceSettings):
     """Largest artifact one upload may stream; a larger one gets RESOURCE_EXHAUSTED."""
     read_chunk_bytes: int = Field(default=1 * MIB, ge=1)
     """Size of each chunk ReadModelVersionArtifact sends back."""
+    auth: AuthSettings = Field(default_factory=AuthSettings)
+    """API keys and roles; off by default so a local `make up` needs no keys."""
 
     @property
     def db_path(self) -> Path:

@@ -10,11 +10,14 @@ from modelserve.registry.v1 import registry_service_pb2 as pb
 from modelserve.type.v1 import tensor_pb2
 from modelserve_registry.resources import (
     ArtifactFormat,
+    AuditEvent,
     DataType,
     Deployment,
+    DeploymentRevision,
     Model,
     ModelVersion,
     Signature,
+    Stage,
     TensorSpec,
 )
 
@@ -31,6 +34,13 @@ _FORMATS: dict[pb.ArtifactFormat.ValueType, ArtifactFormat] = {
     pb.ARTIFACT_FORMAT_ONNX: ArtifactFormat.ONNX
 }
 _FORMAT_VALUES = {fmt: value for value, fmt in _FORMATS.items()}
+_STAGES: dict[pb.Stage.ValueType, Stage] = {
+    pb.STAGE_DEVELOPMENT: Stage.DEVELOPMENT,
+    pb.STAGE_STAGING: Stage.STAGING,
+    pb.STAGE_PRODUCTION: Stage.PRODUCTION,
+    pb.STAGE_ARCHIVED: Stage.ARCHIVED,
+}
+_STAGE_VALUES = {stage: value for value, stage in _STAGES.items()}
 
 
 def timestamp(moment: datetime) -> timestamp_pb2.Timestamp:
@@ -104,6 +114,14 @@ def model_version_to_proto(version: ModelVersion) -> pb.ModelVersion:
         sha256=version.sha256,
         size_bytes=version.size_bytes,
         create_time=timestamp(version.create_time),
+        stage=_STAGE_VALUES[version.stage],
+        aliases=version.aliases,
+        approvals=[
+            pb.Approval(
+                principal=a.principal, reason=a.reason, create_time=timestamp(a.create_time)
+            )
+            for a in version.approvals
+        ],
     )
 
 
@@ -117,4 +135,33 @@ def deployment_to_proto(deployment: Deployment) -> pb.Deployment:
         ],
         revision=deployment.revision,
         update_time=timestamp(deployment.update_time),
+    )
+
+
+def stage_from_proto(value: pb.Stage.ValueType) -> Stage | None:
+    """The stage, or None for UNSPECIFIED and values this build does not know."""
+    return _STAGES.get(value)
+
+
+def revision_to_proto(revision: DeploymentRevision) -> pb.DeploymentRevision:
+    """A DeploymentRevision value as its message."""
+    return pb.DeploymentRevision(
+        deployment=deployment_to_proto(revision.deployment),
+        sequence=revision.sequence,
+        principal=revision.principal,
+        reason=revision.reason,
+        restored_revision=revision.restored_revision,
+    )
+
+
+def audit_event_to_proto(event: AuditEvent) -> pb.AuditEvent:
+    """An AuditEvent value as its message."""
+    return pb.AuditEvent(
+        name=event.name,
+        create_time=timestamp(event.create_time),
+        principal=event.principal,
+        action=event.action,
+        resource=event.resource,
+        reason=event.reason,
+        details=event.details,
     )

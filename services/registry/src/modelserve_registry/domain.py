@@ -6,6 +6,7 @@ import asyncio
 import base64
 import binascii
 import hashlib
+import json
 import re
 from collections.abc import AsyncIterable, AsyncIterator, Callable, Sequence
 from datetime import UTC, datetime
@@ -15,10 +16,16 @@ import structlog
 from modelserve_registry.artifacts import ArtifactStore, StagedArtifact
 from modelserve_registry.onnx_artifact import check_onnx_artifact
 from modelserve_registry.resources import (
+    Actor,
     ArtifactFormat,
+    AuditEvent,
+    Change,
     Deployment,
+    DeploymentRevision,
     Model,
     ModelVersion,
+    Page,
+    Stage,
     TensorSpec,
     TrafficShare,
     TrafficTarget,
@@ -50,6 +57,15 @@ MAX_PAGE_SIZE = 1000
 #: Writable fields of a Deployment, as update_mask paths; `*` names them all.
 DEPLOYMENT_WRITABLE_FIELDS = frozenset({"traffic"})
 _DEPLOYMENT_OUTPUT_ONLY_FIELDS = frozenset({"name", "revision", "update_time"})
+#: How many revisions a watcher reads from the store at a time.
+WATCH_BATCH = 500
+#: The stages a version may move to from each stage: the next one along, or ARCHIVED.
+STAGE_TRANSITIONS: dict[Stage, frozenset[Stage]] = {
+    Stage.DEVELOPMENT: frozenset({Stage.STAGING, Stage.ARCHIVED}),
+    Stage.STAGING: frozenset({Stage.PRODUCTION, Stage.ARCHIVED}),
+    Stage.PRODUCTION: frozenset({Stage.ARCHIVED}),
+    Stage.ARCHIVED: frozenset(),
+}
 
 
 def _utc_now() -> datetime:
@@ -119,6 +135,64 @@ def _decode_page_token(token: str, model_id: str) -> int:
             "page_token", "not a next_page_token from a previous call for this parent"
         )
     return last_version
+
+
+def _encode_token(kind: str, scope: str, last: str) -> str:
+    raw = json.dumps([_PAGE_TOKEN_PREFIX, kind, scope, last])
+    return base64.urlsafe_b64encode(raw.encode()).decode()
+
+
+def _decode_token(token: str, kind: str, scope: str) -> str:
+    """The last item of the previous page; the token must come from the same listing."""
+    try:
+        prefix, token_kind, token_scope, last = json.loads(base64.urlsafe_b64decode(token))
+    except (binascii.Error, UnicodeError, ValueError, TypeError):
+        prefix = token_kind = token_scope = last = None
+    if [prefix, token_kind, token_scope] != [_PAGE_TOKEN_PREFIX, kind, scope] or not last:
+        raise InvalidArgumentError.for_field(
+            "page_token", "not a next_page_token from a previous call with the same parameters"
+        )
+    return str(last)
+
+
+def _page_limit(page_size: int) -> int:
+    if page_size < 0:
+        raise InvalidArgumentError.for_field("page_size", "must not be negative")
+    return min(page_size or DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE)
+
+
+def _token_number(token: str, kind: str, scope: str) -> int | None:
+    if not token:
+        return None
+    last = _decode_token(token, kind, scope)
+    if not last.isdigit() or int(last) < 1:
+        raise InvalidArgumentError.for_field(
+            "page_token", "not a next_page_token from a previous call with the same parameters"
+        )
+    return int(last)
+
+
+class _ChangeSignal:
+    """Wakes every waiting watcher when a deployment revision has been committed."""
+
+    def __init__(self) -> None:
+        self._count = 0
+        self._condition = asyncio.Condition()
+
+    @property
+    def count(self) -> int:
+        """How many signals have been sent; a watcher remembers it before reading."""
+        return self._count
+
+    async def send(self) -> None:
+        async with self._condition:
+            self._count += 1
+            self._condition.notify_all()
+
+    async def wait_past(self, seen: int) -> None:
+        """Returns once a signal was sent after the count `seen` was read."""
+        async with self._condition:
+            await self._condition.wait_for(lambda: self._count > seen)
 
 
 def _check_tensors(field: str, tensors: Sequence[TensorSpec]) -> list[FieldViolation]:
@@ -209,20 +283,42 @@ class Registry:
         self._record_lock = asyncio.Lock()
         # Recordings that outlive a cancelled caller, held here until they finish.
         self._recording: set[asyncio.Task[ModelVersion]] = set()
+        self._changes = _ChangeSignal()
 
-    async def create_model(self, model_id: str, description: str) -> Model:
+    def _change(self, actor: Actor, action: str) -> Change:
+        return Change(actor.principal, actor.reason, action, self._clock())
+
+    async def create_model(self, model_id: str, description: str, actor: Actor) -> Model:
         """Registers a model; ALREADY_EXISTS when the id is taken."""
         if not _MODEL_ID.fullmatch(model_id):
             raise InvalidArgumentError.for_field(
                 "model_id", "1-63 of [a-z0-9-], starting with a lowercase letter"
             )
-        model = Model(model_id=model_id, description=description, create_time=self._clock())
-        await self._store.create_model(model)
+        change = self._change(actor, "CreateModel")
+        model = Model(model_id=model_id, description=description, create_time=change.time)
+        await self._store.create_model(model, change)
         log.info("model_created", model=model.name)
         return model
 
+    async def get_model(self, name: str) -> Model:
+        """The model `models/{model}`."""
+        model_id = parse_model_name(name, "name")
+        model = await self._store.get_model(model_id)
+        if model is None:
+            raise _model_not_found(model_id)
+        return model
+
+    async def list_models(self, page_size: int, page_token: str) -> Page[Model]:
+        """One page of the models, by id."""
+        limit = _page_limit(page_size)
+        after = _decode_token(page_token, "models", "") if page_token else None
+        rows = await self._store.list_models(after=after, limit=limit + 1)
+        if len(rows) <= limit:
+            return Page(rows)
+        return Page(rows[:limit], _encode_token("models", "", rows[limit - 1].model_id))
+
     async def create_model_version(
-        self, messages: AsyncIterable[VersionUpload | bytes]
+        self, messages: AsyncIterable[VersionUpload | bytes], principal: str
     ) -> ModelVersion:
         """Records a new version from an upload: the metadata first, then the artifact's bytes.
 
@@ -258,7 +354,10 @@ class Registry:
             raise
         # Once the bytes are in and valid, recording finishes even if the caller goes away:
         # a cancelled insert could still land after its artifact file had been removed.
-        task = asyncio.create_task(self._record(model_id, artifact_format, upload, staged, digest))
+        actor = Actor(principal, upload.reason)
+        task = asyncio.create_task(
+            self._record(model_id, artifact_format, upload, staged, digest, actor)
+        )
         self._recording.add(task)
         task.add_done_callback(self._recording.discard)
         version = await asyncio.shield(task)
@@ -294,6 +393,7 @@ class Registry:
         upload: VersionUpload,
         staged: StagedArtifact,
         digest: str,
+        actor: Actor,
     ) -> ModelVersion:
         try:
             async with self._record_lock:
@@ -307,7 +407,7 @@ class Registry:
                         artifact_uri=stored.uri,
                         sha256=digest,
                         size_bytes=staged.size,
-                        create_time=self._clock(),
+                        change=self._change(actor, "CreateModelVersion"),
                     )
                 except BaseException:
                     if stored.created:
@@ -387,6 +487,7 @@ class Registry:
         update_mask: Sequence[str],
         *,
         allow_missing: bool,
+        actor: Actor,
     ) -> Deployment:
         """Sets a deployment's traffic; creates it only with `allow_missing`.
 
@@ -435,9 +536,13 @@ class Registry:
         if violations:
             raise _invalid(violations)
         deployment, changed = await self._store.put_deployment(
-            deployment_id, targets, allow_missing=allow_missing, update_time=self._clock()
+            deployment_id,
+            targets,
+            allow_missing=allow_missing,
+            change=self._change(actor, "UpdateDeployment"),
         )
         if changed:
+            await self._changes.send()
             log.info(
                 "deployment_updated",
                 deployment=deployment.name,
@@ -445,3 +550,185 @@ class Registry:
                 traffic={t.model_version: t.percent for t in deployment.traffic},
             )
         return deployment
+
+    async def rollback_deployment(self, name: str, revision: int, actor: Actor) -> Deployment:
+        """Restores the traffic of `revision` (the one before the current when 0) as a new
+        revision. Restoring the traffic the deployment already has changes nothing."""
+        deployment_id = parse_deployment_name(name, "name")
+        if revision < 0:
+            raise InvalidArgumentError.for_field("revision", "must not be negative")
+        current = await self.get_deployment(name)
+        wanted = revision or current.revision - 1
+        if wanted < 1:
+            raise FailedPreconditionError(
+                f"{name} is at its first revision; there is none before it to roll back to",
+                reason="NO_PREVIOUS_REVISION",
+                metadata={"name": name, "revision": str(current.revision)},
+            )
+        target = await self._store.get_deployment_revision(deployment_id, wanted)
+        if target is None:
+            raise NotFoundError(
+                f"{name} has no revision {wanted}",
+                reason="DEPLOYMENT_REVISION_NOT_FOUND",
+                metadata={"name": name, "revision": str(wanted)},
+            )
+        deployment, changed = await self._store.put_deployment(
+            deployment_id,
+            target.deployment.traffic,
+            allow_missing=False,
+            change=self._change(actor, "RollbackDeployment"),
+            restored_revision=wanted,
+        )
+        if changed:
+            await self._changes.send()
+            log.info(
+                "deployment_rolled_back",
+                deployment=deployment.name,
+                revision=deployment.revision,
+                restored_revision=wanted,
+            )
+        return deployment
+
+    async def list_deployment_revisions(
+        self, name: str, page_size: int, page_token: str
+    ) -> Page[DeploymentRevision]:
+        """One page of a deployment's revisions, newest first."""
+        deployment_id = parse_deployment_name(name, "name")
+        limit = _page_limit(page_size)
+        before = _token_number(page_token, "revisions", deployment_id)
+        await self.get_deployment(name)
+        rows = await self._store.list_deployment_revisions(
+            deployment_id, before=before, limit=limit + 1
+        )
+        if len(rows) <= limit:
+            return Page(rows)
+        last = str(rows[limit - 1].deployment.revision)
+        return Page(rows[:limit], _encode_token("revisions", deployment_id, last))
+
+    async def watch_deployments(
+        self, name: str, after_sequence: int
+    ) -> AsyncIterator[DeploymentRevision]:
+        """The current revision of each watched deployment (when `after_sequence` is 0) or
+        every revision after `after_sequence`, then each new revision as it is committed.
+
+        Never ends by itself. Nothing is skipped: the signal count is read before the
+        store, so a revision committed between the read and the wait wakes the watcher.
+        """
+        deployment_id = parse_deployment_name(name, "name") if name else None
+        if after_sequence < 0:
+            raise InvalidArgumentError.for_field("after_sequence", "must not be negative")
+        last = after_sequence
+        if after_sequence == 0:
+            current, last = await self._store.current_revisions(deployment_id)
+            for revision in current:
+                yield revision
+        while True:
+            seen = self._changes.count
+            batch = await self._store.revisions_after(last, deployment_id, limit=WATCH_BATCH)
+            for revision in batch:
+                last = revision.sequence
+                yield revision
+            if len(batch) < WATCH_BATCH:
+                await self._changes.wait_past(seen)
+
+    async def list_audit_events(
+        self, resource: str, page_size: int, page_token: str
+    ) -> Page[AuditEvent]:
+        """One page of the audit trail on `resource` and below it (all when empty), newest first."""
+        limit = _page_limit(page_size)
+        before = _token_number(page_token, "audit", resource)
+        rows = await self._store.list_audit_events(resource or None, before=before, limit=limit + 1)
+        if len(rows) <= limit:
+            return Page(rows)
+        return Page(rows[:limit], _encode_token("audit", resource, str(rows[limit - 1].event_id)))
+
+    async def transition_stage(self, name: str, stage: Stage | None, actor: Actor) -> ModelVersion:
+        """Moves a version to `stage`: the next stage along, or ARCHIVED from any.
+
+        Entering PRODUCTION needs an approval by a principal other than the caller.
+        """
+        model_id, number = parse_version_name(name, "name")
+        if stage is None:
+            raise InvalidArgumentError.for_field(
+                "stage", "must be STAGING, PRODUCTION, ARCHIVED or DEVELOPMENT"
+            )
+        version = await self.get_model_version(name)
+        if stage not in STAGE_TRANSITIONS[version.stage]:
+            allowed = sorted(s.name for s in STAGE_TRANSITIONS[version.stage])
+            raise FailedPreconditionError(
+                f"{name} is in {version.stage.name} and cannot move to {stage.name}"
+                f" (allowed: {', '.join(allowed) or 'none'})",
+                reason="INVALID_STAGE_TRANSITION",
+                metadata={"name": name, "stage": version.stage.name, "requested": stage.name},
+            )
+        if stage is Stage.PRODUCTION:
+            self._check_production_approval(version, actor)
+            # TODO(issue 3): also require a passing validation run recorded on the version:
+            # a smoke test (inference loads it and it answers its sample inputs) and a
+            # regression test against the current PRODUCTION version within a tolerance.
+        moved = await self._store.set_stage(
+            model_id,
+            number,
+            expected=version.stage,
+            stage=stage,
+            change=self._change(actor, "TransitionModelVersionStage"),
+        )
+        log.info("model_version_stage_changed", model_version=name, stage=stage.name)
+        return moved
+
+    @staticmethod
+    def _check_production_approval(version: ModelVersion, actor: Actor) -> None:
+        if any(a.principal != actor.principal for a in version.approvals):
+            return
+        own = any(a.principal == actor.principal for a in version.approvals)
+        why = (
+            "the only approval is the requester's own, and a requester cannot approve itself"
+            if own
+            else "it has no approval"
+        )
+        raise FailedPreconditionError(
+            f"{version.name} cannot enter PRODUCTION: {why}; it needs an approval by a "
+            f"principal with the approver role other than the requester {actor.principal!r}",
+            reason="APPROVAL_REQUIRED",
+            metadata={
+                "name": version.name,
+                "unmet_condition": "approval by an approver other than the requester",
+                "requester": actor.principal,
+            },
+        )
+
+    async def approve_model_version(self, name: str, actor: Actor) -> ModelVersion:
+        """Records the caller's approval of a STAGING version for PRODUCTION."""
+        model_id, number = parse_version_name(name, "name")
+        version = await self.get_model_version(name)
+        if version.stage is not Stage.STAGING:
+            raise FailedPreconditionError(
+                f"{name} is in {version.stage.name}; only a STAGING version can be approved",
+                reason="NOT_IN_STAGING",
+                metadata={"name": name, "stage": version.stage.name},
+            )
+        approved = await self._store.add_approval(
+            model_id, number, self._change(actor, "ApproveModelVersion")
+        )
+        log.info("model_version_approved", model_version=name, principal=actor.principal)
+        return approved
+
+    async def set_alias(self, name: str, alias: str, actor: Actor) -> ModelVersion:
+        """Points the model's `alias` at the version `name`."""
+        violations: list[FieldViolation] = []
+        model_id, number = "", 0
+        try:
+            model_id, number = parse_version_name(name, "name")
+        except InvalidArgumentError as exc:
+            violations.extend(exc.violations)
+        if not _MODEL_ID.fullmatch(alias):
+            violations.append(
+                FieldViolation("alias", "1-63 of [a-z0-9-], starting with a lowercase letter")
+            )
+        if violations:
+            raise _invalid(violations)
+        await self._store.set_alias(
+            model_id, alias, number, self._change(actor, "SetModelVersionAlias")
+        )
+        log.info("model_version_alias_set", model_version=name, alias=alias)
+        return await self.get_model_version(name)

@@ -5,12 +5,24 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass
 from datetime import datetime
+from typing import Generic, TypeVar
+
+T = TypeVar("T")
 
 
 class ArtifactFormat(enum.Enum):
     """The file format of a version's artifact."""
 
     ONNX = "onnx"
+
+
+class Stage(enum.Enum):
+    """Where a version is in its lifecycle."""
+
+    DEVELOPMENT = "development"
+    STAGING = "staging"
+    PRODUCTION = "production"
+    ARCHIVED = "archived"
 
 
 class DataType(enum.Enum):
@@ -57,6 +69,15 @@ class Model:
 
 
 @dataclass(frozen=True, slots=True)
+class Approval:
+    """One approver's consent to a version entering PRODUCTION."""
+
+    principal: str
+    reason: str
+    create_time: datetime
+
+
+@dataclass(frozen=True, slots=True)
 class ModelVersion:
     """One immutable, uploaded artifact of a model."""
 
@@ -69,6 +90,9 @@ class ModelVersion:
     sha256: str
     size_bytes: int
     create_time: datetime
+    stage: Stage = Stage.DEVELOPMENT
+    aliases: tuple[str, ...] = ()
+    approvals: tuple[Approval, ...] = ()
 
     @property
     def name(self) -> str:
@@ -85,6 +109,7 @@ class VersionUpload:
     format: ArtifactFormat | None
     signature: Signature
     sha256: str
+    reason: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -130,3 +155,58 @@ class TrafficShare:
 
     model_version: str
     percent: int
+
+
+@dataclass(frozen=True, slots=True)
+class Actor:
+    """Who asks for a change and why: the authenticated principal and the caller's reason."""
+
+    principal: str
+    reason: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class Change:
+    """Who makes a change, why, when, and as which action; every change is audited."""
+
+    principal: str
+    reason: str
+    action: str
+    time: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class DeploymentRevision:
+    """One immutable state of a deployment and how it came to be."""
+
+    deployment: Deployment
+    sequence: int
+    principal: str
+    reason: str
+    restored_revision: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class AuditEvent:
+    """One recorded change: who, when, what, on which resource, and why."""
+
+    event_id: int
+    create_time: datetime
+    principal: str
+    action: str
+    resource: str
+    reason: str
+    details: dict[str, str]
+
+    @property
+    def name(self) -> str:
+        """`auditEvents/{event}`."""
+        return f"auditEvents/{self.event_id}"
+
+
+@dataclass(frozen=True, slots=True)
+class Page(Generic[T]):
+    """One page of a listing and the token for the next one (empty on the last page)."""
+
+    items: list[T]
+    next_page_token: str = ""

@@ -8,11 +8,13 @@ import grpc
 
 from modelserve.registry.v1 import registry_service_pb2 as pb
 from modelserve.registry.v1 import registry_service_pb2_grpc as pb_grpc
+from modelserve_registry.access import REGISTRY_POLICY
 from modelserve_registry.artifacts import LocalArtifactStore
 from modelserve_registry.config import RegistrySettings
 from modelserve_registry.domain import Registry
 from modelserve_registry.servicer import RegistryServicer
 from modelserve_registry.store import SqliteRegistryStore
+from modelserve_runtime.auth import ApiKeyAuthenticator, AuthInterceptor
 from modelserve_runtime.server import GrpcServer, build_grpc_server, run_service
 
 SERVICE = "registry"
@@ -49,7 +51,12 @@ async def build_server(settings: RegistrySettings) -> tuple[GrpcServer, Registry
         pb_grpc.add_RegistryServiceServicer_to_server(RegistryServicer(registry), server)
         return [pb.DESCRIPTOR.services_by_name["RegistryService"].full_name]
 
-    return build_grpc_server(SERVICE, settings, register), RegistryApp(store, artifacts)
+    auth: list[grpc.aio.ServerInterceptor] = []
+    if settings.auth.enabled:
+        authenticator = ApiKeyAuthenticator(settings.auth.all_keys())
+        auth.append(AuthInterceptor(authenticator, REGISTRY_POLICY))
+    server = build_grpc_server(SERVICE, settings, register, inner_interceptors=auth)
+    return server, RegistryApp(store, artifacts)
 
 
 def main() -> None:

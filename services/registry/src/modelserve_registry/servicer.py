@@ -10,14 +10,23 @@ import grpc
 from modelserve.registry.v1 import registry_service_pb2 as pb
 from modelserve.registry.v1 import registry_service_pb2_grpc as pb_grpc
 from modelserve_registry.convert import (
+    audit_event_to_proto,
     deployment_to_proto,
     format_from_proto,
     model_to_proto,
     model_version_to_proto,
+    revision_to_proto,
     signature_from_proto,
+    stage_from_proto,
 )
 from modelserve_registry.domain import Registry
-from modelserve_registry.resources import TrafficShare, VersionUpload
+from modelserve_registry.resources import Actor, TrafficShare, VersionUpload
+from modelserve_runtime.auth import current_principal
+
+
+def _actor(reason: str) -> Actor:
+    """The caller of the RPC being handled, as the auth interceptor identified it."""
+    return Actor(current_principal(), reason)
 
 
 async def _upload_messages(
@@ -33,6 +42,7 @@ async def _upload_messages(
                 format=format_from_proto(upload.model_version.format),
                 signature=signature_from_proto(upload.model_version.signature),
                 sha256=upload.sha256,
+                reason=upload.reason,
             )
         else:
             yield request.chunk
@@ -47,7 +57,9 @@ class RegistryServicer(pb_grpc.RegistryServiceServicer):
     async def CreateModel(
         self, request: pb.CreateModelRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> pb.CreateModelResponse:
-        model = await self._registry.create_model(request.model_id, request.model.description)
+        model = await self._registry.create_model(
+            request.model_id, request.model.description, _actor(request.reason)
+        )
         return pb.CreateModelResponse(model=model_to_proto(model))
 
     async def CreateModelVersion(
@@ -55,7 +67,9 @@ class RegistryServicer(pb_grpc.RegistryServiceServicer):
         request_iterator: AsyncIterator[pb.CreateModelVersionRequest],
         context: grpc.aio.ServicerContext[Any, Any],
     ) -> pb.CreateModelVersionResponse:
-        version = await self._registry.create_model_version(_upload_messages(request_iterator))
+        version = await self._registry.create_model_version(
+            _upload_messages(request_iterator), current_principal()
+        )
         return pb.CreateModelVersionResponse(model_version=model_version_to_proto(version))
 
     async def GetModelVersion(
@@ -97,5 +111,84 @@ class RegistryServicer(pb_grpc.RegistryServiceServicer):
             [TrafficShare(t.model_version, t.percent) for t in request.deployment.traffic],
             list(request.update_mask.paths),
             allow_missing=request.allow_missing,
+            actor=_actor(request.reason),
         )
         return pb.UpdateDeploymentResponse(deployment=deployment_to_proto(deployment))
+
+    async def ListDeploymentRevisions(
+        self,
+        request: pb.ListDeploymentRevisionsRequest,
+        context: grpc.aio.ServicerContext[Any, Any],
+    ) -> pb.ListDeploymentRevisionsResponse:
+        page = await self._registry.list_deployment_revisions(
+            request.name, request.page_size, request.page_token
+        )
+        return pb.ListDeploymentRevisionsResponse(
+            revisions=[revision_to_proto(r) for r in page.items],
+            next_page_token=page.next_page_token,
+        )
+
+    async def RollbackDeployment(
+        self, request: pb.RollbackDeploymentRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> pb.RollbackDeploymentResponse:
+        deployment = await self._registry.rollback_deployment(
+            request.name, request.revision, _actor(request.reason)
+        )
+        return pb.RollbackDeploymentResponse(deployment=deployment_to_proto(deployment))
+
+    async def WatchDeployments(
+        self, request: pb.WatchDeploymentsRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> AsyncIterator[pb.WatchDeploymentsResponse]:
+        async for revision in self._registry.watch_deployments(
+            request.name, request.after_sequence
+        ):
+            yield pb.WatchDeploymentsResponse(revision=revision_to_proto(revision))
+
+    async def ListAuditEvents(
+        self, request: pb.ListAuditEventsRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> pb.ListAuditEventsResponse:
+        page = await self._registry.list_audit_events(
+            request.resource, request.page_size, request.page_token
+        )
+        return pb.ListAuditEventsResponse(
+            audit_events=[audit_event_to_proto(e) for e in page.items],
+            next_page_token=page.next_page_token,
+        )
+
+    async def TransitionModelVersionStage(
+        self,
+        request: pb.TransitionModelVersionStageRequest,
+        context: grpc.aio.ServicerContext[Any, Any],
+    ) -> pb.TransitionModelVersionStageResponse:
+        version = await self._registry.transition_stage(
+            request.name, stage_from_proto(request.stage), _actor(request.reason)
+        )
+        return pb.TransitionModelVersionStageResponse(model_version=model_version_to_proto(version))
+
+    async def ApproveModelVersion(
+        self, request: pb.ApproveModelVersionRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> pb.ApproveModelVersionResponse:
+        version = await self._registry.approve_model_version(request.name, _actor(request.reason))
+        return pb.ApproveModelVersionResponse(model_version=model_version_to_proto(version))
+
+    async def SetModelVersionAlias(
+        self, request: pb.SetModelVersionAliasRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> pb.SetModelVersionAliasResponse:
+        version = await self._registry.set_alias(
+            request.name, request.alias, _actor(request.reason)
+        )
+        return pb.SetModelVersionAliasResponse(model_version=model_version_to_proto(version))
+
+    async def GetModel(
+        self, request: pb.GetModelRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> pb.GetModelResponse:
+        model = await self._registry.get_model(request.name)
+        return pb.GetModelResponse(model=model_to_proto(model))
+
+    async def ListModels(
+        self, request: pb.ListModelsRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> pb.ListModelsResponse:
+        page = await self._registry.list_models(request.page_size, request.page_token)
+        return pb.ListModelsResponse(
+            models=[model_to_proto(m) for m in page.items], next_page_token=page.next_page_token
+        )

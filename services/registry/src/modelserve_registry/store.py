@@ -1,4 +1,4 @@
-"""The registry's records: models, versions and deployments in SQLite, with schema migrations."""
+"""The registry's records in SQLite, with schema migrations: models, versions, deployments, audit."""
 
 from __future__ import annotations
 
@@ -16,11 +16,16 @@ import structlog
 
 from modelserve_registry.convert import signature_from_bytes, signature_to_bytes
 from modelserve_registry.resources import (
+    Approval,
     ArtifactFormat,
+    AuditEvent,
+    Change,
     Deployment,
+    DeploymentRevision,
     Model,
     ModelVersion,
     Signature,
+    Stage,
     TrafficTarget,
 )
 from modelserve_runtime.errors import (
@@ -64,16 +69,75 @@ MIGRATIONS: tuple[tuple[int, tuple[str, ...]], ...] = (
             ) STRICT""",
         ),
     ),
+    (
+        2,
+        (
+            # Every state a deployment has had; `sequence` orders them across deployments,
+            # so a watcher can resume after the last one it saw.
+            """CREATE TABLE deployment_revisions (
+                sequence INTEGER PRIMARY KEY AUTOINCREMENT,
+                deployment_id TEXT NOT NULL,
+                revision INTEGER NOT NULL CHECK (revision >= 1),
+                traffic TEXT NOT NULL,
+                principal TEXT NOT NULL,
+                reason TEXT NOT NULL,
+                restored_revision INTEGER NOT NULL,
+                create_time TEXT NOT NULL,
+                UNIQUE (deployment_id, revision)
+            ) STRICT""",
+            """INSERT INTO deployment_revisions
+                (deployment_id, revision, traffic, principal, reason, restored_revision,
+                 create_time)
+               SELECT deployment_id, revision, traffic, '', 'recorded before revision history',
+                      0, update_time
+               FROM deployments ORDER BY update_time""",
+            """CREATE TABLE audit_events (
+                event_id INTEGER PRIMARY KEY AUTOINCREMENT,
+                create_time TEXT NOT NULL,
+                principal TEXT NOT NULL,
+                action TEXT NOT NULL,
+                resource TEXT NOT NULL,
+                reason TEXT NOT NULL,
+                details TEXT NOT NULL
+            ) STRICT""",
+            "CREATE INDEX audit_events_by_resource ON audit_events (resource, event_id)",
+            "ALTER TABLE model_versions ADD COLUMN stage TEXT NOT NULL DEFAULT 'development'",
+            """CREATE TABLE approvals (
+                model_id TEXT NOT NULL,
+                version INTEGER NOT NULL,
+                principal TEXT NOT NULL,
+                reason TEXT NOT NULL,
+                create_time TEXT NOT NULL,
+                PRIMARY KEY (model_id, version, principal),
+                FOREIGN KEY (model_id, version) REFERENCES model_versions (model_id, version)
+            ) STRICT""",
+            """CREATE TABLE model_aliases (
+                model_id TEXT NOT NULL,
+                alias TEXT NOT NULL,
+                version INTEGER NOT NULL,
+                PRIMARY KEY (model_id, alias),
+                FOREIGN KEY (model_id, version) REFERENCES model_versions (model_id, version)
+            ) STRICT""",
+        ),
+    ),
 )
 
-_VERSION_COLUMNS = "model_id, version, description, format, signature, artifact_uri, sha256, size_bytes, create_time"
+_VERSION_COLUMNS = (
+    "model_id, version, description, format, signature, artifact_uri, sha256, size_bytes,"
+    " create_time, stage"
+)
+_REVISION_COLUMNS = (
+    "sequence, deployment_id, revision, traffic, principal, reason, restored_revision, create_time"
+)
 
 
 class RegistryStore(Protocol):
-    """Durable records of models, versions and deployments.
+    """Durable records of models, versions, deployments and the audit trail.
 
     Writes that must see a consistent state (allocating a version number, checking the
-    targets of a deployment) run in one transaction inside the store.
+    targets of a deployment, moving a stage) run in one transaction inside the store, and
+    each change writes its audit event in that same transaction: no change without its
+    record, no record without its change.
     """
 
     async def open(self) -> None:
@@ -84,12 +148,16 @@ class RegistryStore(Protocol):
         """Closes the store."""
         ...
 
-    async def create_model(self, model: Model) -> None:
+    async def create_model(self, model: Model, change: Change) -> None:
         """Records a new model; AlreadyExistsError when the id is taken."""
         ...
 
     async def get_model(self, model_id: str) -> Model | None:
         """The model, or None."""
+        ...
+
+    async def list_models(self, *, after: str | None, limit: int) -> list[Model]:
+        """Up to `limit` models with ids after `after` (all when None), by id."""
         ...
 
     async def create_model_version(
@@ -102,19 +170,34 @@ class RegistryStore(Protocol):
         artifact_uri: str,
         sha256: str,
         size_bytes: int,
-        create_time: datetime,
+        change: Change,
     ) -> ModelVersion:
         """Records a version numbered one past the model's newest; NotFoundError without the model."""
         ...
 
     async def get_model_version(self, model_id: str, version: int) -> ModelVersion | None:
-        """The version, or None."""
+        """The version with its stage, aliases and approvals, or None."""
         ...
 
     async def list_model_versions(
         self, model_id: str, *, before: int | None, limit: int
     ) -> list[ModelVersion]:
         """Up to `limit` versions numbered below `before` (all when None), newest first."""
+        ...
+
+    async def set_stage(
+        self, model_id: str, version: int, *, expected: Stage, stage: Stage, change: Change
+    ) -> ModelVersion:
+        """Moves a version from `expected` to `stage`; FailedPreconditionError when its stage
+        is no longer `expected` (another change came first)."""
+        ...
+
+    async def add_approval(self, model_id: str, version: int, change: Change) -> ModelVersion:
+        """Records `change.principal`'s approval; approving twice changes nothing."""
+        ...
+
+    async def set_alias(self, model_id: str, alias: str, version: int, change: Change) -> None:
+        """Points the model's `alias` at `version`."""
         ...
 
     async def get_deployment(self, deployment_id: str) -> Deployment | None:
@@ -127,9 +210,10 @@ class RegistryStore(Protocol):
         traffic: Sequence[TrafficTarget],
         *,
         allow_missing: bool,
-        update_time: datetime,
+        change: Change,
+        restored_revision: int = 0,
     ) -> tuple[Deployment, bool]:
-        """Sets a deployment's traffic; returns it and whether it changed.
+        """Sets a deployment's traffic as a new revision; returns it and whether it changed.
 
         The revision goes up by one on every change; setting the traffic it already has
         changes nothing.
@@ -137,6 +221,38 @@ class RegistryStore(Protocol):
         NotFoundError when a target version does not exist, or when the deployment does
         not exist and `allow_missing` is false.
         """
+        ...
+
+    async def get_deployment_revision(
+        self, deployment_id: str, revision: int
+    ) -> DeploymentRevision | None:
+        """One revision of a deployment, or None."""
+        ...
+
+    async def list_deployment_revisions(
+        self, deployment_id: str, *, before: int | None, limit: int
+    ) -> list[DeploymentRevision]:
+        """Up to `limit` revisions numbered below `before` (all when None), newest first."""
+        ...
+
+    async def current_revisions(
+        self, deployment_id: str | None
+    ) -> tuple[list[DeploymentRevision], int]:
+        """The newest revision of each deployment (or of the one named), and the newest
+        sequence of all, read together."""
+        ...
+
+    async def revisions_after(
+        self, sequence: int, deployment_id: str | None, *, limit: int
+    ) -> list[DeploymentRevision]:
+        """Up to `limit` revisions with a sequence above `sequence`, oldest first."""
+        ...
+
+    async def list_audit_events(
+        self, resource: str | None, *, before: int | None, limit: int
+    ) -> list[AuditEvent]:
+        """Up to `limit` events on `resource` or below it (all when None) with ids below
+        `before` (all when None), newest first."""
         ...
 
 
@@ -164,7 +280,50 @@ def _model_not_found(model_id: str) -> NotFoundError:
     )
 
 
-def _version_from_row(row: sqlite3.Row) -> ModelVersion:
+def _version_not_found(model_id: str, version: int) -> NotFoundError:
+    name = f"models/{model_id}/versions/{version}"
+    return NotFoundError(
+        f"model version {name} does not exist",
+        reason="MODEL_VERSION_NOT_FOUND",
+        metadata={"name": name},
+    )
+
+
+def _audit(
+    conn: sqlite3.Connection, change: Change, resource: str, details: dict[str, str]
+) -> None:
+    conn.execute(
+        "INSERT INTO audit_events (create_time, principal, action, resource, reason, details)"
+        " VALUES (?, ?, ?, ?, ?, ?)",
+        (
+            change.time.isoformat(),
+            change.principal,
+            change.action,
+            resource,
+            change.reason,
+            json.dumps(details, sort_keys=True),
+        ),
+    )
+
+
+def _read_version(conn: sqlite3.Connection, row: sqlite3.Row) -> ModelVersion:
+    """A version row with its aliases and approvals."""
+    key = (row["model_id"], row["version"])
+    aliases = tuple(
+        r["alias"]
+        for r in conn.execute(
+            "SELECT alias FROM model_aliases WHERE model_id = ? AND version = ? ORDER BY alias",
+            key,
+        )
+    )
+    approvals = tuple(
+        Approval(r["principal"], r["reason"], _time(r["create_time"]))
+        for r in conn.execute(
+            "SELECT principal, reason, create_time FROM approvals"
+            " WHERE model_id = ? AND version = ? ORDER BY create_time, principal",
+            key,
+        )
+    )
     return ModelVersion(
         model_id=row["model_id"],
         version=row["version"],
@@ -175,10 +334,22 @@ def _version_from_row(row: sqlite3.Row) -> ModelVersion:
         sha256=row["sha256"],
         size_bytes=row["size_bytes"],
         create_time=_time(row["create_time"]),
+        stage=Stage(row["stage"]),
+        aliases=aliases,
+        approvals=approvals,
     )
 
 
-def _traffic_to_json(traffic: Sequence[TrafficTarget]) -> str:
+def _select_version(conn: sqlite3.Connection, model_id: str, version: int) -> ModelVersion | None:
+    row = conn.execute(
+        f"SELECT {_VERSION_COLUMNS} FROM model_versions WHERE model_id = ? AND version = ?",
+        (model_id, version),
+    ).fetchone()
+    return None if row is None else _read_version(conn, row)
+
+
+def traffic_to_json(traffic: Sequence[TrafficTarget]) -> str:
+    """Traffic as the JSON it is stored (and audited) as."""
     return json.dumps(
         [{"model": t.model_id, "version": t.version, "percent": t.percent} for t in traffic]
     )
@@ -194,6 +365,21 @@ def _deployment_from_row(row: sqlite3.Row) -> Deployment:
         traffic=_traffic_from_json(row["traffic"]),
         revision=row["revision"],
         update_time=_time(row["update_time"]),
+    )
+
+
+def _revision_from_row(row: sqlite3.Row) -> DeploymentRevision:
+    return DeploymentRevision(
+        deployment=Deployment(
+            deployment_id=row["deployment_id"],
+            traffic=_traffic_from_json(row["traffic"]),
+            revision=row["revision"],
+            update_time=_time(row["create_time"]),
+        ),
+        sequence=row["sequence"],
+        principal=row["principal"],
+        reason=row["reason"],
+        restored_revision=row["restored_revision"],
     )
 
 
@@ -267,14 +453,17 @@ class SqliteRegistryStore:
         await asyncio.get_running_loop().run_in_executor(executor, close)
         executor.shutdown(wait=False)
 
-    async def create_model(self, model: Model) -> None:
+    async def create_model(self, model: Model, change: Change) -> None:
         def work(conn: sqlite3.Connection) -> int:
-            cursor = conn.execute(
-                "INSERT INTO models (model_id, description, create_time) VALUES (?, ?, ?)"
-                " ON CONFLICT (model_id) DO NOTHING",
-                (model.model_id, model.description, model.create_time.isoformat()),
-            )
-            return cursor.rowcount
+            with _transaction(conn):
+                cursor = conn.execute(
+                    "INSERT INTO models (model_id, description, create_time) VALUES (?, ?, ?)"
+                    " ON CONFLICT (model_id) DO NOTHING",
+                    (model.model_id, model.description, model.create_time.isoformat()),
+                )
+                if cursor.rowcount:
+                    _audit(conn, change, model.name, {"description": model.description})
+                return cursor.rowcount
 
         if await self._call(work) == 0:
             raise AlreadyExistsError(
@@ -295,6 +484,17 @@ class SqliteRegistryStore:
 
         return await self._call(work)
 
+    async def list_models(self, *, after: str | None, limit: int) -> list[Model]:
+        def work(conn: sqlite3.Connection) -> list[Model]:
+            rows = conn.execute(
+                "SELECT model_id, description, create_time FROM models"
+                " WHERE (? IS NULL OR model_id > ?) ORDER BY model_id LIMIT ?",
+                (after, after, limit),
+            ).fetchall()
+            return [Model(r["model_id"], r["description"], _time(r["create_time"])) for r in rows]
+
+        return await self._call(work)
+
     async def create_model_version(
         self,
         *,
@@ -305,7 +505,7 @@ class SqliteRegistryStore:
         artifact_uri: str,
         sha256: str,
         size_bytes: int,
-        create_time: datetime,
+        change: Change,
     ) -> ModelVersion:
         signature_bytes = signature_to_bytes(signature)
 
@@ -320,7 +520,7 @@ class SqliteRegistryStore:
                 # write transaction, so two uploads can never get the same one.
                 row = conn.execute(
                     f"INSERT INTO model_versions ({_VERSION_COLUMNS})"
-                    " SELECT ?, COALESCE(MAX(version), 0) + 1, ?, ?, ?, ?, ?, ?, ?"
+                    " SELECT ?, COALESCE(MAX(version), 0) + 1, ?, ?, ?, ?, ?, ?, ?, ?"
                     " FROM model_versions WHERE model_id = ?"
                     f" RETURNING {_VERSION_COLUMNS}",
                     (
@@ -331,23 +531,24 @@ class SqliteRegistryStore:
                         artifact_uri,
                         sha256,
                         size_bytes,
-                        create_time.isoformat(),
+                        change.time.isoformat(),
+                        Stage.DEVELOPMENT.value,
                         model_id,
                     ),
                 ).fetchone()
-                return _version_from_row(row)
+                version = _read_version(conn, row)
+                _audit(
+                    conn,
+                    change,
+                    version.name,
+                    {"sha256": sha256, "size_bytes": str(size_bytes), "artifact_uri": artifact_uri},
+                )
+                return version
 
         return await self._call(work)
 
     async def get_model_version(self, model_id: str, version: int) -> ModelVersion | None:
-        def work(conn: sqlite3.Connection) -> ModelVersion | None:
-            row = conn.execute(
-                f"SELECT {_VERSION_COLUMNS} FROM model_versions WHERE model_id = ? AND version = ?",
-                (model_id, version),
-            ).fetchone()
-            return None if row is None else _version_from_row(row)
-
-        return await self._call(work)
+        return await self._call(lambda conn: _select_version(conn, model_id, version))
 
     async def list_model_versions(
         self, model_id: str, *, before: int | None, limit: int
@@ -359,9 +560,76 @@ class SqliteRegistryStore:
                 " ORDER BY version DESC LIMIT ?",
                 (model_id, before, before, limit),
             ).fetchall()
-            return [_version_from_row(row) for row in rows]
+            return [_read_version(conn, row) for row in rows]
 
         return await self._call(work)
+
+    async def set_stage(
+        self, model_id: str, version: int, *, expected: Stage, stage: Stage, change: Change
+    ) -> ModelVersion:
+        def work(conn: sqlite3.Connection) -> ModelVersion:
+            with _transaction(conn):
+                cursor = conn.execute(
+                    "UPDATE model_versions SET stage = ?"
+                    " WHERE model_id = ? AND version = ? AND stage = ?",
+                    (stage.value, model_id, version, expected.value),
+                )
+                current = _select_version(conn, model_id, version)
+                if current is None:
+                    raise _version_not_found(model_id, version)
+                if cursor.rowcount == 0:
+                    raise FailedPreconditionError(
+                        f"{current.name} is in {current.stage.name}, no longer in {expected.name}",
+                        reason="STAGE_CHANGED",
+                        metadata={"name": current.name, "stage": current.stage.name},
+                    )
+                _audit(
+                    conn, change, current.name, {"from_stage": expected.name, "stage": stage.name}
+                )
+                return current
+
+        return await self._call(work)
+
+    async def add_approval(self, model_id: str, version: int, change: Change) -> ModelVersion:
+        def work(conn: sqlite3.Connection) -> ModelVersion:
+            with _transaction(conn):
+                if _select_version(conn, model_id, version) is None:
+                    raise _version_not_found(model_id, version)
+                cursor = conn.execute(
+                    "INSERT INTO approvals (model_id, version, principal, reason, create_time)"
+                    " VALUES (?, ?, ?, ?, ?) ON CONFLICT DO NOTHING",
+                    (model_id, version, change.principal, change.reason, change.time.isoformat()),
+                )
+                current = _select_version(conn, model_id, version)
+                assert current is not None
+                if cursor.rowcount:
+                    _audit(conn, change, current.name, {"approved_for": Stage.PRODUCTION.name})
+                return current
+
+        return await self._call(work)
+
+    async def set_alias(self, model_id: str, alias: str, version: int, change: Change) -> None:
+        def work(conn: sqlite3.Connection) -> None:
+            with _transaction(conn):
+                if _select_version(conn, model_id, version) is None:
+                    raise _version_not_found(model_id, version)
+                previous = conn.execute(
+                    "SELECT version FROM model_aliases WHERE model_id = ? AND alias = ?",
+                    (model_id, alias),
+                ).fetchone()
+                if previous is not None and previous["version"] == version:
+                    return
+                conn.execute(
+                    "INSERT INTO model_aliases (model_id, alias, version) VALUES (?, ?, ?)"
+                    " ON CONFLICT (model_id, alias) DO UPDATE SET version = excluded.version",
+                    (model_id, alias, version),
+                )
+                details = {"alias": alias}
+                if previous is not None:
+                    details["previous_version"] = f"models/{model_id}/versions/{previous[0]}"
+                _audit(conn, change, f"models/{model_id}/versions/{version}", details)
+
+        await self._call(work)
 
     async def get_deployment(self, deployment_id: str) -> Deployment | None:
         def work(conn: sqlite3.Connection) -> Deployment | None:
@@ -380,9 +648,11 @@ class SqliteRegistryStore:
         traffic: Sequence[TrafficTarget],
         *,
         allow_missing: bool,
-        update_time: datetime,
+        change: Change,
+        restored_revision: int = 0,
     ) -> tuple[Deployment, bool]:
         targets = tuple(traffic)
+        update_time = change.time
 
         def work(conn: sqlite3.Connection) -> tuple[Deployment, bool]:
             with _transaction(conn):
@@ -392,11 +662,7 @@ class SqliteRegistryStore:
                         (target.model_id, target.version),
                     ).fetchone()
                     if found is None:
-                        raise NotFoundError(
-                            f"model version {target.model_version} does not exist",
-                            reason="MODEL_VERSION_NOT_FOUND",
-                            metadata={"name": target.model_version},
-                        )
+                        raise _version_not_found(target.model_id, target.version)
                 row = conn.execute(
                     "SELECT deployment_id, traffic, revision, update_time FROM deployments"
                     " WHERE deployment_id = ?",
@@ -417,15 +683,134 @@ class SqliteRegistryStore:
                     revision = current.revision + 1
                 else:
                     revision = 1
+                traffic_json = traffic_to_json(targets)
                 conn.execute(
                     "INSERT INTO deployments (deployment_id, traffic, revision, update_time)"
                     " VALUES (?, ?, ?, ?)"
                     " ON CONFLICT (deployment_id) DO UPDATE SET"
                     " traffic = excluded.traffic, revision = excluded.revision,"
                     " update_time = excluded.update_time",
-                    (deployment_id, _traffic_to_json(targets), revision, update_time.isoformat()),
+                    (deployment_id, traffic_json, revision, update_time.isoformat()),
                 )
+                conn.execute(
+                    f"INSERT INTO deployment_revisions ({_REVISION_COLUMNS})"
+                    " VALUES (NULL, ?, ?, ?, ?, ?, ?, ?)",
+                    (
+                        deployment_id,
+                        revision,
+                        traffic_json,
+                        change.principal,
+                        change.reason,
+                        restored_revision,
+                        update_time.isoformat(),
+                    ),
+                )
+                details = {"revision": str(revision), "traffic": traffic_json}
+                if restored_revision:
+                    details["restored_revision"] = str(restored_revision)
+                _audit(conn, change, f"deployments/{deployment_id}", details)
                 return Deployment(deployment_id, targets, revision, update_time), True
+
+        return await self._call(work)
+
+    async def get_deployment_revision(
+        self, deployment_id: str, revision: int
+    ) -> DeploymentRevision | None:
+        def work(conn: sqlite3.Connection) -> DeploymentRevision | None:
+            row = conn.execute(
+                f"SELECT {_REVISION_COLUMNS} FROM deployment_revisions"
+                " WHERE deployment_id = ? AND revision = ?",
+                (deployment_id, revision),
+            ).fetchone()
+            return None if row is None else _revision_from_row(row)
+
+        return await self._call(work)
+
+    async def list_deployment_revisions(
+        self, deployment_id: str, *, before: int | None, limit: int
+    ) -> list[DeploymentRevision]:
+        def work(conn: sqlite3.Connection) -> list[DeploymentRevision]:
+            rows = conn.execute(
+                f"SELECT {_REVISION_COLUMNS} FROM deployment_revisions"
+                " WHERE deployment_id = ? AND (? IS NULL OR revision < ?)"
+                " ORDER BY revision DESC LIMIT ?",
+                (deployment_id, before, before, limit),
+            ).fetchall()
+            return [_revision_from_row(row) for row in rows]
+
+        return await self._call(work)
+
+    async def current_revisions(
+        self, deployment_id: str | None
+    ) -> tuple[list[DeploymentRevision], int]:
+        def work(conn: sqlite3.Connection) -> tuple[list[DeploymentRevision], int]:
+            # Both reads in one transaction, so no revision falls between the snapshot and
+            # the sequence a watcher resumes after.
+            conn.execute("BEGIN")
+            try:
+                rows = conn.execute(
+                    f"SELECT {_REVISION_COLUMNS} FROM deployment_revisions"
+                    " WHERE sequence IN (SELECT MAX(sequence) FROM deployment_revisions"
+                    "  WHERE (? IS NULL OR deployment_id = ?) GROUP BY deployment_id)"
+                    " ORDER BY sequence",
+                    (deployment_id, deployment_id),
+                ).fetchall()
+                latest = conn.execute(
+                    "SELECT COALESCE(MAX(sequence), 0) FROM deployment_revisions"
+                ).fetchone()[0]
+            finally:
+                conn.execute("COMMIT")
+            return [_revision_from_row(row) for row in rows], int(latest)
+
+        return await self._call(work)
+
+    async def revisions_after(
+        self, sequence: int, deployment_id: str | None, *, limit: int
+    ) -> list[DeploymentRevision]:
+        def work(conn: sqlite3.Connection) -> list[DeploymentRevision]:
+            rows = conn.execute(
+                f"SELECT {_REVISION_COLUMNS} FROM deployment_revisions"
+                " WHERE sequence > ? AND (? IS NULL OR deployment_id = ?)"
+                " ORDER BY sequence LIMIT ?",
+                (sequence, deployment_id, deployment_id, limit),
+            ).fetchall()
+            return [_revision_from_row(row) for row in rows]
+
+        return await self._call(work)
+
+    async def list_audit_events(
+        self, resource: str | None, *, before: int | None, limit: int
+    ) -> list[AuditEvent]:
+        def work(conn: sqlite3.Connection) -> list[AuditEvent]:
+            # A prefix match by range, not LIKE, so `_` and `%` in names mean themselves.
+            rows = conn.execute(
+                "SELECT event_id, create_time, principal, action, resource, reason, details"
+                " FROM audit_events"
+                " WHERE (? IS NULL OR resource = ? OR (resource > ? AND resource < ?))"
+                " AND (? IS NULL OR event_id < ?)"
+                " ORDER BY event_id DESC LIMIT ?",
+                (
+                    resource,
+                    resource,
+                    f"{resource}/",
+                    f"{resource}0",  # '0' is the character after '/'
+                    before,
+                    before,
+                    limit,
+                ),
+            ).fetchall()
+            return [
+                AuditEvent(
+                    event_id=r["event_id"],
+                    create_time=_time(r["create_time"]),
+                    principal=r["principal"],
+                    action=r["action"],
+                    resource=r["resource"],
+                    reason=r["reason"],
+                    details=json.loads(r["details"]),
+                )
+                for r in rows
+            ]
 
         return await self._call(work)
 

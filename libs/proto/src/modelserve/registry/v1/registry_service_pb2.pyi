@@ -42,6 +42,40 @@ ARTIFACT_FORMAT_ONNX: ArtifactFormat.ValueType  # 1
 """An ONNX model file."""
 Global___ArtifactFormat: _TypeAlias = ArtifactFormat  # noqa: Y015
 
+class _Stage:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _StageEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Stage.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    STAGE_UNSPECIFIED: _Stage.ValueType  # 0
+    """Not set."""
+    STAGE_DEVELOPMENT: _Stage.ValueType  # 1
+    """Being built and tried; every version starts here."""
+    STAGE_STAGING: _Stage.ValueType  # 2
+    """Candidate for production."""
+    STAGE_PRODUCTION: _Stage.ValueType  # 3
+    """Approved to serve production traffic."""
+    STAGE_ARCHIVED: _Stage.ValueType  # 4
+    """Retired."""
+
+class Stage(_Stage, metaclass=_StageEnumTypeWrapper):
+    """Stage is where a version is in its lifecycle: DEVELOPMENT, then STAGING, then
+    PRODUCTION, then ARCHIVED.
+    """
+
+STAGE_UNSPECIFIED: Stage.ValueType  # 0
+"""Not set."""
+STAGE_DEVELOPMENT: Stage.ValueType  # 1
+"""Being built and tried; every version starts here."""
+STAGE_STAGING: Stage.ValueType  # 2
+"""Candidate for production."""
+STAGE_PRODUCTION: Stage.ValueType  # 3
+"""Approved to serve production traffic."""
+STAGE_ARCHIVED: Stage.ValueType  # 4
+"""Retired."""
+Global___Stage: _TypeAlias = Stage  # noqa: Y015
+
 @_typing.final
 class Model(_message.Message):
     """Model is a named family of versions."""
@@ -127,6 +161,9 @@ class ModelVersion(_message.Message):
     SHA256_FIELD_NUMBER: _builtins.int
     SIZE_BYTES_FIELD_NUMBER: _builtins.int
     CREATE_TIME_FIELD_NUMBER: _builtins.int
+    STAGE_FIELD_NUMBER: _builtins.int
+    ALIASES_FIELD_NUMBER: _builtins.int
+    APPROVALS_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """Identifier. Format: `models/{model}/versions/{version}`; versions are numbered from 1."""
     description: _builtins.str
@@ -139,6 +176,8 @@ class ModelVersion(_message.Message):
     """Output only. The artifact's sha256, lowercase hex."""
     size_bytes: _builtins.int
     """Output only. The artifact's size in bytes."""
+    stage: Global___Stage.ValueType
+    """Output only. The version's lifecycle stage; DEVELOPMENT when created."""
     @_builtins.property
     def signature(self) -> Global___Signature:
         """Required. The inputs and outputs."""
@@ -146,6 +185,14 @@ class ModelVersion(_message.Message):
     @_builtins.property
     def create_time(self) -> _timestamp_pb2.Timestamp:
         """Output only. When the version was created."""
+
+    @_builtins.property
+    def aliases(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Output only. The aliases of the model that point at this version."""
+
+    @_builtins.property
+    def approvals(self) -> _containers.RepeatedCompositeFieldContainer[Global___Approval]:
+        """Output only. The approvals recorded for this version."""
 
     def __init__(
         self,
@@ -158,14 +205,49 @@ class ModelVersion(_message.Message):
         sha256: _builtins.str = ...,
         size_bytes: _builtins.int = ...,
         create_time: _timestamp_pb2.Timestamp | None = ...,
+        stage: Global___Stage.ValueType = ...,
+        aliases: _abc.Iterable[_builtins.str] | None = ...,
+        approvals: _abc.Iterable[Global___Approval] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "signature", b"signature"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["artifact_uri", b"artifact_uri", "create_time", b"create_time", "description", b"description", "format", b"format", "name", b"name", "sha256", b"sha256", "signature", b"signature", "size_bytes", b"size_bytes"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["aliases", b"aliases", "approvals", b"approvals", "artifact_uri", b"artifact_uri", "create_time", b"create_time", "description", b"description", "format", b"format", "name", b"name", "sha256", b"sha256", "signature", b"signature", "size_bytes", b"size_bytes", "stage", b"stage"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ModelVersion: _TypeAlias = ModelVersion  # noqa: Y015
+
+@_typing.final
+class Approval(_message.Message):
+    """Approval is one approver's consent to a version entering PRODUCTION."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PRINCIPAL_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    CREATE_TIME_FIELD_NUMBER: _builtins.int
+    principal: _builtins.str
+    """Output only. The approving principal."""
+    reason: _builtins.str
+    """Output only. Why the approver agreed."""
+    @_builtins.property
+    def create_time(self) -> _timestamp_pb2.Timestamp:
+        """Output only. When the approval was given."""
+
+    def __init__(
+        self,
+        *,
+        principal: _builtins.str = ...,
+        reason: _builtins.str = ...,
+        create_time: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "principal", b"principal", "reason", b"reason"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Approval: _TypeAlias = Approval  # noqa: Y015
 
 @_typing.final
 class CreateModelRequest(_message.Message):
@@ -175,8 +257,11 @@ class CreateModelRequest(_message.Message):
 
     MODEL_ID_FIELD_NUMBER: _builtins.int
     MODEL_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
     model_id: _builtins.str
     """Required. The model id, the `{model}` of `models/{model}`."""
+    reason: _builtins.str
+    """Optional. Why the model is created; kept in the audit trail."""
     @_builtins.property
     def model(self) -> Global___Model:
         """Required. The model to create; its `name` is ignored."""
@@ -186,10 +271,11 @@ class CreateModelRequest(_message.Message):
         *,
         model_id: _builtins.str = ...,
         model: Global___Model | None = ...,
+        reason: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["model", b"model"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["model", b"model", "model_id", b"model_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["model", b"model", "model_id", b"model_id", "reason", b"reason"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -228,10 +314,13 @@ class ModelVersionUpload(_message.Message):
     PARENT_FIELD_NUMBER: _builtins.int
     MODEL_VERSION_FIELD_NUMBER: _builtins.int
     SHA256_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
     parent: _builtins.str
     """Required. The model. Format: `models/{model}`."""
     sha256: _builtins.str
     """Required. The sha256 of the artifact bytes that follow, lowercase hex."""
+    reason: _builtins.str
+    """Optional. Why the version is created; kept in the audit trail."""
     @_builtins.property
     def model_version(self) -> Global___ModelVersion:
         """Required. The version to create; output-only fields are ignored."""
@@ -242,10 +331,11 @@ class ModelVersionUpload(_message.Message):
         parent: _builtins.str = ...,
         model_version: Global___ModelVersion | None = ...,
         sha256: _builtins.str = ...,
+        reason: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["model_version", b"model_version"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["model_version", b"model_version", "parent", b"parent", "sha256", b"sha256"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["model_version", b"model_version", "parent", b"parent", "reason", b"reason", "sha256", b"sha256"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -572,8 +662,11 @@ class UpdateDeploymentRequest(_message.Message):
     DEPLOYMENT_FIELD_NUMBER: _builtins.int
     UPDATE_MASK_FIELD_NUMBER: _builtins.int
     ALLOW_MISSING_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
     allow_missing: _builtins.bool
     """Optional. Create the deployment when it does not exist."""
+    reason: _builtins.str
+    """Optional. Why the deployment changes; kept with the revision and in the audit trail."""
     @_builtins.property
     def deployment(self) -> Global___Deployment:
         """Required. The deployment with its `name` set and the fields to change."""
@@ -588,10 +681,11 @@ class UpdateDeploymentRequest(_message.Message):
         deployment: Global___Deployment | None = ...,
         update_mask: _field_mask_pb2.FieldMask | None = ...,
         allow_missing: _builtins.bool = ...,
+        reason: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["deployment", b"deployment", "update_mask", b"update_mask"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["allow_missing", b"allow_missing", "deployment", b"deployment", "update_mask", b"update_mask"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["allow_missing", b"allow_missing", "deployment", b"deployment", "reason", b"reason", "update_mask", b"update_mask"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -620,3 +714,605 @@ class UpdateDeploymentResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___UpdateDeploymentResponse: _TypeAlias = UpdateDeploymentResponse  # noqa: Y015
+
+@_typing.final
+class DeploymentRevision(_message.Message):
+    """DeploymentRevision is one immutable state of a deployment, as it was made."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DEPLOYMENT_FIELD_NUMBER: _builtins.int
+    SEQUENCE_FIELD_NUMBER: _builtins.int
+    PRINCIPAL_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    RESTORED_REVISION_FIELD_NUMBER: _builtins.int
+    sequence: _builtins.int
+    """Output only. The registry-wide position of this revision among all deployments'
+    revisions; increases with every revision made.
+    """
+    principal: _builtins.str
+    """Output only. Who made the revision."""
+    reason: _builtins.str
+    """Output only. Why the revision was made."""
+    restored_revision: _builtins.int
+    """Output only. For a rollback, the revision whose traffic was restored; 0 otherwise."""
+    @_builtins.property
+    def deployment(self) -> Global___Deployment:
+        """Output only. The deployment as of this revision; its `revision` numbers it."""
+
+    def __init__(
+        self,
+        *,
+        deployment: Global___Deployment | None = ...,
+        sequence: _builtins.int = ...,
+        principal: _builtins.str = ...,
+        reason: _builtins.str = ...,
+        restored_revision: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["deployment", b"deployment"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["deployment", b"deployment", "principal", b"principal", "reason", b"reason", "restored_revision", b"restored_revision", "sequence", b"sequence"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DeploymentRevision: _TypeAlias = DeploymentRevision  # noqa: Y015
+
+@_typing.final
+class ListDeploymentRevisionsRequest(_message.Message):
+    """ListDeploymentRevisionsRequest lists the revisions of one deployment."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    PAGE_SIZE_FIELD_NUMBER: _builtins.int
+    PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """Required. Format: `deployments/{deployment}`."""
+    page_size: _builtins.int
+    """Optional. The most revisions to return; 50 when zero, at most 1000."""
+    page_token: _builtins.str
+    """Optional. The `next_page_token` of a previous call."""
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        page_size: _builtins.int = ...,
+        page_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["name", b"name", "page_size", b"page_size", "page_token", b"page_token"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListDeploymentRevisionsRequest: _TypeAlias = ListDeploymentRevisionsRequest  # noqa: Y015
+
+@_typing.final
+class ListDeploymentRevisionsResponse(_message.Message):
+    """ListDeploymentRevisionsResponse holds one page of revisions."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REVISIONS_FIELD_NUMBER: _builtins.int
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    next_page_token: _builtins.str
+    """The token for the next page; empty on the last page."""
+    @_builtins.property
+    def revisions(self) -> _containers.RepeatedCompositeFieldContainer[Global___DeploymentRevision]:
+        """The revisions, newest first."""
+
+    def __init__(
+        self,
+        *,
+        revisions: _abc.Iterable[Global___DeploymentRevision] | None = ...,
+        next_page_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["next_page_token", b"next_page_token", "revisions", b"revisions"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListDeploymentRevisionsResponse: _TypeAlias = ListDeploymentRevisionsResponse  # noqa: Y015
+
+@_typing.final
+class RollbackDeploymentRequest(_message.Message):
+    """RollbackDeploymentRequest names a deployment and the revision to return to."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    REVISION_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """Required. Format: `deployments/{deployment}`."""
+    revision: _builtins.int
+    """Optional. The revision whose traffic to restore; the one before the current
+    revision when zero.
+    """
+    reason: _builtins.str
+    """Optional. Why the deployment is rolled back; kept with the revision and in the audit trail."""
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        revision: _builtins.int = ...,
+        reason: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["name", b"name", "reason", b"reason", "revision", b"revision"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RollbackDeploymentRequest: _TypeAlias = RollbackDeploymentRequest  # noqa: Y015
+
+@_typing.final
+class RollbackDeploymentResponse(_message.Message):
+    """RollbackDeploymentResponse holds the deployment after the rollback."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DEPLOYMENT_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def deployment(self) -> Global___Deployment:
+        """The deployment, at its new revision."""
+
+    def __init__(
+        self,
+        *,
+        deployment: Global___Deployment | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["deployment", b"deployment"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["deployment", b"deployment"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RollbackDeploymentResponse: _TypeAlias = RollbackDeploymentResponse  # noqa: Y015
+
+@_typing.final
+class WatchDeploymentsRequest(_message.Message):
+    """WatchDeploymentsRequest says which deployments to watch and where to resume."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    AFTER_SEQUENCE_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """Optional. Watch only this deployment. Format: `deployments/{deployment}`; every
+    deployment when empty.
+    """
+    after_sequence: _builtins.int
+    """Optional. The `sequence` of the last revision the caller saw: every later revision
+    is sent, in order. When zero, the current revision of each deployment comes first.
+    """
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        after_sequence: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["after_sequence", b"after_sequence", "name", b"name"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___WatchDeploymentsRequest: _TypeAlias = WatchDeploymentsRequest  # noqa: Y015
+
+@_typing.final
+class WatchDeploymentsResponse(_message.Message):
+    """WatchDeploymentsResponse is one revision of a watched deployment."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REVISION_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def revision(self) -> Global___DeploymentRevision:
+        """The revision."""
+
+    def __init__(
+        self,
+        *,
+        revision: Global___DeploymentRevision | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["revision", b"revision"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["revision", b"revision"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___WatchDeploymentsResponse: _TypeAlias = WatchDeploymentsResponse  # noqa: Y015
+
+@_typing.final
+class AuditEvent(_message.Message):
+    """AuditEvent is one recorded change: who, when, what, on which resource, and why."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    @_typing.final
+    class DetailsEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.str
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.str = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    NAME_FIELD_NUMBER: _builtins.int
+    CREATE_TIME_FIELD_NUMBER: _builtins.int
+    PRINCIPAL_FIELD_NUMBER: _builtins.int
+    ACTION_FIELD_NUMBER: _builtins.int
+    RESOURCE_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    DETAILS_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """Output only. Identifier. Format: `auditEvents/{event}`; numbered in the order the
+    changes were made.
+    """
+    principal: _builtins.str
+    """Output only. Who made it: the API key's principal, or `anonymous` when auth is off."""
+    action: _builtins.str
+    """Output only. What was done, as the RPC name (`UpdateDeployment`, ...)."""
+    resource: _builtins.str
+    """Output only. The resource changed, e.g. `deployments/fraud`."""
+    reason: _builtins.str
+    """Output only. The reason the caller gave."""
+    @_builtins.property
+    def create_time(self) -> _timestamp_pb2.Timestamp:
+        """Output only. When the change was made."""
+
+    @_builtins.property
+    def details(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
+        """Output only. What changed, as key/value pairs (`traffic`, `stage`, ...)."""
+
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        create_time: _timestamp_pb2.Timestamp | None = ...,
+        principal: _builtins.str = ...,
+        action: _builtins.str = ...,
+        resource: _builtins.str = ...,
+        reason: _builtins.str = ...,
+        details: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["action", b"action", "create_time", b"create_time", "details", b"details", "name", b"name", "principal", b"principal", "reason", b"reason", "resource", b"resource"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___AuditEvent: _TypeAlias = AuditEvent  # noqa: Y015
+
+@_typing.final
+class ListAuditEventsRequest(_message.Message):
+    """ListAuditEventsRequest filters and pages the audit trail."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RESOURCE_FIELD_NUMBER: _builtins.int
+    PAGE_SIZE_FIELD_NUMBER: _builtins.int
+    PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    resource: _builtins.str
+    """Optional. Only events on this resource or on resources below it (`models/fraud`
+    also matches `models/fraud/versions/1`); every event when empty.
+    """
+    page_size: _builtins.int
+    """Optional. The most events to return; 50 when zero, at most 1000."""
+    page_token: _builtins.str
+    """Optional. The `next_page_token` of a previous call with the same `resource`."""
+    def __init__(
+        self,
+        *,
+        resource: _builtins.str = ...,
+        page_size: _builtins.int = ...,
+        page_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["page_size", b"page_size", "page_token", b"page_token", "resource", b"resource"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListAuditEventsRequest: _TypeAlias = ListAuditEventsRequest  # noqa: Y015
+
+@_typing.final
+class ListAuditEventsResponse(_message.Message):
+    """ListAuditEventsResponse holds one page of events."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    AUDIT_EVENTS_FIELD_NUMBER: _builtins.int
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    next_page_token: _builtins.str
+    """The token for the next page; empty on the last page."""
+    @_builtins.property
+    def audit_events(self) -> _containers.RepeatedCompositeFieldContainer[Global___AuditEvent]:
+        """The events, newest first."""
+
+    def __init__(
+        self,
+        *,
+        audit_events: _abc.Iterable[Global___AuditEvent] | None = ...,
+        next_page_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["audit_events", b"audit_events", "next_page_token", b"next_page_token"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListAuditEventsResponse: _TypeAlias = ListAuditEventsResponse  # noqa: Y015
+
+@_typing.final
+class TransitionModelVersionStageRequest(_message.Message):
+    """TransitionModelVersionStageRequest moves a version to a stage."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    STAGE_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """Required. Format: `models/{model}/versions/{version}`."""
+    stage: Global___Stage.ValueType
+    """Required. The stage to enter: the next one along DEVELOPMENT, STAGING, PRODUCTION,
+    or ARCHIVED from any stage.
+    """
+    reason: _builtins.str
+    """Optional. Why; kept in the audit trail."""
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        stage: Global___Stage.ValueType = ...,
+        reason: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["name", b"name", "reason", b"reason", "stage", b"stage"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___TransitionModelVersionStageRequest: _TypeAlias = TransitionModelVersionStageRequest  # noqa: Y015
+
+@_typing.final
+class TransitionModelVersionStageResponse(_message.Message):
+    """TransitionModelVersionStageResponse holds the version in its new stage."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MODEL_VERSION_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def model_version(self) -> Global___ModelVersion:
+        """The version."""
+
+    def __init__(
+        self,
+        *,
+        model_version: Global___ModelVersion | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["model_version", b"model_version"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["model_version", b"model_version"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___TransitionModelVersionStageResponse: _TypeAlias = TransitionModelVersionStageResponse  # noqa: Y015
+
+@_typing.final
+class ApproveModelVersionRequest(_message.Message):
+    """ApproveModelVersionRequest approves a version for PRODUCTION."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """Required. Format: `models/{model}/versions/{version}`."""
+    reason: _builtins.str
+    """Optional. Why; kept with the approval and in the audit trail."""
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        reason: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["name", b"name", "reason", b"reason"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ApproveModelVersionRequest: _TypeAlias = ApproveModelVersionRequest  # noqa: Y015
+
+@_typing.final
+class ApproveModelVersionResponse(_message.Message):
+    """ApproveModelVersionResponse holds the approved version."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MODEL_VERSION_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def model_version(self) -> Global___ModelVersion:
+        """The version with its approvals."""
+
+    def __init__(
+        self,
+        *,
+        model_version: Global___ModelVersion | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["model_version", b"model_version"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["model_version", b"model_version"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ApproveModelVersionResponse: _TypeAlias = ApproveModelVersionResponse  # noqa: Y015
+
+@_typing.final
+class SetModelVersionAliasRequest(_message.Message):
+    """SetModelVersionAliasRequest points an alias at a version."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    ALIAS_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """Required. Format: `models/{model}/versions/{version}`."""
+    alias: _builtins.str
+    """Required. The alias, 1-63 of [a-z0-9-] starting with a letter (`champion`, ...)."""
+    reason: _builtins.str
+    """Optional. Why; kept in the audit trail."""
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        alias: _builtins.str = ...,
+        reason: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["alias", b"alias", "name", b"name", "reason", b"reason"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SetModelVersionAliasRequest: _TypeAlias = SetModelVersionAliasRequest  # noqa: Y015
+
+@_typing.final
+class SetModelVersionAliasResponse(_message.Message):
+    """SetModelVersionAliasResponse holds the version the alias now points at."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MODEL_VERSION_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def model_version(self) -> Global___ModelVersion:
+        """The version."""
+
+    def __init__(
+        self,
+        *,
+        model_version: Global___ModelVersion | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["model_version", b"model_version"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["model_version", b"model_version"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SetModelVersionAliasResponse: _TypeAlias = SetModelVersionAliasResponse  # noqa: Y015
+
+@_typing.final
+class GetModelRequest(_message.Message):
+    """GetModelRequest names a model."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """Required. Format: `models/{model}`."""
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["name", b"name"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetModelRequest: _TypeAlias = GetModelRequest  # noqa: Y015
+
+@_typing.final
+class GetModelResponse(_message.Message):
+    """GetModelResponse holds the model."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MODEL_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def model(self) -> Global___Model:
+        """The model."""
+
+    def __init__(
+        self,
+        *,
+        model: Global___Model | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["model", b"model"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["model", b"model"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetModelResponse: _TypeAlias = GetModelResponse  # noqa: Y015
+
+@_typing.final
+class ListModelsRequest(_message.Message):
+    """ListModelsRequest pages through the models."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PAGE_SIZE_FIELD_NUMBER: _builtins.int
+    PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    page_size: _builtins.int
+    """Optional. The most models to return; 50 when zero, at most 1000."""
+    page_token: _builtins.str
+    """Optional. The `next_page_token` of a previous call."""
+    def __init__(
+        self,
+        *,
+        page_size: _builtins.int = ...,
+        page_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["page_size", b"page_size", "page_token", b"page_token"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListModelsRequest: _TypeAlias = ListModelsRequest  # noqa: Y015
+
+@_typing.final
+class ListModelsResponse(_message.Message):
+    """ListModelsResponse holds one page of models."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MODELS_FIELD_NUMBER: _builtins.int
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    next_page_token: _builtins.str
+    """The token for the next page; empty on the last page."""
+    @_builtins.property
+    def models(self) -> _containers.RepeatedCompositeFieldContainer[Global___Model]:
+        """The models, by id."""
+
+    def __init__(
+        self,
+        *,
+        models: _abc.Iterable[Global___Model] | None = ...,
+        next_page_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["models", b"models", "next_page_token", b"next_page_token"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListModelsResponse: _TypeAlias = ListModelsResponse  # noqa: Y015

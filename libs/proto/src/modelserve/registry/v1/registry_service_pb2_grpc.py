@@ -71,6 +71,51 @@ class RegistryServiceStub:
                 request_serializer=modelserve_dot_registry_dot_v1_dot_registry__service__pb2.UpdateDeploymentRequest.SerializeToString,
                 response_deserializer=modelserve_dot_registry_dot_v1_dot_registry__service__pb2.UpdateDeploymentResponse.FromString,
                 _registered_method=True)
+        self.ListDeploymentRevisions = channel.unary_unary(
+                '/modelserve.registry.v1.RegistryService/ListDeploymentRevisions',
+                request_serializer=modelserve_dot_registry_dot_v1_dot_registry__service__pb2.ListDeploymentRevisionsRequest.SerializeToString,
+                response_deserializer=modelserve_dot_registry_dot_v1_dot_registry__service__pb2.ListDeploymentRevisionsResponse.FromString,
+                _registered_method=True)
+        self.RollbackDeployment = channel.unary_unary(
+                '/modelserve.registry.v1.RegistryService/RollbackDeployment',
+                request_serializer=modelserve_dot_registry_dot_v1_dot_registry__service__pb2.RollbackDeploymentRequest.SerializeToString,
+                response_deserializer=modelserve_dot_registry_dot_v1_dot_registry__service__pb2.RollbackDeploymentResponse.FromString,
+                _registered_method=True)
+        self.WatchDeployments = channel.unary_stream(
+                '/modelserve.registry.v1.RegistryService/WatchDeployments',
+                request_serializer=modelserve_dot_registry_dot_v1_dot_registry__service__pb2.WatchDeploymentsRequest.SerializeToString,
+                response_deserializer=modelserve_dot_registry_dot_v1_dot_registry__service__pb2.WatchDeploymentsResponse.FromString,
+                _registered_method=True)
+        self.ListAuditEvents = channel.unary_unary(
+                '/modelserve.registry.v1.RegistryService/ListAuditEvents',
+                request_serializer=modelserve_dot_registry_dot_v1_dot_registry__service__pb2.ListAuditEventsRequest.SerializeToString,
+                response_deserializer=modelserve_dot_registry_dot_v1_dot_registry__service__pb2.ListAuditEventsResponse.FromString,
+                _registered_method=True)
+        self.TransitionModelVersionStage = channel.unary_unary(
+                '/modelserve.registry.v1.RegistryService/TransitionModelVersionStage',
+                request_serializer=modelserve_dot_registry_dot_v1_dot_registry__service__pb2.TransitionModelVersionStageRequest.SerializeToString,
+                response_deserializer=modelserve_dot_registry_dot_v1_dot_registry__service__pb2.TransitionModelVersionStageResponse.FromString,
+                _registered_method=True)
+        self.ApproveModelVersion = channel.unary_unary(
+                '/modelserve.registry.v1.RegistryService/ApproveModelVersion',
+                request_serializer=modelserve_dot_registry_dot_v1_dot_registry__service__pb2.ApproveModelVersionRequest.SerializeToString,
+                response_deserializer=modelserve_dot_registry_dot_v1_dot_registry__service__pb2.ApproveModelVersionResponse.FromString,
+                _registered_method=True)
+        self.SetModelVersionAlias = channel.unary_unary(
+                '/modelserve.registry.v1.RegistryService/SetModelVersionAlias',
+                request_serializer=modelserve_dot_registry_dot_v1_dot_registry__service__pb2.SetModelVersionAliasRequest.SerializeToString,
+                response_deserializer=modelserve_dot_registry_dot_v1_dot_registry__service__pb2.SetModelVersionAliasResponse.FromString,
+                _registered_method=True)
+        self.GetModel = channel.unary_unary(
+                '/modelserve.registry.v1.RegistryService/GetModel',
+                request_serializer=modelserve_dot_registry_dot_v1_dot_registry__service__pb2.GetModelRequest.SerializeToString,
+                response_deserializer=modelserve_dot_registry_dot_v1_dot_registry__service__pb2.GetModelResponse.FromString,
+                _registered_method=True)
+        self.ListModels = channel.unary_unary(
+                '/modelserve.registry.v1.RegistryService/ListModels',
+                request_serializer=modelserve_dot_registry_dot_v1_dot_registry__service__pb2.ListModelsRequest.SerializeToString,
+                response_deserializer=modelserve_dot_registry_dot_v1_dot_registry__service__pb2.ListModelsResponse.FromString,
+                _registered_method=True)
 
 
 class RegistryServiceServicer:
@@ -129,6 +174,74 @@ class RegistryServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListDeploymentRevisions(self, request, context):
+        """ListDeploymentRevisions lists a deployment's revisions, newest first.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RollbackDeployment(self, request, context):
+        """RollbackDeployment restores the traffic of an earlier revision (the previous one by
+        default) as a new revision.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def WatchDeployments(self, request, context):
+        """WatchDeployments sends the current revision of every watched deployment, then every
+        new revision as it is made; a caller that reconnects with the last `sequence` it saw
+        gets every revision made since, in order.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListAuditEvents(self, request, context):
+        """ListAuditEvents lists the recorded changes, newest first.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def TransitionModelVersionStage(self, request, context):
+        """TransitionModelVersionStage moves a version to another stage. Entering PRODUCTION
+        needs an approval by an approver other than the caller.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ApproveModelVersion(self, request, context):
+        """ApproveModelVersion records an approval of a version for PRODUCTION.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SetModelVersionAlias(self, request, context):
+        """SetModelVersionAlias points an alias of a model at one of its versions, moving it
+        from the version it pointed at before.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetModel(self, request, context):
+        """GetModel returns one model.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListModels(self, request, context):
+        """ListModels lists the models, by id.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_RegistryServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -166,6 +279,51 @@ def add_RegistryServiceServicer_to_server(servicer, server):
                     servicer.UpdateDeployment,
                     request_deserializer=modelserve_dot_registry_dot_v1_dot_registry__service__pb2.UpdateDeploymentRequest.FromString,
                     response_serializer=modelserve_dot_registry_dot_v1_dot_registry__service__pb2.UpdateDeploymentResponse.SerializeToString,
+            ),
+            'ListDeploymentRevisions': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListDeploymentRevisions,
+                    request_deserializer=modelserve_dot_registry_dot_v1_dot_registry__service__pb2.ListDeploymentRevisionsRequest.FromString,
+                    response_serializer=modelserve_dot_registry_dot_v1_dot_registry__service__pb2.ListDeploymentRevisionsResponse.SerializeToString,
+            ),
+            'RollbackDeployment': grpc.unary_unary_rpc_method_handler(
+                    servicer.RollbackDeployment,
+                    request_deserializer=modelserve_dot_registry_dot_v1_dot_registry__service__pb2.RollbackDeploymentRequest.FromString,
+                    response_serializer=modelserve_dot_registry_dot_v1_dot_registry__service__pb2.RollbackDeploymentResponse.SerializeToString,
+            ),
+            'WatchDeployments': grpc.unary_stream_rpc_method_handler(
+                    servicer.WatchDeployments,
+                    request_deserializer=modelserve_dot_registry_dot_v1_dot_registry__service__pb2.WatchDeploymentsRequest.FromString,
+                    response_serializer=modelserve_dot_registry_dot_v1_dot_registry__service__pb2.WatchDeploymentsResponse.SerializeToString,
+            ),
+            'ListAuditEvents': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListAuditEvents,
+                    request_deserializer=modelserve_dot_registry_dot_v1_dot_registry__service__pb2.ListAuditEventsRequest.FromString,
+                    response_serializer=modelserve_dot_registry_dot_v1_dot_registry__service__pb2.ListAuditEventsResponse.SerializeToString,
+            ),
+            'TransitionModelVersionStage': grpc.unary_unary_rpc_method_handler(
+                    servicer.TransitionModelVersionStage,
+                    request_deserializer=modelserve_dot_registry_dot_v1_dot_registry__service__pb2.TransitionModelVersionStageRequest.FromString,
+                    response_serializer=modelserve_dot_registry_dot_v1_dot_registry__service__pb2.TransitionModelVersionStageResponse.SerializeToString,
+            ),
+            'ApproveModelVersion': grpc.unary_unary_rpc_method_handler(
+                    servicer.ApproveModelVersion,
+                    request_deserializer=modelserve_dot_registry_dot_v1_dot_registry__service__pb2.ApproveModelVersionRequest.FromString,
+                    response_serializer=modelserve_dot_registry_dot_v1_dot_registry__service__pb2.ApproveModelVersionResponse.SerializeToString,
+            ),
+            'SetModelVersionAlias': grpc.unary_unary_rpc_method_handler(
+                    servicer.SetModelVersionAlias,
+                    request_deserializer=modelserve_dot_registry_dot_v1_dot_registry__service__pb2.SetModelVersionAliasRequest.FromString,
+                    response_serializer=modelserve_dot_registry_dot_v1_dot_registry__service__pb2.SetModelVersionAliasResponse.SerializeToString,
+            ),
+            'GetModel': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetModel,
+                    request_deserializer=modelserve_dot_registry_dot_v1_dot_registry__service__pb2.GetModelRequest.FromString,
+                    response_serializer=modelserve_dot_registry_dot_v1_dot_registry__service__pb2.GetModelResponse.SerializeToString,
+            ),
+            'ListModels': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListModels,
+                    request_deserializer=modelserve_dot_registry_dot_v1_dot_registry__service__pb2.ListModelsRequest.FromString,
+                    response_serializer=modelserve_dot_registry_dot_v1_dot_registry__service__pb2.ListModelsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -359,6 +517,249 @@ class RegistryService:
             '/modelserve.registry.v1.RegistryService/UpdateDeployment',
             modelserve_dot_registry_dot_v1_dot_registry__service__pb2.UpdateDeploymentRequest.SerializeToString,
             modelserve_dot_registry_dot_v1_dot_registry__service__pb2.UpdateDeploymentResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListDeploymentRevisions(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/modelserve.registry.v1.RegistryService/ListDeploymentRevisions',
+            modelserve_dot_registry_dot_v1_dot_registry__service__pb2.ListDeploymentRevisionsRequest.SerializeToString,
+            modelserve_dot_registry_dot_v1_dot_registry__service__pb2.ListDeploymentRevisionsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RollbackDeployment(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/modelserve.registry.v1.RegistryService/RollbackDeployment',
+            modelserve_dot_registry_dot_v1_dot_registry__service__pb2.RollbackDeploymentRequest.SerializeToString,
+            modelserve_dot_registry_dot_v1_dot_registry__service__pb2.RollbackDeploymentResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def WatchDeployments(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/modelserve.registry.v1.RegistryService/WatchDeployments',
+            modelserve_dot_registry_dot_v1_dot_registry__service__pb2.WatchDeploymentsRequest.SerializeToString,
+            modelserve_dot_registry_dot_v1_dot_registry__service__pb2.WatchDeploymentsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListAuditEvents(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/modelserve.registry.v1.RegistryService/ListAuditEvents',
+            modelserve_dot_registry_dot_v1_dot_registry__service__pb2.ListAuditEventsRequest.SerializeToString,
+            modelserve_dot_registry_dot_v1_dot_registry__service__pb2.ListAuditEventsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def TransitionModelVersionStage(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/modelserve.registry.v1.RegistryService/TransitionModelVersionStage',
+            modelserve_dot_registry_dot_v1_dot_registry__service__pb2.TransitionModelVersionStageRequest.SerializeToString,
+            modelserve_dot_registry_dot_v1_dot_registry__service__pb2.TransitionModelVersionStageResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ApproveModelVersion(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/modelserve.registry.v1.RegistryService/ApproveModelVersion',
+            modelserve_dot_registry_dot_v1_dot_registry__service__pb2.ApproveModelVersionRequest.SerializeToString,
+            modelserve_dot_registry_dot_v1_dot_registry__service__pb2.ApproveModelVersionResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SetModelVersionAlias(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/modelserve.registry.v1.RegistryService/SetModelVersionAlias',
+            modelserve_dot_registry_dot_v1_dot_registry__service__pb2.SetModelVersionAliasRequest.SerializeToString,
+            modelserve_dot_registry_dot_v1_dot_registry__service__pb2.SetModelVersionAliasResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetModel(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/modelserve.registry.v1.RegistryService/GetModel',
+            modelserve_dot_registry_dot_v1_dot_registry__service__pb2.GetModelRequest.SerializeToString,
+            modelserve_dot_registry_dot_v1_dot_registry__service__pb2.GetModelResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListModels(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/modelserve.registry.v1.RegistryService/ListModels',
+            modelserve_dot_registry_dot_v1_dot_registry__service__pb2.ListModelsRequest.SerializeToString,
+            modelserve_dot_registry_dot_v1_dot_registry__service__pb2.ListModelsResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -52,6 +52,33 @@ class RegistryServiceStub:
     """GetDeployment returns one deployment."""
     UpdateDeployment: _grpc.UnaryUnaryMultiCallable[_registry_service_pb2.UpdateDeploymentRequest, _registry_service_pb2.UpdateDeploymentResponse]
     """UpdateDeployment changes a deployment's traffic, creating it when `allow_missing` is set."""
+    ListDeploymentRevisions: _grpc.UnaryUnaryMultiCallable[_registry_service_pb2.ListDeploymentRevisionsRequest, _registry_service_pb2.ListDeploymentRevisionsResponse]
+    """ListDeploymentRevisions lists a deployment's revisions, newest first."""
+    RollbackDeployment: _grpc.UnaryUnaryMultiCallable[_registry_service_pb2.RollbackDeploymentRequest, _registry_service_pb2.RollbackDeploymentResponse]
+    """RollbackDeployment restores the traffic of an earlier revision (the previous one by
+    default) as a new revision.
+    """
+    WatchDeployments: _grpc.UnaryStreamMultiCallable[_registry_service_pb2.WatchDeploymentsRequest, _registry_service_pb2.WatchDeploymentsResponse]
+    """WatchDeployments sends the current revision of every watched deployment, then every
+    new revision as it is made; a caller that reconnects with the last `sequence` it saw
+    gets every revision made since, in order.
+    """
+    ListAuditEvents: _grpc.UnaryUnaryMultiCallable[_registry_service_pb2.ListAuditEventsRequest, _registry_service_pb2.ListAuditEventsResponse]
+    """ListAuditEvents lists the recorded changes, newest first."""
+    TransitionModelVersionStage: _grpc.UnaryUnaryMultiCallable[_registry_service_pb2.TransitionModelVersionStageRequest, _registry_service_pb2.TransitionModelVersionStageResponse]
+    """TransitionModelVersionStage moves a version to another stage. Entering PRODUCTION
+    needs an approval by an approver other than the caller.
+    """
+    ApproveModelVersion: _grpc.UnaryUnaryMultiCallable[_registry_service_pb2.ApproveModelVersionRequest, _registry_service_pb2.ApproveModelVersionResponse]
+    """ApproveModelVersion records an approval of a version for PRODUCTION."""
+    SetModelVersionAlias: _grpc.UnaryUnaryMultiCallable[_registry_service_pb2.SetModelVersionAliasRequest, _registry_service_pb2.SetModelVersionAliasResponse]
+    """SetModelVersionAlias points an alias of a model at one of its versions, moving it
+    from the version it pointed at before.
+    """
+    GetModel: _grpc.UnaryUnaryMultiCallable[_registry_service_pb2.GetModelRequest, _registry_service_pb2.GetModelResponse]
+    """GetModel returns one model."""
+    ListModels: _grpc.UnaryUnaryMultiCallable[_registry_service_pb2.ListModelsRequest, _registry_service_pb2.ListModelsResponse]
+    """ListModels lists the models, by id."""
 
 @_typing.type_check_only
 class RegistryServiceAsyncStub(RegistryServiceStub):
@@ -77,6 +104,33 @@ class RegistryServiceAsyncStub(RegistryServiceStub):
     """GetDeployment returns one deployment."""
     UpdateDeployment: _aio.UnaryUnaryMultiCallable[_registry_service_pb2.UpdateDeploymentRequest, _registry_service_pb2.UpdateDeploymentResponse]  # type: ignore[assignment]
     """UpdateDeployment changes a deployment's traffic, creating it when `allow_missing` is set."""
+    ListDeploymentRevisions: _aio.UnaryUnaryMultiCallable[_registry_service_pb2.ListDeploymentRevisionsRequest, _registry_service_pb2.ListDeploymentRevisionsResponse]  # type: ignore[assignment]
+    """ListDeploymentRevisions lists a deployment's revisions, newest first."""
+    RollbackDeployment: _aio.UnaryUnaryMultiCallable[_registry_service_pb2.RollbackDeploymentRequest, _registry_service_pb2.RollbackDeploymentResponse]  # type: ignore[assignment]
+    """RollbackDeployment restores the traffic of an earlier revision (the previous one by
+    default) as a new revision.
+    """
+    WatchDeployments: _aio.UnaryStreamMultiCallable[_registry_service_pb2.WatchDeploymentsRequest, _registry_service_pb2.WatchDeploymentsResponse]  # type: ignore[assignment]
+    """WatchDeployments sends the current revision of every watched deployment, then every
+    new revision as it is made; a caller that reconnects with the last `sequence` it saw
+    gets every revision made since, in order.
+    """
+    ListAuditEvents: _aio.UnaryUnaryMultiCallable[_registry_service_pb2.ListAuditEventsRequest, _registry_service_pb2.ListAuditEventsResponse]  # type: ignore[assignment]
+    """ListAuditEvents lists the recorded changes, newest first."""
+    TransitionModelVersionStage: _aio.UnaryUnaryMultiCallable[_registry_service_pb2.TransitionModelVersionStageRequest, _registry_service_pb2.TransitionModelVersionStageResponse]  # type: ignore[assignment]
+    """TransitionModelVersionStage moves a version to another stage. Entering PRODUCTION
+    needs an approval by an approver other than the caller.
+    """
+    ApproveModelVersion: _aio.UnaryUnaryMultiCallable[_registry_service_pb2.ApproveModelVersionRequest, _registry_service_pb2.ApproveModelVersionResponse]  # type: ignore[assignment]
+    """ApproveModelVersion records an approval of a version for PRODUCTION."""
+    SetModelVersionAlias: _aio.UnaryUnaryMultiCallable[_registry_service_pb2.SetModelVersionAliasRequest, _registry_service_pb2.SetModelVersionAliasResponse]  # type: ignore[assignment]
+    """SetModelVersionAlias points an alias of a model at one of its versions, moving it
+    from the version it pointed at before.
+    """
+    GetModel: _aio.UnaryUnaryMultiCallable[_registry_service_pb2.GetModelRequest, _registry_service_pb2.GetModelResponse]  # type: ignore[assignment]
+    """GetModel returns one model."""
+    ListModels: _aio.UnaryUnaryMultiCallable[_registry_service_pb2.ListModelsRequest, _registry_service_pb2.ListModelsResponse]  # type: ignore[assignment]
+    """ListModels lists the models, by id."""
 
 class RegistryServiceServicer(metaclass=_abc_1.ABCMeta):
     """RegistryService holds models, their versions and artifacts, and deployments: the
@@ -141,5 +195,86 @@ class RegistryServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_registry_service_pb2.UpdateDeploymentResponse, _abc.Awaitable[_registry_service_pb2.UpdateDeploymentResponse]]:
         """UpdateDeployment changes a deployment's traffic, creating it when `allow_missing` is set."""
+
+    @_abc_1.abstractmethod
+    def ListDeploymentRevisions(
+        self,
+        request: _registry_service_pb2.ListDeploymentRevisionsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_registry_service_pb2.ListDeploymentRevisionsResponse, _abc.Awaitable[_registry_service_pb2.ListDeploymentRevisionsResponse]]:
+        """ListDeploymentRevisions lists a deployment's revisions, newest first."""
+
+    @_abc_1.abstractmethod
+    def RollbackDeployment(
+        self,
+        request: _registry_service_pb2.RollbackDeploymentRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_registry_service_pb2.RollbackDeploymentResponse, _abc.Awaitable[_registry_service_pb2.RollbackDeploymentResponse]]:
+        """RollbackDeployment restores the traffic of an earlier revision (the previous one by
+        default) as a new revision.
+        """
+
+    @_abc_1.abstractmethod
+    def WatchDeployments(
+        self,
+        request: _registry_service_pb2.WatchDeploymentsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_registry_service_pb2.WatchDeploymentsResponse], _abc.AsyncIterator[_registry_service_pb2.WatchDeploymentsResponse]]:
+        """WatchDeployments sends the current revision of every watched deployment, then every
+        new revision as it is made; a caller that reconnects with the last `sequence` it saw
+        gets every revision made since, in order.
+        """
+
+    @_abc_1.abstractmethod
+    def ListAuditEvents(
+        self,
+        request: _registry_service_pb2.ListAuditEventsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_registry_service_pb2.ListAuditEventsResponse, _abc.Awaitable[_registry_service_pb2.ListAuditEventsResponse]]:
+        """ListAuditEvents lists the recorded changes, newest first."""
+
+    @_abc_1.abstractmethod
+    def TransitionModelVersionStage(
+        self,
+        request: _registry_service_pb2.TransitionModelVersionStageRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_registry_service_pb2.TransitionModelVersionStageResponse, _abc.Awaitable[_registry_service_pb2.TransitionModelVersionStageResponse]]:
+        """TransitionModelVersionStage moves a version to another stage. Entering PRODUCTION
+        needs an approval by an approver other than the caller.
+        """
+
+    @_abc_1.abstractmethod
+    def ApproveModelVersion(
+        self,
+        request: _registry_service_pb2.ApproveModelVersionRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_registry_service_pb2.ApproveModelVersionResponse, _abc.Awaitable[_registry_service_pb2.ApproveModelVersionResponse]]:
+        """ApproveModelVersion records an approval of a version for PRODUCTION."""
+
+    @_abc_1.abstractmethod
+    def SetModelVersionAlias(
+        self,
+        request: _registry_service_pb2.SetModelVersionAliasRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_registry_service_pb2.SetModelVersionAliasResponse, _abc.Awaitable[_registry_service_pb2.SetModelVersionAliasResponse]]:
+        """SetModelVersionAlias points an alias of a model at one of its versions, moving it
+        from the version it pointed at before.
+        """
+
+    @_abc_1.abstractmethod
+    def GetModel(
+        self,
+        request: _registry_service_pb2.GetModelRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_registry_service_pb2.GetModelResponse, _abc.Awaitable[_registry_service_pb2.GetModelResponse]]:
+        """GetModel returns one model."""
+
+    @_abc_1.abstractmethod
+    def ListModels(
+        self,
+        request: _registry_service_pb2.ListModelsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_registry_service_pb2.ListModelsResponse, _abc.Awaitable[_registry_service_pb2.ListModelsResponse]]:
+        """ListModels lists the models, by id."""
 
 def add_RegistryServiceServicer_to_server(servicer: RegistryServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -1,0 +1,200 @@
+"""The `modelserve` registry commands, run as a real process against a real registry."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import sys
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import joblib  # type: ignore[import-untyped]  # joblib ships no type hints
+import numpy as np
+import pytest
+from registry_testing import tiny_onnx
+from sklearn.linear_model import LogisticRegression
+from support import running
+
+from modelserve.registry.v1 import registry_service_pb2 as pb
+from modelserve.registry.v1 import registry_service_pb2_grpc as pb_grpc
+from modelserve.type.v1 import tensor_pb2
+from modelserve_registry.config import RegistrySettings
+from modelserve_registry.server import build_server
+from modelserve_runtime.auth import ApiKeyRecord, AuthSettings
+
+MODELSERVE = str(Path(sys.executable).parent / "modelserve")
+
+
+@dataclass
+class Result:
+    """How a CLI run ended."""
+
+    code: int
+    stdout: str
+    stderr: str
+
+
+async def cli(*args: str, api_key: str | None = None) -> Result:
+    """Runs `modelserve ARGS` and waits for it."""
+    env = {**os.environ, "COLUMNS": "250"}
+    env.pop("MODELSERVE_API_KEY", None)
+    if api_key is not None:
+        env["MODELSERVE_API_KEY"] = api_key
+    process = await asyncio.create_subprocess_exec(
+        MODELSERVE,
+        *args,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        env=env,
+    )
+    stdout, stderr = await asyncio.wait_for(process.communicate(), 120)
+    assert process.returncode is not None
+    return Result(process.returncode, stdout.decode(), stderr.decode())
+
+
+@dataclass
+class CliRegistry:
+    """A running registry, its address and a stub to check what the CLI did."""
+
+    address: str
+    stub: pb_grpc.RegistryServiceAsyncStub
+
+
+@pytest.fixture
+async def served(tmp_path: Path) -> AsyncIterator[CliRegistry]:
+    """A registry with auth off."""
+    settings = RegistrySettings(data_dir=tmp_path / "registry")
+    async with running(build_server, settings) as (server, channel, _app):
+        yield CliRegistry(f"127.0.0.1:{server.port}", pb_grpc.RegistryServiceStub(channel))
+
+
+class TestRegister:
+    async def test_sklearn_model_is_converted_and_registered(
+        self, served: CliRegistry, tmp_path: Path
+    ) -> None:
+        """`models register --sklearn` converts a joblib model to ONNX on the client and records
+        a version whose signature is read from the converted graph."""
+        rng = np.random.default_rng(0)
+        rows = rng.normal(size=(200, 4))
+        model = LogisticRegression().fit(rows, (rows[:, 0] > 0).astype(int))
+        path = tmp_path / "model.joblib"
+        joblib.dump(model, path)
+        result = await cli(
+            "models", "register", "fraud", "--sklearn", str(path), "--registry", served.address,
+            "--reason", "first fit",
+        )  # fmt: skip
+        assert result.code == 0, result.stderr
+        assert "models/fraud/versions/1" in result.stdout
+        got = await served.stub.GetModelVersion(
+            pb.GetModelVersionRequest(name="models/fraud/versions/1")
+        )
+        [features] = got.model_version.signature.inputs
+        assert (features.name, features.datatype, list(features.shape)) == (
+            "features",
+            tensor_pb2.DATA_TYPE_FP32,
+            [-1, 4],
+        )
+        assert {o.name for o in got.model_version.signature.outputs} == {"label", "probabilities"}
+        events = await served.stub.ListAuditEvents(pb.ListAuditEventsRequest(page_size=1))
+        assert events.audit_events[0].reason == "first fit"
+
+    async def test_onnx_then_the_whole_flow(self, served: CliRegistry, tmp_path: Path) -> None:
+        """Register, promote, deploy, re-deploy, roll back, and read history and audit, all
+        through the CLI."""
+        path = tmp_path / "tiny.onnx"
+        path.write_bytes(tiny_onnx())
+        target = ("--registry", served.address)
+        for weight in (1.0, 2.0):
+            path.write_bytes(tiny_onnx(weight=weight))
+            assert (
+                await cli("models", "register", "fraud", "--onnx", str(path), *target)
+            ).code == 0
+        promoted = await cli("models", "promote", "fraud/2", "staging", *target)
+        assert (promoted.code, promoted.stdout.strip()) == (
+            0,
+            "models/fraud/versions/2 is now in staging",
+        )
+        aliased = await cli("models", "alias", "fraud/2", "champion", *target)
+        assert aliased.code == 0
+        shown = await cli("models", "show", "fraud", *target)
+        assert "staging" in shown.stdout and "champion" in shown.stdout
+        listed = await cli("models", "list", *target)
+        assert "models/fraud" in listed.stdout
+        assert (await cli("deployments", "set", "fraud", "fraud/1=100", *target)).code == 0
+        split = await cli(
+            "deployments", "set", "fraud", "fraud/1=90", "fraud/2=10", "--reason", "canary",
+            *target,
+        )  # fmt: skip
+        assert split.code == 0
+        rolled = await cli("deployments", "rollback", "fraud", "--reason", "errors", *target)
+        assert rolled.code == 0 and "revision 3" in rolled.stdout
+        current = await served.stub.GetDeployment(pb.GetDeploymentRequest(name="deployments/fraud"))
+        assert [(t.model_version, t.percent) for t in current.deployment.traffic] == [
+            ("models/fraud/versions/1", 100)
+        ]
+        history = await cli("deployments", "history", "fraud", *target)
+        assert "canary" in history.stdout and "errors" in history.stdout
+        audit = await cli("audit", "--resource", "deployments/fraud", *target)
+        assert audit.stdout.count("UpdateDeployment") == 2
+        assert "RollbackDeployment" in audit.stdout
+
+
+class TestErrors:
+    @pytest.mark.parametrize(
+        ("args", "message"),
+        [
+            (
+                ("deployments", "set", "fraud", "fraud/1=90"),
+                "error: INVALID_ARGUMENT INVALID_ARGUMENT: deployment.traffic:",
+            ),
+            (("deployments", "set", "fraud", "fraud/1"), "error: 'fraud/1': give each target"),
+            (("deployments", "rollback", "nope"), "error: NOT_FOUND DEPLOYMENT_NOT_FOUND:"),
+            (("models", "register", "fraud"), "error: give exactly one of --onnx and --sklearn"),
+        ],
+    )
+    async def test_failure_is_one_line_and_exit_1(
+        self, served: CliRegistry, args: tuple[str, ...], message: str
+    ) -> None:
+        """Any refused command exits 1 with a single `error:` line on stderr."""
+        result = await cli(*args, "--registry", served.address)
+        assert result.code == 1
+        assert result.stderr.count("\n") == 1, result.stderr
+        assert result.stderr.startswith(message), result.stderr
+
+    async def test_bad_onnx_file_is_refused_before_upload(
+        self, served: CliRegistry, tmp_path: Path
+    ) -> None:
+        """A file that is not ONNX is refused by the CLI with one line and nothing recorded."""
+        path = tmp_path / "model.onnx"
+        path.write_bytes(b"not onnx")
+        result = await cli(
+            "models", "register", "fraud", "--onnx", str(path), "--registry", served.address
+        )
+        assert (result.code, result.stderr.startswith("error: not an ONNX model")) == (1, True)
+        listed = await served.stub.ListModels(pb.ListModelsRequest())
+        assert list(listed.models) == []
+
+
+class TestKeys:
+    async def test_created_key_works_and_roles_are_enforced(self, tmp_path: Path) -> None:
+        """`keys create` prints a key and its record; a registry holding the record accepts the
+        key from MODELSERVE_API_KEY, refuses a missing one, and applies the key's role."""
+        made = await cli("keys", "create", "--principal", "vera", "--role", "viewer")
+        assert made.code == 0, made.stderr
+        key, record_json = made.stdout.strip().splitlines()
+        record = ApiKeyRecord.model_validate(json.loads(record_json))
+        assert key.split("_")[2] not in record_json
+        settings = RegistrySettings(
+            data_dir=tmp_path / "registry", auth=AuthSettings(enabled=True, keys=[record])
+        )
+        async with running(build_server, settings) as (server, _channel, _app):
+            target = ("--registry", f"127.0.0.1:{server.port}")
+            assert (await cli("models", "list", *target, api_key=key)).code == 0
+            missing = await cli("models", "list", *target)
+            assert missing.code == 1
+            assert missing.stderr.startswith("error: UNAUTHENTICATED API_KEY_MISSING")
+            denied = await cli("deployments", "set", "fraud", "fraud/1=100", *target, api_key=key)
+            assert denied.code == 1
+            assert denied.stderr.startswith("error: PERMISSION_DENIED ROLE_REQUIRED")
