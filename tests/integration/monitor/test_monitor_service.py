@@ -106,12 +106,13 @@ class TestMonitorService:
         assert [v.model_version for v in response.versions] == [V1, V2]
         for version in response.versions:
             values = latencies[version.model_version]
+            # From a log-linear histogram: within its bucket width (1/16) of the exact value.
             expected = np.percentile(values / 1000.0, [50, 95, 99])
             assert version.request_count == len(values)
             assert version.error_count == sum(1 for i in range(len(values)) if i % 10 == 3)
             assert version.degraded_count == sum(1 for i in range(len(values)) if i % 20 == 7)
             assert [version.latency_p50_ms, version.latency_p95_ms, version.latency_p99_ms] == (
-                pytest.approx(expected.tolist())
+                pytest.approx(expected.tolist(), rel=0.04)
             )
 
     async def test_duplicate_delivery_is_counted_once(
@@ -132,7 +133,7 @@ class TestMonitorService:
             )
         assert await redis_client.xlen(DEFAULT_STREAM) == 3
         assert response.request_count == 2
-        assert app.stats.duplicates == 1
+        assert app.consumer.duplicates == 1
 
     async def test_malformed_entries_do_not_stop_counting(
         self, redis_url: str, redis_client: aioredis.Redis

@@ -36,8 +36,8 @@ class TestMonitorSettings:
         monkeypatch.setenv("MODELSERVE_MONITOR_CONSUMER_NAME", "c")
         monkeypatch.setenv("MODELSERVE_MONITOR_BLOCK_MS", "250")
         monkeypatch.setenv("MODELSERVE_MONITOR_BATCH_SIZE", "64")
-        monkeypatch.setenv("MODELSERVE_MONITOR_MAX_LATENCY_SAMPLES", "100")
-        monkeypatch.setenv("MODELSERVE_MONITOR_MAX_REMEMBERED_RECORDS", "1000")
+        monkeypatch.setenv("MODELSERVE_MONITOR_CLAIM_MIN_IDLE_MS", "500")
+        monkeypatch.setenv("MODELSERVE_MONITOR_BASELINE_RECORDS", "200")
         settings = load_settings(MonitorSettings)
         assert settings.redis_url == "redis://redis:6379/2"
         assert (settings.stream, settings.consumer_group, settings.consumer_name) == (
@@ -46,10 +46,41 @@ class TestMonitorSettings:
             "c",
         )
         assert (settings.block_ms, settings.batch_size) == (250, 64)
-        assert (settings.max_latency_samples, settings.max_remembered_records) == (100, 1000)
+        assert (settings.claim_min_idle_ms, settings.baseline_records) == (500, 200)
 
     def test_bad_value_names_the_variable(self, monkeypatch: pytest.MonkeyPatch) -> None:
         """A batch size below 1 stops the service at start, naming its environment variable."""
         monkeypatch.setenv("MODELSERVE_MONITOR_BATCH_SIZE", "0")
         with pytest.raises(ConfigError, match="MODELSERVE_MONITOR_BATCH_SIZE"):
+            load_settings(MonitorSettings)
+
+    def test_alert_rules_have_the_seed_defaults(self) -> None:
+        """Latency p99 > 200 ms warns, error rate > 1 % and mean shift > 0.1 are critical."""
+        alerts = load_settings(MonitorSettings).alerts
+        assert (alerts.model_latency_high.threshold, alerts.model_latency_high.severity) == (
+            200.0,
+            "warning",
+        )
+        assert (alerts.error_rate_high.threshold, alerts.error_rate_high.severity) == (
+            0.01,
+            "critical",
+        )
+        assert (alerts.prediction_drift.threshold, alerts.prediction_drift.severity) == (
+            0.1,
+            "critical",
+        )
+
+    def test_alert_rule_is_configured_by_nested_variables(
+        self, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """MODELSERVE_MONITOR_ALERTS__<RULE>__<FIELD> changes one field of one rule."""
+        monkeypatch.setenv("MODELSERVE_MONITOR_ALERTS__ERROR_RATE_HIGH__THRESHOLD", "0.05")
+        monkeypatch.setenv("MODELSERVE_MONITOR_ALERTS__ERROR_RATE_HIGH__FOR_S", "30")
+        rule = load_settings(MonitorSettings).alerts.error_rate_high
+        assert (rule.threshold, rule.for_s, rule.severity) == (0.05, 30.0, "critical")
+
+    def test_bad_alert_severity_names_the_variable(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        """An unknown severity stops the service at start, naming the nested variable."""
+        monkeypatch.setenv("MODELSERVE_MONITOR_ALERTS__MODEL_LATENCY_HIGH__SEVERITY", "meh")
+        with pytest.raises(ConfigError, match="ALERTS__MODEL_LATENCY_HIGH__SEVERITY"):
             load_settings(MonitorSettings)

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import os
 import socket
+from typing import Literal
 
-from pydantic import Field
+from pydantic import BaseModel, Field
 from pydantic_settings import SettingsConfigDict
 
 from modelserve_runtime.config import ServiceSettings
@@ -14,6 +15,62 @@ from modelserve_runtime.prediction_log import DEFAULT_STREAM
 
 def _default_consumer_name() -> str:
     return f"{socket.gethostname()}-{os.getpid()}"
+
+
+class AlertRuleSettings(BaseModel):
+    """One alert rule: the threshold, how long it must hold, how urgent it is, over which window."""
+
+    model_config = {"frozen": True, "extra": "forbid"}
+
+    threshold: float
+    """The rule holds while the measured value is above this."""
+    for_s: float = Field(ge=0)
+    """How long the rule must hold before its alert fires."""
+    severity: Literal["warning", "critical"]
+    """How urgent the alert is."""
+    window: Literal["1m", "5m", "1h"] = "5m"
+    """The window the value is measured over."""
+    min_requests: int = Field(default=20, ge=1)
+    """Fewer requests than this in the window never make the rule hold."""
+
+
+class LatencyRuleSettings(AlertRuleSettings):
+    """`model_latency_high`: p99 latency above 200 ms for 2 minutes is a warning."""
+
+    threshold: float = 200.0
+    for_s: float = Field(default=120.0, ge=0)
+    severity: Literal["warning", "critical"] = "warning"
+
+
+class ErrorRateRuleSettings(AlertRuleSettings):
+    """`error_rate_high`: more than 1 % errors for 2 minutes is critical."""
+
+    threshold: float = 0.01
+    for_s: float = Field(default=120.0, ge=0)
+    severity: Literal["warning", "critical"] = "critical"
+
+
+class PredictionDriftRuleSettings(AlertRuleSettings):
+    """`prediction_drift`: the mean prediction 0.1 away from the baseline's for 5 minutes."""
+
+    threshold: float = 0.1
+    for_s: float = Field(default=300.0, ge=0)
+    severity: Literal["warning", "critical"] = "critical"
+
+
+class AlertSettings(BaseModel):
+    """The alert rules and how often they are evaluated."""
+
+    model_config = {"frozen": True, "extra": "forbid"}
+
+    interval_s: float = Field(default=15.0, gt=0)
+    """How often every rule is evaluated for every version."""
+    model_latency_high: LatencyRuleSettings = LatencyRuleSettings()
+    """p99 router latency in milliseconds."""
+    error_rate_high: ErrorRateRuleSettings = ErrorRateRuleSettings()
+    """Share of requests that ended in an error."""
+    prediction_drift: PredictionDriftRuleSettings = PredictionDriftRuleSettings()
+    """How far the mean prediction moved from the baseline's mean."""
 
 
 class MonitorSettings(ServiceSettings):
@@ -35,7 +92,19 @@ class MonitorSettings(ServiceSettings):
     """How long one read waits for new entries before it asks again."""
     batch_size: int = Field(default=500, ge=1)
     """Most stream entries read and acknowledged at once."""
-    max_latency_samples: int = Field(default=10_000, ge=1)
-    """Latencies kept per endpoint and version; percentiles cover the most recent ones."""
-    max_remembered_records: int = Field(default=100_000, ge=1)
-    """Record keys remembered to count a redelivered or re-appended record only once."""
+    claim_min_idle_ms: int = Field(default=30_000, ge=1)
+    """Entries another consumer left unacknowledged this long are claimed (XAUTOCLAIM) and counted."""
+    dedup_ttl_s: int = Field(default=600, ge=1)
+    """How long a counted record's identity is remembered, so a second delivery is not counted."""
+    prediction_ttl_s: int = Field(default=3600, ge=1)
+    """How long a request's prediction is kept in Redis for RecordOutcome to join (~150 B each)."""
+    baseline_records: int = Field(default=1000, ge=1)
+    """A version's first records that make its baseline for drift."""
+    drift_psi_threshold: float = Field(default=0.2, gt=0)
+    """PSI above this means drift."""
+    drift_p_value: float = Field(default=0.01, gt=0, lt=1)
+    """A Kolmogorov-Smirnov or chi-square p-value below this means drift."""
+    metrics_interval_s: float = Field(default=15.0, gt=0)
+    """How often the windowed figures on /metrics are recomputed."""
+    alerts: AlertSettings = AlertSettings()
+    """Alert rules (`MODELSERVE_MONITOR_ALERTS__ERROR_RATE_HIGH__THRESHOLD=0.05`, ...)."""

@@ -1,9 +1,10 @@
-"""Reads the prediction log stream in a consumer group and feeds each record to EndpointStats."""
+"""Reads the prediction log stream in a consumer group and counts each record in the store."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -12,7 +13,9 @@ import structlog
 from google.protobuf.message import DecodeError
 from prometheus_client import Counter
 
-from modelserve_monitor.stats import EndpointStats
+from modelserve_monitor.aggregate import RecordContribution, contribution
+from modelserve_monitor.monitor import Clock
+from modelserve_monitor.store import AggregateStore
 from modelserve_runtime.prediction_log import decode_record
 
 log = structlog.get_logger()
@@ -37,27 +40,35 @@ def _stream_id(raw: bytes | str) -> tuple[int, int]:
 
 
 class PredictionLogConsumer:
-    """Reads the stream in a consumer group, aggregates each entry, then acknowledges it.
+    """Reads the stream in a consumer group; counts and acknowledges each batch atomically.
 
-    Delivery is at least once: entries are acknowledged only after they were aggregated,
-    and after a Redis error the consumer first re-reads its own unacknowledged entries,
-    which EndpointStats counts only once. A malformed entry is logged, counted in
-    `malformed` and acknowledged, so it cannot stop the stream.
+    A batch is counted and acknowledged by one Lua script (`AggregateStore.count_and_ack`),
+    which skips records counted before, so a record is counted exactly once however often
+    it is delivered. After a Redis error the consumer first re-reads its own unacknowledged
+    entries; every `claim_min_idle_ms` it also claims (XAUTOCLAIM) entries that another
+    consumer of the group left unacknowledged for that long, for example because it was
+    killed. A malformed entry is logged, counted in `malformed` and acknowledged, so it
+    cannot stop the stream.
     """
 
     def __init__(
         self,
         client: redis.Redis,
-        stats: EndpointStats,
+        store: AggregateStore,
         *,
         stream: str,
         group: str,
         consumer: str,
         block_ms: int,
         batch_size: int,
+        claim_min_idle_ms: int,
+        clock: Clock = time.time,
     ) -> None:
         self._redis = client
-        self._stats = stats
+        self._store = store
+        self._clock = clock
+        self._claim_min_idle_ms = claim_min_idle_ms
+        self._next_claim_s = 0.0
         self._stream = stream
         self._group = group
         self._consumer = consumer
@@ -67,6 +78,8 @@ class PredictionLogConsumer:
         self._stopping = False
         self._progress = asyncio.Condition()
         self.malformed = 0
+        self.duplicates = 0
+        self.claimed = 0
 
     async def ensure_group(self) -> None:
         """Creates the group, and the stream, when missing; a new group reads from the start."""
@@ -107,6 +120,8 @@ class PredictionLogConsumer:
                     await self.ensure_group()
                     await self._read_pending()
                     recovering = False
+                if time.monotonic() >= self._next_claim_s:
+                    await self.claim_stale()
                 await self._read_batch(_NEW, block_ms=self._block_ms)
                 backoff_s = 0.1
             except redis.RedisError as exc:
@@ -124,8 +139,13 @@ class PredictionLogConsumer:
                 backoff_s = min(backoff_s * 2, _MAX_BACKOFF_S)
 
     async def process_available(self) -> int:
-        """Aggregates every entry waiting for this consumer, without blocking; returns how many."""
+        """Counts every entry waiting for this consumer, without blocking; returns how many.
+
+        That is its own unacknowledged entries, those that other consumers left idle for
+        `claim_min_idle_ms`, and new ones.
+        """
         handled = await self._read_pending()
+        handled += await self.claim_stale()
         while batch := await self._read_batch(_NEW, block_ms=None):
             handled += len(batch)
         return handled
@@ -171,8 +191,30 @@ class PredictionLogConsumer:
             after = batch[-1]
         return handled
 
+    async def claim_stale(self) -> int:
+        """Claims and counts entries other consumers left unacknowledged; returns how many."""
+        self._next_claim_s = time.monotonic() + self._claim_min_idle_ms / 1000
+        handled, cursor = 0, b"0-0"
+        while True:
+            response: Any = await self._redis.xautoclaim(
+                self._stream,
+                self._group,
+                self._consumer,
+                min_idle_time=self._claim_min_idle_ms,
+                start_id=cursor,
+                count=self._batch_size,
+            )
+            cursor, entries = response[0], list(response[1])
+            if entries:
+                self.claimed += len(entries)
+                log.info("prediction_log_entries_claimed", count=len(entries))
+                await self._handle(entries)
+                handled += len(entries)
+            if _stream_id(cursor) == (0, 0):
+                return handled
+
     async def _read_batch(self, start_id: str | bytes, *, block_ms: int | None) -> list[bytes]:
-        """Reads one batch after `start_id`, aggregates and acknowledges it; returns its ids."""
+        """Reads one batch after `start_id`, counts and acknowledges it; returns its ids."""
         response: Any = await self._redis.xreadgroup(
             self._group,
             self._consumer,
@@ -183,25 +225,33 @@ class PredictionLogConsumer:
         entries = _entries(response)
         if not entries:
             return []
-        for entry_id, fields in entries:
-            self._aggregate(entry_id, fields)
-        ids = [entry_id for entry_id, _ in entries]
-        await self._redis.xack(self._stream, self._group, *ids)
+        await self._handle(entries)
+        return [entry_id for entry_id, _ in entries]
+
+    async def _handle(self, entries: list[Entry]) -> None:
+        parts = [(entry_id, self._contribution(entry_id, fields)) for entry_id, fields in entries]
+        records = sum(1 for _, part in parts if part is not None)
+        counted = await self._store.count_and_ack(
+            stream=self._stream, group=self._group, entries=parts, now=self._clock()
+        )
+        self.duplicates += records - counted
+        RECORDS_READ.labels("counted").inc(counted)
+        RECORDS_READ.labels("duplicate").inc(records - counted)
         async with self._progress:
             self._progress.notify_all()
-        return ids
 
-    def _aggregate(self, entry_id: bytes, fields: Mapping[bytes, bytes] | None) -> None:
+    def _contribution(
+        self, entry_id: bytes, fields: Mapping[bytes, bytes] | None
+    ) -> RecordContribution | None:
         try:
             if fields is None:
                 raise ValueError("entry was deleted from the stream before it was read")
-            counted = self._stats.add(decode_record(fields), entry_id=entry_id.decode())
+            return contribution(decode_record(fields), entry_id.decode())
         except (ValueError, DecodeError) as exc:
             self.malformed += 1
             RECORDS_READ.labels("malformed").inc()
             log.warning("prediction_record_malformed", entry_id=entry_id.decode(), error=str(exc))
-            return
-        RECORDS_READ.labels("counted" if counted else "duplicate").inc()
+            return None
 
 
 def _entries(response: Any) -> list[Entry]:

@@ -1,7 +1,10 @@
-"""Wires the monitor service: Redis client, stats, stream consumer, servicer, server."""
+"""Wires the monitor service: Redis client, store, stream consumer, monitor, servicer, server."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import time
 from collections.abc import Sequence
 
 import grpc
@@ -9,10 +12,14 @@ import redis.asyncio as redis
 
 from modelserve.monitor.v1 import monitor_service_pb2 as pb
 from modelserve.monitor.v1 import monitor_service_pb2_grpc as pb_grpc
+from modelserve_monitor.alerts import AlertEvaluator, evaluate_forever, rules_from
 from modelserve_monitor.config import MonitorSettings
 from modelserve_monitor.consumer import PredictionLogConsumer
+from modelserve_monitor.drift import DriftThresholds
+from modelserve_monitor.metrics import export_forever
+from modelserve_monitor.monitor import Clock, Monitor
 from modelserve_monitor.servicer import MonitorServicer
-from modelserve_monitor.stats import EndpointStats
+from modelserve_monitor.store import AggregateStore, StoreTtls
 from modelserve_runtime.errors import UnavailableError
 from modelserve_runtime.server import GrpcServer, build_grpc_server, run_service
 
@@ -20,14 +27,21 @@ SERVICE = "monitor"
 
 
 class MonitorApp:
-    """The monitor service's dependencies: its Redis client and the stream consumer."""
+    """The monitor service's dependencies: Redis, the consumer, alerts, the periodic tasks."""
 
     def __init__(
-        self, client: redis.Redis, stats: EndpointStats, consumer: PredictionLogConsumer
+        self,
+        client: redis.Redis,
+        monitor: Monitor,
+        consumer: PredictionLogConsumer,
+        alerts: AlertEvaluator,
+        tasks: list[asyncio.Task[None]],
     ) -> None:
         self.redis = client
-        self.stats = stats
+        self.monitor = monitor
         self.consumer = consumer
+        self.alerts = alerts
+        self._tasks = tasks
 
     async def check_ready(self) -> None:
         try:
@@ -37,12 +51,21 @@ class MonitorApp:
             raise UnavailableError(f"redis does not answer: {exc}") from exc
 
     async def close(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
         await self.consumer.close()
         await self.redis.aclose()
 
 
-async def build_server(settings: MonitorSettings) -> tuple[GrpcServer, MonitorApp]:
-    """Builds the server bound to its port, and the app whose consumer is already reading."""
+async def build_server(
+    settings: MonitorSettings, *, clock: Clock = time.time
+) -> tuple[GrpcServer, MonitorApp]:
+    """Builds the server bound to its port, and the app whose consumer is already reading.
+
+    `clock` places records in time buckets and ends the windows; tests pass their own.
+    """
     # The blocking stream read holds its connection for up to block_ms, so the socket
     # timeout must outlast it.
     timeout_s = settings.redis_timeout_s + settings.block_ms / 1000
@@ -51,27 +74,47 @@ async def build_server(settings: MonitorSettings) -> tuple[GrpcServer, MonitorAp
         socket_timeout=timeout_s,
         socket_connect_timeout=settings.redis_timeout_s,
     )
-    stats = EndpointStats(
-        max_latency_samples=settings.max_latency_samples,
-        max_remembered_records=settings.max_remembered_records,
+    store = AggregateStore(
+        client,
+        ttls=StoreTtls(seen_s=settings.dedup_ttl_s, prediction_s=settings.prediction_ttl_s),
+        baseline_records=settings.baseline_records,
+    )
+    monitor = Monitor(
+        store,
+        thresholds=DriftThresholds(
+            psi=settings.drift_psi_threshold, p_value=settings.drift_p_value
+        ),
+        clock=clock,
     )
     consumer = PredictionLogConsumer(
         client,
-        stats,
+        store,
         stream=settings.stream,
         group=settings.consumer_group,
         consumer=settings.consumer_name,
         block_ms=settings.block_ms,
         batch_size=settings.batch_size,
+        claim_min_idle_ms=settings.claim_min_idle_ms,
+        clock=clock,
     )
 
+    alerts = AlertEvaluator(client, monitor, rules_from(settings.alerts), clock)
+
     def register(server: grpc.aio.Server) -> Sequence[str]:
-        pb_grpc.add_MonitorServiceServicer_to_server(MonitorServicer(stats), server)
+        pb_grpc.add_MonitorServiceServicer_to_server(MonitorServicer(monitor, alerts), server)
         return [pb.DESCRIPTOR.services_by_name["MonitorService"].full_name]
 
     grpc_server = build_grpc_server(SERVICE, settings, register)
     consumer.start()
-    return grpc_server, MonitorApp(client, stats, consumer)
+    tasks = [
+        asyncio.create_task(
+            export_forever(monitor, settings.metrics_interval_s), name="monitor-window-metrics"
+        ),
+        asyncio.create_task(
+            evaluate_forever(alerts, settings.alerts.interval_s), name="monitor-alerts"
+        ),
+    ]
+    return grpc_server, MonitorApp(client, monitor, consumer, alerts, tasks)
 
 
 def main() -> None:

@@ -22,21 +22,58 @@ _runtime_version.ValidateProtobufRuntimeVersion(
 _sym_db = _symbol_database.Default()
 
 
+from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n+modelserve/monitor/v1/monitor_service.proto\x12\x15modelserve.monitor.v1\"+\n\x17GetEndpointStatsRequest\x12\x10\n\x08\x65ndpoint\x18\x01 \x01(\t\"\xb1\x01\n\x0cVersionStats\x12\x15\n\rmodel_version\x18\x01 \x01(\t\x12\x15\n\rrequest_count\x18\x02 \x01(\x03\x12\x13\n\x0b\x65rror_count\x18\x03 \x01(\x03\x12\x16\n\x0e\x64\x65graded_count\x18\x04 \x01(\x03\x12\x16\n\x0elatency_p50_ms\x18\x05 \x01(\x01\x12\x16\n\x0elatency_p95_ms\x18\x06 \x01(\x01\x12\x16\n\x0elatency_p99_ms\x18\x07 \x01(\x01\"z\n\x18GetEndpointStatsResponse\x12\x10\n\x08\x65ndpoint\x18\x01 \x01(\t\x12\x15\n\rrequest_count\x18\x02 \x01(\x03\x12\x35\n\x08versions\x18\x03 \x03(\x0b\x32#.modelserve.monitor.v1.VersionStats2\x85\x01\n\x0eMonitorService\x12s\n\x10GetEndpointStats\x12..modelserve.monitor.v1.GetEndpointStatsRequest\x1a/.modelserve.monitor.v1.GetEndpointStatsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n+modelserve/monitor/v1/monitor_service.proto\x12\x15modelserve.monitor.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"Z\n\x17GetEndpointStatsRequest\x12\x10\n\x08\x65ndpoint\x18\x01 \x01(\t\x12-\n\x06window\x18\x02 \x01(\x0e\x32\x1d.modelserve.monitor.v1.Window\">\n\x0fHistogramBucket\x12\r\n\x05lower\x18\x01 \x01(\x01\x12\r\n\x05upper\x18\x02 \x01(\x01\x12\r\n\x05\x63ount\x18\x03 \x01(\x03\"\x8b\x01\n\x0c\x44istribution\x12\r\n\x05\x63ount\x18\x01 \x01(\x03\x12\x0c\n\x04mean\x18\x02 \x01(\x01\x12\x0b\n\x03p50\x18\x03 \x01(\x01\x12\x0b\n\x03p95\x18\x04 \x01(\x01\x12\x0b\n\x03p99\x18\x05 \x01(\x01\x12\x37\n\x07\x62uckets\x18\x06 \x03(\x0b\x32&.modelserve.monitor.v1.HistogramBucket\"-\n\rCategoryCount\x12\r\n\x05value\x18\x01 \x01(\t\x12\r\n\x05\x63ount\x18\x02 \x01(\x03\"\xb3\x01\n\x0c\x46\x65\x61tureStats\x12\x0f\n\x07\x66\x65\x61ture\x18\x01 \x01(\t\x12\r\n\x05\x63ount\x18\x02 \x01(\x03\x12\x14\n\x0cmissing_rate\x18\x03 \x01(\x01\x12\x33\n\x06values\x18\x04 \x01(\x0b\x32#.modelserve.monitor.v1.Distribution\x12\x38\n\ncategories\x18\x05 \x03(\x0b\x32$.modelserve.monitor.v1.CategoryCount\"v\n\x0cOutcomeStats\x12\r\n\x05\x63ount\x18\x01 \x01(\x03\x12\x13\n\x0blabel_count\x18\x02 \x01(\x03\x12\x10\n\x08\x61\x63\x63uracy\x18\x03 \x01(\x01\x12\x13\n\x0bvalue_count\x18\x04 \x01(\x03\x12\x1b\n\x13mean_absolute_error\x18\x05 \x01(\x01\"\xd9\x02\n\x0cVersionStats\x12\x15\n\rmodel_version\x18\x01 \x01(\t\x12\x15\n\rrequest_count\x18\x02 \x01(\x03\x12\x13\n\x0b\x65rror_count\x18\x03 \x01(\x03\x12\x16\n\x0e\x64\x65graded_count\x18\x04 \x01(\x03\x12\x16\n\x0elatency_p50_ms\x18\x05 \x01(\x01\x12\x16\n\x0elatency_p95_ms\x18\x06 \x01(\x01\x12\x16\n\x0elatency_p99_ms\x18\x07 \x01(\x01\x12\x38\n\x0bpredictions\x18\x08 \x01(\x0b\x32#.modelserve.monitor.v1.Distribution\x12\x35\n\x08\x66\x65\x61tures\x18\t \x03(\x0b\x32#.modelserve.monitor.v1.FeatureStats\x12\x35\n\x08outcomes\x18\n \x01(\x0b\x32#.modelserve.monitor.v1.OutcomeStats\"\xa9\x01\n\x18GetEndpointStatsResponse\x12\x10\n\x08\x65ndpoint\x18\x01 \x01(\t\x12\x15\n\rrequest_count\x18\x02 \x01(\x03\x12\x35\n\x08versions\x18\x03 \x03(\x0b\x32#.modelserve.monitor.v1.VersionStats\x12-\n\x06window\x18\x04 \x01(\x0e\x32\x1d.modelserve.monitor.v1.Window\"o\n\x15GetDriftReportRequest\x12\x10\n\x08\x65ndpoint\x18\x01 \x01(\t\x12\x15\n\rmodel_version\x18\x02 \x01(\t\x12-\n\x06window\x18\x03 \x01(\x0e\x32\x1d.modelserve.monitor.v1.Window\"\x88\x01\n\x0e\x44riftStatistic\x12.\n\x04test\x18\x01 \x01(\x0e\x32 .modelserve.monitor.v1.DriftTest\x12\x11\n\tstatistic\x18\x02 \x01(\x01\x12\x0f\n\x07p_value\x18\x03 \x01(\x01\x12\x11\n\tthreshold\x18\x04 \x01(\x01\x12\x0f\n\x07\x64rifted\x18\x05 \x01(\x08\"\x98\x01\n\x0b\x44riftResult\x12\x0f\n\x07\x66\x65\x61ture\x18\x01 \x01(\t\x12\x16\n\x0e\x62\x61seline_count\x18\x02 \x01(\x03\x12\x14\n\x0cwindow_count\x18\x03 \x01(\x03\x12\x39\n\nstatistics\x18\x04 \x03(\x0b\x32%.modelserve.monitor.v1.DriftStatistic\x12\x0f\n\x07\x64rifted\x18\x05 \x01(\x08\"\xec\x01\n\x16GetDriftReportResponse\x12\x10\n\x08\x65ndpoint\x18\x01 \x01(\t\x12\x15\n\rmodel_version\x18\x02 \x01(\t\x12-\n\x06window\x18\x03 \x01(\x0e\x32\x1d.modelserve.monitor.v1.Window\x12\x17\n\x0f\x62\x61seline_source\x18\x04 \x01(\t\x12\x16\n\x0e\x62\x61seline_count\x18\x05 \x01(\x03\x12\x14\n\x0cwindow_count\x18\x06 \x01(\x03\x12\x33\n\x07results\x18\x07 \x03(\x0b\x32\".modelserve.monitor.v1.DriftResult\"W\n\x14RecordOutcomeRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0f\n\x05label\x18\x02 \x01(\x03H\x00\x12\x0f\n\x05value\x18\x03 \x01(\x01H\x00\x42\t\n\x07outcome\"e\n\x15RecordOutcomeResponse\x12\x10\n\x08\x65ndpoint\x18\x01 \x01(\t\x12\x15\n\rmodel_version\x18\x02 \x01(\t\x12\x12\n\nprediction\x18\x03 \x01(\x01\x12\x0f\n\x07\x63ounted\x18\x04 \x01(\x08\"\xdd\x02\n\x05\x41lert\x12\x0c\n\x04rule\x18\x01 \x01(\t\x12\x10\n\x08\x65ndpoint\x18\x02 \x01(\t\x12\x15\n\rmodel_version\x18\x03 \x01(\t\x12\x36\n\x08severity\x18\x04 \x01(\x0e\x32$.modelserve.monitor.v1.AlertSeverity\x12\x30\n\x05state\x18\x05 \x01(\x0e\x32!.modelserve.monitor.v1.AlertState\x12\r\n\x05value\x18\x06 \x01(\x01\x12\x11\n\tthreshold\x18\x07 \x01(\x01\x12\x30\n\x0c\x61\x63tive_since\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12-\n\tfire_time\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x30\n\x0cresolve_time\x18\n \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"~\n\x11ListAlertsRequest\x12\x10\n\x08\x65ndpoint\x18\x01 \x01(\t\x12\x30\n\x05state\x18\x02 \x01(\x0e\x32!.modelserve.monitor.v1.AlertState\x12\x11\n\tpage_size\x18\x03 \x01(\x05\x12\x12\n\npage_token\x18\x04 \x01(\t\"[\n\x12ListAlertsResponse\x12,\n\x06\x61lerts\x18\x01 \x03(\x0b\x32\x1c.modelserve.monitor.v1.Alert\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t*e\n\x06Window\x12\x16\n\x12WINDOW_UNSPECIFIED\x10\x00\x12\x15\n\x11WINDOW_ONE_MINUTE\x10\x01\x12\x17\n\x13WINDOW_FIVE_MINUTES\x10\x02\x12\x13\n\x0fWINDOW_ONE_HOUR\x10\x03*y\n\tDriftTest\x12\x1a\n\x16\x44RIFT_TEST_UNSPECIFIED\x10\x00\x12\x12\n\x0e\x44RIFT_TEST_PSI\x10\x01\x12!\n\x1d\x44RIFT_TEST_KOLMOGOROV_SMIRNOV\x10\x02\x12\x19\n\x15\x44RIFT_TEST_CHI_SQUARE\x10\x03*t\n\nAlertState\x12\x1b\n\x17\x41LERT_STATE_UNSPECIFIED\x10\x00\x12\x17\n\x13\x41LERT_STATE_PENDING\x10\x01\x12\x16\n\x12\x41LERT_STATE_FIRING\x10\x02\x12\x18\n\x14\x41LERT_STATE_RESOLVED\x10\x03*h\n\rAlertSeverity\x12\x1e\n\x1a\x41LERT_SEVERITY_UNSPECIFIED\x10\x00\x12\x1a\n\x16\x41LERT_SEVERITY_WARNING\x10\x01\x12\x1b\n\x17\x41LERT_SEVERITY_CRITICAL\x10\x02\x32\xc3\x03\n\x0eMonitorService\x12s\n\x10GetEndpointStats\x12..modelserve.monitor.v1.GetEndpointStatsRequest\x1a/.modelserve.monitor.v1.GetEndpointStatsResponse\x12m\n\x0eGetDriftReport\x12,.modelserve.monitor.v1.GetDriftReportRequest\x1a-.modelserve.monitor.v1.GetDriftReportResponse\x12j\n\rRecordOutcome\x12+.modelserve.monitor.v1.RecordOutcomeRequest\x1a,.modelserve.monitor.v1.RecordOutcomeResponse\x12\x61\n\nListAlerts\x12(.modelserve.monitor.v1.ListAlertsRequest\x1a).modelserve.monitor.v1.ListAlertsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'modelserve.monitor.v1.monitor_service_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_GETENDPOINTSTATSREQUEST']._serialized_start=70
-  _globals['_GETENDPOINTSTATSREQUEST']._serialized_end=113
-  _globals['_VERSIONSTATS']._serialized_start=116
-  _globals['_VERSIONSTATS']._serialized_end=293
-  _globals['_GETENDPOINTSTATSRESPONSE']._serialized_start=295
-  _globals['_GETENDPOINTSTATSRESPONSE']._serialized_end=417
-  _globals['_MONITORSERVICE']._serialized_start=420
-  _globals['_MONITORSERVICE']._serialized_end=553
+  _globals['_WINDOW']._serialized_start=2681
+  _globals['_WINDOW']._serialized_end=2782
+  _globals['_DRIFTTEST']._serialized_start=2784
+  _globals['_DRIFTTEST']._serialized_end=2905
+  _globals['_ALERTSTATE']._serialized_start=2907
+  _globals['_ALERTSTATE']._serialized_end=3023
+  _globals['_ALERTSEVERITY']._serialized_start=3025
+  _globals['_ALERTSEVERITY']._serialized_end=3129
+  _globals['_GETENDPOINTSTATSREQUEST']._serialized_start=103
+  _globals['_GETENDPOINTSTATSREQUEST']._serialized_end=193
+  _globals['_HISTOGRAMBUCKET']._serialized_start=195
+  _globals['_HISTOGRAMBUCKET']._serialized_end=257
+  _globals['_DISTRIBUTION']._serialized_start=260
+  _globals['_DISTRIBUTION']._serialized_end=399
+  _globals['_CATEGORYCOUNT']._serialized_start=401
+  _globals['_CATEGORYCOUNT']._serialized_end=446
+  _globals['_FEATURESTATS']._serialized_start=449
+  _globals['_FEATURESTATS']._serialized_end=628
+  _globals['_OUTCOMESTATS']._serialized_start=630
+  _globals['_OUTCOMESTATS']._serialized_end=748
+  _globals['_VERSIONSTATS']._serialized_start=751
+  _globals['_VERSIONSTATS']._serialized_end=1096
+  _globals['_GETENDPOINTSTATSRESPONSE']._serialized_start=1099
+  _globals['_GETENDPOINTSTATSRESPONSE']._serialized_end=1268
+  _globals['_GETDRIFTREPORTREQUEST']._serialized_start=1270
+  _globals['_GETDRIFTREPORTREQUEST']._serialized_end=1381
+  _globals['_DRIFTSTATISTIC']._serialized_start=1384
+  _globals['_DRIFTSTATISTIC']._serialized_end=1520
+  _globals['_DRIFTRESULT']._serialized_start=1523
+  _globals['_DRIFTRESULT']._serialized_end=1675
+  _globals['_GETDRIFTREPORTRESPONSE']._serialized_start=1678
+  _globals['_GETDRIFTREPORTRESPONSE']._serialized_end=1914
+  _globals['_RECORDOUTCOMEREQUEST']._serialized_start=1916
+  _globals['_RECORDOUTCOMEREQUEST']._serialized_end=2003
+  _globals['_RECORDOUTCOMERESPONSE']._serialized_start=2005
+  _globals['_RECORDOUTCOMERESPONSE']._serialized_end=2106
+  _globals['_ALERT']._serialized_start=2109
+  _globals['_ALERT']._serialized_end=2458
+  _globals['_LISTALERTSREQUEST']._serialized_start=2460
+  _globals['_LISTALERTSREQUEST']._serialized_end=2586
+  _globals['_LISTALERTSRESPONSE']._serialized_start=2588
+  _globals['_LISTALERTSRESPONSE']._serialized_end=2679
+  _globals['_MONITORSERVICE']._serialized_start=3132
+  _globals['_MONITORSERVICE']._serialized_end=3583
 # @@protoc_insertion_point(module_scope)

@@ -6,7 +6,9 @@ isort:skip_file
 from collections import abc as _abc
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
+from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 import builtins as _builtins
 import sys
 import typing as _typing
@@ -18,6 +20,114 @@ else:
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
+class _Window:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _WindowEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Window.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    WINDOW_UNSPECIFIED: _Window.ValueType  # 0
+    """Everything since the monitor first counted the version (request counts and latency only)."""
+    WINDOW_ONE_MINUTE: _Window.ValueType  # 1
+    """The last minute."""
+    WINDOW_FIVE_MINUTES: _Window.ValueType  # 2
+    """The last five minutes."""
+    WINDOW_ONE_HOUR: _Window.ValueType  # 3
+    """The last hour."""
+
+class Window(_Window, metaclass=_WindowEnumTypeWrapper):
+    """Window is the sliding time window that figures cover, ending now."""
+
+WINDOW_UNSPECIFIED: Window.ValueType  # 0
+"""Everything since the monitor first counted the version (request counts and latency only)."""
+WINDOW_ONE_MINUTE: Window.ValueType  # 1
+"""The last minute."""
+WINDOW_FIVE_MINUTES: Window.ValueType  # 2
+"""The last five minutes."""
+WINDOW_ONE_HOUR: Window.ValueType  # 3
+"""The last hour."""
+Global___Window: _TypeAlias = Window  # noqa: Y015
+
+class _DriftTest:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _DriftTestEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_DriftTest.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    DRIFT_TEST_UNSPECIFIED: _DriftTest.ValueType  # 0
+    """Not set."""
+    DRIFT_TEST_PSI: _DriftTest.ValueType  # 1
+    """Population stability index over the histogram buckets; drift when above the threshold."""
+    DRIFT_TEST_KOLMOGOROV_SMIRNOV: _DriftTest.ValueType  # 2
+    """Two-sample Kolmogorov–Smirnov on the histograms; drift when the p-value is below the threshold."""
+    DRIFT_TEST_CHI_SQUARE: _DriftTest.ValueType  # 3
+    """Chi-square test of the category counts; drift when the p-value is below the threshold."""
+
+class DriftTest(_DriftTest, metaclass=_DriftTestEnumTypeWrapper):
+    """DriftTest names a statistical test of drift."""
+
+DRIFT_TEST_UNSPECIFIED: DriftTest.ValueType  # 0
+"""Not set."""
+DRIFT_TEST_PSI: DriftTest.ValueType  # 1
+"""Population stability index over the histogram buckets; drift when above the threshold."""
+DRIFT_TEST_KOLMOGOROV_SMIRNOV: DriftTest.ValueType  # 2
+"""Two-sample Kolmogorov–Smirnov on the histograms; drift when the p-value is below the threshold."""
+DRIFT_TEST_CHI_SQUARE: DriftTest.ValueType  # 3
+"""Chi-square test of the category counts; drift when the p-value is below the threshold."""
+Global___DriftTest: _TypeAlias = DriftTest  # noqa: Y015
+
+class _AlertState:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _AlertStateEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_AlertState.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    ALERT_STATE_UNSPECIFIED: _AlertState.ValueType  # 0
+    """Not set; as a filter, every state."""
+    ALERT_STATE_PENDING: _AlertState.ValueType  # 1
+    """The condition holds, not yet for the rule's for-duration."""
+    ALERT_STATE_FIRING: _AlertState.ValueType  # 2
+    """The condition has held for the rule's for-duration."""
+    ALERT_STATE_RESOLVED: _AlertState.ValueType  # 3
+    """The condition stopped holding after the alert fired."""
+
+class AlertState(_AlertState, metaclass=_AlertStateEnumTypeWrapper):
+    """AlertState is where an alert is in its life."""
+
+ALERT_STATE_UNSPECIFIED: AlertState.ValueType  # 0
+"""Not set; as a filter, every state."""
+ALERT_STATE_PENDING: AlertState.ValueType  # 1
+"""The condition holds, not yet for the rule's for-duration."""
+ALERT_STATE_FIRING: AlertState.ValueType  # 2
+"""The condition has held for the rule's for-duration."""
+ALERT_STATE_RESOLVED: AlertState.ValueType  # 3
+"""The condition stopped holding after the alert fired."""
+Global___AlertState: _TypeAlias = AlertState  # noqa: Y015
+
+class _AlertSeverity:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _AlertSeverityEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_AlertSeverity.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    ALERT_SEVERITY_UNSPECIFIED: _AlertSeverity.ValueType  # 0
+    """Not set."""
+    ALERT_SEVERITY_WARNING: _AlertSeverity.ValueType  # 1
+    """Someone should look soon."""
+    ALERT_SEVERITY_CRITICAL: _AlertSeverity.ValueType  # 2
+    """Someone should act now."""
+
+class AlertSeverity(_AlertSeverity, metaclass=_AlertSeverityEnumTypeWrapper):
+    """AlertSeverity is how urgent an alert is."""
+
+ALERT_SEVERITY_UNSPECIFIED: AlertSeverity.ValueType  # 0
+"""Not set."""
+ALERT_SEVERITY_WARNING: AlertSeverity.ValueType  # 1
+"""Someone should look soon."""
+ALERT_SEVERITY_CRITICAL: AlertSeverity.ValueType  # 2
+"""Someone should act now."""
+Global___AlertSeverity: _TypeAlias = AlertSeverity  # noqa: Y015
+
 @_typing.final
 class GetEndpointStatsRequest(_message.Message):
     """GetEndpointStatsRequest names the endpoint."""
@@ -25,20 +135,204 @@ class GetEndpointStatsRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     ENDPOINT_FIELD_NUMBER: _builtins.int
+    WINDOW_FIELD_NUMBER: _builtins.int
     endpoint: _builtins.str
     """Required. The endpoint (deployment id)."""
+    window: Global___Window.ValueType
+    """Optional. The window; unspecified means every record counted so far."""
     def __init__(
         self,
         *,
         endpoint: _builtins.str = ...,
+        window: Global___Window.ValueType = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["endpoint", b"endpoint"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["endpoint", b"endpoint", "window", b"window"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___GetEndpointStatsRequest: _TypeAlias = GetEndpointStatsRequest  # noqa: Y015
+
+@_typing.final
+class HistogramBucket(_message.Message):
+    """HistogramBucket is one bucket of a histogram: values in [lower, upper)."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    LOWER_FIELD_NUMBER: _builtins.int
+    UPPER_FIELD_NUMBER: _builtins.int
+    COUNT_FIELD_NUMBER: _builtins.int
+    lower: _builtins.float
+    """Inclusive lower bound."""
+    upper: _builtins.float
+    """Exclusive upper bound."""
+    count: _builtins.int
+    """Values that fell in the bucket."""
+    def __init__(
+        self,
+        *,
+        lower: _builtins.float = ...,
+        upper: _builtins.float = ...,
+        count: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["count", b"count", "lower", b"lower", "upper", b"upper"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___HistogramBucket: _TypeAlias = HistogramBucket  # noqa: Y015
+
+@_typing.final
+class Distribution(_message.Message):
+    """Distribution summarizes numeric values from a mergeable histogram."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    COUNT_FIELD_NUMBER: _builtins.int
+    MEAN_FIELD_NUMBER: _builtins.int
+    P50_FIELD_NUMBER: _builtins.int
+    P95_FIELD_NUMBER: _builtins.int
+    P99_FIELD_NUMBER: _builtins.int
+    BUCKETS_FIELD_NUMBER: _builtins.int
+    count: _builtins.int
+    """Values counted."""
+    mean: _builtins.float
+    """Their mean (exact)."""
+    p50: _builtins.float
+    """Median, from the histogram (relative error under 4 %)."""
+    p95: _builtins.float
+    """95th percentile, from the histogram."""
+    p99: _builtins.float
+    """99th percentile, from the histogram."""
+    @_builtins.property
+    def buckets(self) -> _containers.RepeatedCompositeFieldContainer[Global___HistogramBucket]:
+        """The non-empty buckets, ordered by lower bound."""
+
+    def __init__(
+        self,
+        *,
+        count: _builtins.int = ...,
+        mean: _builtins.float = ...,
+        p50: _builtins.float = ...,
+        p95: _builtins.float = ...,
+        p99: _builtins.float = ...,
+        buckets: _abc.Iterable[Global___HistogramBucket] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["buckets", b"buckets", "count", b"count", "mean", b"mean", "p50", b"p50", "p95", b"p95", "p99", b"p99"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Distribution: _TypeAlias = Distribution  # noqa: Y015
+
+@_typing.final
+class CategoryCount(_message.Message):
+    """CategoryCount is how often one category was seen."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    VALUE_FIELD_NUMBER: _builtins.int
+    COUNT_FIELD_NUMBER: _builtins.int
+    value: _builtins.str
+    """The category (a string feature's value, or `true`/`false`)."""
+    count: _builtins.int
+    """Times seen."""
+    def __init__(
+        self,
+        *,
+        value: _builtins.str = ...,
+        count: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["count", b"count", "value", b"value"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CategoryCount: _TypeAlias = CategoryCount  # noqa: Y015
+
+@_typing.final
+class FeatureStats(_message.Message):
+    """FeatureStats summarizes the values one feature had in the records of a version."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    FEATURE_FIELD_NUMBER: _builtins.int
+    COUNT_FIELD_NUMBER: _builtins.int
+    MISSING_RATE_FIELD_NUMBER: _builtins.int
+    VALUES_FIELD_NUMBER: _builtins.int
+    CATEGORIES_FIELD_NUMBER: _builtins.int
+    feature: _builtins.str
+    """The feature reference, as in the prediction record."""
+    count: _builtins.int
+    """Records in which the feature appeared, with or without a value."""
+    missing_rate: _builtins.float
+    """Share of those records in which the feature had no value."""
+    @_builtins.property
+    def values(self) -> Global___Distribution:
+        """The numeric values (int64 and double features); empty for categorical features."""
+
+    @_builtins.property
+    def categories(self) -> _containers.RepeatedCompositeFieldContainer[Global___CategoryCount]:
+        """The categories (string and bool features), most frequent first; empty for numeric ones."""
+
+    def __init__(
+        self,
+        *,
+        feature: _builtins.str = ...,
+        count: _builtins.int = ...,
+        missing_rate: _builtins.float = ...,
+        values: Global___Distribution | None = ...,
+        categories: _abc.Iterable[Global___CategoryCount] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["values", b"values"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["categories", b"categories", "count", b"count", "feature", b"feature", "missing_rate", b"missing_rate", "values", b"values"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___FeatureStats: _TypeAlias = FeatureStats  # noqa: Y015
+
+@_typing.final
+class OutcomeStats(_message.Message):
+    """OutcomeStats summarizes the ground truth recorded for a version's predictions."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    COUNT_FIELD_NUMBER: _builtins.int
+    LABEL_COUNT_FIELD_NUMBER: _builtins.int
+    ACCURACY_FIELD_NUMBER: _builtins.int
+    VALUE_COUNT_FIELD_NUMBER: _builtins.int
+    MEAN_ABSOLUTE_ERROR_FIELD_NUMBER: _builtins.int
+    count: _builtins.int
+    """Outcomes recorded (labels and values together)."""
+    label_count: _builtins.int
+    """Outcomes that were labels."""
+    accuracy: _builtins.float
+    """Share of labels equal to the predicted label (prediction >= 0.5 means label 1)."""
+    value_count: _builtins.int
+    """Outcomes that were values."""
+    mean_absolute_error: _builtins.float
+    """Mean absolute difference between the value and the prediction."""
+    def __init__(
+        self,
+        *,
+        count: _builtins.int = ...,
+        label_count: _builtins.int = ...,
+        accuracy: _builtins.float = ...,
+        value_count: _builtins.int = ...,
+        mean_absolute_error: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["accuracy", b"accuracy", "count", b"count", "label_count", b"label_count", "mean_absolute_error", b"mean_absolute_error", "value_count", b"value_count"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___OutcomeStats: _TypeAlias = OutcomeStats  # noqa: Y015
 
 @_typing.final
 class VersionStats(_message.Message):
@@ -53,6 +347,9 @@ class VersionStats(_message.Message):
     LATENCY_P50_MS_FIELD_NUMBER: _builtins.int
     LATENCY_P95_MS_FIELD_NUMBER: _builtins.int
     LATENCY_P99_MS_FIELD_NUMBER: _builtins.int
+    PREDICTIONS_FIELD_NUMBER: _builtins.int
+    FEATURES_FIELD_NUMBER: _builtins.int
+    OUTCOMES_FIELD_NUMBER: _builtins.int
     model_version: _builtins.str
     """The version. Format: `models/{model}/versions/{version}`."""
     request_count: _builtins.int
@@ -67,6 +364,18 @@ class VersionStats(_message.Message):
     """95th percentile router latency in milliseconds."""
     latency_p99_ms: _builtins.float
     """99th percentile router latency in milliseconds."""
+    @_builtins.property
+    def predictions(self) -> Global___Distribution:
+        """The prediction: the positive-class probability, or the first output's first value."""
+
+    @_builtins.property
+    def features(self) -> _containers.RepeatedCompositeFieldContainer[Global___FeatureStats]:
+        """Per feature, ordered by feature reference."""
+
+    @_builtins.property
+    def outcomes(self) -> Global___OutcomeStats:
+        """Ground truth recorded for the version's predictions in the window."""
+
     def __init__(
         self,
         *,
@@ -77,10 +386,13 @@ class VersionStats(_message.Message):
         latency_p50_ms: _builtins.float = ...,
         latency_p95_ms: _builtins.float = ...,
         latency_p99_ms: _builtins.float = ...,
+        predictions: Global___Distribution | None = ...,
+        features: _abc.Iterable[Global___FeatureStats] | None = ...,
+        outcomes: Global___OutcomeStats | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["outcomes", b"outcomes", "predictions", b"predictions"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["degraded_count", b"degraded_count", "error_count", b"error_count", "latency_p50_ms", b"latency_p50_ms", "latency_p95_ms", b"latency_p95_ms", "latency_p99_ms", b"latency_p99_ms", "model_version", b"model_version", "request_count", b"request_count"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["degraded_count", b"degraded_count", "error_count", b"error_count", "features", b"features", "latency_p50_ms", b"latency_p50_ms", "latency_p95_ms", b"latency_p95_ms", "latency_p99_ms", b"latency_p99_ms", "model_version", b"model_version", "outcomes", b"outcomes", "predictions", b"predictions", "request_count", b"request_count"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -95,10 +407,13 @@ class GetEndpointStatsResponse(_message.Message):
     ENDPOINT_FIELD_NUMBER: _builtins.int
     REQUEST_COUNT_FIELD_NUMBER: _builtins.int
     VERSIONS_FIELD_NUMBER: _builtins.int
+    WINDOW_FIELD_NUMBER: _builtins.int
     endpoint: _builtins.str
     """The endpoint."""
     request_count: _builtins.int
     """Requests logged for the endpoint, all versions together."""
+    window: Global___Window.ValueType
+    """The window the figures cover."""
     @_builtins.property
     def versions(self) -> _containers.RepeatedCompositeFieldContainer[Global___VersionStats]:
         """Per version, ordered by version name."""
@@ -109,11 +424,360 @@ class GetEndpointStatsResponse(_message.Message):
         endpoint: _builtins.str = ...,
         request_count: _builtins.int = ...,
         versions: _abc.Iterable[Global___VersionStats] | None = ...,
+        window: Global___Window.ValueType = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["endpoint", b"endpoint", "request_count", b"request_count", "versions", b"versions"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["endpoint", b"endpoint", "request_count", b"request_count", "versions", b"versions", "window", b"window"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___GetEndpointStatsResponse: _TypeAlias = GetEndpointStatsResponse  # noqa: Y015
+
+@_typing.final
+class GetDriftReportRequest(_message.Message):
+    """GetDriftReportRequest names the version and the window to compare with its baseline."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ENDPOINT_FIELD_NUMBER: _builtins.int
+    MODEL_VERSION_FIELD_NUMBER: _builtins.int
+    WINDOW_FIELD_NUMBER: _builtins.int
+    endpoint: _builtins.str
+    """Required. The endpoint (deployment id)."""
+    model_version: _builtins.str
+    """Required. The version. Format: `models/{model}/versions/{version}`."""
+    window: Global___Window.ValueType
+    """Optional. The window compared with the baseline; unspecified means one hour."""
+    def __init__(
+        self,
+        *,
+        endpoint: _builtins.str = ...,
+        model_version: _builtins.str = ...,
+        window: Global___Window.ValueType = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["endpoint", b"endpoint", "model_version", b"model_version", "window", b"window"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetDriftReportRequest: _TypeAlias = GetDriftReportRequest  # noqa: Y015
+
+@_typing.final
+class DriftStatistic(_message.Message):
+    """DriftStatistic is the result of one test on one feature or on the predictions."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TEST_FIELD_NUMBER: _builtins.int
+    STATISTIC_FIELD_NUMBER: _builtins.int
+    P_VALUE_FIELD_NUMBER: _builtins.int
+    THRESHOLD_FIELD_NUMBER: _builtins.int
+    DRIFTED_FIELD_NUMBER: _builtins.int
+    test: Global___DriftTest.ValueType
+    """The test."""
+    statistic: _builtins.float
+    """The test statistic (PSI, KS distance D, or chi-square)."""
+    p_value: _builtins.float
+    """The p-value; 0 for PSI, which has none."""
+    threshold: _builtins.float
+    """The threshold that applied: PSI above it, or a p-value below it, is drift."""
+    drifted: _builtins.bool
+    """True when this test says the distribution moved."""
+    def __init__(
+        self,
+        *,
+        test: Global___DriftTest.ValueType = ...,
+        statistic: _builtins.float = ...,
+        p_value: _builtins.float = ...,
+        threshold: _builtins.float = ...,
+        drifted: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["drifted", b"drifted", "p_value", b"p_value", "statistic", b"statistic", "test", b"test", "threshold", b"threshold"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DriftStatistic: _TypeAlias = DriftStatistic  # noqa: Y015
+
+@_typing.final
+class DriftResult(_message.Message):
+    """DriftResult is the drift of one feature, or of the predictions."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    FEATURE_FIELD_NUMBER: _builtins.int
+    BASELINE_COUNT_FIELD_NUMBER: _builtins.int
+    WINDOW_COUNT_FIELD_NUMBER: _builtins.int
+    STATISTICS_FIELD_NUMBER: _builtins.int
+    DRIFTED_FIELD_NUMBER: _builtins.int
+    feature: _builtins.str
+    """The feature reference; `prediction` for the predictions."""
+    baseline_count: _builtins.int
+    """Values in the baseline."""
+    window_count: _builtins.int
+    """Values in the window."""
+    drifted: _builtins.bool
+    """True when any test says the distribution moved."""
+    @_builtins.property
+    def statistics(self) -> _containers.RepeatedCompositeFieldContainer[Global___DriftStatistic]:
+        """The tests that applied (PSI and KS for numbers, chi-square for categories)."""
+
+    def __init__(
+        self,
+        *,
+        feature: _builtins.str = ...,
+        baseline_count: _builtins.int = ...,
+        window_count: _builtins.int = ...,
+        statistics: _abc.Iterable[Global___DriftStatistic] | None = ...,
+        drifted: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["baseline_count", b"baseline_count", "drifted", b"drifted", "feature", b"feature", "statistics", b"statistics", "window_count", b"window_count"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DriftResult: _TypeAlias = DriftResult  # noqa: Y015
+
+@_typing.final
+class GetDriftReportResponse(_message.Message):
+    """GetDriftReportResponse is the drift of every feature and of the predictions of a version."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ENDPOINT_FIELD_NUMBER: _builtins.int
+    MODEL_VERSION_FIELD_NUMBER: _builtins.int
+    WINDOW_FIELD_NUMBER: _builtins.int
+    BASELINE_SOURCE_FIELD_NUMBER: _builtins.int
+    BASELINE_COUNT_FIELD_NUMBER: _builtins.int
+    WINDOW_COUNT_FIELD_NUMBER: _builtins.int
+    RESULTS_FIELD_NUMBER: _builtins.int
+    endpoint: _builtins.str
+    """The endpoint."""
+    model_version: _builtins.str
+    """The version. Format: `models/{model}/versions/{version}`."""
+    window: Global___Window.ValueType
+    """The window compared."""
+    baseline_source: _builtins.str
+    """Where the baseline came from (`first_records`: the version's first N records)."""
+    baseline_count: _builtins.int
+    """Records in the baseline."""
+    window_count: _builtins.int
+    """Records in the window."""
+    @_builtins.property
+    def results(self) -> _containers.RepeatedCompositeFieldContainer[Global___DriftResult]:
+        """The predictions first, then each feature ordered by reference."""
+
+    def __init__(
+        self,
+        *,
+        endpoint: _builtins.str = ...,
+        model_version: _builtins.str = ...,
+        window: Global___Window.ValueType = ...,
+        baseline_source: _builtins.str = ...,
+        baseline_count: _builtins.int = ...,
+        window_count: _builtins.int = ...,
+        results: _abc.Iterable[Global___DriftResult] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["baseline_count", b"baseline_count", "baseline_source", b"baseline_source", "endpoint", b"endpoint", "model_version", b"model_version", "results", b"results", "window", b"window", "window_count", b"window_count"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetDriftReportResponse: _TypeAlias = GetDriftReportResponse  # noqa: Y015
+
+@_typing.final
+class RecordOutcomeRequest(_message.Message):
+    """RecordOutcomeRequest carries the ground truth of one request."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
+    LABEL_FIELD_NUMBER: _builtins.int
+    VALUE_FIELD_NUMBER: _builtins.int
+    request_id: _builtins.str
+    """Required. The request id the router returned with the prediction."""
+    label: _builtins.int
+    """A class label (0 or 1 for a binary classifier)."""
+    value: _builtins.float
+    """A numeric value (for a regression)."""
+    def __init__(
+        self,
+        *,
+        request_id: _builtins.str = ...,
+        label: _builtins.int = ...,
+        value: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["label", b"label", "outcome", b"outcome", "value", b"value"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["label", b"label", "outcome", b"outcome", "request_id", b"request_id", "value", b"value"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_outcome: _TypeAlias = _typing.Literal["label", "value"]  # noqa: Y015
+    _WhichOneofArgType_outcome: _TypeAlias = _typing.Literal["outcome", b"outcome"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_outcome) -> _WhichOneofReturnType_outcome | None: ...
+
+Global___RecordOutcomeRequest: _TypeAlias = RecordOutcomeRequest  # noqa: Y015
+
+@_typing.final
+class RecordOutcomeResponse(_message.Message):
+    """RecordOutcomeResponse says which prediction the outcome was joined to."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ENDPOINT_FIELD_NUMBER: _builtins.int
+    MODEL_VERSION_FIELD_NUMBER: _builtins.int
+    PREDICTION_FIELD_NUMBER: _builtins.int
+    COUNTED_FIELD_NUMBER: _builtins.int
+    endpoint: _builtins.str
+    """The endpoint that made the prediction."""
+    model_version: _builtins.str
+    """The version that made it. Format: `models/{model}/versions/{version}`."""
+    prediction: _builtins.float
+    """The prediction that was logged."""
+    counted: _builtins.bool
+    """False when an outcome for this request was recorded before; the first one counts."""
+    def __init__(
+        self,
+        *,
+        endpoint: _builtins.str = ...,
+        model_version: _builtins.str = ...,
+        prediction: _builtins.float = ...,
+        counted: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["counted", b"counted", "endpoint", b"endpoint", "model_version", b"model_version", "prediction", b"prediction"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RecordOutcomeResponse: _TypeAlias = RecordOutcomeResponse  # noqa: Y015
+
+@_typing.final
+class Alert(_message.Message):
+    """Alert is one alert of a rule for one model version."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RULE_FIELD_NUMBER: _builtins.int
+    ENDPOINT_FIELD_NUMBER: _builtins.int
+    MODEL_VERSION_FIELD_NUMBER: _builtins.int
+    SEVERITY_FIELD_NUMBER: _builtins.int
+    STATE_FIELD_NUMBER: _builtins.int
+    VALUE_FIELD_NUMBER: _builtins.int
+    THRESHOLD_FIELD_NUMBER: _builtins.int
+    ACTIVE_SINCE_FIELD_NUMBER: _builtins.int
+    FIRE_TIME_FIELD_NUMBER: _builtins.int
+    RESOLVE_TIME_FIELD_NUMBER: _builtins.int
+    rule: _builtins.str
+    """The rule (for example `error_rate_high`)."""
+    endpoint: _builtins.str
+    """The endpoint (deployment id)."""
+    model_version: _builtins.str
+    """The version. Format: `models/{model}/versions/{version}`."""
+    severity: Global___AlertSeverity.ValueType
+    """The rule's severity."""
+    state: Global___AlertState.ValueType
+    """The state."""
+    value: _builtins.float
+    """The value the rule measured at its last evaluation."""
+    threshold: _builtins.float
+    """The rule's threshold: the alert holds while the value is above it."""
+    @_builtins.property
+    def active_since(self) -> _timestamp_pb2.Timestamp:
+        """When the condition started holding."""
+
+    @_builtins.property
+    def fire_time(self) -> _timestamp_pb2.Timestamp:
+        """When the alert fired; unset while pending."""
+
+    @_builtins.property
+    def resolve_time(self) -> _timestamp_pb2.Timestamp:
+        """When the alert resolved; unset unless resolved."""
+
+    def __init__(
+        self,
+        *,
+        rule: _builtins.str = ...,
+        endpoint: _builtins.str = ...,
+        model_version: _builtins.str = ...,
+        severity: Global___AlertSeverity.ValueType = ...,
+        state: Global___AlertState.ValueType = ...,
+        value: _builtins.float = ...,
+        threshold: _builtins.float = ...,
+        active_since: _timestamp_pb2.Timestamp | None = ...,
+        fire_time: _timestamp_pb2.Timestamp | None = ...,
+        resolve_time: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["active_since", b"active_since", "fire_time", b"fire_time", "resolve_time", b"resolve_time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["active_since", b"active_since", "endpoint", b"endpoint", "fire_time", b"fire_time", "model_version", b"model_version", "resolve_time", b"resolve_time", "rule", b"rule", "severity", b"severity", "state", b"state", "threshold", b"threshold", "value", b"value"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Alert: _TypeAlias = Alert  # noqa: Y015
+
+@_typing.final
+class ListAlertsRequest(_message.Message):
+    """ListAlertsRequest filters and pages the alerts."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ENDPOINT_FIELD_NUMBER: _builtins.int
+    STATE_FIELD_NUMBER: _builtins.int
+    PAGE_SIZE_FIELD_NUMBER: _builtins.int
+    PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    endpoint: _builtins.str
+    """Optional. Only alerts of this endpoint."""
+    state: Global___AlertState.ValueType
+    """Optional. Only alerts in this state."""
+    page_size: _builtins.int
+    """Optional. Most alerts in one page; 0 means 100, at most 1000."""
+    page_token: _builtins.str
+    """Optional. The `next_page_token` of the previous page."""
+    def __init__(
+        self,
+        *,
+        endpoint: _builtins.str = ...,
+        state: Global___AlertState.ValueType = ...,
+        page_size: _builtins.int = ...,
+        page_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["endpoint", b"endpoint", "page_size", b"page_size", "page_token", b"page_token", "state", b"state"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListAlertsRequest: _TypeAlias = ListAlertsRequest  # noqa: Y015
+
+@_typing.final
+class ListAlertsResponse(_message.Message):
+    """ListAlertsResponse is one page of alerts, ordered by rule, endpoint and version."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ALERTS_FIELD_NUMBER: _builtins.int
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    next_page_token: _builtins.str
+    """The token of the next page; empty on the last one."""
+    @_builtins.property
+    def alerts(self) -> _containers.RepeatedCompositeFieldContainer[Global___Alert]:
+        """The alerts."""
+
+    def __init__(
+        self,
+        *,
+        alerts: _abc.Iterable[Global___Alert] | None = ...,
+        next_page_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["alerts", b"alerts", "next_page_token", b"next_page_token"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListAlertsResponse: _TypeAlias = ListAlertsResponse  # noqa: Y015

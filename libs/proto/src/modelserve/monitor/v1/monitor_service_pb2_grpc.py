@@ -40,6 +40,21 @@ class MonitorServiceStub:
                 request_serializer=modelserve_dot_monitor_dot_v1_dot_monitor__service__pb2.GetEndpointStatsRequest.SerializeToString,
                 response_deserializer=modelserve_dot_monitor_dot_v1_dot_monitor__service__pb2.GetEndpointStatsResponse.FromString,
                 _registered_method=True)
+        self.GetDriftReport = channel.unary_unary(
+                '/modelserve.monitor.v1.MonitorService/GetDriftReport',
+                request_serializer=modelserve_dot_monitor_dot_v1_dot_monitor__service__pb2.GetDriftReportRequest.SerializeToString,
+                response_deserializer=modelserve_dot_monitor_dot_v1_dot_monitor__service__pb2.GetDriftReportResponse.FromString,
+                _registered_method=True)
+        self.RecordOutcome = channel.unary_unary(
+                '/modelserve.monitor.v1.MonitorService/RecordOutcome',
+                request_serializer=modelserve_dot_monitor_dot_v1_dot_monitor__service__pb2.RecordOutcomeRequest.SerializeToString,
+                response_deserializer=modelserve_dot_monitor_dot_v1_dot_monitor__service__pb2.RecordOutcomeResponse.FromString,
+                _registered_method=True)
+        self.ListAlerts = channel.unary_unary(
+                '/modelserve.monitor.v1.MonitorService/ListAlerts',
+                request_serializer=modelserve_dot_monitor_dot_v1_dot_monitor__service__pb2.ListAlertsRequest.SerializeToString,
+                response_deserializer=modelserve_dot_monitor_dot_v1_dot_monitor__service__pb2.ListAlertsResponse.FromString,
+                _registered_method=True)
 
 
 class MonitorServiceServicer:
@@ -53,6 +68,27 @@ class MonitorServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetDriftReport(self, request, context):
+        """GetDriftReport compares a version's recent features and predictions with its baseline.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RecordOutcome(self, request, context):
+        """RecordOutcome joins the ground truth of one request to its logged prediction.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListAlerts(self, request, context):
+        """ListAlerts returns the alerts that are pending, firing or resolved.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_MonitorServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -60,6 +96,21 @@ def add_MonitorServiceServicer_to_server(servicer, server):
                     servicer.GetEndpointStats,
                     request_deserializer=modelserve_dot_monitor_dot_v1_dot_monitor__service__pb2.GetEndpointStatsRequest.FromString,
                     response_serializer=modelserve_dot_monitor_dot_v1_dot_monitor__service__pb2.GetEndpointStatsResponse.SerializeToString,
+            ),
+            'GetDriftReport': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetDriftReport,
+                    request_deserializer=modelserve_dot_monitor_dot_v1_dot_monitor__service__pb2.GetDriftReportRequest.FromString,
+                    response_serializer=modelserve_dot_monitor_dot_v1_dot_monitor__service__pb2.GetDriftReportResponse.SerializeToString,
+            ),
+            'RecordOutcome': grpc.unary_unary_rpc_method_handler(
+                    servicer.RecordOutcome,
+                    request_deserializer=modelserve_dot_monitor_dot_v1_dot_monitor__service__pb2.RecordOutcomeRequest.FromString,
+                    response_serializer=modelserve_dot_monitor_dot_v1_dot_monitor__service__pb2.RecordOutcomeResponse.SerializeToString,
+            ),
+            'ListAlerts': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListAlerts,
+                    request_deserializer=modelserve_dot_monitor_dot_v1_dot_monitor__service__pb2.ListAlertsRequest.FromString,
+                    response_serializer=modelserve_dot_monitor_dot_v1_dot_monitor__service__pb2.ListAlertsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -90,6 +141,87 @@ class MonitorService:
             '/modelserve.monitor.v1.MonitorService/GetEndpointStats',
             modelserve_dot_monitor_dot_v1_dot_monitor__service__pb2.GetEndpointStatsRequest.SerializeToString,
             modelserve_dot_monitor_dot_v1_dot_monitor__service__pb2.GetEndpointStatsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetDriftReport(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/modelserve.monitor.v1.MonitorService/GetDriftReport',
+            modelserve_dot_monitor_dot_v1_dot_monitor__service__pb2.GetDriftReportRequest.SerializeToString,
+            modelserve_dot_monitor_dot_v1_dot_monitor__service__pb2.GetDriftReportResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RecordOutcome(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/modelserve.monitor.v1.MonitorService/RecordOutcome',
+            modelserve_dot_monitor_dot_v1_dot_monitor__service__pb2.RecordOutcomeRequest.SerializeToString,
+            modelserve_dot_monitor_dot_v1_dot_monitor__service__pb2.RecordOutcomeResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListAlerts(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/modelserve.monitor.v1.MonitorService/ListAlerts',
+            modelserve_dot_monitor_dot_v1_dot_monitor__service__pb2.ListAlertsRequest.SerializeToString,
+            modelserve_dot_monitor_dot_v1_dot_monitor__service__pb2.ListAlertsResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -35,6 +35,12 @@ class MonitorServiceStub:
     def __new__(cls, channel: _aio.Channel) -> MonitorServiceAsyncStub: ...
     GetEndpointStats: _grpc.UnaryUnaryMultiCallable[_monitor_service_pb2.GetEndpointStatsRequest, _monitor_service_pb2.GetEndpointStatsResponse]
     """GetEndpointStats returns request counts and latency percentiles per version of one endpoint."""
+    GetDriftReport: _grpc.UnaryUnaryMultiCallable[_monitor_service_pb2.GetDriftReportRequest, _monitor_service_pb2.GetDriftReportResponse]
+    """GetDriftReport compares a version's recent features and predictions with its baseline."""
+    RecordOutcome: _grpc.UnaryUnaryMultiCallable[_monitor_service_pb2.RecordOutcomeRequest, _monitor_service_pb2.RecordOutcomeResponse]
+    """RecordOutcome joins the ground truth of one request to its logged prediction."""
+    ListAlerts: _grpc.UnaryUnaryMultiCallable[_monitor_service_pb2.ListAlertsRequest, _monitor_service_pb2.ListAlertsResponse]
+    """ListAlerts returns the alerts that are pending, firing or resolved."""
 
 @_typing.type_check_only
 class MonitorServiceAsyncStub(MonitorServiceStub):
@@ -43,6 +49,12 @@ class MonitorServiceAsyncStub(MonitorServiceStub):
     def __init__(self, channel: _aio.Channel) -> None: ...
     GetEndpointStats: _aio.UnaryUnaryMultiCallable[_monitor_service_pb2.GetEndpointStatsRequest, _monitor_service_pb2.GetEndpointStatsResponse]  # type: ignore[assignment]
     """GetEndpointStats returns request counts and latency percentiles per version of one endpoint."""
+    GetDriftReport: _aio.UnaryUnaryMultiCallable[_monitor_service_pb2.GetDriftReportRequest, _monitor_service_pb2.GetDriftReportResponse]  # type: ignore[assignment]
+    """GetDriftReport compares a version's recent features and predictions with its baseline."""
+    RecordOutcome: _aio.UnaryUnaryMultiCallable[_monitor_service_pb2.RecordOutcomeRequest, _monitor_service_pb2.RecordOutcomeResponse]  # type: ignore[assignment]
+    """RecordOutcome joins the ground truth of one request to its logged prediction."""
+    ListAlerts: _aio.UnaryUnaryMultiCallable[_monitor_service_pb2.ListAlertsRequest, _monitor_service_pb2.ListAlertsResponse]  # type: ignore[assignment]
+    """ListAlerts returns the alerts that are pending, firing or resolved."""
 
 class MonitorServiceServicer(metaclass=_abc_1.ABCMeta):
     """MonitorService reports what happened to predictions, computed from the prediction log."""
@@ -54,5 +66,29 @@ class MonitorServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_monitor_service_pb2.GetEndpointStatsResponse, _abc.Awaitable[_monitor_service_pb2.GetEndpointStatsResponse]]:
         """GetEndpointStats returns request counts and latency percentiles per version of one endpoint."""
+
+    @_abc_1.abstractmethod
+    def GetDriftReport(
+        self,
+        request: _monitor_service_pb2.GetDriftReportRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_monitor_service_pb2.GetDriftReportResponse, _abc.Awaitable[_monitor_service_pb2.GetDriftReportResponse]]:
+        """GetDriftReport compares a version's recent features and predictions with its baseline."""
+
+    @_abc_1.abstractmethod
+    def RecordOutcome(
+        self,
+        request: _monitor_service_pb2.RecordOutcomeRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_monitor_service_pb2.RecordOutcomeResponse, _abc.Awaitable[_monitor_service_pb2.RecordOutcomeResponse]]:
+        """RecordOutcome joins the ground truth of one request to its logged prediction."""
+
+    @_abc_1.abstractmethod
+    def ListAlerts(
+        self,
+        request: _monitor_service_pb2.ListAlertsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_monitor_service_pb2.ListAlertsResponse, _abc.Awaitable[_monitor_service_pb2.ListAlertsResponse]]:
+        """ListAlerts returns the alerts that are pending, firing or resolved."""
 
 def add_MonitorServiceServicer_to_server(servicer: MonitorServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

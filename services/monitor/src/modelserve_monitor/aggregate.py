@@ -1,0 +1,194 @@
+"""What one prediction record adds to a version's aggregate, and aggregates read back and merged.
+
+An aggregate is a flat map of counters (a Redis hash): adding a record is a list of
+increments, and merging windows is adding counters, because every histogram uses the
+same fixed buckets (`histogram.bucket_of`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+from modelserve.type.v1 import prediction_record_pb2, tensor_pb2
+from modelserve_monitor.histogram import Histogram, bucket_of
+
+#: Separates the parts of a counter name (feature references may hold `:` or `/`).
+SEP = "\x1f"
+
+Increment = tuple[str, int | float]
+
+
+@dataclass(frozen=True, slots=True)
+class RecordContribution:
+    """The increments one record adds: `core` to every aggregate, `detail` to windows and baseline."""
+
+    identity: str
+    endpoint: str
+    model_version: str
+    request_id: str
+    prediction: float | None
+    core: list[Increment]
+    detail: list[Increment]
+
+
+def prediction_of(record: prediction_record_pb2.PredictionRecord) -> float | None:
+    """The positive-class probability (two values per row), else the first output's first value."""
+    if not record.outputs:
+        return None
+    tensor = record.outputs[0]
+    contents = tensor.contents
+    values: list[float]
+    if tensor.datatype == tensor_pb2.DATA_TYPE_FP32:
+        values = list(contents.fp32_contents)
+    elif tensor.datatype == tensor_pb2.DATA_TYPE_FP64:
+        values = list(contents.fp64_contents)
+    elif tensor.datatype in (tensor_pb2.DATA_TYPE_INT32, tensor_pb2.DATA_TYPE_INT64):
+        values = [float(v) for v in contents.int_contents]
+    elif tensor.datatype == tensor_pb2.DATA_TYPE_BOOL:
+        values = [float(v) for v in contents.bool_contents]
+    else:
+        return None
+    if not values:
+        return None
+    if tensor.shape and tensor.shape[-1] == 2 and len(values) >= 2:
+        return values[1]
+    return values[0]
+
+
+def contribution(
+    record: prediction_record_pb2.PredictionRecord, entry_id: str
+) -> RecordContribution:
+    """The increments of a record; ValueError when it has no endpoint.
+
+    A record is identified by endpoint, version and request id (a shadow copy of a request
+    has its id but another version), or by its stream entry id when it has no request id.
+    """
+    if not record.endpoint:
+        raise ValueError("prediction record has no endpoint")
+    core: list[Increment] = [("n", 1), (f"lat{SEP}{bucket_of(record.latency_us / 1000.0)}", 1)]
+    core.append(("lat_sum", record.latency_us / 1000.0))
+    if record.status == prediction_record_pb2.PREDICTION_STATUS_ERROR:
+        core.append(("err", 1))
+    if record.degraded:
+        core.append(("deg", 1))
+    detail: list[Increment] = []
+    prediction = prediction_of(record)
+    if prediction is not None:
+        detail += [("p_n", 1), ("p_sum", prediction), (f"p{SEP}{bucket_of(prediction)}", 1)]
+    for name, value in record.features.items():
+        prefix = f"f{SEP}{name}{SEP}"
+        detail.append((prefix + "n", 1))
+        kind = value.WhichOneof("kind")
+        if kind is None:
+            detail.append((prefix + "miss", 1))
+        elif kind in ("int64_value", "double_value"):
+            number = float(getattr(value, kind))
+            detail += [(prefix + "vn", 1), (prefix + "sum", number)]
+            detail.append((f"{prefix}h{SEP}{bucket_of(number)}", 1))
+        elif kind == "string_value":
+            detail.append((f"{prefix}c{SEP}{value.string_value}", 1))
+        elif kind == "bool_value":
+            detail.append((f"{prefix}c{SEP}{'true' if value.bool_value else 'false'}", 1))
+        # Embeddings (float vectors) are counted as present; their distribution is not kept.
+    request_id = record.request_id or f"entry:{entry_id}"
+    return RecordContribution(
+        identity=SEP.join((record.endpoint, record.model_version, request_id)),
+        endpoint=record.endpoint,
+        model_version=record.model_version,
+        request_id=record.request_id,
+        prediction=prediction,
+        core=core,
+        detail=detail,
+    )
+
+
+@dataclass(slots=True)
+class FeatureAggregate:
+    """One feature's appearances, missing values, numeric histogram and category counts."""
+
+    count: int = 0
+    missing: int = 0
+    values: Histogram = field(default_factory=Histogram.empty)
+    categories: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def missing_rate(self) -> float:
+        return self.missing / self.count if self.count else 0.0
+
+    @property
+    def categorical(self) -> bool:
+        return bool(self.categories) and not self.values.total
+
+
+@dataclass(slots=True)
+class VersionAggregate:
+    """A version's counters over some buckets, merged."""
+
+    requests: int = 0
+    errors: int = 0
+    degraded: int = 0
+    latency_ms: Histogram = field(default_factory=Histogram.empty)
+    predictions: Histogram = field(default_factory=Histogram.empty)
+    features: dict[str, FeatureAggregate] = field(default_factory=dict)
+    outcomes: int = 0
+    labels: int = 0
+    correct: int = 0
+    values: int = 0
+    absolute_error_sum: float = 0.0
+
+    def add_hash(self, raw: Mapping[bytes, bytes]) -> None:
+        """Adds the counters of one Redis hash (one bucket, the total, or the baseline)."""
+        for raw_name, raw_value in raw.items():
+            self._add(raw_name.decode(), float(raw_value))
+
+    def _add(self, name: str, value: float) -> None:
+        count = int(value)
+        if name == "n":
+            self.requests += count
+        elif name == "err":
+            self.errors += count
+        elif name == "deg":
+            self.degraded += count
+        elif name == "lat_sum":
+            self.latency_ms.sum += value
+        elif name == "p_n":
+            self.predictions.total += count
+        elif name == "p_sum":
+            self.predictions.sum += value
+        elif name == "o_n":
+            self.outcomes += count
+        elif name == "o_ln":
+            self.labels += count
+        elif name == "o_lc":
+            self.correct += count
+        elif name == "o_vn":
+            self.values += count
+        elif name == "o_abs":
+            self.absolute_error_sum += value
+        else:
+            self._add_part(name.split(SEP), value, count)
+
+    def _add_part(self, parts: list[str], value: float, count: int) -> None:
+        kind = parts[0]
+        if kind == "lat":
+            self.latency_ms.merge({int(parts[1]): count}, count, 0.0)
+        elif kind == "p":
+            self.predictions.merge({int(parts[1]): count}, 0, 0.0)
+        elif kind == "f":
+            # f SEP name SEP what [SEP bucket or category]; feature names never hold SEP.
+            feature = self.features.setdefault(parts[1], FeatureAggregate())
+            what = parts[2]
+            if what == "n":
+                feature.count += count
+            elif what == "miss":
+                feature.missing += count
+            elif what == "vn":
+                feature.values.total += count
+            elif what == "sum":
+                feature.values.sum += value
+            elif what == "h":
+                feature.values.merge({int(parts[3]): count}, 0, 0.0)
+            elif what == "c":
+                category = SEP.join(parts[3:])
+                feature.categories[category] = feature.categories.get(category, 0) + count

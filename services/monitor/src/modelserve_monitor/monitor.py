@@ -1,0 +1,346 @@
+"""The monitor's answers: windowed figures per version, drift against a baseline, outcomes."""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from modelserve_monitor.aggregate import FeatureAggregate, Increment, VersionAggregate
+from modelserve_monitor.drift import (
+    DriftStatistic,
+    DriftThresholds,
+    chi_square,
+    kolmogorov_smirnov,
+    psi,
+)
+from modelserve_monitor.histogram import Histogram, bucket_bounds
+from modelserve_monitor.store import AggregateStore, Window
+from modelserve_runtime.errors import (
+    FailedPreconditionError,
+    FieldViolation,
+    InvalidArgumentError,
+    NotFoundError,
+)
+
+#: Seconds since the epoch; tests pass their own.
+Clock = Callable[[], float]
+
+#: The name a drift result uses for the predictions.
+PREDICTION = "prediction"
+BASELINE_FIRST_RECORDS = "first_records"
+
+
+@dataclass(frozen=True, slots=True)
+class DistributionSummary:
+    """Count, exact mean, quantiles and non-empty buckets (lower, upper, count) of some values."""
+
+    count: int
+    mean: float
+    p50: float
+    p95: float
+    p99: float
+    buckets: list[tuple[float, float, int]]
+
+    @classmethod
+    def of(cls, histogram: Histogram) -> DistributionSummary:
+        buckets = [(*bucket_bounds(i), histogram.counts[i]) for i in sorted(histogram.counts)]
+        return cls(
+            count=histogram.total,
+            mean=histogram.mean,
+            p50=histogram.quantile(0.50),
+            p95=histogram.quantile(0.95),
+            p99=histogram.quantile(0.99),
+            buckets=buckets,
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class FeatureSummary:
+    """One feature: appearances, missing rate, numeric distribution, category counts."""
+
+    feature: str
+    count: int
+    missing_rate: float
+    values: DistributionSummary
+    categories: list[tuple[str, int]]
+
+
+@dataclass(frozen=True, slots=True)
+class OutcomeSummary:
+    """Ground truth joined to the version's predictions."""
+
+    count: int
+    label_count: int
+    accuracy: float
+    value_count: int
+    mean_absolute_error: float
+
+
+@dataclass(frozen=True, slots=True)
+class VersionSummary:
+    """What the records of one model version add up to over a window."""
+
+    model_version: str
+    request_count: int
+    error_count: int
+    degraded_count: int
+    latency_p50_ms: float
+    latency_p95_ms: float
+    latency_p99_ms: float
+    predictions: DistributionSummary
+    features: list[FeatureSummary]
+    outcomes: OutcomeSummary
+
+
+@dataclass(frozen=True, slots=True)
+class EndpointSummary:
+    """An endpoint's total and its versions, ordered by version name."""
+
+    endpoint: str
+    window: Window
+    request_count: int
+    versions: list[VersionSummary]
+
+
+@dataclass(frozen=True, slots=True)
+class DriftResult:
+    """The drift of one feature, or of the predictions."""
+
+    feature: str
+    baseline_count: int
+    window_count: int
+    statistics: list[DriftStatistic]
+
+    @property
+    def drifted(self) -> bool:
+        return any(s.drifted for s in self.statistics)
+
+
+@dataclass(frozen=True, slots=True)
+class DriftReport:
+    """A version's window compared with its baseline: the predictions, then each feature."""
+
+    endpoint: str
+    model_version: str
+    window: Window
+    baseline_source: str
+    baseline_count: int
+    window_count: int
+    results: list[DriftResult]
+
+
+@dataclass(frozen=True, slots=True)
+class OutcomeRecorded:
+    """The prediction an outcome was joined to; `counted` is False for a repeated outcome."""
+
+    endpoint: str
+    model_version: str
+    prediction: float
+    counted: bool
+
+
+def _version_summary(name: str, aggregate: VersionAggregate) -> VersionSummary:
+    latency = aggregate.latency_ms
+    return VersionSummary(
+        model_version=name,
+        request_count=aggregate.requests,
+        error_count=aggregate.errors,
+        degraded_count=aggregate.degraded,
+        latency_p50_ms=latency.quantile(0.50),
+        latency_p95_ms=latency.quantile(0.95),
+        latency_p99_ms=latency.quantile(0.99),
+        predictions=DistributionSummary.of(aggregate.predictions),
+        features=[_feature_summary(n, f) for n, f in sorted(aggregate.features.items())],
+        outcomes=OutcomeSummary(
+            count=aggregate.outcomes,
+            label_count=aggregate.labels,
+            accuracy=aggregate.correct / aggregate.labels if aggregate.labels else 0.0,
+            value_count=aggregate.values,
+            mean_absolute_error=(
+                aggregate.absolute_error_sum / aggregate.values if aggregate.values else 0.0
+            ),
+        ),
+    )
+
+
+def _feature_summary(name: str, feature: FeatureAggregate) -> FeatureSummary:
+    return FeatureSummary(
+        feature=name,
+        count=feature.count,
+        missing_rate=feature.missing_rate,
+        values=DistributionSummary.of(feature.values),
+        categories=sorted(feature.categories.items(), key=lambda item: (-item[1], item[0])),
+    )
+
+
+class Monitor:
+    """Answers questions about the figures that the prediction log consumer keeps in the store."""
+
+    def __init__(
+        self,
+        store: AggregateStore,
+        *,
+        thresholds: DriftThresholds | None = None,
+        clock: Clock = time.time,
+    ) -> None:
+        self._store = store
+        self._thresholds = thresholds or DriftThresholds()
+        self._clock = clock
+
+    async def endpoints(self) -> list[str]:
+        """Every endpoint that records were counted for."""
+        return await self._store.endpoints()
+
+    async def versions(self, endpoint: str) -> list[str]:
+        """The versions of an endpoint that records were counted for, ordered by name."""
+        return await self._store.endpoint_versions(endpoint)
+
+    async def version_window(
+        self, endpoint: str, model_version: str, window: Window
+    ) -> VersionSummary:
+        """One version's figures over a window ending now."""
+        aggregate = await self._store.window(endpoint, model_version, window, self._clock())
+        return _version_summary(model_version, aggregate)
+
+    async def baseline_prediction_mean(self, endpoint: str, model_version: str) -> float | None:
+        """The mean prediction of the version's complete baseline; None until it is complete."""
+        baseline = await self._store.baseline(endpoint, model_version)
+        if baseline.requests < self._store.baseline_records or not baseline.predictions.total:
+            return None
+        return baseline.predictions.mean
+
+    async def endpoint_stats(self, endpoint: str, window: Window) -> EndpointSummary:
+        """The endpoint's figures; InvalidArgumentError when unnamed, NotFoundError when unseen."""
+        if not endpoint:
+            raise InvalidArgumentError.for_field("endpoint", "is required")
+        names = await self._store.endpoint_versions(endpoint)
+        if not names:
+            raise NotFoundError(
+                f"no prediction records for endpoint {endpoint!r}",
+                reason="ENDPOINT_NOT_FOUND",
+                metadata={"endpoint": endpoint},
+            )
+        now = self._clock()
+        versions = [
+            _version_summary(name, await self._store.window(endpoint, name, window, now))
+            for name in names
+        ]
+        return EndpointSummary(
+            endpoint=endpoint,
+            window=window,
+            request_count=sum(v.request_count for v in versions),
+            versions=versions,
+        )
+
+    async def drift_report(self, endpoint: str, model_version: str, window: Window) -> DriftReport:
+        """Compares a version's window with its baseline, once the baseline is complete.
+
+        The baseline is the version's first `baseline_records` records (no validation set is
+        registered with a version yet). FailedPreconditionError while it is filling up.
+        """
+        violations = [
+            FieldViolation(name, "is required")
+            for name, value in (("endpoint", endpoint), ("model_version", model_version))
+            if not value
+        ]
+        if violations:
+            raise InvalidArgumentError.from_violations(violations)
+        if window is Window.TOTAL:
+            window = Window.ONE_HOUR
+        if model_version not in await self._store.endpoint_versions(endpoint):
+            raise NotFoundError(
+                f"no prediction records for {model_version!r} on endpoint {endpoint!r}",
+                reason="VERSION_NOT_FOUND",
+                metadata={"endpoint": endpoint, "model_version": model_version},
+            )
+        baseline = await self._store.baseline(endpoint, model_version)
+        if baseline.requests < self._store.baseline_records:
+            raise FailedPreconditionError(
+                f"the baseline holds {baseline.requests} of {self._store.baseline_records} records",
+                reason="BASELINE_NOT_READY",
+                metadata={
+                    "endpoint": endpoint,
+                    "model_version": model_version,
+                    "baseline_count": str(baseline.requests),
+                },
+            )
+        current = await self._store.window(endpoint, model_version, window, self._clock())
+        results = [self._numeric(PREDICTION, baseline.predictions, current.predictions)]
+        for name in sorted(set(baseline.features) | set(current.features)):
+            before = baseline.features.get(name, FeatureAggregate())
+            after = current.features.get(name, FeatureAggregate())
+            if before.categorical or after.categorical:
+                results.append(self._categorical(name, before.categories, after.categories))
+            else:
+                results.append(self._numeric(name, before.values, after.values))
+        return DriftReport(
+            endpoint=endpoint,
+            model_version=model_version,
+            window=window,
+            baseline_source=BASELINE_FIRST_RECORDS,
+            baseline_count=baseline.requests,
+            window_count=current.requests,
+            results=results,
+        )
+
+    def _numeric(self, name: str, baseline: Histogram, window: Histogram) -> DriftResult:
+        statistics = []
+        if baseline.total and window.total:
+            statistics = [
+                psi(baseline, window, self._thresholds.psi),
+                kolmogorov_smirnov(baseline, window, self._thresholds.p_value),
+            ]
+        return DriftResult(name, baseline.total, window.total, statistics)
+
+    def _categorical(
+        self, name: str, baseline: dict[str, int], window: dict[str, int]
+    ) -> DriftResult:
+        before, after = sum(baseline.values()), sum(window.values())
+        statistics = []
+        if before and after:
+            statistics = [chi_square(baseline, window, self._thresholds.p_value)]
+        return DriftResult(name, before, after, statistics)
+
+    async def record_outcome(
+        self, request_id: str, *, label: int | None = None, value: float | None = None
+    ) -> OutcomeRecorded:
+        """Joins a label or a value to the request's logged prediction; the first one counts.
+
+        InvalidArgumentError without a request id or with neither (or both) outcomes;
+        NotFoundError when the request's prediction is not (or no longer) remembered;
+        FailedPreconditionError when the request logged no prediction (it failed).
+        """
+        violations = []
+        if not request_id:
+            violations.append(FieldViolation("request_id", "is required"))
+        if (label is None) == (value is None):
+            violations.append(
+                FieldViolation("outcome", "exactly one of label or value is required")
+            )
+        elif value is not None and not math.isfinite(value):
+            violations.append(FieldViolation("value", "must be a finite number"))
+        if violations:
+            raise InvalidArgumentError.from_violations(violations)
+        logged = await self._store.logged_prediction(request_id)
+        if logged is None:
+            raise NotFoundError(
+                f"no logged prediction for request {request_id!r}",
+                reason="PREDICTION_NOT_FOUND",
+                metadata={"request_id": request_id},
+            )
+        if logged.prediction is None:
+            raise FailedPreconditionError(
+                f"request {request_id!r} logged no prediction",
+                reason="PREDICTION_MISSING",
+                metadata={"request_id": request_id},
+            )
+        increments: list[Increment] = [("o_n", 1)]
+        if label is not None:
+            predicted = 1 if logged.prediction >= 0.5 else 0
+            increments += [("o_ln", 1), ("o_lc", int(predicted == label))]
+        if value is not None:
+            increments += [("o_vn", 1), ("o_abs", abs(value - logged.prediction))]
+        counted = await self._store.add_outcome(request_id, logged, increments, self._clock())
+        return OutcomeRecorded(logged.endpoint, logged.model_version, logged.prediction, counted)

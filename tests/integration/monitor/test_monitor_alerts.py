@@ -1,0 +1,200 @@
+"""Alert rules through a real MonitorService on a real Redis: pending, firing, resolved."""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import AsyncIterator, Iterable
+
+import grpc
+import pytest
+import redis.asyncio as aioredis
+from support import running
+
+from modelserve.monitor.v1 import monitor_service_pb2 as pb
+from modelserve.monitor.v1 import monitor_service_pb2_grpc as pb_grpc
+from modelserve.type.v1 import prediction_record_pb2 as rec_pb
+from modelserve.type.v1 import tensor_pb2
+from modelserve_monitor.config import AlertSettings, MonitorSettings
+from modelserve_monitor.server import MonitorApp, build_server
+from modelserve_runtime.errors import decode_rpc_error
+from modelserve_runtime.prediction_log import PredictionLogWriter
+
+V1 = "models/fraud/versions/1"
+DEADLINE_S = 10.0
+T0 = 1_767_225_600.0
+
+
+class TestClock:
+    """A clock the test moves by hand."""
+
+    __test__ = False
+
+    def __init__(self) -> None:
+        self.now = T0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def _record(
+    request_id: str, *, error: bool = False, latency_us: int = 2000, probability: float = 0.2
+) -> rec_pb.PredictionRecord:
+    record = rec_pb.PredictionRecord(
+        request_id=request_id,
+        endpoint="fraud",
+        model_version=V1,
+        latency_us=latency_us,
+        status=rec_pb.PREDICTION_STATUS_ERROR if error else rec_pb.PREDICTION_STATUS_OK,
+    )
+    record.outputs.append(
+        tensor_pb2.Tensor(
+            name="probabilities",
+            datatype=tensor_pb2.DATA_TYPE_FP32,
+            shape=[1, 2],
+            contents=tensor_pb2.TensorContents(fp32_contents=[1 - probability, probability]),
+        )
+    )
+    return record
+
+
+@pytest.fixture
+def clock() -> TestClock:
+    """The clock the monitor under test reads."""
+    return TestClock()
+
+
+@pytest.fixture
+async def monitor(
+    redis_url: str, redis_client: aioredis.Redis, clock: TestClock
+) -> AsyncIterator[tuple[pb_grpc.MonitorServiceStub, MonitorApp]]:
+    """A monitor on the test clock whose alerts are evaluated only when the test asks."""
+    settings = MonitorSettings(
+        redis_url=redis_url,
+        consumer_name="alerts-test",
+        block_ms=100,
+        baseline_records=100,
+        alerts=AlertSettings(interval_s=3600),
+    )
+    async with running(functools.partial(build_server, clock=clock), settings) as (_, ch, app):
+        assert isinstance(app, MonitorApp)
+        yield pb_grpc.MonitorServiceStub(ch), app
+
+
+async def _log(
+    redis_client: aioredis.Redis, app: MonitorApp, records: Iterable[rec_pb.PredictionRecord]
+) -> None:
+    writer = PredictionLogWriter(redis_client)
+    for record in records:
+        writer.append(record)
+    await writer.flush()
+    await app.consumer.drain(DEADLINE_S)
+
+
+async def _alerts(
+    stub: pb_grpc.MonitorServiceStub, state: pb.AlertState.ValueType = pb.ALERT_STATE_UNSPECIFIED
+) -> dict[str, pb.Alert]:
+    response = await stub.ListAlerts(pb.ListAlertsRequest(endpoint="fraud", state=state))
+    return {a.rule: a for a in response.alerts}
+
+
+class TestAlerts:
+    async def test_error_rate_goes_pending_firing_resolved(
+        self,
+        monitor: tuple[pb_grpc.MonitorServiceStub, MonitorApp],
+        redis_client: aioredis.Redis,
+        clock: TestClock,
+    ) -> None:
+        """5 % errors: pending at once, firing after the 120 s for-duration, resolved once gone."""
+        stub, app = monitor
+        await _log(redis_client, app, (_record(f"r{i}", error=i % 20 == 0) for i in range(100)))
+        await app.alerts.evaluate()
+        pending = (await _alerts(stub))["error_rate_high"]
+        assert (pending.state, pending.severity) == (
+            pb.ALERT_STATE_PENDING,
+            pb.ALERT_SEVERITY_CRITICAL,
+        )
+        assert (pending.value, pending.threshold) == (pytest.approx(0.05), 0.01)
+        assert not pending.HasField("fire_time")
+        clock.now += 119
+        await app.alerts.evaluate()
+        assert (await _alerts(stub))["error_rate_high"].state == pb.ALERT_STATE_PENDING
+        clock.now += 1
+        await app.alerts.evaluate()
+        firing = (await _alerts(stub, pb.ALERT_STATE_FIRING))["error_rate_high"]
+        assert firing.fire_time.ToSeconds() == int(T0 + 120)
+        assert firing.active_since.ToSeconds() == int(T0)
+        clock.now += 600
+        await app.alerts.evaluate()
+        resolved = (await _alerts(stub))["error_rate_high"]
+        assert resolved.state == pb.ALERT_STATE_RESOLVED
+        assert resolved.resolve_time.ToSeconds() == int(T0 + 720)
+        assert await _alerts(stub, pb.ALERT_STATE_FIRING) == {}
+
+    async def test_pending_alert_that_stops_holding_is_dropped(
+        self,
+        monitor: tuple[pb_grpc.MonitorServiceStub, MonitorApp],
+        redis_client: aioredis.Redis,
+        clock: TestClock,
+    ) -> None:
+        """An error spike shorter than the for-duration never fires and leaves no alert."""
+        stub, app = monitor
+        await _log(redis_client, app, (_record(f"r{i}", error=i < 5) for i in range(100)))
+        await app.alerts.evaluate()
+        assert (await _alerts(stub))["error_rate_high"].state == pb.ALERT_STATE_PENDING
+        clock.now += 400
+        await _log(redis_client, app, (_record(f"ok{i}") for i in range(100)))
+        await app.alerts.evaluate()
+        assert "error_rate_high" not in await _alerts(stub)
+
+    async def test_latency_and_prediction_drift_rules(
+        self,
+        monitor: tuple[pb_grpc.MonitorServiceStub, MonitorApp],
+        redis_client: aioredis.Redis,
+        clock: TestClock,
+    ) -> None:
+        """p99 over 200 ms is a warning; a mean prediction 0.3 above the baseline's is critical."""
+        stub, app = monitor
+        await _log(redis_client, app, (_record(f"base{i}", probability=0.2) for i in range(100)))
+        await app.alerts.evaluate()
+        assert await _alerts(stub) == {}
+        clock.now += 3600
+        slow = (_record(f"s{i}", latency_us=300_000, probability=0.5) for i in range(50))
+        await _log(redis_client, app, slow)
+        await app.alerts.evaluate()
+        alerts = await _alerts(stub)
+        assert sorted(alerts) == ["model_latency_high", "prediction_drift"]
+        latency = alerts["model_latency_high"]
+        assert latency.severity == pb.ALERT_SEVERITY_WARNING
+        assert latency.value == pytest.approx(300.0, rel=0.04)
+        drift = alerts["prediction_drift"]
+        assert drift.severity == pb.ALERT_SEVERITY_CRITICAL
+        assert drift.value == pytest.approx(0.3, abs=1e-6)
+
+    async def test_list_alerts_pages_and_refuses_bad_tokens(
+        self,
+        monitor: tuple[pb_grpc.MonitorServiceStub, MonitorApp],
+        redis_client: aioredis.Redis,
+        clock: TestClock,
+    ) -> None:
+        """Alerts come a page at a time; a token the service never gave is INVALID_ARGUMENT."""
+        stub, app = monitor
+        await _log(redis_client, app, (_record(f"b{i}") for i in range(100)))
+        clock.now += 3600
+        bad = (_record(f"x{i}", error=True, latency_us=500_000, probability=0.9) for i in range(30))
+        await _log(redis_client, app, bad)
+        await app.alerts.evaluate()
+        first = await stub.ListAlerts(pb.ListAlertsRequest(page_size=2))
+        second = await stub.ListAlerts(
+            pb.ListAlertsRequest(page_size=2, page_token=first.next_page_token)
+        )
+        assert [a.rule for a in (*first.alerts, *second.alerts)] == [
+            "error_rate_high",
+            "model_latency_high",
+            "prediction_drift",
+        ]
+        assert second.next_page_token == ""
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await stub.ListAlerts(pb.ListAlertsRequest(page_token="not-mine", page_size=-1))
+        error = decode_rpc_error(info.value)
+        assert error.code is grpc.StatusCode.INVALID_ARGUMENT
+        assert sorted(v.field for v in error.violations) == ["page_size", "page_token"]

@@ -1,0 +1,90 @@
+"""What a prediction record contributes: identity, counters, prediction and feature values."""
+
+from __future__ import annotations
+
+import pytest
+
+from modelserve.type.v1 import feature_value_pb2 as fv_pb
+from modelserve.type.v1 import prediction_record_pb2 as rec_pb
+from modelserve.type.v1 import tensor_pb2
+from modelserve_monitor.aggregate import SEP, VersionAggregate, contribution, prediction_of
+
+
+def _record(**kwargs: object) -> rec_pb.PredictionRecord:
+    record = rec_pb.PredictionRecord(
+        request_id="r1", endpoint="fraud", model_version="models/fraud/versions/1", latency_us=2500
+    )
+    for name, value in kwargs.items():
+        setattr(record, name, value)
+    return record
+
+
+def _probabilities(*rows: tuple[float, float]) -> tensor_pb2.Tensor:
+    return tensor_pb2.Tensor(
+        name="probabilities",
+        datatype=tensor_pb2.DATA_TYPE_FP32,
+        shape=[len(rows), 2],
+        contents=tensor_pb2.TensorContents(fp32_contents=[v for row in rows for v in row]),
+    )
+
+
+class TestContribution:
+    def test_prediction_is_the_positive_class_probability(self) -> None:
+        """With two values per row the prediction is the second (positive class) one."""
+        record = _record()
+        record.outputs.append(_probabilities((0.25, 0.75)))
+        assert prediction_of(record) == pytest.approx(0.75)
+
+    def test_prediction_of_a_single_output_is_its_first_value(self) -> None:
+        """A regression output (one value per row) is its own prediction."""
+        record = _record()
+        record.outputs.append(
+            tensor_pb2.Tensor(
+                name="y",
+                datatype=tensor_pb2.DATA_TYPE_FP64,
+                shape=[1, 1],
+                contents=tensor_pb2.TensorContents(fp64_contents=[3.5]),
+            )
+        )
+        assert prediction_of(record) == 3.5
+
+    def test_identity_is_endpoint_version_and_request_id(self) -> None:
+        """A record is identified by endpoint, version and request id, or its entry id without one."""
+        assert contribution(_record(), "1-0").identity == SEP.join(
+            ("fraud", "models/fraud/versions/1", "r1")
+        )
+        assert contribution(_record(request_id=""), "7-1").identity.endswith(f"{SEP}entry:7-1")
+
+    def test_record_without_endpoint_is_refused(self) -> None:
+        """A record with no endpoint is a ValueError (the consumer counts it as malformed)."""
+        with pytest.raises(ValueError, match="endpoint"):
+            contribution(_record(endpoint=""), "1-0")
+
+    def test_counters_read_back_into_an_aggregate(self) -> None:
+        """The increments of records, added up as Redis would, read back as the same figures."""
+        records = []
+        for i, amount in enumerate((10.0, 20.0, None)):
+            record = _record(request_id=f"r{i}")
+            if i == 2:
+                record.status = rec_pb.PREDICTION_STATUS_ERROR
+            record.outputs.append(_probabilities((0.9, 0.1)))
+            record.features["amount"].CopyFrom(
+                fv_pb.FeatureValue() if amount is None else fv_pb.FeatureValue(double_value=amount)
+            )
+            record.features["country"].CopyFrom(fv_pb.FeatureValue(string_value="NL"))
+            records.append(record)
+        counters: dict[str, float] = {}
+        for i, record in enumerate(records):
+            part = contribution(record, f"{i}-0")
+            for name, value in (*part.core, *part.detail):
+                counters[name] = counters.get(name, 0) + value
+        aggregate = VersionAggregate()
+        aggregate.add_hash({k.encode(): repr(v).encode() for k, v in counters.items()})
+        assert (aggregate.requests, aggregate.errors, aggregate.degraded) == (3, 1, 0)
+        assert aggregate.latency_ms.total == 3
+        assert aggregate.predictions.mean == pytest.approx(0.1)
+        amount = aggregate.features["amount"]
+        assert (amount.count, amount.missing, amount.values.total) == (3, 1, 2)
+        assert amount.values.mean == pytest.approx(15.0)
+        assert aggregate.features["country"].categories == {"NL": 3}
+        assert aggregate.features["country"].categorical
