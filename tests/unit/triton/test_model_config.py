@@ -37,6 +37,14 @@ class TestBuildModelConfig:
 
         assert config["dynamic_batching"] == {"max_queue_delay_microseconds": 250}
 
+    def test_max_queue_size_bounds_the_batcher_queue(self) -> None:
+        """A positive max_queue_size becomes the batcher's default queue policy; 0 leaves none."""
+        bounded = build_model_config("fraud", [FEATURES], [LABEL], max_queue_size=64)
+        unbounded = build_model_config("fraud", [FEATURES], [LABEL])
+
+        assert bounded["dynamic_batching"]["default_queue_policy"] == {"max_queue_size": 64}
+        assert "default_queue_policy" not in unbounded["dynamic_batching"]
+
     def test_all_versions_stay_loaded_on_cpu_with_the_python_backend(self) -> None:
         """Every version sent is served, by `instance_count` CPU instances of the python backend."""
         config = build_model_config("fraud", [FEATURES], [LABEL], instance_count=3)

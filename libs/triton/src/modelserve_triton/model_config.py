@@ -58,12 +58,15 @@ def build_model_config(
     max_batch_size: int = 256,
     backend: str = "python",
     max_queue_delay_us: int = 0,
+    max_queue_size: int = 0,
     instance_count: int = 1,
 ) -> dict[str, Any]:
     """Returns a Triton model config, JSON-able, for ``load_model(config=json.dumps(...))``.
 
     With ``max_batch_size > 0`` the batch dimension is stripped from every tensor's
     dims and the dynamic batcher is on; all versions sent in the load stay loaded.
+    ``max_queue_size > 0`` bounds the batcher's queue: Triton refuses what does not fit
+    at once instead of letting it wait; 0 leaves the queue unbounded.
     """
     batched = max_batch_size > 0
     if batched:
@@ -83,7 +86,10 @@ def build_model_config(
         "instance_group": [{"kind": "KIND_CPU", "count": instance_count}],
     }
     if batched:
-        config["dynamic_batching"] = {"max_queue_delay_microseconds": max_queue_delay_us}
+        batching: dict[str, Any] = {"max_queue_delay_microseconds": max_queue_delay_us}
+        if max_queue_size > 0:
+            batching["default_queue_policy"] = {"max_queue_size": max_queue_size}
+        config["dynamic_batching"] = batching
     return config
 
 

@@ -167,6 +167,29 @@ class TritonServer:
             seconds=round(time.monotonic() - started, 3),
         )
 
+    async def wait_exited(self) -> int:
+        """Returns the exit code once the current child process has exited."""
+        process = self._process
+        if process is None:
+            raise RuntimeError("this TritonServer was not started")
+        return await process.wait()
+
+    async def restart(self, timeout: float = 60) -> None:  # noqa: ASYNC109 - as start()
+        """Starts a fresh tritonserver on the same ports after the last one died or hung.
+
+        Whatever is left of the old process group (python-backend stubs) is killed first.
+        The new server holds no models: loading them again is the caller's job.
+        """
+        process = self._process
+        if self._stopped:
+            raise RuntimeError("this TritonServer was stopped")
+        if process is not None:
+            _signal_group(process.pid, signal.SIGKILL)
+            await process.wait()
+            log.warning("triton_restarting", old_pid=process.pid, returncode=process.returncode)
+        self._process = None
+        await self.start(timeout)
+
     async def stop(self, grace: float = 10) -> None:
         """Sends SIGTERM to the process group, then SIGKILL after ``grace`` seconds."""
         process = self._process
@@ -197,8 +220,8 @@ class TritonServer:
         python_backend = work_dir / "backends" / "python"
         python_backend.mkdir(parents=True, exist_ok=True)
         for name in ("libtriton_python.so", "triton_python_backend_utils.py"):
-            shutil.copy2(install.python_backend_dir / name, python_backend / name)
-        shutil.copy2(install.python_stub, python_backend / "triton_python_backend_stub")
+            _copy_if_changed(install.python_backend_dir / name, python_backend / name)
+        _copy_if_changed(install.python_stub, python_backend / "triton_python_backend_stub")
         model_repository = work_dir / "models"
         model_repository.mkdir(exist_ok=True)
 
@@ -270,6 +293,16 @@ class TritonServer:
         finally:
             exited.cancel()
             await runner.close()
+
+
+def _copy_if_changed(source: Path, target: Path) -> None:
+    # On a restart, stubs of the killed server may still be exiting, and overwriting a
+    # running executable fails (ETXTBSY); an identical copy need not be written again.
+    if target.exists():
+        have, want = target.stat(), source.stat()
+        if (have.st_size, have.st_mtime_ns) == (want.st_size, want.st_mtime_ns):
+            return
+    shutil.copy2(source, target)
 
 
 def _signal_group(pgid: int, signum: signal.Signals) -> None:

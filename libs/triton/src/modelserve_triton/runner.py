@@ -16,6 +16,16 @@ from tritonclient.utils import InferenceServerException, np_to_triton_dtype
 
 log = structlog.get_logger()
 
+#: Channel options: tritonclient's defaults, plus short reconnect backoff so that a client
+#: finds a restarted Triton within a second rather than after gRPC's backoff of up to 2 min.
+_CHANNEL_ARGS = [
+    ("grpc.max_send_message_length", 2**31 - 1),
+    ("grpc.max_receive_message_length", 2**31 - 1),
+    ("grpc.initial_reconnect_backoff_ms", 100),
+    ("grpc.min_reconnect_backoff_ms", 100),
+    ("grpc.max_reconnect_backoff_ms", 1000),
+]
+
 
 class TritonError(Exception):
     """A call to Triton failed; ``status`` is the gRPC status, e.g. "StatusCode.UNAVAILABLE"."""
@@ -39,7 +49,7 @@ class TritonRunner:
 
     def __init__(self, url: str, *, tracer: trace.Tracer | None = None) -> None:
         self._url = url
-        self._client = InferenceServerClient(url)
+        self._client = InferenceServerClient(url, channel_args=_CHANNEL_ARGS)
         self._tracer = tracer or trace.get_tracer(__name__)
 
     @property
@@ -134,6 +144,24 @@ class TritonRunner:
         except InferenceServerException as exc:
             raise _triton_error(exc) from exc
         return bool(ready)
+
+    async def is_server_live(self, *, timeout_s: float | None = None) -> bool:
+        """Whether Triton answers at all (ready or not: it may be loading a model)."""
+        try:
+            live = await self._client.is_server_live(client_timeout=timeout_s)
+        except InferenceServerException as exc:
+            raise _triton_error(exc) from exc
+        return bool(live)
+
+    async def statistics(self, *, timeout_s: float | None = None) -> dict[str, Any]:
+        """Triton's cumulative inference statistics of every loaded model version, as JSON."""
+        try:
+            stats = await self._client.get_inference_statistics(
+                as_json=True, client_timeout=timeout_s
+            )
+        except InferenceServerException as exc:
+            raise _triton_error(exc) from exc
+        return dict(stats)
 
     async def is_server_ready(self, *, timeout_s: float | None = None) -> bool:
         """Whether Triton reports itself ready for inference."""

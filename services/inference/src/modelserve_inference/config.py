@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import Field
 from pydantic_settings import SettingsConfigDict
@@ -40,3 +40,17 @@ class InferenceSettings(ServiceSettings):
     """Deadline of each call into Triton."""
     load_timeout_s: float = Field(default=120.0, gt=0)
     """Deadline of each model load into Triton."""
+    max_queue_size: int = Field(default=0, ge=0)
+    """Requests the dynamic batcher may queue per version; more get RESOURCE_EXHAUSTED at once.
+    0: unbounded (the default: measured with Triton 2.51, any queue policy makes concurrent
+    requests stall in 500 ms steps; deadlines bound the wait instead)."""
+    warmup_batch_sizes: tuple[Annotated[int, Field(ge=1)], ...] = (1, 8, 64)
+    """Batch sizes of the warmup requests run on each version before it turns READY; sizes
+    above `max_batch_size` are run at `max_batch_size`."""
+    reject_non_finite: bool = True
+    """Refuse NaN and infinity in floating-point inputs (INVALID_ARGUMENT naming the input)."""
+    triton_poll_interval_s: float = Field(default=1.0, gt=0)
+    """How often the supervisor asks Triton whether it is live (a local child that exits is
+    noticed at once)."""
+    triton_stats_interval_s: float = Field(default=5.0, gt=0)
+    """How often Triton's per-version statistics are read for /metrics."""

@@ -1,17 +1,24 @@
-"""Wires the inference service: Triton (started here in local mode), the registry, the servicer."""
+"""Wires the inference service: Triton (started here in local mode), its supervisor, the
+registry, the InferenceService and Open Inference Protocol servicers, Triton's statistics."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 
 import grpc
+from tritonclient.grpc import service_pb2_grpc as oip_grpc
 
 from modelserve.inference.v1 import inference_service_pb2 as pb
 from modelserve.inference.v1 import inference_service_pb2_grpc as pb_grpc
+from modelserve_inference import oip_servicer
 from modelserve_inference.config import InferenceSettings
 from modelserve_inference.models import ModelVersions
+from modelserve_inference.oip_servicer import OpenInferenceServicer
 from modelserve_inference.registry_source import RegistryArtifactSource
 from modelserve_inference.servicer import InferenceServicer
+from modelserve_inference.supervisor import TritonHost, TritonSupervisor
+from modelserve_inference.triton_host import LocalTriton, RemoteTriton
+from modelserve_inference.triton_stats import TritonStatistics
 from modelserve_runtime.channels import create_channel
 from modelserve_runtime.clients import RegistryClient
 from modelserve_runtime.discovery import create_discovery
@@ -21,30 +28,41 @@ from modelserve_triton.process import TritonOptions, TritonServer
 from modelserve_triton.runner import TritonError, TritonRunner
 
 SERVICE = "inference"
+#: How long one liveness probe or statistics read may take.
+_PROBE_TIMEOUT_S = 2.0
 
 
 class InferenceApp:
-    """Owns Triton (in local mode), the Triton client and the registry channel."""
+    """Owns Triton (in local mode), its supervisor, the Triton client and the registry channel."""
 
     def __init__(
         self,
         runner: TritonRunner,
         registry_channel: grpc.aio.Channel,
         triton: TritonServer | None,
+        versions: ModelVersions,
+        supervisor: TritonSupervisor,
+        statistics: TritonStatistics,
     ) -> None:
         self.runner = runner
         self.registry_channel = registry_channel
         self.triton = triton
+        self.versions = versions
+        self.supervisor = supervisor
+        self.statistics = statistics
 
     async def check_ready(self) -> None:
         try:
             ready = await self.runner.is_server_ready(timeout_s=5)
         except TritonError as exc:
             raise UnavailableError(f"triton does not answer: {exc}") from exc
-        if not ready:
+        if not ready or not self.versions.triton_up:
             raise UnavailableError("triton is not ready")
 
     async def close(self) -> None:
+        # The supervisor goes first, so that stopping Triton is not taken for a crash.
+        await self.supervisor.close()
+        await self.statistics.close()
         await self.runner.close()
         await self.registry_channel.close()
         if self.triton is not None:
@@ -82,16 +100,48 @@ async def build_server(settings: InferenceSettings) -> tuple[GrpcServer, Inferen
         triton_endpoint=triton_url,
         max_batch_size=settings.max_batch_size,
         max_queue_delay_us=settings.max_queue_delay_us,
+        max_queue_size=settings.max_queue_size,
         infer_timeout_s=settings.infer_timeout_s,
         load_timeout_s=settings.load_timeout_s,
+        warmup_batch_sizes=settings.warmup_batch_sizes,
+        reject_non_finite=settings.reject_non_finite,
     )
 
     def register(server: grpc.aio.Server) -> Sequence[str]:
         pb_grpc.add_InferenceServiceServicer_to_server(InferenceServicer(versions), server)
-        return [pb.DESCRIPTOR.services_by_name["InferenceService"].full_name]
+        oip_grpc.add_GRPCInferenceServiceServicer_to_server(OpenInferenceServicer(versions), server)
+        return [
+            pb.DESCRIPTOR.services_by_name["InferenceService"].full_name,
+            oip_servicer.SERVICE_NAME,
+        ]
 
-    app = InferenceApp(runner, registry_channel, triton)
-    return build_grpc_server(SERVICE, settings, register), app
+    grpc_server = build_grpc_server(SERVICE, settings, register)
+    host: TritonHost = (
+        LocalTriton(
+            triton,
+            runner,
+            probe_timeout_s=_PROBE_TIMEOUT_S,
+            start_timeout_s=settings.triton_start_timeout_s,
+        )
+        if triton is not None
+        else RemoteTriton(
+            runner,
+            probe_timeout_s=_PROBE_TIMEOUT_S,
+            poll_interval_s=settings.triton_poll_interval_s,
+        )
+    )
+    supervisor = TritonSupervisor(
+        host, versions, grpc_server.set_serving, poll_interval_s=settings.triton_poll_interval_s
+    )
+    supervisor.start()
+
+    async def read_statistics() -> dict[str, object]:
+        return await runner.statistics(timeout_s=_PROBE_TIMEOUT_S)
+
+    statistics = TritonStatistics(read_statistics, interval_s=settings.triton_stats_interval_s)
+    statistics.start()
+    app = InferenceApp(runner, registry_channel, triton, versions, supervisor, statistics)
+    return grpc_server, app
 
 
 def main() -> None:

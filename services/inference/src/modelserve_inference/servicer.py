@@ -16,6 +16,7 @@ from modelserve_triton.model_config import TensorSpec
 
 _STATES = {
     "LOADING": pb.MODEL_VERSION_STATE_LOADING,
+    "WARMING": pb.MODEL_VERSION_STATE_WARMING,
     "READY": pb.MODEL_VERSION_STATE_READY,
     "FAILED": pb.MODEL_VERSION_STATE_FAILED,
     "UNLOADING": pb.MODEL_VERSION_STATE_UNLOADING,
@@ -77,7 +78,12 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
         if not request.inputs:
             raise InvalidArgumentError.for_field("inputs", "at least one input tensor is required")
         inputs = {t.name: tensor_to_numpy(t, f"inputs[{i}]") for i, t in enumerate(request.inputs)}
-        outputs = await self._versions.infer(request.name, inputs, list(request.output_names))
+        outputs = await self._versions.infer(
+            request.name,
+            inputs,
+            list(request.output_names),
+            deadline_s=context.time_remaining(),
+        )
         return pb.InferResponse(
             name=request.name,
             outputs=[numpy_to_tensor(name, array) for name, array in outputs.items()],

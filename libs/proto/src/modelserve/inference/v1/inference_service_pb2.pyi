@@ -29,13 +29,17 @@ class _ModelVersionStateEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Mod
     MODEL_VERSION_STATE_UNSPECIFIED: _ModelVersionState.ValueType  # 0
     """Not set."""
     MODEL_VERSION_STATE_LOADING: _ModelVersionState.ValueType  # 1
-    """The artifact is being fetched and loaded."""
+    """The artifact is being fetched and loaded, or reloaded after Triton restarted
+    (`reason` says so).
+    """
     MODEL_VERSION_STATE_READY: _ModelVersionState.ValueType  # 2
     """Loaded; serving requests."""
     MODEL_VERSION_STATE_FAILED: _ModelVersionState.ValueType  # 3
     """The load failed; `reason` says why."""
     MODEL_VERSION_STATE_UNLOADING: _ModelVersionState.ValueType  # 4
     """Being removed from Triton."""
+    MODEL_VERSION_STATE_WARMING: _ModelVersionState.ValueType  # 5
+    """Loaded; warmup requests built from the signature are running. READY follows."""
 
 class ModelVersionState(_ModelVersionState, metaclass=_ModelVersionStateEnumTypeWrapper):
     """ModelVersionState is the life cycle of a version inside Triton."""
@@ -43,13 +47,17 @@ class ModelVersionState(_ModelVersionState, metaclass=_ModelVersionStateEnumType
 MODEL_VERSION_STATE_UNSPECIFIED: ModelVersionState.ValueType  # 0
 """Not set."""
 MODEL_VERSION_STATE_LOADING: ModelVersionState.ValueType  # 1
-"""The artifact is being fetched and loaded."""
+"""The artifact is being fetched and loaded, or reloaded after Triton restarted
+(`reason` says so).
+"""
 MODEL_VERSION_STATE_READY: ModelVersionState.ValueType  # 2
 """Loaded; serving requests."""
 MODEL_VERSION_STATE_FAILED: ModelVersionState.ValueType  # 3
 """The load failed; `reason` says why."""
 MODEL_VERSION_STATE_UNLOADING: ModelVersionState.ValueType  # 4
 """Being removed from Triton."""
+MODEL_VERSION_STATE_WARMING: ModelVersionState.ValueType  # 5
+"""Loaded; warmup requests built from the signature are running. READY follows."""
 Global___ModelVersionState: _TypeAlias = ModelVersionState  # noqa: Y015
 
 @_typing.final
@@ -71,7 +79,9 @@ class LoadedModelVersion(_message.Message):
     state: Global___ModelVersionState.ValueType
     """Its state."""
     reason: _builtins.str
-    """Why the version FAILED; empty otherwise."""
+    """Why the version FAILED, or why a READY version is LOADING again (Triton restarting);
+    empty otherwise.
+    """
     triton_endpoint: _builtins.str
     """The Triton gRPC endpoint (`host:port`) that serves the version once READY."""
     triton_model_name: _builtins.str

@@ -84,7 +84,9 @@ class InferenceServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def Infer(self, request, context):
-        """Infer runs one READY version on named input tensors.
+        """Infer runs one READY version on named input tensors, within the caller's deadline.
+        The same versions are also served by the Open Inference Protocol
+        (`inference.GRPCInferenceService`, KServe v2) on this service's port.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -42,7 +42,10 @@ class InferenceServiceStub:
     ListModelVersions: _grpc.UnaryUnaryMultiCallable[_inference_service_pb2.ListModelVersionsRequest, _inference_service_pb2.ListModelVersionsResponse]
     """ListModelVersions lists the versions this service holds, with their states."""
     Infer: _grpc.UnaryUnaryMultiCallable[_inference_service_pb2.InferRequest, _inference_service_pb2.InferResponse]
-    """Infer runs one READY version on named input tensors."""
+    """Infer runs one READY version on named input tensors, within the caller's deadline.
+    The same versions are also served by the Open Inference Protocol
+    (`inference.GRPCInferenceService`, KServe v2) on this service's port.
+    """
 
 @_typing.type_check_only
 class InferenceServiceAsyncStub(InferenceServiceStub):
@@ -58,7 +61,10 @@ class InferenceServiceAsyncStub(InferenceServiceStub):
     ListModelVersions: _aio.UnaryUnaryMultiCallable[_inference_service_pb2.ListModelVersionsRequest, _inference_service_pb2.ListModelVersionsResponse]  # type: ignore[assignment]
     """ListModelVersions lists the versions this service holds, with their states."""
     Infer: _aio.UnaryUnaryMultiCallable[_inference_service_pb2.InferRequest, _inference_service_pb2.InferResponse]  # type: ignore[assignment]
-    """Infer runs one READY version on named input tensors."""
+    """Infer runs one READY version on named input tensors, within the caller's deadline.
+    The same versions are also served by the Open Inference Protocol
+    (`inference.GRPCInferenceService`, KServe v2) on this service's port.
+    """
 
 class InferenceServiceServicer(metaclass=_abc_1.ABCMeta):
     """InferenceService owns Triton: it loads and unloads model versions and runs inference."""
@@ -95,6 +101,9 @@ class InferenceServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _inference_service_pb2.InferRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_inference_service_pb2.InferResponse, _abc.Awaitable[_inference_service_pb2.InferResponse]]:
-        """Infer runs one READY version on named input tensors."""
+        """Infer runs one READY version on named input tensors, within the caller's deadline.
+        The same versions are also served by the Open Inference Protocol
+        (`inference.GRPCInferenceService`, KServe v2) on this service's port.
+        """
 
 def add_InferenceServiceServicer_to_server(servicer: InferenceServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

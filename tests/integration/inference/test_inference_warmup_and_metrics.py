@@ -1,0 +1,81 @@
+"""Warmup before READY, and Triton's own per-version statistics on /metrics."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import pytest
+from inference_testing import MODEL_ID, V1, RunningInference, infer, infer_request, load
+from prometheus_client import REGISTRY, generate_latest
+from structlog.testing import capture_logs
+
+from modelserve_triton.runner import TritonRunner
+
+pytestmark = pytest.mark.triton
+
+
+class TestWarmup:
+    async def test_version_is_warmed_at_each_batch_size_before_ready(
+        self, inference_service: RunningInference
+    ) -> None:
+        """LoadModelVersion answers READY only after Triton has run the version at batch sizes
+        1, 8 and 64 on synthesized inputs."""
+        with capture_logs() as logs:
+            loaded = await load(inference_service.stub, V1)
+
+        triton = TritonRunner(loaded.triton_endpoint)
+        try:
+            stats = await triton.statistics(timeout_s=5)
+        finally:
+            await triton.close()
+        (version,) = [
+            m for m in stats["model_stats"] if (m["name"], m["version"]) == (MODEL_ID, "1")
+        ]
+        batch_sizes = {int(b["batch_size"]) for b in version["batch_stats"]}
+        events = [(e["event"], e.get("version")) for e in logs if e.get("version") == V1]
+        assert batch_sizes >= {1, 8, 64}
+        assert events[-2:] == [("model_version_warmed", V1), ("model_version_ready", V1)]
+
+
+def _sample(name: str, **labels: str) -> float | None:
+    """The value of one sample in the process's /metrics text, or None when absent."""
+    for family in REGISTRY.collect():
+        for sample in family.samples:
+            if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
+                return float(sample.value)
+    return None
+
+
+class TestTritonStatistics:
+    async def test_per_version_counts_times_and_batch_sizes_reach_metrics(
+        self, inference_service: RunningInference
+    ) -> None:
+        """After requests to a version, /metrics carries Triton's request count, queue and
+        compute time and batch sizes for it, refreshed by the poller."""
+        stub = inference_service.stub
+        await load(stub, V1)
+        await inference_service.app.statistics.refresh()
+        before = _sample("modelserve_triton_requests_total", model=MODEL_ID, version="1") or 0.0
+
+        for _ in range(3):
+            await infer(stub, infer_request(V1))
+
+        deadline = time.monotonic() + 30
+        while (
+            _sample("modelserve_triton_requests_total", model=MODEL_ID, version="1") or 0.0
+        ) < before + 3:
+            assert time.monotonic() < deadline, "the poller did not pick up the requests"
+            await asyncio.sleep(0.02)
+        labels = {"model": MODEL_ID, "version": "1"}
+        text = generate_latest(REGISTRY).decode()
+        assert (_sample("modelserve_triton_executions_total", **labels) or 0) >= 3
+        assert (_sample("modelserve_triton_inferences_total", **labels) or 0) >= 12
+        assert _sample("modelserve_triton_queue_seconds_total", **labels) is not None
+        assert (
+            _sample("modelserve_triton_compute_seconds_total", phase="infer", **labels) or 0
+        ) > 0
+        assert (
+            _sample("modelserve_triton_batch_executions_total", batch_size="4", **labels) or 0
+        ) >= 3
+        assert "# TYPE modelserve_triton_requests_total counter" in text
