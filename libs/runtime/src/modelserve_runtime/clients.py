@@ -54,6 +54,31 @@ class RegistryClient:
             raise _translate(exc, name) from exc
         return response.model_version
 
+    async def watch_deployments(
+        self, after_sequence: int, name: str = "", *, timeout_s: float = 3600.0
+    ) -> AsyncIterator[registry_pb.DeploymentRevision]:
+        """Every deployment revision after `after_sequence` (the current one of each deployment
+        when 0), then each new one as it is made; `name` watches one deployment.
+
+        The registry never ends the stream, so it runs until the caller stops reading or
+        `timeout_s` passes (the channel's default deadline would cut it short); then, or when
+        the registry goes away, UnavailableError: the caller resumes after the last
+        `sequence` it saw."""
+        call = self._stub.WatchDeployments(
+            registry_pb.WatchDeploymentsRequest(name=name, after_sequence=after_sequence),
+            timeout=timeout_s,
+        )
+        try:
+            async for message in call:
+                yield message.revision
+        except grpc.aio.AioRpcError as exc:
+            raise _translate(exc, name or "deployments") from exc
+        finally:
+            call.cancel()
+        raise UnavailableError(
+            "the registry ended the deployment watch", reason="UPSTREAM_UNAVAILABLE"
+        )
+
     async def read_artifact(self, name: str, *, timeout_s: float = 60.0) -> bytes:
         """The whole artifact of a version."""
         parts: list[bytes] = []

@@ -12,6 +12,7 @@ from modelserve_registry.resources import (
     ArtifactFormat,
     AuditEvent,
     DataType,
+    DefaultOutput,
     Deployment,
     DeploymentRevision,
     Model,
@@ -135,6 +136,37 @@ def deployment_to_proto(deployment: Deployment) -> pb.Deployment:
         ],
         revision=deployment.revision,
         update_time=timestamp(deployment.update_time),
+        routing_key=deployment.policy.routing_key,
+        salt=deployment.policy.salt,
+        shadow=[v.model_version for v in deployment.policy.shadow],
+        fallback_version=(
+            deployment.policy.fallback.model_version if deployment.policy.fallback else ""
+        ),
+        default_outputs=[
+            tensor_pb2.Tensor.FromString(t) for t in deployment.policy.default_outputs
+        ],
+    )
+
+
+def default_output_from_proto(tensor: tensor_pb2.Tensor) -> DefaultOutput:
+    """A declared default output, with the facts its validation needs."""
+    contents = tensor.contents
+    values = {
+        tensor_pb2.DATA_TYPE_BOOL: len(contents.bool_contents),
+        tensor_pb2.DATA_TYPE_INT32: len(contents.int_contents),
+        tensor_pb2.DATA_TYPE_INT64: len(contents.int_contents),
+        tensor_pb2.DATA_TYPE_FP32: len(contents.fp32_contents),
+        tensor_pb2.DATA_TYPE_FP64: len(contents.fp64_contents),
+        tensor_pb2.DATA_TYPE_BYTES: len(contents.bytes_contents),
+    }
+    # Only the values of the tensor's own data type count, as the router reads them.
+    count = values.get(tensor.datatype, 0)
+    return DefaultOutput(
+        name=tensor.name,
+        has_datatype=tensor.datatype != tensor_pb2.DATA_TYPE_UNSPECIFIED,
+        shape=tuple(tensor.shape),
+        value_count=count,
+        tensor=tensor.SerializeToString(),
     )
 
 

@@ -20,16 +20,19 @@ from modelserve_registry.resources import (
     ArtifactFormat,
     AuditEvent,
     Change,
+    DefaultOutput,
     Deployment,
     DeploymentRevision,
     Model,
     ModelVersion,
     Page,
+    RoutingPolicy,
     Stage,
     TensorSpec,
     TrafficShare,
     TrafficTarget,
     VersionPage,
+    VersionRef,
     VersionUpload,
 )
 from modelserve_registry.store import RegistryStore
@@ -48,6 +51,12 @@ _MODEL_ID = re.compile(_ID)
 _MODEL_NAME = re.compile(f"models/({_ID})")
 _VERSION_NAME = re.compile(f"models/({_ID})/versions/([1-9][0-9]{{0,17}})")
 _DEPLOYMENT_NAME = re.compile(f"deployments/({_ID})")
+#: `user` or an entity type.
+_ROUTING_KEY = re.compile("[a-z][a-z0-9_-]{0,62}")
+MAX_SALT_CHARS = 128
+MAX_SHADOW_VERSIONS = 8
+MAX_DEFAULT_OUTPUTS = 16
+MAX_DEFAULT_OUTPUT_VALUES = 4096
 _SHA256 = re.compile("[0-9a-f]{64}")
 _FEATURE_REF = re.compile("[^:]+:[^:]+")
 _PAGE_TOKEN_PREFIX = "v1"
@@ -55,7 +64,9 @@ _PAGE_TOKEN_PREFIX = "v1"
 DEFAULT_PAGE_SIZE = 50
 MAX_PAGE_SIZE = 1000
 #: Writable fields of a Deployment, as update_mask paths; `*` names them all.
-DEPLOYMENT_WRITABLE_FIELDS = frozenset({"traffic"})
+DEPLOYMENT_WRITABLE_FIELDS = frozenset(
+    {"traffic", "routing_key", "salt", "shadow", "fallback_version", "default_outputs"}
+)
 _DEPLOYMENT_OUTPUT_ONLY_FIELDS = frozenset({"name", "revision", "update_time"})
 #: How many revisions a watcher reads from the store at a time.
 WATCH_BATCH = 500
@@ -488,11 +499,21 @@ class Registry:
         *,
         allow_missing: bool,
         actor: Actor,
+        routing_key: str = "",
+        salt: str = "",
+        shadow: Sequence[str] = (),
+        fallback_version: str = "",
+        default_outputs: Sequence[DefaultOutput] = (),
     ) -> Deployment:
-        """Sets a deployment's traffic; creates it only with `allow_missing`.
+        """Sets a deployment's traffic and routing policy; creates it only with `allow_missing`.
 
         The targets' percents are each 0-100 and add up to 100, name one version each, and
-        every version must exist. An empty `update_mask` means every writable field.
+        every version must exist. `routing_key` is `user` or an entity type, `salt` at most
+        128 characters, and each shadow version exists, once, and is no traffic target. The
+        fallback version exists and is no shadow; default outputs are named once each and
+        hold as many values as their shape says.
+        `update_mask` names the fields written; the others keep their value. When it is
+        empty, `traffic` and whichever policy fields are set are written; `*` writes all.
         """
         violations: list[FieldViolation] = []
         deployment_id = ""
@@ -507,6 +528,106 @@ class Registry:
                 violations.append(
                     FieldViolation("update_mask", f"{path!r} is not a Deployment field")
                 )
+        if "*" in update_mask:
+            written = set(DEPLOYMENT_WRITABLE_FIELDS)
+        elif update_mask:
+            written = set(update_mask) & DEPLOYMENT_WRITABLE_FIELDS
+        else:
+            given = {
+                "routing_key": bool(routing_key),
+                "salt": bool(salt),
+                "shadow": bool(shadow),
+                "fallback_version": bool(fallback_version),
+                "default_outputs": bool(default_outputs),
+            }
+            written = {"traffic", *(f for f, present in given.items() if present)}
+        current: Deployment | None = None
+        if written != DEPLOYMENT_WRITABLE_FIELDS and deployment_id:
+            current = await self._store.get_deployment(deployment_id)
+        targets: list[TrafficTarget] = []
+        if "traffic" in written:
+            targets = self._check_traffic(traffic, violations)
+        elif current is not None:
+            targets = list(current.traffic)
+        elif deployment_id:
+            violations.append(
+                FieldViolation("deployment.traffic", "required to create the deployment")
+            )
+        kept = current.policy if current is not None else RoutingPolicy()
+        if "routing_key" in written:
+            if routing_key and not _ROUTING_KEY.fullmatch(routing_key):
+                violations.append(
+                    FieldViolation(
+                        "deployment.routing_key",
+                        "must be `user` or an entity type: 1-63 of [a-z0-9_-], starting with a"
+                        " letter",
+                    )
+                )
+        else:
+            routing_key = kept.routing_key
+        if "salt" in written:
+            if len(salt) > MAX_SALT_CHARS:
+                violations.append(
+                    FieldViolation("deployment.salt", f"at most {MAX_SALT_CHARS} characters")
+                )
+        else:
+            salt = kept.salt
+        shadow_refs = (
+            self._check_shadow(shadow, targets, violations)
+            if "shadow" in written
+            else list(kept.shadow)
+        )
+        fallback = kept.fallback
+        if "fallback_version" in written:
+            fallback = None
+            if fallback_version:
+                try:
+                    fallback = VersionRef(
+                        *parse_version_name(fallback_version, "deployment.fallback_version")
+                    )
+                except InvalidArgumentError as exc:
+                    violations.extend(exc.violations)
+        if fallback is not None and fallback in shadow_refs:
+            violations.append(
+                FieldViolation("deployment.fallback_version", "is a shadow; a fallback must not be")
+            )
+        outputs = (
+            self._check_default_outputs(default_outputs, violations)
+            if "default_outputs" in written
+            else list(kept.default_outputs)
+        )
+        if violations:
+            raise _invalid(violations)
+        policy = RoutingPolicy(
+            routing_key=routing_key,
+            salt=salt,
+            shadow=tuple(shadow_refs),
+            fallback=fallback,
+            default_outputs=tuple(outputs),
+        )
+        deployment, changed = await self._store.put_deployment(
+            deployment_id,
+            targets,
+            allow_missing=allow_missing,
+            change=self._change(actor, "UpdateDeployment"),
+            policy=policy,
+        )
+        if changed:
+            await self._changes.send()
+            log.info(
+                "deployment_updated",
+                deployment=deployment.name,
+                revision=deployment.revision,
+                traffic={t.model_version: t.percent for t in deployment.traffic},
+                routing_key=deployment.policy.routing_key,
+                shadow=[v.model_version for v in deployment.policy.shadow],
+            )
+        return deployment
+
+    @staticmethod
+    def _check_traffic(
+        traffic: Sequence[TrafficShare], violations: list[FieldViolation]
+    ) -> list[TrafficTarget]:
         targets: list[TrafficTarget] = []
         first_index: dict[tuple[str, int], int] = {}
         for i, share in enumerate(traffic):
@@ -533,23 +654,69 @@ class Registry:
             violations.append(
                 FieldViolation("deployment.traffic", f"the percents add up to {total}, not 100")
             )
-        if violations:
-            raise _invalid(violations)
-        deployment, changed = await self._store.put_deployment(
-            deployment_id,
-            targets,
-            allow_missing=allow_missing,
-            change=self._change(actor, "UpdateDeployment"),
-        )
-        if changed:
-            await self._changes.send()
-            log.info(
-                "deployment_updated",
-                deployment=deployment.name,
-                revision=deployment.revision,
-                traffic={t.model_version: t.percent for t in deployment.traffic},
+        return targets
+
+    @staticmethod
+    def _check_default_outputs(
+        outputs: Sequence[DefaultOutput], violations: list[FieldViolation]
+    ) -> list[bytes]:
+        if len(outputs) > MAX_DEFAULT_OUTPUTS:
+            violations.append(
+                FieldViolation("deployment.default_outputs", f"at most {MAX_DEFAULT_OUTPUTS}")
             )
-        return deployment
+        names: set[str] = set()
+        for i, output in enumerate(outputs):
+            field = f"deployment.default_outputs[{i}]"
+            if not output.name:
+                violations.append(FieldViolation(f"{field}.name", "must be set"))
+            elif output.name in names:
+                violations.append(FieldViolation(f"{field}.name", f"{output.name!r} is repeated"))
+            names.add(output.name)
+            if not output.has_datatype:
+                violations.append(FieldViolation(f"{field}.datatype", "must be set"))
+            size = 1
+            for dim in output.shape:
+                size *= dim
+            if any(d < 1 for d in output.shape) or size != output.value_count:
+                violations.append(
+                    FieldViolation(
+                        f"{field}.shape",
+                        f"must be positive dimensions holding its {output.value_count} values",
+                    )
+                )
+            elif size > MAX_DEFAULT_OUTPUT_VALUES:
+                violations.append(
+                    FieldViolation(f"{field}.contents", f"at most {MAX_DEFAULT_OUTPUT_VALUES}")
+                )
+        return [o.tensor for o in outputs]
+
+    @staticmethod
+    def _check_shadow(
+        shadow: Sequence[str], targets: Sequence[TrafficTarget], violations: list[FieldViolation]
+    ) -> list[VersionRef]:
+        if len(shadow) > MAX_SHADOW_VERSIONS:
+            violations.append(
+                FieldViolation("deployment.shadow", f"at most {MAX_SHADOW_VERSIONS} versions")
+            )
+        primary = {(t.model_id, t.version) for t in targets}
+        refs: list[VersionRef] = []
+        for i, name in enumerate(shadow):
+            field = f"deployment.shadow[{i}]"
+            try:
+                model_id, number = parse_version_name(name, field)
+            except InvalidArgumentError as exc:
+                violations.extend(exc.violations)
+                continue
+            ref = VersionRef(model_id, number)
+            if ref in refs:
+                violations.append(FieldViolation(field, f"{name} is listed twice"))
+            elif (model_id, number) in primary:
+                violations.append(
+                    FieldViolation(field, f"{name} is a traffic target; a shadow must not be")
+                )
+            else:
+                refs.append(ref)
+        return refs
 
     async def rollback_deployment(self, name: str, revision: int, actor: Actor) -> Deployment:
         """Restores the traffic of `revision` (the one before the current when 0) as a new
@@ -578,6 +745,7 @@ class Registry:
             allow_missing=False,
             change=self._change(actor, "RollbackDeployment"),
             restored_revision=wanted,
+            policy=target.deployment.policy,
         )
         if changed:
             await self._changes.send()

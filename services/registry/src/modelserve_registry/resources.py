@@ -135,6 +135,45 @@ class TrafficTarget:
 
 
 @dataclass(frozen=True, slots=True)
+class VersionRef:
+    """One model version, by model id and number."""
+
+    model_id: str
+    version: int
+
+    @property
+    def model_version(self) -> str:
+        """The version's name, `models/{model}/versions/{version}`."""
+        return f"models/{self.model_id}/versions/{self.version}"
+
+
+@dataclass(frozen=True, slots=True)
+class DefaultOutput:
+    """A declared output a deployment answers with when its versions fail: the serialized
+    `modelserve.type.v1.Tensor`, with what validation needs to know of it."""
+
+    name: str
+    has_datatype: bool
+    shape: tuple[int, ...]
+    value_count: int
+    tensor: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class RoutingPolicy:
+    """How the router spreads an endpoint's traffic besides the weights: what sticky
+    assignment hashes (`user`, an entity type, or nothing), its salt, shadow versions, and
+    the fallback chain (a fallback version, then declared default outputs)."""
+
+    routing_key: str = ""
+    salt: str = ""
+    shadow: tuple[VersionRef, ...] = ()
+    fallback: VersionRef | None = None
+    default_outputs: tuple[bytes, ...] = ()
+    """Serialized `modelserve.type.v1.Tensor` messages."""
+
+
+@dataclass(frozen=True, slots=True)
 class Deployment:
     """The desired traffic state of one endpoint."""
 
@@ -142,6 +181,7 @@ class Deployment:
     traffic: tuple[TrafficTarget, ...]
     revision: int
     update_time: datetime
+    policy: RoutingPolicy = RoutingPolicy()
 
     @property
     def name(self) -> str:

@@ -11,6 +11,7 @@ from modelserve.registry.v1 import registry_service_pb2 as pb
 from modelserve.registry.v1 import registry_service_pb2_grpc as pb_grpc
 from modelserve_registry.convert import (
     audit_event_to_proto,
+    default_output_from_proto,
     deployment_to_proto,
     format_from_proto,
     model_to_proto,
@@ -112,6 +113,13 @@ class RegistryServicer(pb_grpc.RegistryServiceServicer):
             list(request.update_mask.paths),
             allow_missing=request.allow_missing,
             actor=_actor(request.reason),
+            routing_key=request.deployment.routing_key,
+            salt=request.deployment.salt,
+            shadow=list(request.deployment.shadow),
+            fallback_version=request.deployment.fallback_version,
+            default_outputs=[
+                default_output_from_proto(t) for t in request.deployment.default_outputs
+            ],
         )
         return pb.UpdateDeploymentResponse(deployment=deployment_to_proto(deployment))
 

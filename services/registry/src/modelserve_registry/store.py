@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 import sqlite3
 from collections.abc import Callable, Iterator, Sequence
@@ -24,9 +25,11 @@ from modelserve_registry.resources import (
     DeploymentRevision,
     Model,
     ModelVersion,
+    RoutingPolicy,
     Signature,
     Stage,
     TrafficTarget,
+    VersionRef,
 )
 from modelserve_runtime.errors import (
     AlreadyExistsError,
@@ -120,6 +123,14 @@ MIGRATIONS: tuple[tuple[int, tuple[str, ...]], ...] = (
             ) STRICT""",
         ),
     ),
+    (
+        3,
+        (
+            # Sticky routing key, salt and shadow versions, as JSON; '{}' is none of them.
+            "ALTER TABLE deployments ADD COLUMN policy TEXT NOT NULL DEFAULT '{}'",
+            "ALTER TABLE deployment_revisions ADD COLUMN policy TEXT NOT NULL DEFAULT '{}'",
+        ),
+    ),
 )
 
 _VERSION_COLUMNS = (
@@ -127,7 +138,8 @@ _VERSION_COLUMNS = (
     " create_time, stage"
 )
 _REVISION_COLUMNS = (
-    "sequence, deployment_id, revision, traffic, principal, reason, restored_revision, create_time"
+    "sequence, deployment_id, revision, traffic, principal, reason, restored_revision, create_time,"
+    " policy"
 )
 
 
@@ -212,14 +224,16 @@ class RegistryStore(Protocol):
         allow_missing: bool,
         change: Change,
         restored_revision: int = 0,
+        policy: RoutingPolicy = RoutingPolicy(),
     ) -> tuple[Deployment, bool]:
-        """Sets a deployment's traffic as a new revision; returns it and whether it changed.
+        """Sets a deployment's traffic and routing policy as a new revision; returns it and
+        whether it changed.
 
-        The revision goes up by one on every change; setting the traffic it already has
-        changes nothing.
+        The revision goes up by one on every change; setting the traffic and policy it
+        already has changes nothing.
 
-        NotFoundError when a target version does not exist, or when the deployment does
-        not exist and `allow_missing` is false.
+        NotFoundError when a target or shadow version does not exist, or when the deployment
+        does not exist and `allow_missing` is false.
         """
         ...
 
@@ -359,12 +373,44 @@ def _traffic_from_json(text: str) -> tuple[TrafficTarget, ...]:
     return tuple(TrafficTarget(t["model"], t["version"], t["percent"]) for t in json.loads(text))
 
 
+def policy_to_json(policy: RoutingPolicy) -> str:
+    """A routing policy as the JSON it is stored (and audited) as; '{}' when it is empty."""
+    stored: dict[str, object] = {}
+    if policy.routing_key:
+        stored["routing_key"] = policy.routing_key
+    if policy.salt:
+        stored["salt"] = policy.salt
+    if policy.shadow:
+        stored["shadow"] = [{"model": v.model_id, "version": v.version} for v in policy.shadow]
+    if policy.fallback is not None:
+        stored["fallback"] = {"model": policy.fallback.model_id, "version": policy.fallback.version}
+    if policy.default_outputs:
+        stored["default_outputs"] = [base64.b64encode(t).decode() for t in policy.default_outputs]
+    return json.dumps(stored)
+
+
+def _policy_from_json(text: str) -> RoutingPolicy:
+    stored = json.loads(text)
+    return RoutingPolicy(
+        routing_key=stored.get("routing_key", ""),
+        salt=stored.get("salt", ""),
+        shadow=tuple(VersionRef(v["model"], v["version"]) for v in stored.get("shadow", [])),
+        fallback=(
+            VersionRef(stored["fallback"]["model"], stored["fallback"]["version"])
+            if "fallback" in stored
+            else None
+        ),
+        default_outputs=tuple(base64.b64decode(t) for t in stored.get("default_outputs", [])),
+    )
+
+
 def _deployment_from_row(row: sqlite3.Row) -> Deployment:
     return Deployment(
         deployment_id=row["deployment_id"],
         traffic=_traffic_from_json(row["traffic"]),
         revision=row["revision"],
         update_time=_time(row["update_time"]),
+        policy=_policy_from_json(row["policy"]),
     )
 
 
@@ -375,6 +421,7 @@ def _revision_from_row(row: sqlite3.Row) -> DeploymentRevision:
             traffic=_traffic_from_json(row["traffic"]),
             revision=row["revision"],
             update_time=_time(row["create_time"]),
+            policy=_policy_from_json(row["policy"]),
         ),
         sequence=row["sequence"],
         principal=row["principal"],
@@ -634,7 +681,7 @@ class SqliteRegistryStore:
     async def get_deployment(self, deployment_id: str) -> Deployment | None:
         def work(conn: sqlite3.Connection) -> Deployment | None:
             row = conn.execute(
-                "SELECT deployment_id, traffic, revision, update_time FROM deployments"
+                "SELECT deployment_id, traffic, revision, update_time, policy FROM deployments"
                 " WHERE deployment_id = ?",
                 (deployment_id,),
             ).fetchone()
@@ -650,21 +697,26 @@ class SqliteRegistryStore:
         allow_missing: bool,
         change: Change,
         restored_revision: int = 0,
+        policy: RoutingPolicy = RoutingPolicy(),
     ) -> tuple[Deployment, bool]:
         targets = tuple(traffic)
         update_time = change.time
 
         def work(conn: sqlite3.Connection) -> tuple[Deployment, bool]:
             with _transaction(conn):
-                for target in targets:
+                needed = [(t.model_id, t.version) for t in targets]
+                needed += [(v.model_id, v.version) for v in policy.shadow]
+                if policy.fallback is not None:
+                    needed.append((policy.fallback.model_id, policy.fallback.version))
+                for model_id, version in needed:
                     found = conn.execute(
                         "SELECT 1 FROM model_versions WHERE model_id = ? AND version = ?",
-                        (target.model_id, target.version),
+                        (model_id, version),
                     ).fetchone()
                     if found is None:
-                        raise _version_not_found(target.model_id, target.version)
+                        raise _version_not_found(model_id, version)
                 row = conn.execute(
-                    "SELECT deployment_id, traffic, revision, update_time FROM deployments"
+                    "SELECT deployment_id, traffic, revision, update_time, policy FROM deployments"
                     " WHERE deployment_id = ?",
                     (deployment_id,),
                 ).fetchone()
@@ -678,23 +730,25 @@ class SqliteRegistryStore:
                     current = _deployment_from_row(row)
                     # Order carries no meaning in a traffic split; only a real change is a
                     # new revision, so watchers do not converge on nothing.
-                    if set(current.traffic) == set(targets):
+                    if set(current.traffic) == set(targets) and current.policy == policy:
                         return current, False
                     revision = current.revision + 1
                 else:
                     revision = 1
                 traffic_json = traffic_to_json(targets)
+                policy_json = policy_to_json(policy)
                 conn.execute(
-                    "INSERT INTO deployments (deployment_id, traffic, revision, update_time)"
-                    " VALUES (?, ?, ?, ?)"
+                    "INSERT INTO deployments"
+                    " (deployment_id, traffic, revision, update_time, policy)"
+                    " VALUES (?, ?, ?, ?, ?)"
                     " ON CONFLICT (deployment_id) DO UPDATE SET"
                     " traffic = excluded.traffic, revision = excluded.revision,"
-                    " update_time = excluded.update_time",
-                    (deployment_id, traffic_json, revision, update_time.isoformat()),
+                    " update_time = excluded.update_time, policy = excluded.policy",
+                    (deployment_id, traffic_json, revision, update_time.isoformat(), policy_json),
                 )
                 conn.execute(
                     f"INSERT INTO deployment_revisions ({_REVISION_COLUMNS})"
-                    " VALUES (NULL, ?, ?, ?, ?, ?, ?, ?)",
+                    " VALUES (NULL, ?, ?, ?, ?, ?, ?, ?, ?)",
                     (
                         deployment_id,
                         revision,
@@ -703,13 +757,16 @@ class SqliteRegistryStore:
                         change.reason,
                         restored_revision,
                         update_time.isoformat(),
+                        policy_json,
                     ),
                 )
                 details = {"revision": str(revision), "traffic": traffic_json}
+                if policy_json != "{}":
+                    details["policy"] = policy_json
                 if restored_revision:
                     details["restored_revision"] = str(restored_revision)
                 _audit(conn, change, f"deployments/{deployment_id}", details)
-                return Deployment(deployment_id, targets, revision, update_time), True
+                return Deployment(deployment_id, targets, revision, update_time, policy), True
 
         return await self._call(work)
 

@@ -33,8 +33,16 @@ class RouterSettings(ServiceSettings):
     """The feature service's `host:port`; discovery (service `feature`) when unset."""
     inference_target: str | None = None
     """The inference service's `host:port`; discovery (service `inference`) when unset."""
-    deployment_refresh_s: float = Field(default=2.0, gt=0)
-    """How long a deployment read from the registry is used before it is read again."""
+    ready_poll_ms: int = Field(default=500, ge=10)
+    """How often inference is asked which versions are READY (only those get traffic). A
+    deployment whose targets are none of them asks again at once."""
+    watch_backoff_max_s: float = Field(default=5.0, gt=0)
+    """Longest wait between reconnects of the deployment watch while the registry is away
+    (the wait doubles from 50 ms); the last snapshot keeps serving meanwhile."""
+    shadow_max_in_flight: int = Field(default=64, ge=1)
+    """Most shadow copies running at once; a copy beyond it is dropped and counted."""
+    shadow_timeout_s: float = Field(default=2.0, gt=0)
+    """Deadline of one shadow copy."""
     request_timeout_s: float = Field(default=2.0, gt=0)
     """Deadline for one Predict when the caller sets none."""
     feature_timeout_s: float = Field(default=0.5, gt=0)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 import uuid
 from collections.abc import Mapping, Sequence
@@ -19,14 +20,24 @@ from modelserve_features.convert import value_to_proto
 from modelserve_features.online import FeatureResult, FeatureStatus
 from modelserve_features.request_time import RequestFacts, compute_request_features
 from modelserve_features.views import FeatureRef, Value
-from modelserve_router.routing import DeploymentTable
+from modelserve_router.routing import (
+    Route,
+    RouteChoice,
+    RoutingTable,
+    Snapshot,
+    choose,
+    routing_keys,
+)
+from modelserve_router.shadow import ShadowMirror
 from modelserve_router.sources import FeatureReader, ModelRunner, as_float
-from modelserve_runtime.convert import DTYPES, numpy_to_tensor
+from modelserve_runtime.convert import DTYPES, numpy_to_tensor, tensor_to_numpy
 from modelserve_runtime.errors import (
     FailedPreconditionError,
     FieldViolation,
     InvalidArgumentError,
     ModelServeError,
+    ResourceExhaustedError,
+    UnavailableError,
 )
 from modelserve_runtime.prediction_log import PredictionLogWriter
 from modelserve_runtime.tracing import current_trace_id, tracer
@@ -49,6 +60,7 @@ class PredictionInput:
     user_agent: str = ""
     query: str = ""
     request_id: str = ""
+    user_id: str = ""
 
 
 @dataclass(slots=True)
@@ -64,6 +76,9 @@ class PredictionResult:
     missing_features: list[str] = field(default_factory=list)
     feature_statuses: dict[str, str] = field(default_factory=dict)
     """The status of each stored feature (present, missing, expired, defaulted)."""
+    degraded: bool = False
+    degraded_reason: str = ""
+    """What failed and what answered instead; empty when not degraded."""
 
 
 class Predictor:
@@ -71,18 +86,24 @@ class Predictor:
 
     def __init__(
         self,
-        deployments: DeploymentTable,
+        routes: RoutingTable,
         features: FeatureReader,
         runner: ModelRunner,
         prediction_log: PredictionLogWriter,
+        shadows: ShadowMirror,
+        *,
+        shadow_timeout_s: float,
     ) -> None:
-        self._deployments = deployments
+        self._routes = routes
         self._features = features
         self._runner = runner
         self._log = prediction_log
+        self._shadows = shadows
+        self._shadow_timeout_s = shadow_timeout_s
 
     async def predict(self, request: PredictionInput) -> PredictionResult:
-        """Answers one request and appends its record to the prediction log, success or not."""
+        """Answers one request and appends its record to the prediction log, success or not;
+        then mirrors it to the endpoint's shadow versions in the background."""
         started = time.perf_counter()
         received = Timestamp()
         received.GetCurrentTime()
@@ -90,42 +111,136 @@ class Predictor:
             raise InvalidArgumentError.for_field("endpoint", "must name an endpoint")
         request_id = request.request_id or uuid.uuid4().hex
         structlog.contextvars.bind_contextvars(endpoint=request.endpoint, request_id=request_id)
-        choice = await self._deployments.choose(request.endpoint)
+        # One snapshot serves the whole request, so a flip mid-request is never half seen.
+        snapshot, route = await self._routes.resolve(request.endpoint)
+        choice = choose(route, snapshot.ready, routing_keys(request.user_id, request.entities))
         structlog.contextvars.bind_contextvars(version=choice.model_version)
-        record = prediction_record_pb2.PredictionRecord(
+        record = self._record(request, request_id, choice.model_version, choice.reason, received)
+        try:
+            try:
+                result = await self._run(
+                    request, snapshot, choice.model_version, choice.reason, request_id
+                )
+            except (UnavailableError, ResourceExhaustedError) as exc:
+                result = await self._fall_back(request, snapshot, route, choice, request_id, exc)
+                record.model_version = result.model_version
+                record.route_reason = result.route_reason
+                record.degraded = True
+                record.degraded_reason = result.degraded_reason
+        except BaseException as exc:
+            _record_failure(record, exc)
+            raise
+        else:
+            _record_success(record, result)
+            return result
+        finally:
+            record.trace_id = current_trace_id()
+            record.latency_us = int((time.perf_counter() - started) * 1e6)
+            self._log.append(record)
+            # After the answer, so the copies never compete with it.
+            for shadow in route.shadow:
+                self._shadows.submit(
+                    self._shadow(request, snapshot, shadow, request_id, received),
+                    model_version=shadow,
+                )
+
+    async def _fall_back(
+        self,
+        request: PredictionInput,
+        snapshot: Snapshot,
+        route: Route,
+        choice: RouteChoice,
+        request_id: str,
+        failure: ModelServeError,
+    ) -> PredictionResult:
+        """The deployment's fallback chain after the chosen version failed in inference: the
+        fallback version if it is another READY one, else the declared default outputs;
+        `failure` again when neither answers."""
+        why = f"{choice.model_version} failed: {failure.reason or failure.code.name}"
+        fallback = route.fallback_version
+        if fallback and fallback != choice.model_version and fallback in snapshot.ready:
+            try:
+                result = await self._run(request, snapshot, fallback, "fallback", request_id)
+            except (UnavailableError, ResourceExhaustedError) as exc:
+                why = f"{why}; fallback {fallback} failed: {exc.reason or exc.code.name}"
+            else:
+                result.degraded = True
+                result.degraded_reason = f"{why}; answered by fallback {fallback}"
+                log.warning("prediction_degraded", reason=result.degraded_reason)
+                return result
+        if route.default_outputs:
+            result = PredictionResult(
+                outputs={t.name: tensor_to_numpy(t) for t in route.default_outputs},
+                model_version="",
+                route_reason="default_output",
+                request_id=request_id,
+                trace_id=current_trace_id(),
+                degraded=True,
+                degraded_reason=f"{why}; answered by the declared default outputs",
+            )
+            log.warning("prediction_degraded", reason=result.degraded_reason)
+            return result
+        raise failure
+
+    def _record(
+        self,
+        request: PredictionInput,
+        request_id: str,
+        model_version: str,
+        reason: str,
+        received: Timestamp,
+    ) -> prediction_record_pb2.PredictionRecord:
+        return prediction_record_pb2.PredictionRecord(
             request_id=request_id,
             endpoint=request.endpoint,
-            model_version=choice.model_version,
-            route_reason=choice.reason,
+            model_version=model_version,
+            route_reason=reason,
             entities=dict(request.entities),
             request_time=received,
         )
+
+    async def _shadow(
+        self,
+        request: PredictionInput,
+        snapshot: Snapshot,
+        model_version: str,
+        request_id: str,
+        received: Timestamp,
+    ) -> None:
+        """Runs one shadow copy and logs its record (marked shadow); never raises."""
+        started = time.perf_counter()
+        structlog.contextvars.bind_contextvars(version=model_version, shadow=True)
+        record = self._record(request, request_id, model_version, "shadow", received)
+        record.shadow = True
         try:
-            result = await self._run(request, choice.model_version, choice.reason, request_id)
-        except ModelServeError as exc:
-            record.status = prediction_record_pb2.PREDICTION_STATUS_ERROR
-            record.error_code = exc.code.name
-            raise
-        except Exception:
-            record.status = prediction_record_pb2.PREDICTION_STATUS_ERROR
-            record.error_code = "INTERNAL"
-            raise
+            async with asyncio.timeout(self._shadow_timeout_s):
+                result = await self._run(request, snapshot, model_version, "shadow", request_id)
+        except Exception as exc:  # a shadow's failure must never reach anyone but the log
+            _record_failure(record, exc)
+            log.warning("shadow_failed", shadow_version=model_version, error_code=record.error_code)
         else:
-            record.status = prediction_record_pb2.PREDICTION_STATUS_OK
-            for name, value in result.features.items():
-                record.features[name].CopyFrom(value_to_proto(value))
-            record.outputs.extend(numpy_to_tensor(n, a) for n, a in result.outputs.items())
-            return result
+            _record_success(record, result)
         finally:
             record.trace_id = current_trace_id()
             record.latency_us = int((time.perf_counter() - started) * 1e6)
             self._log.append(record)
 
     async def _run(
-        self, request: PredictionInput, model_version: str, reason: str, request_id: str
+        self,
+        request: PredictionInput,
+        snapshot: Snapshot,
+        model_version: str,
+        reason: str,
+        request_id: str,
     ) -> PredictionResult:
-        version = await self._deployments.version(model_version)
-        signature = version.signature
+        served = snapshot.ready.get(model_version)
+        if served is None:
+            raise FailedPreconditionError(
+                f"model version {model_version} is not READY in inference",
+                reason="VERSION_NOT_READY",
+                metadata={"model_version": model_version},
+            )
+        signature = snapshot.versions[model_version].signature
         if not signature.inputs or not signature.feature_refs:
             raise FailedPreconditionError(
                 f"{model_version} declares no feature_refs; the router cannot build its input",
@@ -172,7 +287,7 @@ class Predictor:
         dtype = DTYPES.get(first.datatype, np.dtype(np.float32))
         inputs = {first.name: np.asarray([row], dtype=dtype)}
         outputs = conform_outputs(
-            await self._runner.run(model_version, inputs, [o.name for o in signature.outputs]),
+            await self._runner.run(served, inputs, [o.name for o in signature.outputs]),
             {o.name: list(o.shape) for o in signature.outputs},
         )
         return PredictionResult(
@@ -185,6 +300,25 @@ class Predictor:
             missing_features=missing,
             feature_statuses={ref: status.value for ref, status in statuses.items()},
         )
+
+
+def _record_failure(record: prediction_record_pb2.PredictionRecord, exc: BaseException) -> None:
+    record.status = prediction_record_pb2.PREDICTION_STATUS_ERROR
+    if isinstance(exc, ModelServeError):
+        record.error_code = exc.code.name
+    elif isinstance(exc, TimeoutError | asyncio.CancelledError):
+        record.error_code = "DEADLINE_EXCEEDED"
+    else:
+        record.error_code = "INTERNAL"
+
+
+def _record_success(
+    record: prediction_record_pb2.PredictionRecord, result: PredictionResult
+) -> None:
+    record.status = prediction_record_pb2.PREDICTION_STATUS_OK
+    for name, value in result.features.items():
+        record.features[name].CopyFrom(value_to_proto(value))
+    record.outputs.extend(numpy_to_tensor(n, a) for n, a in result.outputs.items())
 
 
 def assemble_row(

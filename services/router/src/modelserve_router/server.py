@@ -12,10 +12,12 @@ from modelserve.router.v1 import router_service_pb2_grpc as pb_grpc
 from modelserve_features.online import OnlineStore
 from modelserve_router.config import RouterSettings
 from modelserve_router.predict import Predictor
-from modelserve_router.routing import DeploymentTable
+from modelserve_router.routing import RoutingTable
 from modelserve_router.servicer import RouterServicer
+from modelserve_router.shadow import ShadowMirror
 from modelserve_router.sources import (
     FeatureReader,
+    InferenceServing,
     ModelRunner,
     RedisFeatureReader,
     ServiceFeatureReader,
@@ -33,7 +35,7 @@ SERVICE = "router"
 
 
 class RouterApp:
-    """The router's clients."""
+    """The router's clients and background work."""
 
     def __init__(
         self,
@@ -41,11 +43,15 @@ class RouterApp:
         channels: list[grpc.aio.Channel],
         prediction_log: PredictionLogWriter,
         runner: ModelRunner,
+        routes: RoutingTable,
+        shadows: ShadowMirror,
     ) -> None:
         self.redis = client
         self.channels = channels
         self.prediction_log = prediction_log
         self.runner = runner
+        self.routes = routes
+        self.shadows = shadows
 
     async def check_ready(self) -> None:
         try:
@@ -54,6 +60,8 @@ class RouterApp:
             raise UnavailableError(f"redis does not answer: {exc}") from exc
 
     async def close(self) -> None:
+        await self.routes.close()
+        await self.shadows.close()
         await self.prediction_log.flush()
         if isinstance(self.runner, TritonModelRunner):
             await self.runner.close()
@@ -93,18 +101,28 @@ async def build_server(settings: RouterSettings) -> tuple[GrpcServer, RouterApp]
     inference = InferenceClient(inference_channel, timeout_s=settings.inference_timeout_s)
     runner: ModelRunner
     if settings.model_runner == "triton":
-        runner = TritonModelRunner(inference, timeout_s=settings.inference_timeout_s)
+        runner = TritonModelRunner(timeout_s=settings.inference_timeout_s)
     else:
         runner = ServiceModelRunner(inference)
     prediction_log = PredictionLogWriter(
         client, stream=settings.prediction_stream, max_len=settings.prediction_stream_max_len
     )
+    routes = RoutingTable(
+        RegistryClient(registry_channel),
+        InferenceServing(inference),
+        ready_poll_s=settings.ready_poll_ms / 1000,
+        backoff_max_s=settings.watch_backoff_max_s,
+    )
+    shadows = ShadowMirror(max_in_flight=settings.shadow_max_in_flight)
     predictor = Predictor(
-        DeploymentTable(RegistryClient(registry_channel), refresh_s=settings.deployment_refresh_s),
+        routes,
         features,
         runner,
         prediction_log,
+        shadows,
+        shadow_timeout_s=settings.shadow_timeout_s,
     )
+    routes.start()
 
     def register(server: grpc.aio.Server) -> Sequence[str]:
         pb_grpc.add_RouterServiceServicer_to_server(
@@ -112,7 +130,7 @@ async def build_server(settings: RouterSettings) -> tuple[GrpcServer, RouterApp]
         )
         return [pb.DESCRIPTOR.services_by_name["RouterService"].full_name]
 
-    app = RouterApp(client, channels, prediction_log, runner)
+    app = RouterApp(client, channels, prediction_log, runner, routes, shadows)
     return build_grpc_server(SERVICE, settings, register), app
 
 

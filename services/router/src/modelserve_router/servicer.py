@@ -36,6 +36,7 @@ class RouterServicer(pb_grpc.RouterServiceServicer):
             user_agent=request.context.user_agent,
             query=request.context.query,
             request_id=request.request_id,
+            user_id=request.user_id,
         )
         remaining = context.time_remaining()
         budget = self._default_timeout_s if remaining is None else min(remaining, 3600.0)
@@ -53,4 +54,6 @@ class RouterServicer(pb_grpc.RouterServiceServicer):
             request_id=result.request_id,
             route_reason=result.route_reason,
             trace_id=result.trace_id,
+            degraded=result.degraded,
+            degraded_reason=result.degraded_reason,
         )

@@ -14,6 +14,7 @@ from modelserve_features.convert import timestamp_us, value_from_proto
 from modelserve_features.online import FeatureResult, FeatureStatus, OnlineStore
 from modelserve_features.redis_store import EntityKey
 from modelserve_features.views import FeatureRef, Value
+from modelserve_router.routing import ServedVersion
 from modelserve_runtime.clients import FeatureClient, InferenceClient
 from modelserve_runtime.convert import numpy_to_tensor, tensor_to_numpy
 from modelserve_runtime.errors import FailedPreconditionError, UnavailableError
@@ -42,7 +43,7 @@ class ModelRunner(Protocol):
 
     async def run(
         self,
-        model_version: str,
+        version: ServedVersion,
         inputs: Mapping[str, npt.NDArray[Any]],
         output_names: Sequence[str],
     ) -> Arrays:
@@ -122,6 +123,25 @@ class RedisFeatureReader:
         return values
 
 
+class InferenceServing:
+    """The versions inference holds READY, from its ListModelVersions."""
+
+    def __init__(self, client: InferenceClient) -> None:
+        self._client = client
+
+    async def ready_versions(self) -> list[ServedVersion]:
+        return [
+            ServedVersion(
+                model_version=held.name,
+                triton_endpoint=held.triton_endpoint,
+                triton_model_name=held.triton_model_name,
+                triton_model_version=held.triton_model_version,
+            )
+            for held in await self._client.list_model_versions()
+            if held.state == inference_pb.MODEL_VERSION_STATE_READY
+        ]
+
+
 class ServiceModelRunner:
     """Inference through the inference service."""
 
@@ -130,13 +150,13 @@ class ServiceModelRunner:
 
     async def run(
         self,
-        model_version: str,
+        version: ServedVersion,
         inputs: Mapping[str, npt.NDArray[Any]],
         output_names: Sequence[str],
     ) -> Arrays:
         response = await self._client.infer(
             inference_pb.InferRequest(
-                name=model_version,
+                name=version.model_version,
                 inputs=[numpy_to_tensor(name, array) for name, array in inputs.items()],
                 output_names=list(output_names),
             )
@@ -147,50 +167,37 @@ class ServiceModelRunner:
 class TritonModelRunner:
     """Inference straight to the Triton endpoint that inference publishes for a READY version."""
 
-    def __init__(self, inference: InferenceClient, *, timeout_s: float) -> None:
-        self._inference = inference
+    def __init__(self, *, timeout_s: float) -> None:
         self._timeout_s = timeout_s
-        self._routes: dict[str, tuple[str, str, int]] = {}
         self._runners: dict[str, TritonRunner] = {}
-
-    async def _route(self, model_version: str) -> tuple[TritonRunner, str, int]:
-        route = self._routes.get(model_version)
-        if route is None:
-            for held in await self._inference.list_model_versions():
-                if held.state == inference_pb.MODEL_VERSION_STATE_READY and held.triton_endpoint:
-                    self._routes[held.name] = (
-                        held.triton_endpoint,
-                        held.triton_model_name,
-                        held.triton_model_version,
-                    )
-            route = self._routes.get(model_version)
-        if route is None:
-            raise FailedPreconditionError(
-                f"model version {model_version} is not READY in inference",
-                reason="VERSION_NOT_READY",
-                metadata={"model_version": model_version},
-            )
-        endpoint, model, version = route
-        runner = self._runners.get(endpoint)
-        if runner is None:
-            runner = self._runners[endpoint] = TritonRunner(endpoint)
-        return runner, model, version
 
     async def run(
         self,
-        model_version: str,
+        version: ServedVersion,
         inputs: Mapping[str, npt.NDArray[Any]],
         output_names: Sequence[str],
     ) -> Arrays:
-        runner, model, version = await self._route(model_version)
+        if not version.triton_endpoint:
+            raise FailedPreconditionError(
+                f"inference publishes no Triton endpoint for {version.model_version}",
+                reason="NO_TRITON_ENDPOINT",
+                metadata={"model_version": version.model_version},
+            )
+        runner = self._runners.get(version.triton_endpoint)
+        if runner is None:
+            runner = self._runners[version.triton_endpoint] = TritonRunner(version.triton_endpoint)
         try:
             return await runner.infer(
-                model, version, inputs, output_names, timeout_s=self._timeout_s
+                version.triton_model_name,
+                version.triton_model_version,
+                inputs,
+                output_names,
+                timeout_s=self._timeout_s,
             )
         except TritonError as exc:
-            self._routes.pop(model_version, None)
             raise UnavailableError(
-                f"triton failed to run {model_version}: {exc}", reason="TRITON_UNAVAILABLE"
+                f"triton failed to run {version.model_version}: {exc}",
+                reason="TRITON_UNAVAILABLE",
             ) from exc
 
     async def close(self) -> None:

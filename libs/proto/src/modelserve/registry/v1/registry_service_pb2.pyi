@@ -579,10 +579,30 @@ class Deployment(_message.Message):
     TRAFFIC_FIELD_NUMBER: _builtins.int
     REVISION_FIELD_NUMBER: _builtins.int
     UPDATE_TIME_FIELD_NUMBER: _builtins.int
+    ROUTING_KEY_FIELD_NUMBER: _builtins.int
+    SALT_FIELD_NUMBER: _builtins.int
+    SHADOW_FIELD_NUMBER: _builtins.int
+    FALLBACK_VERSION_FIELD_NUMBER: _builtins.int
+    DEFAULT_OUTPUTS_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """Identifier. Format: `deployments/{deployment}`; `{deployment}` is the endpoint name."""
     revision: _builtins.int
     """Output only. Incremented on every change."""
+    routing_key: _builtins.str
+    """Optional. What sticky assignment hashes, so a caller stays on one version across
+    requests and router restarts: `user` (the request's `user_id`) or an entity type (the
+    request's id of that entity, for example `customer`). Empty: each request is split by
+    weight at random. 1-63 of `[a-z0-9_-]` starting with a letter.
+    """
+    salt: _builtins.str
+    """Optional. Mixed into the sticky hash; a new salt reshuffles callers between versions.
+    The deployment id when empty. At most 128 characters.
+    """
+    fallback_version: _builtins.str
+    """Optional. The version that answers, marked degraded, when the chosen version fails,
+    times out or is overloaded in inference. Must exist and must not be a shadow.
+    Format: `models/{model}/versions/{version}`.
+    """
     @_builtins.property
     def traffic(self) -> _containers.RepeatedCompositeFieldContainer[Global___TrafficTarget]:
         """Required. Where the traffic goes."""
@@ -591,6 +611,20 @@ class Deployment(_message.Message):
     def update_time(self) -> _timestamp_pb2.Timestamp:
         """Output only. When the deployment last changed."""
 
+    @_builtins.property
+    def shadow(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Optional. Versions that receive a copy of every request in the background; their
+        answers are logged, never returned. Each must exist and must not be a traffic target.
+        Format: `models/{model}/versions/{version}`.
+        """
+
+    @_builtins.property
+    def default_outputs(self) -> _containers.RepeatedCompositeFieldContainer[_tensor_pb2.Tensor]:
+        """Optional. The outputs answered, marked degraded, when the chosen version fails and the
+        fallback version (if any) fails too. Each is named once and holds as many values of its
+        data type as its shape says; at most 16 outputs of 4096 values each.
+        """
+
     def __init__(
         self,
         *,
@@ -598,10 +632,15 @@ class Deployment(_message.Message):
         traffic: _abc.Iterable[Global___TrafficTarget] | None = ...,
         revision: _builtins.int = ...,
         update_time: _timestamp_pb2.Timestamp | None = ...,
+        routing_key: _builtins.str = ...,
+        salt: _builtins.str = ...,
+        shadow: _abc.Iterable[_builtins.str] | None = ...,
+        fallback_version: _builtins.str = ...,
+        default_outputs: _abc.Iterable[_tensor_pb2.Tensor] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["update_time", b"update_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["name", b"name", "revision", b"revision", "traffic", b"traffic", "update_time", b"update_time"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["default_outputs", b"default_outputs", "fallback_version", b"fallback_version", "name", b"name", "revision", b"revision", "routing_key", b"routing_key", "salt", b"salt", "shadow", b"shadow", "traffic", b"traffic", "update_time", b"update_time"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -27,7 +27,7 @@ from modelserve.type.v1 import feature_value_pb2 as modelserve_dot_type_dot_v1_d
 from modelserve.type.v1 import tensor_pb2 as modelserve_dot_type_dot_v1_dot_tensor__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n)modelserve/router/v1/router_service.proto\x12\x14modelserve.router.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a&modelserve/type/v1/feature_value.proto\x1a\x1fmodelserve/type/v1/tensor.proto\"c\n\x0eRequestContext\x12.\n\nevent_time\x18\x01 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x12\n\nuser_agent\x18\x02 \x01(\t\x12\r\n\x05query\x18\x03 \x01(\t\"\xfd\x02\n\x0ePredictRequest\x12\x10\n\x08\x65ndpoint\x18\x01 \x01(\t\x12\x44\n\x08\x65ntities\x18\x02 \x03(\x0b\x32\x32.modelserve.router.v1.PredictRequest.EntitiesEntry\x12\x35\n\x07\x63ontext\x18\x03 \x01(\x0b\x32$.modelserve.router.v1.RequestContext\x12\x44\n\x08\x66\x65\x61tures\x18\x04 \x03(\x0b\x32\x32.modelserve.router.v1.PredictRequest.FeaturesEntry\x12\x12\n\nrequest_id\x18\x05 \x01(\t\x1a/\n\rEntitiesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x1aQ\n\rFeaturesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12/\n\x05value\x18\x02 \x01(\x0b\x32 .modelserve.type.v1.FeatureValue:\x02\x38\x01\"\xbc\x01\n\x0fPredictResponse\x12+\n\x07outputs\x18\x01 \x03(\x0b\x32\x1a.modelserve.type.v1.Tensor\x12\x15\n\rmodel_version\x18\x02 \x01(\t\x12\x12\n\nrequest_id\x18\x03 \x01(\t\x12\x10\n\x08\x64\x65graded\x18\x04 \x01(\x08\x12\x17\n\x0f\x64\x65graded_reason\x18\x05 \x01(\t\x12\x14\n\x0croute_reason\x18\x06 \x01(\t\x12\x10\n\x08trace_id\x18\x07 \x01(\t2g\n\rRouterService\x12V\n\x07Predict\x12$.modelserve.router.v1.PredictRequest\x1a%.modelserve.router.v1.PredictResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n)modelserve/router/v1/router_service.proto\x12\x14modelserve.router.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a&modelserve/type/v1/feature_value.proto\x1a\x1fmodelserve/type/v1/tensor.proto\"c\n\x0eRequestContext\x12.\n\nevent_time\x18\x01 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x12\n\nuser_agent\x18\x02 \x01(\t\x12\r\n\x05query\x18\x03 \x01(\t\"\x8e\x03\n\x0ePredictRequest\x12\x10\n\x08\x65ndpoint\x18\x01 \x01(\t\x12\x44\n\x08\x65ntities\x18\x02 \x03(\x0b\x32\x32.modelserve.router.v1.PredictRequest.EntitiesEntry\x12\x35\n\x07\x63ontext\x18\x03 \x01(\x0b\x32$.modelserve.router.v1.RequestContext\x12\x44\n\x08\x66\x65\x61tures\x18\x04 \x03(\x0b\x32\x32.modelserve.router.v1.PredictRequest.FeaturesEntry\x12\x12\n\nrequest_id\x18\x05 \x01(\t\x12\x0f\n\x07user_id\x18\x06 \x01(\t\x1a/\n\rEntitiesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x1aQ\n\rFeaturesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12/\n\x05value\x18\x02 \x01(\x0b\x32 .modelserve.type.v1.FeatureValue:\x02\x38\x01\"\xbc\x01\n\x0fPredictResponse\x12+\n\x07outputs\x18\x01 \x03(\x0b\x32\x1a.modelserve.type.v1.Tensor\x12\x15\n\rmodel_version\x18\x02 \x01(\t\x12\x12\n\nrequest_id\x18\x03 \x01(\t\x12\x10\n\x08\x64\x65graded\x18\x04 \x01(\x08\x12\x17\n\x0f\x64\x65graded_reason\x18\x05 \x01(\t\x12\x14\n\x0croute_reason\x18\x06 \x01(\t\x12\x10\n\x08trace_id\x18\x07 \x01(\t2g\n\rRouterService\x12V\n\x07Predict\x12$.modelserve.router.v1.PredictRequest\x1a%.modelserve.router.v1.PredictResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -41,13 +41,13 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_REQUESTCONTEXT']._serialized_start=173
   _globals['_REQUESTCONTEXT']._serialized_end=272
   _globals['_PREDICTREQUEST']._serialized_start=275
-  _globals['_PREDICTREQUEST']._serialized_end=656
-  _globals['_PREDICTREQUEST_ENTITIESENTRY']._serialized_start=526
-  _globals['_PREDICTREQUEST_ENTITIESENTRY']._serialized_end=573
-  _globals['_PREDICTREQUEST_FEATURESENTRY']._serialized_start=575
-  _globals['_PREDICTREQUEST_FEATURESENTRY']._serialized_end=656
-  _globals['_PREDICTRESPONSE']._serialized_start=659
-  _globals['_PREDICTRESPONSE']._serialized_end=847
-  _globals['_ROUTERSERVICE']._serialized_start=849
-  _globals['_ROUTERSERVICE']._serialized_end=952
+  _globals['_PREDICTREQUEST']._serialized_end=673
+  _globals['_PREDICTREQUEST_ENTITIESENTRY']._serialized_start=543
+  _globals['_PREDICTREQUEST_ENTITIESENTRY']._serialized_end=590
+  _globals['_PREDICTREQUEST_FEATURESENTRY']._serialized_start=592
+  _globals['_PREDICTREQUEST_FEATURESENTRY']._serialized_end=673
+  _globals['_PREDICTRESPONSE']._serialized_start=676
+  _globals['_PREDICTRESPONSE']._serialized_end=864
+  _globals['_ROUTERSERVICE']._serialized_start=866
+  _globals['_ROUTERSERVICE']._serialized_end=969
 # @@protoc_insertion_point(module_scope)

@@ -107,10 +107,15 @@ class PredictRequest(_message.Message):
     CONTEXT_FIELD_NUMBER: _builtins.int
     FEATURES_FIELD_NUMBER: _builtins.int
     REQUEST_ID_FIELD_NUMBER: _builtins.int
+    USER_ID_FIELD_NUMBER: _builtins.int
     endpoint: _builtins.str
     """Required. The endpoint to call: the id of its deployment (for example `fraud`)."""
     request_id: _builtins.str
     """Optional. A caller-chosen id for this request; the router makes one when empty."""
+    user_id: _builtins.str
+    """Optional. The end user's id; the sticky routing key of deployments whose
+    `routing_key` is `user`.
+    """
     @_builtins.property
     def entities(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
         """Required. The entity ids whose online features the model needs, keyed by entity
@@ -135,10 +140,11 @@ class PredictRequest(_message.Message):
         context: Global___RequestContext | None = ...,
         features: _abc.Mapping[_builtins.str, _feature_value_pb2.FeatureValue] | None = ...,
         request_id: _builtins.str = ...,
+        user_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["context", b"context"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["context", b"context", "endpoint", b"endpoint", "entities", b"entities", "features", b"features", "request_id", b"request_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["context", b"context", "endpoint", b"endpoint", "entities", b"entities", "features", b"features", "request_id", b"request_id", "user_id", b"user_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -166,7 +172,10 @@ class PredictResponse(_message.Message):
     degraded_reason: _builtins.str
     """Output only. Why the answer is degraded; empty when it is not."""
     route_reason: _builtins.str
-    """Output only. Why this version was chosen (for example `weighted`)."""
+    """Output only. Why this version answered: `single_target`, `weighted` (random by
+    weight), `sticky` (a stable hash of the deployment's routing key), `fallback` (the
+    chosen version failed) or `default_output` (the declared default outputs answered).
+    """
     trace_id: _builtins.str
     """Output only. The W3C trace id of the request, in hex."""
     @_builtins.property

@@ -107,6 +107,7 @@ class PredictionRecord(_message.Message):
     REQUEST_TIME_FIELD_NUMBER: _builtins.int
     DEGRADED_FIELD_NUMBER: _builtins.int
     DEGRADED_REASON_FIELD_NUMBER: _builtins.int
+    SHADOW_FIELD_NUMBER: _builtins.int
     request_id: _builtins.str
     """Output only. The request id given to the caller."""
     endpoint: _builtins.str
@@ -127,6 +128,10 @@ class PredictionRecord(_message.Message):
     """Output only. True when a fallback answered instead of the chosen version."""
     degraded_reason: _builtins.str
     """Output only. Why the answer is degraded; empty when it is not."""
+    shadow: _builtins.bool
+    """Output only. True for the record of a shadow copy of a request: the output of a
+    shadow version, logged and never returned to the caller.
+    """
     @_builtins.property
     def entities(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
         """Output only. The entity ids of the request, keyed by entity type."""
@@ -160,10 +165,11 @@ class PredictionRecord(_message.Message):
         request_time: _timestamp_pb2.Timestamp | None = ...,
         degraded: _builtins.bool = ...,
         degraded_reason: _builtins.str = ...,
+        shadow: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["request_time", b"request_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["degraded", b"degraded", "degraded_reason", b"degraded_reason", "endpoint", b"endpoint", "entities", b"entities", "error_code", b"error_code", "features", b"features", "latency_us", b"latency_us", "model_version", b"model_version", "outputs", b"outputs", "request_id", b"request_id", "request_time", b"request_time", "route_reason", b"route_reason", "status", b"status", "trace_id", b"trace_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["degraded", b"degraded", "degraded_reason", b"degraded_reason", "endpoint", b"endpoint", "entities", b"entities", "error_code", b"error_code", "features", b"features", "latency_us", b"latency_us", "model_version", b"model_version", "outputs", b"outputs", "request_id", b"request_id", "request_time", b"request_time", "route_reason", b"route_reason", "shadow", b"shadow", "status", b"status", "trace_id", b"trace_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

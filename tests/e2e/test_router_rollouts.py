@@ -1,0 +1,409 @@
+"""Rollouts through the router on the running stack: sticky A/B across paths and restarts, shadow
+copies that are logged and never returned, a blue-green flip under load, and the last good
+snapshot serving while the registry is away."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+
+import grpc
+import numpy as np
+import pytest
+import redis.asyncio as redis
+from support import expected_probabilities, running
+
+from modelserve.inference.v1 import inference_service_pb2 as inference_pb
+from modelserve.inference.v1 import inference_service_pb2_grpc as inference_grpc
+from modelserve.registry.v1 import registry_service_pb2 as registry_pb
+from modelserve.registry.v1 import registry_service_pb2_grpc as registry_grpc
+from modelserve.router.v1 import router_service_pb2 as router_pb
+from modelserve.router.v1 import router_service_pb2_grpc as router_grpc
+from modelserve.type.v1 import prediction_record_pb2, tensor_pb2
+from modelserve_cli.demo import MODEL_ID, DemoDeployment, demo_request
+from modelserve_cli.stack import Stack
+from modelserve_router.config import RouterSettings
+from modelserve_router.server import RouterApp, build_server
+from modelserve_runtime.channels import create_channel
+from modelserve_runtime.clients import RegistryAdminClient
+from modelserve_runtime.prediction_log import decode_record
+
+AB = "fraud-ab"
+SHADOWED = "fraud-shadowed"
+STREAM = "test:router-rollouts"
+#: The longest a test waits for something that must happen; never a fixed sleep.
+WAIT_S = 20.0
+
+
+@dataclass
+class Rollout:
+    """The stack, three versions of the demo model and a channel to the registry."""
+
+    stack: Stack
+    demo: DemoDeployment
+    ready: str
+    """A second READY version (same artifact as the demo's, so the same answers)."""
+    not_loaded: str
+    """A version inference never loaded: every call to it fails."""
+    registry: registry_grpc.RegistryServiceAsyncStub
+
+
+@pytest.fixture(scope="module")
+async def rollout(stack: Stack, demo: DemoDeployment) -> AsyncIterator[Rollout]:
+    """Versions 2 (loaded) and 3 (not loaded) of the demo model, endpoint `fraud-ab` split 50/50
+    between the demo version and version 2, sticky by customer, and `fraud-shadowed` answering
+    from the demo version with both new versions as shadows."""
+    async with (
+        create_channel(stack.targets["registry"], default_timeout_s=60) as channel,
+        create_channel(stack.targets["inference"], default_timeout_s=120) as inference,
+    ):
+        admin = RegistryAdminClient(channel)
+        template = registry_pb.ModelVersion(
+            format=registry_pb.ARTIFACT_FORMAT_ONNX,
+            signature=(
+                await registry_grpc.RegistryServiceStub(channel).GetModelVersion(
+                    registry_pb.GetModelVersionRequest(name=demo.model_version)
+                )
+            ).model_version.signature,
+        )
+        ready, not_loaded = [
+            (
+                await admin.upload_model_version(
+                    f"models/{MODEL_ID}", template, demo.trained.onnx_bytes
+                )
+            ).name
+            for _ in range(2)
+        ]
+        loaded = await inference_grpc.InferenceServiceStub(inference).LoadModelVersion(
+            inference_pb.LoadModelVersionRequest(name=ready)
+        )
+        assert loaded.model_version.state == inference_pb.MODEL_VERSION_STATE_READY
+        stub = registry_grpc.RegistryServiceStub(channel)
+        await update(
+            stub,
+            registry_pb.Deployment(
+                name=f"deployments/{AB}",
+                traffic=[
+                    registry_pb.TrafficTarget(model_version=demo.model_version, percent=50),
+                    registry_pb.TrafficTarget(model_version=ready, percent=50),
+                ],
+                routing_key="customer",
+                salt="e2e",
+            ),
+        )
+        await update(
+            stub,
+            registry_pb.Deployment(
+                name=f"deployments/{SHADOWED}",
+                traffic=[registry_pb.TrafficTarget(model_version=demo.model_version, percent=100)],
+                shadow=[ready, not_loaded],
+            ),
+        )
+        yield Rollout(stack, demo, ready, not_loaded, stub)
+
+
+async def update(
+    stub: registry_grpc.RegistryServiceAsyncStub, deployment: registry_pb.Deployment
+) -> None:
+    # wait_for_ready: after the registry restarts, a channel may still be backing off.
+    await stub.UpdateDeployment(
+        registry_pb.UpdateDeploymentRequest(deployment=deployment, allow_missing=True),
+        wait_for_ready=True,
+    )
+
+
+def router_settings(stack: Stack, **overrides: object) -> RouterSettings:
+    """An in-process router on the stack with the default direct path, polling fast."""
+    values: dict[str, object] = {
+        "registry_target": stack.targets["registry"],
+        "inference_target": stack.targets["inference"],
+        "feature_target": stack.targets["feature"],
+        "redis_url": stack.redis.url,
+        "prediction_stream": STREAM,
+        "ready_poll_ms": 100,
+        "watch_backoff_max_s": 0.2,
+    }
+    values.update(overrides)
+    return RouterSettings.model_validate(values)
+
+
+@contextlib.asynccontextmanager
+async def router(
+    stack: Stack, **overrides: object
+) -> AsyncIterator[tuple[router_grpc.RouterServiceAsyncStub, RouterApp]]:
+    """A router in this process, and a stub on a channel to it."""
+    async with running(build_server, router_settings(stack, **overrides)) as (_, channel, app):
+        assert isinstance(app, RouterApp)
+        yield router_grpc.RouterServiceStub(channel), app
+
+
+def ab_request(customer: str) -> router_pb.PredictRequest:
+    request = demo_request(customer, 50.0)
+    request.endpoint = AB
+    return request
+
+
+async def eventually(check: Callable[[], Awaitable[bool]], what: str) -> None:
+    """Asks `check` until it holds, failing after WAIT_S."""
+    deadline = time.monotonic() + WAIT_S
+    while not await check():
+        assert time.monotonic() < deadline, f"{what} did not happen within {WAIT_S}s"
+        await asyncio.sleep(0.05)
+
+
+async def records(stack: Stack, request_id: str) -> list[prediction_record_pb2.PredictionRecord]:
+    client = redis.Redis.from_url(stack.redis.url)
+    try:
+        entries = await client.xrange(STREAM)
+    finally:
+        await client.aclose()
+    found = [decode_record(fields) for _, fields in entries]
+    return [r for r in found if r.request_id == request_id]
+
+
+class TestStickyAssignment:
+    async def test_same_arm_across_requests_paths_and_restarts(self, rollout: Rollout) -> None:
+        """Each customer gets the same version from the direct-path router, from the stack's
+        service-path router and from a restarted router, both arms are used, and the answer
+        says `sticky`."""
+        customers = [f"c-{1000 + i}" for i in range(40)]
+        async with router(rollout.stack) as (stub, _):
+            first = {c: await stub.Predict(ab_request(c)) for c in customers}
+        assert {r.route_reason for r in first.values()} == {"sticky"}
+        assert {r.model_version for r in first.values()} == {
+            rollout.demo.model_version,
+            rollout.ready,
+        }
+        async with router(rollout.stack) as (stub, _):
+            restarted = {c: (await stub.Predict(ab_request(c))).model_version for c in customers}
+        assignment = {c: r.model_version for c, r in first.items()}
+        assert restarted == assignment
+        async with create_channel(rollout.stack.targets["router"]) as channel:
+            service_path = router_grpc.RouterServiceStub(channel)
+
+            async def same_on_service_path() -> bool:
+                # That router learns the new version is READY at its next poll of inference.
+                answers = {c: await service_path.Predict(ab_request(c)) for c in customers}
+                return {c: a.model_version for c, a in answers.items()} == assignment
+
+            await eventually(same_on_service_path, "the service path's sticky assignment")
+
+
+class TestShadow:
+    async def test_shadow_outputs_are_logged_never_returned(self, rollout: Rollout) -> None:
+        """The caller gets the primary's answer while a READY shadow's output and a failing
+        shadow's error are logged as shadow records of the same request."""
+        request = demo_request("c-1003", 250.0)
+        request.endpoint = SHADOWED
+        async with router(rollout.stack) as (stub, app):
+            response = await stub.Predict(request)
+            await app.shadows.idle()
+            await app.prediction_log.flush()
+        assert (response.model_version, response.route_reason) == (
+            rollout.demo.model_version,
+            "single_target",
+        )
+        probabilities = next(o for o in response.outputs if o.name == "probabilities")
+        np.testing.assert_allclose(
+            np.asarray(probabilities.contents.fp32_contents),
+            expected_probabilities(rollout.demo, request),
+            atol=1e-5,
+        )
+        logged = {r.model_version: r for r in await records(rollout.stack, response.request_id)}
+        primary = logged[rollout.demo.model_version]
+        assert (primary.shadow, primary.status) == (
+            False,
+            prediction_record_pb2.PREDICTION_STATUS_OK,
+        )
+        good = logged[rollout.ready]
+        assert (good.shadow, good.route_reason, good.status) == (
+            True,
+            "shadow",
+            prediction_record_pb2.PREDICTION_STATUS_OK,
+        )
+        assert list(good.outputs) == list(primary.outputs)
+        bad = logged[rollout.not_loaded]
+        assert (bad.shadow, bad.status, bad.error_code) == (
+            True,
+            prediction_record_pb2.PREDICTION_STATUS_ERROR,
+            "FAILED_PRECONDITION",
+        )
+
+    async def test_shadow_past_its_deadline_is_logged_not_felt(self, rollout: Rollout) -> None:
+        """A shadow copy that overruns its deadline is logged as a DEADLINE_EXCEEDED shadow
+        record while the caller gets the primary's answer."""
+        request = demo_request("c-1008", 70.0)
+        request.endpoint = SHADOWED
+        async with router(rollout.stack, shadow_timeout_s=1e-6) as (stub, app):
+            response = await stub.Predict(request)
+            await app.shadows.idle()
+            await app.prediction_log.flush()
+        assert (response.model_version, response.degraded) == (rollout.demo.model_version, False)
+        logged = await records(rollout.stack, response.request_id)
+        assert sorted((r.model_version, r.shadow, r.error_code) for r in logged) == sorted(
+            [
+                (rollout.demo.model_version, False, ""),
+                (rollout.ready, True, "DEADLINE_EXCEEDED"),
+                # Refused before its first await, so before any deadline can pass.
+                (rollout.not_loaded, True, "FAILED_PRECONDITION"),
+            ]
+        )
+
+    async def test_full_shadow_capacity_drops_copies_not_requests(self, rollout: Rollout) -> None:
+        """With room for one shadow copy, concurrent requests all answer and the copies that
+        find no room are dropped and counted."""
+        request = demo_request("c-1004", 80.0)
+        request.endpoint = SHADOWED
+        async with router(rollout.stack, shadow_max_in_flight=1) as (stub, app):
+            answers = await asyncio.gather(*(stub.Predict(request) for _ in range(10)))
+            await app.shadows.idle()
+            assert app.shadows.dropped >= 10
+        assert {a.model_version for a in answers} == {rollout.demo.model_version}
+
+
+class TestSnapshot:
+    async def test_blue_green_flip_under_load_and_registry_outage(self, rollout: Rollout) -> None:
+        """A flip of the whole traffic reaches the router with no failed request; while the
+        registry is down predictions go on from the last snapshot; a change made once it is
+        back is picked up."""
+        stack = rollout.stack
+        blue, green = rollout.demo.model_version, rollout.ready
+        flip = f"deployments/{AB}-flip"
+        await update(
+            rollout.registry,
+            registry_pb.Deployment(
+                name=flip, traffic=[registry_pb.TrafficTarget(model_version=blue, percent=100)]
+            ),
+        )
+        request = demo_request("c-1001", 20.0)
+        request.endpoint = f"{AB}-flip"
+        async with router(stack) as (stub, _):
+            assert (await stub.Predict(request)).model_version == blue
+            seen: list[str] = []
+            failures: list[grpc.aio.AioRpcError] = []
+            stop = asyncio.Event()
+
+            async def load() -> None:
+                while not stop.is_set():
+                    try:
+                        seen.append((await stub.Predict(request)).model_version)
+                    except grpc.aio.AioRpcError as exc:
+                        failures.append(exc)
+
+            workers = [asyncio.create_task(load()) for _ in range(4)]
+            await update(
+                rollout.registry,
+                registry_pb.Deployment(
+                    name=flip,
+                    traffic=[registry_pb.TrafficTarget(model_version=green, percent=100)],
+                ),
+            )
+
+            async def flipped() -> bool:
+                return seen[-8:] == [green] * 8
+
+            await eventually(flipped, "the flip to green")
+            stop.set()
+            await asyncio.gather(*workers)
+            assert failures == []
+
+            registry = stack.processes["registry"]
+            registry.terminate()
+            await asyncio.to_thread(registry.wait, 15)
+            try:
+                for _ in range(5):
+                    assert (await stub.Predict(request)).model_version == green
+            finally:
+                stack.spawn("registry")
+                await stack.wait_serving("registry")
+            async with create_channel(stack.targets["registry"]) as channel:
+                await update(
+                    registry_grpc.RegistryServiceStub(channel),
+                    registry_pb.Deployment(
+                        name=flip,
+                        traffic=[registry_pb.TrafficTarget(model_version=blue, percent=100)],
+                    ),
+                )
+
+            async def back_to_blue() -> bool:
+                return (await stub.Predict(request)).model_version == blue
+
+            await eventually(back_to_blue, "the change made after the registry came back")
+
+
+class TestFallbacks:
+    async def test_fallback_version_then_default_outputs(self, rollout: Rollout) -> None:
+        """When the chosen version fails in inference, the fallback version answers, and with
+        no fallback the declared default outputs do; both are marked degraded with the reason,
+        in the answer and in the log."""
+        default = tensor_pb2.Tensor(
+            name="probabilities",
+            datatype=tensor_pb2.DATA_TYPE_FP32,
+            shape=[1, 2],
+            contents=tensor_pb2.TensorContents(fp32_contents=[0.5, 0.5]),
+        )
+        chosen = registry_pb.TrafficTarget(model_version=rollout.ready, percent=100)
+        await update(
+            rollout.registry,
+            registry_pb.Deployment(
+                name="deployments/fraud-fallback",
+                traffic=[chosen],
+                fallback_version=rollout.demo.model_version,
+            ),
+        )
+        await update(
+            rollout.registry,
+            registry_pb.Deployment(
+                name="deployments/fraud-default", traffic=[chosen], default_outputs=[default]
+            ),
+        )
+        with_fallback = demo_request("c-1006", 60.0)
+        with_fallback.endpoint = "fraud-fallback"
+        with_default = demo_request("c-1006", 60.0)
+        with_default.endpoint = "fraud-default"
+        # Polling inference rarely, the router still believes the version READY after its unload.
+        async with (
+            router(rollout.stack, ready_poll_ms=600_000) as (stub, app),
+            create_channel(rollout.stack.targets["inference"], default_timeout_s=120) as channel,
+        ):
+            for request in (with_fallback, with_default):
+                assert (await stub.Predict(request)).model_version == rollout.ready
+            inference = inference_grpc.InferenceServiceStub(channel)
+            await inference.UnloadModelVersion(
+                inference_pb.UnloadModelVersionRequest(name=rollout.ready)
+            )
+            try:
+                fell_back = await stub.Predict(with_fallback)
+                defaulted = await stub.Predict(with_default)
+                await app.prediction_log.flush()
+            finally:
+                await inference.LoadModelVersion(
+                    inference_pb.LoadModelVersionRequest(name=rollout.ready)
+                )
+        assert (fell_back.model_version, fell_back.route_reason) == (
+            rollout.demo.model_version,
+            "fallback",
+        )
+        assert fell_back.degraded
+        assert rollout.ready in fell_back.degraded_reason
+        assert "answered by fallback" in fell_back.degraded_reason
+        np.testing.assert_allclose(
+            np.asarray(
+                next(
+                    o for o in fell_back.outputs if o.name == "probabilities"
+                ).contents.fp32_contents
+            ),
+            expected_probabilities(rollout.demo, with_fallback),
+            atol=1e-5,
+        )
+        assert (defaulted.model_version, defaulted.route_reason) == ("", "default_output")
+        assert defaulted.degraded and "default outputs" in defaulted.degraded_reason
+        assert list(defaulted.outputs) == [default]
+        logged = await records(rollout.stack, fell_back.request_id)
+        assert [(r.model_version, r.degraded, r.status) for r in logged] == [
+            (rollout.demo.model_version, True, prediction_record_pb2.PREDICTION_STATUS_OK)
+        ]
+        assert logged[0].degraded_reason == fell_back.degraded_reason
