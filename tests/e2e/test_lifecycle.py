@@ -20,6 +20,7 @@ from modelserve.registry.v1 import registry_service_pb2_grpc as registry_grpc
 from modelserve.type.v1 import tensor_pb2
 from modelserve_cli.stack import Stack, StackOptions
 from modelserve_runtime.channels import create_channel
+from modelserve_runtime.clients import RegistryAdminClient
 
 
 def _identity_model() -> bytes:
@@ -30,6 +31,15 @@ def _identity_model() -> bytes:
         [helper.make_tensor_value_info("scores", TensorProto.FLOAT, [None, 3])],
     )
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]).SerializeToString()
+
+
+def _identity_version() -> registry_pb.ModelVersion:
+    spec = tensor_pb2.TensorSpec(name="features", datatype=tensor_pb2.DATA_TYPE_FP32, shape=[-1, 3])
+    out = tensor_pb2.TensorSpec(name="scores", datatype=tensor_pb2.DATA_TYPE_FP32, shape=[-1, 3])
+    return registry_pb.ModelVersion(
+        format=registry_pb.ARTIFACT_FORMAT_ONNX,
+        signature=registry_pb.Signature(inputs=[spec], outputs=[out]),
+    )
 
 
 def _gone(pid: int) -> bool:
@@ -93,6 +103,37 @@ class TestGracefulShutdown:
                 created = await upload
                 assert created.model_version.name == "models/m/versions/1"
             assert await asyncio.to_thread(process.wait, 30) == 0
+        finally:
+            if process.poll() is None:
+                process.kill()
+                process.wait()
+
+    async def test_open_watch_streams_do_not_hold_the_stop(self, tmp_path: Path) -> None:
+        """On SIGTERM the registry ends its WatchDeployments streams instead of waiting out
+        a 60 s grace period on them; the watcher sees the stream end cleanly."""
+        stack = Stack(
+            StackOptions(run_dir=tmp_path, env={"MODELSERVE_REGISTRY_SERVER__GRACE_PERIOD_S": "60"})
+        )
+        process = stack.spawn("registry")
+        try:
+            await stack.wait_serving("registry")
+            async with create_channel(stack.targets["registry"], default_timeout_s=120) as channel:
+                admin = RegistryAdminClient(channel)
+                await admin.create_model("m")
+                version = await admin.upload_model_version(
+                    "models/m", _identity_version(), _identity_model()
+                )
+                await admin.set_traffic("m", {version.name: 100})
+                watch = registry_grpc.RegistryServiceStub(channel).WatchDeployments(
+                    registry_pb.WatchDeploymentsRequest(), timeout=120
+                )
+                first = await watch.read()
+                assert first.revision.deployment.name == "deployments/m"
+                started = time.monotonic()
+                process.send_signal(signal.SIGTERM)
+                assert [r async for r in watch] == []
+                assert await asyncio.to_thread(process.wait, 30) == 0
+                assert time.monotonic() - started < 30
         finally:
             if process.poll() is None:
                 process.kill()

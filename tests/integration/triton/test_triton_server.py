@@ -135,7 +135,14 @@ class TestTritonRunner:
                 )
             )
 
-            inferences, executions = np.subtract(await _counts(stats, "fraud_batched"), before)
+            # Triton may answer a request before it adds it to its statistics: ask until
+            # all 32 are counted (or the deadline passes and the assert below says so).
+            deadline = asyncio.get_running_loop().time() + 10
+            while True:
+                inferences, executions = np.subtract(await _counts(stats, "fraud_batched"), before)
+                if inferences >= 32 or asyncio.get_running_loop().time() > deadline:
+                    break
+                await asyncio.sleep(0.02)
         finally:
             await stats.close()
         for answer, row in zip(answers, expected, strict=True):

@@ -55,6 +55,14 @@ class TestContribution:
         )
         assert contribution(_record(request_id=""), "7-1").identity.endswith(f"{SEP}entry:7-1")
 
+    def test_shadow_copy_is_counted_but_not_joined_to_outcomes(self) -> None:
+        """A shadow record keeps its own identity (its version) but offers no request id for
+        the outcome join, which belongs to the answer the caller got."""
+        shadow = contribution(_record(shadow=True, model_version="models/fraud/versions/2"), "1-0")
+        assert shadow.identity == SEP.join(("fraud", "models/fraud/versions/2", "r1"))
+        assert shadow.request_id == ""
+        assert contribution(_record(), "1-1").request_id == "r1"
+
     def test_record_without_endpoint_is_refused(self) -> None:
         """A record with no endpoint is a ValueError (the consumer counts it as malformed)."""
         with pytest.raises(ValueError, match="endpoint"):

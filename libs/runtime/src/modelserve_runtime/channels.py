@@ -21,6 +21,9 @@ def create_channel(
         ("grpc.max_receive_message_length", max_message_bytes),
         ("grpc.keepalive_time_ms", 30_000),
         ("grpc.enable_retries", 1),
+        # A restarted peer is found again within seconds, not gRPC's default two minutes.
+        ("grpc.initial_reconnect_backoff_ms", 100),
+        ("grpc.max_reconnect_backoff_ms", 5000),
     ]
     return grpc.aio.insecure_channel(
         target, options=options, interceptors=client_interceptors(default_timeout_s)

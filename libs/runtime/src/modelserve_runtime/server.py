@@ -35,6 +35,11 @@ class ServiceApp(Protocol):
         """Returns once every dependency answers; raises when one cannot be reached."""
         ...
 
+    async def begin_shutdown(self) -> None:
+        """Called once the service is NOT_SERVING, before in-flight calls drain: end streams
+        that never finish by themselves."""
+        ...
+
     async def close(self) -> None:
         """Closes clients and background tasks."""
         ...
@@ -127,6 +132,7 @@ async def serve(
             await discovery.deregister()
         except Exception:
             log.exception("deregister_failed")
+        await app.begin_shutdown()
         await grpc_server.server.stop(settings.server.grace_period_s)
         await app.close()
         for sig in (signal.SIGTERM, signal.SIGINT):

@@ -61,6 +61,9 @@ class FeatureApp:
                 if up:
                     log.info("redis_available")
 
+    async def begin_shutdown(self) -> None:
+        """Nothing here streams forever; in-flight calls drain within the grace period."""
+
     async def close(self) -> None:
         if self._watch is not None:
             self._watch.cancel()

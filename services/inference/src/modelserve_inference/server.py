@@ -59,6 +59,9 @@ class InferenceApp:
         if not ready or not self.versions.triton_up:
             raise UnavailableError("triton is not ready")
 
+    async def begin_shutdown(self) -> None:
+        """Nothing here streams forever; in-flight calls drain within the grace period."""
+
     async def close(self) -> None:
         # The supervisor goes first, so that stopping Triton is not taken for a crash.
         await self.supervisor.close()

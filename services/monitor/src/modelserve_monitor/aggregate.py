@@ -96,7 +96,8 @@ def contribution(
         identity=SEP.join((record.endpoint, record.model_version, request_id)),
         endpoint=record.endpoint,
         model_version=record.model_version,
-        request_id=record.request_id,
+        # A shadow copy shares its caller's request id; outcomes join the answer the caller got.
+        request_id="" if record.shadow else record.request_id,
         prediction=prediction,
         core=core,
         detail=detail,

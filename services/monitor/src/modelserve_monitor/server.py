@@ -50,6 +50,9 @@ class MonitorApp:
         except redis.RedisError as exc:
             raise UnavailableError(f"redis does not answer: {exc}") from exc
 
+    async def begin_shutdown(self) -> None:
+        """Nothing here streams forever; in-flight calls drain within the grace period."""
+
     async def close(self) -> None:
         for task in self._tasks:
             task.cancel()

@@ -189,6 +189,7 @@ class _ChangeSignal:
     def __init__(self) -> None:
         self._count = 0
         self._condition = asyncio.Condition()
+        self.closed = False
 
     @property
     def count(self) -> int:
@@ -203,7 +204,13 @@ class _ChangeSignal:
     async def wait_past(self, seen: int) -> None:
         """Returns once a signal was sent after the count `seen` was read."""
         async with self._condition:
-            await self._condition.wait_for(lambda: self._count > seen)
+            await self._condition.wait_for(lambda: self.closed or self._count > seen)
+
+    async def close(self) -> None:
+        """Wakes every watcher for the last time; watch streams then end."""
+        async with self._condition:
+            self.closed = True
+            self._condition.notify_all()
 
 
 def _check_tensors(field: str, tensors: Sequence[TensorSpec]) -> list[FieldViolation]:
@@ -773,13 +780,18 @@ class Registry:
         last = str(rows[limit - 1].deployment.revision)
         return Page(rows[:limit], _encode_token("revisions", deployment_id, last))
 
+    async def end_watches(self) -> None:
+        """Ends every WatchDeployments stream, so a stopping server need not wait out its
+        grace period on streams that never finish; watchers resume elsewhere by sequence."""
+        await self._changes.close()
+
     async def watch_deployments(
         self, name: str, after_sequence: int
     ) -> AsyncIterator[DeploymentRevision]:
         """The current revision of each watched deployment (when `after_sequence` is 0) or
         every revision after `after_sequence`, then each new revision as it is committed.
 
-        Never ends by itself. Nothing is skipped: the signal count is read before the
+        Ends only when `end_watches` is called (shutdown). Nothing is skipped: the signal count is read before the
         store, so a revision committed between the read and the wait wakes the watcher.
         """
         deployment_id = parse_deployment_name(name, "name") if name else None
@@ -798,6 +810,8 @@ class Registry:
                 yield revision
             if len(batch) < WATCH_BATCH:
                 await self._changes.wait_past(seen)
+                if self._changes.closed:
+                    return
 
     async def list_audit_events(
         self, resource: str, page_size: int, page_token: str

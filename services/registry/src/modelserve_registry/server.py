@@ -23,14 +23,21 @@ SERVICE = "registry"
 class RegistryApp:
     """The registry service's dependencies: its record store and its artifact store."""
 
-    def __init__(self, store: SqliteRegistryStore, artifacts: LocalArtifactStore) -> None:
+    def __init__(
+        self, store: SqliteRegistryStore, artifacts: LocalArtifactStore, registry: Registry
+    ) -> None:
         self.store = store
         self.artifacts = artifacts
+        self.registry = registry
 
     async def check_ready(self) -> None:
         """Opens the database (applying migrations) and sweeps unfinished uploads."""
         await self.store.open()
         await self.artifacts.open()
+
+    async def begin_shutdown(self) -> None:
+        """Ends the watch streams, which would otherwise hold the stop for its grace period."""
+        await self.registry.end_watches()
 
     async def close(self) -> None:
         await self.store.close()
@@ -56,7 +63,7 @@ async def build_server(settings: RegistrySettings) -> tuple[GrpcServer, Registry
         authenticator = ApiKeyAuthenticator(settings.auth.all_keys())
         auth.append(AuthInterceptor(authenticator, REGISTRY_POLICY))
     server = build_grpc_server(SERVICE, settings, register, inner_interceptors=auth)
-    return server, RegistryApp(store, artifacts)
+    return server, RegistryApp(store, artifacts, registry)
 
 
 def main() -> None:

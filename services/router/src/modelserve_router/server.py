@@ -59,6 +59,9 @@ class RouterApp:
         except redis.RedisError as exc:
             raise UnavailableError(f"redis does not answer: {exc}") from exc
 
+    async def begin_shutdown(self) -> None:
+        """Nothing here streams forever; in-flight calls drain within the grace period."""
+
     async def close(self) -> None:
         await self.routes.close()
         await self.shadows.close()
