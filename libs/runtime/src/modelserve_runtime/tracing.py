@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 from opentelemetry import trace
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import TracerProvider
@@ -27,8 +29,14 @@ def configure_tracing(service: str, otlp_endpoint: str | None) -> TracerProvider
     return provider
 
 
+@functools.cache
 def tracer() -> trace.Tracer:
-    """The tracer that modelserve code creates its spans with."""
+    """The tracer that modelserve code creates its spans with.
+
+    Cached: `get_tracer` builds a new Tracer on every call, which showed in the router's
+    profile. Before `configure_tracing` runs this is a proxy that follows the provider set
+    later, so caching it early is safe.
+    """
     return trace.get_tracer(TRACER_NAME)
 
 
