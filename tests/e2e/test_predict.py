@@ -160,6 +160,18 @@ class TestBadInput:
             await _predict(stack, request)
         assert [v.field for v in decode_rpc_error(info.value).violations] == ["features.amount"]
 
+    async def test_non_finite_caller_feature_names_the_field(
+        self, stack: Stack, demo: DemoDeployment
+    ) -> None:
+        """An amount of NaN is INVALID_ARGUMENT naming features.amount, on the default path too."""
+        request = demo_request()
+        request.features["amount"].double_value = float("nan")
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await _predict(stack, request)
+        error = decode_rpc_error(info.value)
+        assert error.code is grpc.StatusCode.INVALID_ARGUMENT
+        assert [v.field for v in error.violations] == ["features.amount"]
+
     async def test_oversized_message_is_refused_and_service_keeps_serving(
         self, stack: Stack, demo: DemoDeployment
     ) -> None:

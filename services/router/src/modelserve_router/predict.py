@@ -361,7 +361,8 @@ def assemble_row(
         except ValueError:
             problems.append(
                 FieldViolation(
-                    f"features.{name}" if source == REQUEST_ENTITY else ref, "must be numeric"
+                    f"features.{name}" if source == REQUEST_ENTITY else ref,
+                    "must be a finite number",
                 )
             )
     if problems:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Mapping, Sequence
 from typing import Any, Protocol
@@ -207,7 +208,11 @@ class TritonModelRunner:
 
 
 def as_float(value: Value) -> float:
-    """A numeric feature value as float; ValueError for strings and vectors."""
+    """A numeric feature value as float; ValueError for strings, vectors, NaN and infinities
+    (a model fed NaN answers NaN, and Triton's direct path would not refuse it)."""
     if isinstance(value, str | tuple):
         raise ValueError(f"{value!r} is not numeric")
-    return float(value)
+    number = float(value)
+    if not math.isfinite(number):
+        raise ValueError(f"{value!r} is not finite")
+    return number
