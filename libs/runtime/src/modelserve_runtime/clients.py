@@ -13,17 +13,39 @@ from modelserve.inference.v1 import inference_service_pb2 as inference_pb
 from modelserve.inference.v1 import inference_service_pb2_grpc as inference_grpc
 from modelserve.registry.v1 import registry_service_pb2 as registry_pb
 from modelserve.registry.v1 import registry_service_pb2_grpc as registry_grpc
-from modelserve_runtime.errors import NotFoundError, UnavailableError
+from modelserve_runtime.errors import (
+    DeadlineExceededError,
+    InvalidArgumentError,
+    NotFoundError,
+    UnavailableError,
+    decode_rpc_error,
+)
 
 
 def _translate(error: grpc.aio.AioRpcError, what: str) -> Exception:
-    """Upstream NOT_FOUND stays NOT_FOUND; anything else is UNAVAILABLE for our caller."""
-    if error.code() is grpc.StatusCode.NOT_FOUND:
+    """An upstream failure in our caller's terms.
+
+    NOT_FOUND stays NOT_FOUND; INVALID_ARGUMENT (with its field violations) and
+    DEADLINE_EXCEEDED pass through, since they are about the caller's request or budget;
+    anything else is UNAVAILABLE, which the router's fallbacks act on.
+    """
+    code = error.code()
+    if code is grpc.StatusCode.NOT_FOUND:
         return NotFoundError(error.details() or f"{what} not found", metadata={"resource": what})
+    if code is grpc.StatusCode.INVALID_ARGUMENT:
+        decoded = decode_rpc_error(error)
+        return InvalidArgumentError(
+            decoded.message or f"{what}: invalid argument",
+            violations=decoded.violations,
+            reason=decoded.reason or None,
+            metadata=decoded.metadata,
+        )
+    if code is grpc.StatusCode.DEADLINE_EXCEEDED:
+        return DeadlineExceededError(f"{what}: {error.details() or 'deadline exceeded'}")
     return UnavailableError(
-        f"{what}: upstream answered {error.code().name}: {error.details()}",
+        f"{what}: upstream answered {code.name}: {error.details()}",
         reason="UPSTREAM_UNAVAILABLE",
-        metadata={"upstream_code": error.code().name},
+        metadata={"upstream_code": code.name},
     )
 
 
