@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
+import inspect
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime
@@ -10,6 +13,7 @@ from typing import Any, TypeVar
 import grpc
 import numpy as np
 import onnxruntime as ort
+import pytest
 
 from modelserve.router.v1 import router_service_pb2 as router_pb
 from modelserve_cli.demo import DemoDeployment
@@ -53,3 +57,26 @@ def expected_probabilities(demo: DemoDeployment, request: router_pb.PredictReque
     session = ort.InferenceSession(demo.trained.onnx_bytes, providers=["CPUExecutionProvider"])
     probabilities = session.run(["probabilities"], {"features": row})[0]
     return np.asarray(probabilities[0])
+
+
+async def eventually(
+    check: Callable[[], bool | Awaitable[bool]],
+    what: str,
+    *,
+    within_s: float = 30.0,
+    every_s: float = 0.02,
+) -> None:
+    """Asks `check` (sync or async) until it holds; fails naming `what` after `within_s`.
+
+    The one way tests wait: by asking the system, never by sleeping a fixed time.
+    """
+    deadline = time.monotonic() + within_s
+    while True:
+        result = check()
+        if inspect.isawaitable(result):
+            result = await result
+        if result:
+            return
+        if time.monotonic() > deadline:
+            pytest.fail(f"{what}: not seen within {within_s} s")
+        await asyncio.sleep(every_s)

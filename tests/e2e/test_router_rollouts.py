@@ -6,15 +6,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 import grpc
 import numpy as np
 import pytest
 import redis.asyncio as redis
-from support import expected_probabilities, running
+from support import eventually, expected_probabilities, running
 
 from modelserve.inference.v1 import inference_service_pb2 as inference_pb
 from modelserve.inference.v1 import inference_service_pb2_grpc as inference_grpc
@@ -146,14 +145,6 @@ def ab_request(customer: str) -> router_pb.PredictRequest:
     return request
 
 
-async def eventually(check: Callable[[], Awaitable[bool]], what: str) -> None:
-    """Asks `check` until it holds, failing after WAIT_S."""
-    deadline = time.monotonic() + WAIT_S
-    while not await check():
-        assert time.monotonic() < deadline, f"{what} did not happen within {WAIT_S}s"
-        await asyncio.sleep(0.05)
-
-
 async def records(stack: Stack, request_id: str) -> list[prediction_record_pb2.PredictionRecord]:
     client = redis.Redis.from_url(stack.redis.url)
     try:
@@ -189,7 +180,9 @@ class TestStickyAssignment:
                 answers = {c: await service_path.Predict(ab_request(c)) for c in customers}
                 return {c: a.model_version for c, a in answers.items()} == assignment
 
-            await eventually(same_on_service_path, "the service path's sticky assignment")
+            await eventually(
+                same_on_service_path, "the service path's sticky assignment", within_s=WAIT_S
+            )
 
 
 class TestShadow:
@@ -305,7 +298,7 @@ class TestSnapshot:
             async def flipped() -> bool:
                 return seen[-8:] == [green] * 8
 
-            await eventually(flipped, "the flip to green")
+            await eventually(flipped, "the flip to green", within_s=WAIT_S)
             stop.set()
             await asyncio.gather(*workers)
             assert failures == []
@@ -331,7 +324,9 @@ class TestSnapshot:
             async def back_to_blue() -> bool:
                 return (await stub.Predict(request)).model_version == blue
 
-            await eventually(back_to_blue, "the change made after the registry came back")
+            await eventually(
+                back_to_blue, "the change made after the registry came back", within_s=WAIT_S
+            )
 
 
 class TestFallbacks:

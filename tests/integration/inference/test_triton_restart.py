@@ -6,7 +6,7 @@ import asyncio
 import os
 import signal
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 
 import grpc
 import psutil
@@ -24,6 +24,7 @@ from inference_testing import (
     refused,
     triton_ready,
 )
+from support import eventually
 from tritonclient.grpc.aio import InferenceServerClient
 
 from modelserve.inference.v1 import inference_service_pb2 as pb
@@ -34,14 +35,6 @@ pytestmark = pytest.mark.triton
 SERVICE = "modelserve.inference.v1.InferenceService"
 #: How long Triton may take to come back with both versions reloaded and warmed.
 RECOVERY_LIMIT_S = 60.0
-
-
-async def _until(check: Callable[[], Awaitable[bool]], what: str) -> None:
-    """Asks `check` until it says yes; fails after RECOVERY_LIMIT_S."""
-    deadline = time.monotonic() + RECOVERY_LIMIT_S
-    while not await check():
-        assert time.monotonic() < deadline, f"still waiting for {what}"
-        await asyncio.sleep(0.02)
 
 
 @pytest.fixture
@@ -60,14 +53,10 @@ async def health_changes(
             seen.append(response.status)
 
     task = asyncio.create_task(record())
-    await _until(lambda: _true(bool(seen)), "the first health status")
+    await eventually(lambda: bool(seen), "the first health status", within_s=RECOVERY_LIMIT_S)
     yield seen
     call.cancel()
     task.cancel()
-
-
-async def _true(value: bool) -> bool:
-    return value
 
 
 def _running(pid: int) -> bool:
@@ -104,7 +93,7 @@ class TestTritonRestart:
             states = {v.state for v in await held(stub)}
             return states == {pb.MODEL_VERSION_STATE_LOADING}
 
-        await _until(down, "both versions LOADING")
+        await eventually(down, "both versions LOADING", within_s=RECOVERY_LIMIT_S)
         during = await held(stub)
         error = await refused(stub.Infer(infer_request(V1)))
 
@@ -112,7 +101,7 @@ class TestTritonRestart:
             states = {v.state for v in await held(stub)}
             return states == {pb.MODEL_VERSION_STATE_READY}
 
-        await _until(back, "both versions READY again")
+        await eventually(back, "both versions READY again", within_s=RECOVERY_LIMIT_S)
         recovered_s = time.monotonic() - killed_at
         after = await held(stub)
 
@@ -131,7 +120,11 @@ class TestTritonRestart:
         assert_answers_as(await infer(stub, infer_request(V2)), fraud_models[V2])
         serving = health_pb2.HealthCheckResponse.SERVING
         not_serving = health_pb2.HealthCheckResponse.NOT_SERVING
-        await _until(lambda: _true(health_changes[-1] == serving), "health SERVING")
+        await eventually(
+            lambda: health_changes[-1] == serving,
+            "health SERVING",
+            within_s=RECOVERY_LIMIT_S,
+        )
         assert health_changes == [serving, not_serving, serving]
         assert inference_service.app.supervisor.restarts == 1
         assert recovered_s < RECOVERY_LIMIT_S
@@ -156,8 +149,12 @@ class TestTritonRestart:
 
         try:
             os.kill(triton.pid, signal.SIGKILL)
-            await _until(lambda: _true(not inference_service.app.versions.triton_up), "outage")
-            await _until(ready, "ready again")
+            await eventually(
+                lambda: not inference_service.app.versions.triton_up,
+                "outage",
+                within_s=RECOVERY_LIMIT_S,
+            )
+            await eventually(ready, "ready again", within_s=RECOVERY_LIMIT_S)
         finally:
             await client.close()
 

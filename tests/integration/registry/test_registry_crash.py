@@ -7,7 +7,6 @@ import os
 import signal
 import sqlite3
 import sys
-import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -20,7 +19,7 @@ from registry_testing import (
     upload_requests,
     upload_version,
 )
-from support import running
+from support import eventually, running
 
 from modelserve.registry.v1 import registry_service_pb2 as pb
 from modelserve.registry.v1 import registry_service_pb2_grpc as pb_grpc
@@ -32,15 +31,6 @@ from modelserve_runtime.channels import create_channel
 #: How long the test waits for a condition it asks about; never a fixed sleep.
 DEADLINE_S = 30.0
 CHUNK = 64 * 1024
-
-
-async def until(condition: str, check: object) -> None:
-    """Asks `check()` until it is true, failing after DEADLINE_S."""
-    assert callable(check)
-    end = time.monotonic() + DEADLINE_S
-    while not check():
-        assert time.monotonic() < end, f"timed out waiting until {condition}"
-        await asyncio.sleep(0.02)
 
 
 async def serving(channel: grpc.aio.Channel) -> None:
@@ -93,9 +83,10 @@ class TestKillDuringUpload:
                 upload = asyncio.ensure_future(stub.CreateModelVersion(stalls()))
                 await stalled.wait()
                 tmp = data_dir / "artifacts" / "tmp"
-                await until(
-                    "the partial upload holds the bytes sent",
+                await eventually(
                     lambda: any(p.stat().st_size >= 8 * CHUNK for p in tmp.glob("*.partial")),
+                    "the partial upload holds the bytes sent",
+                    within_s=DEADLINE_S,
                 )
                 process.send_signal(signal.SIGKILL)
                 await asyncio.wait_for(process.wait(), DEADLINE_S)
