@@ -11,6 +11,7 @@ from rich.console import Console
 from rich.table import Table
 
 from modelserve_cli.demo import demo_request, deploy_demo, predict
+from modelserve_cli.feature_commands import features_app
 from modelserve_cli.registry_commands import audit, deployments_app, keys_app, models_app
 from modelserve_cli.stack import SERVICES, Stack, StackError, StackOptions
 from modelserve_runtime.errors import decode_rpc_error
@@ -21,6 +22,7 @@ app = typer.Typer(
 app.add_typer(models_app, name="models")
 app.add_typer(deployments_app, name="deployments")
 app.add_typer(keys_app, name="keys")
+app.add_typer(features_app, name="features")
 app.command(name="audit")(audit)
 console = Console()
 
