@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import os
 import signal
 import time
@@ -13,7 +12,7 @@ import grpc
 import pytest
 from feature_testing import customer_view, double, entity, settings, write
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from support import running
+from support import eventually, running
 
 from modelserve.feature.v1 import feature_service_pb2 as pb
 from modelserve.feature.v1 import feature_service_pb2_grpc as pb_grpc
@@ -36,13 +35,11 @@ def own_redis(tmp_path: Path) -> Iterator[RedisProcess]:
 async def _wait_for_health(
     health: health_pb2_grpc.HealthStub, wanted: int, timeout_s: float = 10.0
 ) -> None:
-    deadline = time.monotonic() + timeout_s
-    while True:
-        status = (await health.Check(health_pb2.HealthCheckRequest(service=""))).status
-        if status == wanted:
-            return
-        assert time.monotonic() < deadline, f"health stayed {status}, wanted {wanted}"
-        await asyncio.sleep(0.05)
+    async def reached() -> bool:
+        answer = await health.Check(health_pb2.HealthCheckRequest(service=""))
+        return bool(answer.status == wanted)
+
+    await eventually(reached, f"health {wanted}", within_s=timeout_s)
 
 
 class TestRedisOutage:

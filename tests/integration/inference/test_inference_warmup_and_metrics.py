@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import asyncio
-import time
-
 import pytest
 from inference_testing import MODEL_ID, V1, RunningInference, infer, infer_request, load
 from prometheus_client import REGISTRY, generate_latest
 from structlog.testing import capture_logs
+from support import eventually
 
 from modelserve_triton.runner import TritonRunner
 
@@ -61,12 +59,13 @@ class TestTritonStatistics:
         for _ in range(3):
             await infer(stub, infer_request(V1))
 
-        deadline = time.monotonic() + 30
-        while (
-            _sample("modelserve_triton_requests_total", model=MODEL_ID, version="1") or 0.0
-        ) < before + 3:
-            assert time.monotonic() < deadline, "the poller did not pick up the requests"
-            await asyncio.sleep(0.02)
+        await eventually(
+            lambda: (
+                (_sample("modelserve_triton_requests_total", model=MODEL_ID, version="1") or 0.0)
+                >= before + 3
+            ),
+            "the statistics poller picking up the requests",
+        )
         labels = {"model": MODEL_ID, "version": "1"}
         text = generate_latest(REGISTRY).decode()
         assert (_sample("modelserve_triton_executions_total", **labels) or 0) >= 3

@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import asyncio
 import os
 import signal
-import time
 from collections.abc import AsyncIterator
 
 import pytest
@@ -18,6 +16,7 @@ from inference_testing import (
     infer_request,
     load,
 )
+from support import eventually
 
 from modelserve.inference.v1 import inference_service_pb2 as pb
 from modelserve_demo import fraud
@@ -66,14 +65,16 @@ class TestRemoteTritonRestart:
         assert remote_triton.pid is not None
         os.kill(remote_triton.pid, signal.SIGKILL)
 
-        deadline = time.monotonic() + LIMIT_S
-        while await _states(inference_service) != {pb.MODEL_VERSION_STATE_LOADING}:
-            assert time.monotonic() < deadline, "the outage was not noticed"
-            await asyncio.sleep(0.02)
+        async def in_state(state: int) -> bool:
+            return await _states(inference_service) == {state}
+
+        await eventually(
+            lambda: in_state(pb.MODEL_VERSION_STATE_LOADING), "the outage noticed", within_s=LIMIT_S
+        )
         await remote_triton.restart()
-        while await _states(inference_service) != {pb.MODEL_VERSION_STATE_READY}:
-            assert time.monotonic() < deadline, "the version was not reloaded"
-            await asyncio.sleep(0.02)
+        await eventually(
+            lambda: in_state(pb.MODEL_VERSION_STATE_READY), "the version reloaded", within_s=LIMIT_S
+        )
 
         assert_answers_as(await infer(inference_service.stub, infer_request(V1)), fraud_models[V1])
         assert inference_service.app.triton is None
