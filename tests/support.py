@@ -65,12 +65,18 @@ async def eventually(
     *,
     within_s: float = 30.0,
     every_s: float = 0.02,
+    nudge: Callable[[], Awaitable[object]] | None = None,
+    nudge_every_s: float = 2.0,
 ) -> None:
     """Asks `check` (sync or async) until it holds; fails naming `what` after `within_s`.
 
-    The one way tests wait: by asking the system, never by sleeping a fixed time.
+    The one way tests wait: by asking the system, never by sleeping a fixed time. `nudge`,
+    when given, runs every `nudge_every_s` while the check fails: under load Triton's
+    batch span processor was seen holding finished spans until another request arrived,
+    so trace tests send one more request.
     """
     deadline = time.monotonic() + within_s
+    nudge_at = time.monotonic() + nudge_every_s
     while True:
         result = check()
         if inspect.isawaitable(result):
@@ -79,4 +85,7 @@ async def eventually(
             return
         if time.monotonic() > deadline:
             pytest.fail(f"{what}: not seen within {within_s} s")
+        if nudge is not None and time.monotonic() > nudge_at:
+            await nudge()
+            nudge_at = time.monotonic() + nudge_every_s
         await asyncio.sleep(every_s)

@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import asyncio
-import time
 from collections.abc import AsyncIterator
 
 import numpy as np
 import pytest
 from otlp_receiver import OtlpReceiver
-from support import expected_probabilities
+from support import eventually, expected_probabilities
 
 from modelserve.router.v1 import router_service_pb2_grpc as router_grpc
 from modelserve_cli.demo import DemoDeployment, demo_request, deploy_demo
@@ -63,16 +61,11 @@ class TestDirectPath:
             }
             return any(s.service == "triton" and s.parent_span_id in client for s in spans)
 
-        deadline = time.monotonic() + 20
-        nudge_at = time.monotonic() + 2
         async with create_channel(stack.targets["router"]) as channel:
             router = router_grpc.RouterServiceStub(channel)
-            while not linked():
-                assert time.monotonic() < deadline, otlp.trace(response.trace_id)
-                if time.monotonic() > nudge_at:
-                    # As in test_predict: under load Triton's batch span processor was seen
-                    # holding finished spans until another request arrived.
-                    await router.Predict(demo_request("c-1012", 5.0))
-                    nudge_at = time.monotonic() + 2
-                await asyncio.sleep(0.1)
+            await eventually(
+                linked,
+                "a Triton span under the router's triton.infer span",
+                nudge=lambda: router.Predict(demo_request("c-1012", 5.0)),
+            )
         assert {s.service for s in otlp.trace(response.trace_id)} == {"router", "triton"}

@@ -6,14 +6,13 @@ import asyncio
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import grpc
 import numpy as np
 import pytest
 from otlp_receiver import OtlpReceiver
-from support import expected_probabilities
+from support import eventually, expected_probabilities
 
 from modelserve.monitor.v1 import monitor_service_pb2 as monitor_pb
 from modelserve.monitor.v1 import monitor_service_pb2_grpc as monitor_grpc
@@ -63,18 +62,11 @@ class TestPredict:
         trace_id = response.trace_id
         assert len(trace_id) == 32
         wanted = {"router", "feature", "inference", "triton"}
-        deadline = time.monotonic() + 30
-        nudge_at = time.monotonic() + 2
-        while time.monotonic() < deadline:
-            spans = otlp.trace(trace_id)
-            if wanted <= {s.service for s in spans}:
-                break
-            if time.monotonic() > nudge_at:
-                # Under load Triton's batch span processor was seen holding finished spans
-                # until another request arrived; a further request makes it export them.
-                await _predict(stack, demo_request("c-1005", 1.0))
-                nudge_at = time.monotonic() + 2
-            await asyncio.sleep(0.1)
+        await eventually(
+            lambda: wanted <= {s.service for s in otlp.trace(trace_id)},
+            f"spans of {sorted(wanted)}",
+            nudge=lambda: _predict(stack, demo_request("c-1005", 1.0)),
+        )
         spans = otlp.trace(trace_id)
         assert not otlp.errors
         assert wanted <= {s.service for s in spans}, (otlp.http_posts, len(otlp.spans), spans)
@@ -122,9 +114,11 @@ class TestPredict:
             before = await count()
             for amount in (1.0, 2.0, 3.0, 4.0, 5.0):
                 await _predict(stack, demo_request("c-1003", amount))
-            deadline = time.monotonic() + 10
-            while await count() < before + 5 and time.monotonic() < deadline:
-                await asyncio.sleep(0.05)
+
+            async def counted() -> bool:
+                return await count() >= before + 5
+
+            await eventually(counted, "the five predictions in the monitor's count")
             assert await count() == before + 5
 
 

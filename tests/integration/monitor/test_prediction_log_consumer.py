@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 
 import redis.asyncio as aioredis
+from support import eventually
 
 from modelserve.type.v1 import prediction_record_pb2 as rec_pb
 from modelserve_monitor.consumer import PredictionLogConsumer
@@ -51,12 +52,14 @@ def _consumer(
 
 async def _pending_idle_for(client: aioredis.Redis, idle_ms: int) -> None:
     """Returns once every pending entry of the group has been idle `idle_ms`, asking Redis."""
-    async with asyncio.timeout(DEADLINE_S):
-        while any(
-            entry["time_since_delivered"] < idle_ms
-            for entry in await client.xpending_range(DEFAULT_STREAM, GROUP, "-", "+", 100)
-        ):
-            await asyncio.sleep(0.001)
+
+    async def all_idle() -> bool:
+        pending = await client.xpending_range(DEFAULT_STREAM, GROUP, "-", "+", 100)
+        return all(entry["time_since_delivered"] >= idle_ms for entry in pending)
+
+    await eventually(
+        all_idle, f"pending entries idle {idle_ms} ms", within_s=DEADLINE_S, every_s=0.001
+    )
 
 
 async def _count(client: aioredis.Redis) -> int:

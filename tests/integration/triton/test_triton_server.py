@@ -126,14 +126,13 @@ class TestTritonRunner:
                 )
             )
 
-            # Triton may answer a request before it adds it to its statistics: ask until
-            # all 32 are counted (or the deadline passes and the assert below says so).
-            deadline = asyncio.get_running_loop().time() + 10
-            while True:
-                inferences, executions = np.subtract(await _counts(stats, "fraud_batched"), before)
-                if inferences >= 32 or asyncio.get_running_loop().time() > deadline:
-                    break
-                await asyncio.sleep(0.02)
+            # Triton may answer a request before it adds it to its statistics.
+            async def all_counted() -> bool:
+                counts = np.subtract(await _counts(stats, "fraud_batched"), before)
+                return bool(counts[0] >= 32)
+
+            await eventually(all_counted, "all 32 inferences in Triton's statistics")
+            inferences, executions = np.subtract(await _counts(stats, "fraud_batched"), before)
         finally:
             await stats.close()
         for answer, row in zip(answers, expected, strict=True):
@@ -201,20 +200,16 @@ class TestTritonRunner:
         (span,) = client_spans.get_finished_spans()
         trace_id = format(span.context.trace_id, "032x")
         span_id = format(span.context.span_id, "016x")
-        nudge_at = time.monotonic() + 2
 
-        async def joined() -> bool:
-            nonlocal nudge_at
-            if any(s.parent_span_id == span_id for s in triton_otlp.trace(trace_id)):
-                return True
-            if time.monotonic() > nudge_at:
-                # Under load Triton's span processor was seen holding finished spans until
-                # another request arrived; one more request makes it export them.
-                await triton_runner.infer(FRAUD, 1, {"features": features}, OUTPUTS, timeout_s=10)
-                nudge_at = time.monotonic() + 2
-            return False
+        def joined() -> bool:
+            return any(s.parent_span_id == span_id for s in triton_otlp.trace(trace_id))
 
-        await eventually(joined, "a Triton span whose parent is our triton.infer span")
+        async def another_call() -> None:
+            await triton_runner.infer(FRAUD, 1, {"features": features}, OUTPUTS, timeout_s=10)
+
+        await eventually(
+            joined, "a Triton span whose parent is our triton.infer span", nudge=another_call
+        )
         assert {s.service for s in triton_otlp.trace(trace_id)} == {"triton"}
 
 
