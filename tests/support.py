@@ -32,10 +32,12 @@ async def running(
     """Builds and starts a service in this process; yields it, a channel to it, and its app."""
     grpc_server, app = await build(settings)
     await grpc_server.server.start()
-    await app.check_ready()
-    await grpc_server.set_serving(True)
     channel = create_channel(f"127.0.0.1:{grpc_server.port}")
     try:
+        # Inside the try: a service that fails its readiness check is still stopped, or the
+        # test run would hang at exit on its server.
+        await app.check_ready()
+        await grpc_server.set_serving(True)
         yield grpc_server, channel, app
     finally:
         await channel.close()

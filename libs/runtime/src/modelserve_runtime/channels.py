@@ -14,8 +14,10 @@ def create_channel(
     *,
     default_timeout_s: float = DEFAULT_TIMEOUT_S,
     max_message_bytes: int = 4 * 1024 * 1024,
+    api_key: str | None = None,
 ) -> grpc.aio.Channel:
-    """An insecure aio channel to `target` whose calls always carry a deadline."""
+    """An insecure aio channel to `target` whose calls always carry a deadline, and the API
+    key `api_key` (as `x-api-key`) when one is given."""
     options = [
         ("grpc.max_send_message_length", max_message_bytes),
         ("grpc.max_receive_message_length", max_message_bytes),
@@ -26,5 +28,5 @@ def create_channel(
         ("grpc.max_reconnect_backoff_ms", 5000),
     ]
     return grpc.aio.insecure_channel(
-        target, options=options, interceptors=client_interceptors(default_timeout_s)
+        target, options=options, interceptors=client_interceptors(default_timeout_s, api_key)
     )

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import grpc
-from google.protobuf import any_pb2
+from google.protobuf import any_pb2, duration_pb2
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
@@ -32,11 +32,14 @@ class ModelServeError(Exception):
         *,
         reason: str | None = None,
         metadata: Mapping[str, str] | None = None,
+        retry_delay_s: float | None = None,
     ) -> None:
         super().__init__(message)
         self.message = message
         self.reason = reason or self.default_reason
         self.metadata: dict[str, str] = dict(metadata or {})
+        # When set, how long the caller should wait before retrying: a google.rpc.RetryInfo.
+        self.retry_delay_s = retry_delay_s
 
 
 class InvalidArgumentError(ModelServeError):
@@ -112,6 +115,13 @@ class DeadlineExceededError(ModelServeError):
     default_reason = "DEADLINE_EXCEEDED"
 
 
+class AbortedError(ModelServeError):
+    """A concurrent change won; reading again and retrying may succeed."""
+
+    code = grpc.StatusCode.ABORTED
+    default_reason = "ABORTED"
+
+
 class UnauthenticatedError(ModelServeError):
     """The caller did not prove who it is."""
 
@@ -136,6 +146,8 @@ class DecodedError:
     domain: str = ""
     metadata: dict[str, str] = field(default_factory=dict)
     violations: list[FieldViolation] = field(default_factory=list)
+    retry_delay_s: float | None = None
+    """The delay of the status's RetryInfo, when it has one."""
 
 
 def to_status(error: ModelServeError, domain: str) -> grpc.Status:
@@ -158,6 +170,12 @@ def to_status(error: ModelServeError, domain: str) -> grpc.Status:
         packed = any_pb2.Any()
         packed.Pack(bad_request)
         details.append(packed)
+    if error.retry_delay_s is not None:
+        delay = duration_pb2.Duration()
+        delay.FromNanoseconds(max(0, round(error.retry_delay_s * 1e9)))
+        retry = any_pb2.Any()
+        retry.Pack(error_details_pb2.RetryInfo(retry_delay=delay))
+        details.append(retry)
     proto = status_pb2.Status(code=error.code.value[0], message=error.message, details=details)
     status: grpc.Status = rpc_status.to_status(proto)
     return status
@@ -198,6 +216,10 @@ def decode_rpc_error(error: grpc.RpcError) -> DecodedError:
             decoded.violations.extend(
                 FieldViolation(v.field, v.description) for v in bad.field_violations
             )
+        elif detail.Is(error_details_pb2.RetryInfo.DESCRIPTOR):
+            retry = error_details_pb2.RetryInfo()
+            detail.Unpack(retry)
+            decoded = replace(decoded, retry_delay_s=retry.retry_delay.ToNanoseconds() / 1e9)
     return decoded
 
 

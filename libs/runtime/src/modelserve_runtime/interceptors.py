@@ -230,9 +230,14 @@ def server_interceptors(
 
 
 def _with_headers(
-    details: grpc.aio.ClientCallDetails, span: trace.Span, default_timeout: float
+    details: grpc.aio.ClientCallDetails,
+    span: trace.Span,
+    default_timeout: float,
+    api_key: str | None,
 ) -> grpc.aio.ClientCallDetails:
     metadata = grpc.aio.Metadata(*(details.metadata or ()))
+    if api_key and not (metadata.get("authorization") or metadata.get("x-api-key")):
+        metadata["x-api-key"] = api_key
     carrier: dict[str, str] = {}
     propagate.inject(carrier, context=trace.set_span_in_context(span))
     for key, value in carrier.items():
@@ -257,8 +262,9 @@ def _method_name(details: grpc.aio.ClientCallDetails) -> str:
 class _ClientInterceptorBase:
     """Starts a CLIENT span, propagates it and the request id, and applies a default deadline."""
 
-    def __init__(self, default_timeout: float) -> None:
+    def __init__(self, default_timeout: float, api_key: str | None) -> None:
         self._timeout = default_timeout
+        self._api_key = api_key
 
     async def _call(
         self, continuation: Any, details: grpc.aio.ClientCallDetails, request: Any
@@ -270,7 +276,9 @@ class _ClientInterceptorBase:
             kind=SpanKind.CLIENT,
             attributes={"rpc.system": "grpc", "rpc.service": service, "rpc.method": method},
         )
-        call = await continuation(_with_headers(details, span, self._timeout), request)
+        call = await continuation(
+            _with_headers(details, span, self._timeout, self._api_key), request
+        )
 
         async def finish(done: Any) -> None:
             code = await done.code()
@@ -316,11 +324,14 @@ class _StreamStream(_ClientInterceptorBase, grpc.aio.StreamStreamClientIntercept
         return await self._call(continuation, client_call_details, request_iterator)
 
 
-def client_interceptors(default_timeout: float) -> list[grpc.aio.ClientInterceptor]:
-    """Interceptors for every outbound channel: tracing, request id and a default deadline."""
+def client_interceptors(
+    default_timeout: float, api_key: str | None = None
+) -> list[grpc.aio.ClientInterceptor]:
+    """Interceptors for every outbound channel: tracing, request id, a default deadline, and
+    the `x-api-key` header when the channel has a key (a call's own key header wins)."""
     return [
-        _UnaryUnary(default_timeout),
-        _UnaryStream(default_timeout),
-        _StreamUnary(default_timeout),
-        _StreamStream(default_timeout),
+        _UnaryUnary(default_timeout, api_key),
+        _UnaryStream(default_timeout, api_key),
+        _StreamUnary(default_timeout, api_key),
+        _StreamStream(default_timeout, api_key),
     ]
