@@ -149,12 +149,16 @@ class TestMaterialize:
         first = await materialize(redis_url, path)
         assert first.exit_code == 0, first.output
         assert summary(first)["values written"] == str(4 * 2500)
-        before = {k: await redis_client.hgetall(k) async for k in redis_client.scan_iter("fs:{*")}
+        before = {
+            k: await redis_client.hgetall(k) async for k in redis_client.scan_iter("fs:{customer:*")
+        }
         second = await materialize(redis_url, path)
         assert second.exit_code == 0, second.output
         assert summary(second)["values written"] == "0"
         assert summary(second)["values unchanged"] == str(4 * 2500)
-        after = {k: await redis_client.hgetall(k) async for k in redis_client.scan_iter("fs:{*")}
+        after = {
+            k: await redis_client.hgetall(k) async for k in redis_client.scan_iter("fs:{customer:*")
+        }
         assert after == before
         assert len(after) == 2500
 
@@ -173,7 +177,7 @@ class TestMaterialize:
         result = await materialize(redis_url, path)
         assert result.exit_code == 1
         assert "row 2, column 'chargebacks_90d': expected int64, got 'oops'" in result.stderr
-        assert [k async for k in redis_client.scan_iter("fs:{*")] == []
+        assert [k async for k in redis_client.scan_iter("fs:{customer:*")] == []
 
     async def test_missing_feature_column_is_refused(
         self, redis_client: aioredis.Redis, redis_url: str, tmp_path: Path
@@ -185,7 +189,7 @@ class TestMaterialize:
         result = await materialize(redis_url, path)
         assert result.exit_code == 1
         assert "features missing from the table: vip" in result.stderr
-        assert [k async for k in redis_client.scan_iter("fs:{*")] == []
+        assert [k async for k in redis_client.scan_iter("fs:{customer:*")] == []
 
     async def test_csv_and_unknown_columns(
         self, redis_client: aioredis.Redis, redis_url: str, tmp_path: Path
@@ -240,4 +244,4 @@ class TestMaterialize:
         assert result.exit_code == 1
         assert "customer" in result.stderr
         assert len(result.stderr.splitlines()) == 1
-        assert [k async for k in redis_client.scan_iter("fs:{*")] == []
+        assert [k async for k in redis_client.scan_iter("fs:{customer:*")] == []

@@ -6,7 +6,6 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-import redis.asyncio as redis
 from redis.exceptions import WatchError
 
 from modelserve_features.redis_store import (
@@ -23,6 +22,7 @@ from modelserve_features.views import (
     view_to_json,
 )
 from modelserve_runtime.errors import FailedPreconditionError, NotFoundError
+from modelserve_runtime.redis_connect import RedisClient
 
 _APPLY_ATTEMPTS = 10
 
@@ -43,7 +43,7 @@ class ViewCatalog:
     """Reads and changes view definitions. Each change increments the epoch in Redis; the
     cached definitions are replaced when a read sees another epoch (see `refresh_if`)."""
 
-    def __init__(self, client: redis.Redis, *, clock_us: Callable[[], int] = _now_us) -> None:
+    def __init__(self, client: RedisClient, *, clock_us: Callable[[], int] = _now_us) -> None:
         self._redis = client
         self._clock_us = clock_us
         self._views: dict[str, FeatureView] = {}

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from enum import StrEnum
 
 import redis.asyncio as redis
+from redis.exceptions import AuthenticationError, RedisClusterException
 
 from modelserve_features import metrics
 from modelserve_features.catalog import ApplyResult, ViewCatalog
@@ -34,6 +35,7 @@ from modelserve_runtime.errors import (
     NotFoundError,
     UnavailableError,
 )
+from modelserve_runtime.redis_connect import RedisClient, ping
 
 _WRITE_ATTEMPTS = 3
 #: Most field violations one error carries: its details travel in gRPC trailers, which
@@ -130,7 +132,7 @@ class OnlineStore:
 
     def __init__(
         self,
-        client: redis.Redis,
+        client: RedisClient,
         *,
         timeout_s: float = 1.0,
         cache_ttl_s: float = 0.0,
@@ -155,7 +157,13 @@ class OnlineStore:
         try:
             async with asyncio.timeout(limit):
                 yield
-        except (redis.RedisError, TimeoutError, OSError) as exc:
+        except AuthenticationError as exc:
+            raise UnavailableError(
+                f"redis refused the credentials ({op}): {exc}; check the username and password",
+                reason="REDIS_AUTH_FAILED",
+                metadata={"operation": op},
+            ) from exc
+        except (redis.RedisError, RedisClusterException, TimeoutError, OSError) as exc:
             raise UnavailableError(
                 f"redis did not answer ({op}): {exc or type(exc).__name__}",
                 reason="REDIS_UNAVAILABLE",
@@ -165,9 +173,10 @@ class OnlineStore:
             metrics.REDIS_LATENCY.labels(op).observe(time.perf_counter() - started)
 
     async def ping(self, timeout_s: float | None = None) -> None:
-        """Returns when Redis answers PING; UnavailableError otherwise."""
+        """Returns when Redis (in a cluster: every primary) answers PING; UnavailableError
+        otherwise."""
         async with self.redis_call("ping", timeout_s):
-            await self._store.client.ping()
+            await ping(self._store.client)
 
     async def views(
         self, names: Sequence[str], *, timeout_s: float | None = None

@@ -3,8 +3,10 @@
 One hash per entity and view: key `fs:{<entity_type>:<entity_id>}:<view>` (the braces are a
 Redis Cluster hash tag, so all views of an entity share a slot), field = feature name,
 value = a one-byte dtype tag, the event time in microseconds since the epoch as 8 bytes
-big-endian, then the value (see `encode_value`). Writes go through one Lua script (EVALSHA)
-that keeps a stored value whose event time is later than the new one's.
+big-endian, then the value (see `encode_value`). The view definitions share the tag
+`{views}`, so they sit in one slot and change in one transaction. Writes go through a Lua
+script (EVALSHA) that keeps a stored value whose event time is later than the new one's: one
+call for the whole batch, or in Redis Cluster one per slot (see `RedisFeatureStore.write`).
 """
 
 from __future__ import annotations
@@ -12,21 +14,26 @@ from __future__ import annotations
 import struct
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
-import redis.asyncio as redis
+from redis.asyncio import RedisCluster
+from redis.crc import key_slot
+from redis.exceptions import NoScriptError
 
 from modelserve_features.views import FeatureDtype, Value
+from modelserve_runtime.redis_connect import RedisClient
 
 KEY_PREFIX = "fs"
-#: The hash of current view definitions: view id -> JSON.
-VIEWS_KEY = "fs:views"
+#: The hash of current view definitions: view id -> JSON. The definition keys share the hash
+#: tag `{views}`: one slot in Redis Cluster, so a view change is one MULTI/EXEC.
+VIEWS_KEY = "fs:{views}"
 #: Incremented at every view change; readers compare it to know their cached views are current.
-VIEWS_EPOCH_KEY = "fs:views:epoch"
+VIEWS_EPOCH_KEY = "fs:{views}:epoch"
 
 
 def view_history_key(view: str) -> str:
     """The hash of every version of a view: version -> JSON."""
-    return f"fs:views:history:{view}"
+    return f"fs:{{views}}:history:{view}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -94,20 +101,26 @@ def decode_value(raw: bytes) -> tuple[FeatureDtype, Value, int]:
     return dtype, value, event_time_us
 
 
-# KEYS[1] is the views epoch, KEYS[2..] one entity x view hash each. ARGV[1] is the epoch the
-# batch was validated against; then, for each hash, its number of values n and n pairs
-# (field, encoded value). A value is written unless the stored one has a later event time.
-# Returns {written, skipped as stale} for each hash in turn, or {-1} when the views changed
-# since the batch was validated (nothing is written then).
+# ARGV[1] is the epoch the batch was validated against, or '' for no check. With a check,
+# KEYS[1] is the views epoch key and KEYS[2..] one entity x view hash each; without one (Redis
+# Cluster, where the epoch lives in another slot) every key is a hash. Then, for each hash in
+# turn, ARGV holds its number of values n and n pairs (field, encoded value). A value is written
+# unless the stored one has a later event time. Returns {written, skipped as stale} for each
+# hash in turn, or {-1} when the views changed since the batch was validated (nothing is
+# written then).
 _WRITE_SCRIPT = """
-local epoch = redis.call('GET', KEYS[1]) or '0'
-if epoch ~= ARGV[1] then return {-1} end
+local first = 1
+if ARGV[1] ~= '' then
+  local epoch = redis.call('GET', KEYS[1]) or '0'
+  if epoch ~= ARGV[1] then return {-1} end
+  first = 2
+end
 local function event_time(v)
   local a, b, c, d, e, f, g, h = string.byte(v, 2, 9)
   return ((((((a * 256 + b) * 256 + c) * 256 + d) * 256 + e) * 256 + f) * 256 + g) * 256 + h
 end
 local out, arg = {}, 2
-for k = 2, #KEYS do
+for k = first, #KEYS do
   local n = tonumber(ARGV[arg])
   local fields, values = {}, {}
   for j = 1, n do
@@ -138,20 +151,39 @@ class ViewsChangedError(Exception):
     """The views changed between validating a write and running it."""
 
 
-class RedisFeatureStore:
-    """Raw reads and writes of the layout; `read` and `write` each cost one Redis round trip."""
+def _script_arguments(
+    writes: Sequence[tuple[str, Mapping[str, bytes]]], epoch: str
+) -> tuple[list[str], list[str | bytes | int]]:
+    keys = [VIEWS_EPOCH_KEY] if epoch else []
+    args: list[str | bytes | int] = [epoch]
+    for key, values in writes:
+        keys.append(key)
+        args.append(len(values))
+        for name, raw in values.items():
+            args.extend((name, raw))
+    return keys, args
 
-    def __init__(self, client: redis.Redis) -> None:
+
+def _pairs(counts: Sequence[int]) -> list[tuple[int, int]]:
+    return [(int(counts[i]), int(counts[i + 1])) for i in range(0, len(counts), 2)]
+
+
+class RedisFeatureStore:
+    """Raw reads and writes of the layout; `read` costs one Redis round trip (in Redis Cluster
+    one per node, all at once), `write` one (in Redis Cluster two: see `write`)."""
+
+    def __init__(self, client: RedisClient) -> None:
         self._redis = client
         self._write_script = client.register_script(_WRITE_SCRIPT)
 
     @property
-    def client(self) -> redis.Redis:
+    def client(self) -> RedisClient:
         """The Redis client."""
         return self._redis
 
     async def read(self, keys: Sequence[str]) -> tuple[str, list[dict[bytes, bytes]]]:
-        """The views epoch and every hash in `keys`, in one pipeline."""
+        """The views epoch and every hash in `keys`, in one pipeline (a cluster pipeline sends
+        each node its share at the same time)."""
         async with self._redis.pipeline(transaction=False) as pipe:
             pipe.get(VIEWS_EPOCH_KEY)
             for key in keys:
@@ -165,21 +197,63 @@ class RedisFeatureStore:
         self, epoch: str, writes: Sequence[tuple[str, Mapping[str, bytes]]]
     ) -> list[tuple[int, int]]:
         """Writes encoded values per hash key unless a stored value is newer; for each key
-        (values written, values skipped as stale). All in one EVALSHA, so all or nothing.
+        (values written, values skipped as stale).
 
+        One EVALSHA, so all or nothing; in Redis Cluster, where one script's keys must share a
+        slot, one EVALSHA per slot, each all or nothing (see `_write_per_slot`).
         Raises ViewsChangedError when the views epoch is no longer `epoch`.
         """
-        keys = [VIEWS_EPOCH_KEY]
-        args: list[str | bytes | int] = [epoch]
-        for key, values in writes:
-            keys.append(key)
-            args.append(len(values))
-            for name, raw in values.items():
-                args.extend((name, raw))
+        if isinstance(self._redis, RedisCluster):
+            return await self._write_per_slot(self._redis, epoch, writes)
+        keys, args = _script_arguments(writes, epoch)
         counts: list[int] = await self._write_script(keys=keys, args=args)
         if counts and counts[0] < 0:
             raise ViewsChangedError
-        return [(int(counts[i]), int(counts[i + 1])) for i in range(0, len(counts), 2)]
+        return _pairs(counts)
+
+    async def _write_per_slot(
+        self, cluster: RedisCluster, epoch: str, writes: Sequence[tuple[str, Mapping[str, bytes]]]
+    ) -> list[tuple[int, int]]:
+        """The epoch is checked by a GET just before the scripts run (it lives in another slot
+        than the values, so no script can check it); then one script per slot, all slots in
+        one cluster pipeline (one round trip per node, all nodes at once). Each slot's script
+        is atomic; the batch as a whole is not: when a node fails midway, the slots on the
+        other nodes may stay written (the call fails, and sending the batch again is safe)."""
+        if _epoch(await cluster.get(VIEWS_EPOCH_KEY)) != epoch:
+            raise ViewsChangedError
+        by_slot: dict[int, list[int]] = {}
+        for i, (key, _) in enumerate(writes):
+            by_slot.setdefault(key_slot(key.encode()), []).append(i)
+        groups = list(by_slot.values())
+        replies = await self._run_per_slot(cluster, writes, groups)
+        missing = [n for n, reply in enumerate(replies) if isinstance(reply, NoScriptError)]
+        if missing:  # a node that has not seen the script yet (new, restarted, failed over)
+            await cluster.script_load(_WRITE_SCRIPT)
+            again = await self._run_per_slot(cluster, writes, [groups[n] for n in missing])
+            for n, reply in zip(missing, again, strict=True):
+                replies[n] = reply
+        counts: list[tuple[int, int]] = [(0, 0)] * len(writes)
+        for group, reply in zip(groups, replies, strict=True):
+            if isinstance(reply, BaseException):
+                raise reply
+            for i, pair in zip(group, _pairs(reply), strict=True):
+                counts[i] = pair
+        return counts
+
+    async def _run_per_slot(
+        self,
+        cluster: RedisCluster,
+        writes: Sequence[tuple[str, Mapping[str, bytes]]],
+        groups: Sequence[Sequence[int]],
+    ) -> list[Any]:
+        async with cluster.pipeline(transaction=False) as pipe:
+            for group in groups:
+                keys, args = _script_arguments([writes[i] for i in group], "")
+                # redis-py refuses `pipe.evalsha` in a cluster pipeline, yet routes the raw
+                # command by its keys (one slot each, as here) like any other.
+                pipe.execute_command("EVALSHA", self._write_script.sha, len(keys), *keys, *args)
+            replies: list[Any] = await pipe.execute(raise_on_error=False)
+        return replies
 
 
 def _epoch(raw: object) -> str:

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-from pydantic import Field
+from pydantic import Field, ValidationError, model_validator
 from pydantic_settings import SettingsConfigDict
 
 from modelserve_runtime.config import ServiceSettings
+from modelserve_runtime.redis_connect import RedisConnection
 
 
 class FeatureSettings(ServiceSettings):
@@ -13,10 +14,13 @@ class FeatureSettings(ServiceSettings):
 
     model_config = SettingsConfigDict(env_prefix="MODELSERVE_FEATURE_")
 
-    redis_url: str = "redis://127.0.0.1:6379/0"
-    """The online store."""
+    redis: RedisConnection = Field(default_factory=RedisConnection)
+    """The online store: standalone, Sentinel or Cluster, credentials and TLS (`REDIS__*`)."""
+    redis_url: str | None = None
+    """Shorthand for a standalone Redis at this URL (`redis.url`); unset: `redis` decides."""
     redis_timeout_s: float = Field(default=1.0, gt=0)
-    """Deadline of each Redis round trip (a caller's shorter deadline wins)."""
+    """Deadline of each Redis round trip (a caller's shorter deadline wins); also the socket
+    timeout unless `redis.timeout_s` is set."""
     max_entities: int = Field(default=1000, ge=1)
     """Most entities in one GetOnlineFeatures call, and most writes in one batch."""
     max_features: int = Field(default=500, ge=1)
@@ -27,3 +31,31 @@ class FeatureSettings(ServiceSettings):
     """Most entity x view hashes the cache holds (least recently used go first)."""
     health_interval_s: float = Field(default=1.0, gt=0)
     """How often Redis is pinged to keep the health status current."""
+
+    @model_validator(mode="after")
+    def _redis_url_is_standalone(self) -> FeatureSettings:
+        """`redis_url` and `redis` must not contradict each other."""
+        if self.redis_url is None:
+            return self
+        if self.redis.mode != "standalone":
+            raise ValueError(
+                f"redis_url is the shorthand for standalone mode, and redis.mode is "
+                f"{self.redis.mode!r}: unset redis_url and list the servers in redis.nodes"
+            )
+        if "url" in self.redis.model_fields_set and self.redis.url != self.redis_url:
+            raise ValueError("redis_url and redis.url are both set and differ: set one")
+        self.redis_connection()
+        return self
+
+    def redis_connection(self) -> RedisConnection:
+        """`redis` with `redis_url` applied, and the socket timeout defaulting to
+        `redis_timeout_s`; ValueError naming `redis_url` when that makes it invalid."""
+        given = self.redis.model_dump(exclude_unset=True)
+        if self.redis_url is not None:
+            given["url"] = self.redis_url
+        given.setdefault("timeout_s", self.redis_timeout_s)
+        try:
+            return RedisConnection.model_validate(given)
+        except ValidationError as exc:
+            problems = "; ".join(str(e.get("ctx", {}).get("error", e["msg"])) for e in exc.errors())
+            raise ValueError(f"redis_url: {problems}") from None

@@ -7,10 +7,7 @@ import contextlib
 from collections.abc import Sequence
 
 import grpc
-import redis.asyncio as redis
 import structlog
-from redis.asyncio.retry import Retry
-from redis.backoff import NoBackoff
 
 from modelserve.feature.v1 import feature_service_pb2 as pb
 from modelserve.feature.v1 import feature_service_pb2_grpc as pb_grpc
@@ -19,6 +16,7 @@ from modelserve_feature.servicer import FeatureServicer
 from modelserve_feature.store import OnlineFeatures
 from modelserve_features.online import OnlineStore
 from modelserve_runtime.errors import UnavailableError
+from modelserve_runtime.redis_connect import RedisClient, connect
 from modelserve_runtime.server import GrpcServer, build_grpc_server, run_service
 
 SERVICE = "feature"
@@ -31,7 +29,7 @@ class FeatureApp:
     NOT_SERVING while Redis does not answer, SERVING again once it does."""
 
     def __init__(
-        self, client: redis.Redis, store: OnlineStore, server: GrpcServer, interval_s: float
+        self, client: RedisClient, store: OnlineStore, server: GrpcServer, interval_s: float
     ) -> None:
         self.redis = client
         self.store = store
@@ -74,13 +72,9 @@ class FeatureApp:
 
 async def build_server(settings: FeatureSettings) -> tuple[GrpcServer, FeatureApp]:
     """Builds the server bound to its port, and the app holding its Redis client."""
-    client = redis.Redis.from_url(
-        settings.redis_url,
-        socket_timeout=settings.redis_timeout_s,
-        socket_connect_timeout=settings.redis_timeout_s,
-        # Fail fast: a caller's deadline is short, and health reports the outage.
-        retry=Retry(NoBackoff(), 0),
-    )
+    connection = settings.redis_connection()
+    log.info("redis_configured", redis=connection.describe())
+    client = connect(connection)
     store = OnlineStore(
         client,
         timeout_s=settings.redis_timeout_s,
