@@ -7,7 +7,13 @@ import pytest
 from modelserve.type.v1 import feature_value_pb2 as fv_pb
 from modelserve.type.v1 import prediction_record_pb2 as rec_pb
 from modelserve.type.v1 import tensor_pb2
-from modelserve_monitor.aggregate import SEP, VersionAggregate, contribution, prediction_of
+from modelserve_monitor.aggregate import (
+    SEP,
+    VersionAggregate,
+    contribution,
+    label_of,
+    prediction_of,
+)
 
 
 def _record(**kwargs: object) -> rec_pb.PredictionRecord:
@@ -57,11 +63,51 @@ class TestContribution:
 
     def test_shadow_copy_is_counted_but_not_joined_to_outcomes(self) -> None:
         """A shadow record keeps its own identity (its version) but offers no request id for
-        the outcome join, which belongs to the answer the caller got."""
+        the outcome join, which belongs to the answer the caller got; it pairs with that
+        answer by its request id instead."""
         shadow = contribution(_record(shadow=True, model_version="models/fraud/versions/2"), "1-0")
         assert shadow.identity == SEP.join(("fraud", "models/fraud/versions/2", "r1"))
-        assert shadow.request_id == ""
-        assert contribution(_record(), "1-1").request_id == "r1"
+        assert (shadow.request_id, shadow.shadow_request_id) == ("", "r1")
+        answer = contribution(_record(), "1-1")
+        assert (answer.request_id, answer.shadow_request_id) == ("r1", "")
+
+    def test_label_is_the_argmax_of_many_classes_else_the_prediction_at_one_half(self) -> None:
+        """Three or more values per row: the argmax; two: the positive-class probability at
+        0.5 (a tie at 0.5 is 1, as outcomes read it); one value: that value at 0.5."""
+        record = _record()
+        record.outputs.append(
+            tensor_pb2.Tensor(
+                datatype=tensor_pb2.DATA_TYPE_FP32,
+                shape=[1, 3],
+                contents=tensor_pb2.TensorContents(fp32_contents=[0.2, 0.1, 0.7]),
+            )
+        )
+        assert label_of(record) == 2
+        tie = _record()
+        tie.outputs.append(_probabilities((0.5, 0.5)))
+        assert label_of(tie) == 1
+        single = _record()
+        single.outputs.append(
+            tensor_pb2.Tensor(
+                datatype=tensor_pb2.DATA_TYPE_FP64,
+                shape=[1, 1],
+                contents=tensor_pb2.TensorContents(fp64_contents=[0.49]),
+            )
+        )
+        assert label_of(single) == 0
+        assert label_of(_record()) is None
+
+    def test_non_finite_values_are_missing_not_counted(self) -> None:
+        """A NaN prediction is no prediction and an infinite feature is a missing value, so
+        no counter is ever asked to add them (Redis refuses, which would stall the log)."""
+        record = _record()
+        record.outputs.append(_probabilities((float("nan"), float("nan"))))
+        record.features["amount"].CopyFrom(fv_pb.FeatureValue(double_value=float("inf")))
+        part = contribution(record, "1-0")
+        assert (part.prediction, part.label) == (None, None)
+        names = {name for name, _ in (*part.core, *part.detail)}
+        assert not {"p_n", "p_sum", "p_sq"} & names
+        assert f"f{SEP}amount{SEP}miss" in names
 
     def test_record_without_endpoint_is_refused(self) -> None:
         """A record with no endpoint is a ValueError (the consumer counts it as malformed)."""
@@ -91,6 +137,7 @@ class TestContribution:
         assert (aggregate.requests, aggregate.errors, aggregate.degraded) == (3, 1, 0)
         assert aggregate.latency_ms.total == 3
         assert aggregate.predictions.mean == pytest.approx(0.1)
+        assert aggregate.prediction_square_sum == pytest.approx(3 * 0.1**2)
         amount = aggregate.features["amount"]
         assert (amount.count, amount.missing, amount.values.total) == (3, 1, 2)
         assert amount.values.mean == pytest.approx(15.0)

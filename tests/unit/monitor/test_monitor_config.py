@@ -84,3 +84,27 @@ class TestMonitorSettings:
         monkeypatch.setenv("MODELSERVE_MONITOR_ALERTS__MODEL_LATENCY_HIGH__SEVERITY", "meh")
         with pytest.raises(ConfigError, match="ALERTS__MODEL_LATENCY_HIGH__SEVERITY"):
             load_settings(MonitorSettings)
+
+    def test_webhooks_and_canary_defaults_come_from_nested_variables(
+        self, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """Webhook URLs are a JSON list; canary thresholds are plain nested variables."""
+        monkeypatch.setenv(
+            "MODELSERVE_MONITOR_ALERTS__WEBHOOK__URLS", '["https://hooks.example/t/abc"]'
+        )
+        monkeypatch.setenv("MODELSERVE_MONITOR_ALERTS__WEBHOOK__MAX_ATTEMPTS", "2")
+        monkeypatch.setenv("MODELSERVE_MONITOR_CANARY__MIN_REQUESTS", "1000")
+        settings = load_settings(MonitorSettings)
+        assert settings.alerts.webhook.urls == ["https://hooks.example/t/abc"]
+        assert settings.alerts.webhook.max_attempts == 2
+        assert (settings.canary.min_requests, settings.canary.alpha) == (1000, 0.01)
+
+    def test_a_webhook_that_is_not_http_is_refused_without_echoing_it(
+        self, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """A non-HTTP webhook stops the service at start; the message names the variable but
+        not the URL, which may hold a token."""
+        monkeypatch.setenv("MODELSERVE_MONITOR_ALERTS__WEBHOOK__URLS", '["ftp://x/secret-token"]')
+        with pytest.raises(ConfigError, match="ALERTS__WEBHOOK__URLS") as info:
+            load_settings(MonitorSettings)
+        assert "secret-token" not in str(info.value)

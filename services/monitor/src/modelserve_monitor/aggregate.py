@@ -7,6 +7,7 @@ same fixed buckets (`histogram.bucket_of`).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
@@ -21,7 +22,12 @@ Increment = tuple[str, int | float]
 
 @dataclass(frozen=True, slots=True)
 class RecordContribution:
-    """The increments one record adds: `core` to every aggregate, `detail` to windows and baseline."""
+    """The increments one record adds: `core` to every aggregate, `detail` to windows and baseline.
+
+    `request_id` is set for the answer a caller got (it joins outcomes and shadow copies);
+    `shadow_request_id` is set instead for a shadow copy, which pairs with that answer.
+    `label` is the predicted label that shadow agreement compares.
+    """
 
     identity: str
     endpoint: str
@@ -30,12 +36,14 @@ class RecordContribution:
     prediction: float | None
     core: list[Increment]
     detail: list[Increment]
+    label: int | None = None
+    shadow_request_id: str = ""
 
 
-def prediction_of(record: prediction_record_pb2.PredictionRecord) -> float | None:
-    """The positive-class probability (two values per row), else the first output's first value."""
+def _first_output(record: prediction_record_pb2.PredictionRecord) -> tuple[list[float], int]:
+    """The first output's values and its values per row (the last dimension, at least 1)."""
     if not record.outputs:
-        return None
+        return [], 1
     tensor = record.outputs[0]
     contents = tensor.contents
     values: list[float]
@@ -48,12 +56,35 @@ def prediction_of(record: prediction_record_pb2.PredictionRecord) -> float | Non
     elif tensor.datatype == tensor_pb2.DATA_TYPE_BOOL:
         values = [float(v) for v in contents.bool_contents]
     else:
-        return None
+        return [], 1
+    per_row = tensor.shape[-1] if tensor.shape and tensor.shape[-1] > 0 else 1
+    return values, per_row
+
+
+def prediction_of(record: prediction_record_pb2.PredictionRecord) -> float | None:
+    """The positive-class probability (two values per row), else the first output's first value.
+
+    None without one, and for NaN or infinity, which the counters cannot add.
+    """
+    values, per_row = _first_output(record)
     if not values:
         return None
-    if tensor.shape and tensor.shape[-1] == 2 and len(values) >= 2:
-        return values[1]
-    return values[0]
+    value = values[1] if per_row == 2 and len(values) >= 2 else values[0]
+    return value if math.isfinite(value) else None
+
+
+def label_of(record: prediction_record_pb2.PredictionRecord) -> int | None:
+    """The predicted label: the argmax of the first output's first row when it has three or
+    more values per row, else the prediction thresholded at 0.5 (1 when at least 0.5), as
+    RecordOutcome reads it; for two values per row that is the positive-class probability."""
+    values, per_row = _first_output(record)
+    if per_row >= 3 and len(values) >= per_row:
+        row = values[:per_row]
+        if all(math.isfinite(v) for v in row):
+            return max(range(per_row), key=row.__getitem__)
+        return None
+    prediction = prediction_of(record)
+    return None if prediction is None else int(prediction >= 0.5)
 
 
 def contribution(
@@ -75,15 +106,18 @@ def contribution(
     detail: list[Increment] = []
     prediction = prediction_of(record)
     if prediction is not None:
-        detail += [("p_n", 1), ("p_sum", prediction), (f"p{SEP}{bucket_of(prediction)}", 1)]
+        # Count, sum and sum of squares go into the totals too (A/B tests over them).
+        core += [("p_n", 1), ("p_sum", prediction), ("p_sq", prediction * prediction)]
+        detail.append((f"p{SEP}{bucket_of(prediction)}", 1))
     for name, value in record.features.items():
         prefix = f"f{SEP}{name}{SEP}"
         detail.append((prefix + "n", 1))
         kind = value.WhichOneof("kind")
-        if kind is None:
+        number = float(getattr(value, kind)) if kind in ("int64_value", "double_value") else 0.0
+        if kind is None or not math.isfinite(number):
+            # NaN and infinity mean "no value" here: the counters cannot add them.
             detail.append((prefix + "miss", 1))
         elif kind in ("int64_value", "double_value"):
-            number = float(getattr(value, kind))
             detail += [(prefix + "vn", 1), (prefix + "sum", number)]
             detail.append((f"{prefix}h{SEP}{bucket_of(number)}", 1))
         elif kind == "string_value":
@@ -96,11 +130,14 @@ def contribution(
         identity=SEP.join((record.endpoint, record.model_version, request_id)),
         endpoint=record.endpoint,
         model_version=record.model_version,
-        # A shadow copy shares its caller's request id; outcomes join the answer the caller got.
+        # A shadow copy shares its caller's request id; outcomes join the answer the caller
+        # got, and the shadow copy pairs with that answer instead.
         request_id="" if record.shadow else record.request_id,
         prediction=prediction,
         core=core,
         detail=detail,
+        label=label_of(record),
+        shadow_request_id=record.request_id if record.shadow else "",
     )
 
 
@@ -132,11 +169,19 @@ class VersionAggregate:
     latency_ms: Histogram = field(default_factory=Histogram.empty)
     predictions: Histogram = field(default_factory=Histogram.empty)
     features: dict[str, FeatureAggregate] = field(default_factory=dict)
+    prediction_square_sum: float = 0.0
     outcomes: int = 0
     labels: int = 0
     correct: int = 0
     values: int = 0
+    value_sum: float = 0.0
+    value_square_sum: float = 0.0
     absolute_error_sum: float = 0.0
+    absolute_error_square_sum: float = 0.0
+    pairs: int = 0
+    compared_pairs: int = 0
+    agreeing_pairs: int = 0
+    pair_difference_sum: float = 0.0
 
     def add_hash(self, raw: Mapping[bytes, bytes]) -> None:
         """Adds the counters of one Redis hash (one bucket, the total, or the baseline)."""
@@ -145,28 +190,16 @@ class VersionAggregate:
 
     def _add(self, name: str, value: float) -> None:
         count = int(value)
-        if name == "n":
-            self.requests += count
-        elif name == "err":
-            self.errors += count
-        elif name == "deg":
-            self.degraded += count
+        if name in _COUNTS:
+            setattr(self, _COUNTS[name], getattr(self, _COUNTS[name]) + count)
+        elif name in _SUMS:
+            setattr(self, _SUMS[name], getattr(self, _SUMS[name]) + value)
         elif name == "lat_sum":
             self.latency_ms.sum += value
         elif name == "p_n":
             self.predictions.total += count
         elif name == "p_sum":
             self.predictions.sum += value
-        elif name == "o_n":
-            self.outcomes += count
-        elif name == "o_ln":
-            self.labels += count
-        elif name == "o_lc":
-            self.correct += count
-        elif name == "o_vn":
-            self.values += count
-        elif name == "o_abs":
-            self.absolute_error_sum += value
         else:
             self._add_part(name.split(SEP), value, count)
 
@@ -193,3 +226,27 @@ class VersionAggregate:
             elif what == "c":
                 category = SEP.join(parts[3:])
                 feature.categories[category] = feature.categories.get(category, 0) + count
+
+
+#: Integer counters of a version's hash and the VersionAggregate field each adds to.
+_COUNTS = {
+    "n": "requests",
+    "err": "errors",
+    "deg": "degraded",
+    "o_n": "outcomes",
+    "o_ln": "labels",
+    "o_lc": "correct",
+    "o_vn": "values",
+    "sh_n": "pairs",
+    "sh_cmp": "compared_pairs",
+    "sh_eq": "agreeing_pairs",
+}
+#: Float sums of a version's hash and the VersionAggregate field each adds to.
+_SUMS = {
+    "p_sq": "prediction_square_sum",
+    "o_vsum": "value_sum",
+    "o_vsq": "value_square_sum",
+    "o_abs": "absolute_error_sum",
+    "o_abs2": "absolute_error_square_sum",
+    "sh_abs": "pair_difference_sum",
+}

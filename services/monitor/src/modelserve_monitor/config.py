@@ -5,8 +5,9 @@ from __future__ import annotations
 import os
 import socket
 from typing import Literal
+from urllib.parse import urlsplit
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, field_validator
 from pydantic_settings import SettingsConfigDict
 
 from modelserve_runtime.config import ServiceSettings
@@ -58,6 +59,33 @@ class PredictionDriftRuleSettings(AlertRuleSettings):
     severity: Literal["warning", "critical"] = "critical"
 
 
+class WebhookSettings(BaseModel):
+    """Where alert changes are POSTed, and how patiently."""
+
+    model_config = {"frozen": True, "extra": "forbid"}
+
+    urls: list[str] = []
+    """http(s) URLs that receive every alert change as JSON (a JSON list in the environment)."""
+    timeout_s: float = Field(default=5.0, gt=0)
+    """How long one POST may take."""
+    max_attempts: int = Field(default=5, ge=1)
+    """Tries per change before it is logged, counted as failed and skipped."""
+    backoff_s: float = Field(default=1.0, gt=0)
+    """Pause before the first retry; it doubles with each retry."""
+    backoff_max_s: float = Field(default=60.0, gt=0)
+    """Longest pause between retries."""
+
+    @field_validator("urls")
+    @classmethod
+    def _http_urls(cls, urls: list[str]) -> list[str]:
+        for url in urls:
+            parts = urlsplit(url)
+            if parts.scheme not in ("http", "https") or not parts.hostname:
+                # The URL itself is not echoed: its path may hold a token.
+                raise ValueError("each webhook URL must be http:// or https:// with a host")
+        return urls
+
+
 class AlertSettings(BaseModel):
     """The alert rules and how often they are evaluated."""
 
@@ -65,12 +93,39 @@ class AlertSettings(BaseModel):
 
     interval_s: float = Field(default=15.0, gt=0)
     """How often every rule is evaluated for every version."""
+    events_max_len: int = Field(default=10_000, ge=1)
+    """Alert changes kept (approximately) for WatchAlerts resumes and webhook catch-up."""
+    webhook: WebhookSettings = WebhookSettings()
+    """Webhooks that receive every alert change (`..._ALERTS__WEBHOOK__URLS='["https://..."]'`)."""
     model_latency_high: LatencyRuleSettings = LatencyRuleSettings()
     """p99 router latency in milliseconds."""
     error_rate_high: ErrorRateRuleSettings = ErrorRateRuleSettings()
     """Share of requests that ended in an error."""
     prediction_drift: PredictionDriftRuleSettings = PredictionDriftRuleSettings()
     """How far the mean prediction moved from the baseline's mean."""
+
+
+class CanarySettings(BaseModel):
+    """JudgeCanary's defaults; a request may override each."""
+
+    model_config = {"frozen": True, "extra": "forbid"}
+
+    alpha: float = Field(default=0.01, gt=0, lt=1)
+    """False-FAIL rate of a judgement, split evenly over the checks that run (Bonferroni)."""
+    min_requests: int = Field(default=500, ge=1)
+    """Fewest requests (and predictions) each version needs in the window."""
+    min_outcomes: int = Field(default=100, ge=1)
+    """Fewest labels, or values, each version needs for an outcome check."""
+    max_error_rate_increase: float = Field(default=0.0, ge=0)
+    """Error-rate increase (absolute) tolerated before the error-rate check can fail."""
+    max_latency_increase: float = Field(default=0.1, ge=0)
+    """Relative median latency increase tolerated before the latency check can fail."""
+    max_prediction_shift: float = Field(default=0.1, ge=0, le=1)
+    """Kolmogorov-Smirnov distance of the predictions tolerated before that check can fail."""
+    max_accuracy_decrease: float = Field(default=0.0, ge=0)
+    """Accuracy decrease (absolute) tolerated before the accuracy check can fail."""
+    max_absolute_error_increase: float = Field(default=0.0, ge=0)
+    """Relative mean-absolute-error increase tolerated before that check can fail."""
 
 
 class MonitorSettings(ServiceSettings):
@@ -108,3 +163,5 @@ class MonitorSettings(ServiceSettings):
     """How often the windowed figures on /metrics are recomputed."""
     alerts: AlertSettings = AlertSettings()
     """Alert rules (`MODELSERVE_MONITOR_ALERTS__ERROR_RATE_HIGH__THRESHOLD=0.05`, ...)."""
+    canary: CanarySettings = CanarySettings()
+    """JudgeCanary's default thresholds (`MODELSERVE_MONITOR_CANARY__MIN_REQUESTS=1000`, ...)."""

@@ -92,3 +92,18 @@ class Histogram:
             if seen >= target:
                 return bucket_mid(index)
         return bucket_mid(ordered[-1])
+
+    def interpolated_quantile(self, q: float) -> float:
+        """Like `quantile`, but placed within its bucket as if the bucket's values were spread
+        evenly: finer than a bucket's width for smooth distributions; 0 when empty."""
+        if not self.counts:
+            return 0.0
+        target = q * sum(self.counts.values())
+        seen = 0
+        for index in sorted(self.counts):
+            count = self.counts[index]
+            if seen + count >= target:
+                lower, upper = bucket_bounds(index)
+                return lower + (upper - lower) * (target - seen) / count
+            seen += count
+        return bucket_bounds(max(self.counts))[1]

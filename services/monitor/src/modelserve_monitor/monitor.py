@@ -30,6 +30,8 @@ Clock = Callable[[], float]
 #: The name a drift result uses for the predictions.
 PREDICTION = "prediction"
 BASELINE_FIRST_RECORDS = "first_records"
+#: Outcome values must stay below this magnitude, so their squares stay finite.
+MAX_OUTCOME_VALUE = 1e100
 
 
 @dataclass(frozen=True, slots=True)
@@ -129,6 +131,21 @@ class DriftReport:
     baseline_count: int
     window_count: int
     results: list[DriftResult]
+
+
+@dataclass(frozen=True, slots=True)
+class ShadowReport:
+    """How a shadow version compared with the answers to the same requests over a window."""
+
+    endpoint: str
+    shadow_version: str
+    window: Window
+    request_count: int
+    error_count: int
+    pair_count: int
+    compared_count: int
+    agreement_rate: float
+    mean_absolute_difference: float
 
 
 @dataclass(frozen=True, slots=True)
@@ -303,6 +320,43 @@ class Monitor:
             statistics = [chi_square(baseline, window, self._thresholds.p_value)]
         return DriftResult(name, before, after, statistics)
 
+    async def shadow_report(
+        self, endpoint: str, shadow_version: str, window: Window
+    ) -> ShadowReport:
+        """How often a shadow version agreed with the answers to the same requests.
+
+        InvalidArgumentError naming each missing field; NotFoundError when the version has
+        no records on the endpoint.
+        """
+        violations = [
+            FieldViolation(name, "is required")
+            for name, value in (("endpoint", endpoint), ("shadow_version", shadow_version))
+            if not value
+        ]
+        if violations:
+            raise InvalidArgumentError.from_violations(violations)
+        if shadow_version not in await self._store.endpoint_versions(endpoint):
+            raise NotFoundError(
+                f"no prediction records for {shadow_version!r} on endpoint {endpoint!r}",
+                reason="VERSION_NOT_FOUND",
+                metadata={"endpoint": endpoint, "model_version": shadow_version},
+            )
+        aggregate = await self._store.window(endpoint, shadow_version, window, self._clock())
+        compared = aggregate.compared_pairs
+        return ShadowReport(
+            endpoint=endpoint,
+            shadow_version=shadow_version,
+            window=window,
+            request_count=aggregate.requests,
+            error_count=aggregate.errors,
+            pair_count=aggregate.pairs,
+            compared_count=compared,
+            agreement_rate=aggregate.agreeing_pairs / compared if compared else 0.0,
+            mean_absolute_difference=(
+                aggregate.pair_difference_sum / compared if compared else 0.0
+            ),
+        )
+
     async def record_outcome(
         self, request_id: str, *, label: int | None = None, value: float | None = None
     ) -> OutcomeRecorded:
@@ -319,8 +373,10 @@ class Monitor:
             violations.append(
                 FieldViolation("outcome", "exactly one of label or value is required")
             )
-        elif value is not None and not math.isfinite(value):
-            violations.append(FieldViolation("value", "must be a finite number"))
+        elif value is not None and not (math.isfinite(value) and abs(value) < MAX_OUTCOME_VALUE):
+            violations.append(
+                FieldViolation("value", f"must be a finite number below {MAX_OUTCOME_VALUE:g}")
+            )
         if violations:
             raise InvalidArgumentError.from_violations(violations)
         logged = await self._store.logged_prediction(request_id)
@@ -341,6 +397,9 @@ class Monitor:
             predicted = 1 if logged.prediction >= 0.5 else 0
             increments += [("o_ln", 1), ("o_lc", int(predicted == label))]
         if value is not None:
-            increments += [("o_vn", 1), ("o_abs", abs(value - logged.prediction))]
+            error = abs(value - logged.prediction)
+            # Sums of squares too, so A/B and canary tests have the variances.
+            increments += [("o_vn", 1), ("o_vsum", value), ("o_vsq", value * value)]
+            increments += [("o_abs", error), ("o_abs2", error * error)]
         counted = await self._store.add_outcome(request_id, logged, increments, self._clock())
         return OutcomeRecorded(logged.endpoint, logged.model_version, logged.prediction, counted)

@@ -12,14 +12,17 @@ import redis.asyncio as redis
 
 from modelserve.monitor.v1 import monitor_service_pb2 as pb
 from modelserve.monitor.v1 import monitor_service_pb2_grpc as pb_grpc
-from modelserve_monitor.alerts import AlertEvaluator, evaluate_forever, rules_from
+from modelserve_monitor.alerts import AlertEvaluator, AlertLog, evaluate_forever, rules_from
+from modelserve_monitor.canary import CanaryJudge, CanaryThresholds
 from modelserve_monitor.config import MonitorSettings
 from modelserve_monitor.consumer import PredictionLogConsumer
 from modelserve_monitor.drift import DriftThresholds
+from modelserve_monitor.experiment import ExperimentAnalysis
 from modelserve_monitor.metrics import export_forever
 from modelserve_monitor.monitor import Clock, Monitor
 from modelserve_monitor.servicer import MonitorServicer
 from modelserve_monitor.store import AggregateStore, StoreTtls
+from modelserve_monitor.webhook import AlertWebhook, RetryPolicy
 from modelserve_runtime.errors import UnavailableError
 from modelserve_runtime.server import GrpcServer, build_grpc_server, run_service
 
@@ -27,7 +30,8 @@ SERVICE = "monitor"
 
 
 class MonitorApp:
-    """The monitor service's dependencies: Redis, the consumer, alerts, the periodic tasks."""
+    """The monitor service's dependencies: Redis, the consumer, alerts, webhooks, the
+    periodic tasks."""
 
     def __init__(
         self,
@@ -35,23 +39,30 @@ class MonitorApp:
         monitor: Monitor,
         consumer: PredictionLogConsumer,
         alerts: AlertEvaluator,
+        webhooks: list[AlertWebhook],
         tasks: list[asyncio.Task[None]],
     ) -> None:
         self.redis = client
         self.monitor = monitor
         self.consumer = consumer
         self.alerts = alerts
+        self.webhooks = webhooks
         self._tasks = tasks
 
     async def check_ready(self) -> None:
+        """Redis answers, the consumer group exists, and each webhook knows where it starts
+        (so no alert change made after this is missed by a new webhook)."""
         try:
             await self.redis.ping()
             await self.consumer.ensure_group()
+            for webhook in self.webhooks:
+                await webhook.start_position()
         except redis.RedisError as exc:
             raise UnavailableError(f"redis does not answer: {exc}") from exc
 
     async def begin_shutdown(self) -> None:
-        """Nothing here streams forever; in-flight calls drain within the grace period."""
+        """Ends the WatchAlerts streams, which would otherwise hold the stop for its grace."""
+        self.alerts.close_watches()
 
     async def close(self) -> None:
         for task in self._tasks:
@@ -101,10 +112,30 @@ async def build_server(
         clock=clock,
     )
 
-    alerts = AlertEvaluator(client, monitor, rules_from(settings.alerts), clock)
+    alert_log = AlertLog(client, max_events=settings.alerts.events_max_len)
+    alerts = AlertEvaluator(
+        alert_log, monitor, rules_from(settings.alerts), clock, block_ms=settings.block_ms
+    )
+    hooks = settings.alerts.webhook
+    policy = RetryPolicy(
+        timeout_s=hooks.timeout_s,
+        max_attempts=hooks.max_attempts,
+        backoff_s=hooks.backoff_s,
+        backoff_max_s=hooks.backoff_max_s,
+    )
+    webhooks = [
+        AlertWebhook(client, alert_log, url, policy=policy, block_ms=settings.block_ms)
+        for url in hooks.urls
+    ]
+    servicer = MonitorServicer(
+        monitor,
+        alerts,
+        CanaryJudge(store, CanaryThresholds(**settings.canary.model_dump()), clock),
+        ExperimentAnalysis(store, clock),
+    )
 
     def register(server: grpc.aio.Server) -> Sequence[str]:
-        pb_grpc.add_MonitorServiceServicer_to_server(MonitorServicer(monitor, alerts), server)
+        pb_grpc.add_MonitorServiceServicer_to_server(servicer, server)
         return [pb.DESCRIPTOR.services_by_name["MonitorService"].full_name]
 
     grpc_server = build_grpc_server(SERVICE, settings, register)
@@ -116,8 +147,12 @@ async def build_server(
         asyncio.create_task(
             evaluate_forever(alerts, settings.alerts.interval_s), name="monitor-alerts"
         ),
+        *(
+            asyncio.create_task(webhook.run(), name=f"monitor-webhook-{i}")
+            for i, webhook in enumerate(webhooks)
+        ),
     ]
-    return grpc_server, MonitorApp(client, monitor, consumer, alerts, tasks)
+    return grpc_server, MonitorApp(client, monitor, consumer, alerts, webhooks, tasks)
 
 
 def main() -> None:

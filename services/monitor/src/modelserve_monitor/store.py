@@ -3,10 +3,13 @@
 Layout (prefix `modelserve:monitor`):
 - `:agg:{endpoint}\\x1f{version}:fine:{t}`: a hash of counters for 10 s starting at `t`
   (the 1 and 5 minute windows); `:coarse:{t}`: for 60 s (the 1 hour window); `:total`:
-  requests, errors, degraded, latency and outcomes since the version was first counted;
-  `:baseline`: everything of the version's first `baseline_records` records.
+  requests, errors, degraded, latency, prediction sums, outcomes and shadow pairs since the
+  version was first counted; `:baseline`: everything of the version's first
+  `baseline_records` records.
 - `:seen:{endpoint}\\x1f{version}\\x1f{request id}`: a record was counted (expires).
-- `:pred:{request id}`: endpoint, version and prediction of a request, for outcomes (expires).
+- `:pred:{request id}`: endpoint, version, prediction and label of the answer a caller got,
+  for outcomes and shadow pairs (expires).
+- `:shadow:{request id}`: shadow copies counted before the answer they pair with (expires).
 - `:outcome:{request id}`: an outcome was recorded for the request (expires).
 - `:endpoints`, `:versions:{endpoint}`: sets of what was seen.
 
@@ -41,7 +44,12 @@ class Window(Enum):
     ONE_HOUR = 3600
 
 
-_APPLY_BATCH = """
+# Shared by both counting scripts: the header arguments, and the shadow pairing. A
+# request's answer keeps `:pred:{request id}` = endpoint, version, prediction, label; a
+# shadow copy that arrives first waits in the hash `:shadow:{request id}` (field endpoint
+# and version, value prediction and label) until the answer arrives. Whichever of the two
+# is counted second makes the pair, so a pair is counted once, in either order.
+_PRELUDE = """
 local function incr(key, field, amount)
   if string.find(amount, '^%-?%d+$') then
     redis.call('HINCRBY', key, field, amount)
@@ -53,6 +61,69 @@ local group, prefix, sep = ARGV[1], ARGV[2], ARGV[3]
 local fine_suffix, coarse_suffix = ARGV[4], ARGV[5]
 local seen_ttl, fine_ttl, coarse_ttl, pred_ttl = ARGV[6], ARGV[7], ARGV[8], ARGV[9]
 local baseline_n = tonumber(ARGV[10])
+local function split(text)
+  local parts, from = {}, 1
+  while true do
+    local at = string.find(text, sep, from, true)
+    if not at then
+      parts[#parts + 1] = string.sub(text, from)
+      return parts
+    end
+    parts[#parts + 1] = string.sub(text, from, at - 1)
+    from = at + 1
+  end
+end
+local function count_pair(endpoint, shadow_version, answer, answer_label, copy, copy_label)
+  local base = prefix .. ':agg:' .. endpoint .. sep .. shadow_version
+  local fine, coarse = base .. fine_suffix, base .. coarse_suffix
+  local a, c = tonumber(answer), tonumber(copy)
+  for _, key in ipairs({fine, coarse, base .. ':total'}) do
+    redis.call('HINCRBY', key, 'sh_n', 1)
+    if a and c then
+      redis.call('HINCRBY', key, 'sh_cmp', 1)
+      if answer_label ~= '' and answer_label == copy_label then
+        redis.call('HINCRBY', key, 'sh_eq', 1)
+      end
+      redis.call('HINCRBYFLOAT', key, 'sh_abs', string.format('%.17g', math.abs(a - c)))
+    end
+  end
+  redis.call('EXPIRE', fine, fine_ttl)
+  redis.call('EXPIRE', coarse, coarse_ttl)
+end
+local function remember_answer(endpoint, version, request_id, prediction, label)
+  local key = prefix .. ':pred:' .. request_id
+  redis.call('SET', key, endpoint .. sep .. version .. sep .. prediction .. sep .. label,
+    'NX', 'EX', pred_ttl)
+  local waiting = prefix .. ':shadow:' .. request_id
+  local copies = redis.call('HGETALL', waiting)
+  if #copies == 0 then return end
+  local answer = split(redis.call('GET', key))
+  for j = 1, #copies, 2 do
+    local who, what = split(copies[j]), split(copies[j + 1])
+    if who[1] == answer[1] then
+      count_pair(who[1], who[2], answer[3], answer[4] or '', what[1], what[2])
+    end
+  end
+  redis.call('DEL', waiting)
+end
+local function pair_copy(endpoint, version, request_id, prediction, label)
+  local stored = redis.call('GET', prefix .. ':pred:' .. request_id)
+  if stored then
+    local answer = split(stored)
+    if answer[1] == endpoint then
+      count_pair(endpoint, version, answer[3], answer[4] or '', prediction, label)
+    end
+    return
+  end
+  local waiting = prefix .. ':shadow:' .. request_id
+  redis.call('HSET', waiting, endpoint .. sep .. version, prediction .. sep .. label)
+  redis.call('EXPIRE', waiting, pred_ttl)
+end
+"""
+
+_APPLY_BATCH = (
+    _PRELUDE
+    + """
 local entries = tonumber(ARGV[11])
 local i = 12
 local counted = 0
@@ -63,9 +134,10 @@ for _ = 1, entries do
   ids[#ids + 1] = entry_id
   if has_record == '1' then
     local identity, endpoint, version = ARGV[i], ARGV[i + 1], ARGV[i + 2]
-    local request_id, prediction = ARGV[i + 3], ARGV[i + 4]
-    local n_core, n_detail = tonumber(ARGV[i + 5]), tonumber(ARGV[i + 6])
-    i = i + 7
+    local request_id, shadow_of = ARGV[i + 3], ARGV[i + 4]
+    local prediction, label = ARGV[i + 5], ARGV[i + 6]
+    local n_core, n_detail = tonumber(ARGV[i + 7]), tonumber(ARGV[i + 8])
+    i = i + 9
     if redis.call('SET', prefix .. ':seen:' .. identity, '1', 'NX', 'EX', seen_ttl) then
       counted = counted + 1
       local base = prefix .. ':agg:' .. endpoint .. sep .. version
@@ -90,8 +162,9 @@ for _ = 1, entries do
       redis.call('EXPIRE', fine, fine_ttl)
       redis.call('EXPIRE', coarse, coarse_ttl)
       if request_id ~= '' then
-        redis.call('SET', prefix .. ':pred:' .. request_id,
-          endpoint .. sep .. version .. sep .. prediction, 'NX', 'EX', pred_ttl)
+        remember_answer(endpoint, version, request_id, prediction, label)
+      elseif shadow_of ~= '' then
+        pair_copy(endpoint, version, shadow_of, prediction, label)
       end
     end
     i = i + 2 * (n_core + n_detail)
@@ -102,22 +175,15 @@ if #ids > 0 then
 end
 return counted
 """
+)
 
 # The fast path: the batch's increments summed per version in Python, applied once. It
 # writes nothing and answers -1 when a record was seen before or a version's baseline
 # would fill up within the batch; the caller then uses _APPLY_BATCH, record by record.
-_APPLY_MERGED = """
-local function incr(key, field, amount)
-  if string.find(amount, '^%-?%d+$') then
-    redis.call('HINCRBY', key, field, amount)
-  else
-    redis.call('HINCRBYFLOAT', key, field, amount)
-  end
-end
-local group, prefix, sep = ARGV[1], ARGV[2], ARGV[3]
-local fine_suffix, coarse_suffix = ARGV[4], ARGV[5]
-local seen_ttl, fine_ttl, coarse_ttl, pred_ttl = ARGV[6], ARGV[7], ARGV[8], ARGV[9]
-local baseline_n = tonumber(ARGV[10])
+# Every answer of the batch is remembered before any shadow copy of it is paired.
+_APPLY_MERGED = (
+    _PRELUDE
+    + """
 local n_ids = tonumber(ARGV[11])
 local i = 12
 local ids = {}
@@ -141,7 +207,9 @@ for v = 1, n_versions do
   if before < baseline_n and before + g.records > baseline_n then return -1 end
   g.in_baseline = before < baseline_n
   g.preds_at, g.n_preds = i, tonumber(ARGV[i])
-  i = i + 1 + 2 * g.n_preds
+  i = i + 1 + 3 * g.n_preds
+  g.copies_at, g.n_copies = i, tonumber(ARGV[i])
+  i = i + 1 + 3 * g.n_copies
   g.ops_at, g.n_core, g.n_detail = i + 2, tonumber(ARGV[i]), tonumber(ARGV[i + 1])
   i = i + 2 + 2 * (g.n_core + g.n_detail)
   versions[v] = g
@@ -166,9 +234,14 @@ for _, g in ipairs(versions) do
   redis.call('EXPIRE', fine, fine_ttl)
   redis.call('EXPIRE', coarse, coarse_ttl)
   for k = 0, g.n_preds - 1 do
-    local request_id, prediction = ARGV[g.preds_at + 1 + 2 * k], ARGV[g.preds_at + 2 + 2 * k]
-    redis.call('SET', prefix .. ':pred:' .. request_id,
-      g.endpoint .. sep .. g.version .. sep .. prediction, 'NX', 'EX', pred_ttl)
+    local at = g.preds_at + 1 + 3 * k
+    remember_answer(g.endpoint, g.version, ARGV[at], ARGV[at + 1], ARGV[at + 2])
+  end
+end
+for _, g in ipairs(versions) do
+  for k = 0, g.n_copies - 1 do
+    local at = g.copies_at + 1 + 3 * k
+    pair_copy(g.endpoint, g.version, ARGV[at], ARGV[at + 1], ARGV[at + 2])
   end
 end
 if #ids > 0 then
@@ -176,6 +249,7 @@ if #ids > 0 then
 end
 return counted
 """
+)
 
 _APPLY_ONCE = """
 if not redis.call('SET', KEYS[1], '1', 'NX', 'EX', ARGV[1]) then
@@ -263,9 +337,9 @@ class AggregateStore:
             if part is None:
                 args.append("0")
                 continue
-            prediction = "" if part.prediction is None else repr(part.prediction)
             args += ["1", part.identity, part.endpoint, part.model_version, part.request_id]
-            args += [prediction, str(len(part.core)), str(len(part.detail))]
+            args += [part.shadow_request_id, *_prediction_args(part)]
+            args += [str(len(part.core)), str(len(part.detail))]
             for name, value in (*part.core, *part.detail):
                 args += [name, _amount(value)]
         return int(await self._apply_batch(keys=[stream], args=args))
@@ -323,7 +397,8 @@ class AggregateStore:
         raw = await self._redis.get(f"{PREFIX}:pred:{request_id}")
         if raw is None:
             return None
-        endpoint, model_version, prediction = _text(raw).split(SEP)
+        # endpoint, version, prediction, then (since shadow pairing) the label
+        endpoint, model_version, prediction = _text(raw).split(SEP)[:3]
         return LoggedPrediction(endpoint, model_version, float(prediction) if prediction else None)
 
     async def add_outcome(
@@ -354,7 +429,8 @@ class _VersionBatch:
     """The records of one version in a batch, their increments summed."""
 
     identities: list[str]
-    predictions: list[tuple[str, str]]
+    predictions: list[tuple[str, str, str]]
+    copies: list[tuple[str, str, str]]
     core: dict[str, int | float]
     detail: dict[str, int | float]
 
@@ -371,12 +447,13 @@ def _merged_args(entries: Sequence[tuple[bytes, RecordContribution | None]]) -> 
             continue
         seen.add(part.identity)
         batch = versions.setdefault(
-            (part.endpoint, part.model_version), _VersionBatch([], [], {}, {})
+            (part.endpoint, part.model_version), _VersionBatch([], [], [], {}, {})
         )
         batch.identities.append(part.identity)
         if part.request_id:
-            prediction = "" if part.prediction is None else repr(part.prediction)
-            batch.predictions.append((part.request_id, prediction))
+            batch.predictions.append((part.request_id, *_prediction_args(part)))
+        elif part.shadow_request_id:
+            batch.copies.append((part.shadow_request_id, *_prediction_args(part)))
         for sums, increments in ((batch.core, part.core), (batch.detail, part.detail)):
             for name, value in increments:
                 sums[name] = sums.get(name, 0) + value
@@ -384,13 +461,20 @@ def _merged_args(entries: Sequence[tuple[bytes, RecordContribution | None]]) -> 
     args.append(str(len(versions)))
     for (endpoint, model_version), batch in versions.items():
         args += [endpoint, model_version, str(len(batch.identities)), *batch.identities]
-        args.append(str(len(batch.predictions)))
-        for request_id, prediction in batch.predictions:
-            args += [request_id, prediction]
+        for answers in (batch.predictions, batch.copies):
+            args.append(str(len(answers)))
+            for answer in answers:
+                args += answer
         args += [str(len(batch.core)), str(len(batch.detail))]
         for name, value in (*batch.core.items(), *batch.detail.items()):
             args += [name, _amount(value)]
     return args
+
+
+def _prediction_args(part: RecordContribution) -> tuple[str, str]:
+    """A record's prediction and label as script arguments; empty when it has none."""
+    prediction = "" if part.prediction is None else repr(part.prediction)
+    return prediction, "" if part.label is None else str(part.label)
 
 
 def _text(value: bytes | str) -> str:

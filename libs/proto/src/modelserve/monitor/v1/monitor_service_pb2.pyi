@@ -27,7 +27,10 @@ class _Window:
 class _WindowEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Window.ValueType], _builtins.type):
     DESCRIPTOR: _descriptor.EnumDescriptor
     WINDOW_UNSPECIFIED: _Window.ValueType  # 0
-    """Everything since the monitor first counted the version (request counts and latency only)."""
+    """Everything since the monitor first counted the version: counts, latency, the
+    predictions' count and mean, outcomes and shadow pairs (no histograms of predictions
+    or features).
+    """
     WINDOW_ONE_MINUTE: _Window.ValueType  # 1
     """The last minute."""
     WINDOW_FIVE_MINUTES: _Window.ValueType  # 2
@@ -39,7 +42,10 @@ class Window(_Window, metaclass=_WindowEnumTypeWrapper):
     """Window is the sliding time window that figures cover, ending now."""
 
 WINDOW_UNSPECIFIED: Window.ValueType  # 0
-"""Everything since the monitor first counted the version (request counts and latency only)."""
+"""Everything since the monitor first counted the version: counts, latency, the
+predictions' count and mean, outcomes and shadow pairs (no histograms of predictions
+or features).
+"""
 WINDOW_ONE_MINUTE: Window.ValueType  # 1
 """The last minute."""
 WINDOW_FIVE_MINUTES: Window.ValueType  # 2
@@ -127,6 +133,208 @@ ALERT_SEVERITY_WARNING: AlertSeverity.ValueType  # 1
 ALERT_SEVERITY_CRITICAL: AlertSeverity.ValueType  # 2
 """Someone should act now."""
 Global___AlertSeverity: _TypeAlias = AlertSeverity  # noqa: Y015
+
+class _AlertEventType:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _AlertEventTypeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_AlertEventType.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    ALERT_EVENT_TYPE_UNSPECIFIED: _AlertEventType.ValueType  # 0
+    """Not set."""
+    ALERT_EVENT_TYPE_CURRENT: _AlertEventType.ValueType  # 1
+    """An alert as it stands when the watch starts; one per alert kept."""
+    ALERT_EVENT_TYPE_SYNCED: _AlertEventType.ValueType  # 2
+    """Every current alert has been sent; changes follow. Carries no alert."""
+    ALERT_EVENT_TYPE_CHANGED: _AlertEventType.ValueType  # 3
+    """An alert changed state: `alert.state` is the new state, `previous_state` the old one
+    (unspecified when the rule had no alert for the version). A RESOLVED alert whose rule
+    holds again becomes a new PENDING alert (previous state RESOLVED).
+    """
+    ALERT_EVENT_TYPE_DROPPED: _AlertEventType.ValueType  # 4
+    """A pending alert stopped holding before it fired and was dropped; `alert` is the
+    alert as it was last kept.
+    """
+
+class AlertEventType(_AlertEventType, metaclass=_AlertEventTypeEnumTypeWrapper):
+    """AlertEventType says what an AlertEvent reports."""
+
+ALERT_EVENT_TYPE_UNSPECIFIED: AlertEventType.ValueType  # 0
+"""Not set."""
+ALERT_EVENT_TYPE_CURRENT: AlertEventType.ValueType  # 1
+"""An alert as it stands when the watch starts; one per alert kept."""
+ALERT_EVENT_TYPE_SYNCED: AlertEventType.ValueType  # 2
+"""Every current alert has been sent; changes follow. Carries no alert."""
+ALERT_EVENT_TYPE_CHANGED: AlertEventType.ValueType  # 3
+"""An alert changed state: `alert.state` is the new state, `previous_state` the old one
+(unspecified when the rule had no alert for the version). A RESOLVED alert whose rule
+holds again becomes a new PENDING alert (previous state RESOLVED).
+"""
+ALERT_EVENT_TYPE_DROPPED: AlertEventType.ValueType  # 4
+"""A pending alert stopped holding before it fired and was dropped; `alert` is the
+alert as it was last kept.
+"""
+Global___AlertEventType: _TypeAlias = AlertEventType  # noqa: Y015
+
+class _CanaryVerdict:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _CanaryVerdictEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_CanaryVerdict.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    CANARY_VERDICT_UNSPECIFIED: _CanaryVerdict.ValueType  # 0
+    """Not set."""
+    CANARY_VERDICT_PASS: _CanaryVerdict.ValueType  # 1
+    """Enough samples, and no check found the canary worse beyond its tolerance."""
+    CANARY_VERDICT_FAIL: _CanaryVerdict.ValueType  # 2
+    """At least one check found the canary significantly worse beyond its tolerance."""
+    CANARY_VERDICT_INCONCLUSIVE: _CanaryVerdict.ValueType  # 3
+    """Too few samples to judge, and nothing failed yet."""
+
+class CanaryVerdict(_CanaryVerdict, metaclass=_CanaryVerdictEnumTypeWrapper):
+    """CanaryVerdict is the result of a canary judgement."""
+
+CANARY_VERDICT_UNSPECIFIED: CanaryVerdict.ValueType  # 0
+"""Not set."""
+CANARY_VERDICT_PASS: CanaryVerdict.ValueType  # 1
+"""Enough samples, and no check found the canary worse beyond its tolerance."""
+CANARY_VERDICT_FAIL: CanaryVerdict.ValueType  # 2
+"""At least one check found the canary significantly worse beyond its tolerance."""
+CANARY_VERDICT_INCONCLUSIVE: CanaryVerdict.ValueType  # 3
+"""Too few samples to judge, and nothing failed yet."""
+Global___CanaryVerdict: _TypeAlias = CanaryVerdict  # noqa: Y015
+
+class _CanaryCheckVerdict:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _CanaryCheckVerdictEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_CanaryCheckVerdict.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    CANARY_CHECK_VERDICT_UNSPECIFIED: _CanaryCheckVerdict.ValueType  # 0
+    """Not set."""
+    CANARY_CHECK_VERDICT_PASS: _CanaryCheckVerdict.ValueType  # 1
+    """The canary is not significantly worse beyond the tolerance."""
+    CANARY_CHECK_VERDICT_FAIL: _CanaryCheckVerdict.ValueType  # 2
+    """The canary is significantly worse (p-value below `alpha`) and beyond the tolerance."""
+    CANARY_CHECK_VERDICT_INCONCLUSIVE: _CanaryCheckVerdict.ValueType  # 3
+    """One version has fewer samples than the minimum."""
+    CANARY_CHECK_VERDICT_NOT_APPLICABLE: _CanaryCheckVerdict.ValueType  # 4
+    """Nothing to compare (no outcomes of that kind were recorded for either version)."""
+
+class CanaryCheckVerdict(_CanaryCheckVerdict, metaclass=_CanaryCheckVerdictEnumTypeWrapper):
+    """CanaryCheckVerdict is the result of one check of a canary judgement."""
+
+CANARY_CHECK_VERDICT_UNSPECIFIED: CanaryCheckVerdict.ValueType  # 0
+"""Not set."""
+CANARY_CHECK_VERDICT_PASS: CanaryCheckVerdict.ValueType  # 1
+"""The canary is not significantly worse beyond the tolerance."""
+CANARY_CHECK_VERDICT_FAIL: CanaryCheckVerdict.ValueType  # 2
+"""The canary is significantly worse (p-value below `alpha`) and beyond the tolerance."""
+CANARY_CHECK_VERDICT_INCONCLUSIVE: CanaryCheckVerdict.ValueType  # 3
+"""One version has fewer samples than the minimum."""
+CANARY_CHECK_VERDICT_NOT_APPLICABLE: CanaryCheckVerdict.ValueType  # 4
+"""Nothing to compare (no outcomes of that kind were recorded for either version)."""
+Global___CanaryCheckVerdict: _TypeAlias = CanaryCheckVerdict  # noqa: Y015
+
+class _ComparisonTest:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _ComparisonTestEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ComparisonTest.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    COMPARISON_TEST_UNSPECIFIED: _ComparisonTest.ValueType  # 0
+    """Not set."""
+    COMPARISON_TEST_TWO_PROPORTION_Z: _ComparisonTest.ValueType  # 1
+    """Two-proportion z-test with the pooled proportion (error rate, accuracy)."""
+    COMPARISON_TEST_MANN_WHITNEY_U: _ComparisonTest.ValueType  # 2
+    """Mann–Whitney U from the two latency histograms, normal approximation with tie and
+    continuity corrections; values in one histogram bucket count as ties.
+    """
+    COMPARISON_TEST_KOLMOGOROV_SMIRNOV: _ComparisonTest.ValueType  # 3
+    """Two-sample Kolmogorov–Smirnov on the two prediction histograms, asymptotic p-value."""
+    COMPARISON_TEST_WELCH_T: _ComparisonTest.ValueType  # 4
+    """Welch's t-test from the counts, sums and sums of squares (means of values)."""
+
+class ComparisonTest(_ComparisonTest, metaclass=_ComparisonTestEnumTypeWrapper):
+    """ComparisonTest names the statistical test behind a comparison of two versions."""
+
+COMPARISON_TEST_UNSPECIFIED: ComparisonTest.ValueType  # 0
+"""Not set."""
+COMPARISON_TEST_TWO_PROPORTION_Z: ComparisonTest.ValueType  # 1
+"""Two-proportion z-test with the pooled proportion (error rate, accuracy)."""
+COMPARISON_TEST_MANN_WHITNEY_U: ComparisonTest.ValueType  # 2
+"""Mann–Whitney U from the two latency histograms, normal approximation with tie and
+continuity corrections; values in one histogram bucket count as ties.
+"""
+COMPARISON_TEST_KOLMOGOROV_SMIRNOV: ComparisonTest.ValueType  # 3
+"""Two-sample Kolmogorov–Smirnov on the two prediction histograms, asymptotic p-value."""
+COMPARISON_TEST_WELCH_T: ComparisonTest.ValueType  # 4
+"""Welch's t-test from the counts, sums and sums of squares (means of values)."""
+Global___ComparisonTest: _TypeAlias = ComparisonTest  # noqa: Y015
+
+class _ExperimentMetric:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _ExperimentMetricEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ExperimentMetric.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    EXPERIMENT_METRIC_UNSPECIFIED: _ExperimentMetric.ValueType  # 0
+    """Not set."""
+    EXPERIMENT_METRIC_ERROR_RATE: _ExperimentMetric.ValueType  # 1
+    """Share of requests that ended in an error; a sample is a request."""
+    EXPERIMENT_METRIC_ACCURACY: _ExperimentMetric.ValueType  # 2
+    """Share of labelled outcomes equal to the predicted label; a sample is a label."""
+    EXPERIMENT_METRIC_OUTCOME_MEAN: _ExperimentMetric.ValueType  # 3
+    """Mean of the recorded outcome values (for example revenue); a sample is a value."""
+    EXPERIMENT_METRIC_ABSOLUTE_ERROR: _ExperimentMetric.ValueType  # 4
+    """Mean absolute difference of outcome value and prediction; a sample is a value."""
+    EXPERIMENT_METRIC_PREDICTION_MEAN: _ExperimentMetric.ValueType  # 5
+    """Mean prediction; a sample is a prediction."""
+
+class ExperimentMetric(_ExperimentMetric, metaclass=_ExperimentMetricEnumTypeWrapper):
+    """ExperimentMetric is what an A/B experiment compares, and which samples it counts."""
+
+EXPERIMENT_METRIC_UNSPECIFIED: ExperimentMetric.ValueType  # 0
+"""Not set."""
+EXPERIMENT_METRIC_ERROR_RATE: ExperimentMetric.ValueType  # 1
+"""Share of requests that ended in an error; a sample is a request."""
+EXPERIMENT_METRIC_ACCURACY: ExperimentMetric.ValueType  # 2
+"""Share of labelled outcomes equal to the predicted label; a sample is a label."""
+EXPERIMENT_METRIC_OUTCOME_MEAN: ExperimentMetric.ValueType  # 3
+"""Mean of the recorded outcome values (for example revenue); a sample is a value."""
+EXPERIMENT_METRIC_ABSOLUTE_ERROR: ExperimentMetric.ValueType  # 4
+"""Mean absolute difference of outcome value and prediction; a sample is a value."""
+EXPERIMENT_METRIC_PREDICTION_MEAN: ExperimentMetric.ValueType  # 5
+"""Mean prediction; a sample is a prediction."""
+Global___ExperimentMetric: _TypeAlias = ExperimentMetric  # noqa: Y015
+
+class _ExperimentVerdict:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _ExperimentVerdictEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ExperimentVerdict.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    EXPERIMENT_VERDICT_UNSPECIFIED: _ExperimentVerdict.ValueType  # 0
+    """Not set."""
+    EXPERIMENT_VERDICT_COLLECTING: _ExperimentVerdict.ValueType  # 1
+    """Some arm has not reached the sample size; no comparison is reported yet."""
+    EXPERIMENT_VERDICT_SIGNIFICANT: _ExperimentVerdict.ValueType  # 2
+    """Every arm reached the sample size, and at least one differs from the first arm."""
+    EXPERIMENT_VERDICT_NOT_SIGNIFICANT: _ExperimentVerdict.ValueType  # 3
+    """Every arm reached the sample size, and none differs significantly from the first arm."""
+
+class ExperimentVerdict(_ExperimentVerdict, metaclass=_ExperimentVerdictEnumTypeWrapper):
+    """ExperimentVerdict is where an A/B experiment stands."""
+
+EXPERIMENT_VERDICT_UNSPECIFIED: ExperimentVerdict.ValueType  # 0
+"""Not set."""
+EXPERIMENT_VERDICT_COLLECTING: ExperimentVerdict.ValueType  # 1
+"""Some arm has not reached the sample size; no comparison is reported yet."""
+EXPERIMENT_VERDICT_SIGNIFICANT: ExperimentVerdict.ValueType  # 2
+"""Every arm reached the sample size, and at least one differs from the first arm."""
+EXPERIMENT_VERDICT_NOT_SIGNIFICANT: ExperimentVerdict.ValueType  # 3
+"""Every arm reached the sample size, and none differs significantly from the first arm."""
+Global___ExperimentVerdict: _TypeAlias = ExperimentVerdict  # noqa: Y015
 
 @_typing.final
 class GetEndpointStatsRequest(_message.Message):
@@ -781,3 +989,686 @@ class ListAlertsResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ListAlertsResponse: _TypeAlias = ListAlertsResponse  # noqa: Y015
+
+@_typing.final
+class WatchAlertsRequest(_message.Message):
+    """WatchAlertsRequest says which alerts to watch and where to resume."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ENDPOINT_FIELD_NUMBER: _builtins.int
+    AFTER_SEQUENCE_FIELD_NUMBER: _builtins.int
+    endpoint: _builtins.str
+    """Optional. Watch only the alerts of this endpoint; every endpoint when empty."""
+    after_sequence: _builtins.int
+    """Optional. The `sequence` of the last event the caller saw: every later change is
+    sent, in order, and no snapshot. When zero, the alerts as they stand come first
+    (CURRENT events, then one SYNCED event).
+    """
+    def __init__(
+        self,
+        *,
+        endpoint: _builtins.str = ...,
+        after_sequence: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["after_sequence", b"after_sequence", "endpoint", b"endpoint"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___WatchAlertsRequest: _TypeAlias = WatchAlertsRequest  # noqa: Y015
+
+@_typing.final
+class AlertEvent(_message.Message):
+    """AlertEvent is one alert as it stands, or one change of an alert."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SEQUENCE_FIELD_NUMBER: _builtins.int
+    TYPE_FIELD_NUMBER: _builtins.int
+    ALERT_FIELD_NUMBER: _builtins.int
+    PREVIOUS_STATE_FIELD_NUMBER: _builtins.int
+    CHANGE_TIME_FIELD_NUMBER: _builtins.int
+    sequence: _builtins.int
+    """Output only. The position of the change in the alert log, increasing by one per
+    change. CURRENT and SYNCED events carry the sequence of the newest change the
+    snapshot includes; resume after it with `after_sequence`.
+    """
+    type: Global___AlertEventType.ValueType
+    """Output only. What the event reports."""
+    previous_state: Global___AlertState.ValueType
+    """Output only. The state before the change; unspecified when the rule had no alert for
+    the version, and for CURRENT and SYNCED events. PENDING for DROPPED.
+    """
+    @_builtins.property
+    def alert(self) -> Global___Alert:
+        """Output only. The alert after the change (as it stands, for CURRENT); unset for SYNCED."""
+
+    @_builtins.property
+    def change_time(self) -> _timestamp_pb2.Timestamp:
+        """Output only. When the evaluation that made the change ran; unset for CURRENT and
+        SYNCED events.
+        """
+
+    def __init__(
+        self,
+        *,
+        sequence: _builtins.int = ...,
+        type: Global___AlertEventType.ValueType = ...,
+        alert: Global___Alert | None = ...,
+        previous_state: Global___AlertState.ValueType = ...,
+        change_time: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["alert", b"alert", "change_time", b"change_time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["alert", b"alert", "change_time", b"change_time", "previous_state", b"previous_state", "sequence", b"sequence", "type", b"type"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___AlertEvent: _TypeAlias = AlertEvent  # noqa: Y015
+
+@_typing.final
+class WatchAlertsResponse(_message.Message):
+    """WatchAlertsResponse is one event of the alert watch."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    EVENT_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def event(self) -> Global___AlertEvent:
+        """The event."""
+
+    def __init__(
+        self,
+        *,
+        event: Global___AlertEvent | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["event", b"event"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["event", b"event"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___WatchAlertsResponse: _TypeAlias = WatchAlertsResponse  # noqa: Y015
+
+@_typing.final
+class CanaryThresholds(_message.Message):
+    """CanaryThresholds says when a canary fails and when there is too little to judge. An
+    unset field takes the monitor's configured default (`canary.*`).
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ALPHA_FIELD_NUMBER: _builtins.int
+    MIN_REQUESTS_FIELD_NUMBER: _builtins.int
+    MIN_OUTCOMES_FIELD_NUMBER: _builtins.int
+    MAX_ERROR_RATE_INCREASE_FIELD_NUMBER: _builtins.int
+    MAX_LATENCY_INCREASE_FIELD_NUMBER: _builtins.int
+    MAX_PREDICTION_SHIFT_FIELD_NUMBER: _builtins.int
+    MAX_ACCURACY_DECREASE_FIELD_NUMBER: _builtins.int
+    MAX_ABSOLUTE_ERROR_INCREASE_FIELD_NUMBER: _builtins.int
+    alpha: _builtins.float
+    """Optional. The false-FAIL rate of the whole judgement: it is split evenly over the
+    checks that ran (Bonferroni), and a check can fail only with a p-value below its share.
+    """
+    min_requests: _builtins.int
+    """Optional. Fewest requests each version needs in the window; fewer is INCONCLUSIVE."""
+    min_outcomes: _builtins.int
+    """Optional. Fewest outcomes (labels, or values) each version needs for an outcome check."""
+    max_error_rate_increase: _builtins.float
+    """Optional. The error-rate increase (canary − stable, absolute) tolerated before the
+    error-rate check can fail.
+    """
+    max_latency_increase: _builtins.float
+    """Optional. The relative increase of the median latency (canary / stable − 1) tolerated
+    before the latency check can fail.
+    """
+    max_prediction_shift: _builtins.float
+    """Optional. The Kolmogorov–Smirnov distance D between the two prediction distributions
+    tolerated before the prediction check can fail.
+    """
+    max_accuracy_decrease: _builtins.float
+    """Optional. The accuracy decrease (stable − canary, absolute) tolerated before the
+    accuracy check can fail.
+    """
+    max_absolute_error_increase: _builtins.float
+    """Optional. The relative increase of the mean absolute error (canary / stable − 1)
+    tolerated before the absolute-error check can fail.
+    """
+    def __init__(
+        self,
+        *,
+        alpha: _builtins.float | None = ...,
+        min_requests: _builtins.int | None = ...,
+        min_outcomes: _builtins.int | None = ...,
+        max_error_rate_increase: _builtins.float | None = ...,
+        max_latency_increase: _builtins.float | None = ...,
+        max_prediction_shift: _builtins.float | None = ...,
+        max_accuracy_decrease: _builtins.float | None = ...,
+        max_absolute_error_increase: _builtins.float | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_alpha", b"_alpha", "_max_absolute_error_increase", b"_max_absolute_error_increase", "_max_accuracy_decrease", b"_max_accuracy_decrease", "_max_error_rate_increase", b"_max_error_rate_increase", "_max_latency_increase", b"_max_latency_increase", "_max_prediction_shift", b"_max_prediction_shift", "_min_outcomes", b"_min_outcomes", "_min_requests", b"_min_requests", "alpha", b"alpha", "max_absolute_error_increase", b"max_absolute_error_increase", "max_accuracy_decrease", b"max_accuracy_decrease", "max_error_rate_increase", b"max_error_rate_increase", "max_latency_increase", b"max_latency_increase", "max_prediction_shift", b"max_prediction_shift", "min_outcomes", b"min_outcomes", "min_requests", b"min_requests"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_alpha", b"_alpha", "_max_absolute_error_increase", b"_max_absolute_error_increase", "_max_accuracy_decrease", b"_max_accuracy_decrease", "_max_error_rate_increase", b"_max_error_rate_increase", "_max_latency_increase", b"_max_latency_increase", "_max_prediction_shift", b"_max_prediction_shift", "_min_outcomes", b"_min_outcomes", "_min_requests", b"_min_requests", "alpha", b"alpha", "max_absolute_error_increase", b"max_absolute_error_increase", "max_accuracy_decrease", b"max_accuracy_decrease", "max_error_rate_increase", b"max_error_rate_increase", "max_latency_increase", b"max_latency_increase", "max_prediction_shift", b"max_prediction_shift", "min_outcomes", b"min_outcomes", "min_requests", b"min_requests"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__alpha: _TypeAlias = _typing.Literal["alpha"]  # noqa: Y015
+    _WhichOneofArgType__alpha: _TypeAlias = _typing.Literal["_alpha", b"_alpha"]  # noqa: Y015
+    _WhichOneofReturnType__max_absolute_error_increase: _TypeAlias = _typing.Literal["max_absolute_error_increase"]  # noqa: Y015
+    _WhichOneofArgType__max_absolute_error_increase: _TypeAlias = _typing.Literal["_max_absolute_error_increase", b"_max_absolute_error_increase"]  # noqa: Y015
+    _WhichOneofReturnType__max_accuracy_decrease: _TypeAlias = _typing.Literal["max_accuracy_decrease"]  # noqa: Y015
+    _WhichOneofArgType__max_accuracy_decrease: _TypeAlias = _typing.Literal["_max_accuracy_decrease", b"_max_accuracy_decrease"]  # noqa: Y015
+    _WhichOneofReturnType__max_error_rate_increase: _TypeAlias = _typing.Literal["max_error_rate_increase"]  # noqa: Y015
+    _WhichOneofArgType__max_error_rate_increase: _TypeAlias = _typing.Literal["_max_error_rate_increase", b"_max_error_rate_increase"]  # noqa: Y015
+    _WhichOneofReturnType__max_latency_increase: _TypeAlias = _typing.Literal["max_latency_increase"]  # noqa: Y015
+    _WhichOneofArgType__max_latency_increase: _TypeAlias = _typing.Literal["_max_latency_increase", b"_max_latency_increase"]  # noqa: Y015
+    _WhichOneofReturnType__max_prediction_shift: _TypeAlias = _typing.Literal["max_prediction_shift"]  # noqa: Y015
+    _WhichOneofArgType__max_prediction_shift: _TypeAlias = _typing.Literal["_max_prediction_shift", b"_max_prediction_shift"]  # noqa: Y015
+    _WhichOneofReturnType__min_outcomes: _TypeAlias = _typing.Literal["min_outcomes"]  # noqa: Y015
+    _WhichOneofArgType__min_outcomes: _TypeAlias = _typing.Literal["_min_outcomes", b"_min_outcomes"]  # noqa: Y015
+    _WhichOneofReturnType__min_requests: _TypeAlias = _typing.Literal["min_requests"]  # noqa: Y015
+    _WhichOneofArgType__min_requests: _TypeAlias = _typing.Literal["_min_requests", b"_min_requests"]  # noqa: Y015
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__alpha) -> _WhichOneofReturnType__alpha | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__max_absolute_error_increase) -> _WhichOneofReturnType__max_absolute_error_increase | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__max_accuracy_decrease) -> _WhichOneofReturnType__max_accuracy_decrease | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__max_error_rate_increase) -> _WhichOneofReturnType__max_error_rate_increase | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__max_latency_increase) -> _WhichOneofReturnType__max_latency_increase | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__max_prediction_shift) -> _WhichOneofReturnType__max_prediction_shift | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__min_outcomes) -> _WhichOneofReturnType__min_outcomes | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__min_requests) -> _WhichOneofReturnType__min_requests | None: ...
+
+Global___CanaryThresholds: _TypeAlias = CanaryThresholds  # noqa: Y015
+
+@_typing.final
+class JudgeCanaryRequest(_message.Message):
+    """JudgeCanaryRequest names the two versions to compare and the window."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ENDPOINT_FIELD_NUMBER: _builtins.int
+    CANARY_VERSION_FIELD_NUMBER: _builtins.int
+    STABLE_VERSION_FIELD_NUMBER: _builtins.int
+    WINDOW_FIELD_NUMBER: _builtins.int
+    THRESHOLDS_FIELD_NUMBER: _builtins.int
+    endpoint: _builtins.str
+    """Required. The endpoint (deployment id)."""
+    canary_version: _builtins.str
+    """Required. The canary version. Format: `models/{model}/versions/{version}`."""
+    stable_version: _builtins.str
+    """Required. The stable version it is compared with. Format:
+    `models/{model}/versions/{version}`.
+    """
+    window: Global___Window.ValueType
+    """Optional. The window both versions are read over; unspecified means one hour."""
+    @_builtins.property
+    def thresholds(self) -> Global___CanaryThresholds:
+        """Optional. Thresholds; unset fields take the configured defaults."""
+
+    def __init__(
+        self,
+        *,
+        endpoint: _builtins.str = ...,
+        canary_version: _builtins.str = ...,
+        stable_version: _builtins.str = ...,
+        window: Global___Window.ValueType = ...,
+        thresholds: Global___CanaryThresholds | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["thresholds", b"thresholds"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["canary_version", b"canary_version", "endpoint", b"endpoint", "stable_version", b"stable_version", "thresholds", b"thresholds", "window", b"window"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___JudgeCanaryRequest: _TypeAlias = JudgeCanaryRequest  # noqa: Y015
+
+@_typing.final
+class CanaryCheck(_message.Message):
+    """CanaryCheck is the evidence of one check of a canary judgement."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    TEST_FIELD_NUMBER: _builtins.int
+    VERDICT_FIELD_NUMBER: _builtins.int
+    CANARY_VALUE_FIELD_NUMBER: _builtins.int
+    STABLE_VALUE_FIELD_NUMBER: _builtins.int
+    EFFECT_FIELD_NUMBER: _builtins.int
+    TOLERANCE_FIELD_NUMBER: _builtins.int
+    STATISTIC_FIELD_NUMBER: _builtins.int
+    P_VALUE_FIELD_NUMBER: _builtins.int
+    ALPHA_FIELD_NUMBER: _builtins.int
+    CANARY_COUNT_FIELD_NUMBER: _builtins.int
+    STABLE_COUNT_FIELD_NUMBER: _builtins.int
+    MIN_COUNT_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """The check: `error_rate`, `latency`, `prediction_distribution`, `accuracy` or
+    `absolute_error`.
+    """
+    test: Global___ComparisonTest.ValueType
+    """The statistical test."""
+    verdict: Global___CanaryCheckVerdict.ValueType
+    """The check's verdict."""
+    canary_value: _builtins.float
+    """The canary's figure: error rate, median latency (ms), mean prediction, accuracy, or
+    mean absolute error.
+    """
+    stable_value: _builtins.float
+    """The stable version's figure, in the same unit."""
+    effect: _builtins.float
+    """How much worse the canary is: the error-rate increase, the relative median latency
+    increase, the KS distance D, the accuracy decrease, or the relative mean absolute
+    error increase. Negative when the canary is better.
+    """
+    tolerance: _builtins.float
+    """The effect tolerated before the check can fail."""
+    statistic: _builtins.float
+    """The test statistic: z, the canary's standardized Mann–Whitney U (z), the KS
+    distance D, or Welch's t.
+    """
+    p_value: _builtins.float
+    """The p-value: one-sided (is the canary worse?) except KS, which is two-sided."""
+    alpha: _builtins.float
+    """The p-value below which the check can fail: the judgement's alpha divided by the
+    checks that ran.
+    """
+    canary_count: _builtins.int
+    """The canary's samples: requests, predictions or outcomes."""
+    stable_count: _builtins.int
+    """The stable version's samples."""
+    min_count: _builtins.int
+    """The samples each version needs before the check can judge."""
+    reason: _builtins.str
+    """The verdict in words, with the figures behind it."""
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        test: Global___ComparisonTest.ValueType = ...,
+        verdict: Global___CanaryCheckVerdict.ValueType = ...,
+        canary_value: _builtins.float = ...,
+        stable_value: _builtins.float = ...,
+        effect: _builtins.float = ...,
+        tolerance: _builtins.float = ...,
+        statistic: _builtins.float = ...,
+        p_value: _builtins.float = ...,
+        alpha: _builtins.float = ...,
+        canary_count: _builtins.int = ...,
+        stable_count: _builtins.int = ...,
+        min_count: _builtins.int = ...,
+        reason: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["alpha", b"alpha", "canary_count", b"canary_count", "canary_value", b"canary_value", "effect", b"effect", "min_count", b"min_count", "name", b"name", "p_value", b"p_value", "reason", b"reason", "stable_count", b"stable_count", "stable_value", b"stable_value", "statistic", b"statistic", "test", b"test", "tolerance", b"tolerance", "verdict", b"verdict"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CanaryCheck: _TypeAlias = CanaryCheck  # noqa: Y015
+
+@_typing.final
+class JudgeCanaryResponse(_message.Message):
+    """JudgeCanaryResponse is the verdict with the evidence of every check."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ENDPOINT_FIELD_NUMBER: _builtins.int
+    CANARY_VERSION_FIELD_NUMBER: _builtins.int
+    STABLE_VERSION_FIELD_NUMBER: _builtins.int
+    WINDOW_FIELD_NUMBER: _builtins.int
+    VERDICT_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    CHECKS_FIELD_NUMBER: _builtins.int
+    THRESHOLDS_FIELD_NUMBER: _builtins.int
+    JUDGE_TIME_FIELD_NUMBER: _builtins.int
+    endpoint: _builtins.str
+    """The endpoint."""
+    canary_version: _builtins.str
+    """The canary version. Format: `models/{model}/versions/{version}`."""
+    stable_version: _builtins.str
+    """The stable version. Format: `models/{model}/versions/{version}`."""
+    window: Global___Window.ValueType
+    """The window both versions were read over."""
+    verdict: Global___CanaryVerdict.ValueType
+    """The verdict: FAIL when any check failed, else INCONCLUSIVE when any check lacked
+    samples, else PASS.
+    """
+    reason: _builtins.str
+    """The verdict in words: which checks failed or lacked samples, with their figures."""
+    @_builtins.property
+    def checks(self) -> _containers.RepeatedCompositeFieldContainer[Global___CanaryCheck]:
+        """Every check, in the order error rate, latency, prediction distribution, accuracy,
+        absolute error.
+        """
+
+    @_builtins.property
+    def thresholds(self) -> Global___CanaryThresholds:
+        """The thresholds that applied, defaults filled in."""
+
+    @_builtins.property
+    def judge_time(self) -> _timestamp_pb2.Timestamp:
+        """When the judgement was made."""
+
+    def __init__(
+        self,
+        *,
+        endpoint: _builtins.str = ...,
+        canary_version: _builtins.str = ...,
+        stable_version: _builtins.str = ...,
+        window: Global___Window.ValueType = ...,
+        verdict: Global___CanaryVerdict.ValueType = ...,
+        reason: _builtins.str = ...,
+        checks: _abc.Iterable[Global___CanaryCheck] | None = ...,
+        thresholds: Global___CanaryThresholds | None = ...,
+        judge_time: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["judge_time", b"judge_time", "thresholds", b"thresholds"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["canary_version", b"canary_version", "checks", b"checks", "endpoint", b"endpoint", "judge_time", b"judge_time", "reason", b"reason", "stable_version", b"stable_version", "thresholds", b"thresholds", "verdict", b"verdict", "window", b"window"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___JudgeCanaryResponse: _TypeAlias = JudgeCanaryResponse  # noqa: Y015
+
+@_typing.final
+class GetShadowReportRequest(_message.Message):
+    """GetShadowReportRequest names the shadow version and the window."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ENDPOINT_FIELD_NUMBER: _builtins.int
+    SHADOW_VERSION_FIELD_NUMBER: _builtins.int
+    WINDOW_FIELD_NUMBER: _builtins.int
+    endpoint: _builtins.str
+    """Required. The endpoint (deployment id)."""
+    shadow_version: _builtins.str
+    """Required. The shadow version. Format: `models/{model}/versions/{version}`."""
+    window: Global___Window.ValueType
+    """Optional. The window; unspecified means everything since the version was first counted."""
+    def __init__(
+        self,
+        *,
+        endpoint: _builtins.str = ...,
+        shadow_version: _builtins.str = ...,
+        window: Global___Window.ValueType = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["endpoint", b"endpoint", "shadow_version", b"shadow_version", "window", b"window"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetShadowReportRequest: _TypeAlias = GetShadowReportRequest  # noqa: Y015
+
+@_typing.final
+class GetShadowReportResponse(_message.Message):
+    """GetShadowReportResponse compares a shadow version with the answers of the same requests."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ENDPOINT_FIELD_NUMBER: _builtins.int
+    SHADOW_VERSION_FIELD_NUMBER: _builtins.int
+    WINDOW_FIELD_NUMBER: _builtins.int
+    REQUEST_COUNT_FIELD_NUMBER: _builtins.int
+    ERROR_COUNT_FIELD_NUMBER: _builtins.int
+    PAIR_COUNT_FIELD_NUMBER: _builtins.int
+    COMPARED_COUNT_FIELD_NUMBER: _builtins.int
+    AGREEMENT_RATE_FIELD_NUMBER: _builtins.int
+    MEAN_ABSOLUTE_DIFFERENCE_FIELD_NUMBER: _builtins.int
+    endpoint: _builtins.str
+    """The endpoint."""
+    shadow_version: _builtins.str
+    """The shadow version. Format: `models/{model}/versions/{version}`."""
+    window: Global___Window.ValueType
+    """The window the figures cover."""
+    request_count: _builtins.int
+    """Records of the shadow version in the window."""
+    error_count: _builtins.int
+    """Of those, records that ended in an error."""
+    pair_count: _builtins.int
+    """Shadow records joined with the record of the answer the caller got (same request
+    id), each pair counted once, in the window it was joined in.
+    """
+    compared_count: _builtins.int
+    """Pairs in which both versions gave a prediction."""
+    agreement_rate: _builtins.float
+    """Share of compared pairs whose predicted labels are equal. A label is the argmax of
+    the first output's first row when it has three or more values per row, else the
+    prediction thresholded at 0.5 (1 when at least 0.5), as RecordOutcome reads it.
+    """
+    mean_absolute_difference: _builtins.float
+    """Mean absolute difference of the two predictions (positive-class probability, or the
+    first output's first value) over the compared pairs.
+    """
+    def __init__(
+        self,
+        *,
+        endpoint: _builtins.str = ...,
+        shadow_version: _builtins.str = ...,
+        window: Global___Window.ValueType = ...,
+        request_count: _builtins.int = ...,
+        error_count: _builtins.int = ...,
+        pair_count: _builtins.int = ...,
+        compared_count: _builtins.int = ...,
+        agreement_rate: _builtins.float = ...,
+        mean_absolute_difference: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agreement_rate", b"agreement_rate", "compared_count", b"compared_count", "endpoint", b"endpoint", "error_count", b"error_count", "mean_absolute_difference", b"mean_absolute_difference", "pair_count", b"pair_count", "request_count", b"request_count", "shadow_version", b"shadow_version", "window", b"window"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetShadowReportResponse: _TypeAlias = GetShadowReportResponse  # noqa: Y015
+
+@_typing.final
+class GetExperimentReportRequest(_message.Message):
+    """GetExperimentReportRequest describes the experiment: arms, metric and plan."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ENDPOINT_FIELD_NUMBER: _builtins.int
+    ARMS_FIELD_NUMBER: _builtins.int
+    METRIC_FIELD_NUMBER: _builtins.int
+    SAMPLE_SIZE_FIELD_NUMBER: _builtins.int
+    ALPHA_FIELD_NUMBER: _builtins.int
+    WINDOW_FIELD_NUMBER: _builtins.int
+    endpoint: _builtins.str
+    """Required. The endpoint (deployment id)."""
+    metric: Global___ExperimentMetric.ValueType
+    """Required. The metric compared."""
+    sample_size: _builtins.int
+    """Required. The samples each arm needs before any comparison is made (fixed in advance:
+    no peeking).
+    """
+    alpha: _builtins.float
+    """Optional. The significance level of the experiment, split evenly over the comparisons
+    with the control (Bonferroni); 0 means 0.05.
+    """
+    window: Global___Window.ValueType
+    """Optional. The window; unspecified means everything since each version was first counted."""
+    @_builtins.property
+    def arms(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Required. Two or more distinct versions; the first is the control that the others are
+        compared with. Format: `models/{model}/versions/{version}`.
+        """
+
+    def __init__(
+        self,
+        *,
+        endpoint: _builtins.str = ...,
+        arms: _abc.Iterable[_builtins.str] | None = ...,
+        metric: Global___ExperimentMetric.ValueType = ...,
+        sample_size: _builtins.int = ...,
+        alpha: _builtins.float = ...,
+        window: Global___Window.ValueType = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["alpha", b"alpha", "arms", b"arms", "endpoint", b"endpoint", "metric", b"metric", "sample_size", b"sample_size", "window", b"window"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetExperimentReportRequest: _TypeAlias = GetExperimentReportRequest  # noqa: Y015
+
+@_typing.final
+class ArmComparison(_message.Message):
+    """ArmComparison is one arm compared with the control arm."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TEST_FIELD_NUMBER: _builtins.int
+    DIFFERENCE_FIELD_NUMBER: _builtins.int
+    RELATIVE_DIFFERENCE_FIELD_NUMBER: _builtins.int
+    CI_LOWER_FIELD_NUMBER: _builtins.int
+    CI_UPPER_FIELD_NUMBER: _builtins.int
+    STATISTIC_FIELD_NUMBER: _builtins.int
+    P_VALUE_FIELD_NUMBER: _builtins.int
+    ALPHA_FIELD_NUMBER: _builtins.int
+    SIGNIFICANT_FIELD_NUMBER: _builtins.int
+    test: Global___ComparisonTest.ValueType
+    """The statistical test."""
+    difference: _builtins.float
+    """The arm's value minus the control's."""
+    relative_difference: _builtins.float
+    """The difference relative to the control's value; 0 when the control's value is 0."""
+    ci_lower: _builtins.float
+    """Lower bound of the confidence interval of the difference, at level 1 − the
+    comparison's alpha.
+    """
+    ci_upper: _builtins.float
+    """Upper bound of the confidence interval of the difference."""
+    statistic: _builtins.float
+    """The test statistic (z or Welch's t)."""
+    p_value: _builtins.float
+    """The two-sided p-value."""
+    alpha: _builtins.float
+    """The comparison's significance level: the experiment's alpha divided by the number of
+    comparisons.
+    """
+    significant: _builtins.bool
+    """True when the p-value is below `alpha`."""
+    def __init__(
+        self,
+        *,
+        test: Global___ComparisonTest.ValueType = ...,
+        difference: _builtins.float = ...,
+        relative_difference: _builtins.float = ...,
+        ci_lower: _builtins.float = ...,
+        ci_upper: _builtins.float = ...,
+        statistic: _builtins.float = ...,
+        p_value: _builtins.float = ...,
+        alpha: _builtins.float = ...,
+        significant: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["alpha", b"alpha", "ci_lower", b"ci_lower", "ci_upper", b"ci_upper", "difference", b"difference", "p_value", b"p_value", "relative_difference", b"relative_difference", "significant", b"significant", "statistic", b"statistic", "test", b"test"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ArmComparison: _TypeAlias = ArmComparison  # noqa: Y015
+
+@_typing.final
+class ExperimentArm(_message.Message):
+    """ExperimentArm is one arm of an experiment: its samples, its value, and how it compares."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MODEL_VERSION_FIELD_NUMBER: _builtins.int
+    SAMPLE_COUNT_FIELD_NUMBER: _builtins.int
+    PROGRESS_FIELD_NUMBER: _builtins.int
+    VALUE_FIELD_NUMBER: _builtins.int
+    COMPARISON_FIELD_NUMBER: _builtins.int
+    model_version: _builtins.str
+    """The version. Format: `models/{model}/versions/{version}`."""
+    sample_count: _builtins.int
+    """Samples in the window (requests, labels, values or predictions, as the metric says)."""
+    progress: _builtins.float
+    """Share of the sample size reached, at most 1."""
+    value: _builtins.float
+    """The metric's value for the arm."""
+    @_builtins.property
+    def comparison(self) -> Global___ArmComparison:
+        """The comparison with the control; unset for the control and while collecting."""
+
+    def __init__(
+        self,
+        *,
+        model_version: _builtins.str = ...,
+        sample_count: _builtins.int = ...,
+        progress: _builtins.float = ...,
+        value: _builtins.float = ...,
+        comparison: Global___ArmComparison | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["comparison", b"comparison"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["comparison", b"comparison", "model_version", b"model_version", "progress", b"progress", "sample_count", b"sample_count", "value", b"value"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ExperimentArm: _TypeAlias = ExperimentArm  # noqa: Y015
+
+@_typing.final
+class GetExperimentReportResponse(_message.Message):
+    """GetExperimentReportResponse is the state of an experiment."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ENDPOINT_FIELD_NUMBER: _builtins.int
+    METRIC_FIELD_NUMBER: _builtins.int
+    WINDOW_FIELD_NUMBER: _builtins.int
+    SAMPLE_SIZE_FIELD_NUMBER: _builtins.int
+    ALPHA_FIELD_NUMBER: _builtins.int
+    VERDICT_FIELD_NUMBER: _builtins.int
+    PROGRESS_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    ARMS_FIELD_NUMBER: _builtins.int
+    endpoint: _builtins.str
+    """The endpoint."""
+    metric: Global___ExperimentMetric.ValueType
+    """The metric compared."""
+    window: Global___Window.ValueType
+    """The window the figures cover."""
+    sample_size: _builtins.int
+    """The samples each arm needs."""
+    alpha: _builtins.float
+    """The experiment's significance level."""
+    verdict: Global___ExperimentVerdict.ValueType
+    """The verdict."""
+    progress: _builtins.float
+    """Share of the planned samples collected: the smallest progress of any arm."""
+    reason: _builtins.str
+    """The verdict in words, with the figures behind it."""
+    @_builtins.property
+    def arms(self) -> _containers.RepeatedCompositeFieldContainer[Global___ExperimentArm]:
+        """The arms, in the order asked, the control first."""
+
+    def __init__(
+        self,
+        *,
+        endpoint: _builtins.str = ...,
+        metric: Global___ExperimentMetric.ValueType = ...,
+        window: Global___Window.ValueType = ...,
+        sample_size: _builtins.int = ...,
+        alpha: _builtins.float = ...,
+        verdict: Global___ExperimentVerdict.ValueType = ...,
+        progress: _builtins.float = ...,
+        reason: _builtins.str = ...,
+        arms: _abc.Iterable[Global___ExperimentArm] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["alpha", b"alpha", "arms", b"arms", "endpoint", b"endpoint", "metric", b"metric", "progress", b"progress", "reason", b"reason", "sample_size", b"sample_size", "verdict", b"verdict", "window", b"window"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetExperimentReportResponse: _TypeAlias = GetExperimentReportResponse  # noqa: Y015

@@ -55,6 +55,26 @@ class MonitorServiceStub:
                 request_serializer=modelserve_dot_monitor_dot_v1_dot_monitor__service__pb2.ListAlertsRequest.SerializeToString,
                 response_deserializer=modelserve_dot_monitor_dot_v1_dot_monitor__service__pb2.ListAlertsResponse.FromString,
                 _registered_method=True)
+        self.WatchAlerts = channel.unary_stream(
+                '/modelserve.monitor.v1.MonitorService/WatchAlerts',
+                request_serializer=modelserve_dot_monitor_dot_v1_dot_monitor__service__pb2.WatchAlertsRequest.SerializeToString,
+                response_deserializer=modelserve_dot_monitor_dot_v1_dot_monitor__service__pb2.WatchAlertsResponse.FromString,
+                _registered_method=True)
+        self.JudgeCanary = channel.unary_unary(
+                '/modelserve.monitor.v1.MonitorService/JudgeCanary',
+                request_serializer=modelserve_dot_monitor_dot_v1_dot_monitor__service__pb2.JudgeCanaryRequest.SerializeToString,
+                response_deserializer=modelserve_dot_monitor_dot_v1_dot_monitor__service__pb2.JudgeCanaryResponse.FromString,
+                _registered_method=True)
+        self.GetShadowReport = channel.unary_unary(
+                '/modelserve.monitor.v1.MonitorService/GetShadowReport',
+                request_serializer=modelserve_dot_monitor_dot_v1_dot_monitor__service__pb2.GetShadowReportRequest.SerializeToString,
+                response_deserializer=modelserve_dot_monitor_dot_v1_dot_monitor__service__pb2.GetShadowReportResponse.FromString,
+                _registered_method=True)
+        self.GetExperimentReport = channel.unary_unary(
+                '/modelserve.monitor.v1.MonitorService/GetExperimentReport',
+                request_serializer=modelserve_dot_monitor_dot_v1_dot_monitor__service__pb2.GetExperimentReportRequest.SerializeToString,
+                response_deserializer=modelserve_dot_monitor_dot_v1_dot_monitor__service__pb2.GetExperimentReportResponse.FromString,
+                _registered_method=True)
 
 
 class MonitorServiceServicer:
@@ -89,6 +109,40 @@ class MonitorServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def WatchAlerts(self, request, context):
+        """WatchAlerts sends the alerts as they stand, then every change of state (pending,
+        firing, resolved, dropped) as it is made; a caller that reconnects with the last
+        `sequence` it saw gets every change made since, in order.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def JudgeCanary(self, request, context):
+        """JudgeCanary compares a canary version with the stable version over the same window
+        (error rate, latency, prediction distribution, outcomes) and says PASS, FAIL or
+        INCONCLUSIVE, with the evidence of every check.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetShadowReport(self, request, context):
+        """GetShadowReport says how often a shadow version agreed with the version that
+        answered the same requests.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetExperimentReport(self, request, context):
+        """GetExperimentReport compares the arms of an A/B experiment on one metric, once every
+        arm has reached the planned sample size.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_MonitorServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -111,6 +165,26 @@ def add_MonitorServiceServicer_to_server(servicer, server):
                     servicer.ListAlerts,
                     request_deserializer=modelserve_dot_monitor_dot_v1_dot_monitor__service__pb2.ListAlertsRequest.FromString,
                     response_serializer=modelserve_dot_monitor_dot_v1_dot_monitor__service__pb2.ListAlertsResponse.SerializeToString,
+            ),
+            'WatchAlerts': grpc.unary_stream_rpc_method_handler(
+                    servicer.WatchAlerts,
+                    request_deserializer=modelserve_dot_monitor_dot_v1_dot_monitor__service__pb2.WatchAlertsRequest.FromString,
+                    response_serializer=modelserve_dot_monitor_dot_v1_dot_monitor__service__pb2.WatchAlertsResponse.SerializeToString,
+            ),
+            'JudgeCanary': grpc.unary_unary_rpc_method_handler(
+                    servicer.JudgeCanary,
+                    request_deserializer=modelserve_dot_monitor_dot_v1_dot_monitor__service__pb2.JudgeCanaryRequest.FromString,
+                    response_serializer=modelserve_dot_monitor_dot_v1_dot_monitor__service__pb2.JudgeCanaryResponse.SerializeToString,
+            ),
+            'GetShadowReport': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetShadowReport,
+                    request_deserializer=modelserve_dot_monitor_dot_v1_dot_monitor__service__pb2.GetShadowReportRequest.FromString,
+                    response_serializer=modelserve_dot_monitor_dot_v1_dot_monitor__service__pb2.GetShadowReportResponse.SerializeToString,
+            ),
+            'GetExperimentReport': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetExperimentReport,
+                    request_deserializer=modelserve_dot_monitor_dot_v1_dot_monitor__service__pb2.GetExperimentReportRequest.FromString,
+                    response_serializer=modelserve_dot_monitor_dot_v1_dot_monitor__service__pb2.GetExperimentReportResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -222,6 +296,114 @@ class MonitorService:
             '/modelserve.monitor.v1.MonitorService/ListAlerts',
             modelserve_dot_monitor_dot_v1_dot_monitor__service__pb2.ListAlertsRequest.SerializeToString,
             modelserve_dot_monitor_dot_v1_dot_monitor__service__pb2.ListAlertsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def WatchAlerts(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/modelserve.monitor.v1.MonitorService/WatchAlerts',
+            modelserve_dot_monitor_dot_v1_dot_monitor__service__pb2.WatchAlertsRequest.SerializeToString,
+            modelserve_dot_monitor_dot_v1_dot_monitor__service__pb2.WatchAlertsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def JudgeCanary(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/modelserve.monitor.v1.MonitorService/JudgeCanary',
+            modelserve_dot_monitor_dot_v1_dot_monitor__service__pb2.JudgeCanaryRequest.SerializeToString,
+            modelserve_dot_monitor_dot_v1_dot_monitor__service__pb2.JudgeCanaryResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetShadowReport(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/modelserve.monitor.v1.MonitorService/GetShadowReport',
+            modelserve_dot_monitor_dot_v1_dot_monitor__service__pb2.GetShadowReportRequest.SerializeToString,
+            modelserve_dot_monitor_dot_v1_dot_monitor__service__pb2.GetShadowReportResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetExperimentReport(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/modelserve.monitor.v1.MonitorService/GetExperimentReport',
+            modelserve_dot_monitor_dot_v1_dot_monitor__service__pb2.GetExperimentReportRequest.SerializeToString,
+            modelserve_dot_monitor_dot_v1_dot_monitor__service__pb2.GetExperimentReportResponse.FromString,
             options,
             channel_credentials,
             insecure,

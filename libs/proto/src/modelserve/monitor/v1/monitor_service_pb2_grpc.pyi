@@ -41,6 +41,24 @@ class MonitorServiceStub:
     """RecordOutcome joins the ground truth of one request to its logged prediction."""
     ListAlerts: _grpc.UnaryUnaryMultiCallable[_monitor_service_pb2.ListAlertsRequest, _monitor_service_pb2.ListAlertsResponse]
     """ListAlerts returns the alerts that are pending, firing or resolved."""
+    WatchAlerts: _grpc.UnaryStreamMultiCallable[_monitor_service_pb2.WatchAlertsRequest, _monitor_service_pb2.WatchAlertsResponse]
+    """WatchAlerts sends the alerts as they stand, then every change of state (pending,
+    firing, resolved, dropped) as it is made; a caller that reconnects with the last
+    `sequence` it saw gets every change made since, in order.
+    """
+    JudgeCanary: _grpc.UnaryUnaryMultiCallable[_monitor_service_pb2.JudgeCanaryRequest, _monitor_service_pb2.JudgeCanaryResponse]
+    """JudgeCanary compares a canary version with the stable version over the same window
+    (error rate, latency, prediction distribution, outcomes) and says PASS, FAIL or
+    INCONCLUSIVE, with the evidence of every check.
+    """
+    GetShadowReport: _grpc.UnaryUnaryMultiCallable[_monitor_service_pb2.GetShadowReportRequest, _monitor_service_pb2.GetShadowReportResponse]
+    """GetShadowReport says how often a shadow version agreed with the version that
+    answered the same requests.
+    """
+    GetExperimentReport: _grpc.UnaryUnaryMultiCallable[_monitor_service_pb2.GetExperimentReportRequest, _monitor_service_pb2.GetExperimentReportResponse]
+    """GetExperimentReport compares the arms of an A/B experiment on one metric, once every
+    arm has reached the planned sample size.
+    """
 
 @_typing.type_check_only
 class MonitorServiceAsyncStub(MonitorServiceStub):
@@ -55,6 +73,24 @@ class MonitorServiceAsyncStub(MonitorServiceStub):
     """RecordOutcome joins the ground truth of one request to its logged prediction."""
     ListAlerts: _aio.UnaryUnaryMultiCallable[_monitor_service_pb2.ListAlertsRequest, _monitor_service_pb2.ListAlertsResponse]  # type: ignore[assignment]
     """ListAlerts returns the alerts that are pending, firing or resolved."""
+    WatchAlerts: _aio.UnaryStreamMultiCallable[_monitor_service_pb2.WatchAlertsRequest, _monitor_service_pb2.WatchAlertsResponse]  # type: ignore[assignment]
+    """WatchAlerts sends the alerts as they stand, then every change of state (pending,
+    firing, resolved, dropped) as it is made; a caller that reconnects with the last
+    `sequence` it saw gets every change made since, in order.
+    """
+    JudgeCanary: _aio.UnaryUnaryMultiCallable[_monitor_service_pb2.JudgeCanaryRequest, _monitor_service_pb2.JudgeCanaryResponse]  # type: ignore[assignment]
+    """JudgeCanary compares a canary version with the stable version over the same window
+    (error rate, latency, prediction distribution, outcomes) and says PASS, FAIL or
+    INCONCLUSIVE, with the evidence of every check.
+    """
+    GetShadowReport: _aio.UnaryUnaryMultiCallable[_monitor_service_pb2.GetShadowReportRequest, _monitor_service_pb2.GetShadowReportResponse]  # type: ignore[assignment]
+    """GetShadowReport says how often a shadow version agreed with the version that
+    answered the same requests.
+    """
+    GetExperimentReport: _aio.UnaryUnaryMultiCallable[_monitor_service_pb2.GetExperimentReportRequest, _monitor_service_pb2.GetExperimentReportResponse]  # type: ignore[assignment]
+    """GetExperimentReport compares the arms of an A/B experiment on one metric, once every
+    arm has reached the planned sample size.
+    """
 
 class MonitorServiceServicer(metaclass=_abc_1.ABCMeta):
     """MonitorService reports what happened to predictions, computed from the prediction log."""
@@ -90,5 +126,47 @@ class MonitorServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_monitor_service_pb2.ListAlertsResponse, _abc.Awaitable[_monitor_service_pb2.ListAlertsResponse]]:
         """ListAlerts returns the alerts that are pending, firing or resolved."""
+
+    @_abc_1.abstractmethod
+    def WatchAlerts(
+        self,
+        request: _monitor_service_pb2.WatchAlertsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_monitor_service_pb2.WatchAlertsResponse], _abc.AsyncIterator[_monitor_service_pb2.WatchAlertsResponse]]:
+        """WatchAlerts sends the alerts as they stand, then every change of state (pending,
+        firing, resolved, dropped) as it is made; a caller that reconnects with the last
+        `sequence` it saw gets every change made since, in order.
+        """
+
+    @_abc_1.abstractmethod
+    def JudgeCanary(
+        self,
+        request: _monitor_service_pb2.JudgeCanaryRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_monitor_service_pb2.JudgeCanaryResponse, _abc.Awaitable[_monitor_service_pb2.JudgeCanaryResponse]]:
+        """JudgeCanary compares a canary version with the stable version over the same window
+        (error rate, latency, prediction distribution, outcomes) and says PASS, FAIL or
+        INCONCLUSIVE, with the evidence of every check.
+        """
+
+    @_abc_1.abstractmethod
+    def GetShadowReport(
+        self,
+        request: _monitor_service_pb2.GetShadowReportRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_monitor_service_pb2.GetShadowReportResponse, _abc.Awaitable[_monitor_service_pb2.GetShadowReportResponse]]:
+        """GetShadowReport says how often a shadow version agreed with the version that
+        answered the same requests.
+        """
+
+    @_abc_1.abstractmethod
+    def GetExperimentReport(
+        self,
+        request: _monitor_service_pb2.GetExperimentReportRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_monitor_service_pb2.GetExperimentReportResponse, _abc.Awaitable[_monitor_service_pb2.GetExperimentReportResponse]]:
+        """GetExperimentReport compares the arms of an A/B experiment on one metric, once every
+        arm has reached the planned sample size.
+        """
 
 def add_MonitorServiceServicer_to_server(servicer: MonitorServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -1,0 +1,253 @@
+"""GetExperimentReport through a real MonitorService on a real Redis: seeded A/B simulations."""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import AsyncIterator, Iterable
+
+import grpc
+import numpy as np
+import pytest
+import redis.asyncio as aioredis
+from scipy import stats  # type: ignore[import-untyped]  # scipy ships no stubs
+from support import running
+
+from modelserve.monitor.v1 import monitor_service_pb2 as pb
+from modelserve.monitor.v1 import monitor_service_pb2_grpc as pb_grpc
+from modelserve.type.v1 import prediction_record_pb2 as rec_pb
+from modelserve.type.v1 import tensor_pb2
+from modelserve_monitor.config import MonitorSettings
+from modelserve_monitor.server import MonitorApp, build_server
+from modelserve_runtime.errors import decode_rpc_error
+from modelserve_runtime.prediction_log import PredictionLogWriter
+
+A = "models/fraud/versions/1"
+B = "models/fraud/versions/2"
+C = "models/fraud/versions/3"
+DEADLINE_S = 20.0
+T0 = 1_767_225_600.0
+
+
+class TestClock:
+    """A clock the test moves by hand."""
+
+    __test__ = False
+
+    def __init__(self) -> None:
+        self.now = T0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def _record(
+    request_id: str, version: str, *, error: bool = False, probability: float = 0.3
+) -> rec_pb.PredictionRecord:
+    record = rec_pb.PredictionRecord(
+        request_id=request_id,
+        endpoint="fraud",
+        model_version=version,
+        latency_us=2000,
+        status=rec_pb.PREDICTION_STATUS_ERROR if error else rec_pb.PREDICTION_STATUS_OK,
+    )
+    record.outputs.append(
+        tensor_pb2.Tensor(
+            name="score",
+            datatype=tensor_pb2.DATA_TYPE_FP64,
+            shape=[1, 1],
+            contents=tensor_pb2.TensorContents(fp64_contents=[probability]),
+        )
+    )
+    return record
+
+
+def _requests(
+    version: str, start: int, n: int, *, error_rate: float = 0.0, mean: float = 0.3, seed: int
+) -> list[rec_pb.PredictionRecord]:
+    """Requests start..start+n of an arm: Bernoulli errors, normal(mean, 0.1) predictions."""
+    rng = np.random.default_rng(seed)
+    errors = rng.random(n) < error_rate
+    predictions = rng.normal(mean, 0.1, n)
+    return [
+        _record(
+            f"{version}-{start + i}",
+            version,
+            error=bool(errors[i]),
+            probability=float(predictions[i]),
+        )
+        for i in range(n)
+    ]
+
+
+@pytest.fixture
+def clock() -> TestClock:
+    """The clock the monitor under test reads."""
+    return TestClock()
+
+
+@pytest.fixture
+async def monitor(
+    redis_url: str, redis_client: aioredis.Redis, clock: TestClock
+) -> AsyncIterator[tuple[pb_grpc.MonitorServiceStub, MonitorApp]]:
+    """A monitor on the test clock, and a stub to it."""
+    settings = MonitorSettings(redis_url=redis_url, consumer_name="experiment-test", block_ms=100)
+    async with running(functools.partial(build_server, clock=clock), settings) as (_, ch, app):
+        assert isinstance(app, MonitorApp)
+        yield pb_grpc.MonitorServiceStub(ch), app
+
+
+async def _log(
+    redis_client: aioredis.Redis, app: MonitorApp, records: Iterable[rec_pb.PredictionRecord]
+) -> None:
+    writer = PredictionLogWriter(redis_client)
+    for i, record in enumerate(records):
+        writer.append(record)
+        if i % 500 == 499:
+            await writer.flush()
+    await writer.flush()
+    assert writer.dropped == 0
+    await app.consumer.drain(DEADLINE_S)
+
+
+def _report_request(
+    metric: pb.ExperimentMetric.ValueType, sample_size: int, *arms: str
+) -> pb.GetExperimentReportRequest:
+    return pb.GetExperimentReportRequest(
+        endpoint="fraud", arms=list(arms), metric=metric, sample_size=sample_size
+    )
+
+
+class TestExperimentReport:
+    async def test_real_error_rate_difference_is_significant_only_after_the_sample_size(
+        self, monitor: tuple[pb_grpc.MonitorServiceStub, MonitorApp], redis_client: aioredis.Redis
+    ) -> None:
+        """2 % against 5 % errors: COLLECTING (no comparison shown) at half the planned 2000
+        requests per arm, SIGNIFICANT once both arms have them, with an interval that holds
+        the true difference."""
+        stub, app = monitor
+        request = _report_request(pb.EXPERIMENT_METRIC_ERROR_RATE, 2000, A, B)
+        await _log(redis_client, app, _requests(A, 0, 1000, error_rate=0.02, seed=1))
+        await _log(redis_client, app, _requests(B, 0, 2000, error_rate=0.05, seed=2))
+        halfway = await stub.GetExperimentReport(request)
+        assert halfway.verdict == pb.EXPERIMENT_VERDICT_COLLECTING
+        assert halfway.progress == 0.5
+        assert [(a.model_version, a.sample_count, a.progress) for a in halfway.arms] == [
+            (A, 1000, 0.5),
+            (B, 2000, 1.0),
+        ]
+        assert not any(a.HasField("comparison") for a in halfway.arms)
+        assert halfway.reason.startswith("COLLECTING: 50 % of the 2000 requests per arm")
+        await _log(redis_client, app, _requests(A, 1000, 1000, error_rate=0.02, seed=3))
+        report = await stub.GetExperimentReport(request)
+        assert report.verdict == pb.EXPERIMENT_VERDICT_SIGNIFICANT, report.reason
+        assert (report.progress, report.alpha, report.sample_size) == (1.0, 0.05, 2000)
+        control, treatment = report.arms
+        assert not control.HasField("comparison")
+        comparison = treatment.comparison
+        assert comparison.test == pb.COMPARISON_TEST_TWO_PROPORTION_Z
+        assert comparison.difference == pytest.approx(treatment.value - control.value)
+        assert comparison.relative_difference == pytest.approx(
+            comparison.difference / control.value
+        )
+        assert comparison.ci_lower < 0.03 < comparison.ci_upper
+        assert comparison.ci_lower > 0
+        # The Wald interval at 95 %: the difference +- 1.96 standard errors.
+        se = np.sqrt(sum(a.value * (1 - a.value) / 2000 for a in report.arms))
+        half_width = (comparison.ci_upper - comparison.ci_lower) / 2
+        assert half_width == pytest.approx(stats.norm.ppf(0.975) * se)
+        assert comparison.p_value < 0.05
+        assert (comparison.alpha, comparison.significant) == (0.05, True)
+        assert report.reason.startswith(f"SIGNIFICANT: {B} error rate")
+
+    async def test_no_difference_is_not_significant(
+        self, monitor: tuple[pb_grpc.MonitorServiceStub, MonitorApp], redis_client: aioredis.Redis
+    ) -> None:
+        """Two arms with the same 3 % error rate: NOT_SIGNIFICANT, the interval holding 0."""
+        stub, app = monitor
+        await _log(redis_client, app, _requests(A, 0, 2000, error_rate=0.03, seed=4))
+        await _log(redis_client, app, _requests(B, 0, 2000, error_rate=0.03, seed=5))
+        report = await stub.GetExperimentReport(
+            _report_request(pb.EXPERIMENT_METRIC_ERROR_RATE, 2000, A, B)
+        )
+        assert report.verdict == pb.EXPERIMENT_VERDICT_NOT_SIGNIFICANT, report.reason
+        comparison = report.arms[1].comparison
+        assert comparison.ci_lower < 0 < comparison.ci_upper
+        assert comparison.p_value > 0.05
+        assert not comparison.significant
+
+    async def test_three_arms_on_the_mean_prediction_split_alpha(
+        self, monitor: tuple[pb_grpc.MonitorServiceStub, MonitorApp], redis_client: aioredis.Redis
+    ) -> None:
+        """With two arms against the control each comparison uses alpha / 2: the arm whose
+        mean prediction moved by 0.02 is significant, the unchanged one is not."""
+        stub, app = monitor
+        await _log(redis_client, app, _requests(A, 0, 1500, mean=0.30, seed=6))
+        await _log(redis_client, app, _requests(B, 0, 1500, mean=0.30, seed=7))
+        await _log(redis_client, app, _requests(C, 0, 1500, mean=0.32, seed=8))
+        report = await stub.GetExperimentReport(
+            _report_request(pb.EXPERIMENT_METRIC_PREDICTION_MEAN, 1500, A, B, C)
+        )
+        assert report.verdict == pb.EXPERIMENT_VERDICT_SIGNIFICANT, report.reason
+        _, same, moved = report.arms
+        assert (same.comparison.alpha, moved.comparison.alpha) == (0.025, 0.025)
+        assert same.comparison.test == pb.COMPARISON_TEST_WELCH_T
+        assert not same.comparison.significant
+        assert moved.comparison.significant
+        assert moved.comparison.difference == pytest.approx(0.02, abs=0.01)
+        assert moved.comparison.ci_lower < 0.02 < moved.comparison.ci_upper
+        assert C in report.reason
+        assert f"{B} " not in report.reason
+
+    async def test_outcome_values_are_compared_once_recorded(
+        self, monitor: tuple[pb_grpc.MonitorServiceStub, MonitorApp], redis_client: aioredis.Redis
+    ) -> None:
+        """Outcome values, recorded with RecordOutcome, count as samples of OUTCOME_MEAN:
+        normal(10, 2) against normal(10.8, 2) over 300 values per arm is significant, with
+        scipy's Welch statistic, p-value and interval on the values themselves."""
+        stub, app = monitor
+        await _log(redis_client, app, _requests(A, 0, 300, seed=9))
+        await _log(redis_client, app, _requests(B, 0, 300, seed=10))
+        rng = np.random.default_rng(11)
+        request = _report_request(pb.EXPERIMENT_METRIC_OUTCOME_MEAN, 300, A, B)
+        values = {A: rng.normal(10.0, 2.0, 300), B: rng.normal(10.8, 2.0, 300)}
+        for version in (A, B):
+            for i, value in enumerate(values[version]):
+                await stub.RecordOutcome(
+                    pb.RecordOutcomeRequest(request_id=f"{version}-{i}", value=float(value))
+                )
+            if version == A:
+                before = await stub.GetExperimentReport(request)
+                assert before.verdict == pb.EXPERIMENT_VERDICT_COLLECTING
+                assert [a.sample_count for a in before.arms] == [300, 0]
+        report = await stub.GetExperimentReport(request)
+        assert report.verdict == pb.EXPERIMENT_VERDICT_SIGNIFICANT, report.reason
+        control, treatment = report.arms
+        assert control.value == pytest.approx(values[A].mean())
+        comparison = treatment.comparison
+        assert comparison.difference == pytest.approx(values[B].mean() - values[A].mean())
+        reference = stats.ttest_ind(values[B], values[A], equal_var=False)
+        assert comparison.statistic == pytest.approx(reference.statistic, rel=1e-6)
+        assert comparison.p_value == pytest.approx(reference.pvalue, rel=1e-6)
+        interval = reference.confidence_interval(0.95)
+        assert (comparison.ci_lower, comparison.ci_upper) == (
+            pytest.approx(interval.low, rel=1e-6),
+            pytest.approx(interval.high, rel=1e-6),
+        )
+
+    async def test_bad_requests_are_invalid_argument(
+        self, monitor: tuple[pb_grpc.MonitorServiceStub, MonitorApp]
+    ) -> None:
+        """One arm, no metric, no sample size and alpha above 1 are refused field by field."""
+        stub, _ = monitor
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await stub.GetExperimentReport(
+                pb.GetExperimentReportRequest(endpoint="fraud", arms=[A], alpha=2)
+            )
+        error = decode_rpc_error(info.value)
+        assert error.code is grpc.StatusCode.INVALID_ARGUMENT
+        assert [v.field for v in error.violations] == ["arms", "metric", "sample_size", "alpha"]
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await stub.GetExperimentReport(
+                _report_request(pb.EXPERIMENT_METRIC_ERROR_RATE, 100, A, A)
+            )
+        assert [v.field for v in decode_rpc_error(info.value).violations] == ["arms"]
