@@ -30,7 +30,9 @@ V1 = "models/fraud/versions/1"
 @pytest.fixture
 def registry_settings(tmp_path: Path) -> RegistrySettings:
     """Settings with the data directory in tmp_path and small read chunks."""
-    return RegistrySettings(data_dir=tmp_path / "registry", read_chunk_bytes=100)
+    return RegistrySettings(
+        production_traffic_only=False, data_dir=tmp_path / "registry", read_chunk_bytes=100
+    )
 
 
 @pytest.fixture
@@ -51,8 +53,13 @@ async def secured(tmp_path: Path) -> AsyncIterator[AuthRegistry]:
         key, record = new_api_key(principal, roles, n=TEST_SCRYPT_N)
         keys[principal] = key
         records.append(record)
+    # The stage tests here are about approvals; validation runs need inference and are
+    # tested with a real one in test_registry_validation.py.
     settings = RegistrySettings(
-        data_dir=tmp_path / "registry", auth=AuthSettings(enabled=True, keys=records)
+        production_traffic_only=False,
+        require_validation=False,
+        data_dir=tmp_path / "registry",
+        auth=AuthSettings(enabled=True, keys=records),
     )
     async with running(build_server, settings) as (_, channel, _app):
         registry = AuthRegistry(pb_grpc.RegistryServiceStub(channel), channel, keys)

@@ -28,7 +28,8 @@ from modelserve.registry.v1 import registry_service_pb2_grpc as pb_grpc
 from modelserve_registry.access import REGISTRY_POLICY
 from modelserve_registry.artifacts import LocalArtifactStore
 from modelserve_registry.config import RegistrySettings
-from modelserve_registry.domain import Registry
+from modelserve_registry.domain import Registry, parse_version_name
+from modelserve_registry.rollout import MonitorGate, RolloutController
 from modelserve_registry.servicer import RegistryServicer
 from modelserve_registry.store import SqliteRegistryStore
 from modelserve_runtime.auth import ApiKeyAuthenticator, AuthInterceptor, Role, new_api_key
@@ -38,6 +39,12 @@ from modelserve_runtime.server import build_grpc_server
 
 V1 = "models/fraud/versions/1"
 SERVICE = "/modelserve.registry.v1.RegistryService/"
+ROLLOUT = "deployments/fraud/rollouts/1"
+
+
+async def unreachable() -> grpc.aio.Channel:
+    """A monitor channel that the test never gets to use."""
+    raise AssertionError("no rollout runs in this test")
 
 
 async def first_message(call: grpc.aio.UnaryStreamCall[object, object]) -> None:
@@ -88,6 +95,35 @@ CALLS: dict[str, Call] = {
     "ApproveModelVersion": lambda s, m, who: s.ApproveModelVersion(
         pb.ApproveModelVersionRequest(name=V1), metadata=m
     ),
+    "UpdateModel": lambda s, m, who: s.UpdateModel(
+        pb.UpdateModelRequest(model=pb.Model(name="models/fraud", description=who)), metadata=m
+    ),
+    "DeleteModel": lambda s, m, who: s.DeleteModel(
+        pb.DeleteModelRequest(name=f"models/gone-{who}"), metadata=m
+    ),
+    "UpdateModelVersion": lambda s, m, who: s.UpdateModelVersion(
+        pb.UpdateModelVersionRequest(model_version=pb.ModelVersion(name=V1, description=who)),
+        metadata=m,
+    ),
+    "ValidateModelVersion": lambda s, m, who: s.ValidateModelVersion(
+        pb.ValidateModelVersionRequest(name=V1), metadata=m
+    ),
+    "StartRollout": lambda s, m, who: s.StartRollout(
+        pb.StartRolloutRequest(deployment="deployments/fraud", candidate_version=V1), metadata=m
+    ),
+    "GetRollout": lambda s, m, who: s.GetRollout(pb.GetRolloutRequest(name=ROLLOUT), metadata=m),
+    "ListRollouts": lambda s, m, who: s.ListRollouts(
+        pb.ListRolloutsRequest(parent="deployments/fraud"), metadata=m
+    ),
+    "PauseRollout": lambda s, m, who: s.PauseRollout(
+        pb.PauseRolloutRequest(name=ROLLOUT), metadata=m
+    ),
+    "ResumeRollout": lambda s, m, who: s.ResumeRollout(
+        pb.ResumeRolloutRequest(name=ROLLOUT), metadata=m
+    ),
+    "AbortRollout": lambda s, m, who: s.AbortRollout(
+        pb.AbortRolloutRequest(name=ROLLOUT), metadata=m
+    ),
 }
 READS = {
     "GetModel",
@@ -99,6 +135,8 @@ READS = {
     "ListDeploymentRevisions",
     "WatchDeployments",
     "ListAuditEvents",
+    "GetRollout",
+    "ListRollouts",
 }
 DEPLOYS = {
     "CreateModel",
@@ -107,6 +145,13 @@ DEPLOYS = {
     "RollbackDeployment",
     "TransitionModelVersionStage",
     "SetModelVersionAlias",
+    "UpdateModel",
+    "UpdateModelVersion",
+    "ValidateModelVersion",
+    "StartRollout",
+    "PauseRollout",
+    "ResumeRollout",
+    "AbortRollout",
 }
 ALLOWED: dict[Role, set[str]] = {
     Role.VIEWER: READS,
@@ -260,7 +305,7 @@ class TestUnlistedMethod:
     async def test_method_without_roles_is_refused_even_to_admin(self, tmp_path: Path) -> None:
         """A method missing from the role table is PERMISSION_DENIED for every key, admin's too."""
         key, record = new_api_key("ada", {Role.ADMIN}, n=16)
-        settings = RegistrySettings(data_dir=tmp_path / "registry")
+        settings = RegistrySettings(production_traffic_only=False, data_dir=tmp_path / "registry")
         policy = {m: r for m, r in REGISTRY_POLICY.items() if not m.endswith("/ListModels")}
         store = SqliteRegistryStore(settings.db_path)
         registry = Registry(
@@ -269,9 +314,20 @@ class TestUnlistedMethod:
             max_artifact_bytes=1 << 20,
             read_chunk_bytes=1 << 10,
         )
+        rollouts = RolloutController(
+            store,
+            MonitorGate(unreachable, timeout_s=1.0),
+            notify=registry.notify_deployment_change,
+            get_deployment=registry.get_deployment,
+            parse_version=parse_version_name,
+            production_only=False,
+            tick_s=1.0,
+        )
 
         def register(server: grpc.aio.Server) -> list[str]:
-            pb_grpc.add_RegistryServiceServicer_to_server(RegistryServicer(registry), server)
+            pb_grpc.add_RegistryServiceServicer_to_server(
+                RegistryServicer(registry, rollouts), server
+            )
             return []
 
         auth = AuthInterceptor(ApiKeyAuthenticator([record]), policy)

@@ -65,7 +65,7 @@ class CliRegistry:
 @pytest.fixture
 async def served(tmp_path: Path) -> AsyncIterator[CliRegistry]:
     """A registry with auth off."""
-    settings = RegistrySettings(data_dir=tmp_path / "registry")
+    settings = RegistrySettings(production_traffic_only=False, data_dir=tmp_path / "registry")
     async with running(build_server, settings) as (server, channel, _app):
         yield CliRegistry(f"127.0.0.1:{server.port}", pb_grpc.RegistryServiceStub(channel))
 
@@ -139,6 +139,58 @@ class TestRegister:
         audit = await cli("audit", "--resource", "deployments/fraud", *target)
         assert audit.stdout.count("UpdateDeployment") == 2
         assert "RollbackDeployment" in audit.stdout
+
+
+class TestRolloutCommands:
+    async def test_canary_tag_and_delete(self, served: CliRegistry, tmp_path: Path) -> None:
+        """A canary started, shown, paused and aborted from the command line; a version tagged;
+        validation without an inference service fails with one line; delete refused while the
+        model is deployed."""
+        path = tmp_path / "tiny.onnx"
+        target = ("--registry", served.address)
+        for weight in (1.0, 2.0):
+            path.write_bytes(tiny_onnx(weight=weight))
+            assert (
+                await cli("models", "register", "fraud", "--onnx", str(path), *target)
+            ).code == 0
+        assert (await cli("deployments", "set", "fraud", "fraud/1=100", *target)).code == 0
+        started = await cli(
+            "deployments", "canary", "start", "fraud", "fraud/2", "--steps", "20,100",
+            "--interval", "10m", "--reason", "retrain", *target,
+        )  # fmt: skip
+        assert started.code == 0, started.stderr
+        assert "running" in started.stdout and "20% to the candidate" in started.stdout
+        current = await served.stub.GetDeployment(pb.GetDeploymentRequest(name="deployments/fraud"))
+        assert {t.model_version: t.percent for t in current.deployment.traffic} == {
+            "models/fraud/versions/1": 80,
+            "models/fraud/versions/2": 20,
+        }
+        paused = await cli("deployments", "canary", "pause", "fraud", *target)
+        assert paused.code == 0 and "paused" in paused.stdout
+        status = await cli("deployments", "canary", "status", "fraud", *target)
+        assert "paused" in status.stdout and "models/fraud/versions/2" in status.stdout
+        aborted = await cli("deployments", "canary", "abort", "fraud", "--reason", "oops", *target)
+        assert aborted.code == 0 and "aborted" in aborted.stdout
+        current = await served.stub.GetDeployment(pb.GetDeploymentRequest(name="deployments/fraud"))
+        assert {t.model_version: t.percent for t in current.deployment.traffic} == {
+            "models/fraud/versions/1": 100
+        }
+        bad = await cli(
+            "deployments", "canary", "start", "fraud", "fraud/2", "--interval", "soon", *target
+        )
+        assert (bad.code, bad.stderr.strip()) == (
+            1,
+            "error: 'soon': give a duration like 30s, 5m or 1h",
+        )
+
+        tagged = await cli("models", "tag", "fraud/2", "owner=risk", "ticket=ML-7", *target)
+        assert tagged.stdout.strip() == "models/fraud/versions/2 tags: owner=risk, ticket=ML-7"
+        unvalidated = await cli("models", "validate", "fraud/2", *target)
+        assert unvalidated.code == 1
+        assert unvalidated.stderr.startswith("error: UNAVAILABLE")
+        assert len(unvalidated.stderr.strip().splitlines()) == 1
+        deleted = await cli("models", "delete", "fraud", *target)
+        assert deleted.code == 1 and "MODEL_IN_USE" in deleted.stderr
 
 
 class TestErrors:

@@ -98,7 +98,7 @@ class TestKillDuringUpload:
 
         assert process.returncode == -signal.SIGKILL
         assert list((data_dir / "artifacts" / "tmp").glob("*.partial"))
-        settings = RegistrySettings(data_dir=data_dir)
+        settings = RegistrySettings(production_traffic_only=False, data_dir=data_dir)
         async with running(build_server, settings) as (_, channel, _app):
             stub = pb_grpc.RegistryServiceStub(channel)
             listed = await stub.ListModelVersions(

@@ -183,7 +183,9 @@ class TestCreateModelVersion:
 
     async def test_oversized_upload_stops_at_the_limit(self, tmp_path: Path) -> None:
         """Past max_artifact_bytes the upload ends RESOURCE_EXHAUSTED at once, not after the stream."""
-        settings = RegistrySettings(data_dir=tmp_path, max_artifact_bytes=1000)
+        settings = RegistrySettings(
+            production_traffic_only=False, data_dir=tmp_path, max_artifact_bytes=1000
+        )
         total = 20_000
         sent = 0
 

@@ -4,7 +4,14 @@ from __future__ import annotations
 
 import grpc
 import pytest
-from registry_testing import AuthRegistry, RunningRegistry, failure, tiny_onnx, upload_version
+from registry_testing import (
+    AuthRegistry,
+    RunningRegistry,
+    failure,
+    set_traffic,
+    tiny_onnx,
+    upload_version,
+)
 
 from modelserve.registry.v1 import registry_service_pb2 as pb
 from modelserve.registry.v1 import registry_service_pb2_grpc as pb_grpc
@@ -60,7 +67,19 @@ class TestStages:
         ]
         promoted = await transition(secured.stub, V1, pb.STAGE_PRODUCTION, secured.bearer("dan"))
         assert promoted.stage == pb.STAGE_PRODUCTION
-        archived = await transition(secured.stub, V1, pb.STAGE_ARCHIVED, secured.bearer("dan"))
+        # It still serves deployments/fraud: archiving it is refused until the traffic moves.
+        serving = await failure(
+            transition(secured.stub, V1, pb.STAGE_ARCHIVED, secured.bearer("dan"))
+        )
+        assert (serving.code, serving.reason) == (
+            grpc.StatusCode.FAILED_PRECONDITION,
+            "VERSION_SERVING",
+        )
+        assert serving.metadata["deployment"] == "deployments/fraud"
+        dan = secured.bearer("dan")
+        await upload_version(secured.stub, tiny_onnx(weight=2.0), metadata=dan)
+        await set_traffic(secured.stub, "deployments/fraud", (V2, 100), metadata=dan)
+        archived = await transition(secured.stub, V1, pb.STAGE_ARCHIVED, dan)
         assert archived.stage == pb.STAGE_ARCHIVED
 
     async def test_production_without_approval_is_refused(self, secured: AuthRegistry) -> None:

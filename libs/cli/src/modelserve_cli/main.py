@@ -13,6 +13,7 @@ from rich.table import Table
 from modelserve_cli.demo import demo_request, deploy_demo, predict
 from modelserve_cli.feature_commands import features_app
 from modelserve_cli.registry_commands import audit, deployments_app, keys_app, models_app
+from modelserve_cli.rollout_commands import canary_app
 from modelserve_cli.stack import SERVICES, Stack, StackError, StackOptions
 from modelserve_runtime.errors import decode_rpc_error
 
@@ -20,6 +21,7 @@ app = typer.Typer(
     help="modelserve: deploy models to Triton behind a routed gRPC API.", no_args_is_help=True
 )
 app.add_typer(models_app, name="models")
+deployments_app.add_typer(canary_app, name="canary")
 app.add_typer(deployments_app, name="deployments")
 app.add_typer(keys_app, name="keys")
 app.add_typer(features_app, name="features")

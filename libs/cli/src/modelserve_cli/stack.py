@@ -163,6 +163,9 @@ class Stack:
             env[f"{prefix}REDIS_URL"] = self.redis.url
         if service == "registry":
             env[f"{prefix}DATA_DIR"] = str(self.options.run_dir / "registry")
+            # The laptop stack runs without API keys, so no one could approve a version for
+            # PRODUCTION; its demo deploys a DEVELOPMENT version. A real deployment keeps this on.
+            env.setdefault(f"{prefix}PRODUCTION_TRAFFIC_ONLY", "false")
         if service == "inference":
             env[f"{prefix}TRITON_WORK_DIR"] = str(self.options.run_dir / "triton")
             if self.options.triton_trace_endpoint:

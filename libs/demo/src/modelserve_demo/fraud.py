@@ -218,8 +218,11 @@ def _hour_weights() -> npt.NDArray[np.float64]:
     return weights / float(weights.sum())
 
 
-def train(seed: int = 0, n: int = 10_000) -> TrainedModel:
+def train(seed: int = 0, n: int = 10_000, *, shuffle_labels: bool = False) -> TrainedModel:
     """Trains the fraud model on synthetic data and converts it to ONNX.
+
+    `shuffle_labels` trains on labels shuffled across rows: a deliberately useless model
+    with the same signature, for regression tests and failed-rollout demos.
 
     The ONNX model computes what the pipeline computes on float64 rows, split for split:
     it scales in double as scikit-learn does, with the scaler's mean kept float32-exact
@@ -227,6 +230,8 @@ def train(seed: int = 0, n: int = 10_000) -> TrainedModel:
     threshold to the float32 that sends every float32 value the same way.
     """
     features, labels = make_dataset(n, seed)
+    if shuffle_labels:
+        labels = np.random.default_rng(seed).permutation(labels)
     rows = features.astype(np.float64)
     scaler = StandardScaler().fit(rows)
     scaler.mean_ = scaler.mean_.astype(np.float32).astype(np.float64)

@@ -30,5 +30,16 @@ REGISTRY_POLICY: dict[str, frozenset[Role]] = {
         "TransitionModelVersionStage": _DEPLOY,
         "SetModelVersionAlias": _DEPLOY,
         "ApproveModelVersion": _APPROVE,
+        "GetRollout": _READ,
+        "ListRollouts": _READ,
+        "UpdateModel": _DEPLOY,
+        "UpdateModelVersion": _DEPLOY,
+        "ValidateModelVersion": _DEPLOY,
+        "StartRollout": _DEPLOY,
+        "PauseRollout": _DEPLOY,
+        "ResumeRollout": _DEPLOY,
+        "AbortRollout": _DEPLOY,
+        # Deleting a model and its artifacts is for admins only (admin may call everything).
+        "DeleteModel": frozenset(),
     }.items()
 }

@@ -77,6 +77,10 @@ class ArtifactStore(Protocol):
         """Deletes a committed artifact; a missing one is not an error."""
         ...
 
+    async def remove_unreferenced(self, used: set[str]) -> int:
+        """Deletes every committed artifact whose URI is not in `used`; returns how many."""
+        ...
+
 
 def _fsync(path: Path) -> None:
     """Flushes a file's data, or a directory's entries, to the disk."""
@@ -222,3 +226,16 @@ class LocalArtifactStore:
     async def remove(self, uri: str) -> None:
         path = self._path_of_uri(uri)
         await asyncio.to_thread(path.unlink, missing_ok=True)
+
+    async def remove_unreferenced(self, used: set[str]) -> int:
+        keep = {self._path_of_uri(uri).name for uri in used}
+
+        def sweep() -> int:
+            removed = 0
+            for path in self._objects.glob("*/*"):
+                if path.is_file() and _DIGEST.fullmatch(path.name) and path.name not in keep:
+                    path.unlink(missing_ok=True)
+                    removed += 1
+            return removed
+
+        return await asyncio.to_thread(sweep)

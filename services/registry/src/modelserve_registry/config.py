@@ -26,6 +26,32 @@ class RegistrySettings(ServiceSettings):
     """Size of each chunk ReadModelVersionArtifact sends back."""
     auth: AuthSettings = Field(default_factory=AuthSettings)
     """API keys and roles; off by default so a local `make up` needs no keys."""
+    production_traffic_only: bool = True
+    """UpdateDeployment and rollouts give a share of traffic only to PRODUCTION versions
+    (FAILED_PRECONDITION `NOT_IN_PRODUCTION` otherwise). The laptop stack of `make up` turns it
+    off: it runs without API keys, so nobody could approve a version."""
+    require_validation: bool = True
+    """Entering PRODUCTION needs a passing validation run (FAILED_PRECONDITION
+    `VALIDATION_REQUIRED` otherwise)."""
+    inference_target: str | None = None
+    """The inference service's `host:port` that validations load and run versions on;
+    discovery (service `inference`) when unset."""
+    monitor_target: str | None = None
+    """The monitor's `host:port` that rollout gates read; discovery (service `monitor`) when
+    unset."""
+    validation_tolerance: float = Field(default=0.01, ge=0)
+    """How much worse than the PRODUCTION version a candidate may score on the validation set
+    and still pass (absolute, in the metric's unit)."""
+    validation_batch_rows: int = Field(default=256, ge=1)
+    """Rows of the validation set sent in one Infer call (at most inference's max batch size)."""
+    validation_load_timeout_s: float = Field(default=300.0, gt=0)
+    """How long inference may take to load a version for a validation."""
+    validation_infer_timeout_s: float = Field(default=30.0, gt=0)
+    """Deadline of each Infer call of a validation."""
+    rollout_tick_s: float = Field(default=1.0, gt=0)
+    """How often the rollout controller looks for steps whose interval has passed."""
+    gate_timeout_s: float = Field(default=5.0, gt=0)
+    """Deadline of each call a rollout gate makes to the monitor."""
 
     @property
     def db_path(self) -> Path:

@@ -99,13 +99,28 @@ def signature_to_bytes(signature: Signature) -> bytes:
 
 def model_to_proto(model: Model) -> pb.Model:
     """A Model value as its message."""
-    return pb.Model(
-        name=model.name, description=model.description, create_time=timestamp(model.create_time)
+    message = pb.Model(
+        name=model.name,
+        description=model.description,
+        create_time=timestamp(model.create_time),
+        labels=dict(model.labels),
     )
+    if model.validation_set:
+        message.validation_set.ParseFromString(model.validation_set)
+    return message
 
 
 def model_version_to_proto(version: ModelVersion) -> pb.ModelVersion:
     """A ModelVersion value as its message."""
+    message = pb.ModelVersion.FromString(version.extras) if version.extras else pb.ModelVersion()
+    if version.validation:
+        message.validation.ParseFromString(version.validation)
+    message.tags.update(dict(version.tags))
+    message.MergeFrom(_version_core(version))
+    return message
+
+
+def _version_core(version: ModelVersion) -> pb.ModelVersion:
     return pb.ModelVersion(
         name=version.name,
         description=version.description,
@@ -128,6 +143,18 @@ def model_version_to_proto(version: ModelVersion) -> pb.ModelVersion:
 
 def deployment_to_proto(deployment: Deployment) -> pb.Deployment:
     """A Deployment value as its message."""
+    message = _deployment_core(deployment)
+    policy = deployment.policy
+    if policy.inference:
+        message.inference.ParseFromString(policy.inference)
+    if policy.hybrid:
+        message.hybrid.ParseFromString(policy.hybrid)
+    if policy.strategy:
+        message.strategy.ParseFromString(policy.strategy)
+    return message
+
+
+def _deployment_core(deployment: Deployment) -> pb.Deployment:
     return pb.Deployment(
         name=deployment.name,
         traffic=[

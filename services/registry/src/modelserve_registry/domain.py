@@ -8,12 +8,22 @@ import binascii
 import hashlib
 import json
 import re
-from collections.abc import AsyncIterable, AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterable, AsyncIterator, Callable, Mapping, Sequence
+from dataclasses import dataclass
 from datetime import UTC, datetime
 
 import structlog
 
+from modelserve.registry.v1 import registry_service_pb2 as pb
 from modelserve_registry.artifacts import ArtifactStore, StagedArtifact
+from modelserve_registry.metadata import (
+    check_hybrid,
+    check_inference,
+    check_pairs,
+    check_strategy,
+    check_validation_set,
+    check_version_extras,
+)
 from modelserve_registry.onnx_artifact import check_onnx_artifact
 from modelserve_registry.resources import (
     Actor,
@@ -36,6 +46,7 @@ from modelserve_registry.resources import (
     VersionUpload,
 )
 from modelserve_registry.store import RegistryStore
+from modelserve_registry.validation import Validator
 from modelserve_runtime.errors import (
     FailedPreconditionError,
     FieldViolation,
@@ -65,8 +76,21 @@ DEFAULT_PAGE_SIZE = 50
 MAX_PAGE_SIZE = 1000
 #: Writable fields of a Deployment, as update_mask paths; `*` names them all.
 DEPLOYMENT_WRITABLE_FIELDS = frozenset(
-    {"traffic", "routing_key", "salt", "shadow", "fallback_version", "default_outputs"}
+    {
+        "traffic",
+        "routing_key",
+        "salt",
+        "shadow",
+        "fallback_version",
+        "default_outputs",
+        "inference",
+        "hybrid",
+        "strategy",
+    }
 )
+#: Writable fields of a Model and of a ModelVersion, as update_mask paths.
+MODEL_WRITABLE_FIELDS = frozenset({"description", "labels", "validation_set"})
+VERSION_WRITABLE_FIELDS = frozenset({"description", "tags"})
 _DEPLOYMENT_OUTPUT_ONLY_FIELDS = frozenset({"name", "revision", "update_time"})
 #: How many revisions a watcher reads from the store at a time.
 WATCH_BATCH = 500
@@ -241,8 +265,64 @@ def _check_tensors(field: str, tensors: Sequence[TensorSpec]) -> list[FieldViola
     return violations
 
 
-def _check_upload(upload: VersionUpload) -> tuple[str, ArtifactFormat]:
-    """The model id and format of an upload; InvalidArgumentError naming every bad field."""
+@dataclass(frozen=True, slots=True)
+class _CheckedUpload:
+    model_id: str
+    format: ArtifactFormat
+    extras: bytes
+    tags: tuple[tuple[str, str], ...]
+    parent: VersionRef | None
+
+
+def _masked(
+    update_mask: Sequence[str],
+    writable: frozenset[str],
+    kind: str,
+    violations: list[FieldViolation],
+) -> set[str]:
+    """The fields an update writes: the mask's paths (all writable ones when it is empty)."""
+    for path in update_mask:
+        if path not in writable:
+            violations.append(
+                FieldViolation(
+                    "update_mask",
+                    f"{path!r} is not a writable {kind} field ({', '.join(sorted(writable))})",
+                )
+            )
+    return set(update_mask) & writable if update_mask else set(writable)
+
+
+def _check_validation_passed(version: ModelVersion) -> None:
+    run = pb.ValidationRun.FromString(version.validation)
+    if run.state == pb.VALIDATION_STATE_PASSED:
+        return
+    why = (
+        f"its latest validation run failed: {run.reason}"
+        if run.state == pb.VALIDATION_STATE_FAILED
+        else "it has never been validated (call ValidateModelVersion)"
+    )
+    raise FailedPreconditionError(
+        f"{version.name} cannot enter PRODUCTION: {why}",
+        reason="VALIDATION_REQUIRED",
+        metadata={
+            "name": version.name,
+            "unmet_condition": "a passing validation run (smoke and regression tests)",
+        },
+    )
+
+
+def _referenced_models(targets: Sequence[TrafficTarget], policy: RoutingPolicy) -> set[str]:
+    """The models whose versions a deployment makes inference hold: targets, shadows and the
+    fallback."""
+    models = {t.model_id for t in targets}
+    models |= {v.model_id for v in policy.shadow}
+    if policy.fallback is not None:
+        models.add(policy.fallback.model_id)
+    return models
+
+
+def _check_upload(upload: VersionUpload) -> _CheckedUpload:
+    """The checked metadata of an upload; InvalidArgumentError naming every bad field."""
     violations: list[FieldViolation] = []
     model_id = ""
     try:
@@ -274,9 +354,13 @@ def _check_upload(upload: VersionUpload) -> tuple[str, ArtifactFormat]:
                     f"dimension is {width}",
                 )
             )
+    raw = pb.ModelVersion.FromString(upload.extras)
+    extras, parent_name = check_version_extras(raw, signature, violations)
+    tags = check_pairs("upload.model_version.tags", raw.tags, violations)
     if violations or upload.format is None:
         raise _invalid(violations)
-    return model_id, upload.format
+    parent = VersionRef(*parse_version_name(parent_name, "parent")) if parent_name else None
+    return _CheckedUpload(model_id, upload.format, extras, tags, parent)
 
 
 class Registry:
@@ -290,7 +374,13 @@ class Registry:
         max_artifact_bytes: int,
         read_chunk_bytes: int,
         clock: Callable[[], datetime] = _utc_now,
+        production_only: bool = True,
+        require_validation: bool = True,
+        validator: Validator | None = None,
     ) -> None:
+        self._validator = validator
+        self._production_only = production_only
+        self._require_validation = require_validation
         self._store = store
         self._artifacts = artifacts
         self._max_artifact_bytes = max_artifact_bytes
@@ -306,14 +396,35 @@ class Registry:
     def _change(self, actor: Actor, action: str) -> Change:
         return Change(actor.principal, actor.reason, action, self._clock())
 
-    async def create_model(self, model_id: str, description: str, actor: Actor) -> Model:
+    async def create_model(
+        self,
+        model_id: str,
+        description: str,
+        actor: Actor,
+        *,
+        labels: Mapping[str, str] | None = None,
+        validation_set: pb.ValidationSet | None = None,
+    ) -> Model:
         """Registers a model; ALREADY_EXISTS when the id is taken."""
+        violations: list[FieldViolation] = []
         if not _MODEL_ID.fullmatch(model_id):
-            raise InvalidArgumentError.for_field(
-                "model_id", "1-63 of [a-z0-9-], starting with a lowercase letter"
+            violations.append(
+                FieldViolation("model_id", "1-63 of [a-z0-9-], starting with a lowercase letter")
             )
+        pairs = check_pairs("model.labels", labels or {}, violations)
+        stored_set = b""
+        if validation_set is not None and validation_set != pb.ValidationSet():
+            stored_set = check_validation_set("model.validation_set", validation_set, violations)
+        if violations:
+            raise _invalid(violations)
         change = self._change(actor, "CreateModel")
-        model = Model(model_id=model_id, description=description, create_time=change.time)
+        model = Model(
+            model_id=model_id,
+            description=description,
+            create_time=change.time,
+            labels=pairs,
+            validation_set=stored_set,
+        )
         await self._store.create_model(model, change)
         log.info("model_created", model=model.name)
         return model
@@ -325,6 +436,153 @@ class Registry:
         if model is None:
             raise _model_not_found(model_id)
         return model
+
+    async def update_model(
+        self,
+        name: str,
+        update_mask: Sequence[str],
+        actor: Actor,
+        *,
+        description: str,
+        labels: Mapping[str, str],
+        validation_set: pb.ValidationSet,
+    ) -> Model:
+        """Writes the masked fields of a model (all three when the mask is empty)."""
+        violations: list[FieldViolation] = []
+        model_id = ""
+        try:
+            model_id = parse_model_name(name, "model.name")
+        except InvalidArgumentError as exc:
+            violations.extend(exc.violations)
+        written = _masked(update_mask, MODEL_WRITABLE_FIELDS, "Model", violations)
+        pairs = check_pairs("model.labels", labels, violations) if "labels" in written else None
+        stored_set: bytes | None = None
+        if "validation_set" in written:
+            stored_set = (
+                b""
+                if validation_set == pb.ValidationSet()
+                else check_validation_set("model.validation_set", validation_set, violations)
+            )
+        if violations:
+            raise _invalid(violations)
+        model = await self._store.update_model(
+            model_id,
+            description=description if "description" in written else None,
+            labels=pairs,
+            validation_set=stored_set,
+            change=self._change(actor, "UpdateModel"),
+        )
+        log.info("model_updated", model=model.name, fields=sorted(written))
+        return model
+
+    async def delete_model(self, name: str, force: bool, actor: Actor) -> None:
+        """Deletes a model, its versions, and the artifacts no other version uses."""
+        model_id = parse_model_name(name, "name")
+        unused = await self._store.delete_model(
+            model_id, force=force, change=self._change(actor, "DeleteModel")
+        )
+        async with self._record_lock:
+            still_used = await self._store.referenced_artifacts()
+            for uri in unused:
+                if uri not in still_used:
+                    await self._artifacts.remove(uri)
+        log.info("model_deleted", model=name, artifacts_removed=len(unused))
+
+    async def sweep_unreferenced_artifacts(self) -> int:
+        """Removes stored artifacts that no version uses (left by a crash between a delete's
+        commit and its file removal); returns how many went."""
+        async with self._record_lock:
+            used = await self._store.referenced_artifacts()
+            return await self._artifacts.remove_unreferenced(used)
+
+    async def update_model_version(
+        self,
+        name: str,
+        update_mask: Sequence[str],
+        actor: Actor,
+        *,
+        description: str,
+        tags: Mapping[str, str],
+    ) -> ModelVersion:
+        """Writes the masked mutable fields of a version (description and tags; both when
+        the mask is empty). Any other path is refused: a version is otherwise immutable."""
+        violations: list[FieldViolation] = []
+        model_id, number = "", 0
+        try:
+            model_id, number = parse_version_name(name, "model_version.name")
+        except InvalidArgumentError as exc:
+            violations.extend(exc.violations)
+        written = _masked(update_mask, VERSION_WRITABLE_FIELDS, "ModelVersion", violations)
+        pairs = check_pairs("model_version.tags", tags, violations) if "tags" in written else None
+        if violations:
+            raise _invalid(violations)
+        version = await self._store.update_model_version(
+            model_id,
+            number,
+            description=description if "description" in written else None,
+            tags=pairs,
+            change=self._change(actor, "UpdateModelVersion"),
+        )
+        log.info("model_version_updated", model_version=name, fields=sorted(written))
+        return version
+
+    async def notify_deployment_change(self) -> None:
+        """Wakes the deployment watchers: a revision was committed outside update/rollback."""
+        await self._changes.send()
+
+    async def validate_model_version(self, name: str, actor: Actor) -> ModelVersion:
+        """Runs a validation of the version through inference and records it; a FAILED run
+        is recorded and returned like a passing one."""
+        version = await self.get_model_version(name)
+        if version.stage is Stage.ARCHIVED:
+            raise FailedPreconditionError(
+                f"{name} is ARCHIVED; an archived version is not validated",
+                reason="VERSION_ARCHIVED",
+                metadata={"name": name},
+            )
+        if self._validator is None:
+            raise FailedPreconditionError(
+                "this registry has no inference service to validate with",
+                reason="NO_INFERENCE",
+                metadata={"name": name},
+            )
+        model = await self.get_model(f"models/{version.model_id}")
+        versions = await self._store.list_model_versions(
+            version.model_id, before=None, limit=MAX_PAGE_SIZE
+        )
+        production = [v for v in versions if v.stage is Stage.PRODUCTION]
+        run = await self._validator.run(version, model, production, actor.principal, self._clock())
+        log.info(
+            "model_version_validated",
+            model_version=name,
+            state=pb.ValidationState.Name(run.state),
+            reason=run.reason,
+        )
+        return await self.record_validation(name, run, actor)
+
+    async def record_validation(
+        self, name: str, run: pb.ValidationRun, actor: Actor
+    ) -> ModelVersion:
+        """Stores a finished validation run as the version's latest, audited."""
+        model_id, number = parse_version_name(name, "name")
+        details = {
+            "validation": pb.ValidationState.Name(run.state),
+            "smoke_passed": str(run.smoke_passed).lower(),
+            "result": run.reason,
+        }
+        if run.metric != pb.VALIDATION_METRIC_UNSPECIFIED:
+            details["metric"] = pb.ValidationMetric.Name(run.metric)
+            details["candidate_score"] = f"{run.candidate_score:.6g}"
+        if run.baseline_version:
+            details["baseline_version"] = run.baseline_version
+            details["baseline_score"] = f"{run.baseline_score:.6g}"
+        return await self._store.record_validation(
+            model_id,
+            number,
+            run.SerializeToString(deterministic=True),
+            details,
+            self._change(actor, "ValidateModelVersion"),
+        )
 
     async def list_models(self, page_size: int, page_token: str) -> Page[Model]:
         """One page of the models, by id."""
@@ -351,7 +609,8 @@ class Registry:
             raise InvalidArgumentError.for_field(
                 "upload", "the first message must carry the upload metadata"
             )
-        model_id, artifact_format = _check_upload(upload)
+        checked = _check_upload(upload)
+        model_id = checked.model_id
         if await self._store.get_model(model_id) is None:
             raise _model_not_found(model_id)
         staged = await self._artifacts.stage()
@@ -373,9 +632,7 @@ class Registry:
         # Once the bytes are in and valid, recording finishes even if the caller goes away:
         # a cancelled insert could still land after its artifact file had been removed.
         actor = Actor(principal, upload.reason)
-        task = asyncio.create_task(
-            self._record(model_id, artifact_format, upload, staged, digest, actor)
-        )
+        task = asyncio.create_task(self._record(checked, upload, staged, digest, actor))
         self._recording.add(task)
         task.add_done_callback(self._recording.discard)
         version = await asyncio.shield(task)
@@ -406,8 +663,7 @@ class Registry:
 
     async def _record(
         self,
-        model_id: str,
-        artifact_format: ArtifactFormat,
+        checked: _CheckedUpload,
         upload: VersionUpload,
         staged: StagedArtifact,
         digest: str,
@@ -418,14 +674,17 @@ class Registry:
                 stored = await staged.commit()
                 try:
                     return await self._store.create_model_version(
-                        model_id=model_id,
+                        model_id=checked.model_id,
                         description=upload.description,
-                        format=artifact_format,
+                        format=checked.format,
                         signature=upload.signature,
                         artifact_uri=stored.uri,
                         sha256=digest,
                         size_bytes=staged.size,
                         change=self._change(actor, "CreateModelVersion"),
+                        extras=checked.extras,
+                        tags=checked.tags,
+                        parent=checked.parent,
                     )
                 except BaseException:
                     if stored.created:
@@ -511,6 +770,9 @@ class Registry:
         shadow: Sequence[str] = (),
         fallback_version: str = "",
         default_outputs: Sequence[DefaultOutput] = (),
+        inference: pb.InferenceConfig | None = None,
+        hybrid: pb.HybridLookup | None = None,
+        strategy: pb.RolloutStrategy | None = None,
     ) -> Deployment:
         """Sets a deployment's traffic and routing policy; creates it only with `allow_missing`.
 
@@ -546,6 +808,9 @@ class Registry:
                 "shadow": bool(shadow),
                 "fallback_version": bool(fallback_version),
                 "default_outputs": bool(default_outputs),
+                "inference": inference is not None and inference != pb.InferenceConfig(),
+                "hybrid": hybrid is not None and hybrid != pb.HybridLookup(),
+                "strategy": strategy is not None and strategy != pb.RolloutStrategy(),
             }
             written = {"traffic", *(f for f, present in given.items() if present)}
         current: Deployment | None = None
@@ -603,6 +868,21 @@ class Registry:
             if "default_outputs" in written
             else list(kept.default_outputs)
         )
+        inference_bytes = (
+            check_inference(inference or pb.InferenceConfig(), violations)
+            if "inference" in written
+            else kept.inference
+        )
+        hybrid_bytes = (
+            check_hybrid(hybrid or pb.HybridLookup(), violations)
+            if "hybrid" in written
+            else kept.hybrid
+        )
+        strategy_bytes = (
+            check_strategy("deployment.strategy", strategy or pb.RolloutStrategy(), violations)
+            if "strategy" in written
+            else kept.strategy
+        )
         if violations:
             raise _invalid(violations)
         policy = RoutingPolicy(
@@ -611,13 +891,20 @@ class Registry:
             shadow=tuple(shadow_refs),
             fallback=fallback,
             default_outputs=tuple(outputs),
+            inference=inference_bytes,
+            hybrid=hybrid_bytes,
+            strategy=strategy_bytes,
         )
+        await self._check_shared_inference(deployment_id, targets, policy)
         deployment, changed = await self._store.put_deployment(
             deployment_id,
             targets,
             allow_missing=allow_missing,
             change=self._change(actor, "UpdateDeployment"),
             policy=policy,
+            # A change merged into the current revision must land on that revision.
+            expected_revision=current.revision if current is not None else None,
+            production_only=self._production_only,
         )
         if changed:
             await self._changes.send()
@@ -630,6 +917,28 @@ class Registry:
                 shadow=[v.model_version for v in deployment.policy.shadow],
             )
         return deployment
+
+    async def _check_shared_inference(
+        self, deployment_id: str, targets: Sequence[TrafficTarget], policy: RoutingPolicy
+    ) -> None:
+        """Deployments that serve versions of one model must agree on its Triton settings:
+        Triton holds one config per model, shared by all its versions."""
+        mine = _referenced_models(targets, policy)
+        others, _ = await self._store.current_revisions(None)
+        for other in others:
+            deployment = other.deployment
+            if deployment.deployment_id == deployment_id:
+                continue
+            shared = mine & _referenced_models(deployment.traffic, deployment.policy)
+            if shared and deployment.policy.inference != policy.inference:
+                model = f"models/{sorted(shared)[0]}"
+                raise FailedPreconditionError(
+                    f"{deployment.name} also serves {model} with other inference settings;"
+                    " deployments that serve one model must agree on `inference` (Triton"
+                    " holds one config per model)",
+                    reason="INFERENCE_CONFIG_CONFLICT",
+                    metadata={"deployment": deployment.name, "model": model},
+                )
 
     @staticmethod
     def _check_traffic(
@@ -843,11 +1152,12 @@ class Registry:
                 reason="INVALID_STAGE_TRANSITION",
                 metadata={"name": name, "stage": version.stage.name, "requested": stage.name},
             )
+        if stage is Stage.ARCHIVED:
+            await self._check_not_serving(version)
         if stage is Stage.PRODUCTION:
             self._check_production_approval(version, actor)
-            # TODO(issue 3): also require a passing validation run recorded on the version:
-            # a smoke test (inference loads it and it answers its sample inputs) and a
-            # regression test against the current PRODUCTION version within a tolerance.
+            if self._require_validation:
+                _check_validation_passed(version)
         moved = await self._store.set_stage(
             model_id,
             number,
@@ -857,6 +1167,20 @@ class Registry:
         )
         log.info("model_version_stage_changed", model_version=name, stage=stage.name)
         return moved
+
+    async def _check_not_serving(self, version: ModelVersion) -> None:
+        """A version with a share of some deployment's traffic cannot be archived."""
+        current, _ = await self._store.current_revisions(None)
+        for revision in current:
+            deployment = revision.deployment
+            for target in deployment.traffic:
+                if target.model_version == version.name and target.percent > 0:
+                    raise FailedPreconditionError(
+                        f"{version.name} takes {target.percent}% of {deployment.name}'s traffic;"
+                        " move the traffic away before archiving it",
+                        reason="VERSION_SERVING",
+                        metadata={"name": version.name, "deployment": deployment.name},
+                    )
 
     @staticmethod
     def _check_production_approval(version: ModelVersion, actor: Actor) -> None:

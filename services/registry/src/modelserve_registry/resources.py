@@ -61,6 +61,10 @@ class Model:
     model_id: str
     description: str
     create_time: datetime
+    labels: tuple[tuple[str, str], ...] = ()
+    """Sorted by key."""
+    validation_set: bytes = b""
+    """A serialized `ValidationSet` message; empty when the model has none."""
 
     @property
     def name(self) -> str:
@@ -93,6 +97,13 @@ class ModelVersion:
     stage: Stage = Stage.DEVELOPMENT
     aliases: tuple[str, ...] = ()
     approvals: tuple[Approval, ...] = ()
+    extras: bytes = b""
+    """The immutable metadata given at upload (sample inputs, metrics, lineage), as a
+    serialized `ModelVersion` message holding only those fields."""
+    tags: tuple[tuple[str, str], ...] = ()
+    """Sorted by key."""
+    validation: bytes = b""
+    """The latest validation run, a serialized `ValidationRun`; empty when never validated."""
 
     @property
     def name(self) -> str:
@@ -110,6 +121,9 @@ class VersionUpload:
     signature: Signature
     sha256: str
     reason: str = ""
+    extras: bytes = b""
+    """Sample inputs, metrics, lineage and tags as sent: a serialized `ModelVersion` message
+    holding only those fields, not yet checked."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -171,6 +185,12 @@ class RoutingPolicy:
     fallback: VersionRef | None = None
     default_outputs: tuple[bytes, ...] = ()
     """Serialized `modelserve.type.v1.Tensor` messages."""
+    inference: bytes = b""
+    """A serialized `InferenceConfig`; empty: inference's defaults."""
+    hybrid: bytes = b""
+    """A serialized `HybridLookup`; empty: off."""
+    strategy: bytes = b""
+    """A serialized `RolloutStrategy`; empty: none declared."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -242,6 +262,48 @@ class AuditEvent:
     def name(self) -> str:
         """`auditEvents/{event}`."""
         return f"auditEvents/{self.event_id}"
+
+
+class RolloutState(enum.Enum):
+    """Where a rollout is."""
+
+    RUNNING = "running"
+    PAUSED = "paused"
+    SUCCEEDED = "succeeded"
+    ABORTED = "aborted"
+
+    @property
+    def active(self) -> bool:
+        """Running or paused: the deployment's traffic belongs to the rollout."""
+        return self in (RolloutState.RUNNING, RolloutState.PAUSED)
+
+
+@dataclass(frozen=True, slots=True)
+class Rollout:
+    """A move of a deployment's traffic from its stable version to a candidate."""
+
+    deployment_id: str
+    rollout_id: int
+    stable: VersionRef
+    candidate: VersionRef
+    strategy: bytes
+    """The serialized `RolloutStrategy` as it was at the start."""
+    state: RolloutState
+    step: int
+    candidate_percent: int
+    step_start_time: datetime
+    create_time: datetime
+    update_time: datetime
+    last_gate: bytes = b""
+    """The latest serialized `GateResult`; empty before the first reading."""
+    reason: str = ""
+    waiting_since: datetime | None = None
+    """Since when the current step's gate has been INCONCLUSIVE; None otherwise."""
+
+    @property
+    def name(self) -> str:
+        """`deployments/{deployment}/rollouts/{rollout}`."""
+        return f"deployments/{self.deployment_id}/rollouts/{self.rollout_id}"
 
 
 @dataclass(frozen=True, slots=True)

@@ -22,6 +22,7 @@ from modelserve_registry.convert import (
 )
 from modelserve_registry.domain import Registry
 from modelserve_registry.resources import Actor, TrafficShare, VersionUpload
+from modelserve_registry.rollout import RolloutController, rollout_to_proto
 from modelserve_runtime.auth import current_principal
 
 
@@ -44,6 +45,12 @@ async def _upload_messages(
                 signature=signature_from_proto(upload.model_version.signature),
                 sha256=upload.sha256,
                 reason=upload.reason,
+                extras=pb.ModelVersion(
+                    sample_inputs=upload.model_version.sample_inputs,
+                    metrics=upload.model_version.metrics,
+                    lineage=upload.model_version.lineage,
+                    tags=upload.model_version.tags,
+                ).SerializeToString(),
             )
         else:
             yield request.chunk
@@ -52,14 +59,19 @@ async def _upload_messages(
 class RegistryServicer(pb_grpc.RegistryServiceServicer):
     """Translates RegistryService calls to the Registry."""
 
-    def __init__(self, registry: Registry) -> None:
+    def __init__(self, registry: Registry, rollouts: RolloutController) -> None:
         self._registry = registry
+        self._rollouts = rollouts
 
     async def CreateModel(
         self, request: pb.CreateModelRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> pb.CreateModelResponse:
         model = await self._registry.create_model(
-            request.model_id, request.model.description, _actor(request.reason)
+            request.model_id,
+            request.model.description,
+            _actor(request.reason),
+            labels=dict(request.model.labels),
+            validation_set=request.model.validation_set,
         )
         return pb.CreateModelResponse(model=model_to_proto(model))
 
@@ -120,6 +132,9 @@ class RegistryServicer(pb_grpc.RegistryServiceServicer):
             default_outputs=[
                 default_output_from_proto(t) for t in request.deployment.default_outputs
             ],
+            inference=request.deployment.inference,
+            hybrid=request.deployment.hybrid,
+            strategy=request.deployment.strategy,
         )
         return pb.UpdateDeploymentResponse(deployment=deployment_to_proto(deployment))
 
@@ -200,3 +215,87 @@ class RegistryServicer(pb_grpc.RegistryServiceServicer):
         return pb.ListModelsResponse(
             models=[model_to_proto(m) for m in page.items], next_page_token=page.next_page_token
         )
+
+    async def UpdateModel(
+        self, request: pb.UpdateModelRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> pb.UpdateModelResponse:
+        model = await self._registry.update_model(
+            request.model.name,
+            list(request.update_mask.paths),
+            _actor(request.reason),
+            description=request.model.description,
+            labels=dict(request.model.labels),
+            validation_set=request.model.validation_set,
+        )
+        return pb.UpdateModelResponse(model=model_to_proto(model))
+
+    async def DeleteModel(
+        self, request: pb.DeleteModelRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> pb.DeleteModelResponse:
+        await self._registry.delete_model(request.name, request.force, _actor(request.reason))
+        return pb.DeleteModelResponse()
+
+    async def UpdateModelVersion(
+        self, request: pb.UpdateModelVersionRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> pb.UpdateModelVersionResponse:
+        version = await self._registry.update_model_version(
+            request.model_version.name,
+            list(request.update_mask.paths),
+            _actor(request.reason),
+            description=request.model_version.description,
+            tags=dict(request.model_version.tags),
+        )
+        return pb.UpdateModelVersionResponse(model_version=model_version_to_proto(version))
+
+    async def ValidateModelVersion(
+        self, request: pb.ValidateModelVersionRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> pb.ValidateModelVersionResponse:
+        version = await self._registry.validate_model_version(request.name, _actor(request.reason))
+        return pb.ValidateModelVersionResponse(
+            validation=model_version_to_proto(version).validation
+        )
+
+    async def StartRollout(
+        self, request: pb.StartRolloutRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> pb.StartRolloutResponse:
+        rollout = await self._rollouts.start(
+            request.deployment,
+            request.candidate_version,
+            request.strategy if request.HasField("strategy") else None,
+            _actor(request.reason),
+        )
+        return pb.StartRolloutResponse(rollout=rollout_to_proto(rollout))
+
+    async def GetRollout(
+        self, request: pb.GetRolloutRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> pb.GetRolloutResponse:
+        return pb.GetRolloutResponse(
+            rollout=rollout_to_proto(await self._rollouts.get(request.name))
+        )
+
+    async def ListRollouts(
+        self, request: pb.ListRolloutsRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> pb.ListRolloutsResponse:
+        page = await self._rollouts.list(request.parent, request.page_size, request.page_token)
+        return pb.ListRolloutsResponse(
+            rollouts=[rollout_to_proto(r) for r in page.items],
+            next_page_token=page.next_page_token,
+        )
+
+    async def PauseRollout(
+        self, request: pb.PauseRolloutRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> pb.PauseRolloutResponse:
+        rollout = await self._rollouts.pause(request.name, _actor(request.reason))
+        return pb.PauseRolloutResponse(rollout=rollout_to_proto(rollout))
+
+    async def ResumeRollout(
+        self, request: pb.ResumeRolloutRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> pb.ResumeRolloutResponse:
+        rollout = await self._rollouts.resume(request.name, _actor(request.reason))
+        return pb.ResumeRolloutResponse(rollout=rollout_to_proto(rollout))
+
+    async def AbortRollout(
+        self, request: pb.AbortRolloutRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> pb.AbortRolloutResponse:
+        rollout = await self._rollouts.abort(request.name, _actor(request.reason))
+        return pb.AbortRolloutResponse(rollout=rollout_to_proto(rollout))

@@ -5,6 +5,7 @@ isort:skip_file
 
 from collections import abc as _abc
 from google.protobuf import descriptor as _descriptor
+from google.protobuf import duration_pb2 as _duration_pb2
 from google.protobuf import field_mask_pb2 as _field_mask_pb2
 from google.protobuf import message as _message
 from google.protobuf import timestamp_pb2 as _timestamp_pb2
@@ -21,6 +22,40 @@ else:
     from typing_extensions import TypeAlias as _TypeAlias, Never as _Never
 
 DESCRIPTOR: _descriptor.FileDescriptor
+
+class _ValidationMetric:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _ValidationMetricEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ValidationMetric.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    VALIDATION_METRIC_UNSPECIFIED: _ValidationMetric.ValueType  # 0
+    """Not set."""
+    VALIDATION_METRIC_ACCURACY: _ValidationMetric.ValueType  # 1
+    """Share of rows whose highest-probability class is the label; higher is better."""
+    VALIDATION_METRIC_ROC_AUC: _ValidationMetric.ValueType  # 2
+    """Area under the ROC curve of the positive-class probability; higher is better."""
+    VALIDATION_METRIC_LOG_LOSS: _ValidationMetric.ValueType  # 3
+    """Mean negative log probability of the label; lower is better."""
+    VALIDATION_METRIC_MEAN_ABSOLUTE_ERROR: _ValidationMetric.ValueType  # 4
+    """Mean absolute difference between the predicted value and the label; lower is better."""
+
+class ValidationMetric(_ValidationMetric, metaclass=_ValidationMetricEnumTypeWrapper):
+    """ValidationMetric is how a validation set is scored; the regression test knows which
+    direction is better.
+    """
+
+VALIDATION_METRIC_UNSPECIFIED: ValidationMetric.ValueType  # 0
+"""Not set."""
+VALIDATION_METRIC_ACCURACY: ValidationMetric.ValueType  # 1
+"""Share of rows whose highest-probability class is the label; higher is better."""
+VALIDATION_METRIC_ROC_AUC: ValidationMetric.ValueType  # 2
+"""Area under the ROC curve of the positive-class probability; higher is better."""
+VALIDATION_METRIC_LOG_LOSS: ValidationMetric.ValueType  # 3
+"""Mean negative log probability of the label; lower is better."""
+VALIDATION_METRIC_MEAN_ABSOLUTE_ERROR: ValidationMetric.ValueType  # 4
+"""Mean absolute difference between the predicted value and the label; lower is better."""
+Global___ValidationMetric: _TypeAlias = ValidationMetric  # noqa: Y015
 
 class _ArtifactFormat:
     ValueType = _typing.NewType("ValueType", _builtins.int)
@@ -41,6 +76,30 @@ ARTIFACT_FORMAT_UNSPECIFIED: ArtifactFormat.ValueType  # 0
 ARTIFACT_FORMAT_ONNX: ArtifactFormat.ValueType  # 1
 """An ONNX model file."""
 Global___ArtifactFormat: _TypeAlias = ArtifactFormat  # noqa: Y015
+
+class _ValidationState:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _ValidationStateEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ValidationState.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    VALIDATION_STATE_UNSPECIFIED: _ValidationState.ValueType  # 0
+    """Not set."""
+    VALIDATION_STATE_PASSED: _ValidationState.ValueType  # 1
+    """Every check passed; the version may enter PRODUCTION (with an approval)."""
+    VALIDATION_STATE_FAILED: _ValidationState.ValueType  # 2
+    """A check failed; `reason` says which and why."""
+
+class ValidationState(_ValidationState, metaclass=_ValidationStateEnumTypeWrapper):
+    """ValidationState is the outcome of a validation run."""
+
+VALIDATION_STATE_UNSPECIFIED: ValidationState.ValueType  # 0
+"""Not set."""
+VALIDATION_STATE_PASSED: ValidationState.ValueType  # 1
+"""Every check passed; the version may enter PRODUCTION (with an approval)."""
+VALIDATION_STATE_FAILED: ValidationState.ValueType  # 2
+"""A check failed; `reason` says which and why."""
+Global___ValidationState: _TypeAlias = ValidationState  # noqa: Y015
 
 class _Stage:
     ValueType = _typing.NewType("ValueType", _builtins.int)
@@ -76,15 +135,121 @@ STAGE_ARCHIVED: Stage.ValueType  # 4
 """Retired."""
 Global___Stage: _TypeAlias = Stage  # noqa: Y015
 
+class _Backend:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _BackendEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Backend.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    BACKEND_UNSPECIFIED: _Backend.ValueType  # 0
+    """Not set: inference's configured default."""
+    BACKEND_PYTHON_ONNXRUNTIME: _Backend.ValueType  # 1
+    """Triton's python backend running onnxruntime on CPU (the project's own model.py)."""
+    BACKEND_ONNXRUNTIME: _Backend.ValueType  # 2
+    """Triton's native ONNX Runtime backend; CUDA / TensorRT execution providers on a GPU."""
+
+class Backend(_Backend, metaclass=_BackendEnumTypeWrapper):
+    """Backend is how Triton runs an ONNX artifact."""
+
+BACKEND_UNSPECIFIED: Backend.ValueType  # 0
+"""Not set: inference's configured default."""
+BACKEND_PYTHON_ONNXRUNTIME: Backend.ValueType  # 1
+"""Triton's python backend running onnxruntime on CPU (the project's own model.py)."""
+BACKEND_ONNXRUNTIME: Backend.ValueType  # 2
+"""Triton's native ONNX Runtime backend; CUDA / TensorRT execution providers on a GPU."""
+Global___Backend: _TypeAlias = Backend  # noqa: Y015
+
+class _RolloutState:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _RolloutStateEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_RolloutState.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    ROLLOUT_STATE_UNSPECIFIED: _RolloutState.ValueType  # 0
+    """Not set."""
+    ROLLOUT_STATE_RUNNING: _RolloutState.ValueType  # 1
+    """Moving traffic step by step; the controller reads the gate after each interval."""
+    ROLLOUT_STATE_PAUSED: _RolloutState.ValueType  # 2
+    """Held at its current step by PauseRollout; ResumeRollout continues it."""
+    ROLLOUT_STATE_SUCCEEDED: _RolloutState.ValueType  # 3
+    """The candidate took all traffic and passed its last gate."""
+    ROLLOUT_STATE_ABORTED: _RolloutState.ValueType  # 4
+    """Ended by AbortRollout or by a failed gate; traffic went back to the stable version."""
+
+class RolloutState(_RolloutState, metaclass=_RolloutStateEnumTypeWrapper):
+    """RolloutState is where a rollout is."""
+
+ROLLOUT_STATE_UNSPECIFIED: RolloutState.ValueType  # 0
+"""Not set."""
+ROLLOUT_STATE_RUNNING: RolloutState.ValueType  # 1
+"""Moving traffic step by step; the controller reads the gate after each interval."""
+ROLLOUT_STATE_PAUSED: RolloutState.ValueType  # 2
+"""Held at its current step by PauseRollout; ResumeRollout continues it."""
+ROLLOUT_STATE_SUCCEEDED: RolloutState.ValueType  # 3
+"""The candidate took all traffic and passed its last gate."""
+ROLLOUT_STATE_ABORTED: RolloutState.ValueType  # 4
+"""Ended by AbortRollout or by a failed gate; traffic went back to the stable version."""
+Global___RolloutState: _TypeAlias = RolloutState  # noqa: Y015
+
+class _GateVerdict:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _GateVerdictEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_GateVerdict.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    GATE_VERDICT_UNSPECIFIED: _GateVerdict.ValueType  # 0
+    """Not set."""
+    GATE_VERDICT_PASS: _GateVerdict.ValueType  # 1
+    """Healthy: the step may advance."""
+    GATE_VERDICT_FAIL: _GateVerdict.ValueType  # 2
+    """Unhealthy: the rollout is aborted."""
+    GATE_VERDICT_INCONCLUSIVE: _GateVerdict.ValueType  # 3
+    """Not enough data yet: the step waits."""
+
+class GateVerdict(_GateVerdict, metaclass=_GateVerdictEnumTypeWrapper):
+    """GateVerdict is what a gate said of a candidate."""
+
+GATE_VERDICT_UNSPECIFIED: GateVerdict.ValueType  # 0
+"""Not set."""
+GATE_VERDICT_PASS: GateVerdict.ValueType  # 1
+"""Healthy: the step may advance."""
+GATE_VERDICT_FAIL: GateVerdict.ValueType  # 2
+"""Unhealthy: the rollout is aborted."""
+GATE_VERDICT_INCONCLUSIVE: GateVerdict.ValueType  # 3
+"""Not enough data yet: the step waits."""
+Global___GateVerdict: _TypeAlias = GateVerdict  # noqa: Y015
+
 @_typing.final
 class Model(_message.Message):
     """Model is a named family of versions."""
 
     DESCRIPTOR: _descriptor.Descriptor
 
+    @_typing.final
+    class LabelsEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.str
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.str = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
     NAME_FIELD_NUMBER: _builtins.int
     DESCRIPTION_FIELD_NUMBER: _builtins.int
     CREATE_TIME_FIELD_NUMBER: _builtins.int
+    LABELS_FIELD_NUMBER: _builtins.int
+    VALIDATION_SET_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """Identifier. Format: `models/{model}`; `{model}` is 1-63 of [a-z0-9-], starting with a letter."""
     description: _builtins.str
@@ -93,20 +258,78 @@ class Model(_message.Message):
     def create_time(self) -> _timestamp_pb2.Timestamp:
         """Output only. When the model was created."""
 
+    @_builtins.property
+    def labels(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
+        """Optional. Free-form key/value labels (`team`, `use-case`, ...); at most 32, keys 1-63
+        characters, values at most 256.
+        """
+
+    @_builtins.property
+    def validation_set(self) -> Global___ValidationSet:
+        """Optional. The labelled data every version of the model is scored on by the regression
+        test of ValidateModelVersion.
+        """
+
     def __init__(
         self,
         *,
         name: _builtins.str = ...,
         description: _builtins.str = ...,
         create_time: _timestamp_pb2.Timestamp | None = ...,
+        labels: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+        validation_set: Global___ValidationSet | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "validation_set", b"validation_set"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "description", b"description", "name", b"name"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "description", b"description", "labels", b"labels", "name", b"name", "validation_set", b"validation_set"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___Model: _TypeAlias = Model  # noqa: Y015
+
+@_typing.final
+class ValidationSet(_message.Message):
+    """ValidationSet is labelled data that versions of a model are scored on and compared by."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    INPUTS_FIELD_NUMBER: _builtins.int
+    LABELS_FIELD_NUMBER: _builtins.int
+    OUTPUT_FIELD_NUMBER: _builtins.int
+    METRIC_FIELD_NUMBER: _builtins.int
+    output: _builtins.str
+    """Required. The output compared with the labels: per row the class probabilities (the
+    positive class is the last column for ROC_AUC) or the predicted value.
+    """
+    metric: Global___ValidationMetric.ValueType
+    """Required. How the output is scored against the labels."""
+    @_builtins.property
+    def inputs(self) -> _containers.RepeatedCompositeFieldContainer[_tensor_pb2.Tensor]:
+        """Required. The input tensors, named as in the versions' signatures, with the rows of
+        the set along the first dimension.
+        """
+
+    @_builtins.property
+    def labels(self) -> _tensor_pb2.Tensor:
+        """Required. The expected value per row: class labels (integers) for ACCURACY, ROC_AUC
+        and LOG_LOSS, numbers for MEAN_ABSOLUTE_ERROR; shape [rows].
+        """
+
+    def __init__(
+        self,
+        *,
+        inputs: _abc.Iterable[_tensor_pb2.Tensor] | None = ...,
+        labels: _tensor_pb2.Tensor | None = ...,
+        output: _builtins.str = ...,
+        metric: Global___ValidationMetric.ValueType = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["labels", b"labels"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["inputs", b"inputs", "labels", b"labels", "metric", b"metric", "output", b"output"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ValidationSet: _TypeAlias = ValidationSet  # noqa: Y015
 
 @_typing.final
 class Signature(_message.Message):
@@ -153,6 +376,46 @@ class ModelVersion(_message.Message):
 
     DESCRIPTOR: _descriptor.Descriptor
 
+    @_typing.final
+    class MetricsEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.float
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.float = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    @_typing.final
+    class TagsEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.str
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.str = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
     NAME_FIELD_NUMBER: _builtins.int
     DESCRIPTION_FIELD_NUMBER: _builtins.int
     FORMAT_FIELD_NUMBER: _builtins.int
@@ -164,6 +427,11 @@ class ModelVersion(_message.Message):
     STAGE_FIELD_NUMBER: _builtins.int
     ALIASES_FIELD_NUMBER: _builtins.int
     APPROVALS_FIELD_NUMBER: _builtins.int
+    SAMPLE_INPUTS_FIELD_NUMBER: _builtins.int
+    METRICS_FIELD_NUMBER: _builtins.int
+    LINEAGE_FIELD_NUMBER: _builtins.int
+    TAGS_FIELD_NUMBER: _builtins.int
+    VALIDATION_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """Identifier. Format: `models/{model}/versions/{version}`; versions are numbered from 1."""
     description: _builtins.str
@@ -194,6 +462,31 @@ class ModelVersion(_message.Message):
     def approvals(self) -> _containers.RepeatedCompositeFieldContainer[Global___Approval]:
         """Output only. The approvals recorded for this version."""
 
+    @_builtins.property
+    def sample_inputs(self) -> _containers.RepeatedCompositeFieldContainer[_tensor_pb2.Tensor]:
+        """Optional, immutable. Example requests: input tensors named as in the signature, rows
+        along the first dimension. Inference warms the version up with them and the smoke test
+        of ValidateModelVersion runs them. At most 1 MiB in all.
+        """
+
+    @_builtins.property
+    def metrics(self) -> _containers.ScalarMap[_builtins.str, _builtins.float]:
+        """Optional, immutable. Offline evaluation results of the training run (`auc`, ...)."""
+
+    @_builtins.property
+    def lineage(self) -> Global___Lineage:
+        """Optional, immutable. Where the version came from."""
+
+    @_builtins.property
+    def tags(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
+        """Optional. Free-form key/value tags; changed with UpdateModelVersion. At most 32, keys
+        1-63 characters, values at most 256.
+        """
+
+    @_builtins.property
+    def validation(self) -> Global___ValidationRun:
+        """Output only. The latest validation run of the version, if any."""
+
     def __init__(
         self,
         *,
@@ -208,14 +501,155 @@ class ModelVersion(_message.Message):
         stage: Global___Stage.ValueType = ...,
         aliases: _abc.Iterable[_builtins.str] | None = ...,
         approvals: _abc.Iterable[Global___Approval] | None = ...,
+        sample_inputs: _abc.Iterable[_tensor_pb2.Tensor] | None = ...,
+        metrics: _abc.Mapping[_builtins.str, _builtins.float] | None = ...,
+        lineage: Global___Lineage | None = ...,
+        tags: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+        validation: Global___ValidationRun | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "signature", b"signature"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "lineage", b"lineage", "signature", b"signature", "validation", b"validation"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["aliases", b"aliases", "approvals", b"approvals", "artifact_uri", b"artifact_uri", "create_time", b"create_time", "description", b"description", "format", b"format", "name", b"name", "sha256", b"sha256", "signature", b"signature", "size_bytes", b"size_bytes", "stage", b"stage"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["aliases", b"aliases", "approvals", b"approvals", "artifact_uri", b"artifact_uri", "create_time", b"create_time", "description", b"description", "format", b"format", "lineage", b"lineage", "metrics", b"metrics", "name", b"name", "sample_inputs", b"sample_inputs", "sha256", b"sha256", "signature", b"signature", "size_bytes", b"size_bytes", "stage", b"stage", "tags", b"tags", "validation", b"validation"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ModelVersion: _TypeAlias = ModelVersion  # noqa: Y015
+
+@_typing.final
+class Lineage(_message.Message):
+    """Lineage records what produced a version, so it can be reproduced and audited."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    @_typing.final
+    class ParametersEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.str
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.str = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    TRAINING_RUN_ID_FIELD_NUMBER: _builtins.int
+    DATASET_URI_FIELD_NUMBER: _builtins.int
+    DATASET_SHA256_FIELD_NUMBER: _builtins.int
+    CODE_COMMIT_FIELD_NUMBER: _builtins.int
+    PARAMETERS_FIELD_NUMBER: _builtins.int
+    FEATURE_VIEWS_FIELD_NUMBER: _builtins.int
+    PARENT_VERSION_FIELD_NUMBER: _builtins.int
+    training_run_id: _builtins.str
+    """Optional. The training run's id in the experiment tracker."""
+    dataset_uri: _builtins.str
+    """Optional. Where the training data is (`s3://...`, `file://...`)."""
+    dataset_sha256: _builtins.str
+    """Optional. The training data's sha256, lowercase hex."""
+    code_commit: _builtins.str
+    """Optional. The commit of the training code."""
+    parent_version: _builtins.str
+    """Optional. The version this one was derived from (fine-tuned, retrained).
+    Format: `models/{model}/versions/{version}`; must exist.
+    """
+    @_builtins.property
+    def parameters(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
+        """Optional. The training parameters, as text."""
+
+    @_builtins.property
+    def feature_views(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Optional. The feature views the model was trained on, as `name` or `name@version`."""
+
+    def __init__(
+        self,
+        *,
+        training_run_id: _builtins.str = ...,
+        dataset_uri: _builtins.str = ...,
+        dataset_sha256: _builtins.str = ...,
+        code_commit: _builtins.str = ...,
+        parameters: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+        feature_views: _abc.Iterable[_builtins.str] | None = ...,
+        parent_version: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["code_commit", b"code_commit", "dataset_sha256", b"dataset_sha256", "dataset_uri", b"dataset_uri", "feature_views", b"feature_views", "parameters", b"parameters", "parent_version", b"parent_version", "training_run_id", b"training_run_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Lineage: _TypeAlias = Lineage  # noqa: Y015
+
+@_typing.final
+class ValidationRun(_message.Message):
+    """ValidationRun is one validation of a version: a smoke test and a regression test."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    STATE_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    CREATE_TIME_FIELD_NUMBER: _builtins.int
+    PRINCIPAL_FIELD_NUMBER: _builtins.int
+    SMOKE_PASSED_FIELD_NUMBER: _builtins.int
+    METRIC_FIELD_NUMBER: _builtins.int
+    CANDIDATE_SCORE_FIELD_NUMBER: _builtins.int
+    BASELINE_VERSION_FIELD_NUMBER: _builtins.int
+    BASELINE_SCORE_FIELD_NUMBER: _builtins.int
+    TOLERANCE_FIELD_NUMBER: _builtins.int
+    state: Global___ValidationState.ValueType
+    """Output only. The outcome."""
+    reason: _builtins.str
+    """Output only. Why the run failed, naming the check; a summary when it passed."""
+    principal: _builtins.str
+    """Output only. Who asked for the run."""
+    smoke_passed: _builtins.bool
+    """Output only. The smoke test: the version loaded in inference answered its sample
+    inputs with outputs of the declared names, types and shapes, all finite.
+    """
+    metric: Global___ValidationMetric.ValueType
+    """Output only. The regression test's metric; unspecified when the model has no
+    validation set (the regression test is then passed by default and `reason` says so).
+    """
+    candidate_score: _builtins.float
+    """Output only. The validation set's score by this version."""
+    baseline_version: _builtins.str
+    """Output only. The PRODUCTION version it was compared with; empty when there is none."""
+    baseline_score: _builtins.float
+    """Output only. The validation set's score by the baseline version."""
+    tolerance: _builtins.float
+    """Output only. How much worse than the baseline the candidate may score and pass."""
+    @_builtins.property
+    def create_time(self) -> _timestamp_pb2.Timestamp:
+        """Output only. When the run finished."""
+
+    def __init__(
+        self,
+        *,
+        state: Global___ValidationState.ValueType = ...,
+        reason: _builtins.str = ...,
+        create_time: _timestamp_pb2.Timestamp | None = ...,
+        principal: _builtins.str = ...,
+        smoke_passed: _builtins.bool = ...,
+        metric: Global___ValidationMetric.ValueType = ...,
+        candidate_score: _builtins.float = ...,
+        baseline_version: _builtins.str = ...,
+        baseline_score: _builtins.float = ...,
+        tolerance: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["baseline_score", b"baseline_score", "baseline_version", b"baseline_version", "candidate_score", b"candidate_score", "create_time", b"create_time", "metric", b"metric", "principal", b"principal", "reason", b"reason", "smoke_passed", b"smoke_passed", "state", b"state", "tolerance", b"tolerance"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ValidationRun: _TypeAlias = ValidationRun  # noqa: Y015
 
 @_typing.final
 class Approval(_message.Message):
@@ -584,6 +1018,9 @@ class Deployment(_message.Message):
     SHADOW_FIELD_NUMBER: _builtins.int
     FALLBACK_VERSION_FIELD_NUMBER: _builtins.int
     DEFAULT_OUTPUTS_FIELD_NUMBER: _builtins.int
+    INFERENCE_FIELD_NUMBER: _builtins.int
+    HYBRID_FIELD_NUMBER: _builtins.int
+    STRATEGY_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """Identifier. Format: `deployments/{deployment}`; `{deployment}` is the endpoint name."""
     revision: _builtins.int
@@ -625,6 +1062,20 @@ class Deployment(_message.Message):
         data type as its shape says; at most 16 outputs of 4096 values each.
         """
 
+    @_builtins.property
+    def inference(self) -> Global___InferenceConfig:
+        """Optional. How inference serves the deployment's versions in Triton. Deployments that
+        serve versions of the same model must agree on it: Triton holds one config per model.
+        """
+
+    @_builtins.property
+    def hybrid(self) -> Global___HybridLookup:
+        """Optional. Answer from predictions precomputed by a batch job when they are fresh."""
+
+    @_builtins.property
+    def strategy(self) -> Global___RolloutStrategy:
+        """Optional. How StartRollout moves this deployment's traffic to a new version."""
+
     def __init__(
         self,
         *,
@@ -637,14 +1088,245 @@ class Deployment(_message.Message):
         shadow: _abc.Iterable[_builtins.str] | None = ...,
         fallback_version: _builtins.str = ...,
         default_outputs: _abc.Iterable[_tensor_pb2.Tensor] | None = ...,
+        inference: Global___InferenceConfig | None = ...,
+        hybrid: Global___HybridLookup | None = ...,
+        strategy: Global___RolloutStrategy | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["update_time", b"update_time"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["hybrid", b"hybrid", "inference", b"inference", "strategy", b"strategy", "update_time", b"update_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["default_outputs", b"default_outputs", "fallback_version", b"fallback_version", "name", b"name", "revision", b"revision", "routing_key", b"routing_key", "salt", b"salt", "shadow", b"shadow", "traffic", b"traffic", "update_time", b"update_time"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["default_outputs", b"default_outputs", "fallback_version", b"fallback_version", "hybrid", b"hybrid", "inference", b"inference", "name", b"name", "revision", b"revision", "routing_key", b"routing_key", "salt", b"salt", "shadow", b"shadow", "strategy", b"strategy", "traffic", b"traffic", "update_time", b"update_time"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___Deployment: _TypeAlias = Deployment  # noqa: Y015
+
+@_typing.final
+class InferenceConfig(_message.Message):
+    """InferenceConfig is how Triton serves a deployment's versions. Zero fields take
+    inference's configured defaults.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    BACKEND_FIELD_NUMBER: _builtins.int
+    MAX_BATCH_SIZE_FIELD_NUMBER: _builtins.int
+    PREFERRED_BATCH_SIZES_FIELD_NUMBER: _builtins.int
+    MAX_QUEUE_DELAY_US_FIELD_NUMBER: _builtins.int
+    INSTANCE_COUNT_FIELD_NUMBER: _builtins.int
+    backend: Global___Backend.ValueType
+    """Optional. The backend."""
+    max_batch_size: _builtins.int
+    """Optional. The largest batch Triton forms; 0: inference's default. At most 4096."""
+    max_queue_delay_us: _builtins.int
+    """Optional. How long the dynamic batcher may hold a request to fill a batch, in
+    microseconds; unset: inference's default. At most 1 s.
+    """
+    instance_count: _builtins.int
+    """Optional. Model instances Triton runs in parallel; 0: one. At most 16."""
+    @_builtins.property
+    def preferred_batch_sizes(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
+        """Optional. Batch sizes the dynamic batcher prefers to form; each 1..max_batch_size."""
+
+    def __init__(
+        self,
+        *,
+        backend: Global___Backend.ValueType = ...,
+        max_batch_size: _builtins.int = ...,
+        preferred_batch_sizes: _abc.Iterable[_builtins.int] | None = ...,
+        max_queue_delay_us: _builtins.int | None = ...,
+        instance_count: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_max_queue_delay_us", b"_max_queue_delay_us", "max_queue_delay_us", b"max_queue_delay_us"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_max_queue_delay_us", b"_max_queue_delay_us", "backend", b"backend", "instance_count", b"instance_count", "max_batch_size", b"max_batch_size", "max_queue_delay_us", b"max_queue_delay_us", "preferred_batch_sizes", b"preferred_batch_sizes"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__max_queue_delay_us: _TypeAlias = _typing.Literal["max_queue_delay_us"]  # noqa: Y015
+    _WhichOneofArgType__max_queue_delay_us: _TypeAlias = _typing.Literal["_max_queue_delay_us", b"_max_queue_delay_us"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__max_queue_delay_us) -> _WhichOneofReturnType__max_queue_delay_us | None: ...
+
+Global___InferenceConfig: _TypeAlias = InferenceConfig  # noqa: Y015
+
+@_typing.final
+class HybridLookup(_message.Message):
+    """HybridLookup answers a request from a prediction a batch job stored in Redis for its
+    entity, when that prediction is fresh enough; otherwise the model answers online.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ENABLED_FIELD_NUMBER: _builtins.int
+    MAX_AGE_FIELD_NUMBER: _builtins.int
+    ENTITY_TYPE_FIELD_NUMBER: _builtins.int
+    enabled: _builtins.bool
+    """Optional. Look precomputed predictions up before calling the model."""
+    entity_type: _builtins.str
+    """Required when enabled. The entity type whose id keys the precomputed predictions
+    (`customer`, ...); a request without that entity is answered online.
+    """
+    @_builtins.property
+    def max_age(self) -> _duration_pb2.Duration:
+        """Required when enabled. The oldest a precomputed prediction may be to answer."""
+
+    def __init__(
+        self,
+        *,
+        enabled: _builtins.bool = ...,
+        max_age: _duration_pb2.Duration | None = ...,
+        entity_type: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["max_age", b"max_age"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["enabled", b"enabled", "entity_type", b"entity_type", "max_age", b"max_age"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___HybridLookup: _TypeAlias = HybridLookup  # noqa: Y015
+
+@_typing.final
+class RolloutStrategy(_message.Message):
+    """RolloutStrategy is how a rollout moves traffic from the stable version to a candidate."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CANARY_FIELD_NUMBER: _builtins.int
+    BLUE_GREEN_FIELD_NUMBER: _builtins.int
+    GATE_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def canary(self) -> Global___CanaryStrategy:
+        """Traffic moves in steps, each held for an interval and passed only when its gate passes."""
+
+    @_builtins.property
+    def blue_green(self) -> Global___BlueGreenStrategy:
+        """All traffic flips to the candidate at once; the gate watches it for one interval and
+        a failure flips it back.
+        """
+
+    @_builtins.property
+    def gate(self) -> Global___RolloutGate:
+        """Optional. When a step's gate passes; defaults when unset."""
+
+    def __init__(
+        self,
+        *,
+        canary: Global___CanaryStrategy | None = ...,
+        blue_green: Global___BlueGreenStrategy | None = ...,
+        gate: Global___RolloutGate | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["blue_green", b"blue_green", "canary", b"canary", "gate", b"gate", "kind", b"kind"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["blue_green", b"blue_green", "canary", b"canary", "gate", b"gate", "kind", b"kind"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_kind: _TypeAlias = _typing.Literal["canary", "blue_green"]  # noqa: Y015
+    _WhichOneofArgType_kind: _TypeAlias = _typing.Literal["kind", b"kind"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_kind) -> _WhichOneofReturnType_kind | None: ...
+
+Global___RolloutStrategy: _TypeAlias = RolloutStrategy  # noqa: Y015
+
+@_typing.final
+class CanaryStrategy(_message.Message):
+    """CanaryStrategy moves a rising share of traffic to the candidate."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    STEPS_FIELD_NUMBER: _builtins.int
+    INTERVAL_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def steps(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
+        """Required. The candidate's percent at each step, rising, each 1-100; the last is 100.
+        For example 10, 25, 50, 100.
+        """
+
+    @_builtins.property
+    def interval(self) -> _duration_pb2.Duration:
+        """Required. How long each step runs before its gate is read; 1 s to 24 h."""
+
+    def __init__(
+        self,
+        *,
+        steps: _abc.Iterable[_builtins.int] | None = ...,
+        interval: _duration_pb2.Duration | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["interval", b"interval"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["interval", b"interval", "steps", b"steps"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CanaryStrategy: _TypeAlias = CanaryStrategy  # noqa: Y015
+
+@_typing.final
+class BlueGreenStrategy(_message.Message):
+    """BlueGreenStrategy flips all traffic to the candidate and watches it."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    OBSERVE_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def observe(self) -> _duration_pb2.Duration:
+        """Required. How long the candidate is watched after the flip; 1 s to 24 h."""
+
+    def __init__(
+        self,
+        *,
+        observe: _duration_pb2.Duration | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["observe", b"observe"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["observe", b"observe"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___BlueGreenStrategy: _TypeAlias = BlueGreenStrategy  # noqa: Y015
+
+@_typing.final
+class RolloutGate(_message.Message):
+    """RolloutGate says when the candidate is healthy enough to move on. It reads the monitor's
+    figures for the candidate over the last minute (five minutes for intervals over a minute).
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MAX_ERROR_RATE_FIELD_NUMBER: _builtins.int
+    MAX_P99_LATENCY_MS_FIELD_NUMBER: _builtins.int
+    MIN_REQUESTS_FIELD_NUMBER: _builtins.int
+    JUDGE_FIELD_NUMBER: _builtins.int
+    MAX_WAIT_FIELD_NUMBER: _builtins.int
+    max_error_rate: _builtins.float
+    """Optional. The highest error rate that passes, 0-1; 0.01 when unset."""
+    max_p99_latency_ms: _builtins.float
+    """Optional. The highest p99 latency that passes, in milliseconds; 200 when zero."""
+    min_requests: _builtins.int
+    """Optional. The fewest requests the candidate must have answered for a verdict; with
+    fewer the step waits (INCONCLUSIVE). 100 when zero.
+    """
+    judge: _builtins.bool
+    """Optional. Also ask the monitor's statistical canary judgement (candidate against stable
+    on the same window) and fail when it fails.
+    """
+    @_builtins.property
+    def max_wait(self) -> _duration_pb2.Duration:
+        """Optional. The longest a step may stay INCONCLUSIVE before the rollout is aborted;
+        10 intervals when unset.
+        """
+
+    def __init__(
+        self,
+        *,
+        max_error_rate: _builtins.float | None = ...,
+        max_p99_latency_ms: _builtins.float = ...,
+        min_requests: _builtins.int = ...,
+        judge: _builtins.bool = ...,
+        max_wait: _duration_pb2.Duration | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_max_error_rate", b"_max_error_rate", "max_error_rate", b"max_error_rate", "max_wait", b"max_wait"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_max_error_rate", b"_max_error_rate", "judge", b"judge", "max_error_rate", b"max_error_rate", "max_p99_latency_ms", b"max_p99_latency_ms", "max_wait", b"max_wait", "min_requests", b"min_requests"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__max_error_rate: _TypeAlias = _typing.Literal["max_error_rate"]  # noqa: Y015
+    _WhichOneofArgType__max_error_rate: _TypeAlias = _typing.Literal["_max_error_rate", b"_max_error_rate"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__max_error_rate) -> _WhichOneofReturnType__max_error_rate | None: ...
+
+Global___RolloutGate: _TypeAlias = RolloutGate  # noqa: Y015
 
 @_typing.final
 class GetDeploymentRequest(_message.Message):
@@ -1355,3 +2037,678 @@ class ListModelsResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ListModelsResponse: _TypeAlias = ListModelsResponse  # noqa: Y015
+
+@_typing.final
+class UpdateModelRequest(_message.Message):
+    """UpdateModelRequest changes a model."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MODEL_FIELD_NUMBER: _builtins.int
+    UPDATE_MASK_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    reason: _builtins.str
+    """Optional. Why; kept in the audit trail."""
+    @_builtins.property
+    def model(self) -> Global___Model:
+        """Required. The model with its `name` set and the fields to change."""
+
+    @_builtins.property
+    def update_mask(self) -> _field_mask_pb2.FieldMask:
+        """Optional. The fields to change, of `description`, `labels` and `validation_set`;
+        all three when empty.
+        """
+
+    def __init__(
+        self,
+        *,
+        model: Global___Model | None = ...,
+        update_mask: _field_mask_pb2.FieldMask | None = ...,
+        reason: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["model", b"model", "update_mask", b"update_mask"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["model", b"model", "reason", b"reason", "update_mask", b"update_mask"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___UpdateModelRequest: _TypeAlias = UpdateModelRequest  # noqa: Y015
+
+@_typing.final
+class UpdateModelResponse(_message.Message):
+    """UpdateModelResponse holds the model after the change."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MODEL_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def model(self) -> Global___Model:
+        """The model."""
+
+    def __init__(
+        self,
+        *,
+        model: Global___Model | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["model", b"model"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["model", b"model"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___UpdateModelResponse: _TypeAlias = UpdateModelResponse  # noqa: Y015
+
+@_typing.final
+class DeleteModelRequest(_message.Message):
+    """DeleteModelRequest names the model to delete."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    FORCE_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """Required. Format: `models/{model}`."""
+    force: _builtins.bool
+    """Optional. Also delete when a version is in PRODUCTION (never while a deployment
+    references one).
+    """
+    reason: _builtins.str
+    """Optional. Why; kept in the audit trail."""
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        force: _builtins.bool = ...,
+        reason: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["force", b"force", "name", b"name", "reason", b"reason"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DeleteModelRequest: _TypeAlias = DeleteModelRequest  # noqa: Y015
+
+@_typing.final
+class DeleteModelResponse(_message.Message):
+    """DeleteModelResponse is empty: the model and its versions are gone."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DeleteModelResponse: _TypeAlias = DeleteModelResponse  # noqa: Y015
+
+@_typing.final
+class UpdateModelVersionRequest(_message.Message):
+    """UpdateModelVersionRequest changes a version's mutable fields."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MODEL_VERSION_FIELD_NUMBER: _builtins.int
+    UPDATE_MASK_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    reason: _builtins.str
+    """Optional. Why; kept in the audit trail."""
+    @_builtins.property
+    def model_version(self) -> Global___ModelVersion:
+        """Required. The version with its `name` set and the fields to change."""
+
+    @_builtins.property
+    def update_mask(self) -> _field_mask_pb2.FieldMask:
+        """Optional. The fields to change, of `description` and `tags`; both when empty."""
+
+    def __init__(
+        self,
+        *,
+        model_version: Global___ModelVersion | None = ...,
+        update_mask: _field_mask_pb2.FieldMask | None = ...,
+        reason: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["model_version", b"model_version", "update_mask", b"update_mask"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["model_version", b"model_version", "reason", b"reason", "update_mask", b"update_mask"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___UpdateModelVersionRequest: _TypeAlias = UpdateModelVersionRequest  # noqa: Y015
+
+@_typing.final
+class UpdateModelVersionResponse(_message.Message):
+    """UpdateModelVersionResponse holds the version after the change."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MODEL_VERSION_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def model_version(self) -> Global___ModelVersion:
+        """The version."""
+
+    def __init__(
+        self,
+        *,
+        model_version: Global___ModelVersion | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["model_version", b"model_version"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["model_version", b"model_version"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___UpdateModelVersionResponse: _TypeAlias = UpdateModelVersionResponse  # noqa: Y015
+
+@_typing.final
+class ValidateModelVersionRequest(_message.Message):
+    """ValidateModelVersionRequest names the version to validate."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """Required. Format: `models/{model}/versions/{version}`."""
+    reason: _builtins.str
+    """Optional. Why; kept in the audit trail."""
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        reason: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["name", b"name", "reason", b"reason"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ValidateModelVersionRequest: _TypeAlias = ValidateModelVersionRequest  # noqa: Y015
+
+@_typing.final
+class ValidateModelVersionResponse(_message.Message):
+    """ValidateModelVersionResponse holds the recorded run; a FAILED run is an answer, not an
+    error.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    VALIDATION_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def validation(self) -> Global___ValidationRun:
+        """The run, as recorded on the version."""
+
+    def __init__(
+        self,
+        *,
+        validation: Global___ValidationRun | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["validation", b"validation"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["validation", b"validation"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ValidateModelVersionResponse: _TypeAlias = ValidateModelVersionResponse  # noqa: Y015
+
+@_typing.final
+class GateResult(_message.Message):
+    """GateResult is one reading of a rollout's gate."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    @_typing.final
+    class FiguresEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.float
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.float = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    VERDICT_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    FIGURES_FIELD_NUMBER: _builtins.int
+    CREATE_TIME_FIELD_NUMBER: _builtins.int
+    verdict: Global___GateVerdict.ValueType
+    """Output only. The verdict."""
+    reason: _builtins.str
+    """Output only. Why, with the figures and thresholds that decided it."""
+    @_builtins.property
+    def figures(self) -> _containers.ScalarMap[_builtins.str, _builtins.float]:
+        """Output only. The figures read (`requests`, `error_rate`, `p99_ms`, ...)."""
+
+    @_builtins.property
+    def create_time(self) -> _timestamp_pb2.Timestamp:
+        """Output only. When the gate was read."""
+
+    def __init__(
+        self,
+        *,
+        verdict: Global___GateVerdict.ValueType = ...,
+        reason: _builtins.str = ...,
+        figures: _abc.Mapping[_builtins.str, _builtins.float] | None = ...,
+        create_time: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "figures", b"figures", "reason", b"reason", "verdict", b"verdict"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GateResult: _TypeAlias = GateResult  # noqa: Y015
+
+@_typing.final
+class Rollout(_message.Message):
+    """Rollout moves a deployment's traffic from its stable version to a candidate."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    STABLE_VERSION_FIELD_NUMBER: _builtins.int
+    CANDIDATE_VERSION_FIELD_NUMBER: _builtins.int
+    STRATEGY_FIELD_NUMBER: _builtins.int
+    STATE_FIELD_NUMBER: _builtins.int
+    STEP_FIELD_NUMBER: _builtins.int
+    CANDIDATE_PERCENT_FIELD_NUMBER: _builtins.int
+    STEP_START_TIME_FIELD_NUMBER: _builtins.int
+    LAST_GATE_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    CREATE_TIME_FIELD_NUMBER: _builtins.int
+    UPDATE_TIME_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """Output only. Identifier. Format: `deployments/{deployment}/rollouts/{rollout}`;
+    numbered from 1 per deployment.
+    """
+    stable_version: _builtins.str
+    """Output only. The version that had the traffic when the rollout started.
+    Format: `models/{model}/versions/{version}`.
+    """
+    candidate_version: _builtins.str
+    """Output only. The version the traffic moves to."""
+    state: Global___RolloutState.ValueType
+    """Output only. Where the rollout is."""
+    step: _builtins.int
+    """Output only. The current step, from 0; for blue-green always 0."""
+    candidate_percent: _builtins.int
+    """Output only. The candidate's percent at the current step."""
+    reason: _builtins.str
+    """Output only. Why the rollout is where it is (why it was aborted, paused, ...)."""
+    @_builtins.property
+    def strategy(self) -> Global___RolloutStrategy:
+        """Output only. The strategy, as it was when the rollout started."""
+
+    @_builtins.property
+    def step_start_time(self) -> _timestamp_pb2.Timestamp:
+        """Output only. When the current step began; its gate is read one interval later."""
+
+    @_builtins.property
+    def last_gate(self) -> Global___GateResult:
+        """Output only. The latest gate reading."""
+
+    @_builtins.property
+    def create_time(self) -> _timestamp_pb2.Timestamp:
+        """Output only. When the rollout started."""
+
+    @_builtins.property
+    def update_time(self) -> _timestamp_pb2.Timestamp:
+        """Output only. When the rollout last changed."""
+
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        stable_version: _builtins.str = ...,
+        candidate_version: _builtins.str = ...,
+        strategy: Global___RolloutStrategy | None = ...,
+        state: Global___RolloutState.ValueType = ...,
+        step: _builtins.int = ...,
+        candidate_percent: _builtins.int = ...,
+        step_start_time: _timestamp_pb2.Timestamp | None = ...,
+        last_gate: Global___GateResult | None = ...,
+        reason: _builtins.str = ...,
+        create_time: _timestamp_pb2.Timestamp | None = ...,
+        update_time: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "last_gate", b"last_gate", "step_start_time", b"step_start_time", "strategy", b"strategy", "update_time", b"update_time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["candidate_percent", b"candidate_percent", "candidate_version", b"candidate_version", "create_time", b"create_time", "last_gate", b"last_gate", "name", b"name", "reason", b"reason", "stable_version", b"stable_version", "state", b"state", "step", b"step", "step_start_time", b"step_start_time", "strategy", b"strategy", "update_time", b"update_time"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Rollout: _TypeAlias = Rollout  # noqa: Y015
+
+@_typing.final
+class StartRolloutRequest(_message.Message):
+    """StartRolloutRequest starts a rollout on a deployment."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DEPLOYMENT_FIELD_NUMBER: _builtins.int
+    CANDIDATE_VERSION_FIELD_NUMBER: _builtins.int
+    STRATEGY_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    deployment: _builtins.str
+    """Required. The deployment. Format: `deployments/{deployment}`; its traffic must go all
+    to one version (the stable one) and no other rollout may be running or paused on it.
+    """
+    candidate_version: _builtins.str
+    """Required. The version to move the traffic to; a version of the same model as the
+    stable one, not the stable one. Format: `models/{model}/versions/{version}`.
+    """
+    reason: _builtins.str
+    """Optional. Why; kept in the audit trail and with the revisions the rollout makes."""
+    @_builtins.property
+    def strategy(self) -> Global___RolloutStrategy:
+        """Optional. The strategy; the deployment's `strategy` when unset."""
+
+    def __init__(
+        self,
+        *,
+        deployment: _builtins.str = ...,
+        candidate_version: _builtins.str = ...,
+        strategy: Global___RolloutStrategy | None = ...,
+        reason: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["strategy", b"strategy"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["candidate_version", b"candidate_version", "deployment", b"deployment", "reason", b"reason", "strategy", b"strategy"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___StartRolloutRequest: _TypeAlias = StartRolloutRequest  # noqa: Y015
+
+@_typing.final
+class StartRolloutResponse(_message.Message):
+    """StartRolloutResponse holds the started rollout."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ROLLOUT_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def rollout(self) -> Global___Rollout:
+        """The rollout, at its first step."""
+
+    def __init__(
+        self,
+        *,
+        rollout: Global___Rollout | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["rollout", b"rollout"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["rollout", b"rollout"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___StartRolloutResponse: _TypeAlias = StartRolloutResponse  # noqa: Y015
+
+@_typing.final
+class GetRolloutRequest(_message.Message):
+    """GetRolloutRequest names a rollout."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """Required. Format: `deployments/{deployment}/rollouts/{rollout}`."""
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["name", b"name"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetRolloutRequest: _TypeAlias = GetRolloutRequest  # noqa: Y015
+
+@_typing.final
+class GetRolloutResponse(_message.Message):
+    """GetRolloutResponse holds the rollout."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ROLLOUT_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def rollout(self) -> Global___Rollout:
+        """The rollout."""
+
+    def __init__(
+        self,
+        *,
+        rollout: Global___Rollout | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["rollout", b"rollout"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["rollout", b"rollout"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetRolloutResponse: _TypeAlias = GetRolloutResponse  # noqa: Y015
+
+@_typing.final
+class ListRolloutsRequest(_message.Message):
+    """ListRolloutsRequest lists a deployment's rollouts."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PARENT_FIELD_NUMBER: _builtins.int
+    PAGE_SIZE_FIELD_NUMBER: _builtins.int
+    PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    parent: _builtins.str
+    """Required. Format: `deployments/{deployment}`."""
+    page_size: _builtins.int
+    """Optional. The most rollouts to return; 50 when zero, at most 1000."""
+    page_token: _builtins.str
+    """Optional. The `next_page_token` of a previous call."""
+    def __init__(
+        self,
+        *,
+        parent: _builtins.str = ...,
+        page_size: _builtins.int = ...,
+        page_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["page_size", b"page_size", "page_token", b"page_token", "parent", b"parent"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListRolloutsRequest: _TypeAlias = ListRolloutsRequest  # noqa: Y015
+
+@_typing.final
+class ListRolloutsResponse(_message.Message):
+    """ListRolloutsResponse holds one page of rollouts."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ROLLOUTS_FIELD_NUMBER: _builtins.int
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    next_page_token: _builtins.str
+    """The token for the next page; empty on the last page."""
+    @_builtins.property
+    def rollouts(self) -> _containers.RepeatedCompositeFieldContainer[Global___Rollout]:
+        """The rollouts, newest first."""
+
+    def __init__(
+        self,
+        *,
+        rollouts: _abc.Iterable[Global___Rollout] | None = ...,
+        next_page_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["next_page_token", b"next_page_token", "rollouts", b"rollouts"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListRolloutsResponse: _TypeAlias = ListRolloutsResponse  # noqa: Y015
+
+@_typing.final
+class PauseRolloutRequest(_message.Message):
+    """PauseRolloutRequest names the rollout to pause."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """Required. Format: `deployments/{deployment}/rollouts/{rollout}`."""
+    reason: _builtins.str
+    """Optional. Why; kept in the audit trail."""
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        reason: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["name", b"name", "reason", b"reason"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PauseRolloutRequest: _TypeAlias = PauseRolloutRequest  # noqa: Y015
+
+@_typing.final
+class PauseRolloutResponse(_message.Message):
+    """PauseRolloutResponse holds the paused rollout."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ROLLOUT_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def rollout(self) -> Global___Rollout:
+        """The rollout."""
+
+    def __init__(
+        self,
+        *,
+        rollout: Global___Rollout | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["rollout", b"rollout"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["rollout", b"rollout"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PauseRolloutResponse: _TypeAlias = PauseRolloutResponse  # noqa: Y015
+
+@_typing.final
+class ResumeRolloutRequest(_message.Message):
+    """ResumeRolloutRequest names the rollout to resume."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """Required. Format: `deployments/{deployment}/rollouts/{rollout}`."""
+    reason: _builtins.str
+    """Optional. Why; kept in the audit trail."""
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        reason: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["name", b"name", "reason", b"reason"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ResumeRolloutRequest: _TypeAlias = ResumeRolloutRequest  # noqa: Y015
+
+@_typing.final
+class ResumeRolloutResponse(_message.Message):
+    """ResumeRolloutResponse holds the resumed rollout."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ROLLOUT_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def rollout(self) -> Global___Rollout:
+        """The rollout; its current step starts over."""
+
+    def __init__(
+        self,
+        *,
+        rollout: Global___Rollout | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["rollout", b"rollout"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["rollout", b"rollout"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ResumeRolloutResponse: _TypeAlias = ResumeRolloutResponse  # noqa: Y015
+
+@_typing.final
+class AbortRolloutRequest(_message.Message):
+    """AbortRolloutRequest names the rollout to abort."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """Required. Format: `deployments/{deployment}/rollouts/{rollout}`."""
+    reason: _builtins.str
+    """Optional. Why; kept in the audit trail and with the revision that restores the traffic."""
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        reason: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["name", b"name", "reason", b"reason"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___AbortRolloutRequest: _TypeAlias = AbortRolloutRequest  # noqa: Y015
+
+@_typing.final
+class AbortRolloutResponse(_message.Message):
+    """AbortRolloutResponse holds the aborted rollout."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ROLLOUT_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def rollout(self) -> Global___Rollout:
+        """The rollout."""
+
+    def __init__(
+        self,
+        *,
+        rollout: Global___Rollout | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["rollout", b"rollout"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["rollout", b"rollout"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___AbortRolloutResponse: _TypeAlias = AbortRolloutResponse  # noqa: Y015

@@ -116,6 +116,56 @@ class RegistryServiceStub:
                 request_serializer=modelserve_dot_registry_dot_v1_dot_registry__service__pb2.ListModelsRequest.SerializeToString,
                 response_deserializer=modelserve_dot_registry_dot_v1_dot_registry__service__pb2.ListModelsResponse.FromString,
                 _registered_method=True)
+        self.UpdateModel = channel.unary_unary(
+                '/modelserve.registry.v1.RegistryService/UpdateModel',
+                request_serializer=modelserve_dot_registry_dot_v1_dot_registry__service__pb2.UpdateModelRequest.SerializeToString,
+                response_deserializer=modelserve_dot_registry_dot_v1_dot_registry__service__pb2.UpdateModelResponse.FromString,
+                _registered_method=True)
+        self.DeleteModel = channel.unary_unary(
+                '/modelserve.registry.v1.RegistryService/DeleteModel',
+                request_serializer=modelserve_dot_registry_dot_v1_dot_registry__service__pb2.DeleteModelRequest.SerializeToString,
+                response_deserializer=modelserve_dot_registry_dot_v1_dot_registry__service__pb2.DeleteModelResponse.FromString,
+                _registered_method=True)
+        self.UpdateModelVersion = channel.unary_unary(
+                '/modelserve.registry.v1.RegistryService/UpdateModelVersion',
+                request_serializer=modelserve_dot_registry_dot_v1_dot_registry__service__pb2.UpdateModelVersionRequest.SerializeToString,
+                response_deserializer=modelserve_dot_registry_dot_v1_dot_registry__service__pb2.UpdateModelVersionResponse.FromString,
+                _registered_method=True)
+        self.ValidateModelVersion = channel.unary_unary(
+                '/modelserve.registry.v1.RegistryService/ValidateModelVersion',
+                request_serializer=modelserve_dot_registry_dot_v1_dot_registry__service__pb2.ValidateModelVersionRequest.SerializeToString,
+                response_deserializer=modelserve_dot_registry_dot_v1_dot_registry__service__pb2.ValidateModelVersionResponse.FromString,
+                _registered_method=True)
+        self.StartRollout = channel.unary_unary(
+                '/modelserve.registry.v1.RegistryService/StartRollout',
+                request_serializer=modelserve_dot_registry_dot_v1_dot_registry__service__pb2.StartRolloutRequest.SerializeToString,
+                response_deserializer=modelserve_dot_registry_dot_v1_dot_registry__service__pb2.StartRolloutResponse.FromString,
+                _registered_method=True)
+        self.GetRollout = channel.unary_unary(
+                '/modelserve.registry.v1.RegistryService/GetRollout',
+                request_serializer=modelserve_dot_registry_dot_v1_dot_registry__service__pb2.GetRolloutRequest.SerializeToString,
+                response_deserializer=modelserve_dot_registry_dot_v1_dot_registry__service__pb2.GetRolloutResponse.FromString,
+                _registered_method=True)
+        self.ListRollouts = channel.unary_unary(
+                '/modelserve.registry.v1.RegistryService/ListRollouts',
+                request_serializer=modelserve_dot_registry_dot_v1_dot_registry__service__pb2.ListRolloutsRequest.SerializeToString,
+                response_deserializer=modelserve_dot_registry_dot_v1_dot_registry__service__pb2.ListRolloutsResponse.FromString,
+                _registered_method=True)
+        self.PauseRollout = channel.unary_unary(
+                '/modelserve.registry.v1.RegistryService/PauseRollout',
+                request_serializer=modelserve_dot_registry_dot_v1_dot_registry__service__pb2.PauseRolloutRequest.SerializeToString,
+                response_deserializer=modelserve_dot_registry_dot_v1_dot_registry__service__pb2.PauseRolloutResponse.FromString,
+                _registered_method=True)
+        self.ResumeRollout = channel.unary_unary(
+                '/modelserve.registry.v1.RegistryService/ResumeRollout',
+                request_serializer=modelserve_dot_registry_dot_v1_dot_registry__service__pb2.ResumeRolloutRequest.SerializeToString,
+                response_deserializer=modelserve_dot_registry_dot_v1_dot_registry__service__pb2.ResumeRolloutResponse.FromString,
+                _registered_method=True)
+        self.AbortRollout = channel.unary_unary(
+                '/modelserve.registry.v1.RegistryService/AbortRollout',
+                request_serializer=modelserve_dot_registry_dot_v1_dot_registry__service__pb2.AbortRolloutRequest.SerializeToString,
+                response_deserializer=modelserve_dot_registry_dot_v1_dot_registry__service__pb2.AbortRolloutResponse.FromString,
+                _registered_method=True)
 
 
 class RegistryServiceServicer:
@@ -242,6 +292,85 @@ class RegistryServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def UpdateModel(self, request, context):
+        """UpdateModel changes a model's description, labels or validation set.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DeleteModel(self, request, context):
+        """DeleteModel removes a model with all its versions and the artifacts no other version
+        shares. Refused while a deployment references one of its versions, or while one of
+        them is in PRODUCTION unless `force` is set.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def UpdateModelVersion(self, request, context):
+        """UpdateModelVersion changes the mutable fields of a version: its description and tags.
+        Stage and aliases change through their own methods; everything else is immutable.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ValidateModelVersion(self, request, context):
+        """ValidateModelVersion runs a validation of a version and records it on the version: a
+        smoke test (inference loads it and it answers its sample inputs) and a regression test
+        (the model's validation set scored by the version is not worse than by the current
+        PRODUCTION version beyond the configured tolerance). Entering PRODUCTION needs a
+        passing one.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def StartRollout(self, request, context):
+        """StartRollout starts moving a deployment's traffic to a candidate version by its
+        strategy: canary steps, each gated, or a blue-green flip watched by the gate.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetRollout(self, request, context):
+        """GetRollout returns one rollout.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListRollouts(self, request, context):
+        """ListRollouts lists a deployment's rollouts, newest first.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def PauseRollout(self, request, context):
+        """PauseRollout stops a running rollout where it is; its traffic stays as it is.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ResumeRollout(self, request, context):
+        """ResumeRollout continues a paused rollout from its current step.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def AbortRollout(self, request, context):
+        """AbortRollout ends a running or paused rollout and returns all traffic to the stable
+        version, as a new deployment revision.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_RegistryServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -324,6 +453,56 @@ def add_RegistryServiceServicer_to_server(servicer, server):
                     servicer.ListModels,
                     request_deserializer=modelserve_dot_registry_dot_v1_dot_registry__service__pb2.ListModelsRequest.FromString,
                     response_serializer=modelserve_dot_registry_dot_v1_dot_registry__service__pb2.ListModelsResponse.SerializeToString,
+            ),
+            'UpdateModel': grpc.unary_unary_rpc_method_handler(
+                    servicer.UpdateModel,
+                    request_deserializer=modelserve_dot_registry_dot_v1_dot_registry__service__pb2.UpdateModelRequest.FromString,
+                    response_serializer=modelserve_dot_registry_dot_v1_dot_registry__service__pb2.UpdateModelResponse.SerializeToString,
+            ),
+            'DeleteModel': grpc.unary_unary_rpc_method_handler(
+                    servicer.DeleteModel,
+                    request_deserializer=modelserve_dot_registry_dot_v1_dot_registry__service__pb2.DeleteModelRequest.FromString,
+                    response_serializer=modelserve_dot_registry_dot_v1_dot_registry__service__pb2.DeleteModelResponse.SerializeToString,
+            ),
+            'UpdateModelVersion': grpc.unary_unary_rpc_method_handler(
+                    servicer.UpdateModelVersion,
+                    request_deserializer=modelserve_dot_registry_dot_v1_dot_registry__service__pb2.UpdateModelVersionRequest.FromString,
+                    response_serializer=modelserve_dot_registry_dot_v1_dot_registry__service__pb2.UpdateModelVersionResponse.SerializeToString,
+            ),
+            'ValidateModelVersion': grpc.unary_unary_rpc_method_handler(
+                    servicer.ValidateModelVersion,
+                    request_deserializer=modelserve_dot_registry_dot_v1_dot_registry__service__pb2.ValidateModelVersionRequest.FromString,
+                    response_serializer=modelserve_dot_registry_dot_v1_dot_registry__service__pb2.ValidateModelVersionResponse.SerializeToString,
+            ),
+            'StartRollout': grpc.unary_unary_rpc_method_handler(
+                    servicer.StartRollout,
+                    request_deserializer=modelserve_dot_registry_dot_v1_dot_registry__service__pb2.StartRolloutRequest.FromString,
+                    response_serializer=modelserve_dot_registry_dot_v1_dot_registry__service__pb2.StartRolloutResponse.SerializeToString,
+            ),
+            'GetRollout': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetRollout,
+                    request_deserializer=modelserve_dot_registry_dot_v1_dot_registry__service__pb2.GetRolloutRequest.FromString,
+                    response_serializer=modelserve_dot_registry_dot_v1_dot_registry__service__pb2.GetRolloutResponse.SerializeToString,
+            ),
+            'ListRollouts': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListRollouts,
+                    request_deserializer=modelserve_dot_registry_dot_v1_dot_registry__service__pb2.ListRolloutsRequest.FromString,
+                    response_serializer=modelserve_dot_registry_dot_v1_dot_registry__service__pb2.ListRolloutsResponse.SerializeToString,
+            ),
+            'PauseRollout': grpc.unary_unary_rpc_method_handler(
+                    servicer.PauseRollout,
+                    request_deserializer=modelserve_dot_registry_dot_v1_dot_registry__service__pb2.PauseRolloutRequest.FromString,
+                    response_serializer=modelserve_dot_registry_dot_v1_dot_registry__service__pb2.PauseRolloutResponse.SerializeToString,
+            ),
+            'ResumeRollout': grpc.unary_unary_rpc_method_handler(
+                    servicer.ResumeRollout,
+                    request_deserializer=modelserve_dot_registry_dot_v1_dot_registry__service__pb2.ResumeRolloutRequest.FromString,
+                    response_serializer=modelserve_dot_registry_dot_v1_dot_registry__service__pb2.ResumeRolloutResponse.SerializeToString,
+            ),
+            'AbortRollout': grpc.unary_unary_rpc_method_handler(
+                    servicer.AbortRollout,
+                    request_deserializer=modelserve_dot_registry_dot_v1_dot_registry__service__pb2.AbortRolloutRequest.FromString,
+                    response_serializer=modelserve_dot_registry_dot_v1_dot_registry__service__pb2.AbortRolloutResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -760,6 +939,276 @@ class RegistryService:
             '/modelserve.registry.v1.RegistryService/ListModels',
             modelserve_dot_registry_dot_v1_dot_registry__service__pb2.ListModelsRequest.SerializeToString,
             modelserve_dot_registry_dot_v1_dot_registry__service__pb2.ListModelsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UpdateModel(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/modelserve.registry.v1.RegistryService/UpdateModel',
+            modelserve_dot_registry_dot_v1_dot_registry__service__pb2.UpdateModelRequest.SerializeToString,
+            modelserve_dot_registry_dot_v1_dot_registry__service__pb2.UpdateModelResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DeleteModel(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/modelserve.registry.v1.RegistryService/DeleteModel',
+            modelserve_dot_registry_dot_v1_dot_registry__service__pb2.DeleteModelRequest.SerializeToString,
+            modelserve_dot_registry_dot_v1_dot_registry__service__pb2.DeleteModelResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UpdateModelVersion(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/modelserve.registry.v1.RegistryService/UpdateModelVersion',
+            modelserve_dot_registry_dot_v1_dot_registry__service__pb2.UpdateModelVersionRequest.SerializeToString,
+            modelserve_dot_registry_dot_v1_dot_registry__service__pb2.UpdateModelVersionResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ValidateModelVersion(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/modelserve.registry.v1.RegistryService/ValidateModelVersion',
+            modelserve_dot_registry_dot_v1_dot_registry__service__pb2.ValidateModelVersionRequest.SerializeToString,
+            modelserve_dot_registry_dot_v1_dot_registry__service__pb2.ValidateModelVersionResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def StartRollout(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/modelserve.registry.v1.RegistryService/StartRollout',
+            modelserve_dot_registry_dot_v1_dot_registry__service__pb2.StartRolloutRequest.SerializeToString,
+            modelserve_dot_registry_dot_v1_dot_registry__service__pb2.StartRolloutResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetRollout(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/modelserve.registry.v1.RegistryService/GetRollout',
+            modelserve_dot_registry_dot_v1_dot_registry__service__pb2.GetRolloutRequest.SerializeToString,
+            modelserve_dot_registry_dot_v1_dot_registry__service__pb2.GetRolloutResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListRollouts(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/modelserve.registry.v1.RegistryService/ListRollouts',
+            modelserve_dot_registry_dot_v1_dot_registry__service__pb2.ListRolloutsRequest.SerializeToString,
+            modelserve_dot_registry_dot_v1_dot_registry__service__pb2.ListRolloutsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PauseRollout(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/modelserve.registry.v1.RegistryService/PauseRollout',
+            modelserve_dot_registry_dot_v1_dot_registry__service__pb2.PauseRolloutRequest.SerializeToString,
+            modelserve_dot_registry_dot_v1_dot_registry__service__pb2.PauseRolloutResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ResumeRollout(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/modelserve.registry.v1.RegistryService/ResumeRollout',
+            modelserve_dot_registry_dot_v1_dot_registry__service__pb2.ResumeRolloutRequest.SerializeToString,
+            modelserve_dot_registry_dot_v1_dot_registry__service__pb2.ResumeRolloutResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def AbortRollout(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/modelserve.registry.v1.RegistryService/AbortRollout',
+            modelserve_dot_registry_dot_v1_dot_registry__service__pb2.AbortRolloutRequest.SerializeToString,
+            modelserve_dot_registry_dot_v1_dot_registry__service__pb2.AbortRolloutResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -79,6 +79,40 @@ class RegistryServiceStub:
     """GetModel returns one model."""
     ListModels: _grpc.UnaryUnaryMultiCallable[_registry_service_pb2.ListModelsRequest, _registry_service_pb2.ListModelsResponse]
     """ListModels lists the models, by id."""
+    UpdateModel: _grpc.UnaryUnaryMultiCallable[_registry_service_pb2.UpdateModelRequest, _registry_service_pb2.UpdateModelResponse]
+    """UpdateModel changes a model's description, labels or validation set."""
+    DeleteModel: _grpc.UnaryUnaryMultiCallable[_registry_service_pb2.DeleteModelRequest, _registry_service_pb2.DeleteModelResponse]
+    """DeleteModel removes a model with all its versions and the artifacts no other version
+    shares. Refused while a deployment references one of its versions, or while one of
+    them is in PRODUCTION unless `force` is set.
+    """
+    UpdateModelVersion: _grpc.UnaryUnaryMultiCallable[_registry_service_pb2.UpdateModelVersionRequest, _registry_service_pb2.UpdateModelVersionResponse]
+    """UpdateModelVersion changes the mutable fields of a version: its description and tags.
+    Stage and aliases change through their own methods; everything else is immutable.
+    """
+    ValidateModelVersion: _grpc.UnaryUnaryMultiCallable[_registry_service_pb2.ValidateModelVersionRequest, _registry_service_pb2.ValidateModelVersionResponse]
+    """ValidateModelVersion runs a validation of a version and records it on the version: a
+    smoke test (inference loads it and it answers its sample inputs) and a regression test
+    (the model's validation set scored by the version is not worse than by the current
+    PRODUCTION version beyond the configured tolerance). Entering PRODUCTION needs a
+    passing one.
+    """
+    StartRollout: _grpc.UnaryUnaryMultiCallable[_registry_service_pb2.StartRolloutRequest, _registry_service_pb2.StartRolloutResponse]
+    """StartRollout starts moving a deployment's traffic to a candidate version by its
+    strategy: canary steps, each gated, or a blue-green flip watched by the gate.
+    """
+    GetRollout: _grpc.UnaryUnaryMultiCallable[_registry_service_pb2.GetRolloutRequest, _registry_service_pb2.GetRolloutResponse]
+    """GetRollout returns one rollout."""
+    ListRollouts: _grpc.UnaryUnaryMultiCallable[_registry_service_pb2.ListRolloutsRequest, _registry_service_pb2.ListRolloutsResponse]
+    """ListRollouts lists a deployment's rollouts, newest first."""
+    PauseRollout: _grpc.UnaryUnaryMultiCallable[_registry_service_pb2.PauseRolloutRequest, _registry_service_pb2.PauseRolloutResponse]
+    """PauseRollout stops a running rollout where it is; its traffic stays as it is."""
+    ResumeRollout: _grpc.UnaryUnaryMultiCallable[_registry_service_pb2.ResumeRolloutRequest, _registry_service_pb2.ResumeRolloutResponse]
+    """ResumeRollout continues a paused rollout from its current step."""
+    AbortRollout: _grpc.UnaryUnaryMultiCallable[_registry_service_pb2.AbortRolloutRequest, _registry_service_pb2.AbortRolloutResponse]
+    """AbortRollout ends a running or paused rollout and returns all traffic to the stable
+    version, as a new deployment revision.
+    """
 
 @_typing.type_check_only
 class RegistryServiceAsyncStub(RegistryServiceStub):
@@ -131,6 +165,40 @@ class RegistryServiceAsyncStub(RegistryServiceStub):
     """GetModel returns one model."""
     ListModels: _aio.UnaryUnaryMultiCallable[_registry_service_pb2.ListModelsRequest, _registry_service_pb2.ListModelsResponse]  # type: ignore[assignment]
     """ListModels lists the models, by id."""
+    UpdateModel: _aio.UnaryUnaryMultiCallable[_registry_service_pb2.UpdateModelRequest, _registry_service_pb2.UpdateModelResponse]  # type: ignore[assignment]
+    """UpdateModel changes a model's description, labels or validation set."""
+    DeleteModel: _aio.UnaryUnaryMultiCallable[_registry_service_pb2.DeleteModelRequest, _registry_service_pb2.DeleteModelResponse]  # type: ignore[assignment]
+    """DeleteModel removes a model with all its versions and the artifacts no other version
+    shares. Refused while a deployment references one of its versions, or while one of
+    them is in PRODUCTION unless `force` is set.
+    """
+    UpdateModelVersion: _aio.UnaryUnaryMultiCallable[_registry_service_pb2.UpdateModelVersionRequest, _registry_service_pb2.UpdateModelVersionResponse]  # type: ignore[assignment]
+    """UpdateModelVersion changes the mutable fields of a version: its description and tags.
+    Stage and aliases change through their own methods; everything else is immutable.
+    """
+    ValidateModelVersion: _aio.UnaryUnaryMultiCallable[_registry_service_pb2.ValidateModelVersionRequest, _registry_service_pb2.ValidateModelVersionResponse]  # type: ignore[assignment]
+    """ValidateModelVersion runs a validation of a version and records it on the version: a
+    smoke test (inference loads it and it answers its sample inputs) and a regression test
+    (the model's validation set scored by the version is not worse than by the current
+    PRODUCTION version beyond the configured tolerance). Entering PRODUCTION needs a
+    passing one.
+    """
+    StartRollout: _aio.UnaryUnaryMultiCallable[_registry_service_pb2.StartRolloutRequest, _registry_service_pb2.StartRolloutResponse]  # type: ignore[assignment]
+    """StartRollout starts moving a deployment's traffic to a candidate version by its
+    strategy: canary steps, each gated, or a blue-green flip watched by the gate.
+    """
+    GetRollout: _aio.UnaryUnaryMultiCallable[_registry_service_pb2.GetRolloutRequest, _registry_service_pb2.GetRolloutResponse]  # type: ignore[assignment]
+    """GetRollout returns one rollout."""
+    ListRollouts: _aio.UnaryUnaryMultiCallable[_registry_service_pb2.ListRolloutsRequest, _registry_service_pb2.ListRolloutsResponse]  # type: ignore[assignment]
+    """ListRollouts lists a deployment's rollouts, newest first."""
+    PauseRollout: _aio.UnaryUnaryMultiCallable[_registry_service_pb2.PauseRolloutRequest, _registry_service_pb2.PauseRolloutResponse]  # type: ignore[assignment]
+    """PauseRollout stops a running rollout where it is; its traffic stays as it is."""
+    ResumeRollout: _aio.UnaryUnaryMultiCallable[_registry_service_pb2.ResumeRolloutRequest, _registry_service_pb2.ResumeRolloutResponse]  # type: ignore[assignment]
+    """ResumeRollout continues a paused rollout from its current step."""
+    AbortRollout: _aio.UnaryUnaryMultiCallable[_registry_service_pb2.AbortRolloutRequest, _registry_service_pb2.AbortRolloutResponse]  # type: ignore[assignment]
+    """AbortRollout ends a running or paused rollout and returns all traffic to the stable
+    version, as a new deployment revision.
+    """
 
 class RegistryServiceServicer(metaclass=_abc_1.ABCMeta):
     """RegistryService holds models, their versions and artifacts, and deployments: the
@@ -276,5 +344,99 @@ class RegistryServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_registry_service_pb2.ListModelsResponse, _abc.Awaitable[_registry_service_pb2.ListModelsResponse]]:
         """ListModels lists the models, by id."""
+
+    @_abc_1.abstractmethod
+    def UpdateModel(
+        self,
+        request: _registry_service_pb2.UpdateModelRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_registry_service_pb2.UpdateModelResponse, _abc.Awaitable[_registry_service_pb2.UpdateModelResponse]]:
+        """UpdateModel changes a model's description, labels or validation set."""
+
+    @_abc_1.abstractmethod
+    def DeleteModel(
+        self,
+        request: _registry_service_pb2.DeleteModelRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_registry_service_pb2.DeleteModelResponse, _abc.Awaitable[_registry_service_pb2.DeleteModelResponse]]:
+        """DeleteModel removes a model with all its versions and the artifacts no other version
+        shares. Refused while a deployment references one of its versions, or while one of
+        them is in PRODUCTION unless `force` is set.
+        """
+
+    @_abc_1.abstractmethod
+    def UpdateModelVersion(
+        self,
+        request: _registry_service_pb2.UpdateModelVersionRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_registry_service_pb2.UpdateModelVersionResponse, _abc.Awaitable[_registry_service_pb2.UpdateModelVersionResponse]]:
+        """UpdateModelVersion changes the mutable fields of a version: its description and tags.
+        Stage and aliases change through their own methods; everything else is immutable.
+        """
+
+    @_abc_1.abstractmethod
+    def ValidateModelVersion(
+        self,
+        request: _registry_service_pb2.ValidateModelVersionRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_registry_service_pb2.ValidateModelVersionResponse, _abc.Awaitable[_registry_service_pb2.ValidateModelVersionResponse]]:
+        """ValidateModelVersion runs a validation of a version and records it on the version: a
+        smoke test (inference loads it and it answers its sample inputs) and a regression test
+        (the model's validation set scored by the version is not worse than by the current
+        PRODUCTION version beyond the configured tolerance). Entering PRODUCTION needs a
+        passing one.
+        """
+
+    @_abc_1.abstractmethod
+    def StartRollout(
+        self,
+        request: _registry_service_pb2.StartRolloutRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_registry_service_pb2.StartRolloutResponse, _abc.Awaitable[_registry_service_pb2.StartRolloutResponse]]:
+        """StartRollout starts moving a deployment's traffic to a candidate version by its
+        strategy: canary steps, each gated, or a blue-green flip watched by the gate.
+        """
+
+    @_abc_1.abstractmethod
+    def GetRollout(
+        self,
+        request: _registry_service_pb2.GetRolloutRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_registry_service_pb2.GetRolloutResponse, _abc.Awaitable[_registry_service_pb2.GetRolloutResponse]]:
+        """GetRollout returns one rollout."""
+
+    @_abc_1.abstractmethod
+    def ListRollouts(
+        self,
+        request: _registry_service_pb2.ListRolloutsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_registry_service_pb2.ListRolloutsResponse, _abc.Awaitable[_registry_service_pb2.ListRolloutsResponse]]:
+        """ListRollouts lists a deployment's rollouts, newest first."""
+
+    @_abc_1.abstractmethod
+    def PauseRollout(
+        self,
+        request: _registry_service_pb2.PauseRolloutRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_registry_service_pb2.PauseRolloutResponse, _abc.Awaitable[_registry_service_pb2.PauseRolloutResponse]]:
+        """PauseRollout stops a running rollout where it is; its traffic stays as it is."""
+
+    @_abc_1.abstractmethod
+    def ResumeRollout(
+        self,
+        request: _registry_service_pb2.ResumeRolloutRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_registry_service_pb2.ResumeRolloutResponse, _abc.Awaitable[_registry_service_pb2.ResumeRolloutResponse]]:
+        """ResumeRollout continues a paused rollout from its current step."""
+
+    @_abc_1.abstractmethod
+    def AbortRollout(
+        self,
+        request: _registry_service_pb2.AbortRolloutRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_registry_service_pb2.AbortRolloutResponse, _abc.Awaitable[_registry_service_pb2.AbortRolloutResponse]]:
+        """AbortRollout ends a running or paused rollout and returns all traffic to the stable
+        version, as a new deployment revision.
+        """
 
 def add_RegistryServiceServicer_to_server(servicer: RegistryServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -1,0 +1,300 @@
+"""`modelserve deployments canary ...` and `modelserve models validate|tag|delete`: rollouts,
+validation runs and the mutable parts of models and versions."""
+
+from __future__ import annotations
+
+import re
+from typing import Annotated
+
+import typer
+from google.protobuf import duration_pb2, field_mask_pb2
+from rich.table import Table
+
+from modelserve.registry.v1 import registry_service_pb2 as pb
+from modelserve_cli.registry_commands import (
+    ApiKey,
+    Reason,
+    RegistryConnection,
+    RegistryTarget,
+    _checked,
+    _time,
+    console,
+    deployment_name,
+    fail,
+    model_name,
+    models_app,
+    run,
+    version_name,
+)
+
+canary_app = typer.Typer(help="Move a deployment's traffic to a new version step by step.")
+
+_DURATION = re.compile(r"(\d+)(ms|s|m|h)")
+_UNIT_S = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
+
+
+def parse_duration(text: str) -> duration_pb2.Duration:
+    """`90s`, `5m`, `1h` or `500ms` as a Duration."""
+    match = _DURATION.fullmatch(text.strip())
+    if match is None:
+        raise ValueError(f"{text!r}: give a duration like 30s, 5m or 1h")
+    duration = duration_pb2.Duration()
+    duration.FromNanoseconds(int(int(match[1]) * _UNIT_S[match[2]] * 1e9))
+    return duration
+
+
+def parse_steps(text: str) -> list[int]:
+    """`10,25,50,100` as percents."""
+    try:
+        return [int(part) for part in text.split(",")]
+    except ValueError:
+        raise ValueError(f"{text!r}: give the steps as rising percents, e.g. 10,50,100") from None
+
+
+def _state(state: pb.RolloutState.ValueType) -> str:
+    return pb.RolloutState.Name(state).removeprefix("ROLLOUT_STATE_").lower()
+
+
+def rollout_table(rollout: pb.Rollout) -> Table:
+    """A rollout as a two-column table."""
+    table = Table(title=rollout.name, show_header=False)
+    table.add_column("field")
+    table.add_column("value")
+    steps = (
+        ",".join(str(s) for s in rollout.strategy.canary.steps)
+        if rollout.strategy.WhichOneof("kind") == "canary"
+        else "blue-green"
+    )
+    rows = [
+        ("state", _state(rollout.state)),
+        ("stable", rollout.stable_version),
+        ("candidate", rollout.candidate_version),
+        ("steps", steps),
+        ("step", f"{rollout.step} ({rollout.candidate_percent}% to the candidate)"),
+        ("step started", _time(rollout.step_start_time)),
+        ("reason", rollout.reason),
+    ]
+    if rollout.HasField("last_gate"):
+        verdict = pb.GateVerdict.Name(rollout.last_gate.verdict).removeprefix("GATE_VERDICT_")
+        rows.append(("last gate", f"{verdict.lower()}: {rollout.last_gate.reason}"))
+    for field, value in rows:
+        table.add_row(field, value)
+    return table
+
+
+async def _latest(conn: RegistryConnection, deployment: str) -> pb.Rollout:
+    listed = await conn.stub.ListRollouts(
+        pb.ListRolloutsRequest(parent=deployment, page_size=1), metadata=conn.metadata
+    )
+    if not listed.rollouts:
+        raise ValueError(f"{deployment} has had no rollout")
+    return listed.rollouts[0]
+
+
+@canary_app.command("start")
+def canary_start(
+    name: Annotated[str, typer.Argument(help="The endpoint, e.g. fraud.")],
+    candidate: Annotated[str, typer.Argument(help="MODEL/NUMBER of the new version.")],
+    registry: RegistryTarget,
+    api_key: ApiKey = None,
+    steps: Annotated[str, typer.Option(help="Rising percents ending at 100.")] = "10,50,100",
+    interval: Annotated[str, typer.Option(help="How long each step runs: 30s, 5m...")] = "5m",
+    blue_green: Annotated[
+        bool, typer.Option("--blue-green", help="Flip all traffic at once, then watch it.")
+    ] = False,
+    max_error_rate: Annotated[float, typer.Option(help="Highest error rate that passes.")] = 0.01,
+    max_p99_ms: Annotated[float, typer.Option(help="Highest p99 latency that passes.")] = 200.0,
+    min_requests: Annotated[int, typer.Option(help="Requests needed for a verdict.")] = 100,
+    judge: Annotated[
+        bool, typer.Option("--judge", help="Also require the monitor's statistical judgement.")
+    ] = False,
+    reason: Reason = "",
+) -> None:
+    """Start a canary (or blue-green) rollout of a version on a deployment."""
+    try:
+        period = parse_duration(interval)
+        percents = parse_steps(steps)
+        version = version_name(candidate)
+    except ValueError as exc:
+        fail(str(exc))
+    gate = pb.RolloutGate(
+        max_error_rate=max_error_rate,
+        max_p99_latency_ms=max_p99_ms,
+        min_requests=min_requests,
+        judge=judge,
+    )
+    strategy = (
+        pb.RolloutStrategy(blue_green=pb.BlueGreenStrategy(observe=period), gate=gate)
+        if blue_green
+        else pb.RolloutStrategy(
+            canary=pb.CanaryStrategy(steps=percents, interval=period), gate=gate
+        )
+    )
+
+    async def work() -> pb.Rollout:
+        async with RegistryConnection(registry, api_key) as conn:
+            response = await conn.stub.StartRollout(
+                pb.StartRolloutRequest(
+                    deployment=deployment_name(name),
+                    candidate_version=version,
+                    strategy=strategy,
+                    reason=reason,
+                ),
+                metadata=conn.metadata,
+            )
+            return response.rollout
+
+    console.print(rollout_table(run(work())))
+
+
+@canary_app.command("status")
+def canary_status(
+    name: Annotated[str, typer.Argument(help="The endpoint, e.g. fraud.")],
+    registry: RegistryTarget,
+    api_key: ApiKey = None,
+) -> None:
+    """Show the deployment's latest rollout."""
+
+    async def work() -> pb.Rollout:
+        async with RegistryConnection(registry, api_key) as conn:
+            return await _latest(conn, deployment_name(name))
+
+    console.print(rollout_table(run(work())))
+
+
+def _act(name: str, registry: str, api_key: str | None, action: str, reason: str) -> None:
+    async def work() -> pb.Rollout:
+        async with RegistryConnection(registry, api_key) as conn:
+            latest = await _latest(conn, deployment_name(name))
+            if action == "pause":
+                paused = await conn.stub.PauseRollout(
+                    pb.PauseRolloutRequest(name=latest.name, reason=reason), metadata=conn.metadata
+                )
+                return paused.rollout
+            if action == "resume":
+                resumed = await conn.stub.ResumeRollout(
+                    pb.ResumeRolloutRequest(name=latest.name, reason=reason),
+                    metadata=conn.metadata,
+                )
+                return resumed.rollout
+            aborted = await conn.stub.AbortRollout(
+                pb.AbortRolloutRequest(name=latest.name, reason=reason), metadata=conn.metadata
+            )
+            return aborted.rollout
+
+    console.print(rollout_table(run(work())))
+
+
+@canary_app.command("pause")
+def canary_pause(
+    name: Annotated[str, typer.Argument(help="The endpoint, e.g. fraud.")],
+    registry: RegistryTarget,
+    api_key: ApiKey = None,
+    reason: Reason = "",
+) -> None:
+    """Hold the running rollout at its step."""
+    _act(name, registry, api_key, "pause", reason)
+
+
+@canary_app.command("resume")
+def canary_resume(
+    name: Annotated[str, typer.Argument(help="The endpoint, e.g. fraud.")],
+    registry: RegistryTarget,
+    api_key: ApiKey = None,
+    reason: Reason = "",
+) -> None:
+    """Continue a paused rollout; its step starts over."""
+    _act(name, registry, api_key, "resume", reason)
+
+
+@canary_app.command("abort")
+def canary_abort(
+    name: Annotated[str, typer.Argument(help="The endpoint, e.g. fraud.")],
+    registry: RegistryTarget,
+    api_key: ApiKey = None,
+    reason: Reason = "",
+) -> None:
+    """End the rollout and send all traffic back to the stable version."""
+    _act(name, registry, api_key, "abort", reason)
+
+
+@models_app.command("validate")
+def validate(
+    version: Annotated[str, typer.Argument(help="MODEL/NUMBER or the version's full name.")],
+    registry: RegistryTarget,
+    api_key: ApiKey = None,
+    reason: Reason = "",
+) -> None:
+    """Run the smoke and regression tests on a version; exit 1 when the run fails."""
+    name = _checked(version_name, version)
+
+    async def work() -> pb.ValidationRun:
+        async with RegistryConnection(registry, api_key) as conn:
+            response = await conn.stub.ValidateModelVersion(
+                pb.ValidateModelVersionRequest(name=name, reason=reason),
+                metadata=conn.metadata,
+                timeout=600,
+            )
+            return response.validation
+
+    result = run(work())
+    if result.state != pb.VALIDATION_STATE_PASSED:
+        fail(f"{name} failed validation: {result.reason}")
+    console.print(f"{name} passed validation: {result.reason}", highlight=False)
+
+
+@models_app.command("tag")
+def tag(
+    version: Annotated[str, typer.Argument(help="MODEL/NUMBER or the version's full name.")],
+    tags: Annotated[list[str], typer.Argument(help="KEY=VALUE; they replace the version's tags.")],
+    registry: RegistryTarget,
+    api_key: ApiKey = None,
+    reason: Reason = "",
+) -> None:
+    """Set a version's tags."""
+    name = _checked(version_name, version)
+    pairs: dict[str, str] = {}
+    for item in tags:
+        key, sep, value = item.partition("=")
+        if not sep:
+            fail(f"{item!r}: give each tag as KEY=VALUE")
+        pairs[key] = value
+
+    async def work() -> pb.ModelVersion:
+        async with RegistryConnection(registry, api_key) as conn:
+            response = await conn.stub.UpdateModelVersion(
+                pb.UpdateModelVersionRequest(
+                    model_version=pb.ModelVersion(name=name, tags=pairs),
+                    update_mask=field_mask_pb2.FieldMask(paths=["tags"]),
+                    reason=reason,
+                ),
+                metadata=conn.metadata,
+            )
+            return response.model_version
+
+    updated = run(work())
+    shown = ", ".join(f"{k}={v}" for k, v in sorted(updated.tags.items()))
+    console.print(f"{updated.name} tags: {shown}", highlight=False)
+
+
+@models_app.command("delete")
+def delete(
+    model: Annotated[str, typer.Argument(help="The model id or name.")],
+    registry: RegistryTarget,
+    api_key: ApiKey = None,
+    force: Annotated[
+        bool, typer.Option("--force", help="Also when a version is in PRODUCTION.")
+    ] = False,
+    reason: Reason = "",
+) -> None:
+    """Delete a model, its versions and the artifacts no other version uses (admin only)."""
+
+    async def work() -> None:
+        async with RegistryConnection(registry, api_key) as conn:
+            await conn.stub.DeleteModel(
+                pb.DeleteModelRequest(name=model_name(model), force=force, reason=reason),
+                metadata=conn.metadata,
+            )
+
+    run(work())
+    console.print(f"{model_name(model)} deleted")

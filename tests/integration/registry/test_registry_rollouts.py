@@ -1,0 +1,405 @@
+"""The rollout controller against a real monitor on a real Redis: canary steps advance when
+the gate passes, a failing candidate is rolled back by itself with the reason audited, and
+pause, resume, abort and a registry restart behave."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable
+from contextlib import AbstractAsyncContextManager
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+import pytest
+import redis.asyncio as aioredis
+from google.protobuf import duration_pb2, field_mask_pb2
+from registry_testing import create_model, failure, tiny_onnx, upload_version
+from support import eventually, running
+
+from modelserve.registry.v1 import registry_service_pb2 as pb
+from modelserve.registry.v1 import registry_service_pb2_grpc as pb_grpc
+from modelserve.type.v1 import prediction_record_pb2 as rec_pb
+from modelserve_monitor.config import MonitorSettings
+from modelserve_monitor.server import build_server as build_monitor
+from modelserve_registry.config import RegistrySettings
+from modelserve_registry.rollout import CONTROLLER
+from modelserve_registry.server import RegistryApp
+from modelserve_registry.server import build_server as build_registry
+from modelserve_runtime.prediction_log import PredictionLogWriter
+
+V1, V2 = "models/fraud/versions/1", "models/fraud/versions/2"
+WAIT_S = 20.0
+
+
+def canary(
+    *steps: int, interval_s: int = 1, min_requests: int = 20, max_wait_s: int = 0
+) -> pb.RolloutStrategy:
+    """A canary strategy with a gate that needs `min_requests` and allows 1 % errors."""
+    gate = pb.RolloutGate(max_error_rate=0.01, max_p99_latency_ms=200, min_requests=min_requests)
+    if max_wait_s:
+        gate.max_wait.CopyFrom(duration_pb2.Duration(seconds=max_wait_s))
+    return pb.RolloutStrategy(
+        canary=pb.CanaryStrategy(steps=steps, interval=duration_pb2.Duration(seconds=interval_s)),
+        gate=gate,
+    )
+
+
+@dataclass
+class Rollouts:
+    """A registry whose gate reads a real monitor, and a writer of that monitor's stream."""
+
+    stub: pb_grpc.RegistryServiceAsyncStub
+    app: RegistryApp
+    writer: PredictionLogWriter
+    deployment: str
+    settings: RegistrySettings
+    restart: Callable[[], AbstractAsyncContextManager[tuple[object, grpc.aio.Channel, object]]]
+
+    @property
+    def endpoint(self) -> str:
+        return self.deployment.removeprefix("deployments/")
+
+    def answer(self, version: str, count: int, *, errors: int = 0, latency_us: int = 2000) -> None:
+        """Logs `count` answered requests of `version`, the first `errors` of them failed."""
+        for i in range(count):
+            self.writer.append(
+                rec_pb.PredictionRecord(
+                    request_id=uuid.uuid4().hex,
+                    endpoint=self.endpoint,
+                    model_version=version,
+                    latency_us=latency_us,
+                    status=(
+                        rec_pb.PREDICTION_STATUS_ERROR
+                        if i < errors
+                        else rec_pb.PREDICTION_STATUS_OK
+                    ),
+                )
+            )
+
+    async def start(self, strategy: pb.RolloutStrategy, reason: str = "ship v2") -> pb.Rollout:
+        response = await self.stub.StartRollout(
+            pb.StartRolloutRequest(
+                deployment=self.deployment, candidate_version=V2, strategy=strategy, reason=reason
+            )
+        )
+        return response.rollout
+
+    async def rollout(self, name: str) -> pb.Rollout:
+        return (await self.stub.GetRollout(pb.GetRolloutRequest(name=name))).rollout
+
+    async def traffic(self) -> dict[str, int]:
+        response = await self.stub.GetDeployment(pb.GetDeploymentRequest(name=self.deployment))
+        return {t.model_version: t.percent for t in response.deployment.traffic}
+
+    async def reaches(self, name: str, state: pb.RolloutState.ValueType) -> pb.Rollout:
+        seen: list[pb.Rollout] = []
+
+        async def check() -> bool:
+            seen.append(await self.rollout(name))
+            return seen[-1].state == state
+
+        await eventually(check, f"{name} {pb.RolloutState.Name(state)}", within_s=WAIT_S)
+        return seen[-1]
+
+
+@pytest.fixture
+async def rollouts(
+    tmp_path: Path, redis_url: str, redis_client: aioredis.Redis
+) -> AsyncIterator[Rollouts]:
+    """A monitor on its own stream, a registry reading it with a fast controller tick, and
+    `deployments/<unique>` serving v1 with v2 uploaded."""
+    stream = f"test:rollouts:{uuid.uuid4().hex}"
+    monitor_settings = MonitorSettings(
+        redis_url=redis_url,
+        stream=stream,
+        consumer_name="rollout-test",
+        block_ms=50,
+    )
+    async with running(build_monitor, monitor_settings) as (monitor, _, _):
+        settings = RegistrySettings(
+            production_traffic_only=False,
+            data_dir=tmp_path / "registry",
+            monitor_target=f"127.0.0.1:{monitor.port}",
+            rollout_tick_s=0.05,
+        )
+
+        def restart() -> AbstractAsyncContextManager[tuple[object, grpc.aio.Channel, object]]:
+            return running(build_registry, settings)
+
+        async with restart() as (_, channel, app):
+            assert isinstance(app, RegistryApp)
+            stub = pb_grpc.RegistryServiceStub(channel)
+            await create_model(stub)
+            await upload_version(stub, tiny_onnx(weight=1.0))
+            await upload_version(stub, tiny_onnx(weight=2.0))
+            deployment = f"deployments/d-{uuid.uuid4().hex[:8]}"
+            await stub.UpdateDeployment(
+                pb.UpdateDeploymentRequest(
+                    deployment=pb.Deployment(
+                        name=deployment, traffic=[pb.TrafficTarget(model_version=V1, percent=100)]
+                    ),
+                    allow_missing=True,
+                )
+            )
+            writer = PredictionLogWriter(redis_client, stream=stream)
+            yield Rollouts(stub, app, writer, deployment, settings, restart)
+            await writer.flush()
+
+
+class TestCanary:
+    async def test_healthy_candidate_takes_all_traffic_step_by_step(
+        self, rollouts: Rollouts
+    ) -> None:
+        """Each step holds its interval, passes its gate, and the next revision moves traffic;
+        the last step leaves the candidate alone at 100 % and every move is audited."""
+        started = await rollouts.start(canary(50, 100))
+        assert (started.state, started.step, started.candidate_percent) == (
+            pb.ROLLOUT_STATE_RUNNING,
+            0,
+            50,
+        )
+        assert started.stable_version == V1 and started.candidate_version == V2
+        assert await rollouts.traffic() == {V1: 50, V2: 50}
+        rollouts.answer(V2, 40)
+        done = await rollouts.reaches(started.name, pb.ROLLOUT_STATE_SUCCEEDED)
+        assert done.last_gate.verdict == pb.GATE_VERDICT_PASS
+        assert done.last_gate.figures["requests"] >= 20
+        assert await rollouts.traffic() == {V2: 100}
+
+        revisions = await rollouts.stub.ListDeploymentRevisions(
+            pb.ListDeploymentRevisionsRequest(name=rollouts.deployment)
+        )
+        moves = [
+            ({t.model_version: t.percent for t in r.deployment.traffic}, r.principal)
+            for r in reversed(revisions.revisions)
+        ]
+        assert moves == [
+            ({V1: 100}, "anonymous"),
+            ({V1: 50, V2: 50}, "anonymous"),
+            ({V1: 0, V2: 100}, CONTROLLER),
+            ({V2: 100}, CONTROLLER),
+        ]
+        audit = await rollouts.stub.ListAuditEvents(
+            pb.ListAuditEventsRequest(resource=started.name)
+        )
+        actions = [(e.action, e.principal, e.details["state"]) for e in audit.audit_events]
+        assert actions == [
+            ("RolloutGate", CONTROLLER, "SUCCEEDED"),
+            ("RolloutGate", CONTROLLER, "RUNNING"),
+            ("StartRollout", "anonymous", "RUNNING"),
+        ]
+        assert "succeeded: error rate 0.00%" in audit.audit_events[0].reason
+
+    async def test_failing_candidate_is_rolled_back_and_the_audit_says_why(
+        self, rollouts: Rollouts
+    ) -> None:
+        """A candidate that errors 5 % of the time fails a 1 % gate: all traffic returns to the
+        stable version by itself and the audit trail records the error rate behind it."""
+        started = await rollouts.start(canary(10, 50, 100))
+        rollouts.answer(V2, 100, errors=5)
+        aborted = await rollouts.reaches(started.name, pb.ROLLOUT_STATE_ABORTED)
+        assert aborted.last_gate.verdict == pb.GATE_VERDICT_FAIL
+        assert "error rate" in aborted.reason and "above 1.00%" in aborted.reason
+        assert aborted.last_gate.figures["error_rate"] > 0.01
+        assert aborted.step == 0
+        assert await rollouts.traffic() == {V1: 100}
+        events = await rollouts.stub.ListAuditEvents(
+            pb.ListAuditEventsRequest(resource=rollouts.deployment)
+        )
+        rollback = events.audit_events[0]
+        assert (rollback.principal, rollback.action) == (CONTROLLER, "RolloutGate")
+        assert "aborted" in rollback.reason and "error rate" in rollback.reason
+
+    async def test_the_statistical_judge_catches_what_thresholds_let_through(
+        self, rollouts: Rollouts
+    ) -> None:
+        """With `judge`, a candidate inside a lenient 10 % error bound but significantly worse
+        than the stable version on the same window (5 % against 0 %) is rolled back, and the
+        reason quotes the monitor's judgement."""
+        strategy = canary(50, 100, min_requests=500)
+        strategy.gate.max_error_rate = 0.10
+        strategy.gate.judge = True
+        started = await rollouts.start(strategy)
+        rollouts.answer(V1, 600)
+        rollouts.answer(V2, 600, errors=30)
+        aborted = await rollouts.reaches(started.name, pb.ROLLOUT_STATE_ABORTED)
+        assert "canary judgement" in aborted.reason
+        assert aborted.last_gate.verdict == pb.GATE_VERDICT_FAIL
+        assert await rollouts.traffic() == {V1: 100}
+
+    async def test_slow_candidate_fails_the_latency_gate(self, rollouts: Rollouts) -> None:
+        """A p99 above the gate's bound aborts the rollout, naming the latency."""
+        started = await rollouts.start(canary(25, 100))
+        rollouts.answer(V2, 30, latency_us=450_000)
+        aborted = await rollouts.reaches(started.name, pb.ROLLOUT_STATE_ABORTED)
+        assert "p99 latency" in aborted.reason
+        assert await rollouts.traffic() == {V1: 100}
+
+    async def test_a_step_without_enough_requests_waits_then_gives_up(
+        self, rollouts: Rollouts
+    ) -> None:
+        """Too few requests are INCONCLUSIVE: the step waits, and past max_wait the rollout is
+        aborted rather than left hanging."""
+        started = await rollouts.start(canary(50, 100, min_requests=1000, max_wait_s=2))
+        rollouts.answer(V2, 5)
+        waiting = await rollouts.reaches(started.name, pb.ROLLOUT_STATE_RUNNING)
+        await eventually(
+            lambda: _gate_read(rollouts, started.name), "the first gate reading", within_s=WAIT_S
+        )
+        waiting = await rollouts.rollout(started.name)
+        assert waiting.last_gate.verdict == pb.GATE_VERDICT_INCONCLUSIVE
+        assert await rollouts.traffic() == {V1: 50, V2: 50}
+        aborted = await rollouts.reaches(started.name, pb.ROLLOUT_STATE_ABORTED)
+        assert "inconclusive for longer than 2 s" in aborted.reason
+        assert await rollouts.traffic() == {V1: 100}
+
+
+async def _gate_read(rollouts: Rollouts, name: str) -> bool:
+    return (await rollouts.rollout(name)).HasField("last_gate")
+
+
+class TestControl:
+    async def test_pause_holds_the_step_and_resume_continues(self, rollouts: Rollouts) -> None:
+        """A paused rollout is not stepped even with a passing gate; resumed, it finishes."""
+        started = await rollouts.start(canary(50, 100))
+        paused = (
+            await rollouts.stub.PauseRollout(
+                pb.PauseRolloutRequest(name=started.name, reason="investigate a ticket")
+            )
+        ).rollout
+        assert (paused.state, paused.reason) == (pb.ROLLOUT_STATE_PAUSED, "investigate a ticket")
+        rollouts.answer(V2, 40)
+        step_end = paused.step_start_time.ToSeconds() + 1.0
+        await eventually(lambda: time.time() > step_end + 0.2, "the step's interval to pass")
+        await rollouts.app.rollouts.tick()
+        assert (await rollouts.rollout(started.name)).state == pb.ROLLOUT_STATE_PAUSED
+        assert await rollouts.traffic() == {V1: 50, V2: 50}
+
+        resumed = await rollouts.stub.ResumeRollout(pb.ResumeRolloutRequest(name=started.name))
+        assert resumed.rollout.state == pb.ROLLOUT_STATE_RUNNING
+        assert resumed.rollout.step_start_time.ToSeconds() >= paused.step_start_time.ToSeconds()
+        await rollouts.reaches(started.name, pb.ROLLOUT_STATE_SUCCEEDED)
+        assert await rollouts.traffic() == {V2: 100}
+
+    async def test_abort_by_hand_restores_the_stable_version(self, rollouts: Rollouts) -> None:
+        """AbortRollout returns all traffic to the stable version at once, as a new revision."""
+        started = await rollouts.start(canary(50, 100, interval_s=60))
+        aborted = (
+            await rollouts.stub.AbortRollout(
+                pb.AbortRolloutRequest(name=started.name, reason="customer complaints")
+            )
+        ).rollout
+        assert (aborted.state, aborted.reason) == (pb.ROLLOUT_STATE_ABORTED, "customer complaints")
+        assert await rollouts.traffic() == {V1: 100}
+        again = await failure(rollouts.stub.AbortRollout(pb.AbortRolloutRequest(name=started.name)))
+        assert (again.code, again.reason) == (grpc.StatusCode.FAILED_PRECONDITION, "ROLLOUT_STATE")
+
+    async def test_refusals_change_nothing(self, rollouts: Rollouts) -> None:
+        """A second rollout, a hand edit during one, a bad strategy, the stable version as
+        candidate and a missing strategy are each refused with the condition named."""
+        bad = await failure(rollouts.start(canary(50, 20)))
+        assert bad.code is grpc.StatusCode.INVALID_ARGUMENT
+        assert [v.field for v in bad.violations] == ["strategy.canary.steps"]
+        missing = await failure(
+            rollouts.stub.StartRollout(
+                pb.StartRolloutRequest(deployment=rollouts.deployment, candidate_version=V2)
+            )
+        )
+        assert (missing.code, missing.reason) == (
+            grpc.StatusCode.FAILED_PRECONDITION,
+            "NO_STRATEGY",
+        )
+        same = await failure(
+            rollouts.stub.StartRollout(
+                pb.StartRolloutRequest(
+                    deployment=rollouts.deployment, candidate_version=V1, strategy=canary(100)
+                )
+            )
+        )
+        assert [v.field for v in same.violations] == ["candidate_version"]
+        listed = await rollouts.stub.ListRollouts(
+            pb.ListRolloutsRequest(parent=rollouts.deployment)
+        )
+        assert list(listed.rollouts) == []
+
+        started = await rollouts.start(canary(50, 100, interval_s=60))
+        second = await failure(rollouts.start(canary(100)))
+        assert (second.code, second.reason) == (
+            grpc.StatusCode.FAILED_PRECONDITION,
+            "ROLLOUT_IN_PROGRESS",
+        )
+        edit = await failure(
+            rollouts.stub.UpdateDeployment(
+                pb.UpdateDeploymentRequest(
+                    deployment=pb.Deployment(
+                        name=rollouts.deployment,
+                        traffic=[pb.TrafficTarget(model_version=V2, percent=100)],
+                    )
+                )
+            )
+        )
+        assert edit.reason == "ROLLOUT_IN_PROGRESS"
+        resume = await failure(
+            rollouts.stub.ResumeRollout(pb.ResumeRolloutRequest(name=started.name))
+        )
+        assert resume.reason == "ROLLOUT_STATE"
+        assert await rollouts.traffic() == {V1: 50, V2: 50}
+        listed = await rollouts.stub.ListRollouts(
+            pb.ListRolloutsRequest(parent=rollouts.deployment)
+        )
+        assert [r.name for r in listed.rollouts] == [started.name]
+
+    async def test_split_traffic_has_no_stable_version(self, rollouts: Rollouts) -> None:
+        """A deployment already split between versions cannot start a rollout."""
+        await rollouts.stub.UpdateDeployment(
+            pb.UpdateDeploymentRequest(
+                deployment=pb.Deployment(
+                    name=rollouts.deployment,
+                    traffic=[
+                        pb.TrafficTarget(model_version=V1, percent=90),
+                        pb.TrafficTarget(model_version=V2, percent=10),
+                    ],
+                )
+            )
+        )
+        error = await failure(rollouts.start(canary(100)))
+        assert error.reason == "NO_SINGLE_STABLE_VERSION"
+
+    async def test_the_deployment_strategy_is_the_default(self, rollouts: Rollouts) -> None:
+        """A rollout started without a strategy takes the one the deployment declares."""
+        await rollouts.stub.UpdateDeployment(
+            pb.UpdateDeploymentRequest(
+                deployment=pb.Deployment(name=rollouts.deployment, strategy=canary(20, 100)),
+                update_mask=field_mask_pb2.FieldMask(paths=["strategy"]),
+            )
+        )
+        response = await rollouts.stub.StartRollout(
+            pb.StartRolloutRequest(deployment=rollouts.deployment, candidate_version=V2)
+        )
+        assert response.rollout.candidate_percent == 20
+        assert list(response.rollout.strategy.canary.steps) == [20, 100]
+
+
+class TestRestart:
+    async def test_a_restarted_registry_carries_on(self, rollouts: Rollouts) -> None:
+        """A rollout survives a registry restart: the new process reads it from the store and
+        finishes it."""
+        started = await rollouts.start(canary(50, 100))
+        await rollouts.app.rollouts.stop()
+        await rollouts.app.close()
+        rollouts.answer(V2, 40)
+        async with rollouts.restart() as (_, channel, _app):
+            stub = pb_grpc.RegistryServiceStub(channel)
+            seen: list[pb.Rollout] = []
+
+            async def finished() -> bool:
+                seen.append(
+                    (await stub.GetRollout(pb.GetRolloutRequest(name=started.name))).rollout
+                )
+                return seen[-1].state == pb.ROLLOUT_STATE_SUCCEEDED
+
+            await eventually(finished, "the rollout to finish after the restart", within_s=WAIT_S)
+            deployment = await stub.GetDeployment(pb.GetDeploymentRequest(name=rollouts.deployment))
+            assert {t.model_version: t.percent for t in deployment.deployment.traffic} == {V2: 100}
