@@ -7,6 +7,7 @@ from collections.abc import AsyncIterator
 
 import pytest
 from inference_testing import MODEL_ID, V1, V2, RunningInference, spec_proto
+from reconcile_testing import RestartableRegistry
 from support import running
 
 from modelserve.inference.v1 import inference_service_pb2_grpc as pb_grpc
@@ -31,7 +32,9 @@ async def registry_target(
     tmp_path_factory: pytest.TempPathFactory, fraud_models: dict[str, fraud.TrainedModel]
 ) -> AsyncIterator[str]:
     """`host:port` of a real registry over a data directory in tmp, holding both versions."""
-    settings = RegistrySettings(data_dir=tmp_path_factory.mktemp("registry"))
+    settings = RegistrySettings(
+        production_traffic_only=False, data_dir=tmp_path_factory.mktemp("registry")
+    )
     async with running(registry_server.build_server, settings) as (grpc_server, channel, _):
         admin = RegistryAdminClient(channel)
         await admin.create_model(MODEL_ID, "demo fraud model")
@@ -82,3 +85,17 @@ async def inference_service(
 def inference(inference_service: RunningInference) -> pb_grpc.InferenceServiceAsyncStub:
     """A stub on the module's inference service."""
     return inference_service.stub
+
+
+@pytest.fixture(scope="module")
+async def restartable_registry(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> AsyncIterator[RestartableRegistry]:
+    """An empty real registry on a port it keeps across restarts, for the module (the reconcile
+    tests point the service at it by overriding `registry_target`)."""
+    registry = RestartableRegistry(tmp_path_factory.mktemp("registry"))
+    await registry.start()
+    try:
+        yield registry
+    finally:
+        await registry.close()

@@ -20,10 +20,12 @@ pytestmark = pytest.mark.triton
 def inference_settings(
     tmp_path_factory: pytest.TempPathFactory, registry_target: str
 ) -> InferenceSettings:
-    """A service whose Triton queues at most one request per version and lets NaN through."""
+    """A service whose Triton queues at most one request per version and lets NaN through,
+    holding only what LoadModelVersion loads (reconcile off)."""
     return InferenceSettings(
         triton_work_dir=tmp_path_factory.mktemp("triton"),
         registry_target=registry_target,
+        reconcile=False,
         max_queue_size=1,
         reject_non_finite=False,
         warmup_batch_sizes=(1,),

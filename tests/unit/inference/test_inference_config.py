@@ -28,6 +28,24 @@ class TestInferenceSettings:
         assert settings.max_queue_size == 0
         assert settings.triton_poll_interval_s == 1.0
 
+    def test_reconcile_is_on_by_default_with_a_grace_and_bounded_retries(self) -> None:
+        """The reconcile loop follows the registry unless turned off; unwanted versions stay
+        10 s, failed loads are retried from 1 s up to 60 s apart, two models load at once, and
+        deployments without a backend get the python one."""
+        settings = load_settings(InferenceSettings)
+
+        assert settings.reconcile is True
+        assert settings.unload_grace_s == 10.0
+        assert (settings.load_retry_initial_s, settings.load_retry_max_s) == (1.0, 60.0)
+        assert settings.max_concurrent_loads == 2
+        assert settings.backend == "python"
+
+    def test_reconcile_can_be_turned_off(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        """MODELSERVE_INFERENCE_RECONCILE=false leaves Triton to LoadModelVersion alone."""
+        monkeypatch.setenv("MODELSERVE_INFERENCE_RECONCILE", "false")
+
+        assert load_settings(InferenceSettings).reconcile is False
+
     def test_reads_its_environment_variables(self, monkeypatch: pytest.MonkeyPatch) -> None:
         """MODELSERVE_INFERENCE_* variables set warmup sizes, the NaN check and the queue."""
         monkeypatch.setenv("MODELSERVE_INFERENCE_WARMUP_BATCH_SIZES", "[1, 4]")
@@ -46,6 +64,9 @@ class TestInferenceSettings:
             ("WARMUP_BATCH_SIZES", "[0, 8]"),
             ("MAX_QUEUE_SIZE", "-1"),
             ("TRITON_POLL_INTERVAL_S", "0"),
+            ("MAX_CONCURRENT_LOADS", "0"),
+            ("LOAD_RETRY_INITIAL_S", "0"),
+            ("BACKEND", "tensorrt"),
         ],
     )
     def test_bad_values_stop_the_start(

@@ -8,11 +8,13 @@ from importlib import resources
 import pytest
 
 from modelserve_triton.model_config import (
+    ONNXRUNTIME_BACKEND,
     TensorSpec,
     backend_source,
     build_model_config,
     model_files,
 )
+from modelserve_triton.process import TritonInstall
 
 FEATURES = TensorSpec("features", "FP32", (-1, 8))
 LABEL = TensorSpec("label", "INT64", (-1,))
@@ -36,6 +38,20 @@ class TestBuildModelConfig:
         config = build_model_config("fraud", [FEATURES], [LABEL], max_queue_delay_us=250)
 
         assert config["dynamic_batching"] == {"max_queue_delay_microseconds": 250}
+
+    def test_preferred_batch_sizes_go_to_the_batcher(self) -> None:
+        """Preferred batch sizes are the batcher's `preferred_batch_size`; none: Triton's own."""
+        preferred = build_model_config("fraud", [FEATURES], [LABEL], preferred_batch_sizes=(4, 8))
+        plain = build_model_config("fraud", [FEATURES], [LABEL])
+
+        assert preferred["dynamic_batching"]["preferred_batch_size"] == [4, 8]
+        assert "preferred_batch_size" not in plain["dynamic_batching"]
+
+    def test_the_native_onnxruntime_backend_by_name(self) -> None:
+        """The onnxruntime backend is named in the config like any other."""
+        config = build_model_config("fraud", [FEATURES], [LABEL], backend=ONNXRUNTIME_BACKEND)
+
+        assert config["backend"] == "onnxruntime"
 
     def test_max_queue_size_bounds_the_batcher_queue(self) -> None:
         """A positive max_queue_size becomes the batcher's default queue policy; 0 leaves none."""
@@ -99,7 +115,20 @@ class TestModelFiles:
         assert backend_source() == packaged.read_bytes()
         assert b"class TritonPythonModel" in backend_source()
 
+    def test_the_native_onnxruntime_backend_needs_only_the_onnx_files(self) -> None:
+        """Triton's own onnxruntime backend reads model.onnx: no python model is sent."""
+        files = model_files({1: b"onnx-one", 2: b"onnx-two"}, backend=ONNXRUNTIME_BACKEND)
+
+        assert files == {"file:1/model.onnx": b"onnx-one", "file:2/model.onnx": b"onnx-two"}
+
     def test_no_versions_is_refused(self) -> None:
         """A load request without a version is a mistake, not an empty model."""
         with pytest.raises(ValueError, match="version"):
             model_files({})
+
+
+class TestTritonInstall:
+    def test_the_wheel_ships_only_the_python_backend(self) -> None:
+        """nvidia-pytriton's Triton has no native onnxruntime backend, which is why
+        BACKEND_ONNXRUNTIME versions fail with that reason here."""
+        assert set(TritonInstall.locate().backends()) == {"python"}

@@ -1,4 +1,5 @@
-"""Triton model configs and load-request files for ONNX models run by the python backend."""
+"""Triton model configs and load-request files for ONNX models: run by the python backend
+(onnxruntime inside model.py), or by Triton's native onnxruntime backend where it is installed."""
 
 from __future__ import annotations
 
@@ -13,6 +14,10 @@ import numpy.typing as npt
 TRITON_DATATYPES: frozenset[str] = frozenset(
     {"BOOL", "INT8", "INT16", "INT32", "INT64", "UINT8", "FP16", "FP32", "FP64", "BYTES"}
 )
+#: The python backend running the packaged model.py, which runs the ONNX file with onnxruntime.
+PYTHON_BACKEND = "python"
+#: Triton's native ONNX Runtime backend (not shipped by the nvidia-pytriton wheel).
+ONNXRUNTIME_BACKEND = "onnxruntime"
 
 
 @dataclass(frozen=True, slots=True)
@@ -56,15 +61,17 @@ def build_model_config(
     outputs: Sequence[TensorSpec],
     *,
     max_batch_size: int = 256,
-    backend: str = "python",
+    backend: str = PYTHON_BACKEND,
     max_queue_delay_us: int = 0,
     max_queue_size: int = 0,
     instance_count: int = 1,
+    preferred_batch_sizes: Sequence[int] = (),
 ) -> dict[str, Any]:
     """Returns a Triton model config, JSON-able, for ``load_model(config=json.dumps(...))``.
 
     With ``max_batch_size > 0`` the batch dimension is stripped from every tensor's
-    dims and the dynamic batcher is on; all versions sent in the load stay loaded.
+    dims and the dynamic batcher is on, forming ``preferred_batch_sizes`` when it can;
+    all versions sent in the load stay loaded.
     ``max_queue_size > 0`` bounds the batcher's queue: Triton refuses what does not fit
     at once instead of letting it wait; 0 leaves the queue unbounded.
     """
@@ -87,6 +94,8 @@ def build_model_config(
     }
     if batched:
         batching: dict[str, Any] = {"max_queue_delay_microseconds": max_queue_delay_us}
+        if preferred_batch_sizes:
+            batching["preferred_batch_size"] = list(preferred_batch_sizes)
         if max_queue_size > 0:
             batching["default_queue_policy"] = {"max_queue_size": max_queue_size}
         config["dynamic_batching"] = batching
@@ -98,21 +107,25 @@ def backend_source() -> bytes:
     return resources.files("modelserve_triton.backend").joinpath("model.py").read_bytes()
 
 
-def model_files(versions: Mapping[int, bytes]) -> dict[str, bytes]:
-    """Returns the ``files`` of a load request: each version's ONNX model and the backend.
+def model_files(
+    versions: Mapping[int, bytes], *, backend: str = PYTHON_BACKEND
+) -> dict[str, bytes]:
+    """Returns the ``files`` of a load request: each version's ONNX model and, for the python
+    backend, the model.py that runs it (the native onnxruntime backend needs only the file).
 
     ``versions`` maps a version number to its ONNX bytes; load them all in one request
     so that Triton keeps every one of them loaded.
     """
     if not versions:
         raise ValueError("at least one model version is needed")
-    source = backend_source()
+    source = backend_source() if backend == PYTHON_BACKEND else None
     files: dict[str, bytes] = {}
     for version, onnx_bytes in sorted(versions.items()):
         if version < 1:
             raise ValueError(f"model versions are positive integers, got {version}")
         files[f"file:{version}/model.onnx"] = onnx_bytes
-        files[f"file:{version}/model.py"] = source
+        if source is not None:
+            files[f"file:{version}/model.py"] = source
     return files
 
 

@@ -75,6 +75,21 @@ class TritonInstall:
                 raise TritonStartError(f"nvidia-pytriton is missing {path}")
         return install
 
+    def backends(self) -> dict[str, Path]:
+        """The backends the wheel ships, by name (each a directory holding its
+        ``libtriton_<name>.so``); nvidia-pytriton 0.7.0 ships only ``python``."""
+        return _backends_in(self.python_backend_dir.parent)
+
+
+def _backends_in(directory: Path) -> dict[str, Path]:
+    if not directory.is_dir():
+        return {}
+    return {
+        path.name: path
+        for path in sorted(directory.iterdir())
+        if (path / f"libtriton_{path.name}.so").exists()
+    }
+
 
 def _free_port() -> int:
     # The port is free when we look; Triton cannot bind port 0 itself and report it.
@@ -117,6 +132,12 @@ class TritonServer:
     def pid(self) -> int | None:
         """The child's process id (and process group id), or None before start."""
         return None if self._process is None else self._process.pid
+
+    @property
+    def backends(self) -> frozenset[str]:
+        """The backends this server can run models with (those in its backend directory,
+        prepared at start): ``python`` and whatever else the wheel ships."""
+        return frozenset(_backends_in(self._options.work_dir / "backends"))
 
     @property
     def log_path(self) -> Path:
@@ -222,6 +243,11 @@ class TritonServer:
         for name in ("libtriton_python.so", "triton_python_backend_utils.py"):
             _copy_if_changed(install.python_backend_dir / name, python_backend / name)
         _copy_if_changed(install.python_stub, python_backend / "triton_python_backend_stub")
+        # Other backends (the native onnxruntime one, where a wheel ships it) need no stub.
+        for name, directory in install.backends().items():
+            link = work_dir / "backends" / name
+            if name != "python" and not link.is_symlink() and not link.exists():
+                link.symlink_to(directory, target_is_directory=True)
         model_repository = work_dir / "models"
         model_repository.mkdir(exist_ok=True)
 

@@ -133,6 +133,19 @@ class TritonRunner:
             raise _triton_error(exc) from exc
         log.info("triton_model_unloaded", model=model_name, url=self._url)
 
+    async def model_config(
+        self, model_name: str, *, timeout_s: float | None = None
+    ) -> dict[str, Any]:
+        """The config Triton runs the model with (its model config API), as JSON; 64-bit
+        numbers come as strings and zero values are left out, as Triton writes them."""
+        try:
+            answer = await self._client.get_model_config(
+                model_name, as_json=True, client_timeout=timeout_s
+            )
+        except InferenceServerException as exc:
+            raise _triton_error(exc) from exc
+        return dict(answer.get("config", {}))
+
     async def is_model_ready(
         self, model_name: str, version: int, *, timeout_s: float | None = None
     ) -> bool:

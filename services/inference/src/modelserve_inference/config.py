@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import Field
+from pydantic import Field, SecretStr
 from pydantic_settings import SettingsConfigDict
 
 from modelserve_runtime.config import ServiceSettings
@@ -32,10 +32,38 @@ class InferenceSettings(ServiceSettings):
     """Local mode: how long Triton may take to become ready."""
     registry_target: str | None = None
     """The registry's `host:port`; resolved through discovery (service `registry`) when unset."""
+    registry_api_key: SecretStr | None = None
+    """The API key inference sends to the registry when the registry has auth on (a key with
+    the `viewer` role is enough: inference only reads versions and watches deployments)."""
+    reconcile: bool = True
+    """Follow the registry's WatchDeployments and make Triton hold exactly the versions the
+    deployments reference (traffic targets, shadow and fallback versions) plus those pinned by
+    LoadModelVersion. Off: Triton holds only what LoadModelVersion loads."""
+    unload_grace_s: float = Field(default=10.0, ge=0)
+    """How long a version no deployment references any more stays loaded before it is
+    unloaded, so that a rollback coming right back finds it still READY."""
+    max_concurrent_loads: int = Field(default=2, ge=1)
+    """How many models the reconcile loop loads at once (all wanted versions of one model go
+    to Triton in one load)."""
+    load_retry_initial_s: float = Field(default=1.0, gt=0)
+    """How long the reconcile loop waits before loading a FAILED version again; the wait
+    doubles after each failure, up to `load_retry_max_s`."""
+    load_retry_max_s: float = Field(default=60.0, gt=0)
+    """The longest wait between two loads of a version that keeps failing."""
+    watch_backoff_max_s: float = Field(default=5.0, gt=0)
+    """The longest wait between two attempts to reconnect WatchDeployments (from 0.05 s,
+    doubling); each reconnect resumes after the last revision seen."""
+    watch_timeout_s: float = Field(default=3600.0, gt=0)
+    """Deadline of one WatchDeployments stream; it is reopened, resuming, when it passes."""
+    backend: Literal["python", "onnxruntime"] = "python"
+    """Triton backend for deployments that do not choose one: `python` runs the ONNX file with
+    onnxruntime inside the python backend; `onnxruntime` is Triton's native backend, which
+    the nvidia-pytriton wheel does not ship."""
     max_batch_size: int = Field(default=256, ge=1)
-    """Largest batch Triton's dynamic batcher forms per version."""
+    """Largest batch Triton's dynamic batcher forms per version, unless the deployment says."""
     max_queue_delay_us: int = Field(default=0, ge=0)
-    """How long the dynamic batcher waits to fill a batch; 0 measured best at low load."""
+    """How long the dynamic batcher waits to fill a batch, unless the deployment says; 0
+    measured best at low load."""
     infer_timeout_s: float = Field(default=2.0, gt=0)
     """Deadline of each call into Triton."""
     load_timeout_s: float = Field(default=120.0, gt=0)

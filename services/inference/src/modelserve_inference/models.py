@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import re
 import time
 from collections.abc import Mapping, Sequence
@@ -14,6 +15,7 @@ import numpy as np
 import numpy.typing as npt
 import structlog
 
+from modelserve_inference.state_feed import StateChange, StateFeed, StateWatch
 from modelserve_runtime.errors import (
     DeadlineExceededError,
     FailedPreconditionError,
@@ -25,6 +27,7 @@ from modelserve_runtime.errors import (
     UnavailableError,
 )
 from modelserve_triton.model_config import (
+    PYTHON_BACKEND,
     TensorSpec,
     build_model_config,
     conform_outputs,
@@ -35,6 +38,9 @@ from modelserve_triton.runner import TritonError
 log = structlog.get_logger()
 
 _VERSION_NAME = re.compile(r"^models/([a-z][a-z0-9-]{0,62})/versions/([1-9][0-9]{0,9})$")
+#: How Triton names a version that failed inside a load of several ("version 2 is at
+#: UNAVAILABLE state: ..."), so that only that one is given up.
+_FAILED_VERSION = re.compile(r"\bversion (\d+) is at UNAVAILABLE state")
 _NUMPY_TYPES = {
     "FP32": np.float32,
     "FP64": np.float64,
@@ -57,13 +63,31 @@ class VersionState(Enum):
 
 
 @dataclass(frozen=True, slots=True)
+class ServingConfig:
+    """How Triton serves a model: one config covers every version loaded under the model's
+    name, so all versions of a model share it."""
+
+    backend: str = PYTHON_BACKEND
+    """`python` (onnxruntime inside the python backend) or `onnxruntime` (Triton's own)."""
+    max_batch_size: int = 256
+    preferred_batch_sizes: tuple[int, ...] = ()
+    """Batch sizes the dynamic batcher prefers to form; none: any."""
+    max_queue_delay_us: int = 0
+    max_queue_size: int = 0
+    """Requests the dynamic batcher may queue; 0: unbounded."""
+    instance_count: int = 1
+
+
+@dataclass(frozen=True, slots=True)
 class VersionArtifact:
-    """What is needed to load a version: its signature and its ONNX bytes."""
+    """What is needed to load a version: its signature, its ONNX bytes and, when the version
+    has them, example inputs (rows along the first dimension) to warm it up with."""
 
     name: str
     inputs: tuple[TensorSpec, ...]
     outputs: tuple[TensorSpec, ...]
     onnx: bytes
+    sample_inputs: Mapping[str, npt.NDArray[Any]] = field(default_factory=dict)
 
 
 @dataclass(slots=True)
@@ -78,6 +102,8 @@ class HeldVersion:
     outputs: tuple[TensorSpec, ...] = ()
     reason: str = ""
     onnx: bytes = field(default=b"", repr=False)
+    sample_inputs: Mapping[str, npt.NDArray[Any]] = field(default_factory=dict, repr=False)
+    """Warmup inputs from the registry, cast to the signature's dtypes; empty: synthesized."""
 
 
 class ArtifactSource(Protocol):
@@ -129,6 +155,7 @@ class ModelVersions:
 
     A version turns READY only after warmup requests at the batch sizes in
     `warmup_batch_sizes` have run on it, so the first caller does not pay for cold caches.
+    Every state change is published on `feed` (WatchModelStates, the reconcile loop).
     """
 
     def __init__(
@@ -140,6 +167,8 @@ class ModelVersions:
         max_batch_size: int,
         max_queue_delay_us: int,
         max_queue_size: int = 0,
+        backend: str = PYTHON_BACKEND,
+        available_backends: frozenset[str] | None = None,
         infer_timeout_s: float,
         load_timeout_s: float,
         warmup_batch_sizes: Sequence[int] = (1,),
@@ -148,16 +177,25 @@ class ModelVersions:
         self._source = source
         self._triton = triton
         self.triton_endpoint = triton_endpoint
-        self._max_batch_size = max_batch_size
-        self._max_queue_delay_us = max_queue_delay_us
-        self._max_queue_size = max_queue_size
+        self.default_config = ServingConfig(
+            backend=backend,
+            max_batch_size=max_batch_size,
+            max_queue_delay_us=max_queue_delay_us,
+            max_queue_size=max_queue_size,
+        )
+        self._available_backends = available_backends
         self._infer_timeout_s = infer_timeout_s
         self._load_timeout_s = load_timeout_s
-        self._warmup_batch_sizes = sorted({min(b, max_batch_size) for b in warmup_batch_sizes})
+        self._warmup_batch_sizes = tuple(warmup_batch_sizes)
         self._reject_non_finite = reject_non_finite
         self._held: dict[str, HeldVersion] = {}
         self._model_locks: dict[str, asyncio.Lock] = {}
+        self._configs: dict[str, ServingConfig] = {}
+        """Per model, the config its next load uses (set by the reconcile loop)."""
+        self._loaded_configs: dict[str, ServingConfig] = {}
+        """Per model, the config Triton runs it with now."""
         self._triton_up = True
+        self.feed = StateFeed()
 
     @property
     def triton_up(self) -> bool:
@@ -167,6 +205,18 @@ class ModelVersions:
     def list(self) -> list[HeldVersion]:
         """Every held version, ordered by name."""
         return sorted(self._held.values(), key=lambda v: (v.model, v.version))
+
+    def watch(self) -> StateWatch:
+        """Copies of every held version now, then every change after (see StateFeed.open)."""
+        return self.feed.open([dataclasses.replace(h) for h in self.list()])
+
+    def loaded_config(self, model: str) -> ServingConfig | None:
+        """The config Triton runs the model with; None when Triton holds none of its versions."""
+        return self._loaded_configs.get(model) if self._of_model(model) else None
+
+    def find(self, name: str) -> HeldVersion | None:
+        """One held version, or None."""
+        return self._held.get(name)
 
     def get(self, name: str) -> HeldVersion:
         """One held version; NotFoundError when it is not held."""
@@ -198,87 +248,209 @@ class ModelVersions:
             metadata={"model": model},
         )
 
-    async def load(self, name: str) -> HeldVersion:
-        """Fetches, loads and warms a version; returns it READY or FAILED (with the reason)."""
+    async def load(self, name: str, *, config: ServingConfig | None = None) -> HeldVersion:
+        """Fetches, loads and warms a version; returns it READY or FAILED (with the reason).
+
+        `config`, when given, becomes the model's config (a change reloads its other versions
+        with it). A version the registry cannot give is not kept: the error is raised.
+        """
         model, version = parse_version_name(name)
-        async with self._model_locks.setdefault(model, asyncio.Lock()):
+        async with self._lock(model):
+            if config is not None:
+                self._configs[model] = config
             current = self._held.get(name)
             if current is not None and current.state is VersionState.READY:
                 return current
-            held = HeldVersion(name=name, model=model, version=version, state=VersionState.LOADING)
-            self._held[name] = held
+            held = self._begin(name, model, version)
             try:
                 artifact = await self._source.fetch(name)
             except Exception:
                 del self._held[name]
+                self._publish(removed=(name,))
                 raise
-            held.inputs, held.outputs, held.onnx = artifact.inputs, artifact.outputs, artifact.onnx
-            try:
-                await self._load_model(model)
-            except TritonError as exc:
-                self._fail(held, str(exc))
-                return held
-            await self._warm_model(model)
+            self._take(held, artifact)
+            await self._sync_model(model, [held])
             return held
+
+    async def ensure(self, model: str, names: Sequence[str], config: ServingConfig) -> None:
+        """Loads those of the model's versions `names` that are not held or have FAILED, all in
+        one Triton load, and reloads the model when `config` is not the one Triton runs it with.
+
+        A version whose artifact cannot be fetched turns FAILED with the reason, like one that
+        Triton refuses; the others load regardless.
+        """
+        async with self._lock(model):
+            self._configs[model] = config
+            fresh = []
+            for name in names:
+                current = self._held.get(name)
+                if current is None or current.state is VersionState.FAILED:
+                    fresh.append(self._begin(name, model, parse_version_name(name)[1]))
+            fetched = await asyncio.gather(
+                *(self._source.fetch(h.name) for h in fresh), return_exceptions=True
+            )
+            for held, result in zip(fresh, fetched, strict=True):
+                if isinstance(result, VersionArtifact):
+                    self._take(held, result)
+                elif isinstance(result, Exception):
+                    reason = result.message if isinstance(result, ModelServeError) else str(result)
+                    self._fail(held, f"fetching the artifact from the registry failed: {reason}")
+                else:
+                    raise result
+            loaded = [h for h in fresh if h.onnx]
+            reconfigure = bool(self._of_model(model)) and self._loaded_configs.get(model) != config
+            if loaded or reconfigure:
+                await self._sync_model(model, loaded)
 
     async def unload(self, name: str) -> None:
         """Removes a version; the model's other versions stay loaded."""
         model, _ = parse_version_name(name)
-        async with self._model_locks.setdefault(model, asyncio.Lock()):
-            held = self.get(name)
-            held.state = VersionState.UNLOADING
-            del self._held[name]
-            try:
-                await self._load_model(model)
-            except TritonError as exc:
-                raise UnavailableError(f"triton could not unload {name}: {exc}") from exc
-            log.info("model_version_unloaded", version=name)
+        async with self._lock(model):
+            self.get(name)
+            await self._remove(model, [name])
+
+    async def remove(self, model: str, names: Sequence[str]) -> None:
+        """Removes those of the model's versions `names` that are held, in one Triton load."""
+        async with self._lock(model):
+            present = [n for n in names if n in self._held]
+            if present:
+                await self._remove(model, present)
 
     def mark_triton_down(self, reason: str) -> None:
         """Triton is gone: every version it held is LOADING again until `reload_all` ends."""
         self._triton_up = False
+        self._loaded_configs.clear()
+        changed = []
         for held in self._held.values():
             if held.onnx:
                 held.state, held.reason = VersionState.LOADING, f"triton restarting: {reason}"
+                changed.append(held)
+        self._publish(*changed)
 
     async def reload_all(self) -> None:
         """Loads and warms every held version into a fresh Triton, model by model."""
         for model in sorted({v.model for v in self._held.values() if v.onnx}):
-            async with self._model_locks.setdefault(model, asyncio.Lock()):
-                try:
-                    await self._load_model(model)
-                except TritonError as exc:
-                    for held in self._of_model(model):
-                        self._fail(held, f"reload after triton restart failed: {exc}")
-                    continue
-                await self._warm_model(model)
+            async with self._lock(model):
+                await self._sync_model(model, [], failure="reload after triton restart failed: ")
         self._triton_up = True
+        self._publish()
+
+    def _lock(self, model: str) -> asyncio.Lock:
+        return self._model_locks.setdefault(model, asyncio.Lock())
+
+    def _publish(self, *changed: HeldVersion, removed: Sequence[str] = ()) -> None:
+        self.feed.publish(
+            StateChange(tuple(dataclasses.replace(h) for h in changed), tuple(removed))
+        )
+
+    def _set_state(self, held: HeldVersion, state: VersionState, reason: str = "") -> None:
+        held.state, held.reason = state, reason
+        self._publish(held)
+
+    def _begin(self, name: str, model: str, version: int) -> HeldVersion:
+        held = HeldVersion(name=name, model=model, version=version, state=VersionState.LOADING)
+        self._held[name] = held
+        self._publish(held)
+        return held
+
+    def _take(self, held: HeldVersion, artifact: VersionArtifact) -> None:
+        held.inputs, held.outputs, held.onnx = artifact.inputs, artifact.outputs, artifact.onnx
+        held.sample_inputs = usable_samples(held.name, held.inputs, artifact.sample_inputs)
 
     def _of_model(self, model: str) -> tuple[HeldVersion, ...]:
-        """The model's versions that Triton should hold (those with an artifact)."""
-        return tuple(v for v in self._held.values() if v.model == model and v.onnx)
+        """The model's versions that Triton should hold (those with an artifact, not leaving)."""
+        return tuple(
+            v
+            for v in self._held.values()
+            if v.model == model and v.onnx and v.state is not VersionState.UNLOADING
+        )
 
     def _fail(self, held: HeldVersion, reason: str) -> None:
-        held.state, held.reason, held.onnx = VersionState.FAILED, reason, b""
+        held.onnx, held.sample_inputs = b"", {}
+        self._set_state(held, VersionState.FAILED, reason)
         log.error("model_version_failed", version=held.name, reason=reason)
 
+    async def _remove(self, model: str, names: Sequence[str]) -> None:
+        """Turns the versions UNLOADING, reloads the model without them, and forgets them."""
+        leaving = [self._held[n] for n in names]
+        in_triton = any(h.onnx for h in leaving)
+        for held in leaving:
+            held.state, held.reason = VersionState.UNLOADING, ""
+        self._publish(*leaving)
+        try:
+            if in_triton:
+                await self._load_model(model)
+        except TritonError as exc:
+            raise UnavailableError(f"triton could not unload {', '.join(names)}: {exc}") from exc
+        finally:
+            for name in names:
+                del self._held[name]
+            self._publish(removed=names)
+            log.info("model_version_unloaded", versions=list(names))
+
+    async def _sync_model(
+        self, model: str, fresh: Sequence[HeldVersion], *, failure: str = ""
+    ) -> None:
+        """Loads the model into Triton with every version it should hold, then warms them.
+
+        When Triton refuses the load, the versions its message names turn FAILED (prefixed by
+        `failure`) and the load is tried again without them, so one broken artifact does not
+        keep the others out. A refusal that names none fails the `fresh` versions (Triton
+        keeps serving what it held before a load it refuses), or, with none fresh (a reload
+        or a new config), every version.
+        """
+        for _ in range(len(self._of_model(model)) + 1):
+            try:
+                await self._load_model(model)
+                break
+            except TritonError as exc:
+                held = self._of_model(model)
+                numbers = {int(n) for n in _FAILED_VERSION.findall(exc.message)}
+                named = [h for h in held if h.version in numbers]
+                unproven = [h for h in fresh if h.onnx]
+                suspects = named or unproven or list(held)
+                if not suspects:
+                    log.error("model_unload_failed", model=model, reason=str(exc))
+                    break
+                for version in suspects:
+                    self._fail(version, failure + _first_paragraph(str(exc)))
+                if not named and unproven:
+                    break
+        await self._warm_model(model)
+
     async def _load_model(self, model: str) -> None:
-        """Makes Triton hold exactly the model's versions that have an artifact."""
+        """Makes Triton hold exactly the model's versions that have an artifact, with the
+        model's config."""
         versions = {v.version: v for v in self._of_model(model)}
         if not versions:
+            self._loaded_configs.pop(model, None)
             await self._triton.unload(model, timeout_s=self._load_timeout_s)
             return
+        config = self._configs.get(model, self.default_config)
+        if self._available_backends is not None and config.backend not in self._available_backends:
+            raise TritonError(
+                f"the {config.backend!r} backend is not installed in this Triton (it has"
+                f" {', '.join(sorted(self._available_backends))}); the nvidia-pytriton wheel"
+                " ships only the python backend, which runs ONNX with onnxruntime"
+            )
         newest = versions[max(versions)]
-        config = build_model_config(
-            model,
-            newest.inputs,
-            newest.outputs,
-            max_batch_size=self._max_batch_size,
-            max_queue_delay_us=self._max_queue_delay_us,
-            max_queue_size=self._max_queue_size,
-        )
-        files = model_files({number: v.onnx for number, v in versions.items()})
-        await self._triton.load(model, config, files, timeout_s=self._load_timeout_s)
+        try:
+            triton_config = build_model_config(
+                model,
+                newest.inputs,
+                newest.outputs,
+                backend=config.backend,
+                max_batch_size=config.max_batch_size,
+                preferred_batch_sizes=config.preferred_batch_sizes,
+                max_queue_delay_us=config.max_queue_delay_us,
+                max_queue_size=config.max_queue_size,
+                instance_count=config.instance_count,
+            )
+        except ValueError as exc:
+            raise TritonError(f"no Triton config fits the signature: {exc}") from exc
+        files = model_files({n: v.onnx for n, v in versions.items()}, backend=config.backend)
+        await self._triton.load(model, triton_config, files, timeout_s=self._load_timeout_s)
+        self._loaded_configs[model] = config
 
     async def _warm_model(self, model: str) -> None:
         """Warms each version of the model that is not READY yet, then declares it READY.
@@ -289,7 +461,7 @@ class ModelVersions:
         for held in sorted(self._of_model(model), key=lambda v: v.version):
             ready = held.state is VersionState.READY
             if not ready:
-                held.state = VersionState.WARMING
+                self._set_state(held, VersionState.WARMING)
             try:
                 await self._warm(held)
             except TritonError as exc:
@@ -300,26 +472,27 @@ class ModelVersions:
                     log.error("model_reload_failed", model=model, reason=str(reload_error))
                 continue
             if not ready:
-                held.state, held.reason = VersionState.READY, ""
+                self._set_state(held, VersionState.READY)
                 log.info("model_version_ready", version=held.name)
 
     async def _warm(self, held: HeldVersion) -> None:
-        """Runs the version once per warmup batch size on inputs synthesized from its signature.
-
-        The registry stores no sample inputs yet, so zeros of the signature's dtype and shape
-        stand in for them (a -1 beyond the batch dimension becomes 1).
-        """
+        """Runs the version once per warmup batch size (capped at the model's max_batch_size)
+        on its sample inputs, rows repeated to the batch size, or on inputs synthesized from
+        its signature when it has none."""
         started = time.perf_counter()
         names = [o.name for o in held.outputs]
-        for batch in self._warmup_batch_sizes:
-            inputs = {spec.name: synthesize(spec, batch) for spec in held.inputs}
+        config = self._loaded_configs.get(held.model, self.default_config)
+        sizes = sorted({min(b, config.max_batch_size) for b in self._warmup_batch_sizes})
+        for batch in sizes:
+            inputs = warmup_inputs(held.inputs, held.sample_inputs, batch)
             await self._triton.infer(
                 held.model, held.version, inputs, names, timeout_s=self._load_timeout_s
             )
         log.info(
             "model_version_warmed",
             version=held.name,
-            batch_sizes=self._warmup_batch_sizes,
+            batch_sizes=sizes,
+            inputs="sample_inputs" if held.sample_inputs else "synthesized",
             seconds=round(time.perf_counter() - started, 3),
         )
 
@@ -342,11 +515,10 @@ class ModelVersions:
         self._check_ready(held)
         arrays = self._check_inputs(held, inputs, exact_dtypes=exact_dtypes)
         sizes = sorted({array.shape[0] for array in arrays.values()})
-        if len(sizes) != 1 or not 1 <= sizes[0] <= self._max_batch_size:
+        limit = self._loaded_configs.get(held.model, self.default_config).max_batch_size
+        if len(sizes) != 1 or not 1 <= sizes[0] <= limit:
             raise InvalidArgumentError.for_field(
-                "inputs",
-                f"every input needs the same batch size, from 1 to {self._max_batch_size};"
-                f" got {sizes}",
+                "inputs", f"every input needs the same batch size, from 1 to {limit}; got {sizes}"
             )
         known = {o.name: o.shape for o in held.outputs}
         wanted = list(output_names) or list(known)
@@ -433,6 +605,64 @@ class ModelVersions:
         if violations:
             raise InvalidArgumentError.from_violations(violations)
         return arrays
+
+
+def warmup_inputs(
+    specs: Sequence[TensorSpec], samples: Mapping[str, npt.NDArray[Any]], batch: int
+) -> dict[str, npt.NDArray[Any]]:
+    """A warmup batch of `batch` rows: the sample rows repeated in turn when there are samples
+    (checked by `usable_samples`), else zeros synthesized from the signature."""
+    if samples:
+        return {spec.name: tile_rows(samples[spec.name], batch) for spec in specs}
+    return {spec.name: synthesize(spec, batch) for spec in specs}
+
+
+def tile_rows(rows: npt.NDArray[Any], batch: int) -> npt.NDArray[Any]:
+    """`batch` rows taken from `rows` in turn: rows 0, 1, ..., n-1, 0, 1, ..."""
+    return np.take(rows, np.arange(batch) % len(rows), axis=0)
+
+
+def usable_samples(
+    name: str, specs: Sequence[TensorSpec], samples: Mapping[str, npt.NDArray[Any]]
+) -> dict[str, npt.NDArray[Any]]:
+    """The sample inputs cast to the signature's dtypes, or none (with a warning, so that
+    warmup synthesizes its inputs) when they do not fit the signature: one array per input,
+    the same number of rows (at least one) in each, the declared inner dimensions."""
+    if not samples:
+        return {}
+    problems: list[str] = []
+    usable: dict[str, npt.NDArray[Any]] = {}
+    extra = sorted(set(samples) - {spec.name for spec in specs})
+    if extra:
+        problems.append(f"not inputs of the signature: {extra}")
+    for spec in specs:
+        array = samples.get(spec.name)
+        if array is None:
+            problems.append(f"no sample for input {spec.name}")
+        elif array.ndim != len(spec.shape) or any(
+            want not in (-1, got)
+            for want, got in zip(spec.shape[1:], array.shape[1:], strict=False)
+        ):
+            problems.append(f"{spec.name} has shape {list(array.shape)}, not {list(spec.shape)}")
+        else:
+            try:
+                usable[spec.name] = array.astype(_NUMPY_TYPES.get(spec.datatype, array.dtype))
+            except (TypeError, ValueError) as exc:
+                problems.append(f"{spec.name} cannot be cast to {spec.datatype}: {exc}")
+    rows = {len(array) for array in usable.values()}
+    if len(rows) > 1 or 0 in rows:
+        problems.append(
+            f"the inputs need the same number of rows, at least one; got {sorted(rows)}"
+        )
+    if problems:
+        log.warning("sample_inputs_unusable", version=name, problems=problems)
+        return {}
+    return usable
+
+
+def _first_paragraph(message: str) -> str:
+    """Triton's message without what follows its first blank line (a Python traceback)."""
+    return message.split("\n\n", 1)[0].strip()
 
 
 def synthesize(spec: TensorSpec, batch: int) -> npt.NDArray[Any]:

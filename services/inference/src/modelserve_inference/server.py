@@ -1,5 +1,6 @@
 """Wires the inference service: Triton (started here in local mode), its supervisor, the
-registry, the InferenceService and Open Inference Protocol servicers, Triton's statistics."""
+registry and the reconcile loop that follows it, the InferenceService and Open Inference
+Protocol servicers, Triton's statistics."""
 
 from __future__ import annotations
 
@@ -14,7 +15,8 @@ from modelserve_inference import oip_servicer
 from modelserve_inference.config import InferenceSettings
 from modelserve_inference.models import ModelVersions
 from modelserve_inference.oip_servicer import OpenInferenceServicer
-from modelserve_inference.registry_source import RegistryArtifactSource
+from modelserve_inference.reconcile import Reconciler
+from modelserve_inference.registry_source import RegistryArtifactSource, RegistryDeploymentFeed
 from modelserve_inference.servicer import InferenceServicer
 from modelserve_inference.supervisor import TritonHost, TritonSupervisor
 from modelserve_inference.triton_host import LocalTriton, RemoteTriton
@@ -33,7 +35,8 @@ _PROBE_TIMEOUT_S = 2.0
 
 
 class InferenceApp:
-    """Owns Triton (in local mode), its supervisor, the Triton client and the registry channel."""
+    """Owns Triton (in local mode), its supervisor, the reconcile loop, the Triton client and
+    the registry channel."""
 
     def __init__(
         self,
@@ -43,6 +46,7 @@ class InferenceApp:
         versions: ModelVersions,
         supervisor: TritonSupervisor,
         statistics: TritonStatistics,
+        reconciler: Reconciler | None = None,
     ) -> None:
         self.runner = runner
         self.registry_channel = registry_channel
@@ -50,6 +54,7 @@ class InferenceApp:
         self.versions = versions
         self.supervisor = supervisor
         self.statistics = statistics
+        self.reconciler = reconciler
 
     async def check_ready(self) -> None:
         try:
@@ -60,9 +65,13 @@ class InferenceApp:
             raise UnavailableError("triton is not ready")
 
     async def begin_shutdown(self) -> None:
-        """Nothing here streams forever; in-flight calls drain within the grace period."""
+        """Ends the WatchModelStates streams, which would otherwise hold the stop for its
+        grace period; in-flight calls drain within it."""
+        self.versions.feed.end_watches()
 
     async def close(self) -> None:
+        if self.reconciler is not None:
+            await self.reconciler.close()
         # The supervisor goes first, so that stopping Triton is not taken for a crash.
         await self.supervisor.close()
         await self.statistics.close()
@@ -95,23 +104,50 @@ async def build_server(settings: InferenceSettings) -> tuple[GrpcServer, Inferen
     registry_target = settings.registry_target or await create_discovery(
         settings.discovery
     ).resolve("registry")
-    registry_channel = create_channel(registry_target, max_message_bytes=64 * 1024 * 1024)
+    api_key = settings.registry_api_key
+    registry_channel = create_channel(
+        registry_target,
+        max_message_bytes=64 * 1024 * 1024,
+        api_key=api_key.get_secret_value() if api_key is not None else None,
+    )
     runner = TritonRunner(triton_url)
+    registry = RegistryClient(registry_channel)
     versions = ModelVersions(
-        RegistryArtifactSource(RegistryClient(registry_channel)),
+        RegistryArtifactSource(registry),
         runner,
         triton_endpoint=triton_url,
         max_batch_size=settings.max_batch_size,
         max_queue_delay_us=settings.max_queue_delay_us,
         max_queue_size=settings.max_queue_size,
+        backend=settings.backend,
+        # Known in local mode; a remote Triton says so itself when it lacks a backend.
+        available_backends=triton.backends if triton is not None else None,
         infer_timeout_s=settings.infer_timeout_s,
         load_timeout_s=settings.load_timeout_s,
         warmup_batch_sizes=settings.warmup_batch_sizes,
         reject_non_finite=settings.reject_non_finite,
     )
 
+    reconciler = (
+        Reconciler(
+            versions,
+            RegistryDeploymentFeed(
+                registry, versions.default_config, timeout_s=settings.watch_timeout_s
+            ),
+            unload_grace_s=settings.unload_grace_s,
+            max_concurrent_loads=settings.max_concurrent_loads,
+            retry_initial_s=settings.load_retry_initial_s,
+            retry_max_s=settings.load_retry_max_s,
+            watch_backoff_max_s=settings.watch_backoff_max_s,
+        )
+        if settings.reconcile
+        else None
+    )
+
     def register(server: grpc.aio.Server) -> Sequence[str]:
-        pb_grpc.add_InferenceServiceServicer_to_server(InferenceServicer(versions), server)
+        pb_grpc.add_InferenceServiceServicer_to_server(
+            InferenceServicer(versions, reconciler), server
+        )
         oip_grpc.add_GRPCInferenceServiceServicer_to_server(OpenInferenceServicer(versions), server)
         return [
             pb.DESCRIPTOR.services_by_name["InferenceService"].full_name,
@@ -143,7 +179,11 @@ async def build_server(settings: InferenceSettings) -> tuple[GrpcServer, Inferen
 
     statistics = TritonStatistics(read_statistics, interval_s=settings.triton_stats_interval_s)
     statistics.start()
-    app = InferenceApp(runner, registry_channel, triton, versions, supervisor, statistics)
+    if reconciler is not None:
+        reconciler.start()
+    app = InferenceApp(
+        runner, registry_channel, triton, versions, supervisor, statistics, reconciler
+    )
     return grpc_server, app
 
 

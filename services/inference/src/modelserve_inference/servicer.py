@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import AsyncIterator
+from typing import Any, Protocol
 
 import grpc
 
@@ -44,16 +45,30 @@ def held_to_proto(held: HeldVersion, triton_endpoint: str) -> pb.LoadedModelVers
     )
 
 
-class InferenceServicer(pb_grpc.InferenceServiceServicer):
-    """Translates InferenceService calls to ModelVersions."""
+class VersionControl(Protocol):
+    """What LoadModelVersion and UnloadModelVersion act on: the reconcile loop (which pins
+    the version) or, with reconcile off, ModelVersions itself."""
 
-    def __init__(self, versions: ModelVersions) -> None:
+    async def load(self, name: str) -> HeldVersion:
+        """Loads the version; answers it READY or FAILED."""
+        ...
+
+    async def unload(self, name: str) -> None:
+        """Unloads the version."""
+        ...
+
+
+class InferenceServicer(pb_grpc.InferenceServiceServicer):
+    """Translates InferenceService calls to ModelVersions and the version control."""
+
+    def __init__(self, versions: ModelVersions, control: VersionControl | None = None) -> None:
         self._versions = versions
+        self._control: VersionControl = control or versions
 
     async def LoadModelVersion(
         self, request: pb.LoadModelVersionRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> pb.LoadModelVersionResponse:
-        held = await self._versions.load(request.name)
+        held = await self._control.load(request.name)
         return pb.LoadModelVersionResponse(
             model_version=held_to_proto(held, self._versions.triton_endpoint)
         )
@@ -61,8 +76,25 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
     async def UnloadModelVersion(
         self, request: pb.UnloadModelVersionRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> pb.UnloadModelVersionResponse:
-        await self._versions.unload(request.name)
+        await self._control.unload(request.name)
         return pb.UnloadModelVersionResponse()
+
+    async def WatchModelStates(
+        self, request: pb.WatchModelStatesRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> AsyncIterator[pb.WatchModelStatesResponse]:
+        endpoint = self._versions.triton_endpoint
+        watch = self._versions.watch()
+        try:
+            yield pb.WatchModelStatesResponse(
+                model_versions=[held_to_proto(h, endpoint) for h in watch.initial], initial=True
+            )
+            async for change in watch:
+                yield pb.WatchModelStatesResponse(
+                    model_versions=[held_to_proto(h, endpoint) for h in change.changed],
+                    removed_names=list(change.removed),
+                )
+        finally:
+            self._versions.feed.close_watch(watch)
 
     async def ListModelVersions(
         self, request: pb.ListModelVersionsRequest, context: grpc.aio.ServicerContext[Any, Any]

@@ -39,7 +39,9 @@ class _ModelVersionStateEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Mod
     MODEL_VERSION_STATE_UNLOADING: _ModelVersionState.ValueType  # 4
     """Being removed from Triton."""
     MODEL_VERSION_STATE_WARMING: _ModelVersionState.ValueType  # 5
-    """Loaded; warmup requests built from the signature are running. READY follows."""
+    """Loaded; warmup requests are running, built from the version's sample inputs or, when it
+    has none, from its signature. READY follows.
+    """
 
 class ModelVersionState(_ModelVersionState, metaclass=_ModelVersionStateEnumTypeWrapper):
     """ModelVersionState is the life cycle of a version inside Triton."""
@@ -57,7 +59,9 @@ MODEL_VERSION_STATE_FAILED: ModelVersionState.ValueType  # 3
 MODEL_VERSION_STATE_UNLOADING: ModelVersionState.ValueType  # 4
 """Being removed from Triton."""
 MODEL_VERSION_STATE_WARMING: ModelVersionState.ValueType  # 5
-"""Loaded; warmup requests built from the signature are running. READY follows."""
+"""Loaded; warmup requests are running, built from the version's sample inputs or, when it
+has none, from its signature. READY follows.
+"""
 Global___ModelVersionState: _TypeAlias = ModelVersionState  # noqa: Y015
 
 @_typing.final
@@ -303,3 +307,62 @@ class InferResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___InferResponse: _TypeAlias = InferResponse  # noqa: Y015
+
+@_typing.final
+class WatchModelStatesRequest(_message.Message):
+    """WatchModelStatesRequest starts a watch of every version this service holds."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___WatchModelStatesRequest: _TypeAlias = WatchModelStatesRequest  # noqa: Y015
+
+@_typing.final
+class WatchModelStatesResponse(_message.Message):
+    """WatchModelStatesResponse is the whole state (the first message of a stream) or a change
+    to it (every later message).
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MODEL_VERSIONS_FIELD_NUMBER: _builtins.int
+    REMOVED_NAMES_FIELD_NUMBER: _builtins.int
+    INITIAL_FIELD_NUMBER: _builtins.int
+    initial: _builtins.bool
+    """True on the first message only: `model_versions` is then every held version (possibly
+    none), so a caller replaces what it knew instead of merging into it.
+    """
+    @_builtins.property
+    def model_versions(self) -> _containers.RepeatedCompositeFieldContainer[Global___LoadedModelVersion]:
+        """The versions whose state changed, as they are now, in the order of the changes. In the
+        first message: every held version, ordered by name.
+        """
+
+    @_builtins.property
+    def removed_names(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """The versions this service no longer holds: unloaded, or given up before they were
+        loaded. Format: `models/{model}/versions/{version}`.
+        """
+
+    def __init__(
+        self,
+        *,
+        model_versions: _abc.Iterable[Global___LoadedModelVersion] | None = ...,
+        removed_names: _abc.Iterable[_builtins.str] | None = ...,
+        initial: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["initial", b"initial", "model_versions", b"model_versions", "removed_names", b"removed_names"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___WatchModelStatesResponse: _TypeAlias = WatchModelStatesResponse  # noqa: Y015

@@ -27,6 +27,8 @@ if _version_not_supported:
 
 class InferenceServiceStub:
     """InferenceService owns Triton: it loads and unloads model versions and runs inference.
+    Triton holds the versions that the registry's deployments reference (traffic targets,
+    shadow and fallback versions) plus those pinned by LoadModelVersion.
     """
 
     def __init__(self, channel):
@@ -55,22 +57,31 @@ class InferenceServiceStub:
                 request_serializer=modelserve_dot_inference_dot_v1_dot_inference__service__pb2.InferRequest.SerializeToString,
                 response_deserializer=modelserve_dot_inference_dot_v1_dot_inference__service__pb2.InferResponse.FromString,
                 _registered_method=True)
+        self.WatchModelStates = channel.unary_stream(
+                '/modelserve.inference.v1.InferenceService/WatchModelStates',
+                request_serializer=modelserve_dot_inference_dot_v1_dot_inference__service__pb2.WatchModelStatesRequest.SerializeToString,
+                response_deserializer=modelserve_dot_inference_dot_v1_dot_inference__service__pb2.WatchModelStatesResponse.FromString,
+                _registered_method=True)
 
 
 class InferenceServiceServicer:
     """InferenceService owns Triton: it loads and unloads model versions and runs inference.
+    Triton holds the versions that the registry's deployments reference (traffic targets,
+    shadow and fallback versions) plus those pinned by LoadModelVersion.
     """
 
     def LoadModelVersion(self, request, context):
         """LoadModelVersion fetches a version's artifact from the registry and loads it into
-        Triton; it answers once the version is READY or has FAILED.
+        Triton; it answers once the version is READY or has FAILED. The version stays pinned,
+        held whether or not a deployment references it, until UnloadModelVersion.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def UnloadModelVersion(self, request, context):
-        """UnloadModelVersion removes a version from Triton.
+        """UnloadModelVersion releases the pin of LoadModelVersion and removes the version from
+        Triton; a version that a deployment still references stays (FAILED_PRECONDITION).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -87,6 +98,17 @@ class InferenceServiceServicer:
         """Infer runs one READY version on named input tensors, within the caller's deadline.
         The same versions are also served by the Open Inference Protocol
         (`inference.GRPCInferenceService`, KServe v2) on this service's port.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def WatchModelStates(self, request, context):
+        """WatchModelStates sends the state of every held version, then every change as it
+        happens: a version turning LOADING, WARMING, READY, FAILED (with the reason) or
+        UNLOADING, and its removal. A READY version carries the Triton endpoint that serves it.
+        The stream ends only when the service stops; a caller that reconnects gets the whole
+        state again in the first message.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -115,6 +137,11 @@ def add_InferenceServiceServicer_to_server(servicer, server):
                     request_deserializer=modelserve_dot_inference_dot_v1_dot_inference__service__pb2.InferRequest.FromString,
                     response_serializer=modelserve_dot_inference_dot_v1_dot_inference__service__pb2.InferResponse.SerializeToString,
             ),
+            'WatchModelStates': grpc.unary_stream_rpc_method_handler(
+                    servicer.WatchModelStates,
+                    request_deserializer=modelserve_dot_inference_dot_v1_dot_inference__service__pb2.WatchModelStatesRequest.FromString,
+                    response_serializer=modelserve_dot_inference_dot_v1_dot_inference__service__pb2.WatchModelStatesResponse.SerializeToString,
+            ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
             'modelserve.inference.v1.InferenceService', rpc_method_handlers)
@@ -125,6 +152,8 @@ def add_InferenceServiceServicer_to_server(servicer, server):
  # This class is part of an EXPERIMENTAL API.
 class InferenceService:
     """InferenceService owns Triton: it loads and unloads model versions and runs inference.
+    Triton holds the versions that the registry's deployments reference (traffic targets,
+    shadow and fallback versions) plus those pinned by LoadModelVersion.
     """
 
     @staticmethod
@@ -225,6 +254,33 @@ class InferenceService:
             '/modelserve.inference.v1.InferenceService/Infer',
             modelserve_dot_inference_dot_v1_dot_inference__service__pb2.InferRequest.SerializeToString,
             modelserve_dot_inference_dot_v1_dot_inference__service__pb2.InferResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def WatchModelStates(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/modelserve.inference.v1.InferenceService/WatchModelStates',
+            modelserve_dot_inference_dot_v1_dot_inference__service__pb2.WatchModelStatesRequest.SerializeToString,
+            modelserve_dot_inference_dot_v1_dot_inference__service__pb2.WatchModelStatesResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -27,7 +27,10 @@ GRPC_GENERATED_VERSION: str
 GRPC_VERSION: str
 
 class InferenceServiceStub:
-    """InferenceService owns Triton: it loads and unloads model versions and runs inference."""
+    """InferenceService owns Triton: it loads and unloads model versions and runs inference.
+    Triton holds the versions that the registry's deployments reference (traffic targets,
+    shadow and fallback versions) plus those pinned by LoadModelVersion.
+    """
 
     @_typing.overload
     def __new__(cls, channel: _grpc.Channel) -> _Self: ...
@@ -35,10 +38,13 @@ class InferenceServiceStub:
     def __new__(cls, channel: _aio.Channel) -> InferenceServiceAsyncStub: ...
     LoadModelVersion: _grpc.UnaryUnaryMultiCallable[_inference_service_pb2.LoadModelVersionRequest, _inference_service_pb2.LoadModelVersionResponse]
     """LoadModelVersion fetches a version's artifact from the registry and loads it into
-    Triton; it answers once the version is READY or has FAILED.
+    Triton; it answers once the version is READY or has FAILED. The version stays pinned,
+    held whether or not a deployment references it, until UnloadModelVersion.
     """
     UnloadModelVersion: _grpc.UnaryUnaryMultiCallable[_inference_service_pb2.UnloadModelVersionRequest, _inference_service_pb2.UnloadModelVersionResponse]
-    """UnloadModelVersion removes a version from Triton."""
+    """UnloadModelVersion releases the pin of LoadModelVersion and removes the version from
+    Triton; a version that a deployment still references stays (FAILED_PRECONDITION).
+    """
     ListModelVersions: _grpc.UnaryUnaryMultiCallable[_inference_service_pb2.ListModelVersionsRequest, _inference_service_pb2.ListModelVersionsResponse]
     """ListModelVersions lists the versions this service holds, with their states."""
     Infer: _grpc.UnaryUnaryMultiCallable[_inference_service_pb2.InferRequest, _inference_service_pb2.InferResponse]
@@ -46,18 +52,31 @@ class InferenceServiceStub:
     The same versions are also served by the Open Inference Protocol
     (`inference.GRPCInferenceService`, KServe v2) on this service's port.
     """
+    WatchModelStates: _grpc.UnaryStreamMultiCallable[_inference_service_pb2.WatchModelStatesRequest, _inference_service_pb2.WatchModelStatesResponse]
+    """WatchModelStates sends the state of every held version, then every change as it
+    happens: a version turning LOADING, WARMING, READY, FAILED (with the reason) or
+    UNLOADING, and its removal. A READY version carries the Triton endpoint that serves it.
+    The stream ends only when the service stops; a caller that reconnects gets the whole
+    state again in the first message.
+    """
 
 @_typing.type_check_only
 class InferenceServiceAsyncStub(InferenceServiceStub):
-    """InferenceService owns Triton: it loads and unloads model versions and runs inference."""
+    """InferenceService owns Triton: it loads and unloads model versions and runs inference.
+    Triton holds the versions that the registry's deployments reference (traffic targets,
+    shadow and fallback versions) plus those pinned by LoadModelVersion.
+    """
 
     def __init__(self, channel: _aio.Channel) -> None: ...
     LoadModelVersion: _aio.UnaryUnaryMultiCallable[_inference_service_pb2.LoadModelVersionRequest, _inference_service_pb2.LoadModelVersionResponse]  # type: ignore[assignment]
     """LoadModelVersion fetches a version's artifact from the registry and loads it into
-    Triton; it answers once the version is READY or has FAILED.
+    Triton; it answers once the version is READY or has FAILED. The version stays pinned,
+    held whether or not a deployment references it, until UnloadModelVersion.
     """
     UnloadModelVersion: _aio.UnaryUnaryMultiCallable[_inference_service_pb2.UnloadModelVersionRequest, _inference_service_pb2.UnloadModelVersionResponse]  # type: ignore[assignment]
-    """UnloadModelVersion removes a version from Triton."""
+    """UnloadModelVersion releases the pin of LoadModelVersion and removes the version from
+    Triton; a version that a deployment still references stays (FAILED_PRECONDITION).
+    """
     ListModelVersions: _aio.UnaryUnaryMultiCallable[_inference_service_pb2.ListModelVersionsRequest, _inference_service_pb2.ListModelVersionsResponse]  # type: ignore[assignment]
     """ListModelVersions lists the versions this service holds, with their states."""
     Infer: _aio.UnaryUnaryMultiCallable[_inference_service_pb2.InferRequest, _inference_service_pb2.InferResponse]  # type: ignore[assignment]
@@ -65,9 +84,19 @@ class InferenceServiceAsyncStub(InferenceServiceStub):
     The same versions are also served by the Open Inference Protocol
     (`inference.GRPCInferenceService`, KServe v2) on this service's port.
     """
+    WatchModelStates: _aio.UnaryStreamMultiCallable[_inference_service_pb2.WatchModelStatesRequest, _inference_service_pb2.WatchModelStatesResponse]  # type: ignore[assignment]
+    """WatchModelStates sends the state of every held version, then every change as it
+    happens: a version turning LOADING, WARMING, READY, FAILED (with the reason) or
+    UNLOADING, and its removal. A READY version carries the Triton endpoint that serves it.
+    The stream ends only when the service stops; a caller that reconnects gets the whole
+    state again in the first message.
+    """
 
 class InferenceServiceServicer(metaclass=_abc_1.ABCMeta):
-    """InferenceService owns Triton: it loads and unloads model versions and runs inference."""
+    """InferenceService owns Triton: it loads and unloads model versions and runs inference.
+    Triton holds the versions that the registry's deployments reference (traffic targets,
+    shadow and fallback versions) plus those pinned by LoadModelVersion.
+    """
 
     @_abc_1.abstractmethod
     def LoadModelVersion(
@@ -76,7 +105,8 @@ class InferenceServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_inference_service_pb2.LoadModelVersionResponse, _abc.Awaitable[_inference_service_pb2.LoadModelVersionResponse]]:
         """LoadModelVersion fetches a version's artifact from the registry and loads it into
-        Triton; it answers once the version is READY or has FAILED.
+        Triton; it answers once the version is READY or has FAILED. The version stays pinned,
+        held whether or not a deployment references it, until UnloadModelVersion.
         """
 
     @_abc_1.abstractmethod
@@ -85,7 +115,9 @@ class InferenceServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _inference_service_pb2.UnloadModelVersionRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_inference_service_pb2.UnloadModelVersionResponse, _abc.Awaitable[_inference_service_pb2.UnloadModelVersionResponse]]:
-        """UnloadModelVersion removes a version from Triton."""
+        """UnloadModelVersion releases the pin of LoadModelVersion and removes the version from
+        Triton; a version that a deployment still references stays (FAILED_PRECONDITION).
+        """
 
     @_abc_1.abstractmethod
     def ListModelVersions(
@@ -104,6 +136,19 @@ class InferenceServiceServicer(metaclass=_abc_1.ABCMeta):
         """Infer runs one READY version on named input tensors, within the caller's deadline.
         The same versions are also served by the Open Inference Protocol
         (`inference.GRPCInferenceService`, KServe v2) on this service's port.
+        """
+
+    @_abc_1.abstractmethod
+    def WatchModelStates(
+        self,
+        request: _inference_service_pb2.WatchModelStatesRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_inference_service_pb2.WatchModelStatesResponse], _abc.AsyncIterator[_inference_service_pb2.WatchModelStatesResponse]]:
+        """WatchModelStates sends the state of every held version, then every change as it
+        happens: a version turning LOADING, WARMING, READY, FAILED (with the reason) or
+        UNLOADING, and its removal. A READY version carries the Triton endpoint that serves it.
+        The stream ends only when the service stops; a caller that reconnects gets the whole
+        state again in the first message.
         """
 
 def add_InferenceServiceServicer_to_server(servicer: InferenceServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -1,0 +1,186 @@
+"""How a deployment's versions are served: its InferenceConfig in Triton's model config, the
+backend it asks for, and warmup from the version's sample inputs."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+import grpc
+import numpy as np
+import pytest
+from inference_testing import RunningInference, refused
+from reconcile_testing import (
+    LOAD_S,
+    ROWS,
+    RestartableRegistry,
+    answer,
+    expected,
+    ready,
+    recording,
+    tiny_onnx,
+)
+from structlog.testing import capture_logs
+from support import eventually
+
+from modelserve.inference.v1 import inference_service_pb2 as pb
+from modelserve.registry.v1 import registry_service_pb2 as registry_pb
+from modelserve_inference.config import InferenceSettings
+from modelserve_runtime.convert import numpy_to_tensor
+from modelserve_triton.runner import TritonRunner
+
+pytestmark = pytest.mark.triton
+
+#: Long enough that a retry within a test can only come from a config change.
+RETRY_INITIAL_S = 600.0
+
+
+@pytest.fixture(scope="module")
+def registry(restartable_registry: RestartableRegistry) -> RestartableRegistry:
+    """The module's registry, empty at the start."""
+    return restartable_registry
+
+
+@pytest.fixture(scope="module")
+def registry_target(registry: RestartableRegistry) -> str:
+    """The module's registry, for the inference service."""
+    return registry.target
+
+
+@pytest.fixture(scope="module")
+def inference_settings(
+    tmp_path_factory: pytest.TempPathFactory, registry_target: str
+) -> InferenceSettings:
+    """Reconcile on, the default warmup sizes (1, 8, 64), FAILED versions retried only after
+    ten minutes."""
+    return InferenceSettings(
+        triton_work_dir=tmp_path_factory.mktemp("triton"),
+        registry_target=registry_target,
+        unload_grace_s=0.5,
+        load_retry_initial_s=RETRY_INITIAL_S,
+        load_retry_max_s=RETRY_INITIAL_S,
+    )
+
+
+@pytest.fixture
+async def triton(inference_service: RunningInference) -> AsyncIterator[TritonRunner]:
+    """A client of the service's own Triton."""
+    runner = TritonRunner(inference_service.app.versions.triton_endpoint)
+    yield runner
+    await runner.close()
+
+
+class TestInferenceConfig:
+    async def test_the_deployments_config_is_what_triton_runs(
+        self,
+        inference_service: RunningInference,
+        registry: RestartableRegistry,
+        triton: TritonRunner,
+    ) -> None:
+        """Triton's model config API reports the deployment's max_batch_size, preferred batch
+        sizes, queue delay and instance count; warmup and Infer keep within its batch limit;
+        a changed config reloads the model with it while the version stays READY."""
+        stub = inference_service.stub
+        await registry.create_model("lambda")
+        v1 = await registry.upload("lambda", tiny_onnx(1.0))
+
+        await registry.deploy(
+            "lambda",
+            {v1: 100},
+            inference=registry_pb.InferenceConfig(
+                max_batch_size=8,
+                preferred_batch_sizes=[2, 4],
+                max_queue_delay_us=100,
+                instance_count=2,
+            ),
+        )
+        await ready(stub, v1)
+        first = await triton.model_config("lambda")
+        stats = await triton.statistics(timeout_s=5)
+        too_big = await refused(
+            stub.Infer(
+                pb.InferRequest(name=v1, inputs=[numpy_to_tensor("x", np.tile(ROWS, (3, 1)))])
+            )
+        )
+        async with recording(stub) as states:
+            await registry.deploy(
+                "lambda",
+                {v1: 100},
+                inference=registry_pb.InferenceConfig(max_batch_size=16, instance_count=1),
+            )
+
+            async def reconfigured() -> bool:
+                config = await triton.model_config("lambda")
+                return int(config["max_batch_size"]) == 16
+
+            await eventually(reconfigured, "the new config in Triton", within_s=LOAD_S)
+            second = await triton.model_config("lambda")
+
+        assert int(first["max_batch_size"]) == 8
+        assert [int(g["count"]) for g in first["instance_group"]] == [2]
+        assert [int(s) for s in first["dynamic_batching"]["preferred_batch_size"]] == [2, 4]
+        assert int(first["dynamic_batching"]["max_queue_delay_microseconds"]) == 100
+        (version_stats,) = [
+            m for m in stats["model_stats"] if (m["name"], m["version"]) == ("lambda", "1")
+        ]
+        assert {int(b["batch_size"]) for b in version_stats["batch_stats"]} == {1, 8}
+        assert too_big.code is grpc.StatusCode.INVALID_ARGUMENT
+        assert "from 1 to 8" in too_big.violations[0].description
+        assert [int(g["count"]) for g in second["instance_group"]] == [1]
+        # Without preferred sizes Triton fills in its own default ([max_batch_size]).
+        assert second["dynamic_batching"].get("preferred_batch_size") != [2, 4]
+        assert states.states(v1) == []
+        np.testing.assert_allclose(await answer(stub, v1), expected(1.0))
+
+    async def test_the_native_onnxruntime_backend_fails_with_a_clear_reason(
+        self, inference_service: RunningInference, registry: RestartableRegistry
+    ) -> None:
+        """Asking for Triton's native onnxruntime backend, which the nvidia-pytriton wheel does
+        not ship, leaves the version FAILED saying so; switching the deployment back to the
+        python backend loads it at once, without waiting out the retry backoff."""
+        stub = inference_service.stub
+        await registry.create_model("mu")
+        v1 = await registry.upload("mu", tiny_onnx(2.0))
+
+        async with recording(stub) as states:
+            await registry.deploy(
+                "mu",
+                {v1: 100},
+                inference=registry_pb.InferenceConfig(backend=registry_pb.BACKEND_ONNXRUNTIME),
+            )
+            await eventually(lambda: states.last(v1) == "FAILED", "v1 FAILED", within_s=LOAD_S)
+            await registry.deploy(
+                "mu",
+                {v1: 100},
+                inference=registry_pb.InferenceConfig(
+                    backend=registry_pb.BACKEND_PYTHON_ONNXRUNTIME
+                ),
+            )
+            await ready(stub, v1)
+
+        (failed,) = [e for e in states.of(v1) if e.state == "FAILED"]
+        assert "'onnxruntime' backend is not installed in this Triton" in failed.reason
+        assert "ships only the python backend" in failed.reason
+        assert states.states(v1)[-3:] == ["LOADING", "WARMING", "READY"]
+        np.testing.assert_allclose(await answer(stub, v1), expected(2.0))
+
+
+class TestWarmup:
+    async def test_sample_inputs_warm_the_version(
+        self, inference_service: RunningInference, registry: RestartableRegistry
+    ) -> None:
+        """A version with sample inputs is warmed with them (their rows repeated to each warmup
+        batch size); one without is warmed with synthesized inputs."""
+        stub = inference_service.stub
+        await registry.create_model("nu")
+        with_samples = await registry.upload("nu", tiny_onnx(3.0), sample_inputs=ROWS)
+        without = await registry.upload("nu", tiny_onnx(4.0))
+
+        with capture_logs() as logs:
+            await registry.deploy("nu", {with_samples: 50, without: 50})
+            await ready(stub, with_samples, without)
+
+        warmed = {e["version"]: e for e in logs if e["event"] == "model_version_warmed"}
+        assert warmed[with_samples]["inputs"] == "sample_inputs"
+        assert warmed[with_samples]["batch_sizes"] == [1, 8, 64]
+        assert warmed[without]["inputs"] == "synthesized"
+        np.testing.assert_allclose(await answer(stub, with_samples), expected(3.0))
