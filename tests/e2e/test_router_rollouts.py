@@ -11,8 +11,11 @@ from dataclasses import dataclass
 
 import grpc
 import numpy as np
+import onnx
 import pytest
 import redis.asyncio as redis
+import tritonclient.grpc.aio
+from onnx import TensorProto, helper, numpy_helper
 from support import eventually, expected_probabilities, running
 
 from modelserve.inference.v1 import inference_service_pb2 as inference_pb
@@ -31,6 +34,33 @@ from modelserve_runtime.clients import RegistryAdminClient
 from modelserve_runtime.prediction_log import decode_record
 
 AB = "fraud-ab"
+TWIN = "fraud-twin"
+BROKEN = "fraud-broken"
+
+
+def unloadable_onnx(width: int) -> bytes:
+    """A graph with the demo model's inputs and outputs that passes onnx.checker (and so the
+    registry) but that onnxruntime refuses: its MatMul's inner dimensions disagree."""
+    weights = numpy_helper.from_array(np.ones((width + 1, 2), dtype=np.float32), "W")
+    graph = helper.make_graph(
+        [
+            helper.make_node("MatMul", ["features", "W"], ["probabilities"]),
+            helper.make_node("ArgMax", ["probabilities"], ["label"], axis=1, keepdims=0),
+        ],
+        "unloadable",
+        [helper.make_tensor_value_info("features", TensorProto.FLOAT, ["N", width])],
+        [
+            helper.make_tensor_value_info("label", TensorProto.INT64, ["N"]),
+            helper.make_tensor_value_info("probabilities", TensorProto.FLOAT, ["N", 2]),
+        ],
+        initializer=[weights],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    return model.SerializeToString()
+
+
 SHADOWED = "fraud-shadowed"
 STREAM = "test:router-rollouts"
 #: The longest a test waits for something that must happen; never a fixed sleep.
@@ -46,8 +76,10 @@ class Rollout:
     ready: str
     """A second READY version (same artifact as the demo's, so the same answers)."""
     not_loaded: str
-    """A version inference never loaded: every call to it fails."""
+    """A version inference cannot load: every call to it fails."""
     registry: registry_grpc.RegistryServiceAsyncStub
+    channel: grpc.aio.Channel
+    """To the registry."""
 
 
 @pytest.fixture(scope="module")
@@ -68,14 +100,19 @@ async def rollout(stack: Stack, demo: DemoDeployment) -> AsyncIterator[Rollout]:
                 )
             ).model_version.signature,
         )
-        ready, not_loaded = [
-            (
-                await admin.upload_model_version(
-                    f"models/{MODEL_ID}", template, demo.trained.onnx_bytes
-                )
-            ).name
-            for _ in range(2)
-        ]
+        ready = (
+            await admin.upload_model_version(
+                f"models/{MODEL_ID}", template, demo.trained.onnx_bytes
+            )
+        ).name
+        # A version that can never be READY: the registry accepts its graph, Triton's
+        # onnxruntime refuses to load it. In a model of its own, so its failed loads (retried
+        # by inference with backoff) never touch the demo model.
+        await admin.create_model(BROKEN, "loads in no Triton")
+        width = template.signature.inputs[0].shape[-1]
+        not_loaded = (
+            await admin.upload_model_version(f"models/{BROKEN}", template, unloadable_onnx(width))
+        ).name
         loaded = await inference_grpc.InferenceServiceStub(inference).LoadModelVersion(
             inference_pb.LoadModelVersionRequest(name=ready)
         )
@@ -101,7 +138,7 @@ async def rollout(stack: Stack, demo: DemoDeployment) -> AsyncIterator[Rollout]:
                 shadow=[ready, not_loaded],
             ),
         )
-        yield Rollout(stack, demo, ready, not_loaded, stub)
+        yield Rollout(stack, demo, ready, not_loaded, stub, channel)
 
 
 async def update(
@@ -340,7 +377,25 @@ class TestFallbacks:
             shape=[1, 2],
             contents=tensor_pb2.TensorContents(fp32_contents=[0.5, 0.5]),
         )
-        chosen = registry_pb.TrafficTarget(model_version=rollout.ready, percent=100)
+        # The chosen version is the demo artifact as a model of its own, so that taking it out
+        # of Triton (behind inference's back) leaves the fallback, a version of the demo
+        # model, serving.
+        admin = RegistryAdminClient(rollout.channel)
+        await admin.create_model(TWIN, "the demo model under another name")
+        template = await rollout.registry.GetModelVersion(
+            registry_pb.GetModelVersionRequest(name=rollout.demo.model_version)
+        )
+        twin = (
+            await admin.upload_model_version(
+                f"models/{TWIN}",
+                registry_pb.ModelVersion(
+                    format=registry_pb.ARTIFACT_FORMAT_ONNX,
+                    signature=template.model_version.signature,
+                ),
+                rollout.demo.trained.onnx_bytes,
+            )
+        ).name
+        chosen = registry_pb.TrafficTarget(model_version=twin, percent=100)
         await update(
             rollout.registry,
             registry_pb.Deployment(
@@ -359,31 +414,54 @@ class TestFallbacks:
         with_fallback.endpoint = "fraud-fallback"
         with_default = demo_request("c-1006", 60.0)
         with_default.endpoint = "fraud-default"
-        # Polling inference rarely, the router still believes the version READY after its unload.
-        async with (
-            router(rollout.stack, ready_poll_ms=600_000) as (stub, app),
-            create_channel(rollout.stack.targets["inference"], default_timeout_s=120) as channel,
-        ):
-            for request in (with_fallback, with_default):
-                assert (await stub.Predict(request)).model_version == rollout.ready
+        async with create_channel(
+            rollout.stack.targets["inference"], default_timeout_s=120
+        ) as channel:
             inference = inference_grpc.InferenceServiceStub(channel)
-            await inference.UnloadModelVersion(
-                inference_pb.UnloadModelVersionRequest(name=rollout.ready)
-            )
+            held: list[inference_pb.LoadedModelVersion] = []
+
+            async def twin_ready() -> bool:
+                listed = await inference.ListModelVersions(inference_pb.ListModelVersionsRequest())
+                held[:] = [
+                    v
+                    for v in listed.model_versions
+                    if v.name == twin and v.state == inference_pb.MODEL_VERSION_STATE_READY
+                ]
+                return bool(held)
+
+            await eventually(twin_ready, f"inference to load {twin} for its deployments")
+        # Polling inference rarely, the router still believes the version READY once Triton
+        # has lost it.
+        async with router(rollout.stack, ready_poll_ms=600_000) as (stub, app):
+            for request in (with_fallback, with_default):
+                assert (await stub.Predict(request)).model_version == twin
+            triton = tritonclient.grpc.aio.InferenceServerClient(held[0].triton_endpoint)
             try:
-                fell_back = await stub.Predict(with_fallback)
-                defaulted = await stub.Predict(with_default)
-                await app.prediction_log.flush()
+                await triton.unload_model(held[0].triton_model_name)
             finally:
-                await inference.LoadModelVersion(
-                    inference_pb.LoadModelVersionRequest(name=rollout.ready)
-                )
+                await triton.close()
+            fell_back = await stub.Predict(with_fallback)
+            defaulted = await stub.Predict(with_default)
+            await app.prediction_log.flush()
+        # Nothing references the twin afterwards, so inference lets it go.
+        for name in ("deployments/fraud-fallback", "deployments/fraud-default"):
+            await update(
+                rollout.registry,
+                registry_pb.Deployment(
+                    name=name,
+                    traffic=[
+                        registry_pb.TrafficTarget(
+                            model_version=rollout.demo.model_version, percent=100
+                        )
+                    ],
+                ),
+            )
         assert (fell_back.model_version, fell_back.route_reason) == (
             rollout.demo.model_version,
             "fallback",
         )
         assert fell_back.degraded
-        assert rollout.ready in fell_back.degraded_reason
+        assert twin in fell_back.degraded_reason
         assert "answered by fallback" in fell_back.degraded_reason
         np.testing.assert_allclose(
             np.asarray(

@@ -4,10 +4,58 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field
+from pydantic import BaseModel, Field
 from pydantic_settings import SettingsConfigDict
 
+from modelserve_runtime.auth import AuthSettings
 from modelserve_runtime.config import ServiceSettings
+
+
+class EndpointSettings(BaseModel):
+    """Per-endpoint caching and limits. An entry of `endpoints` takes every field it leaves
+    out from `endpoint_defaults`."""
+
+    model_config = {"frozen": True, "extra": "forbid"}
+
+    cache_max_entries: int = Field(default=0, ge=0)
+    """Most answers the endpoint's prediction cache holds (least recently used go first);
+    0: no cache, no cached-prediction fallback."""
+    cache_ttl_s: float = Field(default=60.0, ge=0)
+    """How long a cached answer answers a request with the same version and model input
+    without calling the model; 0: cached answers only serve the fallback chain."""
+    cache_stale_s: float = Field(default=600.0, ge=0)
+    """How long past `cache_ttl_s` a cached answer may still answer, degraded, when the
+    version fails."""
+    max_in_flight: int | None = Field(default=None, ge=1)
+    """Most requests of the endpoint at once; one more is refused at once with
+    RESOURCE_EXHAUSTED (`ENDPOINT_OVERLOADED`). None: no limit."""
+    in_flight_retry_after_s: float = Field(default=0.1, gt=0)
+    """The retry delay (google.rpc.RetryInfo) of a request refused by `max_in_flight`."""
+
+
+class CircuitBreakerSettings(BaseModel):
+    """The circuit breaker of each model version."""
+
+    model_config = {"frozen": True, "extra": "forbid"}
+
+    enabled: bool = True
+    """Off: every request calls its version, however often it has just failed."""
+    failure_threshold: int = Field(default=5, ge=1)
+    """Consecutive failed calls (UNAVAILABLE, DEADLINE_EXCEEDED, RESOURCE_EXHAUSTED,
+    INTERNAL) of a version that open its breaker."""
+    cool_down_s: float = Field(default=5.0, gt=0)
+    """How long an open breaker refuses calls before it lets one probe through."""
+
+
+class RateLimitSettings(BaseModel):
+    """A token bucket per caller (API key principal; `anonymous` when auth is off)."""
+
+    model_config = {"frozen": True, "extra": "forbid"}
+
+    requests_per_s: float | None = Field(default=None, gt=0)
+    """Tokens added per second; None: the caller is not limited."""
+    burst: int = Field(default=20, ge=1)
+    """Most tokens saved up: the requests a caller may send at once after a quiet spell."""
 
 
 class RouterSettings(ServiceSettings):
@@ -49,3 +97,51 @@ class RouterSettings(ServiceSettings):
     """Deadline of the feature read."""
     inference_timeout_s: float = Field(default=1.5, gt=0)
     """Deadline of the model call."""
+    endpoint_defaults: EndpointSettings = Field(default_factory=EndpointSettings)
+    """Caching and limits of every endpoint without its own entry in `endpoints`."""
+    endpoints: dict[str, EndpointSettings] = Field(default_factory=dict)
+    """Endpoint id -> its own caching and limits, e.g. as JSON in `<P>ENDPOINTS`:
+    `{"fraud": {"cache_max_entries": 10000, "max_in_flight": 200}}`."""
+    circuit_breaker: CircuitBreakerSettings = Field(default_factory=CircuitBreakerSettings)
+    """The circuit breaker of each model version."""
+    rate_limit: RateLimitSettings = Field(default_factory=RateLimitSettings)
+    """The token bucket of every caller without its own entry in `principal_rate_limits`."""
+    principal_rate_limits: dict[str, RateLimitSettings] = Field(default_factory=dict)
+    """Principal -> its own bucket (fields left out come from `rate_limit`), e.g.
+    `{"batch-scorer": {"requests_per_s": 500, "burst": 1000}}`."""
+    auth: AuthSettings = Field(default_factory=AuthSettings)
+    """API keys of callers, as the registry checks them; off: every caller is `anonymous`."""
+
+    def endpoint(self, name: str) -> EndpointSettings:
+        """The settings of one endpoint: its entry over the defaults."""
+        own = self.endpoints.get(name)
+        if own is None:
+            return self.endpoint_defaults
+        return self.endpoint_defaults.model_copy(update=own.model_dump(exclude_unset=True))
+
+    @property
+    def endpoint_limits_in_use(self) -> bool:
+        """Whether any endpoint may have a prediction cache or an in-flight limit (when none
+        may, requests skip that bookkeeping entirely)."""
+        return any(
+            e.cache_max_entries > 0 or e.max_in_flight is not None
+            for e in [self.endpoint_defaults, *(self.endpoint(n) for n in self.endpoints)]
+        )
+
+    def principal_rate_limit(self, principal: str) -> RateLimitSettings:
+        """The bucket of one principal: its entry over `rate_limit`."""
+        own = self.principal_rate_limits.get(principal)
+        if own is None:
+            return self.rate_limit
+        return self.rate_limit.model_copy(update=own.model_dump(exclude_unset=True))
+
+    @property
+    def rate_limits_in_use(self) -> bool:
+        """Whether any caller has a token bucket."""
+        return any(
+            r.requests_per_s is not None
+            for r in [
+                self.rate_limit,
+                *(self.principal_rate_limit(p) for p in self.principal_rate_limits),
+            ]
+        )

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -20,6 +20,15 @@ from modelserve_features.convert import value_to_proto
 from modelserve_features.online import FeatureResult, FeatureStatus
 from modelserve_features.request_time import RequestFacts, compute_request_features
 from modelserve_features.views import FeatureRef, Value
+from modelserve_router.breaker import (
+    Admission,
+    CircuitBreakers,
+    CircuitOpenError,
+    counts_against_version,
+)
+from modelserve_router.cache import CacheKey, PredictionCache, cache_key
+from modelserve_router.config import EndpointSettings
+from modelserve_router.limits import CallerRateLimits, InFlightLimit
 from modelserve_router.routing import (
     Route,
     RouteChoice,
@@ -30,6 +39,7 @@ from modelserve_router.routing import (
 )
 from modelserve_router.shadow import ShadowMirror
 from modelserve_router.sources import FeatureReader, ModelRunner, as_float
+from modelserve_runtime.auth import ANONYMOUS
 from modelserve_runtime.convert import DTYPES, numpy_to_tensor, tensor_to_numpy
 from modelserve_runtime.errors import (
     FailedPreconditionError,
@@ -61,6 +71,8 @@ class PredictionInput:
     query: str = ""
     request_id: str = ""
     user_id: str = ""
+    principal: str = ANONYMOUS
+    """Who is calling (the API key's principal); keys the caller's rate limit."""
 
 
 @dataclass(slots=True)
@@ -81,6 +93,24 @@ class PredictionResult:
     """What failed and what answered instead; empty when not degraded."""
 
 
+@dataclass(slots=True)
+class _Endpoint:
+    """What the router keeps per endpoint: its in-flight limit and its prediction cache."""
+
+    in_flight: InFlightLimit | None
+    cache: PredictionCache | None
+
+
+@dataclass(slots=True)
+class _CacheUse:
+    """One request's use of its endpoint's cache: the key its input made, and the features
+    behind it, kept for the cached-prediction fallback."""
+
+    cache: PredictionCache
+    key: CacheKey | None = None
+    features: dict[str, Value | None] = field(default_factory=dict)
+
+
 class Predictor:
     """The router's data path."""
 
@@ -93,13 +123,54 @@ class Predictor:
         shadows: ShadowMirror,
         *,
         shadow_timeout_s: float,
+        breakers: CircuitBreakers | None = None,
+        rate_limits: CallerRateLimits | None = None,
+        endpoint_settings: Callable[[str], EndpointSettings] | None = None,
     ) -> None:
+        """`breakers`, `rate_limits` and `endpoint_settings` (caches and in-flight limits)
+        are None when off, and then cost a request nothing."""
         self._routes = routes
         self._features = features
         self._runner = runner
         self._log = prediction_log
         self._shadows = shadows
         self._shadow_timeout_s = shadow_timeout_s
+        self._breakers = breakers
+        self._rate_limits = rate_limits
+        self._endpoint_settings = endpoint_settings
+        self._endpoints: dict[str, _Endpoint] = {}
+
+    def in_flight(self, endpoint: str) -> int:
+        """Requests of the endpoint in flight now, where it has an in-flight limit (else 0)."""
+        state = self._endpoints.get(endpoint)
+        return 0 if state is None or state.in_flight is None else state.in_flight.count
+
+    def _endpoint(self, endpoint: str) -> _Endpoint:
+        state = self._endpoints.get(endpoint)
+        if state is None:
+            # Made once the endpoint resolved, so only endpoints that exist get one.
+            assert self._endpoint_settings is not None
+            settings = self._endpoint_settings(endpoint)
+            state = self._endpoints[endpoint] = _Endpoint(
+                in_flight=(
+                    None
+                    if settings.max_in_flight is None
+                    else InFlightLimit(
+                        endpoint, settings.max_in_flight, settings.in_flight_retry_after_s
+                    )
+                ),
+                cache=(
+                    PredictionCache(
+                        endpoint,
+                        max_entries=settings.cache_max_entries,
+                        ttl_s=settings.cache_ttl_s,
+                        stale_s=settings.cache_stale_s,
+                    )
+                    if settings.cache_max_entries > 0
+                    else None
+                ),
+            )
+        return state
 
     async def predict(self, request: PredictionInput) -> PredictionResult:
         """Answers one request and appends its record to the prediction log, success or not;
@@ -109,6 +180,8 @@ class Predictor:
         received.GetCurrentTime()
         if not request.endpoint:
             raise InvalidArgumentError.for_field("endpoint", "must name an endpoint")
+        if self._rate_limits is not None:
+            self._rate_limits.take(request.principal)
         request_id = request.request_id or uuid.uuid4().hex
         structlog.contextvars.bind_contextvars(endpoint=request.endpoint, request_id=request_id)
         # One snapshot serves the whole request, so a flip mid-request is never half seen.
@@ -116,13 +189,24 @@ class Predictor:
         choice = choose(route, snapshot.ready, routing_keys(request.user_id, request.entities))
         structlog.contextvars.bind_contextvars(version=choice.model_version)
         record = self._record(request, request_id, choice.model_version, choice.reason, received)
+        cached: _CacheUse | None = None
+        limit: InFlightLimit | None = None
+        if self._endpoint_settings is not None:
+            endpoint = self._endpoint(route.endpoint)
+            if endpoint.cache is not None and endpoint.cache.follow(route.revision):
+                cached = _CacheUse(endpoint.cache)
+            limit = endpoint.in_flight
+            if limit is not None:
+                limit.enter()
         try:
             try:
                 result = await self._run(
-                    request, snapshot, choice.model_version, choice.reason, request_id
+                    request, snapshot, choice.model_version, choice.reason, request_id, cached
                 )
             except (UnavailableError, ResourceExhaustedError) as exc:
-                result = await self._fall_back(request, snapshot, route, choice, request_id, exc)
+                result = await self._fall_back(
+                    request, snapshot, route, choice, request_id, exc, cached
+                )
                 record.model_version = result.model_version
                 record.route_reason = result.route_reason
                 record.degraded = True
@@ -134,6 +218,8 @@ class Predictor:
             _record_success(record, result)
             return result
         finally:
+            if limit is not None:
+                limit.leave()
             record.trace_id = current_trace_id()
             record.latency_us = int((time.perf_counter() - started) * 1e6)
             self._log.append(record)
@@ -152,22 +238,42 @@ class Predictor:
         choice: RouteChoice,
         request_id: str,
         failure: ModelServeError,
+        cached: _CacheUse | None,
     ) -> PredictionResult:
-        """The deployment's fallback chain after the chosen version failed in inference: the
-        fallback version if it is another READY one, else the declared default outputs;
-        `failure` again when neither answers."""
-        why = f"{choice.model_version} failed: {failure.reason or failure.code.name}"
+        """The deployment's fallback chain after the chosen version failed in inference (or
+        its breaker is open): the fallback version if it is another READY one, else a cached
+        answer of the chosen version for the same input (up to the stale bound), else the
+        declared default outputs; `failure` again when none answers."""
+        why = _failed(choice.model_version, failure)
         fallback = route.fallback_version
         if fallback and fallback != choice.model_version and fallback in snapshot.ready:
             try:
                 result = await self._run(request, snapshot, fallback, "fallback", request_id)
             except (UnavailableError, ResourceExhaustedError) as exc:
-                why = f"{why}; fallback {fallback} failed: {exc.reason or exc.code.name}"
+                why = f"{why}; fallback {_failed(fallback, exc)}"
             else:
                 result.degraded = True
                 result.degraded_reason = f"{why}; answered by fallback {fallback}"
                 log.warning("prediction_degraded", reason=result.degraded_reason)
                 return result
+        entry = None if cached is None or cached.key is None else cached.cache.stale(cached.key)
+        if cached is not None and entry is not None:
+            age_s = cached.cache.age_s(entry)
+            result = PredictionResult(
+                outputs=dict(entry.outputs),
+                model_version=entry.model_version,
+                route_reason="cached_prediction",
+                request_id=request_id,
+                trace_id=current_trace_id(),
+                features=cached.features,
+                degraded=True,
+                degraded_reason=(
+                    f"{why}; answered by a cached prediction of {entry.model_version} "
+                    f"made {age_s:.1f} s ago"
+                ),
+            )
+            log.warning("prediction_degraded", reason=result.degraded_reason)
+            return result
         if route.default_outputs:
             result = PredictionResult(
                 outputs={t.name: tensor_to_numpy(t) for t in route.default_outputs},
@@ -232,7 +338,11 @@ class Predictor:
         model_version: str,
         reason: str,
         request_id: str,
+        cached: _CacheUse | None = None,
     ) -> PredictionResult:
+        """Builds the version's input and runs it: from the endpoint's cache when `cached`
+        holds a fresh answer for that input, else through the version's circuit breaker
+        (CircuitOpenError, an UnavailableError, when it is open)."""
         served = snapshot.ready.get(model_version)
         if served is None:
             raise FailedPreconditionError(
@@ -286,10 +396,45 @@ class Predictor:
         first = signature.inputs[0]
         dtype = DTYPES.get(first.datatype, np.dtype(np.float32))
         inputs = {first.name: np.asarray([row], dtype=dtype)}
-        outputs = conform_outputs(
-            await self._runner.run(served, inputs, [o.name for o in signature.outputs]),
-            {o.name: list(o.shape) for o in signature.outputs},
-        )
+        if cached is not None:
+            cached.key = cache_key(model_version, inputs)
+            cached.features = values
+            hit = cached.cache.fresh(cached.key)
+            if hit is not None:
+                return PredictionResult(
+                    outputs=dict(hit.outputs),
+                    model_version=model_version,
+                    route_reason="cache",
+                    request_id=request_id,
+                    trace_id=current_trace_id(),
+                    features=values,
+                    missing_features=missing,
+                    feature_statuses={ref: status.value for ref, status in statuses.items()},
+                )
+        output_names = [o.name for o in signature.outputs]
+        breaker = None if self._breakers is None else self._breakers.get(model_version)
+        if breaker is None:
+            raw = await self._runner.run(served, inputs, output_names)
+        else:
+            admission = breaker.admit()
+            if admission is Admission.REFUSED:
+                raise CircuitOpenError(
+                    f"the circuit breaker of {model_version} is open; it was not called",
+                    metadata={"model_version": model_version},
+                    retry_delay_s=breaker.retry_in_s(),
+                )
+            try:
+                raw = await self._runner.run(served, inputs, output_names)
+            except BaseException as exc:
+                if counts_against_version(exc):
+                    breaker.failed(admission)
+                else:
+                    breaker.abandoned(admission)
+                raise
+            breaker.succeeded(admission)
+        outputs = conform_outputs(raw, {o.name: list(o.shape) for o in signature.outputs})
+        if cached is not None and cached.key is not None:
+            cached.cache.put(cached.key, outputs)
         return PredictionResult(
             outputs=outputs,
             model_version=model_version,
@@ -300,6 +445,13 @@ class Predictor:
             missing_features=missing,
             feature_statuses={ref: status.value for ref, status in statuses.items()},
         )
+
+
+def _failed(model_version: str, failure: ModelServeError) -> str:
+    """How a version failed, for a degraded reason: `circuit_open` when it was not called."""
+    if isinstance(failure, CircuitOpenError):
+        return f"{model_version} circuit_open"
+    return f"{model_version} failed: {failure.reason or failure.code.name}"
 
 
 def _record_failure(record: prediction_record_pb2.PredictionRecord, exc: BaseException) -> None:
@@ -316,6 +468,7 @@ def _record_success(
     record: prediction_record_pb2.PredictionRecord, result: PredictionResult
 ) -> None:
     record.status = prediction_record_pb2.PREDICTION_STATUS_OK
+    record.route_reason = result.route_reason
     for name, value in result.features.items():
         record.features[name].CopyFrom(value_to_proto(value))
     record.outputs.extend(numpy_to_tensor(n, a) for n, a in result.outputs.items())

@@ -10,7 +10,10 @@ import redis.asyncio as redis
 from modelserve.router.v1 import router_service_pb2 as pb
 from modelserve.router.v1 import router_service_pb2_grpc as pb_grpc
 from modelserve_features.online import OnlineStore
-from modelserve_router.config import RouterSettings
+from modelserve_router.access import ROUTER_POLICY
+from modelserve_router.breaker import CircuitBreakers
+from modelserve_router.config import RateLimitSettings, RouterSettings
+from modelserve_router.limits import CallerRateLimits, Rate
 from modelserve_router.predict import Predictor
 from modelserve_router.routing import RoutingTable
 from modelserve_router.servicer import RouterServicer
@@ -24,6 +27,7 @@ from modelserve_router.sources import (
     ServiceModelRunner,
     TritonModelRunner,
 )
+from modelserve_runtime.auth import ApiKeyAuthenticator, AuthInterceptor
 from modelserve_runtime.channels import create_channel
 from modelserve_runtime.clients import FeatureClient, InferenceClient, RegistryClient
 from modelserve_runtime.discovery import Discovery, create_discovery
@@ -45,6 +49,7 @@ class RouterApp:
         runner: ModelRunner,
         routes: RoutingTable,
         shadows: ShadowMirror,
+        predictor: Predictor,
     ) -> None:
         self.redis = client
         self.channels = channels
@@ -52,6 +57,7 @@ class RouterApp:
         self.runner = runner
         self.routes = routes
         self.shadows = shadows
+        self.predictor = predictor
 
     async def check_ready(self) -> None:
         try:
@@ -75,6 +81,22 @@ class RouterApp:
 
 async def _target(explicit: str | None, discovery: Discovery, service: str) -> str:
     return explicit or await discovery.resolve(service)
+
+
+def _rate(settings: RateLimitSettings) -> Rate | None:
+    if settings.requests_per_s is None:
+        return None
+    return Rate(settings.requests_per_s, settings.burst)
+
+
+def _rate_limits(settings: RouterSettings) -> CallerRateLimits | None:
+    """The callers' token buckets, or None when no caller is limited."""
+    if not settings.rate_limits_in_use:
+        return None
+    return CallerRateLimits(
+        _rate(settings.rate_limit),
+        {p: _rate(settings.principal_rate_limit(p)) for p in settings.principal_rate_limits},
+    )
 
 
 async def build_server(settings: RouterSettings) -> tuple[GrpcServer, RouterApp]:
@@ -124,6 +146,16 @@ async def build_server(settings: RouterSettings) -> tuple[GrpcServer, RouterApp]
         prediction_log,
         shadows,
         shadow_timeout_s=settings.shadow_timeout_s,
+        breakers=(
+            CircuitBreakers(
+                failure_threshold=settings.circuit_breaker.failure_threshold,
+                cool_down_s=settings.circuit_breaker.cool_down_s,
+            )
+            if settings.circuit_breaker.enabled
+            else None
+        ),
+        rate_limits=_rate_limits(settings),
+        endpoint_settings=settings.endpoint if settings.endpoint_limits_in_use else None,
     )
     routes.start()
 
@@ -133,8 +165,11 @@ async def build_server(settings: RouterSettings) -> tuple[GrpcServer, RouterApp]
         )
         return [pb.DESCRIPTOR.services_by_name["RouterService"].full_name]
 
-    app = RouterApp(client, channels, prediction_log, runner, routes, shadows)
-    return build_grpc_server(SERVICE, settings, register), app
+    auth: list[grpc.aio.ServerInterceptor] = []
+    if settings.auth.enabled:
+        auth.append(AuthInterceptor(ApiKeyAuthenticator(settings.auth.all_keys()), ROUTER_POLICY))
+    app = RouterApp(client, channels, prediction_log, runner, routes, shadows, predictor)
+    return build_grpc_server(SERVICE, settings, register, inner_interceptors=auth), app
 
 
 def main() -> None:

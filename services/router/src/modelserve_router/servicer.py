@@ -10,6 +10,7 @@ import grpc
 from modelserve.router.v1 import router_service_pb2 as pb
 from modelserve.router.v1 import router_service_pb2_grpc as pb_grpc
 from modelserve_router.predict import PredictionInput, Predictor
+from modelserve_runtime.auth import current_principal
 from modelserve_runtime.convert import numpy_to_tensor, value_from_proto
 from modelserve_runtime.errors import DeadlineExceededError
 
@@ -37,6 +38,7 @@ class RouterServicer(pb_grpc.RouterServiceServicer):
             query=request.context.query,
             request_id=request.request_id,
             user_id=request.user_id,
+            principal=current_principal(),
         )
         remaining = context.time_remaining()
         budget = self._default_timeout_s if remaining is None else min(remaining, 3600.0)

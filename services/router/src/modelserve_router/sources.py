@@ -196,9 +196,15 @@ class TritonModelRunner:
                 timeout_s=self._timeout_s,
             )
         except TritonError as exc:
+            # Triton's own code rides along: the circuit breaker must not count a refused
+            # input (INVALID_ARGUMENT) against the version.
             raise UnavailableError(
                 f"triton failed to run {version.model_version}: {exc}",
                 reason="TRITON_UNAVAILABLE",
+                metadata={
+                    "model_version": version.model_version,
+                    "upstream_code": (exc.status or "UNKNOWN").removeprefix("StatusCode."),
+                },
             ) from exc
 
     async def close(self) -> None:

@@ -170,11 +170,17 @@ class PredictResponse(_message.Message):
     degraded: _builtins.bool
     """Output only. True when a fallback answered instead of the chosen version."""
     degraded_reason: _builtins.str
-    """Output only. Why the answer is degraded; empty when it is not."""
+    """Output only. Why the answer is degraded; empty when it is not. It names the chosen
+    version and what happened to it (`failed: <reason>`, or `circuit_open` when its
+    circuit breaker kept it from being called), then what answered instead.
+    """
     route_reason: _builtins.str
     """Output only. Why this version answered: `single_target`, `weighted` (random by
-    weight), `sticky` (a stable hash of the deployment's routing key), `fallback` (the
-    chosen version failed) or `default_output` (the declared default outputs answered).
+    weight), `sticky` (a stable hash of the deployment's routing key), `cache` (the
+    endpoint's prediction cache held this version's answer for the same input, and the
+    model was not called), `fallback` (the chosen version failed and the fallback version
+    answered), `cached_prediction` (it failed and a cached answer of it for the same input
+    answered) or `default_output` (the declared default outputs answered).
     """
     trace_id: _builtins.str
     """Output only. The W3C trace id of the request, in hex."""
