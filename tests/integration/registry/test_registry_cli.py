@@ -183,6 +183,11 @@ class TestRolloutCommands:
             "error: 'soon': give a duration like 30s, 5m or 1h",
         )
 
+        unsticky = await cli("deployments", "canary", "ab-test", "fraud", "fraud/2", *target)
+        assert (unsticky.code, unsticky.stderr.strip().splitlines()[0][:45]) == (
+            1,
+            "error: FAILED_PRECONDITION NO_ROUTING_KEY: de",
+        )
         tagged = await cli("models", "tag", "fraud/2", "owner=risk", "ticket=ML-7", *target)
         assert tagged.stdout.strip() == "models/fraud/versions/2 tags: owner=risk, ticket=ML-7"
         unvalidated = await cli("models", "validate", "fraud/2", *target)

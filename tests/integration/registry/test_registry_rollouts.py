@@ -382,6 +382,87 @@ class TestControl:
         assert list(response.rollout.strategy.canary.steps) == [20, 100]
 
 
+def ab_test(sample_size: int = 200) -> pb.RolloutStrategy:
+    """An A/B test on error rate, read every second."""
+    return pb.RolloutStrategy(
+        ab_test=pb.AbTestStrategy(
+            candidate_percent=50,
+            sample_size=sample_size,
+            metric=pb.AB_TEST_METRIC_ERROR_RATE,
+            check_interval=duration_pb2.Duration(seconds=1),
+        )
+    )
+
+
+async def sticky(rollouts: Rollouts) -> None:
+    await rollouts.stub.UpdateDeployment(
+        pb.UpdateDeploymentRequest(
+            deployment=pb.Deployment(name=rollouts.deployment, routing_key="customer"),
+            update_mask=field_mask_pb2.FieldMask(paths=["routing_key"]),
+        )
+    )
+
+
+class TestAbTest:
+    async def test_a_better_candidate_wins_once_the_samples_are_in(
+        self, rollouts: Rollouts
+    ) -> None:
+        """The test splits traffic, waits (COLLECTING) until both arms have their samples, and
+        hands all traffic to the candidate when its error rate is significantly lower."""
+        await sticky(rollouts)
+        started = await rollouts.start(ab_test())
+        assert started.candidate_percent == 50
+        assert await rollouts.traffic() == {V1: 50, V2: 50}
+        rollouts.answer(V1, 100, errors=20)
+        rollouts.answer(V2, 100)
+        await eventually(lambda: _gate_read(rollouts, started.name), "a reading while collecting")
+        collecting = await rollouts.rollout(started.name)
+        assert collecting.state == pb.ROLLOUT_STATE_RUNNING
+        assert collecting.last_gate.verdict == pb.GATE_VERDICT_INCONCLUSIVE
+        assert collecting.last_gate.reason.startswith("collecting")
+        rollouts.answer(V1, 100, errors=20)
+        rollouts.answer(V2, 100)
+        done = await rollouts.reaches(started.name, pb.ROLLOUT_STATE_SUCCEEDED)
+        assert "the candidate is better" in done.reason
+        assert await rollouts.traffic() == {V2: 100}
+
+    async def test_a_worse_or_equal_candidate_leaves_the_stable_version(
+        self, rollouts: Rollouts
+    ) -> None:
+        """Significantly worse, the candidate is rolled back; the reason says so."""
+        await sticky(rollouts)
+        started = await rollouts.start(ab_test())
+        rollouts.answer(V1, 200)
+        rollouts.answer(V2, 200, errors=40)
+        aborted = await rollouts.reaches(started.name, pb.ROLLOUT_STATE_ABORTED)
+        assert "the candidate is worse" in aborted.reason
+        assert await rollouts.traffic() == {V1: 100}
+
+    async def test_no_difference_keeps_the_stable_version(self, rollouts: Rollouts) -> None:
+        await sticky(rollouts)
+        started = await rollouts.start(ab_test())
+        rollouts.answer(V1, 200, errors=10)
+        rollouts.answer(V2, 200, errors=10)
+        aborted = await rollouts.reaches(started.name, pb.ROLLOUT_STATE_ABORTED)
+        assert "no significant difference" in aborted.reason
+        assert await rollouts.traffic() == {V1: 100}
+
+    async def test_an_ab_test_needs_a_routing_key(self, rollouts: Rollouts) -> None:
+        """Without sticky assignment a caller would flip between arms: refused."""
+        error = await failure(rollouts.start(ab_test()))
+        assert (error.code, error.reason) == (grpc.StatusCode.FAILED_PRECONDITION, "NO_ROUTING_KEY")
+        bad = await failure(
+            rollouts.start(
+                pb.RolloutStrategy(ab_test=pb.AbTestStrategy(candidate_percent=100, sample_size=5))
+            )
+        )
+        assert sorted(v.field for v in bad.violations) == [
+            "strategy.ab_test.candidate_percent",
+            "strategy.ab_test.metric",
+            "strategy.ab_test.sample_size",
+        ]
+
+
 class TestRestart:
     async def test_a_restarted_registry_carries_on(self, rollouts: Rollouts) -> None:
         """A rollout survives a registry restart: the new process reads it from the store and

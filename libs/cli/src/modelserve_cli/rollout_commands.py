@@ -27,7 +27,10 @@ from modelserve_cli.registry_commands import (
     version_name,
 )
 
-canary_app = typer.Typer(help="Move a deployment's traffic to a new version step by step.")
+canary_app = typer.Typer(
+    help="Move a deployment's traffic to a new version step by step; status, pause, resume"
+    " and abort act on the latest rollout of any kind (canary, blue-green, A/B test)."
+)
 
 _DURATION = re.compile(r"(\d+)(ms|s|m|h)")
 _UNIT_S = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
@@ -60,10 +63,13 @@ def rollout_table(rollout: pb.Rollout) -> Table:
     table = Table(title=rollout.name, show_header=False)
     table.add_column("field")
     table.add_column("value")
+    kind = rollout.strategy.WhichOneof("kind")
     steps = (
         ",".join(str(s) for s in rollout.strategy.canary.steps)
-        if rollout.strategy.WhichOneof("kind") == "canary"
+        if kind == "canary"
         else "blue-green"
+        if kind == "blue_green"
+        else f"A/B test, {rollout.strategy.ab_test.sample_size} samples per arm"
     )
     rows = [
         ("state", _state(rollout.state)),
@@ -128,6 +134,63 @@ def canary_start(
         if blue_green
         else pb.RolloutStrategy(
             canary=pb.CanaryStrategy(steps=percents, interval=period), gate=gate
+        )
+    )
+
+    async def work() -> pb.Rollout:
+        async with RegistryConnection(registry, api_key) as conn:
+            response = await conn.stub.StartRollout(
+                pb.StartRolloutRequest(
+                    deployment=deployment_name(name),
+                    candidate_version=version,
+                    strategy=strategy,
+                    reason=reason,
+                ),
+                metadata=conn.metadata,
+            )
+            return response.rollout
+
+    console.print(rollout_table(run(work())))
+
+
+_METRICS = {
+    "error_rate": pb.AB_TEST_METRIC_ERROR_RATE,
+    "accuracy": pb.AB_TEST_METRIC_ACCURACY,
+    "outcome_mean": pb.AB_TEST_METRIC_OUTCOME_MEAN,
+    "absolute_error": pb.AB_TEST_METRIC_ABSOLUTE_ERROR,
+}
+
+
+@canary_app.command("ab-test")
+def ab_test_start(
+    name: Annotated[str, typer.Argument(help="The endpoint, e.g. fraud.")],
+    candidate: Annotated[str, typer.Argument(help="MODEL/NUMBER of the new version.")],
+    registry: RegistryTarget,
+    api_key: ApiKey = None,
+    split: Annotated[int, typer.Option(help="The candidate's percent during the test.")] = 50,
+    sample_size: Annotated[int, typer.Option(help="Samples each arm needs.")] = 1000,
+    metric: Annotated[
+        str, typer.Option(help="error_rate, accuracy, outcome_mean or absolute_error.")
+    ] = "error_rate",
+    alpha: Annotated[float, typer.Option(help="Significance level.")] = 0.05,
+    check_every: Annotated[str, typer.Option(help="How often the report is read.")] = "1m",
+    reason: Reason = "",
+) -> None:
+    """Start a fixed-sample A/B test; the better version keeps the traffic."""
+    if metric not in _METRICS:
+        fail(f"{metric!r}: the metric is one of {', '.join(_METRICS)}")
+    try:
+        period = parse_duration(check_every)
+        version = version_name(candidate)
+    except ValueError as exc:
+        fail(str(exc))
+    strategy = pb.RolloutStrategy(
+        ab_test=pb.AbTestStrategy(
+            candidate_percent=split,
+            sample_size=sample_size,
+            metric=_METRICS[metric],
+            alpha=alpha,
+            check_interval=period,
         )
     )
 

@@ -27,6 +27,14 @@ MAX_BATCH_SIZE = 4096
 MAX_INSTANCES = 16
 MAX_QUEUE_DELAY_US = 1_000_000
 MIN_INTERVAL_S = 1.0
+MIN_SAMPLE_SIZE = 10
+#: The A/B metrics and whether a higher value is better.
+AB_TEST_HIGHER_IS_BETTER = {
+    pb.AB_TEST_METRIC_ERROR_RATE: False,
+    pb.AB_TEST_METRIC_ACCURACY: True,
+    pb.AB_TEST_METRIC_OUTCOME_MEAN: True,
+    pb.AB_TEST_METRIC_ABSOLUTE_ERROR: False,
+}
 MAX_INTERVAL_S = 24 * 3600.0
 _VERSION_NAME = re.compile("models/([a-z][a-z0-9-]{0,62})/versions/([1-9][0-9]{0,17})")
 _ENTITY_TYPE = re.compile("[a-z][a-z0-9_-]{0,62}")
@@ -282,7 +290,9 @@ def check_strategy(
         return b""
     kind = message.WhichOneof("kind")
     if kind is None:
-        violations.append(FieldViolation(field, "must set canary or blue_green"))
+        violations.append(FieldViolation(field, "must set canary, blue_green or ab_test"))
+    elif kind == "ab_test":
+        _check_ab_test(f"{field}.ab_test", message.ab_test, violations)
     elif kind == "canary":
         steps = list(message.canary.steps)
         if not steps:
@@ -308,6 +318,25 @@ def check_strategy(
     return message.SerializeToString(deterministic=True)
 
 
+def _check_ab_test(
+    field: str, message: pb.AbTestStrategy, violations: list[FieldViolation]
+) -> None:
+    if not 1 <= message.candidate_percent <= 99:
+        violations.append(FieldViolation(f"{field}.candidate_percent", "must be 1-99"))
+    if message.sample_size < MIN_SAMPLE_SIZE:
+        violations.append(
+            FieldViolation(f"{field}.sample_size", f"must be at least {MIN_SAMPLE_SIZE}")
+        )
+    if message.metric not in AB_TEST_HIGHER_IS_BETTER:
+        violations.append(FieldViolation(f"{field}.metric", "must be set"))
+    if not 0 <= message.alpha <= 0.5:
+        violations.append(FieldViolation(f"{field}.alpha", "must be 0 (0.05) to 0.5"))
+    if message.HasField("check_interval"):
+        _check_interval(f"{field}.check_interval", message.check_interval, violations)
+    if message.HasField("max_duration") and _duration_s(message.max_duration) <= 0:
+        violations.append(FieldViolation(f"{field}.max_duration", "must be positive"))
+
+
 def _check_interval(field: str, duration: object, violations: list[FieldViolation]) -> None:
     seconds = _duration_s(duration)
     if not MIN_INTERVAL_S <= seconds <= MAX_INTERVAL_S:
@@ -315,21 +344,34 @@ def _check_interval(field: str, duration: object, violations: list[FieldViolatio
 
 
 def interval_s(strategy: pb.RolloutStrategy) -> float:
-    """How long each step of the strategy runs before its gate is read."""
-    if strategy.WhichOneof("kind") == "canary":
+    """How long each step of the strategy runs before its gate is read (for an A/B test: how
+    often its experiment report is read)."""
+    kind = strategy.WhichOneof("kind")
+    if kind == "canary":
         return _duration_s(strategy.canary.interval)
+    if kind == "ab_test":
+        test = strategy.ab_test
+        return _duration_s(test.check_interval) if test.HasField("check_interval") else 60.0
     return _duration_s(strategy.blue_green.observe)
 
 
 def steps_of(strategy: pb.RolloutStrategy) -> list[int]:
-    """The candidate's percent at each step: the canary's steps, or [100] for blue-green."""
-    if strategy.WhichOneof("kind") == "canary":
+    """The candidate's percent at each step: the canary's steps, [100] for blue-green, the
+    test's split for an A/B test."""
+    kind = strategy.WhichOneof("kind")
+    if kind == "canary":
         return list(strategy.canary.steps)
+    if kind == "ab_test":
+        return [strategy.ab_test.candidate_percent]
     return [100]
 
 
 def max_wait_s(strategy: pb.RolloutStrategy) -> float:
-    """The longest a step may stay inconclusive: the gate's max_wait, or 10 intervals."""
+    """The longest a step may stay inconclusive: the gate's max_wait, or 10 intervals; for
+    an A/B test its max_duration (seven days by default), counted from its start."""
+    if strategy.WhichOneof("kind") == "ab_test":
+        test = strategy.ab_test
+        return _duration_s(test.max_duration) if test.HasField("max_duration") else 7 * 86400.0
     if strategy.gate.HasField("max_wait"):
         return _duration_s(strategy.gate.max_wait)
     return 10 * interval_s(strategy)

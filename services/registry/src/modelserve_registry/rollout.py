@@ -23,7 +23,13 @@ from modelserve.monitor.v1 import monitor_service_pb2 as monitor_pb
 from modelserve.monitor.v1 import monitor_service_pb2_grpc as monitor_grpc
 from modelserve.registry.v1 import registry_service_pb2 as pb
 from modelserve_registry.convert import timestamp
-from modelserve_registry.metadata import check_strategy, interval_s, max_wait_s, steps_of
+from modelserve_registry.metadata import (
+    AB_TEST_HIGHER_IS_BETTER,
+    check_strategy,
+    interval_s,
+    max_wait_s,
+    steps_of,
+)
 from modelserve_registry.resources import (
     Actor,
     Change,
@@ -51,6 +57,12 @@ CONTROLLER = "rollout-controller"
 DEFAULT_MAX_ERROR_RATE = 0.01
 DEFAULT_MAX_P99_MS = 200.0
 DEFAULT_MIN_REQUESTS = 100
+_EXPERIMENT_METRICS = {
+    pb.AB_TEST_METRIC_ERROR_RATE: monitor_pb.EXPERIMENT_METRIC_ERROR_RATE,
+    pb.AB_TEST_METRIC_ACCURACY: monitor_pb.EXPERIMENT_METRIC_ACCURACY,
+    pb.AB_TEST_METRIC_OUTCOME_MEAN: monitor_pb.EXPERIMENT_METRIC_OUTCOME_MEAN,
+    pb.AB_TEST_METRIC_ABSOLUTE_ERROR: monitor_pb.EXPERIMENT_METRIC_ABSOLUTE_ERROR,
+}
 
 
 class Gate(Protocol):
@@ -60,6 +72,14 @@ class Gate(Protocol):
         self, rollout: Rollout, strategy: pb.RolloutStrategy, now: datetime
     ) -> pb.GateResult:
         """One reading: PASS, FAIL or INCONCLUSIVE, with the figures and why."""
+        ...
+
+    async def experiment(
+        self, rollout: Rollout, strategy: pb.RolloutStrategy, now: datetime
+    ) -> pb.GateResult:
+        """An A/B test's reading: PASS when the candidate is significantly better, FAIL when
+        it is worse or no different (the stable version stays), INCONCLUSIVE while the arms
+        are collecting."""
         ...
 
 
@@ -85,6 +105,63 @@ class MonitorGate:
     ) -> None:
         self._channel = channel
         self._timeout_s = timeout_s
+
+    async def experiment(
+        self, rollout: Rollout, strategy: pb.RolloutStrategy, now: datetime
+    ) -> pb.GateResult:
+        test = strategy.ab_test
+        candidate = rollout.candidate.model_version
+        try:
+            stub: monitor_grpc.MonitorServiceAsyncStub = monitor_grpc.MonitorServiceStub(
+                await self._channel()
+            )
+            report = await stub.GetExperimentReport(
+                monitor_pb.GetExperimentReportRequest(
+                    endpoint=rollout.deployment_id,
+                    arms=[rollout.stable.model_version, candidate],
+                    metric=_EXPERIMENT_METRICS[test.metric],
+                    sample_size=test.sample_size,
+                    alpha=test.alpha,
+                ),
+                timeout=self._timeout_s,
+            )
+        except grpc.aio.AioRpcError as exc:
+            return _result(
+                pb.GATE_VERDICT_INCONCLUSIVE,
+                f"the monitor's experiment report did not answer ({exc.code().name}:"
+                f" {exc.details()})",
+                now,
+            )
+        except UnavailableError as exc:
+            return _result(pb.GATE_VERDICT_INCONCLUSIVE, f"no monitor to read: {exc}", now)
+        figures = {"progress": report.progress}
+        if report.verdict == monitor_pb.EXPERIMENT_VERDICT_COLLECTING:
+            return _result(
+                pb.GATE_VERDICT_INCONCLUSIVE, f"collecting: {report.reason}", now, **figures
+            )
+        arm = next((a for a in report.arms if a.model_version == candidate), None)
+        if arm is None:
+            return _result(pb.GATE_VERDICT_INCONCLUSIVE, f"the report has no arm {candidate}", now)
+        figures |= {
+            "candidate_value": arm.value,
+            "difference": arm.comparison.difference,
+            "p_value": arm.comparison.p_value,
+        }
+        if report.verdict != monitor_pb.EXPERIMENT_VERDICT_SIGNIFICANT:
+            return _result(
+                pb.GATE_VERDICT_FAIL,
+                f"no significant difference, the stable version stays: {report.reason}",
+                now,
+                **figures,
+            )
+        better = (arm.comparison.difference > 0) == AB_TEST_HIGHER_IS_BETTER[test.metric]
+        if better:
+            return _result(
+                pb.GATE_VERDICT_PASS, f"the candidate is better: {report.reason}", now, **figures
+            )
+        return _result(
+            pb.GATE_VERDICT_FAIL, f"the candidate is worse: {report.reason}", now, **figures
+        )
 
     async def read(
         self, rollout: Rollout, strategy: pb.RolloutStrategy, now: datetime
@@ -300,6 +377,13 @@ class RolloutController:
                 f"must be a version of {stable.model_id}, the stable version's model",
             )
         parsed = pb.RolloutStrategy.FromString(stored)
+        if parsed.WhichOneof("kind") == "ab_test" and not deployment.policy.routing_key:
+            raise FailedPreconditionError(
+                f"{deployment.name} has no routing_key: an A/B test needs sticky assignment so"
+                " each caller stays on one arm",
+                reason="NO_ROUTING_KEY",
+                metadata={"name": deployment.name},
+            )
         first = steps_of(parsed)[0]
         now = self._clock()
         rollout = Rollout(
@@ -452,7 +536,11 @@ class RolloutController:
         now = self._clock()
         if now < rollout.step_start_time + timedelta(seconds=interval_s(strategy)):
             return
-        reading = await self._gate.read(rollout, strategy, now)
+        ab_test = strategy.WhichOneof("kind") == "ab_test"
+        if ab_test:
+            reading = await self._gate.experiment(rollout, strategy, now)
+        else:
+            reading = await self._gate.read(rollout, strategy, now)
         gate_bytes = reading.SerializeToString(deterministic=True)
         # The state, step and update time identify the version of the rollout this reading
         # acts on; the gate bytes ride along into whatever is saved next.
@@ -466,7 +554,8 @@ class RolloutController:
             )
             return
         if reading.verdict != pb.GATE_VERDICT_PASS:
-            waiting_since = rollout.waiting_since or now
+            # An A/B test's limit runs from its start; a step's from its first wait.
+            waiting_since = rollout.create_time if ab_test else (rollout.waiting_since or now)
             if (now - waiting_since).total_seconds() > max_wait_s(strategy):
                 await self._abort(
                     read,

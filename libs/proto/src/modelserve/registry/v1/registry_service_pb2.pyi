@@ -159,6 +159,42 @@ BACKEND_ONNXRUNTIME: Backend.ValueType  # 2
 """Triton's native ONNX Runtime backend; CUDA / TensorRT execution providers on a GPU."""
 Global___Backend: _TypeAlias = Backend  # noqa: Y015
 
+class _AbTestMetric:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _AbTestMetricEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_AbTestMetric.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    AB_TEST_METRIC_UNSPECIFIED: _AbTestMetric.ValueType  # 0
+    """Not set."""
+    AB_TEST_METRIC_ERROR_RATE: _AbTestMetric.ValueType  # 1
+    """Share of requests that ended in an error; lower is better."""
+    AB_TEST_METRIC_ACCURACY: _AbTestMetric.ValueType  # 2
+    """Share of recorded labels the version predicted; higher is better."""
+    AB_TEST_METRIC_OUTCOME_MEAN: _AbTestMetric.ValueType  # 3
+    """Mean of the recorded outcome values (revenue, ...); higher is better."""
+    AB_TEST_METRIC_ABSOLUTE_ERROR: _AbTestMetric.ValueType  # 4
+    """Mean absolute difference between recorded outcome values and predictions; lower is
+    better.
+    """
+
+class AbTestMetric(_AbTestMetric, metaclass=_AbTestMetricEnumTypeWrapper):
+    """AbTestMetric is what an A/B test compares; each has a better direction."""
+
+AB_TEST_METRIC_UNSPECIFIED: AbTestMetric.ValueType  # 0
+"""Not set."""
+AB_TEST_METRIC_ERROR_RATE: AbTestMetric.ValueType  # 1
+"""Share of requests that ended in an error; lower is better."""
+AB_TEST_METRIC_ACCURACY: AbTestMetric.ValueType  # 2
+"""Share of recorded labels the version predicted; higher is better."""
+AB_TEST_METRIC_OUTCOME_MEAN: AbTestMetric.ValueType  # 3
+"""Mean of the recorded outcome values (revenue, ...); higher is better."""
+AB_TEST_METRIC_ABSOLUTE_ERROR: AbTestMetric.ValueType  # 4
+"""Mean absolute difference between recorded outcome values and predictions; lower is
+better.
+"""
+Global___AbTestMetric: _TypeAlias = AbTestMetric  # noqa: Y015
+
 class _RolloutState:
     ValueType = _typing.NewType("ValueType", _builtins.int)
     V: _TypeAlias = ValueType  # noqa: Y015
@@ -1190,6 +1226,7 @@ class RolloutStrategy(_message.Message):
 
     CANARY_FIELD_NUMBER: _builtins.int
     BLUE_GREEN_FIELD_NUMBER: _builtins.int
+    AB_TEST_FIELD_NUMBER: _builtins.int
     GATE_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def canary(self) -> Global___CanaryStrategy:
@@ -1202,6 +1239,12 @@ class RolloutStrategy(_message.Message):
         """
 
     @_builtins.property
+    def ab_test(self) -> Global___AbTestStrategy:
+        """Traffic is split between stable and candidate until both arms have a fixed number of
+        samples; the monitor's experiment report then decides which version keeps the traffic.
+        """
+
+    @_builtins.property
     def gate(self) -> Global___RolloutGate:
         """Optional. When a step's gate passes; defaults when unset."""
 
@@ -1210,13 +1253,14 @@ class RolloutStrategy(_message.Message):
         *,
         canary: Global___CanaryStrategy | None = ...,
         blue_green: Global___BlueGreenStrategy | None = ...,
+        ab_test: Global___AbTestStrategy | None = ...,
         gate: Global___RolloutGate | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["blue_green", b"blue_green", "canary", b"canary", "gate", b"gate", "kind", b"kind"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["ab_test", b"ab_test", "blue_green", b"blue_green", "canary", b"canary", "gate", b"gate", "kind", b"kind"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["blue_green", b"blue_green", "canary", b"canary", "gate", b"gate", "kind", b"kind"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["ab_test", b"ab_test", "blue_green", b"blue_green", "canary", b"canary", "gate", b"gate", "kind", b"kind"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_kind: _TypeAlias = _typing.Literal["canary", "blue_green"]  # noqa: Y015
+    _WhichOneofReturnType_kind: _TypeAlias = _typing.Literal["canary", "blue_green", "ab_test"]  # noqa: Y015
     _WhichOneofArgType_kind: _TypeAlias = _typing.Literal["kind", b"kind"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_kind) -> _WhichOneofReturnType_kind | None: ...
 
@@ -1277,6 +1321,58 @@ class BlueGreenStrategy(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___BlueGreenStrategy: _TypeAlias = BlueGreenStrategy  # noqa: Y015
+
+@_typing.final
+class AbTestStrategy(_message.Message):
+    """AbTestStrategy runs a fixed-sample A/B test between the stable version and the candidate.
+    The deployment needs a `routing_key`, so each caller stays on one arm.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CANDIDATE_PERCENT_FIELD_NUMBER: _builtins.int
+    SAMPLE_SIZE_FIELD_NUMBER: _builtins.int
+    METRIC_FIELD_NUMBER: _builtins.int
+    ALPHA_FIELD_NUMBER: _builtins.int
+    CHECK_INTERVAL_FIELD_NUMBER: _builtins.int
+    MAX_DURATION_FIELD_NUMBER: _builtins.int
+    candidate_percent: _builtins.int
+    """Required. The candidate's share of traffic during the test, 1-99."""
+    sample_size: _builtins.int
+    """Required. The samples each arm needs before the arms are compared (fixed in advance: no
+    peeking), at least 10.
+    """
+    metric: Global___AbTestMetric.ValueType
+    """Required. What is compared."""
+    alpha: _builtins.float
+    """Optional. The significance level, 0-0.5; 0.05 when zero."""
+    @_builtins.property
+    def check_interval(self) -> _duration_pb2.Duration:
+        """Optional. How often the experiment report is read; 1 s to 24 h, one minute when unset."""
+
+    @_builtins.property
+    def max_duration(self) -> _duration_pb2.Duration:
+        """Optional. The longest the test may collect before it ends with the stable version
+        keeping the traffic; seven days when unset.
+        """
+
+    def __init__(
+        self,
+        *,
+        candidate_percent: _builtins.int = ...,
+        sample_size: _builtins.int = ...,
+        metric: Global___AbTestMetric.ValueType = ...,
+        alpha: _builtins.float = ...,
+        check_interval: _duration_pb2.Duration | None = ...,
+        max_duration: _duration_pb2.Duration | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["check_interval", b"check_interval", "max_duration", b"max_duration"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["alpha", b"alpha", "candidate_percent", b"candidate_percent", "check_interval", b"check_interval", "max_duration", b"max_duration", "metric", b"metric", "sample_size", b"sample_size"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___AbTestStrategy: _TypeAlias = AbTestStrategy  # noqa: Y015
 
 @_typing.final
 class RolloutGate(_message.Message):
