@@ -6,6 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import grpc
+from sklearn.metrics import roc_auc_score
 
 from modelserve.feature.v1 import feature_service_pb2 as feature_pb
 from modelserve.feature.v1 import feature_service_pb2_grpc as feature_grpc
@@ -19,6 +20,7 @@ from modelserve_demo import fraud
 from modelserve_features.convert import view_to_proto
 from modelserve_runtime.channels import create_channel
 from modelserve_runtime.clients import RegistryAdminClient
+from modelserve_runtime.convert import numpy_to_tensor
 from modelserve_triton.model_config import TensorSpec
 
 ENDPOINT = "fraud"
@@ -41,6 +43,11 @@ class DemoDeployment:
     customers: dict[str, dict[str, float]]
 
 
+VALIDATION_ROWS = 500
+VALIDATION_SEED = 99
+SAMPLE_ROWS = 4
+
+
 async def deploy_demo(targets: dict[str, str], *, seed: int = 0) -> DemoDeployment:
     """Trains the fraud model and makes endpoint `fraud` answer with it."""
     trained = fraud.train(seed=seed)
@@ -53,8 +60,20 @@ async def deploy_demo(targets: dict[str, str], *, seed: int = 0) -> DemoDeployme
         create_channel(targets["feature"]) as feature,
     ):
         admin = RegistryAdminClient(registry)
+        # Payments the model never saw: the set its versions are validated on and the
+        # monitor's feature baseline.
+        holdout, labels = fraud.make_dataset(VALIDATION_ROWS, seed=VALIDATION_SEED)
         try:
-            await admin.create_model(MODEL_ID, "Card-payment fraud score (demo, synthetic data)")
+            await admin.create_model(
+                MODEL_ID,
+                "Card-payment fraud score (demo, synthetic data)",
+                validation_set=registry_pb.ValidationSet(
+                    inputs=[numpy_to_tensor(fraud.INPUT_SPEC.name, holdout)],
+                    labels=numpy_to_tensor("labels", labels),
+                    output="probabilities",
+                    metric=registry_pb.VALIDATION_METRIC_ROC_AUC,
+                ),
+            )
         except grpc.aio.AioRpcError as exc:
             if exc.code() is not grpc.StatusCode.ALREADY_EXISTS:
                 raise
@@ -67,6 +86,18 @@ async def deploy_demo(targets: dict[str, str], *, seed: int = 0) -> DemoDeployme
                     inputs=[_spec(s) for s in trained.inputs],
                     outputs=[_spec(s) for s in trained.outputs],
                     feature_refs=list(trained.feature_refs),
+                ),
+                sample_inputs=[numpy_to_tensor(fraud.INPUT_SPEC.name, holdout[:SAMPLE_ROWS])],
+                metrics={
+                    "holdout_roc_auc": float(
+                        roc_auc_score(labels, trained.predict_proba(holdout)[:, 1])
+                    )
+                },
+                lineage=registry_pb.Lineage(
+                    training_run_id=f"demo-seed-{seed}",
+                    dataset_uri=f"synthetic://modelserve_demo.fraud/make_dataset?seed={seed}",
+                    parameters={"n_estimators": "50", "max_depth": "3", "learning_rate": "0.1"},
+                    feature_views=[fraud.VIEW],
                 ),
             ),
             trained.onnx_bytes,

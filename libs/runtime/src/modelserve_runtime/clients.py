@@ -173,12 +173,19 @@ class RegistryAdminClient:
         self._stub = registry_grpc.RegistryServiceStub(channel)
         self._timeout = timeout_s
 
-    async def create_model(self, model_id: str, description: str = "") -> registry_pb.Model:
-        """Creates `models/{model_id}`."""
+    async def create_model(
+        self,
+        model_id: str,
+        description: str = "",
+        *,
+        validation_set: registry_pb.ValidationSet | None = None,
+    ) -> registry_pb.Model:
+        """Creates `models/{model_id}`, with the validation set its versions are scored on."""
+        model = registry_pb.Model(description=description)
+        if validation_set is not None:
+            model.validation_set.CopyFrom(validation_set)
         response = await self._stub.CreateModel(
-            registry_pb.CreateModelRequest(
-                model_id=model_id, model=registry_pb.Model(description=description)
-            ),
+            registry_pb.CreateModelRequest(model_id=model_id, model=model),
             timeout=self._timeout,
         )
         return response.model
