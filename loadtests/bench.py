@@ -13,7 +13,7 @@ import argparse
 import asyncio
 import tempfile
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,8 +23,9 @@ import uvloop
 
 from modelserve.feature.v1 import feature_service_pb2 as feature_pb
 from modelserve.feature.v1 import feature_service_pb2_grpc as feature_grpc
+from modelserve.router.v1 import router_service_pb2 as router_pb
 from modelserve.router.v1 import router_service_pb2_grpc as router_grpc
-from modelserve_cli.demo import demo_request, deploy_demo
+from modelserve_cli.demo import DemoDeployment, demo_request, deploy_demo
 from modelserve_cli.stack import Stack, StackOptions
 from modelserve_demo import fraud
 from modelserve_features.redis_store import EntityKey, redis_key
@@ -76,23 +77,44 @@ async def drive(
     return Result(path, concurrency, latencies, time.perf_counter() - started, errors)
 
 
-async def main(args: argparse.Namespace) -> None:
-    run_dir = Path(tempfile.mkdtemp(prefix="modelserve-bench-"))
-    env = {
-        "MODELSERVE_ROUTER_MODEL_RUNNER": args.model_runner,
-        "MODELSERVE_ROUTER_FEATURE_READER": args.feature_reader,
+def stack_env(model_runner: str, feature_reader: str) -> dict[str, str]:
+    """The services' environment for a benchmark: the router's two paths, logs at warning."""
+    return {
+        "MODELSERVE_ROUTER_MODEL_RUNNER": model_runner,
+        "MODELSERVE_ROUTER_FEATURE_READER": feature_reader,
         "MODELSERVE_ROUTER_TELEMETRY__LOG_LEVEL": "warning",
         "MODELSERVE_FEATURE_TELEMETRY__LOG_LEVEL": "warning",
         "MODELSERVE_INFERENCE_TELEMETRY__LOG_LEVEL": "warning",
         "MODELSERVE_REGISTRY_TELEMETRY__LOG_LEVEL": "warning",
         "MODELSERVE_MONITOR_TELEMETRY__LOG_LEVEL": "warning",
     }
-    stack = Stack(StackOptions(run_dir=run_dir, env=env))
+
+
+async def start_demo_stack(model_runner: str, feature_reader: str) -> tuple[Stack, DemoDeployment]:
+    """Starts the local stack in a new temporary directory and deploys the demo model.
+
+    The caller stops the stack; when the deployment fails, it is stopped here.
+    """
+    run_dir = Path(tempfile.mkdtemp(prefix="modelserve-bench-"))
+    stack = Stack(StackOptions(run_dir=run_dir, env=stack_env(model_runner, feature_reader)))
     await stack.start()
     try:
-        demo = await deploy_demo(stack.targets)
+        return stack, await deploy_demo(stack.targets)
+    except BaseException:
+        await stack.stop()
+        raise
+
+
+def predict_requests(customers: Iterable[str]) -> list[router_pb.PredictRequest]:
+    """One Predict request per demo customer id, each with its own amount."""
+    return [demo_request(c, 10.0 + i) for i, c in enumerate(customers)]
+
+
+async def main(args: argparse.Namespace) -> None:
+    stack, demo = await start_demo_stack(args.model_runner, args.feature_reader)
+    try:
         customers = list(demo.customers)
-        requests = [demo_request(c, 10.0 + i) for i, c in enumerate(customers)]
+        requests = predict_requests(customers)
         rows = np.stack(
             [
                 fraud.feature_vector(

@@ -152,14 +152,13 @@ async def update(
 
 
 def router_settings(stack: Stack, **overrides: object) -> RouterSettings:
-    """An in-process router on the stack with the default direct path, polling fast."""
+    """An in-process router on the stack with the default direct path."""
     values: dict[str, object] = {
         "registry_target": stack.targets["registry"],
         "inference_target": stack.targets["inference"],
         "feature_target": stack.targets["feature"],
         "redis_url": stack.redis.url,
         "prediction_stream": STREAM,
-        "ready_poll_ms": 100,
         "watch_backoff_max_s": 0.2,
     }
     values.update(overrides)
@@ -213,7 +212,7 @@ class TestStickyAssignment:
             service_path = router_grpc.RouterServiceStub(channel)
 
             async def same_on_service_path() -> bool:
-                # That router learns the new version is READY at its next poll of inference.
+                # That router learns from inference's state stream that the version is READY.
                 answers = {c: await service_path.Predict(ab_request(c)) for c in customers}
                 return {c: a.model_version for c, a in answers.items()} == assignment
 
@@ -430,9 +429,9 @@ class TestFallbacks:
                 return bool(held)
 
             await eventually(twin_ready, f"inference to load {twin} for its deployments")
-        # Polling inference rarely, the router still believes the version READY once Triton
-        # has lost it.
-        async with router(rollout.stack, ready_poll_ms=600_000) as (stub, app):
+        # Taken out of Triton behind inference's back, the version is still READY in
+        # inference's state stream, so the router keeps choosing it and it fails for real.
+        async with router(rollout.stack) as (stub, app):
             for request in (with_fallback, with_default):
                 assert (await stub.Predict(request)).model_version == twin
             triton = tritonclient.grpc.aio.InferenceServerClient(held[0].triton_endpoint)

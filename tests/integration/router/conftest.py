@@ -103,6 +103,7 @@ async def dependencies(
                 triton_endpoint=app.runner.url,
                 registry=registry_grpc.RegistryServiceStub(registry_channel),
                 inference=inference_grpc.InferenceServiceStub(inference_channel),
+                registry_channel=registry_channel,
             )
             for name in (V1, V2):
                 await reload(deps, name)

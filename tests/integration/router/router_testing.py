@@ -1,11 +1,13 @@
 """Helpers the router's integration tests share: the running dependencies, an in-process router
-on them, deployments, taking a version out of Triton for real, and Triton's own counts."""
+on them, deployments, changing what Triton holds behind inference's back (a version taken out,
+a model made slow), and Triton's own counts."""
 
 from __future__ import annotations
 
 import contextlib
+import copy
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -28,9 +30,11 @@ from modelserve_cli.demo import demo_request
 from modelserve_cli.stack import RedisProcess
 from modelserve_router.config import RouterSettings
 from modelserve_router.server import RouterApp, build_server
+from modelserve_runtime.clients import RegistryAdminClient, RegistryClient
 from modelserve_runtime.convert import tensor_to_numpy
 from modelserve_runtime.errors import DecodedError, decode_rpc_error
 from modelserve_runtime.prediction_log import decode_record
+from modelserve_triton.model_config import model_files
 from modelserve_triton.runner import TritonRunner
 
 MODEL_ID = "fraud"
@@ -59,18 +63,16 @@ class Dependencies:
     triton_endpoint: str
     registry: registry_grpc.RegistryServiceAsyncStub
     inference: inference_grpc.InferenceServiceAsyncStub
+    registry_channel: grpc.aio.Channel
 
 
 def router_settings(deps: Dependencies, **overrides: Any) -> RouterSettings:
-    """A router on the dependencies with the default direct path (Redis, Triton). It polls
-    inference rarely, so it keeps believing in a version taken out of Triton behind its back,
-    as it would between two polls."""
+    """A router on the dependencies with the default direct path (Redis, Triton)."""
     values: dict[str, Any] = {
         "registry_target": deps.registry_target,
         "inference_target": deps.inference_target,
         "redis_url": deps.redis.url,
         "prediction_stream": STREAM,
-        "ready_poll_ms": 600_000,
         "watch_backoff_max_s": 0.2,
     }
     values.update(overrides)
@@ -90,21 +92,30 @@ async def router(
 async def deploy(
     deps: Dependencies,
     endpoint: str,
-    version: str,
+    version: str | Mapping[str, int],
     *,
     default_outputs: bool = True,
     salt: str = "",
     fallback_version: str = "",
+    shadow: Sequence[str] = (),
+    hybrid: registry_pb.HybridLookup | None = None,
 ) -> registry_pb.Deployment:
-    """Routes all of `endpoint` to `version`, with the declared default outputs."""
+    """Routes all of `endpoint` to `version` (or splits it by the percent of each version),
+    with the declared default outputs."""
+    traffic = {version: 100} if isinstance(version, str) else version
     response = await deps.registry.UpdateDeployment(
         registry_pb.UpdateDeploymentRequest(
             deployment=registry_pb.Deployment(
                 name=f"deployments/{endpoint}",
-                traffic=[registry_pb.TrafficTarget(model_version=version, percent=100)],
+                traffic=[
+                    registry_pb.TrafficTarget(model_version=v, percent=p)
+                    for v, p in traffic.items()
+                ],
                 default_outputs=[DEFAULT] if default_outputs else [],
                 salt=salt,
                 fallback_version=fallback_version,
+                shadow=list(shadow),
+                hybrid=hybrid,
             ),
             allow_missing=True,
         )
@@ -127,14 +138,21 @@ def probabilities(response: router_pb.PredictResponse) -> npt.NDArray[Any]:
     return np.asarray(tensor_to_numpy(tensor))
 
 
-@contextlib.asynccontextmanager
-async def unloaded(deps: Dependencies, version: str) -> AsyncIterator[None]:
-    """Takes `version` out of Triton through inference, and loads it back on the way out."""
-    await deps.inference.UnloadModelVersion(inference_pb.UnloadModelVersionRequest(name=version))
-    try:
-        yield
-    finally:
-        await reload(deps, version)
+async def register_copy(deps: Dependencies, model_id: str, of: str = V1) -> str:
+    """Registers `of`'s artifact and signature as version 1 of a new model `model_id` (in
+    Triton a model of its own, whose config no test of the demo model shares)."""
+    template = await deps.registry.GetModelVersion(registry_pb.GetModelVersionRequest(name=of))
+    artifact = await RegistryClient(deps.registry_channel).read_artifact(of)
+    admin = RegistryAdminClient(deps.registry_channel)
+    await admin.create_model(model_id, f"a copy of {of}")
+    version = await admin.upload_model_version(
+        f"models/{model_id}",
+        registry_pb.ModelVersion(
+            format=registry_pb.ARTIFACT_FORMAT_ONNX, signature=template.model_version.signature
+        ),
+        artifact,
+    )
+    return version.name
 
 
 async def reload(deps: Dependencies, version: str) -> None:
@@ -143,6 +161,66 @@ async def reload(deps: Dependencies, version: str) -> None:
         inference_pb.LoadModelVersionRequest(name=version)
     )
     assert loaded.model_version.state == inference_pb.MODEL_VERSION_STATE_READY
+
+
+async def _reload_in_triton(
+    deps: Dependencies,
+    model_id: str,
+    versions: list[str],
+    changed: Callable[[dict[str, Any]], dict[str, Any]],
+) -> dict[str, Any]:
+    """Loads `model_id` into Triton again, straight through Triton's API, with the config
+    `changed` makes of the one Triton runs it with now, and the artifacts of `versions`;
+    returns the config it ran with before."""
+    registry = RegistryClient(deps.registry_channel)
+    files = model_files(
+        {int(v.rsplit("/", 1)[1]): await registry.read_artifact(v) for v in versions}
+    )
+    triton = TritonRunner(deps.triton_endpoint)
+    try:
+        before = await triton.model_config(model_id, timeout_s=WAIT_S)
+        await triton.load(model_id, changed(copy.deepcopy(before)), files, timeout_s=WAIT_S)
+    finally:
+        await triton.close()
+    return before
+
+
+@contextlib.asynccontextmanager
+async def unloaded(deps: Dependencies, version: str) -> AsyncIterator[None]:
+    """Takes `version` out of Triton behind inference's back (Triton reloads the demo model
+    without it), so inference still reports it READY and the router keeps calling it, as
+    between a failure in Triton and inference noticing; puts it back on the way out."""
+    others = [int(v.rsplit("/", 1)[1]) for v in (V1, V2) if v != version]
+
+    def without(config: dict[str, Any]) -> dict[str, Any]:
+        config["version_policy"] = {"specific": {"versions": others}}
+        return config
+
+    before = await _reload_in_triton(deps, MODEL_ID, [V1, V2], without)
+    try:
+        yield
+    finally:
+        await _reload_in_triton(deps, MODEL_ID, [V1, V2], lambda _: before)
+
+
+@contextlib.asynccontextmanager
+async def slow_in_triton(
+    deps: Dependencies, model_version: str, *, queue_delay_us: int
+) -> AsyncIterator[None]:
+    """Makes Triton hold every request to `model_version`'s model up to `queue_delay_us` (its
+    dynamic batcher waits that long for a batch that never fills), behind inference's back;
+    the delay is taken off on the way out."""
+    model_id = model_version.split("/")[1]
+
+    def slow(config: dict[str, Any]) -> dict[str, Any]:
+        config.setdefault("dynamic_batching", {})["max_queue_delay_microseconds"] = queue_delay_us
+        return config
+
+    before = await _reload_in_triton(deps, model_id, [model_version], slow)
+    try:
+        yield
+    finally:
+        await _reload_in_triton(deps, model_id, [model_version], lambda _: before)
 
 
 async def _version_stats(deps: Dependencies, version: str) -> dict[str, Any]:

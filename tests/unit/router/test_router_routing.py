@@ -1,4 +1,5 @@
-"""Version choice: single target, weighted split, sticky assignment, READY filtering."""
+"""Version choice: single target, weighted split, sticky assignment, READY filtering; the READY
+set as inference's state stream changes it; a deployment's hybrid lookup."""
 
 from __future__ import annotations
 
@@ -7,8 +8,21 @@ from collections import Counter
 
 import grpc
 import pytest
+from google.protobuf.duration_pb2 import Duration
 
-from modelserve_router.routing import Route, ServedVersion, Target, choose, routing_keys
+from modelserve.inference.v1 import inference_service_pb2 as inference_pb
+from modelserve.registry.v1 import registry_service_pb2 as registry_pb
+from modelserve_router.routing import (
+    HybridLookup,
+    Route,
+    ServedVersion,
+    ServingChange,
+    Target,
+    apply_serving_change,
+    choose,
+    routing_keys,
+)
+from modelserve_router.sources import serving_change
 from modelserve_runtime.errors import FailedPreconditionError
 
 V1, V2, V3 = (f"models/fraud/versions/{n}" for n in (1, 2, 3))
@@ -89,3 +103,77 @@ class TestChoose:
             choose(route, ready, {})
         assert info.value.code is grpc.StatusCode.FAILED_PRECONDITION
         assert info.value.reason == reason
+
+
+class TestServingChanges:
+    def test_whole_state_replaces_later_changes_merge(self) -> None:
+        """The first message of a stream replaces the READY set (a version it lacks is gone);
+        a later one adds its READY versions (a new endpoint replacing the old) and drops every
+        other one, leaving the rest untouched."""
+        known = {V1: ServedVersion(V1, "old:1"), V2: ServedVersion(V2, "old:1")}
+        initial = apply_serving_change(
+            known, ServingChange(((V1, ServedVersion(V1, "new:1")),), initial=True)
+        )
+        assert initial == {V1: ServedVersion(V1, "new:1")}
+        merged = apply_serving_change(
+            initial,
+            ServingChange(((V3, ServedVersion(V3, "new:1")), (V1, None), (V2, None))),
+        )
+        assert merged == {V3: ServedVersion(V3, "new:1")}
+        assert apply_serving_change(merged, ServingChange()) == merged
+
+    def test_a_later_state_of_the_same_version_wins(self) -> None:
+        """A message naming a version twice leaves it as its last state says."""
+        back = ServingChange(((V1, None), (V1, ServedVersion(V1, "new:1"))))
+        assert apply_serving_change({}, back) == {V1: ServedVersion(V1, "new:1")}
+        gone = ServingChange(((V1, ServedVersion(V1, "new:1")), (V1, None)))
+        assert apply_serving_change({V1: ServedVersion(V1, "old:1")}, gone) == {}
+
+    def test_only_ready_is_routable(self) -> None:
+        """From a WatchModelStates message, READY versions come with their Triton endpoint;
+        LOADING, WARMING, FAILED, UNLOADING and removed ones are not routable."""
+        states = [
+            (V1, inference_pb.MODEL_VERSION_STATE_READY),
+            (V2, inference_pb.MODEL_VERSION_STATE_LOADING),
+            (V3, inference_pb.MODEL_VERSION_STATE_WARMING),
+            ("models/fraud/versions/4", inference_pb.MODEL_VERSION_STATE_FAILED),
+            ("models/fraud/versions/5", inference_pb.MODEL_VERSION_STATE_UNLOADING),
+        ]
+        message = inference_pb.WatchModelStatesResponse(
+            model_versions=[
+                inference_pb.LoadedModelVersion(
+                    name=name,
+                    state=state,
+                    triton_endpoint="127.0.0.1:8001",
+                    triton_model_name="fraud",
+                    triton_model_version=int(name.rsplit("/", 1)[1]),
+                )
+                for name, state in states
+            ],
+            removed_names=["models/fraud/versions/6"],
+            initial=True,
+        )
+        change = serving_change(message)
+        assert change.initial
+        assert change.versions == (
+            (V1, ServedVersion(V1, "127.0.0.1:8001", "fraud", 1)),
+            *((name, None) for name, _ in states[1:]),
+            ("models/fraud/versions/6", None),
+        )
+
+
+class TestHybridRoute:
+    def test_enabled_lookup_becomes_the_route_s(self) -> None:
+        """An enabled hybrid lookup is carried with its entity type and max age in seconds; a
+        disabled one, even with values set, is none."""
+        deployment = registry_pb.Deployment(
+            name="deployments/fraud",
+            revision=3,
+            traffic=[registry_pb.TrafficTarget(model_version=V1, percent=100)],
+            hybrid=registry_pb.HybridLookup(
+                enabled=True, max_age=Duration(seconds=90, nanos=500_000_000), entity_type="card"
+            ),
+        )
+        assert Route.from_proto(deployment).hybrid == HybridLookup("card", 90.5)
+        deployment.hybrid.enabled = False
+        assert Route.from_proto(deployment).hybrid is None

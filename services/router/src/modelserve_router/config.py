@@ -4,11 +4,12 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, SecretStr, ValidationError, model_validator
 from pydantic_settings import SettingsConfigDict
 
 from modelserve_runtime.auth import AuthSettings
 from modelserve_runtime.config import ServiceSettings
+from modelserve_runtime.redis_connect import RedisConnection
 
 
 class EndpointSettings(BaseModel):
@@ -63,8 +64,12 @@ class RouterSettings(ServiceSettings):
 
     model_config = SettingsConfigDict(env_prefix="MODELSERVE_ROUTER_")
 
-    redis_url: str = "redis://127.0.0.1:6379/0"
-    """Redis for the prediction log (and, with `feature_reader: redis`, for features)."""
+    redis: RedisConnection = Field(default_factory=RedisConnection)
+    """Redis for the prediction log, precomputed predictions (hybrid lookup) and, with
+    `feature_reader: redis`, features: standalone, Sentinel or Cluster, credentials and TLS
+    (`REDIS__*`), as the feature service reaches it."""
+    redis_url: str | None = None
+    """Shorthand for a standalone Redis at this URL (`redis.url`); unset: `redis` decides."""
     prediction_stream: str = "modelserve:predictions"
     """The Redis Stream that receives one PredictionRecord per request."""
     prediction_stream_max_len: int = Field(default=1_000_000, ge=1000)
@@ -75,18 +80,40 @@ class RouterSettings(ServiceSettings):
     model_runner: Literal["service", "triton"] = "triton"
     """`triton`: straight to the Triton endpoint that inference publishes for a READY version;
     `service`: through the inference service. The benchmark picked `triton`."""
+    coalesce: bool = False
+    """Micro-batching: concurrent model calls for one version go to the model as one batched
+    call (what is waiting is sent as soon as a slot is free; see `coalesce_*`), and each
+    caller gets its own rows back. A request refused for its input fails alone."""
+    coalesce_max_batch_rows: int = Field(default=256, ge=1)
+    """Most rows in one coalesced call (keep it at most Triton's max batch size)."""
+    coalesce_max_batches: int = Field(default=1, ge=1)
+    """Coalesced calls in flight per version at once; requests beyond them wait and ride
+    together in the next one."""
+    coalesce_budget_ms: float = Field(default=0.0, ge=0)
+    """How long the first request of a batch may wait for company when nothing is in flight;
+    0 (the default) never waits."""
     registry_target: str | None = None
     """The registry's `host:port`; resolved through discovery (service `registry`) when unset."""
     feature_target: str | None = None
     """The feature service's `host:port`; discovery (service `feature`) when unset."""
     inference_target: str | None = None
     """The inference service's `host:port`; discovery (service `inference`) when unset."""
-    ready_poll_ms: int = Field(default=500, ge=10)
-    """How often inference is asked which versions are READY (only those get traffic). A
-    deployment whose targets are none of them asks again at once."""
+    registry_api_key: SecretStr | None = None
+    """API key sent to the registry (as `x-api-key`) when its auth is on; a `viewer` key is
+    enough to follow deployments. Never logged."""
+    inference_api_key: SecretStr | None = None
+    """API key sent to the inference service, for an inference behind a gateway that checks
+    keys. Never logged."""
+    ready_poll_ms: int | None = None
+    """Retired: READY versions now come from inference's WatchModelStates stream. Still
+    accepted, and ignored, so that settings files written for older routers keep loading."""
+    watch_timeout_s: float = Field(default=3600.0, gt=0)
+    """Deadline of one WatchDeployments or WatchModelStates stream; when it passes the stream
+    is opened again (the channels' short default deadline would end it at once)."""
     watch_backoff_max_s: float = Field(default=5.0, gt=0)
-    """Longest wait between reconnects of the deployment watch while the registry is away
-    (the wait doubles from 50 ms); the last snapshot keeps serving meanwhile."""
+    """Longest wait between reconnects of the deployment watch while the registry is away,
+    and of the model-state watch while inference is (the wait doubles from 50 ms); the last
+    snapshot keeps serving meanwhile."""
     shadow_max_in_flight: int = Field(default=64, ge=1)
     """Most shadow copies running at once; a copy beyond it is dropped and counted."""
     shadow_timeout_s: float = Field(default=2.0, gt=0)
@@ -111,6 +138,35 @@ class RouterSettings(ServiceSettings):
     `{"batch-scorer": {"requests_per_s": 500, "burst": 1000}}`."""
     auth: AuthSettings = Field(default_factory=AuthSettings)
     """API keys of callers, as the registry checks them; off: every caller is `anonymous`."""
+
+    @model_validator(mode="after")
+    def _redis_url_is_standalone(self) -> RouterSettings:
+        """`redis_url` and `redis` must not contradict each other."""
+        if self.redis_url is None:
+            return self
+        if self.redis.mode != "standalone":
+            raise ValueError(
+                f"redis_url is the shorthand for standalone mode, and redis.mode is "
+                f"{self.redis.mode!r}: unset redis_url and list the servers in redis.nodes"
+            )
+        if "url" in self.redis.model_fields_set and self.redis.url != self.redis_url:
+            raise ValueError("redis_url and redis.url are both set and differ: set one")
+        self.redis_connection()
+        return self
+
+    def redis_connection(self) -> RedisConnection:
+        """`redis` with `redis_url` applied, and the socket timeout defaulting to
+        `feature_timeout_s` (the longest any Redis read on the request path may take);
+        ValueError naming `redis_url` when that makes it invalid."""
+        given = self.redis.model_dump(exclude_unset=True)
+        if self.redis_url is not None:
+            given["url"] = self.redis_url
+        given.setdefault("timeout_s", self.feature_timeout_s)
+        try:
+            return RedisConnection.model_validate(given)
+        except ValidationError as exc:
+            problems = "; ".join(str(e.get("ctx", {}).get("error", e["msg"])) for e in exc.errors())
+            raise ValueError(f"redis_url: {problems}") from None
 
     def endpoint(self, name: str) -> EndpointSettings:
         """The settings of one endpoint: its entry over the defaults."""

@@ -8,13 +8,14 @@ import uuid
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import numpy.typing as npt
 import structlog
 from google.protobuf.timestamp_pb2 import Timestamp
 
+from modelserve.registry.v1 import registry_service_pb2 as registry_pb
 from modelserve.type.v1 import prediction_record_pb2
 from modelserve_features.convert import value_to_proto
 from modelserve_features.online import FeatureResult, FeatureStatus
@@ -28,6 +29,7 @@ from modelserve_router.breaker import (
 )
 from modelserve_router.cache import CacheKey, PredictionCache, cache_key
 from modelserve_router.config import EndpointSettings
+from modelserve_router.hybrid import PrecomputedLookup
 from modelserve_router.limits import CallerRateLimits, InFlightLimit
 from modelserve_router.routing import (
     Route,
@@ -46,6 +48,7 @@ from modelserve_runtime.errors import (
     FieldViolation,
     InvalidArgumentError,
     ModelServeError,
+    NotFoundError,
     ResourceExhaustedError,
     UnavailableError,
 )
@@ -59,9 +62,22 @@ log = structlog.get_logger()
 REQUEST_ENTITY = "request"
 
 
+class CallerTensors(Protocol):
+    """A model input the caller sends whole (Open Inference Protocol) instead of features."""
+
+    def for_version(
+        self, model_version: str, signature: registry_pb.Signature
+    ) -> tuple[dict[str, npt.NDArray[Any]], dict[str, Value | None]]:
+        """The tensors as `model_version` takes them, passed as they are, and the feature
+        values they hold by feature ref (for the record); InvalidArgumentError naming each
+        tensor that does not fit the signature."""
+        ...
+
+
 @dataclass(frozen=True, slots=True)
 class PredictionInput:
-    """A validated-shape Predict request, free of protobuf."""
+    """A validated-shape Predict (or Open Inference Protocol ModelInfer) request, free of
+    protobuf."""
 
     endpoint: str
     entities: Mapping[str, str]
@@ -73,6 +89,13 @@ class PredictionInput:
     user_id: str = ""
     principal: str = ANONYMOUS
     """Who is calling (the API key's principal); keys the caller's rate limit."""
+    routing_key: str = ""
+    """The sticky key's value, whatever the deployment's `routing_key` names; when empty the
+    key comes from `user_id` or `entities`."""
+    model_version: str = ""
+    """A version the caller pins instead of the traffic split (see `pin`)."""
+    tensors: CallerTensors | None = None
+    """The model's input as the caller sent it; None: assembled from features."""
 
 
 @dataclass(slots=True)
@@ -126,9 +149,11 @@ class Predictor:
         breakers: CircuitBreakers | None = None,
         rate_limits: CallerRateLimits | None = None,
         endpoint_settings: Callable[[str], EndpointSettings] | None = None,
+        precomputed: PrecomputedLookup | None = None,
     ) -> None:
         """`breakers`, `rate_limits` and `endpoint_settings` (caches and in-flight limits)
-        are None when off, and then cost a request nothing."""
+        are None when off, and then cost a request nothing. `precomputed` answers for
+        deployments whose hybrid lookup is on; the others never touch it."""
         self._routes = routes
         self._features = features
         self._runner = runner
@@ -139,6 +164,7 @@ class Predictor:
         self._rate_limits = rate_limits
         self._endpoint_settings = endpoint_settings
         self._endpoints: dict[str, _Endpoint] = {}
+        self._precomputed = precomputed
 
     def in_flight(self, endpoint: str) -> int:
         """Requests of the endpoint in flight now, where it has an in-flight limit (else 0)."""
@@ -186,7 +212,15 @@ class Predictor:
         structlog.contextvars.bind_contextvars(endpoint=request.endpoint, request_id=request_id)
         # One snapshot serves the whole request, so a flip mid-request is never half seen.
         snapshot, route = await self._routes.resolve(request.endpoint)
-        choice = choose(route, snapshot.ready, routing_keys(request.user_id, request.entities))
+        if request.model_version:
+            choice = pin(route, request.model_version)
+        else:
+            keys = (
+                {route.routing_key: request.routing_key}
+                if request.routing_key
+                else routing_keys(request.user_id, request.entities)
+            )
+            choice = choose(route, snapshot.ready, keys)
         structlog.contextvars.bind_contextvars(version=choice.model_version)
         record = self._record(request, request_id, choice.model_version, choice.reason, received)
         cached: _CacheUse | None = None
@@ -200,9 +234,15 @@ class Predictor:
                 limit.enter()
         try:
             try:
-                result = await self._run(
-                    request, snapshot, choice.model_version, choice.reason, request_id, cached
-                )
+                result = None
+                if route.hybrid is not None and self._precomputed is not None:
+                    result = await self._answer_precomputed(
+                        request, snapshot, route, choice.model_version, request_id
+                    )
+                if result is None:
+                    result = await self._run(
+                        request, snapshot, choice.model_version, choice.reason, request_id, cached
+                    )
             except (UnavailableError, ResourceExhaustedError) as exc:
                 result = await self._fall_back(
                     request, snapshot, route, choice, request_id, exc, cached
@@ -229,6 +269,36 @@ class Predictor:
                     self._shadow(request, snapshot, shadow, request_id, received),
                     model_version=shadow,
                 )
+
+    async def _answer_precomputed(
+        self,
+        request: PredictionInput,
+        snapshot: Snapshot,
+        route: Route,
+        model_version: str,
+        request_id: str,
+    ) -> PredictionResult | None:
+        """The answer of a batch job's fresh prediction for the request's entity, made by the
+        chosen version (`precomputed`); None when there is none and the model must answer."""
+        assert route.hybrid is not None and self._precomputed is not None
+        signature = snapshot.versions[model_version].signature
+        with tracer().start_as_current_span("router.precomputed"):
+            outputs = await self._precomputed.answer(
+                route.endpoint,
+                route.hybrid,
+                request.entities,
+                model_version,
+                {o.name: list(o.shape) for o in signature.outputs},
+            )
+        if outputs is None:
+            return None
+        return PredictionResult(
+            outputs=outputs,
+            model_version=model_version,
+            route_reason="precomputed",
+            request_id=request_id,
+            trace_id=current_trace_id(),
+        )
 
     async def _fall_back(
         self,
@@ -351,51 +421,57 @@ class Predictor:
                 metadata={"model_version": model_version},
             )
         signature = snapshot.versions[model_version].signature
-        if not signature.inputs or not signature.feature_refs:
-            raise FailedPreconditionError(
-                f"{model_version} declares no feature_refs; the router cannot build its input",
-                reason="NO_FEATURE_REFS",
-                metadata={"model_version": model_version},
+        if request.tensors is not None:
+            # The caller sent the model's tensors (Open Inference Protocol): no features.
+            inputs, values = request.tensors.for_version(model_version, signature)
+            missing: list[str] = []
+            statuses: dict[str, FeatureStatus] = {}
+        else:
+            if not signature.inputs or not signature.feature_refs:
+                raise FailedPreconditionError(
+                    f"{model_version} declares no feature_refs; the router cannot build its input",
+                    reason="NO_FEATURE_REFS",
+                    metadata={"model_version": model_version},
+                )
+            refs = list(signature.feature_refs)
+            stored = [FeatureRef.parse(r) for r in refs if not r.startswith(REQUEST_ENTITY + ":")]
+            with tracer().start_as_current_span("router.features"):
+                entity_types = (
+                    await self._features.entity_types(sorted({r.view for r in stored}))
+                    if stored
+                    else {}
+                )
+                needed_types = sorted(set(entity_types.values()))
+                missing_ids = [t for t in needed_types if not request.entities.get(t)]
+                if missing_ids:
+                    violations = [
+                        FieldViolation(
+                            f"entities.{t}", f"{model_version} needs the id of a {t!r} entity"
+                        )
+                        for t in missing_ids
+                    ]
+                    raise InvalidArgumentError.from_violations(violations)
+                entities = {t: request.entities[t] for t in needed_types}
+                stored_values = await self._features.read(entities, stored) if stored else {}
+            facts = RequestFacts(
+                event_time=request.event_time or datetime.now(UTC),
+                user_agent=request.user_agent,
+                query=request.query,
             )
-        refs = list(signature.feature_refs)
-        stored = [FeatureRef.parse(r) for r in refs if not r.startswith(REQUEST_ENTITY + ":")]
-        with tracer().start_as_current_span("router.features"):
-            entity_types = (
-                await self._features.entity_types(sorted({r.view for r in stored}))
-                if stored
-                else {}
+            row, values, statuses = assemble_row(
+                refs, stored_values, request.features, facts, model_version=model_version
             )
-            needed_types = sorted(set(entity_types.values()))
-            missing_ids = [t for t in needed_types if not request.entities.get(t)]
-            if missing_ids:
-                violations = [
-                    FieldViolation(
-                        f"entities.{t}", f"{model_version} needs the id of a {t!r} entity"
-                    )
-                    for t in missing_ids
-                ]
-                raise InvalidArgumentError.from_violations(violations)
-            entities = {t: request.entities[t] for t in needed_types}
-            stored_values = await self._features.read(entities, stored) if stored else {}
-        facts = RequestFacts(
-            event_time=request.event_time or datetime.now(UTC),
-            user_agent=request.user_agent,
-            query=request.query,
-        )
-        row, values, statuses = assemble_row(
-            refs, stored_values, request.features, facts, model_version=model_version
-        )
-        missing = [ref for ref, status in statuses.items() if status is FeatureStatus.MISSING]
-        not_present = {
-            ref: status.value
-            for ref, status in statuses.items()
-            if status is not FeatureStatus.PRESENT
-        }
-        if not_present:
-            log.warning("features_not_present", features=not_present)
-        first = signature.inputs[0]
-        dtype = DTYPES.get(first.datatype, np.dtype(np.float32))
-        inputs = {first.name: np.asarray([row], dtype=dtype)}
+            missing = [ref for ref, status in statuses.items() if status is FeatureStatus.MISSING]
+            not_present = {
+                ref: status.value
+                for ref, status in statuses.items()
+                if status is not FeatureStatus.PRESENT
+            }
+            if not_present:
+                log.warning("features_not_present", features=not_present)
+            first = signature.inputs[0]
+            dtype = DTYPES.get(first.datatype, np.dtype(np.float32))
+            inputs = {first.name: np.asarray([row], dtype=dtype)}
         if cached is not None:
             cached.key = cache_key(model_version, inputs)
             cached.features = values
@@ -445,6 +521,28 @@ class Predictor:
             missing_features=missing,
             feature_statuses={ref: status.value for ref, status in statuses.items()},
         )
+
+
+def pin(route: Route, model_version: str) -> RouteChoice:
+    """The version a caller pinned (`pinned`): a traffic target of the route at any share, or
+    its fallback version, named in full or by its number. Shadow versions never answer a
+    caller. NotFoundError for a version the route does not serve; InvalidArgumentError for a
+    number that names versions of two models."""
+    served = [t.model_version for t in route.traffic]
+    if route.fallback_version:
+        served.append(route.fallback_version)
+    named = [v for v in dict.fromkeys(served) if model_version in (v, v.rsplit("/", 1)[-1])]
+    if len(named) > 1:
+        raise InvalidArgumentError.for_field(
+            "model_version", f"{model_version!r} names {', '.join(named)}; send the full name"
+        )
+    if not named:
+        raise NotFoundError(
+            f"endpoint {route.endpoint} serves no version {model_version!r}",
+            reason="VERSION_NOT_SERVED",
+            metadata={"endpoint": route.endpoint, "model_version": model_version},
+        )
+    return RouteChoice(named[0], "pinned")
 
 
 def _failed(model_version: str, failure: ModelServeError) -> str:

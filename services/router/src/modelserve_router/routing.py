@@ -1,5 +1,6 @@
 """Endpoint -> deployment -> model version: the router's snapshot of the desired traffic state
-(followed from the registry's WatchDeployments) and of the versions inference serves READY."""
+(followed from the registry's WatchDeployments) and of the versions inference serves READY
+(followed from inference's WatchModelStates)."""
 
 from __future__ import annotations
 
@@ -32,6 +33,15 @@ class Target:
 
 
 @dataclass(frozen=True, slots=True)
+class HybridLookup:
+    """A deployment's hybrid lookup: answer from a batch job's precomputed prediction for the
+    request's entity of `entity_type` while it is at most `max_age_s` old."""
+
+    entity_type: str
+    max_age_s: float
+
+
+@dataclass(frozen=True, slots=True)
 class Route:
     """One deployment as the router follows it."""
 
@@ -46,10 +56,13 @@ class Route:
     """Answers, degraded, when the chosen version fails in inference."""
     default_outputs: tuple[tensor_pb2.Tensor, ...] = ()
     """Answer, degraded, when the fallback version fails too (or there is none)."""
+    hybrid: HybridLookup | None = None
+    """Precomputed predictions answer first; None when the deployment's lookup is off."""
 
     @classmethod
     def from_proto(cls, deployment: registry_pb.Deployment) -> Route:
         """The route of a registry Deployment."""
+        hybrid = deployment.hybrid
         return cls(
             endpoint=deployment.name.removeprefix("deployments/"),
             revision=deployment.revision,
@@ -59,6 +72,11 @@ class Route:
             shadow=tuple(deployment.shadow),
             fallback_version=deployment.fallback_version,
             default_outputs=tuple(deployment.default_outputs),
+            hybrid=(
+                HybridLookup(hybrid.entity_type, hybrid.max_age.ToTimedelta().total_seconds())
+                if hybrid.enabled
+                else None
+            ),
         )
 
     @property
@@ -76,6 +94,18 @@ class ServedVersion:
     triton_endpoint: str = ""
     triton_model_name: str = ""
     triton_model_version: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class ServingChange:
+    """One message of inference's state stream, in the router's terms."""
+
+    versions: tuple[tuple[str, ServedVersion | None], ...] = ()
+    """Each version the message names, in its order: where its Triton serves it when it is
+    READY now; None when it is in any other state (LOADING, WARMING, FAILED, UNLOADING) or
+    no longer held."""
+    initial: bool = False
+    """The whole state (the first message of a stream): it replaces what the router knew."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -103,10 +133,11 @@ class DeploymentSource(Protocol):
     """The registry, as the router reads it."""
 
     def watch_deployments(
-        self, after_sequence: int
+        self, after_sequence: int, *, timeout_s: float
     ) -> AsyncIterator[registry_pb.DeploymentRevision]:
         """Every deployment revision after `after_sequence` (the current ones when 0), then
-        live changes; UnavailableError when the registry cannot be reached."""
+        live changes, for at most `timeout_s`; UnavailableError when the registry cannot be
+        reached."""
         ...
 
     async def get_deployment(self, name: str) -> registry_pb.Deployment:
@@ -121,9 +152,29 @@ class DeploymentSource(Protocol):
 class ServingSource(Protocol):
     """Inference, as the router reads it."""
 
-    async def ready_versions(self) -> list[ServedVersion]:
-        """The versions inference holds READY."""
+    def watch_states(self, *, timeout_s: float) -> AsyncIterator[ServingChange]:
+        """The state of every held version (one `initial` change), then each change as it
+        happens, for at most `timeout_s`; UnavailableError when inference cannot be reached
+        or ends the stream."""
         ...
+
+    async def ready_versions(self) -> list[ServedVersion]:
+        """The versions inference holds READY now (one call)."""
+        ...
+
+
+def apply_serving_change(
+    ready: Mapping[str, ServedVersion], change: ServingChange
+) -> dict[str, ServedVersion]:
+    """The READY versions after `change`: the whole state replaces them; a later change is
+    merged into them (READY versions in, with their Triton endpoint; every other one out)."""
+    merged = {} if change.initial else dict(ready)
+    for name, served in change.versions:
+        if served is None:
+            merged.pop(name, None)
+        else:
+            merged[name] = served
+    return merged
 
 
 def sticky_point(salt: str, key: str) -> float:
@@ -182,32 +233,38 @@ def choose(
 class RoutingTable:
     """The current Snapshot, kept fresh in the background: deployments from the registry's
     WatchDeployments (reconnecting with backoff, resuming after the last sequence applied)
-    and READY versions polled from inference. When either cannot be reached, the last good
-    snapshot keeps serving."""
+    and READY versions from inference's WatchModelStates (reconnecting with backoff, starting
+    over from the whole state). When either cannot be reached, the last good snapshot keeps
+    serving."""
 
     def __init__(
         self,
         deployments: DeploymentSource,
         serving: ServingSource,
         *,
-        ready_poll_s: float,
+        watch_timeout_s: float = 3600.0,
         backoff_initial_s: float = 0.05,
         backoff_max_s: float = 5.0,
     ) -> None:
         self._deployments = deployments
         self._serving = serving
-        self._ready_poll_s = ready_poll_s
+        self._watch_timeout_s = watch_timeout_s
         self._backoff_initial_s = backoff_initial_s
         self._backoff_max_s = backoff_max_s
         self.snapshot = Snapshot()
         self._tasks: list[asyncio.Task[None]] = []
         self._ready_refresh: asyncio.Task[None] | None = None
+        self._states_live = False
+        """Whether the state stream has delivered its whole state and not broken since."""
+        self._states_applied = 0
+        """State messages applied so far: a ListModelVersions answer that is older than one of
+        them is dropped."""
 
     def start(self) -> None:
-        """Starts following the registry and polling inference."""
+        """Starts following the registry's deployments and inference's version states."""
         self._tasks = [
             asyncio.create_task(self._follow_deployments(), name="router-watch-deployments"),
-            asyncio.create_task(self._poll_ready(), name="router-poll-ready"),
+            asyncio.create_task(self._follow_states(), name="router-watch-model-states"),
         ]
 
     async def close(self) -> None:
@@ -224,7 +281,9 @@ class RoutingTable:
 
         An endpoint the snapshot does not hold yet (the watch has not delivered it) is read
         from the registry once; NotFoundError when it has no deployment. A route with no
-        READY target asks inference again before the request is refused.
+        READY target asks inference once (ListModelVersions) before the request is refused,
+        unless the state stream is live: then the snapshot already holds what inference
+        would answer.
         """
         snapshot = self.snapshot
         route = snapshot.routes.get(endpoint)
@@ -233,7 +292,9 @@ class RoutingTable:
             await self._apply(Route.from_proto(deployment), sequence=None)
             snapshot = self.snapshot
             route = snapshot.routes[endpoint]
-        if not any(t.model_version in snapshot.ready for t in route.traffic if t.percent > 0):
+        if not self._states_live and not any(
+            t.model_version in snapshot.ready for t in route.traffic if t.percent > 0
+        ):
             await self.refresh_ready()
             snapshot = self.snapshot
         return snapshot, route
@@ -245,30 +306,47 @@ class RoutingTable:
         await asyncio.shield(self._ready_refresh)
 
     async def _read_ready(self) -> None:
+        applied = self._states_applied
         served = await self._serving.ready_versions()
-        ready = {v.model_version: v for v in served}
+        if self._states_applied != applied:
+            # The stream told of a change while the call was out: the answer may predate it.
+            return
+        self._set_ready({v.model_version: v for v in served}, source="list")
+
+    def _set_ready(self, ready: dict[str, ServedVersion], *, source: str) -> None:
         if ready != self.snapshot.ready:
             self.snapshot = replace(self.snapshot, ready=ready)
-            log.info("ready_versions_changed", ready=sorted(ready))
+            log.info("ready_versions_changed", ready=sorted(ready), source=source)
 
-    async def _poll_ready(self) -> None:
-        failing = False
+    def _apply_states(self, change: ServingChange) -> None:
+        self._states_applied += 1
+        self._set_ready(apply_serving_change(self.snapshot.ready, change), source="stream")
+        if change.initial:
+            self._states_live = True
+            log.info("model_states_followed", ready=len(self.snapshot.ready))
+
+    async def _follow_states(self) -> None:
+        backoff = self._backoff_initial_s
         while True:
             try:
-                await self.refresh_ready()
+                async for change in self._serving.watch_states(timeout_s=self._watch_timeout_s):
+                    self._apply_states(change)
+                    backoff = self._backoff_initial_s
             except ModelServeError as exc:
-                if not failing:
-                    log.warning("ready_versions_unavailable", error=exc.message)
-                failing = True
-            else:
-                failing = False
-            await asyncio.sleep(self._ready_poll_s)
+                log.warning("model_state_watch_lost", error=exc.message, retry_in_s=backoff)
+            # Until the next whole state arrives, the READY versions last seen keep serving.
+            self._states_live = False
+            # Pacing the reconnects to an inference that is down, not waiting for a result.
+            await asyncio.sleep(backoff)
+            backoff = min(backoff * 2, self._backoff_max_s)
 
     async def _follow_deployments(self) -> None:
         backoff = self._backoff_initial_s
         while True:
             try:
-                async for revision in self._deployments.watch_deployments(self.snapshot.sequence):
+                async for revision in self._deployments.watch_deployments(
+                    self.snapshot.sequence, timeout_s=self._watch_timeout_s
+                ):
                     await self._apply(
                         Route.from_proto(revision.deployment), sequence=revision.sequence
                     )

@@ -3,16 +3,23 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import cast
 
 import grpc
 import redis.asyncio as redis
+import structlog
+from redis.exceptions import RedisClusterException
+from tritonclient.grpc import service_pb2_grpc as oip_grpc
 
 from modelserve.router.v1 import router_service_pb2 as pb
 from modelserve.router.v1 import router_service_pb2_grpc as pb_grpc
 from modelserve_features.online import OnlineStore
+from modelserve_router import oip
 from modelserve_router.access import ROUTER_POLICY
 from modelserve_router.breaker import CircuitBreakers
+from modelserve_router.coalesce import CoalescingRunner
 from modelserve_router.config import RateLimitSettings, RouterSettings
+from modelserve_router.hybrid import PrecomputedLookup
 from modelserve_router.limits import CallerRateLimits, Rate
 from modelserve_router.predict import Predictor
 from modelserve_router.routing import RoutingTable
@@ -27,15 +34,18 @@ from modelserve_router.sources import (
     ServiceModelRunner,
     TritonModelRunner,
 )
-from modelserve_runtime.auth import ApiKeyAuthenticator, AuthInterceptor
+from modelserve_runtime.auth import PUBLIC_METHODS, ApiKeyAuthenticator, AuthInterceptor
 from modelserve_runtime.channels import create_channel
 from modelserve_runtime.clients import FeatureClient, InferenceClient, RegistryClient
 from modelserve_runtime.discovery import Discovery, create_discovery
 from modelserve_runtime.errors import UnavailableError
 from modelserve_runtime.prediction_log import PredictionLogWriter
+from modelserve_runtime.redis_connect import RedisClient, connect, ping
 from modelserve_runtime.server import GrpcServer, build_grpc_server, run_service
 
 SERVICE = "router"
+
+log = structlog.get_logger()
 
 
 class RouterApp:
@@ -43,15 +53,18 @@ class RouterApp:
 
     def __init__(
         self,
-        client: redis.Redis,
+        client: RedisClient,
         channels: list[grpc.aio.Channel],
         prediction_log: PredictionLogWriter,
         runner: ModelRunner,
         routes: RoutingTable,
         shadows: ShadowMirror,
         predictor: Predictor,
+        direct: TritonModelRunner | None = None,
     ) -> None:
         self.redis = client
+        self.direct = direct
+        """The direct Triton runner, whose clients close with the app."""
         self.channels = channels
         self.prediction_log = prediction_log
         self.runner = runner
@@ -61,8 +74,8 @@ class RouterApp:
 
     async def check_ready(self) -> None:
         try:
-            await self.redis.ping()
-        except redis.RedisError as exc:
+            await ping(self.redis)
+        except (redis.RedisError, RedisClusterException, OSError) as exc:
             raise UnavailableError(f"redis does not answer: {exc}") from exc
 
     async def begin_shutdown(self) -> None:
@@ -72,8 +85,10 @@ class RouterApp:
         await self.routes.close()
         await self.shadows.close()
         await self.prediction_log.flush()
-        if isinstance(self.runner, TritonModelRunner):
+        if isinstance(self.runner, CoalescingRunner):
             await self.runner.close()
+        if self.direct is not None:
+            await self.direct.close()
         for channel in self.channels:
             await channel.close()
         await self.redis.aclose()
@@ -102,13 +117,20 @@ def _rate_limits(settings: RouterSettings) -> CallerRateLimits | None:
 async def build_server(settings: RouterSettings) -> tuple[GrpcServer, RouterApp]:
     """Builds the router bound to its port, with the readers and runner its settings choose."""
     discovery = create_discovery(settings.discovery)
-    client = redis.Redis.from_url(settings.redis_url, socket_timeout=settings.feature_timeout_s)
+    connection = settings.redis_connection()
+    log.info("redis_configured", redis=connection.describe())
+    if settings.ready_poll_ms is not None:
+        log.warning("setting_retired", setting="ready_poll_ms", instead="WatchModelStates")
+    client = connect(connection)
+    registry_key, inference_key = settings.registry_api_key, settings.inference_api_key
     registry_channel = create_channel(
-        await _target(settings.registry_target, discovery, "registry")
+        await _target(settings.registry_target, discovery, "registry"),
+        api_key=None if registry_key is None else registry_key.get_secret_value(),
     )
     inference_channel = create_channel(
         await _target(settings.inference_target, discovery, "inference"),
         default_timeout_s=settings.inference_timeout_s,
+        api_key=None if inference_key is None else inference_key.get_secret_value(),
     )
     channels = [registry_channel, inference_channel]
     features: FeatureReader
@@ -124,18 +146,29 @@ async def build_server(settings: RouterSettings) -> tuple[GrpcServer, RouterApp]
             FeatureClient(feature_channel, timeout_s=settings.feature_timeout_s)
         )
     inference = InferenceClient(inference_channel, timeout_s=settings.inference_timeout_s)
+    direct: TritonModelRunner | None = None
     runner: ModelRunner
     if settings.model_runner == "triton":
-        runner = TritonModelRunner(timeout_s=settings.inference_timeout_s)
+        runner = direct = TritonModelRunner(timeout_s=settings.inference_timeout_s)
     else:
         runner = ServiceModelRunner(inference)
+    if settings.coalesce:
+        runner = CoalescingRunner(
+            runner,
+            max_batch_rows=settings.coalesce_max_batch_rows,
+            max_batches=settings.coalesce_max_batches,
+            budget_s=settings.coalesce_budget_ms / 1000,
+        )
     prediction_log = PredictionLogWriter(
-        client, stream=settings.prediction_stream, max_len=settings.prediction_stream_max_len
+        # Annotated for Redis only; a RedisCluster's pipeline takes the same XADDs.
+        cast(redis.Redis, client),
+        stream=settings.prediction_stream,
+        max_len=settings.prediction_stream_max_len,
     )
     routes = RoutingTable(
         RegistryClient(registry_channel),
-        InferenceServing(inference),
-        ready_poll_s=settings.ready_poll_ms / 1000,
+        InferenceServing(inference, inference_channel),
+        watch_timeout_s=settings.watch_timeout_s,
         backoff_max_s=settings.watch_backoff_max_s,
     )
     shadows = ShadowMirror(max_in_flight=settings.shadow_max_in_flight)
@@ -156,6 +189,7 @@ async def build_server(settings: RouterSettings) -> tuple[GrpcServer, RouterApp]
         ),
         rate_limits=_rate_limits(settings),
         endpoint_settings=settings.endpoint if settings.endpoint_limits_in_use else None,
+        precomputed=PrecomputedLookup(client, timeout_s=settings.feature_timeout_s),
     )
     routes.start()
 
@@ -163,12 +197,24 @@ async def build_server(settings: RouterSettings) -> tuple[GrpcServer, RouterApp]
         pb_grpc.add_RouterServiceServicer_to_server(
             RouterServicer(predictor, default_timeout_s=settings.request_timeout_s), server
         )
-        return [pb.DESCRIPTOR.services_by_name["RouterService"].full_name]
+        oip_grpc.add_GRPCInferenceServiceServicer_to_server(
+            oip.OpenInferenceServicer(
+                predictor, routes, default_timeout_s=settings.request_timeout_s
+            ),
+            server,
+        )
+        return [pb.DESCRIPTOR.services_by_name["RouterService"].full_name, oip.SERVICE_NAME]
 
     auth: list[grpc.aio.ServerInterceptor] = []
     if settings.auth.enabled:
-        auth.append(AuthInterceptor(ApiKeyAuthenticator(settings.auth.all_keys()), ROUTER_POLICY))
-    app = RouterApp(client, channels, prediction_log, runner, routes, shadows, predictor)
+        auth.append(
+            AuthInterceptor(
+                ApiKeyAuthenticator(settings.auth.all_keys()),
+                {**ROUTER_POLICY, **oip.OIP_POLICY},
+                public=PUBLIC_METHODS | oip.PUBLIC_OIP_METHODS,
+            )
+        )
+    app = RouterApp(client, channels, prediction_log, runner, routes, shadows, predictor, direct)
     return build_grpc_server(SERVICE, settings, register, inner_interceptors=auth), app
 
 

@@ -4,21 +4,27 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from typing import Any, Protocol
 
+import grpc
 import numpy.typing as npt
 
 from modelserve.feature.v1 import feature_service_pb2 as feature_pb
 from modelserve.inference.v1 import inference_service_pb2 as inference_pb
+from modelserve.inference.v1 import inference_service_pb2_grpc as inference_grpc
 from modelserve_features.convert import timestamp_us, value_from_proto
 from modelserve_features.online import FeatureResult, FeatureStatus, OnlineStore
 from modelserve_features.redis_store import EntityKey
 from modelserve_features.views import FeatureRef, Value
-from modelserve_router.routing import ServedVersion
+from modelserve_router.routing import ServedVersion, ServingChange
 from modelserve_runtime.clients import FeatureClient, InferenceClient
 from modelserve_runtime.convert import numpy_to_tensor, tensor_to_numpy
-from modelserve_runtime.errors import FailedPreconditionError, UnavailableError
+from modelserve_runtime.errors import (
+    FailedPreconditionError,
+    InvalidArgumentError,
+    UnavailableError,
+)
 from modelserve_triton.runner import TritonError, TritonRunner
 
 Arrays = dict[str, npt.NDArray[Any]]
@@ -124,20 +130,57 @@ class RedisFeatureReader:
         return values
 
 
-class InferenceServing:
-    """The versions inference holds READY, from its ListModelVersions."""
+def _served(held: inference_pb.LoadedModelVersion) -> ServedVersion:
+    return ServedVersion(
+        model_version=held.name,
+        triton_endpoint=held.triton_endpoint,
+        triton_model_name=held.triton_model_name,
+        triton_model_version=held.triton_model_version,
+    )
 
-    def __init__(self, client: InferenceClient) -> None:
+
+def serving_change(message: inference_pb.WatchModelStatesResponse) -> ServingChange:
+    """A WatchModelStates message in the router's terms: READY versions are routable, every
+    other state and every removed version is not."""
+    versions: list[tuple[str, ServedVersion | None]] = [
+        (v.name, _served(v) if v.state == inference_pb.MODEL_VERSION_STATE_READY else None)
+        for v in message.model_versions
+    ]
+    versions += [(name, None) for name in message.removed_names]
+    return ServingChange(tuple(versions), initial=message.initial)
+
+
+class InferenceServing:
+    """The versions inference holds READY: followed through its WatchModelStates stream, or
+    read once with ListModelVersions."""
+
+    def __init__(self, client: InferenceClient, channel: grpc.aio.Channel) -> None:
         self._client = client
+        self._stub = inference_grpc.InferenceServiceStub(channel)
+
+    async def watch_states(self, *, timeout_s: float) -> AsyncIterator[ServingChange]:
+        # The deadline is explicit: the channel's default one is meant for unary calls.
+        call = self._stub.WatchModelStates(
+            inference_pb.WatchModelStatesRequest(), timeout=timeout_s
+        )
+        try:
+            async for message in call:
+                yield serving_change(message)
+        except grpc.aio.AioRpcError as exc:
+            raise UnavailableError(
+                f"model state watch: inference answered {exc.code().name}: {exc.details()}",
+                reason="UPSTREAM_UNAVAILABLE",
+                metadata={"upstream_code": exc.code().name},
+            ) from exc
+        finally:
+            call.cancel()
+        raise UnavailableError(
+            "inference ended the model state watch", reason="UPSTREAM_UNAVAILABLE"
+        )
 
     async def ready_versions(self) -> list[ServedVersion]:
         return [
-            ServedVersion(
-                model_version=held.name,
-                triton_endpoint=held.triton_endpoint,
-                triton_model_name=held.triton_model_name,
-                triton_model_version=held.triton_model_version,
-            )
+            _served(held)
             for held in await self._client.list_model_versions()
             if held.state == inference_pb.MODEL_VERSION_STATE_READY
         ]
@@ -196,14 +239,22 @@ class TritonModelRunner:
                 timeout_s=self._timeout_s,
             )
         except TritonError as exc:
-            # Triton's own code rides along: the circuit breaker must not count a refused
-            # input (INVALID_ARGUMENT) against the version.
+            code = (exc.status or "UNKNOWN").removeprefix("StatusCode.")
+            if code == "INVALID_ARGUMENT":
+                # The caller's input (a batch over max_batch_size, ...), not the version: no
+                # fallback answers it and the circuit breaker does not count it.
+                raise InvalidArgumentError(
+                    f"triton refused the input of {version.model_version}: {exc}",
+                    reason="TRITON_REFUSED_INPUT",
+                    metadata={"model_version": version.model_version, "upstream_code": code},
+                ) from exc
+            # Triton's own code rides along for the logs and the circuit breaker.
             raise UnavailableError(
                 f"triton failed to run {version.model_version}: {exc}",
                 reason="TRITON_UNAVAILABLE",
                 metadata={
                     "model_version": version.model_version,
-                    "upstream_code": (exc.status or "UNKNOWN").removeprefix("StatusCode."),
+                    "upstream_code": code,
                 },
             ) from exc
 

@@ -1,0 +1,309 @@
+"""Benchmark: the router's Predict against KServe and a tutorial FastAPI app, in one run.
+
+Trains the demo fraud model (`fraud.train(seed=0)`), saves the scikit-learn pipeline with
+joblib, and serves it two more ways, each from its own virtualenv under `.bench/` (created on
+first use, versions pinned and printed):
+
+- KServe ModelInfer (gRPC v2): KServe's Python ModelServer with a custom `kserve.Model`,
+  driven with `tritonclient.grpc.aio` (the Open Inference Protocol, as the router calls Triton);
+- FastAPI POST /predict: FastAPI + uvicorn + joblib as a tutorial writes it, driven with aiohttp.
+
+Unless `--no-router`, it also starts the modelserve stack as `bench.py` does and measures the
+router's Predict for the same customers and amounts (the competitors get the very feature rows
+the router builds for them). For each concurrency every path runs for a fixed time after a
+warm-up; it prints p50/p95/p99, req/s, the router's ratios to each competitor and the issue's
+targets at concurrency 64. Every process it starts is stopped at the end, also on Ctrl-C.
+
+    .venv/bin/python loadtests/bench_baselines.py --duration 5 --concurrency 1 16 64 --uvloop
+    .venv/bin/python loadtests/bench_baselines.py --duration 5 --concurrency 1 16 64 --no-uvloop
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import shutil
+import signal
+import sys
+import tempfile
+from collections.abc import Awaitable, Callable, Coroutine, Mapping
+from pathlib import Path
+from typing import Any
+
+import baselines
+import numpy as np
+import numpy.typing as npt
+import uvloop
+from bench import Result, drive, predict_requests, start_demo_stack
+
+from modelserve.router.v1 import router_service_pb2_grpc as router_grpc
+from modelserve_demo import fraud
+from modelserve_runtime.channels import create_channel
+from modelserve_runtime.convert import tensor_to_numpy
+
+ROUTER = "router Predict"
+KSERVE = "KServe ModelInfer (gRPC v2)"
+FASTAPI = "FastAPI POST /predict"
+
+#: Largest difference in a class probability allowed between a path's answer and the
+#: in-process pipeline's (the router's ONNX model and KServe answer in float32).
+_TOLERANCE = 1e-5
+
+Call = Callable[[int], Awaitable[object]]
+Answer = Callable[[int], Awaitable[npt.NDArray[Any]]]
+
+
+async def run(
+    args: argparse.Namespace, venvs: Mapping[str, baselines.Venv], skipped: Mapping[str, str]
+) -> None:
+    task = asyncio.current_task()
+    if task is not None:
+        # SIGTERM unwinds like Ctrl-C does, so the servers are stopped either way.
+        asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, task.cancel)
+    work_dir = Path(tempfile.mkdtemp(prefix="modelserve-baselines-"))
+    try:
+        await _run(args, venvs, skipped, work_dir)
+    finally:
+        shutil.rmtree(work_dir, ignore_errors=True)
+
+
+async def _run(
+    args: argparse.Namespace,
+    venvs: Mapping[str, baselines.Venv],
+    skipped: Mapping[str, str],
+    work_dir: Path,
+) -> None:
+    calls: dict[str, Call] = {}
+    answers: dict[str, Answer] = {}
+    async with contextlib.AsyncExitStack() as exits:
+        customers = fraud.demo_customers()
+        requests = predict_requests(customers)
+        n = len(requests)
+        if args.router:
+            print("starting the modelserve stack and deploying the demo model ...", flush=True)
+            stack, demo = await start_demo_stack(args.model_runner, args.feature_reader)
+            exits.push_async_callback(stack.stop)
+            trained = demo.trained
+            channel = create_channel(stack.targets["router"])
+            exits.push_async_callback(channel.close)
+            router = router_grpc.RouterServiceStub(channel)
+
+            async def router_answer(i: int) -> npt.NDArray[Any]:
+                response = await router.Predict(requests[i % n])
+                output = next(o for o in response.outputs if o.name == "probabilities")
+                return tensor_to_numpy(output)
+
+            calls[ROUTER] = lambda i: router.Predict(requests[i % n])
+            answers[ROUTER] = router_answer
+        else:
+            trained = fraud.train(seed=0)
+        rows = baselines.feature_rows(requests, customers)
+        expected = trained.predict_proba(rows)
+        model_path = baselines.save_model(trained, work_dir)
+
+        servers: list[Coroutine[Any, Any, None]] = []
+        kserve_server = fastapi_server = None
+        if "kserve" in venvs:
+            kserve_server = baselines.KServeServer(venvs["kserve"].python, model_path, work_dir)
+            kserve_server.start()
+            exits.push_async_callback(kserve_server.stop)
+            servers.append(kserve_server.wait_ready())
+        bodies = baselines.json_bodies(rows)
+        if "fastapi" in venvs:
+            fastapi_server = baselines.FastAPIServer(venvs["fastapi"].python, model_path, work_dir)
+            fastapi_server.start()
+            exits.push_async_callback(fastapi_server.stop)
+            servers.append(fastapi_server.wait_ready(bodies[0]))
+        print("starting the competitors ...", flush=True)
+        await asyncio.gather(*servers)
+        if kserve_server is not None:
+            kserve = baselines.KServeClient(kserve_server.target, rows)
+            exits.push_async_callback(kserve.close)
+            calls[KSERVE] = answers[KSERVE] = kserve.infer
+        if fastapi_server is not None:
+            http = baselines.FastAPIClient(fastapi_server.url, bodies)
+            await http.open()
+            exits.push_async_callback(http.close)
+            calls[FASTAPI] = answers[FASTAPI] = http.infer
+
+        for name, answer in answers.items():
+            got = np.stack([np.asarray(await answer(i)).reshape(-1) for i in range(n)])
+            worst = float(np.max(np.abs(got - expected)))
+            if worst > _TOLERANCE:
+                raise baselines.BaselineError(
+                    f"{name} does not answer what the pipeline does (max |dp| = {worst:.2e})"
+                )
+            print(f"{name}: answers agree with the pipeline in-process (max |dp| = {worst:.1e})")
+
+        results: list[Result] = []
+        for concurrency in args.concurrency:
+            for name, call in calls.items():
+                await drive(name, call, concurrency, min(1.0, args.duration))  # warm-up
+                result = await drive(name, call, concurrency, args.duration)
+                results.append(result)
+                print(
+                    f"  {name} c={concurrency}: p50 {result.percentile(50):.2f} ms,"
+                    f" p99 {result.percentile(99):.2f} ms, {result.rps:.0f} req/s",
+                    flush=True,
+                )
+        _print(results, args, venvs, skipped)
+
+
+def _print(
+    results: list[Result],
+    args: argparse.Namespace,
+    venvs: Mapping[str, baselines.Venv],
+    skipped: Mapping[str, str],
+) -> None:
+    loop = "uvloop" if args.uvloop else "asyncio (default loop)"
+    router = (
+        f"model_runner={args.model_runner} feature_reader={args.feature_reader}"
+        if args.router
+        else "not measured"
+    )
+    print(f"\nclient loop={loop} duration={args.duration}s router: {router}")
+    for name, environment in venvs.items():
+        versions = " ".join(f"{k}=={v}" for k, v in environment.versions().items())
+        print(f"{name} venv ({environment.path}): {versions}")
+    for name, reason in skipped.items():
+        print(f"{name}: NOT MEASURED, its venv could not be installed: {reason.splitlines()[0]}")
+    print("\n| path | conc | p50 ms | p95 ms | p99 ms | req/s | errors |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
+    for r in results:
+        print(
+            f"| {r.path} | {r.concurrency} | {r.percentile(50):.2f} | {r.percentile(95):.2f} | "
+            f"{r.percentile(99):.2f} | {r.rps:.0f} | {r.errors} |"
+        )
+    by = {(r.path, r.concurrency): r for r in results}
+    competitors = [c for c in (KSERVE, FASTAPI) if (c, args.concurrency[0]) in by]
+    if (ROUTER, args.concurrency[0]) not in by or not competitors:
+        return
+    print("\n| ratio | conc | p50 x | p99 x | req/s x |")
+    print("|---|---:|---:|---:|---:|")
+    for competitor in competitors:
+        for c in args.concurrency:
+            a, b = by[(ROUTER, c)], by[(competitor, c)]
+            print(
+                f"| {ROUTER} / {competitor} | {c} | {a.percentile(50) / b.percentile(50):.2f} | "
+                f"{a.percentile(99) / b.percentile(99):.2f} | {a.rps / b.rps:.2f} |"
+            )
+    if 64 not in args.concurrency:
+        return
+    router_64 = by[(ROUTER, 64)]
+    print("\n| issue 6 target (c=64) | router | competitor | met |")
+    print("|---|---:|---:|---|")
+    if KSERVE in competitors:
+        kserve_64 = by[(KSERVE, 64)]
+        print(
+            f"| req/s ≥ KServe's | {router_64.rps:.0f} | {kserve_64.rps:.0f} | "
+            f"{_yes(router_64.rps >= kserve_64.rps)} |"
+        )
+        print(
+            f"| p99 ≤ KServe's | {router_64.percentile(99):.2f} ms | "
+            f"{kserve_64.percentile(99):.2f} ms | "
+            f"{_yes(router_64.percentile(99) <= kserve_64.percentile(99))} |"
+        )
+    if FASTAPI in competitors:
+        fastapi_64 = by[(FASTAPI, 64)]
+        print(
+            f"| p99 ≤ 1/5 of FastAPI's | {router_64.percentile(99):.2f} ms | "
+            f"{fastapi_64.percentile(99) / 5:.2f} ms (1/5 of {fastapi_64.percentile(99):.2f}) | "
+            f"{_yes(router_64.percentile(99) <= fastapi_64.percentile(99) / 5)} |"
+        )
+
+
+def _yes(met: bool) -> str:
+    return "yes" if met else "no"
+
+
+def _venvs(args: argparse.Namespace) -> tuple[dict[str, baselines.Venv], dict[str, str]]:
+    """Creates or reuses the competitors' virtualenvs. One that cannot be installed (KServe's
+    dependencies may not resolve on every Python) is reported and skipped, so the others run."""
+    wanted: dict[str, baselines.Venv] = {}
+    if args.kserve:
+        wanted["kserve"] = baselines.kserve_venv(args.bench_dir)
+    if args.fastapi:
+        wanted["fastapi"] = baselines.fastapi_venv(args.bench_dir)
+    ready: dict[str, baselines.Venv] = {}
+    skipped: dict[str, str] = {}
+    for name, environment in wanted.items():
+        try:
+            environment.ensure()
+        except baselines.BaselineError as exc:
+            print(f"\n*** {name} baseline skipped: {exc}\n", flush=True)
+            skipped[name] = str(exc)
+            continue
+        ready[name] = environment
+    return ready, skipped
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--duration", type=float, default=5.0, help="seconds per path and concurrency"
+    )
+    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 16, 64])
+    parser.add_argument(
+        "--uvloop",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="run the client (this process) on uvloop or on asyncio's default loop",
+    )
+    parser.add_argument(
+        "--router",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="start the modelserve stack and measure the router's Predict in the same run",
+    )
+    parser.add_argument(
+        "--kserve",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="measure KServe's ModelServer (venv .bench/kserve-venv)",
+    )
+    parser.add_argument(
+        "--fastapi",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="measure the tutorial FastAPI app (venv .bench/fastapi-venv)",
+    )
+    parser.add_argument(
+        "--model-runner",
+        choices=["service", "triton"],
+        default="triton",
+        help="the router's model runner (its default: triton)",
+    )
+    parser.add_argument(
+        "--feature-reader",
+        choices=["service", "redis"],
+        default="redis",
+        help="the router's feature reader (its default: redis)",
+    )
+    parser.add_argument(
+        "--bench-dir",
+        type=Path,
+        default=Path(__file__).resolve().parent.parent / ".bench",
+        help="where the competitors' virtualenvs live",
+    )
+    args = parser.parse_args()
+    venvs, skipped = _venvs(args)
+    try:
+        if args.uvloop:
+            uvloop.run(run(args, venvs, skipped))
+        else:
+            asyncio.run(run(args, venvs, skipped))
+    except KeyboardInterrupt:
+        print("interrupted; every process this benchmark started is stopped", file=sys.stderr)
+        raise SystemExit(128 + signal.SIGINT) from None
+    except baselines.BaselineError as exc:
+        raise SystemExit(f"benchmark failed: {exc}") from None
+    except asyncio.CancelledError:
+        print("terminated; every process this benchmark started is stopped", file=sys.stderr)
+        raise SystemExit(128 + signal.SIGTERM) from None
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,381 @@
+"""The Open Inference Protocol (KServe v2 `inference.GRPCInferenceService`) on the router.
+
+Triton and KServe clients (`tritonclient.grpc`) name an endpoint as the model and get what
+Predict gets: the traffic split, sticky routing, shadow copies, fallbacks, circuit breakers,
+the prediction cache, limits, API keys and a PredictionRecord, all through the one
+`Predictor`. The caller's input tensors reach the version as they are (checked against its
+signature): an OIP caller sends tensors, so no features are read. Built from the generated
+code that tritonclient ships. Model control, shared memory, streaming, statistics and model
+config are not offered: they stay UNIMPLEMENTED.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+import numpy as np
+import numpy.typing as npt
+from tritonclient.grpc import service_pb2, service_pb2_grpc
+from tritonclient.utils import (
+    deserialize_bytes_tensor,
+    np_to_triton_dtype,
+    serialize_byte_tensor,
+    triton_to_np_dtype,
+)
+
+from modelserve.registry.v1 import registry_service_pb2 as registry_pb
+from modelserve.type.v1 import tensor_pb2
+from modelserve_features.views import Value
+from modelserve_router.access import ROUTER_POLICY
+from modelserve_router.predict import PredictionInput, PredictionResult, Predictor, pin
+from modelserve_router.routing import Route, RoutingTable
+from modelserve_runtime.auth import Role, current_principal
+from modelserve_runtime.convert import DTYPES, TRITON_NAMES
+from modelserve_runtime.errors import (
+    DeadlineExceededError,
+    FailedPreconditionError,
+    FieldViolation,
+    InvalidArgumentError,
+    NotFoundError,
+)
+
+SERVICE_NAME = "inference.GRPCInferenceService"
+#: The name ServerMetadata answers with.
+SERVER_NAME = "modelserve-router"
+#: The request parameter that carries the sticky routing key's value.
+ROUTING_KEY_PARAMETER = "routing_key"
+#: The request parameter (bool) that asks for raw output contents (true) or typed (false),
+#: as Triton's HTTP protocol names it; without it the answer takes the inputs' form.
+BINARY_OUTPUT_PARAMETER = "binary_data_output"
+
+_METHOD = f"/{SERVICE_NAME}/"
+#: Liveness and readiness answer without an API key: load balancers and orchestrators ask.
+PUBLIC_OIP_METHODS = frozenset({_METHOD + "ServerLive", _METHOD + "ServerReady"})
+#: Every role that may call Predict may call these (auth.Role is shared; no `predict` role).
+OIP_POLICY: dict[str, frozenset[Role]] = {
+    _METHOD + name: ROUTER_POLICY["/modelserve.router.v1.RouterService/Predict"]
+    for name in ("ServerMetadata", "ModelReady", "ModelMetadata", "ModelInfer")
+}
+
+#: Where each datatype's values sit in InferTensorContents.
+_CONTENTS_FIELD = {
+    "BOOL": "bool_contents",
+    "INT8": "int_contents",
+    "INT16": "int_contents",
+    "INT32": "int_contents",
+    "INT64": "int64_contents",
+    "UINT8": "uint_contents",
+    "UINT16": "uint_contents",
+    "UINT32": "uint_contents",
+    "UINT64": "uint64_contents",
+    "FP32": "fp32_contents",
+    "FP64": "fp64_contents",
+    "BYTES": "bytes_contents",
+}
+
+
+def _input_array(tensor: Any, raw: bytes | None) -> npt.NDArray[Any]:
+    """One input tensor of a ModelInferRequest as an array of its datatype and shape."""
+    where = f"inputs[{tensor.name}]"
+    if tensor.datatype not in _CONTENTS_FIELD:
+        raise InvalidArgumentError.for_field(
+            f"{where}.datatype", f"unsupported datatype {tensor.datatype!r}"
+        )
+    dtype = np.dtype(triton_to_np_dtype(tensor.datatype))
+    shape = tuple(int(d) for d in tensor.shape)
+    if any(d < 0 for d in shape):
+        raise InvalidArgumentError.for_field(f"{where}.shape", "dimensions must be >= 0")
+    count = int(np.prod(shape)) if shape else 1
+    values: npt.NDArray[Any]
+    if raw is None:
+        values = np.asarray(getattr(tensor.contents, _CONTENTS_FIELD[tensor.datatype]), dtype)
+    elif tensor.datatype == "BYTES":
+        values = np.asarray(deserialize_bytes_tensor(raw), dtype=np.object_)
+    elif len(raw) != count * dtype.itemsize:
+        raise InvalidArgumentError.for_field(
+            f"{where}.contents",
+            f"shape {list(shape)} of {tensor.datatype} needs {count * dtype.itemsize} bytes,"
+            f" got {len(raw)}",
+        )
+    else:
+        values = np.frombuffer(raw, dtype=dtype)
+    if values.size != count:
+        raise InvalidArgumentError.for_field(
+            f"{where}.contents", f"shape {list(shape)} needs {count} values, got {values.size}"
+        )
+    return values.reshape(shape)
+
+
+@dataclass(frozen=True, slots=True)
+class RequestTensors:
+    """The tensors of a ModelInferRequest and the outputs it asks for (all when empty)."""
+
+    arrays: Mapping[str, npt.NDArray[Any]]
+    outputs: tuple[str, ...] = ()
+
+    @classmethod
+    def from_request(cls, request: Any) -> RequestTensors:
+        """Decodes raw_input_contents (as tritonclient sends them) or typed contents;
+        InvalidArgumentError naming what is malformed."""
+        if not request.inputs:
+            raise InvalidArgumentError.for_field("inputs", "at least one input tensor is required")
+        raw = list(request.raw_input_contents)
+        if raw and len(raw) != len(request.inputs):
+            raise InvalidArgumentError.for_field(
+                "raw_input_contents",
+                f"{len(raw)} raw contents for {len(request.inputs)} inputs; send one per input",
+            )
+        arrays: dict[str, npt.NDArray[Any]] = {}
+        for index, tensor in enumerate(request.inputs):
+            if tensor.name in arrays:
+                raise InvalidArgumentError.for_field(
+                    f"inputs[{tensor.name}]", "named more than once"
+                )
+            arrays[tensor.name] = _input_array(tensor, raw[index] if raw else None)
+        if any("classification" in o.parameters for o in request.outputs):
+            # Triton's top-k extension would answer something else than the caller expects.
+            raise InvalidArgumentError.for_field(
+                "outputs.parameters", "classification outputs are not supported"
+            )
+        return cls(arrays, tuple(o.name for o in request.outputs))
+
+    @property
+    def batch_size(self) -> int:
+        """Rows in the first input (1 for a scalar)."""
+        first = next(iter(self.arrays.values()))
+        return int(first.shape[0]) if first.ndim else 1
+
+    def for_version(
+        self, model_version: str, signature: registry_pb.Signature
+    ) -> tuple[dict[str, npt.NDArray[Any]], dict[str, Value | None]]:
+        """The tensors as they came, once every one fits the version's signature by name,
+        datatype (no casting, as Triton) and shape, holds no NaN or infinity, and all share
+        one batch size; and, for a one-row input of the version's `feature_refs`, the value
+        of each feature (the record logs them as Predict's). Requested outputs must be the
+        version's."""
+        violations: list[FieldViolation] = []
+        expected = {spec.name: spec for spec in signature.inputs}
+        violations.extend(
+            FieldViolation(f"inputs[{name}]", f"not an input of {model_version}")
+            for name in self.arrays
+            if name not in expected
+        )
+        for spec in signature.inputs:
+            array = self.arrays.get(spec.name)
+            where = f"inputs[{spec.name}]"
+            if array is None:
+                violations.append(FieldViolation(where, f"required by {model_version}"))
+                continue
+            want = list(spec.shape)
+            if array.ndim != len(want) or any(
+                w not in (-1, got) for w, got in zip(want, array.shape, strict=True)
+            ):
+                violations.append(
+                    FieldViolation(f"{where}.shape", f"expected {want}, got {list(array.shape)}")
+                )
+                continue
+            dtype = DTYPES.get(spec.datatype)
+            if dtype is not None and array.dtype != dtype:
+                violations.append(
+                    FieldViolation(
+                        f"{where}.datatype",
+                        f"expected {TRITON_NAMES[spec.datatype]}, got {np_to_triton_dtype(array.dtype)}",
+                    )
+                )
+                continue
+            if array.dtype.kind == "f" and not np.isfinite(array).all():
+                violations.append(FieldViolation(where, "contains NaN or infinity"))
+        sizes = sorted({int(a.shape[0]) for a in self.arrays.values() if a.ndim})
+        if len(sizes) > 1 or sizes == [0]:
+            violations.append(
+                FieldViolation("inputs", f"every input needs the same batch size >= 1; got {sizes}")
+            )
+        known = {spec.name for spec in signature.outputs}
+        violations.extend(
+            FieldViolation(f"outputs[{name}]", f"not an output of {model_version}")
+            for name in self.outputs
+            if name not in known
+        )
+        if violations:
+            raise InvalidArgumentError.from_violations(violations)
+        return dict(self.arrays), self._feature_values(signature)
+
+    def _feature_values(self, signature: registry_pb.Signature) -> dict[str, Value | None]:
+        refs = list(signature.feature_refs)
+        if not refs or not signature.inputs:
+            return {}
+        first = self.arrays[signature.inputs[0].name]
+        if first.shape != (1, len(refs)) or first.dtype.kind not in "fiub":
+            return {}
+        return dict(zip(refs, (float(v) for v in first[0]), strict=True))
+
+
+def _version_parts(model_version: str) -> tuple[str, str]:
+    """`models/fraud/versions/2` as the OIP names it: ("fraud", "2")."""
+    parts = model_version.split("/")
+    if len(parts) == 4 and parts[0] == "models" and parts[2] == "versions":
+        return parts[1], parts[3]
+    return model_version, ""
+
+
+def _answer(request: Any, tensors: RequestTensors, result: PredictionResult, endpoint: str) -> Any:
+    """The ModelInferResponse: the answering version as model name and version, the asked
+    outputs (all when none were asked) raw or typed, and how the answer was made as
+    parameters."""
+    # A declared default output was made by no version: it names the endpoint.
+    model_name, version = (
+        _version_parts(result.model_version) if result.model_version else (endpoint, "")
+    )
+    response = service_pb2.ModelInferResponse(
+        model_name=model_name, model_version=version, id=result.request_id
+    )
+    response.parameters["route_reason"].string_param = result.route_reason
+    response.parameters["degraded"].bool_param = result.degraded
+    if result.degraded:
+        response.parameters["degraded_reason"].string_param = result.degraded_reason
+    if result.trace_id:
+        response.parameters["trace_id"].string_param = result.trace_id
+    binary = request.parameters.get(BINARY_OUTPUT_PARAMETER)
+    raw = bool(request.raw_input_contents) if binary is None else binary.bool_param
+    rows = tensors.batch_size
+    # A declared default output is one row's answer; each row of a batch gets it.
+    tile = result.route_reason == "default_output" and rows > 1
+    for name in tensors.outputs or tuple(result.outputs):
+        array = result.outputs.get(name)
+        if array is None:
+            # A default-output answer declares only some outputs: the rest are left out.
+            continue
+        if tile and array.ndim and array.shape[0] == 1:
+            array = np.repeat(array, rows, axis=0)
+        datatype = np_to_triton_dtype(array.dtype)
+        tensor = response.outputs.add(name=name, datatype=datatype, shape=list(array.shape))
+        if raw:
+            response.raw_output_contents.append(
+                serialize_byte_tensor(array).item()
+                if datatype == "BYTES"
+                else np.ascontiguousarray(array).tobytes()
+            )
+        else:
+            getattr(tensor.contents, _CONTENTS_FIELD[datatype]).extend(array.reshape(-1).tolist())
+    return response
+
+
+def _routing_key(request: Any) -> str:
+    parameter = request.parameters.get(ROUTING_KEY_PARAMETER)
+    if parameter is None:
+        return ""
+    kind = parameter.WhichOneof("parameter_choice")
+    if kind == "string_param":
+        return str(parameter.string_param)
+    if kind in ("int64_param", "uint64_param"):
+        return str(getattr(parameter, kind))
+    raise InvalidArgumentError.for_field(
+        f"parameters[{ROUTING_KEY_PARAMETER}]", "must be a string or an integer"
+    )
+
+
+def _stable(route: Route) -> str:
+    """The version with the largest share of the endpoint's traffic (the first on a tie): the
+    stable one of a canary, whose signature the endpoint's metadata shows."""
+    if not route.traffic:
+        raise FailedPreconditionError(
+            f"endpoint {route.endpoint} has no traffic target",
+            reason="NO_TRAFFIC_TARGET",
+            metadata={"endpoint": route.endpoint},
+        )
+    return max(route.traffic, key=lambda t: t.percent).model_version
+
+
+def _tensor_metadata(specs: Sequence[tensor_pb2.TensorSpec]) -> list[Any]:
+    return [
+        service_pb2.ModelMetadataResponse.TensorMetadata(
+            name=s.name, datatype=TRITON_NAMES.get(s.datatype, ""), shape=list(s.shape)
+        )
+        for s in specs
+    ]
+
+
+# The generated servicer is untyped (tritonclient ships no stubs), hence the ignore.
+class OpenInferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):  # type: ignore[misc]
+    """Answers the Open Inference Protocol on the router: a model is an endpoint."""
+
+    def __init__(
+        self, predictor: Predictor, routes: RoutingTable, *, default_timeout_s: float
+    ) -> None:
+        self._predictor = predictor
+        self._routes = routes
+        self._default_timeout_s = default_timeout_s
+
+    async def ServerLive(self, request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+        return service_pb2.ServerLiveResponse(live=True)
+
+    async def ServerReady(self, request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+        # Ready once the deployment watch has delivered a deployment to route by.
+        return service_pb2.ServerReadyResponse(ready=bool(self._routes.snapshot.routes))
+
+    async def ServerMetadata(
+        self, request: Any, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> Any:
+        return service_pb2.ServerMetadataResponse(name=SERVER_NAME, version="v1")
+
+    async def ModelReady(self, request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+        if not request.name:
+            raise InvalidArgumentError.for_field("name", "must name an endpoint")
+        try:
+            snapshot, route = await self._routes.resolve(request.name)
+            if request.version:
+                ready = pin(route, request.version).model_version in snapshot.ready
+            else:
+                ready = any(
+                    t.percent > 0 and t.model_version in snapshot.ready for t in route.traffic
+                )
+        except (NotFoundError, InvalidArgumentError):
+            # As Triton answers: a model or version it does not serve is simply not ready.
+            ready = False
+        return service_pb2.ModelReadyResponse(ready=ready)
+
+    async def ModelMetadata(self, request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+        if not request.name:
+            raise InvalidArgumentError.for_field("name", "must name an endpoint")
+        snapshot, route = await self._routes.resolve(request.name)
+        version = pin(route, request.version).model_version if request.version else _stable(route)
+        signature = snapshot.versions[version].signature
+        shares = [t.model_version for t in route.traffic if t.percent > 0]
+        numbers = [_version_parts(v)[1] for v in shares]
+        return service_pb2.ModelMetadataResponse(
+            name=route.endpoint,
+            # What `model_version` of a ModelInfer may pin: numbers, unless two models share one.
+            versions=numbers if len(set(numbers)) == len(numbers) else shares,
+            inputs=_tensor_metadata(signature.inputs),
+            outputs=_tensor_metadata(signature.outputs),
+        )
+
+    async def ModelInfer(self, request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+        if not request.model_name:
+            raise InvalidArgumentError.for_field("model_name", "must name an endpoint")
+        tensors = RequestTensors.from_request(request)
+        prediction = PredictionInput(
+            endpoint=request.model_name,
+            entities={},
+            features={},
+            request_id=request.id,
+            principal=current_principal(),
+            routing_key=_routing_key(request),
+            model_version=request.model_version,
+            tensors=tensors,
+        )
+        remaining = context.time_remaining()
+        budget = self._default_timeout_s if remaining is None else min(remaining, 3600.0)
+        try:
+            async with asyncio.timeout(budget):
+                result = await self._predictor.predict(prediction)
+        except TimeoutError:
+            raise DeadlineExceededError(
+                f"prediction did not finish within {budget:.3f}s",
+                metadata={"budget_s": f"{budget:.3f}"},
+            ) from None
+        return _answer(request, tensors, result, request.model_name)

@@ -1,0 +1,168 @@
+"""The coalescing runner's batching rules, over a small in-process model that implements the
+router's ModelRunner interface (`y = x @ W`), whose calls a test can hold open."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+import pytest
+
+from modelserve_router.coalesce import CoalescingRunner
+from modelserve_router.routing import ServedVersion
+from modelserve_runtime.errors import UnavailableError
+
+V1 = ServedVersion("models/m/versions/1", "triton:1", "m", 1)
+V2 = ServedVersion("models/m/versions/2", "triton:1", "m", 2)
+W = np.arange(6, dtype=np.float32).reshape(3, 2)
+
+
+class MatMulRunner:
+    """`y = x @ (W * version)`; records every call's row count, and holds calls while
+    `gate` is clear. Refuses NaN like Triton's INVALID_ARGUMENT; fails all when `down`."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, int]] = []
+        self.gate = asyncio.Event()
+        self.gate.set()
+        self.down = False
+
+    async def run(
+        self,
+        version: ServedVersion,
+        inputs: Mapping[str, npt.NDArray[Any]],
+        output_names: Sequence[str],
+    ) -> dict[str, npt.NDArray[Any]]:
+        x = inputs["x"]
+        self.calls.append((version.model_version, x.shape[0]))
+        await self.gate.wait()
+        if self.down:
+            raise UnavailableError("triton is down", metadata={"upstream_code": "UNAVAILABLE"})
+        if np.isnan(x).any():
+            raise UnavailableError(
+                "triton refused the input", metadata={"upstream_code": "INVALID_ARGUMENT"}
+            )
+        return {"y": x @ (W * version.triton_model_version)}
+
+
+def rows(*values: float) -> dict[str, npt.NDArray[np.float32]]:
+    return {"x": np.array([[v, v, v] for v in values], dtype=np.float32)}
+
+
+async def until(check: Any) -> None:
+    """Lets the event loop run until `check()` holds (the runner's tasks are in-process)."""
+    for _ in range(1000):
+        if check():
+            return
+        await asyncio.sleep(0)
+    pytest.fail("the coalescer did not get there")
+
+
+async def test_a_lone_request_goes_at_once() -> None:
+    inner = MatMulRunner()
+    runner = CoalescingRunner(inner)
+    out = await runner.run(V1, rows(1.0), ["y"])
+    np.testing.assert_allclose(out["y"], rows(1.0)["x"] @ W)
+    assert inner.calls == [(V1.model_version, 1)]
+
+
+async def test_waiting_requests_ride_together_and_get_their_own_rows() -> None:
+    """With one call in flight, the requests that arrive meanwhile go out as ONE call, and
+    each caller gets exactly its rows back."""
+    inner = MatMulRunner()
+    runner = CoalescingRunner(inner, max_batches=1)
+    inner.gate.clear()
+    first = asyncio.create_task(runner.run(V1, rows(1.0), ["y"]))
+    await until(lambda: len(inner.calls) == 1)
+    rest = [
+        asyncio.create_task(runner.run(V1, rows(float(i), float(i)), ["y"])) for i in range(2, 7)
+    ]
+    await until(lambda: all(not t.done() for t in rest))
+    inner.gate.set()
+    answers = await asyncio.gather(first, *rest)
+    assert inner.calls == [(V1.model_version, 1), (V1.model_version, 10)]
+    for i, answer in zip(range(2, 7), answers[1:], strict=True):
+        np.testing.assert_allclose(answer["y"], rows(float(i), float(i))["x"] @ W)
+
+
+async def test_versions_never_mix_and_batches_respect_the_row_limit() -> None:
+    inner = MatMulRunner()
+    runner = CoalescingRunner(inner, max_batches=1, max_batch_rows=4)
+    inner.gate.clear()
+    first = asyncio.create_task(runner.run(V1, rows(1.0), ["y"]))
+    await until(lambda: len(inner.calls) == 1)
+    ones = [asyncio.create_task(runner.run(V1, rows(1.0, 1.0), ["y"])) for _ in range(3)]
+    twos = [asyncio.create_task(runner.run(V2, rows(2.0), ["y"])) for _ in range(2)]
+    # V2's lane is free: its two requests, queued in the same turn of the loop, go at once
+    # and together, while V1's wait for V1's call in flight.
+    await until(lambda: len(inner.calls) == 2)
+    assert inner.calls[1] == (V2.model_version, 2)
+    inner.gate.set()
+    answers = await asyncio.gather(first, *ones, *twos)
+    # V1's six waiting rows split at the 4-row limit, never inside a request.
+    assert inner.calls[2:] == [(V1.model_version, 4), (V1.model_version, 2)]
+    np.testing.assert_allclose(answers[-1]["y"], rows(2.0)["x"] @ (W * 2))
+
+
+async def test_a_bad_request_fails_alone() -> None:
+    """A batch refused for its input is retried request by request: the NaN request gets the
+    refusal, the others their answers."""
+    inner = MatMulRunner()
+    runner = CoalescingRunner(inner, max_batches=1)
+    inner.gate.clear()
+    first = asyncio.create_task(runner.run(V1, rows(1.0), ["y"]))
+    await until(lambda: len(inner.calls) == 1)
+    good = asyncio.create_task(runner.run(V1, rows(3.0), ["y"]))
+    bad = asyncio.create_task(runner.run(V1, rows(float("nan")), ["y"]))
+    also_good = asyncio.create_task(runner.run(V1, rows(4.0), ["y"]))
+    await until(lambda: runner.waiting(V1.model_version) == 3)
+    inner.gate.set()
+    await first
+    np.testing.assert_allclose((await good)["y"], rows(3.0)["x"] @ W)
+    np.testing.assert_allclose((await also_good)["y"], rows(4.0)["x"] @ W)
+    with pytest.raises(UnavailableError) as info:
+        await bad
+    assert info.value.metadata["upstream_code"] == "INVALID_ARGUMENT"
+    assert inner.calls[1] == (V1.model_version, 3)
+
+
+async def test_a_backend_failure_is_every_members_failure() -> None:
+    inner = MatMulRunner()
+    runner = CoalescingRunner(inner, max_batches=1)
+    inner.gate.clear()
+    first = asyncio.create_task(runner.run(V1, rows(1.0), ["y"]))
+    await until(lambda: len(inner.calls) == 1)
+    others = [asyncio.create_task(runner.run(V1, rows(2.0), ["y"])) for _ in range(3)]
+    await until(lambda: runner.waiting(V1.model_version) == 3)
+    inner.down = True
+    inner.gate.set()
+    results = await asyncio.gather(first, *others, return_exceptions=True)
+    assert all(isinstance(r, UnavailableError) for r in results)
+    assert len(inner.calls) == 2  # no retry one by one for a backend failure
+
+
+async def test_a_caller_that_gives_up_leaves_the_batch() -> None:
+    inner = MatMulRunner()
+    runner = CoalescingRunner(inner, max_batches=1)
+    inner.gate.clear()
+    first = asyncio.create_task(runner.run(V1, rows(1.0), ["y"]))
+    await until(lambda: len(inner.calls) == 1)
+    gone = asyncio.create_task(runner.run(V1, rows(5.0), ["y"]))
+    stays = asyncio.create_task(runner.run(V1, rows(6.0), ["y"]))
+    await until(lambda: runner.waiting(V1.model_version) == 2)
+    gone.cancel()
+    inner.gate.set()
+    await first
+    np.testing.assert_allclose((await stays)["y"], rows(6.0)["x"] @ W)
+    assert inner.calls[1] == (V1.model_version, 1)
+
+
+async def test_inputs_without_a_shared_row_count_go_alone() -> None:
+    inner = MatMulRunner()
+    runner = CoalescingRunner(inner)
+    out = await runner.run(V1, {"x": np.ones((2, 3), dtype=np.float32), "z": np.ones(1)}, ["y"])
+    assert inner.calls == [(V1.model_version, 2)]
+    assert out["y"].shape == (2, 2)
