@@ -47,7 +47,8 @@ class TestRedisOutage:
         self, own_redis: RedisProcess
     ) -> None:
         """With Redis hung (SIGSTOP) or stopped, a read fails UNAVAILABLE well within the
-        caller's deadline and health turns NOT_SERVING; once Redis answers again (SIGCONT, or
+        caller's deadline (saying that Redis timed out, or how it failed) and health turns
+        NOT_SERVING; once Redis answers again (SIGCONT, or
         a new redis-server on the same port) health returns to SERVING and reads and writes
         work without a restart of the service."""
         read = pb.GetOnlineFeaturesRequest(
@@ -94,6 +95,7 @@ class TestRedisOutage:
             )
             response = await stub.GetOnlineFeatures(read, timeout=2.0)
         assert hung.value.code() is grpc.StatusCode.UNAVAILABLE
+        assert "redis did not answer (read): TimeoutError" in (hung.value.details() or "")
         assert hung_s < 1.0
         assert info.value.code() is grpc.StatusCode.UNAVAILABLE
         assert "redis" in (info.value.details() or "")

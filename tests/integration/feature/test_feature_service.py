@@ -14,8 +14,10 @@ from support import running
 
 from modelserve.feature.v1 import feature_service_pb2 as pb
 from modelserve.feature.v1 import feature_service_pb2_grpc as pb_grpc
+from modelserve.feature.v1 import feature_view_pb2 as view_pb
 from modelserve.type.v1 import feature_value_pb2 as value_pb
 from modelserve_feature.server import build_server
+from modelserve_runtime.errors import DecodedError
 
 ALL = [
     "customer:avg_amount_30d",
@@ -166,25 +168,159 @@ class TestRead:
     ) -> None:
         """A reference without a view, or a feature whose view's entity type has no entity in
         the request, is INVALID_ARGUMENT naming the field."""
+        shapes: list[DecodedError] = []
+        no_entities: list[DecodedError] = []
         async with running(build_server, settings(redis_url)) as (_, channel, _app):
             stub = pb_grpc.FeatureServiceStub(channel)
             await _apply(stub)
-            with pytest.raises(grpc.aio.AioRpcError) as shape:
-                await stub.GetOnlineFeatures(
-                    pb.GetOnlineFeaturesRequest(
-                        entities=[entity("c-1")], features=["avg_amount_30d"]
+            for _ in range(2):  # the second time too: a refused list is not remembered as read
+                with pytest.raises(grpc.aio.AioRpcError) as shape:
+                    await stub.GetOnlineFeatures(
+                        pb.GetOnlineFeaturesRequest(
+                            entities=[entity("c-1")],
+                            features=["customer:vip", "avg_amount_30d"],
+                        )
                     )
-                )
-            with pytest.raises(grpc.aio.AioRpcError) as no_entity:
-                await stub.GetOnlineFeatures(
-                    pb.GetOnlineFeaturesRequest(
-                        entities=[entity("m-1", "merchant")], features=["customer:vip"]
+                with pytest.raises(grpc.aio.AioRpcError) as no_entity:
+                    await stub.GetOnlineFeatures(
+                        pb.GetOnlineFeaturesRequest(
+                            entities=[entity("m-1", "merchant")], features=["customer:vip"]
+                        )
                     )
+                shapes.append(rpc_error(shape))
+                no_entities.append(rpc_error(no_entity))
+        for error in shapes:
+            assert error.code is grpc.StatusCode.INVALID_ARGUMENT
+            assert error.domain == "feature.modelserve"
+            assert [v.field for v in error.violations] == ["features[1]"]
+        for error in no_entities:
+            assert error.code is grpc.StatusCode.INVALID_ARGUMENT
+            assert [v.field for v in error.violations] == ["features[0]"]
+
+    async def test_a_view_changed_by_another_process_is_seen_by_the_next_read(
+        self, redis_url: str, redis_client: aioredis.Redis
+    ) -> None:
+        """After another service instance retypes a feature (forced), the next read of the
+        same features through this one answers by the new definition: the stored double no
+        longer matches and reads MISSING, and the view's new default applies."""
+        request = pb.GetOnlineFeaturesRequest(
+            entities=[entity("c-1")], features=["customer:avg_amount_30d", "customer:vip"]
+        )
+        retyped = customer_view()
+        retyped.features[0].dtype = view_pb.FEATURE_DTYPE_STRING
+        retyped.features[3].default_value.bool_value = True
+        async with (
+            running(build_server, settings(redis_url)) as (_, channel, _app),
+            running(build_server, settings(redis_url)) as (_, other_channel, _other),
+        ):
+            stub = pb_grpc.FeatureServiceStub(channel)
+            await _apply(stub)
+            await stub.WriteFeatures(
+                pb.WriteFeaturesRequest(writes=[write("c-1", {"avg_amount_30d": double(1.5)})])
+            )
+            before = (await stub.GetOnlineFeatures(request)).results[0]
+            await pb_grpc.FeatureServiceStub(other_channel).ApplyFeatureView(
+                pb.ApplyFeatureViewRequest(feature_view=retyped, force=True)
+            )
+            after = (await stub.GetOnlineFeatures(request)).results[0]
+        assert before.statuses["customer:avg_amount_30d"] == pb.FEATURE_STATUS_PRESENT
+        assert before.statuses["customer:vip"] == pb.FEATURE_STATUS_MISSING
+        assert after.statuses["customer:avg_amount_30d"] == pb.FEATURE_STATUS_MISSING
+        assert after.values["customer:avg_amount_30d"].WhichOneof("kind") is None
+        assert after.statuses["customer:vip"] == pb.FEATURE_STATUS_DEFAULTED
+        assert after.values["customer:vip"].bool_value is True
+
+    async def test_malformed_stored_values_read_as_not_stored(
+        self, redis_url: str, redis_client: aioredis.Redis
+    ) -> None:
+        """A stored value that does not decode (a short number, a vector of partial floats,
+        text that is not UTF-8, an unknown tag) reads as not stored: DEFAULTED or MISSING,
+        never an error."""
+        stamp = (1_700_000_000_000_000).to_bytes(8, "big")
+        async with running(build_server, settings(redis_url)) as (_, channel, _app):
+            stub = pb_grpc.FeatureServiceStub(channel)
+            await _apply(stub)
+            await redis_client.hset(
+                "fs:{customer:c-1}:customer",
+                mapping={
+                    "avg_amount_30d": b"d" + stamp + b"\x00\x01\x02",
+                    "chargebacks_90d": b"i" + stamp + b"\x00\x00\x00\x07",
+                    "segment": b"s" + stamp + b"\xff\xfe",
+                    "vip": b"z" + stamp + b"\x01",
+                    "embedding": b"v" + stamp + b"\x00\x00\x80\x3f\x00",
+                },
+            )
+            response = await stub.GetOnlineFeatures(
+                pb.GetOnlineFeaturesRequest(entities=[entity("c-1")], features=ALL)
+            )
+        (result,) = response.results
+        assert dict(result.statuses) == {
+            "customer:avg_amount_30d": pb.FEATURE_STATUS_MISSING,
+            "customer:chargebacks_90d": pb.FEATURE_STATUS_DEFAULTED,
+            "customer:segment": pb.FEATURE_STATUS_MISSING,
+            "customer:vip": pb.FEATURE_STATUS_MISSING,
+            "customer:embedding": pb.FEATURE_STATUS_MISSING,
+        }
+        assert result.values["customer:chargebacks_90d"].int64_value == 0
+        assert not result.event_times
+
+    async def test_reads_go_on_after_redis_forgets_its_scripts(
+        self, redis_url: str, redis_client: aioredis.Redis
+    ) -> None:
+        """A read after SCRIPT FLUSH (what a restarted or failed-over server looks like to a
+        client) loads the read script again and answers as before."""
+        request = pb.GetOnlineFeaturesRequest(
+            entities=[entity("c-1")], features=["customer:avg_amount_30d"]
+        )
+        async with running(build_server, settings(redis_url)) as (_, channel, _app):
+            stub = pb_grpc.FeatureServiceStub(channel)
+            await _apply(stub)
+            await stub.WriteFeatures(
+                pb.WriteFeaturesRequest(writes=[write("c-1", {"avg_amount_30d": double(4.5)})])
+            )
+            first = await stub.GetOnlineFeatures(request)
+            await redis_client.script_flush()
+            again = await stub.GetOnlineFeatures(request)
+        assert again == first
+        assert again.results[0].values["customer:avg_amount_30d"].double_value == 4.5
+
+    async def test_a_wide_view_reads_every_feature(
+        self, redis_url: str, redis_client: aioredis.Redis
+    ) -> None:
+        """A view of 450 features, all written, reads back whole in one call, each value its
+        own."""
+        names = [f"f{i:03d}" for i in range(450)]
+        wide = view_pb.FeatureView(
+            name="featureViews/wide",
+            entity_type="customer",
+            features=[
+                view_pb.FeatureSpec(name=n, dtype=view_pb.FEATURE_DTYPE_INT64) for n in names
+            ],
+        )
+        async with running(build_server, settings(redis_url)) as (_, channel, _app):
+            stub = pb_grpc.FeatureServiceStub(channel)
+            await stub.ApplyFeatureView(pb.ApplyFeatureViewRequest(feature_view=wide))
+            await stub.WriteFeatures(
+                pb.WriteFeaturesRequest(
+                    writes=[
+                        write(
+                            "c-1",
+                            {n: value_pb.FeatureValue(int64_value=i) for i, n in enumerate(names)},
+                            view="featureViews/wide",
+                        )
+                    ]
                 )
-        assert rpc_error(shape).code is grpc.StatusCode.INVALID_ARGUMENT
-        assert rpc_error(shape).domain == "feature.modelserve"
-        assert [v.field for v in rpc_error(shape).violations] == ["features[0]"]
-        assert [v.field for v in rpc_error(no_entity).violations] == ["features[0]"]
+            )
+            response = await stub.GetOnlineFeatures(
+                pb.GetOnlineFeaturesRequest(
+                    entities=[entity("c-1")], features=[f"wide:{n}" for n in names]
+                )
+            )
+        (result,) = response.results
+        assert {k: v.int64_value for k, v in result.values.items()} == {
+            f"wide:{n}": i for i, n in enumerate(names)
+        }
+        assert set(result.statuses.values()) == {pb.FEATURE_STATUS_PRESENT}
 
     async def test_cache_is_off_by_default_and_serves_hot_entities_when_on(
         self, redis_url: str, redis_client: aioredis.Redis

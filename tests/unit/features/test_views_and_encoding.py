@@ -2,10 +2,18 @@
 
 from __future__ import annotations
 
+import struct
+
 import pytest
 
 from modelserve_features.convert import value_from_proto, value_to_proto
-from modelserve_features.redis_store import EntityKey, decode_value, encode_value, redis_key
+from modelserve_features.redis_store import (
+    EntityKey,
+    decode_value,
+    encode_value,
+    redis_key,
+    unpack_hash,
+)
 from modelserve_features.views import (
     FeatureDtype,
     FeatureRef,
@@ -118,6 +126,32 @@ class TestEncoding:
         raw = encode_value(dtype, value, 1_717_208_000_123_456)  # type: ignore[arg-type]
 
         assert decode_value(raw) == (dtype, value, 1_717_208_000_123_456)
+
+    @pytest.mark.parametrize(
+        "raw",
+        [
+            b"d" + bytes(8) + b"\x00\x01\x02",  # a double of 3 bytes
+            b"i" + bytes(8) + bytes(9),  # an int64 of 9 bytes
+            b"v" + bytes(8) + bytes(5),  # a vector of one float and a byte
+            b"s" + bytes(8) + b"\xff",  # text that is not UTF-8
+            b"z" + bytes(8) + b"\x01",  # an unknown tag
+            b"d" + bytes(4),  # shorter than the header
+        ],
+    )
+    def test_malformed_values_are_value_errors(self, raw: bytes) -> None:
+        """Whatever is wrong with a stored value, decoding it raises ValueError, which
+        readers treat as nothing stored."""
+        with pytest.raises(ValueError):
+            decode_value(raw)
+
+    def test_packed_hashes_unpack_to_their_fields(self) -> None:
+        """A hash as the read script packs it (item count, item lengths, items) unpacks to
+        its fields and values; an empty one to nothing."""
+        items = [b"a", b"d" + bytes(16), b"name", b""]
+        packed = struct.pack(">5I", 4, *map(len, items)) + b"".join(items)
+
+        assert unpack_hash(packed) == {b"a": b"d" + bytes(16), b"name": b""}
+        assert unpack_hash(struct.pack(">I", 0)) == {}
 
     def test_encoding_is_compact(self) -> None:
         """A double costs 17 bytes: a tag, 8 bytes of event time, 8 of value."""

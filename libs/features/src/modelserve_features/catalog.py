@@ -41,18 +41,25 @@ class ApplyResult:
 
 class ViewCatalog:
     """Reads and changes view definitions. Each change increments the epoch in Redis; the
-    cached definitions are replaced when a read sees another epoch (see `refresh_if`)."""
+    cached definitions are replaced when a read sees another epoch (the read calls `load`)."""
 
     def __init__(self, client: RedisClient, *, clock_us: Callable[[], int] = _now_us) -> None:
         self._redis = client
         self._clock_us = clock_us
         self._views: dict[str, FeatureView] = {}
         self._epoch: str | None = None
+        self._generation = 0
 
     @property
     def epoch(self) -> str | None:
         """The epoch of the cached definitions; None before the first load."""
         return self._epoch
+
+    @property
+    def generation(self) -> int:
+        """How many times the cache was loaded: what was derived from the cached definitions
+        is current while this has not changed."""
+        return self._generation
 
     def cached(self, name: str) -> FeatureView | None:
         """The cached definition of a view, or None."""
@@ -66,13 +73,7 @@ class ViewCatalog:
             epoch, stored = await pipe.execute()
         self._views = {k.decode(): view_from_json(v) for k, v in stored.items()}
         self._epoch = _epoch(epoch)
-
-    async def refresh_if(self, epoch: str) -> bool:
-        """Reloads when Redis's epoch (as a read just saw it) differs from the cache's."""
-        if epoch == self._epoch:
-            return False
-        await self.load()
-        return True
+        self._generation += 1
 
     async def views(self, names: Sequence[str]) -> dict[str, FeatureView]:
         """The named views; reloads once for a name not cached; NotFoundError naming the first

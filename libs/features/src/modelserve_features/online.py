@@ -7,27 +7,38 @@ the same through either path.
 from __future__ import annotations
 
 import asyncio
+import struct
 import time
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from enum import StrEnum
 
 import redis.asyncio as redis
+from prometheus_client import Counter
 from redis.exceptions import AuthenticationError, RedisClusterException
 
 from modelserve_features import metrics
 from modelserve_features.catalog import ApplyResult, ViewCatalog
 from modelserve_features.redis_store import (
+    BODY_DECODERS,
+    EVENT_TIME,
+    HEADER_SIZE,
+    TAG_BYTES,
     EntityKey,
     RedisFeatureStore,
     ViewsChangedError,
-    decode_value,
     encode_value,
     redis_key,
 )
-from modelserve_features.views import FeatureRef, FeatureView, Value, value_problem
+from modelserve_features.views import (
+    FeatureDtype,
+    FeatureRef,
+    FeatureView,
+    Value,
+    value_problem,
+)
 from modelserve_runtime.errors import (
     FailedPreconditionError,
     FieldViolation,
@@ -38,6 +49,8 @@ from modelserve_runtime.errors import (
 from modelserve_runtime.redis_connect import RedisClient, ping
 
 _WRITE_ATTEMPTS = 3
+#: Most read plans kept (one per distinct list of refs read); all are dropped when full.
+_MAX_PLANS = 1024
 #: Most field violations one error carries: its details travel in gRPC trailers, which
 #: are limited to 16 KiB, and the first few are what a caller acts on.
 MAX_VIOLATIONS = 20
@@ -71,6 +84,9 @@ class FeatureStatus(StrEnum):
     """Not stored: the feature's default."""
 
 
+_NO_VALUES = dict.fromkeys(FeatureStatus, 0)
+
+
 @dataclass(frozen=True, slots=True)
 class FeatureResult:
     """One read value, its status and, when stored, its event time."""
@@ -78,6 +94,99 @@ class FeatureResult:
     value: Value | None
     status: FeatureStatus
     event_time_us: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class PlannedFeature:
+    """A requested feature, resolved once against its view's definition (see ReadPlan)."""
+
+    ref: FeatureRef
+    key: str
+    """The reference as text, `view:feature`."""
+    dtype: FeatureDtype
+    default: Value | None
+    field: bytes
+    """The hash field holding its values: the feature name."""
+    tag: int
+    """The first byte of a stored value of its dtype."""
+    decode: Callable[[bytes], Value]
+    """Decodes a stored value's body."""
+
+
+#: One value of a read: the feature, its value (None: no value), status, and event time (µs;
+#: None when nothing is stored).
+ReadValue = tuple[PlannedFeature, Value | None, FeatureStatus, int | None]
+
+
+@dataclass(frozen=True, slots=True)
+class _ViewPart:
+    """The features a read wants from one view, and that view's counters."""
+
+    view: FeatureView
+    features: tuple[PlannedFeature, ...]
+    ref_indexes: tuple[int, ...]
+    """Where its refs stand in the request, for error messages."""
+    max_age_us: int
+    reads: Counter
+    entities: Counter
+    values: dict[FeatureStatus, Counter]
+
+
+@dataclass(frozen=True, slots=True)
+class ReadPlan:
+    """How to answer one list of refs under the cached view definitions: the views they
+    touch, by entity type, with each feature's dtype, default and decoder. Made on the first
+    read of a list of refs and reused until the definitions are reloaded."""
+
+    generation: int
+    """The catalog's generation it was made under."""
+    epoch: str
+    """The views epoch of the definitions it was made from."""
+    parts: tuple[_ViewPart, ...]
+    by_type: dict[str, tuple[_ViewPart, ...]]
+
+
+def _plan(
+    refs: Sequence[FeatureRef], views: Mapping[str, FeatureView], generation: int, epoch: str
+) -> ReadPlan:
+    """The plan of `refs`; NotFoundError naming the first ref whose view lacks its feature."""
+    wanted: dict[str, list[tuple[int, PlannedFeature]]] = {}
+    for i, ref in enumerate(refs):
+        view = views[ref.view]
+        spec = view.feature(ref.name)
+        if spec is None:
+            raise NotFoundError(
+                f"feature {str(ref)!r} does not exist: view {view.name!r} (version "
+                f"{view.version}) has no feature {ref.name!r}",
+                reason="FEATURE_NOT_FOUND",
+                metadata={"feature_view": view.name, "feature": ref.name},
+            )
+        feature = PlannedFeature(
+            ref=ref,
+            key=str(ref),
+            dtype=spec.dtype,
+            default=spec.default,
+            field=ref.name.encode(),
+            tag=TAG_BYTES[spec.dtype],
+            decode=BODY_DECODERS[spec.dtype],
+        )
+        wanted.setdefault(ref.view, []).append((i, feature))
+    parts = tuple(
+        _ViewPart(
+            view=views[name],
+            features=tuple(f for _, f in features),
+            ref_indexes=tuple(i for i, _ in features),
+            max_age_us=int(views[name].max_age_s * 1e6),
+            reads=metrics.READS.labels(name),
+            entities=metrics.ENTITIES.labels(name),
+            values={s: metrics.VALUES.labels(name, s.value) for s in FeatureStatus},
+        )
+        for name, features in sorted(wanted.items())
+    )
+    by_type: dict[str, tuple[_ViewPart, ...]] = {}
+    for part in parts:
+        by_type[part.view.entity_type] = (*by_type.get(part.view.entity_type, ()), part)
+    return ReadPlan(generation, epoch, parts, by_type)
 
 
 @dataclass(frozen=True, slots=True)
@@ -105,14 +214,16 @@ class _Cache:
         self.ttl_s = ttl_s
         self._max = max_entries
         self._entries: OrderedDict[str, tuple[float, dict[bytes, bytes]]] = OrderedDict()
+        self._hits = metrics.CACHE.labels("hit")
+        self._misses = metrics.CACHE.labels("miss")
 
     def get(self, key: str, now: float) -> dict[bytes, bytes] | None:
         entry = self._entries.get(key)
         if entry is None or entry[0] <= now:
-            metrics.CACHE.labels("miss").inc()
+            self._misses.inc()
             return None
         self._entries.move_to_end(key)
-        metrics.CACHE.labels("hit").inc()
+        self._hits.inc()
         return entry[1]
 
     def put(self, key: str, stored: dict[bytes, bytes], now: float) -> None:
@@ -126,9 +237,75 @@ class _Cache:
             self._entries.pop(key, None)
 
 
+#: The views epoch, and the hashes of the keys asked for in their order.
+_Hashes = tuple[str, list[dict[bytes, bytes]]]
+
+
+class _ReadBatcher:
+    """Coalesces concurrent reads into shared round trips. A read goes to Redis at once when
+    none is on its way; reads that come while one is go together, in one call, as soon as it
+    is back. A call costs the client about 30 µs of CPU whatever its size (a one-entity read
+    about 40 µs in all); alone, a read waits for nothing. How many reads meet depends on how
+    long a round trip takes against the rest of a request: with Redis on the same machine
+    few do (about 1 in 20 at concurrency 16), across a network many more."""
+
+    def __init__(self, read: Callable[[Sequence[str]], Awaitable[_Hashes]], timeout_s: float):
+        self._read = read
+        self._timeout_s = timeout_s
+        self._waiting: list[tuple[Sequence[str], asyncio.Future[_Hashes]]] = []
+        self._busy = False
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    async def read(self, keys: Sequence[str]) -> _Hashes:
+        """The epoch and the hashes of `keys`, in their order."""
+        if self._busy:
+            future: asyncio.Future[_Hashes] = asyncio.get_running_loop().create_future()
+            self._waiting.append((keys, future))
+            return await future
+        self._busy = True
+        try:
+            return await self._read(keys)
+        finally:
+            self._next()
+
+    def _next(self) -> None:
+        if not self._waiting:
+            self._busy = False
+            return
+        task = asyncio.get_running_loop().create_task(self._send_waiting())
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _send_waiting(self) -> None:
+        """Sends every waiting read in one call, answers each, then goes on with the ones
+        that came meanwhile."""
+        batch = [(keys, f) for keys, f in self._waiting if not f.done()]
+        self._waiting = []
+        wanted = list(dict.fromkeys(key for keys, _ in batch for key in keys))
+        try:
+            # Each waiting caller has its own deadline; this bounds the shared call.
+            async with asyncio.timeout(self._timeout_s):
+                epoch, hashes = await self._read(wanted)
+        except asyncio.CancelledError:
+            for _, future in batch:
+                future.cancel()
+            raise
+        except Exception as exc:
+            for _, future in batch:
+                if not future.done():
+                    future.set_exception(exc)
+        else:
+            found = dict(zip(wanted, hashes, strict=True))
+            for keys, future in batch:
+                if not future.done():
+                    future.set_result((epoch, [found[key] for key in keys]))
+        finally:
+            self._next()
+
+
 class OnlineStore:
     """Feature views and their values in Redis; reads and writes are one round trip each
-    (plus one to reload the views after they changed)."""
+    (plus one to reload the views after they changed), and concurrent reads share theirs."""
 
     def __init__(
         self,
@@ -144,6 +321,11 @@ class OnlineStore:
         self._timeout_s = timeout_s
         self._clock_us = clock_us
         self._cache = _Cache(cache_ttl_s, cache_max_entries) if cache_ttl_s > 0 else None
+        self._plans: dict[tuple[FeatureRef, ...], ReadPlan] = {}
+        self._reads = _ReadBatcher(self._store.read, timeout_s)
+        self._latency = {
+            op: metrics.REDIS_LATENCY.labels(op) for op in ("read", "write", "views", "ping")
+        }
 
     @asynccontextmanager
     async def redis_call(self, op: str, timeout_s: float | None = None) -> AsyncIterator[None]:
@@ -165,12 +347,12 @@ class OnlineStore:
             ) from exc
         except (redis.RedisError, RedisClusterException, TimeoutError, OSError) as exc:
             raise UnavailableError(
-                f"redis did not answer ({op}): {exc or type(exc).__name__}",
+                f"redis did not answer ({op}): {str(exc) or type(exc).__name__}",
                 reason="REDIS_UNAVAILABLE",
                 metadata={"operation": op},
             ) from exc
         finally:
-            metrics.REDIS_LATENCY.labels(op).observe(time.perf_counter() - started)
+            self._latency[op].observe(time.perf_counter() - started)
 
     async def ping(self, timeout_s: float | None = None) -> None:
         """Returns when Redis (in a cluster: every primary) answers PING; UnavailableError
@@ -217,56 +399,61 @@ class OnlineStore:
         NotFoundError names an unknown view or feature; InvalidArgumentError a ref whose
         view has no entity of its type among `entities`; UnavailableError when Redis fails.
         """
+        rows = await self.read_values(entities, refs, timeout_s=timeout_s)
+        return [
+            {feature.ref: FeatureResult(value, status, at) for feature, value, status, at in row}
+            for row in rows
+        ]
+
+    async def read_values(
+        self,
+        entities: Sequence[EntityKey],
+        refs: Sequence[FeatureRef],
+        *,
+        timeout_s: float | None = None,
+    ) -> list[list[ReadValue]]:
+        """As `read`, each entity's values as a list in the order of `refs` (a ref repeated
+        in `refs` appears as often), without building a FeatureResult per value."""
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        wanted = tuple(refs)
         for _ in range(2):
-            views = await self.views(sorted({r.view for r in refs}), timeout_s=_left(deadline))
-            self._check_refs(entities, refs, views)
+            plan = await self._plan_for(wanted, deadline)
+            types = {e.entity_type for e in entities}
+            missing = [p for p in plan.parts if p.view.entity_type not in types]
+            if missing:
+                raise refused(_no_entity_violations(missing))
+            by_type = plan.by_type
             pairs = [
-                (i, view)
+                (i, part)
                 for i, entity in enumerate(entities)
-                for view in views.values()
-                if view.entity_type == entity.entity_type
+                for part in by_type.get(entity.entity_type, ())
             ]
-            keys = [redis_key(entities[i], view.name) for i, view in pairs]
-            stored = await self._fetch(keys, deadline)
+            keys = [redis_key(entities[i], part.view.name) for i, part in pairs]
+            stored = await self._fetch(keys, plan.epoch, deadline)
             if stored is not None:
-                return self._resolve(entities, refs, views, pairs, stored)
+                return self._resolve(len(entities), plan, pairs, keys, stored)
         raise UnavailableError(
             "feature views kept changing during the read", reason="FEATURE_VIEWS_CHANGING"
         )
 
-    def _check_refs(
-        self,
-        entities: Sequence[EntityKey],
-        refs: Sequence[FeatureRef],
-        views: Mapping[str, FeatureView],
-    ) -> None:
-        types = {e.entity_type for e in entities}
-        violations: list[FieldViolation] = []
-        for i, ref in enumerate(refs):
-            view = views[ref.view]
-            if view.feature(ref.name) is None:
-                raise NotFoundError(
-                    f"feature {str(ref)!r} does not exist: view {view.name!r} (version "
-                    f"{view.version}) has no feature {ref.name!r}",
-                    reason="FEATURE_NOT_FOUND",
-                    metadata={"feature_view": view.name, "feature": ref.name},
-                )
-            if view.entity_type not in types:
-                violations.append(
-                    FieldViolation(
-                        f"features[{i}]",
-                        f"view {view.name!r} is keyed by {view.entity_type!r} entities and "
-                        "the request has none",
-                    )
-                )
-        if violations:
-            raise refused(violations)
+    async def _plan_for(self, refs: tuple[FeatureRef, ...], deadline: float | None) -> ReadPlan:
+        """The plan of `refs` under the current cached definitions (a cached one when they
+        have not been reloaded since it was made)."""
+        plan = self._plans.get(refs)
+        if plan is not None and plan.generation == self.catalog.generation:
+            return plan
+        views = await self.views(sorted({r.view for r in refs}), timeout_s=_left(deadline))
+        if len(self._plans) >= _MAX_PLANS:
+            self._plans.clear()
+        catalog = self.catalog
+        plan = self._plans[refs] = _plan(refs, views, catalog.generation, catalog.epoch or "0")
+        return plan
 
     async def _fetch(
-        self, keys: Sequence[str], deadline: float | None
+        self, keys: Sequence[str], epoch_seen: str, deadline: float | None
     ) -> dict[str, dict[bytes, bytes]] | None:
-        """The hashes by key, from the cache or one pipeline; None when the views changed."""
+        """The hashes by key, from the cache or one round trip; None when the views changed
+        since `epoch_seen` (the definitions are reloaded then, unless another read did)."""
         found: dict[str, dict[bytes, bytes]] = {}
         wanted = list(dict.fromkeys(keys))
         now = time.monotonic()
@@ -279,10 +466,12 @@ class OnlineStore:
             if not wanted:
                 return found
         async with self.redis_call("read", _left(deadline)):
-            epoch, hashes = await self._store.read(wanted)
-        async with self.redis_call("views", _left(deadline)):
-            if await self.catalog.refresh_if(epoch):
-                return None
+            epoch, hashes = await self._reads.read(wanted)
+        if epoch != epoch_seen:
+            if epoch != self.catalog.epoch:
+                async with self.redis_call("views", _left(deadline)):
+                    await self.catalog.load()
+            return None
         for key, stored in zip(wanted, hashes, strict=True):
             found[key] = stored
             if self._cache is not None:
@@ -291,30 +480,29 @@ class OnlineStore:
 
     def _resolve(
         self,
-        entities: Sequence[EntityKey],
-        refs: Sequence[FeatureRef],
-        views: Mapping[str, FeatureView],
-        pairs: Sequence[tuple[int, FeatureView]],
+        count: int,
+        plan: ReadPlan,
+        pairs: Sequence[tuple[int, _ViewPart]],
+        keys: Sequence[str],
         stored: Mapping[str, dict[bytes, bytes]],
-    ) -> list[dict[FeatureRef, FeatureResult]]:
+    ) -> list[list[ReadValue]]:
         now = self._clock_us()
-        rows: list[dict[FeatureRef, FeatureResult]] = [{} for _ in entities]
-        by_view: dict[str, list[FeatureRef]] = {}
-        for ref in refs:
-            by_view.setdefault(ref.view, []).append(ref)
-        counts: dict[tuple[str, FeatureStatus], int] = {}
-        for i, view in pairs:
-            values = stored[redis_key(entities[i], view.name)]
-            max_age_us = int(view.max_age_s * 1e6)
-            metrics.ENTITIES.labels(view.name).inc()
-            for ref in by_view[view.name]:
-                result = _result(view, ref.name, values.get(ref.name.encode()), now, max_age_us)
-                rows[i][ref] = result
-                counts[view.name, result.status] = counts.get((view.name, result.status), 0) + 1
-        for name in views:
-            metrics.READS.labels(name).inc()
-        for (name, status), count in counts.items():
-            metrics.VALUES.labels(name, status.value).inc(count)
+        rows: list[list[ReadValue]] = [[] for _ in range(count)]
+        for (i, part), key in zip(pairs, keys, strict=True):
+            values = stored[key]
+            row = rows[i]
+            max_age_us = part.max_age_us
+            tally = _NO_VALUES.copy()
+            for feature in part.features:
+                read = _read_value(feature, values.get(feature.field), now, max_age_us)
+                row.append(read)
+                tally[read[2]] += 1
+            part.entities.inc()
+            for status, n in tally.items():
+                if n:
+                    part.values[status].inc(n)
+        for part in plan.parts:
+            part.reads.inc()
         return rows
 
     async def write(
@@ -408,26 +596,37 @@ class OnlineStore:
         return batch
 
 
-def _result(
-    view: FeatureView, name: str, raw: bytes | None, now_us: int, max_age_us: int
-) -> FeatureResult:
-    spec = view.feature(name)
-    assert spec is not None
-    if raw is not None:
+def _read_value(
+    feature: PlannedFeature, raw: bytes | None, now_us: int, max_age_us: int
+) -> ReadValue:
+    # A value of another dtype (retyped by a forced change) or one that does not decode reads
+    # as not stored.
+    if raw is not None and len(raw) >= HEADER_SIZE and raw[0] == feature.tag:
         try:
-            dtype, value, event_time_us = decode_value(raw)
-        except ValueError:
-            raw = None
+            value = feature.decode(raw[HEADER_SIZE:])
+        except (ValueError, struct.error):
+            pass
         else:
-            if dtype is not spec.dtype:  # retyped by a forced change: the old value is unusable
-                raw = None
-            elif max_age_us and now_us - event_time_us > max_age_us:
-                return FeatureResult(spec.default, FeatureStatus.EXPIRED, event_time_us)
-            else:
-                return FeatureResult(value, FeatureStatus.PRESENT, event_time_us)
-    if spec.default is not None:
-        return FeatureResult(spec.default, FeatureStatus.DEFAULTED)
-    return FeatureResult(None, FeatureStatus.MISSING)
+            event_time_us: int = EVENT_TIME.unpack_from(raw, 1)[0]
+            if max_age_us and now_us - event_time_us > max_age_us:
+                return feature, feature.default, FeatureStatus.EXPIRED, event_time_us
+            return feature, value, FeatureStatus.PRESENT, event_time_us
+    if feature.default is not None:
+        return feature, feature.default, FeatureStatus.DEFAULTED, None
+    return feature, None, FeatureStatus.MISSING, None
+
+
+def _no_entity_violations(parts: Sequence[_ViewPart]) -> list[FieldViolation]:
+    return [
+        FieldViolation(
+            f"features[{i}]",
+            f"view {part.view.name!r} is keyed by {part.view.entity_type!r} entities and "
+            "the request has none",
+        )
+        for i, part in sorted(
+            ((i, part) for part in parts for i in part.ref_indexes), key=lambda pair: pair[0]
+        )
+    ]
 
 
 def _left(deadline: float | None) -> float | None:

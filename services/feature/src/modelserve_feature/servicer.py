@@ -2,24 +2,24 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
-from typing import Any
+from collections.abc import AsyncIterator, Callable, Sequence
+from typing import Any, cast
 
 import grpc
 
 from modelserve.feature.v1 import feature_service_pb2 as pb
 from modelserve.feature.v1 import feature_service_pb2_grpc as pb_grpc
+from modelserve.type.v1.feature_value_pb2 import FeatureValue
 from modelserve_feature.store import OnlineFeatures
 from modelserve_features.convert import (
-    timestamp_from_us,
     timestamp_us,
     value_from_proto,
-    value_to_proto,
     view_from_proto,
     view_to_proto,
 )
-from modelserve_features.online import FeatureStatus, FeatureWrite
+from modelserve_features.online import FeatureStatus, FeatureWrite, ReadValue
 from modelserve_features.redis_store import EntityKey
+from modelserve_features.views import FeatureDtype, Value
 
 _STATUSES = {
     FeatureStatus.PRESENT: pb.FEATURE_STATUS_PRESENT,
@@ -27,6 +27,58 @@ _STATUSES = {
     FeatureStatus.EXPIRED: pb.FEATURE_STATUS_EXPIRED,
     FeatureStatus.DEFAULTED: pb.FEATURE_STATUS_DEFAULTED,
 }
+
+
+# A read value is of its feature's dtype (values are checked when written, and a stored value
+# of another dtype reads as not stored), so each setter knows its type.
+
+
+def _set_int(target: FeatureValue, value: Value) -> None:
+    target.int64_value = cast(int, value)
+
+
+def _set_double(target: FeatureValue, value: Value) -> None:
+    target.double_value = cast(float, value)
+
+
+def _set_string(target: FeatureValue, value: Value) -> None:
+    target.string_value = cast(str, value)
+
+
+def _set_bool(target: FeatureValue, value: Value) -> None:
+    target.bool_value = cast(bool, value)
+
+
+def _set_vector(target: FeatureValue, value: Value) -> None:
+    target.float_vector_value.values.extend(cast(tuple[float, ...], value))
+
+
+#: Sets a FeatureValue in place, by the feature's dtype: filling the response's map entries
+#: where they are, rather than building a message per value and copying it in, is what keeps
+#: the response cheap to build.
+_SETTERS: dict[FeatureDtype, Callable[[FeatureValue, Value], None]] = {
+    FeatureDtype.INT64: _set_int,
+    FeatureDtype.DOUBLE: _set_double,
+    FeatureDtype.STRING: _set_string,
+    FeatureDtype.BOOL: _set_bool,
+    FeatureDtype.FLOAT_VECTOR: _set_vector,
+}
+
+
+def _fill(result: pb.EntityFeatures, row: Sequence[ReadValue]) -> None:
+    """One entity's values, statuses and event times into its EntityFeatures."""
+    values, statuses, event_times = result.values, result.statuses, result.event_times
+    for feature, value, status, event_time_us in row:
+        key = feature.key
+        target = values.get_or_create(key)
+        if value is not None:
+            _SETTERS[feature.dtype](target, value)
+        statuses[key] = _STATUSES[status]
+        if event_time_us is not None:
+            seconds, micros = divmod(event_time_us, 1_000_000)
+            stamp = event_times.get_or_create(key)
+            stamp.seconds = seconds
+            stamp.nanos = micros * 1000
 
 
 def _writes(writes: Any) -> list[FeatureWrite]:
@@ -52,17 +104,12 @@ class FeatureServicer(pb_grpc.FeatureServiceServicer):
     ) -> pb.GetOnlineFeaturesResponse:
         entities = [EntityKey(e.entity_type, e.entity_id) for e in request.entities]
         rows = await self._features.read(
-            entities, list(request.features), timeout_s=context.time_remaining()
+            entities, request.features, timeout_s=context.time_remaining()
         )
         response = pb.GetOnlineFeaturesResponse()
-        for entity, values in zip(request.entities, rows, strict=True):
-            result = response.results.add(entity=entity)
-            for ref, read in values.items():
-                key = str(ref)
-                result.values[key].CopyFrom(value_to_proto(read.value))
-                result.statuses[key] = _STATUSES[read.status]
-                if read.event_time_us is not None:
-                    result.event_times[key].CopyFrom(timestamp_from_us(read.event_time_us))
+        results = response.results
+        for entity, row in zip(request.entities, rows, strict=True):
+            _fill(results.add(entity=entity), row)
         return response
 
     async def WriteFeatures(

@@ -7,9 +7,9 @@ from dataclasses import dataclass, replace
 
 from modelserve_features.catalog import ApplyResult
 from modelserve_features.online import (
-    FeatureResult,
     FeatureWrite,
     OnlineStore,
+    ReadValue,
     WriteResult,
     refused,
 )
@@ -19,6 +19,8 @@ from modelserve_runtime.errors import FieldViolation, InvalidArgumentError
 
 DEFAULT_PAGE_SIZE = 100
 MAX_PAGE_SIZE = 1000
+#: Most distinct feature lists whose parsed refs are kept; all are dropped when full.
+_MAX_PARSED = 1024
 
 
 @dataclass(frozen=True, slots=True)
@@ -38,6 +40,19 @@ class ViewPage:
     next_page_token: str
 
 
+def _parse(features: Sequence[str], violations: list[FieldViolation]) -> tuple[FeatureRef, ...]:
+    """The refs in `features`; each one that is not `view:feature` adds a violation."""
+    refs: list[FeatureRef] = []
+    for i, ref in enumerate(features):
+        try:
+            refs.append(FeatureRef.parse(ref))
+        except ValueError:
+            violations.append(
+                FieldViolation(f"features[{i}]", f"{ref!r} is not 'feature_view:feature'")
+            )
+    return tuple(refs)
+
+
 def _view_id(name: str, field_path: str) -> str:
     try:
         return view_id(name)
@@ -52,6 +67,7 @@ class OnlineFeatures:
         self._store = store
         self._max_entities = max_entities
         self._max_features = max_features
+        self._parsed: dict[tuple[str, ...], tuple[FeatureRef, ...]] = {}
 
     async def read(
         self,
@@ -59,8 +75,9 @@ class OnlineFeatures:
         features: Sequence[str],
         *,
         timeout_s: float | None = None,
-    ) -> list[dict[FeatureRef, FeatureResult]]:
-        """Every requested feature of every entity of its view's entity type, one round trip."""
+    ) -> list[list[ReadValue]]:
+        """Every requested feature of every entity of its view's entity type, one round trip:
+        per entity (in request order) its values in the order of `features`."""
         violations: list[FieldViolation] = []
         if not entities:
             violations.append(FieldViolation("entities", "at least one entity is required"))
@@ -79,17 +96,18 @@ class OnlineFeatures:
                 violations.append(FieldViolation(f"entities[{i}].entity_type", "must not be empty"))
             if not entity.entity_id:
                 violations.append(FieldViolation(f"entities[{i}].entity_id", "must not be empty"))
-        refs: list[FeatureRef] = []
-        for i, ref in enumerate(features):
-            try:
-                refs.append(FeatureRef.parse(ref))
-            except ValueError:
-                violations.append(
-                    FieldViolation(f"features[{i}]", f"{ref!r} is not 'feature_view:feature'")
-                )
+        requested = tuple(features)
+        refs = self._parsed.get(requested)
+        new = refs is None
+        if refs is None:
+            refs = _parse(requested, violations)
         if violations:
             raise refused(violations)
-        return await self._store.read(entities, refs, timeout_s=timeout_s)
+        if new:
+            if len(self._parsed) >= _MAX_PARSED:
+                self._parsed.clear()
+            self._parsed[requested] = refs
+        return await self._store.read_values(entities, refs, timeout_s=timeout_s)
 
     async def write(
         self, writes: Sequence[FeatureWrite], *, timeout_s: float | None = None
