@@ -1,17 +1,30 @@
-"""Benchmark: the inference service's two front doors against Triton itself and a bare hop.
+"""Benchmark: the inference service's front doors against Triton itself and a bare hop.
 
 Starts the registry and the inference service (which starts Triton) as separate processes,
-registers and loads the demo fraud model, starts a bare grpc.aio echo server in another
-process, then for each concurrency drives one-row requests through four paths for a fixed
-time and prints p50/p95/p99 latency, throughput, and the facade's ratios:
+registers the demo fraud model (two versions) and loads version 1, starts two grpc.aio echo
+servers in their own processes, then for each concurrency drives one-row requests through
+each path for a fixed time and prints p50/p95/p99 latency, throughput, the CPU each request
+cost the serving processes, and the ratios the inference issue sets targets on:
 
 - triton direct: `tritonclient.grpc.aio` straight to Triton (the router's direct path);
 - OIP facade: the same client code pointed at the inference service;
 - service Infer: `InferenceService.Infer` with the project's own tensors;
-- echo (bare hop): a grpc.aio server that answers the OIP request's bytes, i.e. the cost
-  of one Python gRPC hop with no work in it.
+- echo (bare hop): a grpc.aio server answering the OIP request's bytes: the cost of one
+  Python gRPC hop with no work in it;
+- echo + interceptors: the same server behind the project's standard server interceptors
+  (tracing, request context, logs and metrics, error status), which every service runs: the
+  floor under any handler of ours.
+
+At the highest concurrency, two more: Triton with dynamic batching off (the same model loaded
+under another name without `dynamic_batching`: Triton's batching gain), and the facade of a
+second inference service with coalescing off (`COALESCE_IN_FLIGHT=0`, remote mode on the same
+Triton: the service's own batching gain). Last, the first request after READY: version 2 is
+unloaded and loaded again `--fresh-loads` times, and each time the first Infer is sent the
+moment LoadModelVersion answers READY; its latency is set against the steady-state p50.
 
     .venv/bin/python loadtests/bench_inference.py --duration 5 --concurrency 1 16 64
+
+Everything shares the machine's cores: compare ratios within one run, not across runs.
 """
 
 from __future__ import annotations
@@ -20,11 +33,14 @@ import argparse
 import asyncio
 import sys
 import tempfile
-from collections.abc import Awaitable, Callable
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
 import numpy as np
+import psutil
 import uvloop
 from bench import Result, drive
 from tritonclient.grpc import InferInput, InferRequestedOutput, service_pb2
@@ -39,18 +55,36 @@ from modelserve_demo import fraud
 from modelserve_runtime.channels import create_channel
 from modelserve_runtime.clients import RegistryAdminClient
 from modelserve_runtime.convert import TRITON_NAMES, numpy_to_tensor
+from modelserve_triton.model_config import build_model_config, model_files
+from modelserve_triton.runner import TritonRunner
 
 _ECHO_METHOD = "/bench.Echo/Echo"
 _DATATYPES = {name: code for code, name in TRITON_NAMES.items()}
+#: The Triton model name of the demo model loaded without dynamic batching.
+_UNBATCHED = "fraud_unbatched"
+
+DIRECT = "triton direct"
+FACADE = "OIP facade"
+INFER = "service Infer"
+ECHO = "echo (bare hop)"
+ECHO_INTERCEPTED = "echo + interceptors"
+DIRECT_UNBATCHED = "triton direct, dynamic batching off"
+FACADE_UNCOALESCED = "OIP facade, coalescing off"
 
 
-async def serve_echo() -> None:
-    """A bare grpc.aio server whose one method answers the request's bytes; prints its port."""
+async def serve_echo(interceptors: bool) -> None:
+    """A grpc.aio server whose one method answers the request's bytes, behind the standard
+    interceptors when asked (logs at warning, tracing on, as the services run); prints its port."""
+    from modelserve_runtime.interceptors import server_interceptors
+    from modelserve_runtime.logs import configure_logging
+    from modelserve_runtime.tracing import configure_tracing
+
+    configure_logging("bench-echo", "warning", "json")
+    configure_tracing("bench-echo", None)
     handler = grpc.method_handlers_generic_handler(
-        "bench.Echo",
-        {"Echo": grpc.unary_unary_rpc_method_handler(_echo)},
+        "bench.Echo", {"Echo": grpc.unary_unary_rpc_method_handler(_echo)}
     )
-    server = grpc.aio.server()
+    server = grpc.aio.server(interceptors=server_interceptors("bench") if interceptors else None)
     server.add_generic_rpc_handlers((handler,))
     port = server.add_insecure_port("127.0.0.1:0")
     await server.start()
@@ -67,65 +101,198 @@ def _spec(spec: object) -> tensor_pb2.TensorSpec:
     return tensor_pb2.TensorSpec(name=name, datatype=_DATATYPES[datatype], shape=list(shape))
 
 
-async def _register_and_load(stack: Stack, trained: fraud.TrainedModel) -> pb.LoadedModelVersion:
+async def _register(stack: Stack, models: Sequence[fraud.TrainedModel]) -> list[str]:
+    """Registers each model as the next version of `models/fraud`; their names."""
     async with create_channel(
         stack.targets["registry"], default_timeout_s=60, max_message_bytes=64 << 20
     ) as registry:
         admin = RegistryAdminClient(registry)
         await admin.create_model("fraud", "benchmark")
-        version = await admin.upload_model_version(
-            "models/fraud",
-            registry_pb.ModelVersion(
-                format=registry_pb.ARTIFACT_FORMAT_ONNX,
-                signature=registry_pb.Signature(
-                    inputs=[_spec(s) for s in trained.inputs],
-                    outputs=[_spec(s) for s in trained.outputs],
-                    feature_refs=list(trained.feature_refs),
+        names = []
+        for trained in models:
+            version = await admin.upload_model_version(
+                "models/fraud",
+                registry_pb.ModelVersion(
+                    format=registry_pb.ARTIFACT_FORMAT_ONNX,
+                    signature=registry_pb.Signature(
+                        inputs=[_spec(s) for s in trained.inputs],
+                        outputs=[_spec(s) for s in trained.outputs],
+                        feature_refs=list(trained.feature_refs),
+                    ),
                 ),
-            ),
-            trained.onnx_bytes,
-        )
-    async with create_channel(stack.targets["inference"], default_timeout_s=120) as channel:
+                trained.onnx_bytes,
+            )
+            names.append(version.name)
+    return names
+
+
+async def _load(target: str, name: str) -> pb.LoadedModelVersion:
+    async with create_channel(target, default_timeout_s=120) as channel:
         loaded = await pb_grpc.InferenceServiceStub(channel).LoadModelVersion(
-            pb.LoadModelVersionRequest(name=version.name)
+            pb.LoadModelVersionRequest(name=name)
         )
     if loaded.model_version.state != pb.MODEL_VERSION_STATE_READY:
-        raise RuntimeError(f"the demo model did not load: {loaded.model_version.reason}")
+        raise RuntimeError(f"{name} did not load: {loaded.model_version.reason}")
     return loaded.model_version
+
+
+async def _load_unbatched(triton_endpoint: str, trained: fraud.TrainedModel) -> None:
+    """The demo model as Triton model `_UNBATCHED`, batched inputs but no dynamic batcher."""
+    config = build_model_config(_UNBATCHED, trained.inputs, trained.outputs)
+    del config["dynamic_batching"]
+    triton = TritonRunner(triton_endpoint)
+    try:
+        await triton.load(_UNBATCHED, config, model_files({1: trained.onnx_bytes}), timeout_s=120)
+    finally:
+        await triton.close()
+
+
+async def _start_echo(interceptors: bool) -> tuple[asyncio.subprocess.Process, str]:
+    args = ["--serve-echo", *(["--with-interceptors"] if interceptors else [])]
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, __file__, *args, stdout=asyncio.subprocess.PIPE
+    )
+    assert process.stdout is not None
+    port = (await process.stdout.readline()).decode().strip()
+    return process, f"127.0.0.1:{port}"
+
+
+def _family(pid: int) -> list[psutil.Process]:
+    root = psutil.Process(pid)
+    return [root, *root.children(recursive=True)]
+
+
+def _cpu_seconds(processes: Sequence[psutil.Process]) -> float:
+    total = 0.0
+    for process in processes:
+        try:
+            times = process.cpu_times()
+        except psutil.NoSuchProcess:
+            continue
+        total += times.user + times.system
+    return total
+
+
+@dataclass
+class Measured:
+    """A path's latencies plus the CPU its front process and Triton spent per request."""
+
+    result: Result
+    front_us: float | None
+    triton_us: float
+
+
+@dataclass
+class Route:
+    """One way to send the benchmark's request, and the process that answers it first."""
+
+    name: str
+    call: Callable[[int], Awaitable[object]]
+    front: list[psutil.Process] | None
+
+
+async def _measure(
+    path: Route, concurrency: int, duration: float, triton: list[psutil.Process]
+) -> Measured:
+    await drive(path.name, path.call, concurrency, min(1.0, duration))  # warm-up
+    front_before = _cpu_seconds(path.front) if path.front else 0.0
+    triton_before = _cpu_seconds(triton)
+    result = await drive(path.name, path.call, concurrency, duration)
+    count = max(1, len(result.latencies_ms))
+    front_us = (
+        (_cpu_seconds(path.front) - front_before) / count * 1e6 if path.front is not None else None
+    )
+    triton_us = (_cpu_seconds(triton) - triton_before) / count * 1e6
+    return Measured(result, front_us, triton_us)
+
+
+async def _first_answers(target: str, name: str, rows: np.ndarray, loads: int) -> list[float]:
+    """Milliseconds from LoadModelVersion answering READY to the first Infer's answer, over
+    `loads` fresh loads of `name` (unloaded before each)."""
+    request = pb.InferRequest(name=name, inputs=[numpy_to_tensor("features", rows[:1])])
+    firsts = []
+    async with create_channel(target, default_timeout_s=120) as channel:
+        stub = pb_grpc.InferenceServiceStub(channel)
+        for _ in range(loads):
+            held = await stub.ListModelVersions(pb.ListModelVersionsRequest())
+            if name in [v.name for v in held.model_versions]:
+                await stub.UnloadModelVersion(pb.UnloadModelVersionRequest(name=name))
+            loaded = await stub.LoadModelVersion(pb.LoadModelVersionRequest(name=name))
+            ready_at = time.perf_counter()
+            if loaded.model_version.state != pb.MODEL_VERSION_STATE_READY:
+                raise RuntimeError(f"{name} did not load: {loaded.model_version.reason}")
+            await stub.Infer(request)
+            firsts.append((time.perf_counter() - ready_at) * 1000)
+    return firsts
 
 
 async def main(args: argparse.Namespace) -> None:
     run_dir = Path(tempfile.mkdtemp(prefix="modelserve-bench-inference-"))
     env = {f"MODELSERVE_{s}_TELEMETRY__LOG_LEVEL": "warning" for s in ("INFERENCE", "REGISTRY")}
     stack = Stack(StackOptions(run_dir=run_dir, env=env))
-    echo = await asyncio.create_subprocess_exec(
-        sys.executable, __file__, "--serve-echo", stdout=asyncio.subprocess.PIPE
-    )
+    second: Stack | None = None
+    echoes = [await _start_echo(False), await _start_echo(True)]
     try:
         for service in ("registry", "inference"):
             stack.spawn(service)
             await stack.wait_serving(service)
-        assert echo.stdout is not None
-        echo_target = f"127.0.0.1:{(await echo.stdout.readline()).decode().strip()}"
-        loaded = await _register_and_load(stack, fraud.train(seed=0))
-        version = str(loaded.triton_model_version)
+        models = [fraud.train(seed=0), fraud.train(seed=1)]
+        v1, v2 = await _register(stack, models)
+        loaded = await _load(stack.targets["inference"], v1)
+        await _load_unbatched(loaded.triton_endpoint, models[0])
+        # A second inference service on the same Triton, coalescing off, for the batching gain.
+        second = Stack(
+            StackOptions(
+                run_dir=run_dir / "uncoalesced",
+                env={
+                    **env,
+                    "MODELSERVE_INFERENCE_TRITON_MODE": "remote",
+                    "MODELSERVE_INFERENCE_TRITON_URL": loaded.triton_endpoint,
+                    "MODELSERVE_INFERENCE_REGISTRY_TARGET": stack.targets["registry"],
+                    "MODELSERVE_INFERENCE_RECONCILE": "false",
+                    "MODELSERVE_INFERENCE_COALESCE_IN_FLIGHT": "0",
+                },
+            )
+        )
+        second.spawn("inference")
+        await second.wait_serving("inference")
+        await _load(second.targets["inference"], v1)
+
         rows = fraud.make_dataset(64, seed=3)[0]
-        results = await _drive_all(args, stack, loaded.triton_endpoint, echo_target, version, rows)
-        _print(results, args)
+        triton_processes = _family(stack.processes["inference"].pid)[1:]
+        measured = await _drive_all(
+            args,
+            stack,
+            second,
+            loaded.triton_endpoint,
+            [target for _, target in echoes],
+            [process.pid for process, _ in echoes],
+            str(loaded.triton_model_version),
+            rows,
+            triton_processes,
+        )
+        firsts = await _first_answers(stack.targets["inference"], v2, rows, args.fresh_loads)
+        _print(measured, firsts, args)
     finally:
-        echo.terminate()
-        await echo.wait()
+        for process, _ in echoes:
+            process.terminate()
+            await process.wait()
+        if second is not None:
+            await second.stop()
         await stack.stop()
 
 
 async def _drive_all(
     args: argparse.Namespace,
     stack: Stack,
+    second: Stack,
     triton_endpoint: str,
-    echo_target: str,
+    echo_targets: list[str],
+    echo_pids: list[int],
     version: str,
     rows: np.ndarray,
-) -> list[Result]:
+    triton_processes: list[psutil.Process],
+) -> list[Measured]:
     n = len(rows)
     oip_inputs = []
     for i in range(n):
@@ -151,60 +318,102 @@ async def _drive_all(
     ]
     direct = InferenceServerClient(triton_endpoint)
     facade = InferenceServerClient(stack.targets["inference"])
+    uncoalesced = InferenceServerClient(second.targets["inference"])
     service_channel = create_channel(stack.targets["inference"])
     service = pb_grpc.InferenceServiceStub(service_channel)
-    echo_channel = grpc.aio.insecure_channel(echo_target)
-    echo = echo_channel.unary_unary(_ECHO_METHOD)
-    paths: dict[str, Callable[[int], Awaitable[object]]] = {
-        "triton direct": lambda i: direct.infer(
-            "fraud", oip_inputs[i % n], model_version=version, outputs=outputs
+    echo_channels = [grpc.aio.insecure_channel(target) for target in echo_targets]
+    echo, echo_intercepted = (channel.unary_unary(_ECHO_METHOD) for channel in echo_channels)
+    inference = [psutil.Process(stack.processes["inference"].pid)]
+
+    def oip(client: InferenceServerClient, model: str) -> Callable[[int], Awaitable[object]]:
+        return lambda i: client.infer(
+            model, oip_inputs[i % n], model_version=version, outputs=outputs
+        )
+
+    paths = [
+        Route(DIRECT, oip(direct, "fraud"), None),
+        Route(FACADE, oip(facade, "fraud"), inference),
+        Route(INFER, lambda i: service.Infer(infer_requests[i % n]), inference),
+        Route(ECHO, lambda i: echo(echo_payloads[i % n]), [psutil.Process(echo_pids[0])]),
+        Route(
+            ECHO_INTERCEPTED,
+            lambda i: echo_intercepted(echo_payloads[i % n]),
+            [psutil.Process(echo_pids[1])],
         ),
-        "OIP facade": lambda i: facade.infer(
-            "fraud", oip_inputs[i % n], model_version=version, outputs=outputs
+    ]
+    last = [
+        Route(DIRECT_UNBATCHED, oip(direct, _UNBATCHED), None),
+        Route(
+            FACADE_UNCOALESCED,
+            oip(uncoalesced, "fraud"),
+            [psutil.Process(second.processes["inference"].pid)],
         ),
-        "service Infer": lambda i: service.Infer(infer_requests[i % n]),
-        "echo (bare hop)": lambda i: echo(echo_payloads[i % n]),
-    }
-    results: list[Result] = []
+    ]
+    measured: list[Measured] = []
     try:
         for concurrency in args.concurrency:
-            for name, call in paths.items():
-                await drive(name, call, concurrency, min(1.0, args.duration))  # warm-up
-                results.append(await drive(name, call, concurrency, args.duration))
+            extra = last if concurrency == max(args.concurrency) else []
+            for path in [*paths, *extra]:
+                measured.append(await _measure(path, concurrency, args.duration, triton_processes))
     finally:
-        await direct.close()
-        await facade.close()
+        for client in (direct, facade, uncoalesced):
+            await client.close()
         await service_channel.close()
-        await echo_channel.close()
-    return results
+        for channel in echo_channels:
+            await channel.close()
+    return measured
 
 
-def _print(results: list[Result], args: argparse.Namespace) -> None:
+def _print(measured: list[Measured], firsts: list[float], args: argparse.Namespace) -> None:
     print(f"\nduration={args.duration}s per path and concurrency\n")
-    print("| path | conc | p50 ms | p95 ms | p99 ms | req/s | errors |")
-    print("|---|---:|---:|---:|---:|---:|---:|")
-    for r in results:
+    print(
+        "| path | conc | p50 ms | p95 ms | p99 ms | req/s | errors"
+        " | front CPU µs/req | Triton CPU µs/req |"
+    )
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for m in measured:
+        r = m.result
+        front = "" if m.front_us is None else f"{m.front_us:.0f}"
         print(
-            f"| {r.path} | {r.concurrency} | {r.percentile(50):.2f} | {r.percentile(95):.2f} | "
-            f"{r.percentile(99):.2f} | {r.rps:.0f} | {r.errors} |"
+            f"| {r.path} | {r.concurrency} | {r.percentile(50):.2f} | {r.percentile(95):.2f} |"
+            f" {r.percentile(99):.2f} | {r.rps:.0f} | {r.errors} | {front} | {m.triton_us:.0f} |"
         )
-    by = {(r.path, r.concurrency): r for r in results}
+    by = {(m.result.path, m.result.concurrency): m.result for m in measured}
     print("\n| measure | conc | value |")
     print("|---|---:|---:|")
     for c in args.concurrency:
-        direct, facade, echo = (
-            by[("triton direct", c)],
-            by[("OIP facade", c)],
-            by[("echo (bare hop)", c)],
-        )
-        added = facade.percentile(50) - direct.percentile(50)
-        print(
-            f"| facade p50 - direct p50, in bare hops (target ≤ 1.2) | {c} | {added / echo.percentile(50):.2f} |"
-        )
-        print(
-            f"| facade req/s / echo req/s (target ≥ 0.8 at 64) | {c} | {facade.rps / echo.rps:.2f} |"
-        )
-        print(f"| facade req/s / direct req/s | {c} | {facade.rps / direct.rps:.2f} |")
+        direct, echo = by[(DIRECT, c)], by[(ECHO, c)]
+        hop = echo.percentile(50)
+        for name in (FACADE, INFER, ECHO_INTERCEPTED):
+            front = by[(name, c)]
+            base = direct if name != ECHO_INTERCEPTED else echo
+            added = front.percentile(50) - base.percentile(50)
+            over = "direct" if name != ECHO_INTERCEPTED else "echo"
+            target = " (target ≤ 1.2)" if name == FACADE else ""
+            print(f"| {name}: p50 - {over} p50, in bare hops{target} | {c} | {added / hop:.2f} |")
+        for name in (FACADE, INFER, ECHO_INTERCEPTED):
+            target = " (target ≥ 0.8 at the top)" if name == FACADE else ""
+            ratio = by[(name, c)].rps / echo.rps
+            print(f"| {name}: req/s / echo req/s{target} | {c} | {ratio:.2f} |")
+        print(f"| {FACADE}: req/s / direct req/s | {c} | {by[(FACADE, c)].rps / direct.rps:.2f} |")
+    top = max(args.concurrency)
+    print(
+        f"| Triton's dynamic batching gain: req/s on / off | {top} |"
+        f" {by[(DIRECT, top)].rps / by[(DIRECT_UNBATCHED, top)].rps:.2f} |"
+    )
+    print(
+        f"| the facade's coalescing gain: req/s on / off | {top} |"
+        f" {by[(FACADE, top)].rps / by[(FACADE_UNCOALESCED, top)].rps:.2f} |"
+    )
+    steady = by[(INFER, min(args.concurrency))].percentile(50)
+    print(
+        f"\nfirst Infer after LoadModelVersion answered READY, {len(firsts)} fresh loads:"
+        f" p50 {np.percentile(firsts, 50):.2f} ms, max {max(firsts):.2f} ms"
+        f" ({', '.join(f'{f:.2f}' for f in firsts)});"
+        f" steady-state {INFER} p50 at c={min(args.concurrency)}: {steady:.2f} ms"
+        f" (first / steady: p50 {np.percentile(firsts, 50) / steady:.2f}x,"
+        f" max {max(firsts) / steady:.2f}x)"
+    )
 
 
 if __name__ == "__main__":
@@ -215,6 +424,10 @@ if __name__ == "__main__":
         "--duration", type=float, default=5.0, help="seconds per path and concurrency"
     )
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 16, 64])
+    parser.add_argument(
+        "--fresh-loads", type=int, default=5, help="loads of version 2 timed to its first answer"
+    )
     parser.add_argument("--serve-echo", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--with-interceptors", action="store_true", help=argparse.SUPPRESS)
     arguments = parser.parse_args()
-    uvloop.run(serve_echo() if arguments.serve_echo else main(arguments))
+    uvloop.run(serve_echo(arguments.with_interceptors) if arguments.serve_echo else main(arguments))

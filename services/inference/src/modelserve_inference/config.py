@@ -77,6 +77,12 @@ class InferenceSettings(ServiceSettings):
     above `max_batch_size` are run at `max_batch_size`."""
     reject_non_finite: bool = True
     """Refuse NaN and infinity in floating-point inputs (INVALID_ARGUMENT naming the input)."""
+    coalesce_in_flight: int = Field(default=1, ge=0)
+    """Calls into Triton per version and model instance beyond which requests (Infer and
+    ModelInfer) wait and go together, coalesced into one batched call, as soon as one
+    returns; a request that finds a free call goes at once, alone. 0: every request goes at
+    once, alone. Off whenever `max_queue_size` > 0 (Triton's bounded queue must see every
+    request to refuse what does not fit)."""
     triton_poll_interval_s: float = Field(default=1.0, gt=0)
     """How often the supervisor asks Triton whether it is live (a local child that exits is
     noticed at once)."""

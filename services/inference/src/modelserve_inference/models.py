@@ -14,7 +14,17 @@ from typing import Any, Protocol
 import numpy as np
 import numpy.typing as npt
 import structlog
+from opentelemetry import context as otel_context
+from opentelemetry import trace
 
+from modelserve_inference.coalesce import Coalescer
+from modelserve_inference.oip_requests import (
+    arrays_from_response,
+    check_request,
+    conform_response,
+    read_request,
+    request_from_arrays,
+)
 from modelserve_inference.state_feed import StateChange, StateFeed, StateWatch
 from modelserve_runtime.errors import (
     DeadlineExceededError,
@@ -139,6 +149,15 @@ class TritonModels(Protocol):
         headers: Mapping[str, str] | None = None,
     ) -> dict[str, npt.NDArray[Any]]: ...
 
+    async def infer_request(
+        self,
+        request: Any,
+        *,
+        timeout_s: float,
+        context: otel_context.Context | None = None,
+        links: Sequence[trace.Link] = (),
+    ) -> Any: ...
+
 
 def parse_version_name(name: str, field_path: str = "name") -> tuple[str, int]:
     """`models/{m}/versions/{v}` as (m, v); InvalidArgumentError naming the field otherwise."""
@@ -156,6 +175,8 @@ class ModelVersions:
     A version turns READY only after warmup requests at the batch sizes in
     `warmup_batch_sizes` have run on it, so the first caller does not pay for cold caches.
     Every state change is published on `feed` (WatchModelStates, the reconcile loop).
+    Requests for a version that arrive while `coalesce_in_flight` calls of it (per instance)
+    are in Triton wait and go together, as one batched call (`Coalescer`).
     """
 
     def __init__(
@@ -173,6 +194,7 @@ class ModelVersions:
         load_timeout_s: float,
         warmup_batch_sizes: Sequence[int] = (1,),
         reject_non_finite: bool = True,
+        coalesce_in_flight: int = 1,
     ) -> None:
         self._source = source
         self._triton = triton
@@ -188,6 +210,8 @@ class ModelVersions:
         self._load_timeout_s = load_timeout_s
         self._warmup_batch_sizes = tuple(warmup_batch_sizes)
         self._reject_non_finite = reject_non_finite
+        self._coalesce_in_flight = coalesce_in_flight
+        self._coalescer = Coalescer(triton)
         self._held: dict[str, HeldVersion] = {}
         self._model_locks: dict[str, asyncio.Lock] = {}
         self._configs: dict[str, ServingConfig] = {}
@@ -509,6 +533,7 @@ class ModelVersions:
 
         `deadline_s` is the time the caller has left; Triton gets no more than that.
         With `exact_dtypes` each input must have its signature's dtype, else inputs are cast.
+        The arrays go to Triton as raw bytes through the coalescer, as `infer_request`'s do.
         """
         parse_version_name(name)
         held = self.get(name)
@@ -527,6 +552,55 @@ class ModelVersions:
             raise InvalidArgumentError.for_field(
                 "output_names", f"unknown outputs {unknown}; the version has {sorted(known)}"
             )
+        timeout_s = self._timeout(name, deadline_s)
+        request, checked = request_from_arrays(held, arrays, wanted)
+        try:
+            limit, max_rows = self._coalescing(held)
+            response = await self._coalescer.infer(
+                request, checked, timeout_s=timeout_s, limit=limit, max_rows=max_rows
+            )
+            answered = arrays_from_response(response)
+            missing = [n for n in wanted if n not in answered]
+            if missing:
+                raise TritonError(f"model {held.model!r} returned no output {missing[0]!r}")
+        except TritonError as exc:
+            raise _infer_error(name, exc) from exc
+        return conform_outputs({n: answered[n] for n in wanted}, known)
+
+    async def infer_request(
+        self, held: HeldVersion, request: Any, *, deadline_s: float | None = None
+    ) -> Any:
+        """Runs a version on an Open Inference Protocol `ModelInferRequest` and answers Triton's
+        `ModelInferResponse`, outputs shaped as the signature says.
+
+        The request's raw tensors are checked where they lie (`oip_requests`) as `infer` checks
+        arrays with `exact_dtypes`, and go to Triton as they came, without being decoded.
+        """
+        tensors = read_request(request)
+        self._check_ready(held)
+        limit, max_rows = self._coalescing(held)
+        checked = check_request(
+            held,
+            request,
+            tensors,
+            max_batch_size=max_rows,
+            reject_non_finite=self._reject_non_finite,
+        )
+        timeout_s = self._timeout(held.name, deadline_s)
+        try:
+            response = await self._coalescer.infer(
+                request, checked, timeout_s=timeout_s, limit=limit, max_rows=max_rows
+            )
+        except TritonError as exc:
+            raise _infer_error(held.name, exc) from exc
+        return conform_response(held, response)
+
+    async def close(self) -> None:
+        """Cancels the coalesced Triton calls in flight."""
+        await self._coalescer.close()
+
+    def _timeout(self, name: str, deadline_s: float | None) -> float:
+        """How long Triton may take: the caller's time left, at most `infer_timeout_s`."""
         timeout_s = (
             self._infer_timeout_s if deadline_s is None else min(deadline_s, self._infer_timeout_s)
         )
@@ -534,13 +608,16 @@ class ModelVersions:
             raise DeadlineExceededError(
                 f"the deadline of the call to {name} had passed before triton was called"
             )
-        try:
-            outputs = await self._triton.infer(
-                held.model, held.version, arrays, wanted, timeout_s=timeout_s
-            )
-        except TritonError as exc:
-            raise _infer_error(name, exc) from exc
-        return conform_outputs(outputs, known)
+        return timeout_s
+
+    def _coalescing(self, held: HeldVersion) -> tuple[int, int]:
+        """How many calls of the version may be in Triton at once before requests wait to be
+        coalesced (`coalesce_in_flight` per instance; no limit with a bounded Triton queue,
+        which must see every request to refuse what does not fit), and the largest batch
+        Triton takes (the model's max_batch_size)."""
+        config = self._loaded_configs.get(held.model, self.default_config)
+        limit = 0 if config.max_queue_size else self._coalesce_in_flight * config.instance_count
+        return limit, config.max_batch_size
 
     @staticmethod
     def _check_ready(held: HeldVersion) -> None:

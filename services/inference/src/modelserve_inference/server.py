@@ -75,6 +75,7 @@ class InferenceApp:
         # The supervisor goes first, so that stopping Triton is not taken for a crash.
         await self.supervisor.close()
         await self.statistics.close()
+        await self.versions.close()
         await self.runner.close()
         await self.registry_channel.close()
         if self.triton is not None:
@@ -126,6 +127,7 @@ async def build_server(settings: InferenceSettings) -> tuple[GrpcServer, Inferen
         load_timeout_s=settings.load_timeout_s,
         warmup_batch_sizes=settings.warmup_batch_sizes,
         reject_non_finite=settings.reject_non_finite,
+        coalesce_in_flight=settings.coalesce_in_flight,
     )
 
     reconciler = (
