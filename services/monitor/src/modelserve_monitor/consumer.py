@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import Callable, Mapping, Sequence, Set
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import redis.asyncio as redis
@@ -31,8 +31,6 @@ _NEW = ">"
 _MAX_BACKOFF_S = 5.0
 
 Entry = tuple[bytes, Mapping[bytes, bytes] | None]
-#: Told the (endpoint, version) pairs of every batch counted.
-VersionsObserver = Callable[[Set[tuple[str, str]]], None]
 
 
 def _stream_id(raw: bytes | str) -> tuple[int, int]:
@@ -50,8 +48,7 @@ class PredictionLogConsumer:
     entries; every `claim_min_idle_ms` it also claims (XAUTOCLAIM) entries that another
     consumer of the group left unacknowledged for that long, for example because it was
     killed. A malformed entry is logged, counted in `malformed` and acknowledged, so it
-    cannot stop the stream. `on_versions` is told the (endpoint, version) pairs of each
-    batch once it is counted (the baseline resolver learns of new versions that way).
+    cannot stop the stream.
     """
 
     def __init__(
@@ -66,10 +63,8 @@ class PredictionLogConsumer:
         batch_size: int,
         claim_min_idle_ms: int,
         clock: Clock = time.time,
-        on_versions: VersionsObserver | None = None,
     ) -> None:
         self._redis = client
-        self._on_versions = on_versions
         self._store = store
         self._clock = clock
         self._claim_min_idle_ms = claim_min_idle_ms
@@ -240,10 +235,6 @@ class PredictionLogConsumer:
             stream=self._stream, group=self._group, entries=parts, now=self._clock()
         )
         self.duplicates += records - counted
-        if self._on_versions is not None:
-            self._on_versions(
-                {(part.endpoint, part.model_version) for _, part in parts if part is not None}
-            )
         RECORDS_READ.labels("counted").inc(counted)
         RECORDS_READ.labels("duplicate").inc(records - counted)
         async with self._progress:
