@@ -8,6 +8,7 @@ from collections.abc import AsyncIterator, Iterable
 import grpc
 import pytest
 import redis.asyncio as aioredis
+from monitor_testing import T0, TestClock
 from support import running
 
 from modelserve.monitor.v1 import monitor_service_pb2 as pb
@@ -21,19 +22,6 @@ from modelserve_runtime.prediction_log import PredictionLogWriter
 
 V1 = "models/fraud/versions/1"
 DEADLINE_S = 10.0
-T0 = 1_767_225_600.0
-
-
-class TestClock:
-    """A clock the test moves by hand."""
-
-    __test__ = False
-
-    def __init__(self) -> None:
-        self.now = T0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 def _record(

@@ -9,6 +9,7 @@ import grpc
 import numpy as np
 import pytest
 import redis.asyncio as aioredis
+from monitor_testing import TestClock
 from prometheus_client import REGISTRY
 from support import running
 
@@ -25,20 +26,6 @@ from modelserve_runtime.prediction_log import PredictionLogWriter
 
 V1 = "models/fraud/versions/1"
 DEADLINE_S = 10.0
-#: Midnight, 1 Jan 2026: a fixed start for the test clock.
-T0 = 1_767_225_600.0
-
-
-class TestClock:
-    """A clock the test moves by hand."""
-
-    __test__ = False
-
-    def __init__(self) -> None:
-        self.now = T0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 def _record(

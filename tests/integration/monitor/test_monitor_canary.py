@@ -9,6 +9,7 @@ import grpc
 import numpy as np
 import pytest
 import redis.asyncio as aioredis
+from monitor_testing import T0, TestClock
 from scipy import stats  # type: ignore[import-untyped]  # scipy ships no stubs
 from support import running
 
@@ -24,19 +25,6 @@ from modelserve_runtime.prediction_log import PredictionLogWriter
 STABLE = "models/fraud/versions/1"
 CANARY = "models/fraud/versions/2"
 DEADLINE_S = 20.0
-T0 = 1_767_225_600.0
-
-
-class TestClock:
-    """A clock the test moves by hand."""
-
-    __test__ = False
-
-    def __init__(self) -> None:
-        self.now = T0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 def _record(

@@ -9,6 +9,7 @@ import grpc
 import numpy as np
 import pytest
 import redis.asyncio as aioredis
+from monitor_testing import TestClock
 from scipy import stats  # type: ignore[import-untyped]  # scipy ships no stubs
 from support import running
 
@@ -25,19 +26,6 @@ A = "models/fraud/versions/1"
 B = "models/fraud/versions/2"
 C = "models/fraud/versions/3"
 DEADLINE_S = 20.0
-T0 = 1_767_225_600.0
-
-
-class TestClock:
-    """A clock the test moves by hand."""
-
-    __test__ = False
-
-    def __init__(self) -> None:
-        self.now = T0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 def _record(

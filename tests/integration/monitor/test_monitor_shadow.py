@@ -10,6 +10,7 @@ from collections.abc import AsyncIterator, Iterable
 import grpc
 import pytest
 import redis.asyncio as aioredis
+from monitor_testing import TestClock
 from support import running
 
 from modelserve.monitor.v1 import monitor_service_pb2 as pb
@@ -28,19 +29,6 @@ from modelserve_runtime.prediction_log import DEFAULT_STREAM, PredictionLogWrite
 PRIMARY = "models/fraud/versions/1"
 SHADOW = "models/fraud/versions/2"
 DEADLINE_S = 10.0
-T0 = 1_767_225_600.0
-
-
-class TestClock:
-    """A clock the test moves by hand."""
-
-    __test__ = False
-
-    def __init__(self) -> None:
-        self.now = T0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 def _record(request_id: str, *, shadow: bool, probability: float | None) -> rec_pb.PredictionRecord:

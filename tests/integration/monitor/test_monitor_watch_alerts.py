@@ -12,6 +12,7 @@ from typing import Any
 import grpc
 import pytest
 import redis.asyncio as aioredis
+from monitor_testing import T0, TestClock
 from prometheus_client import REGISTRY
 from structlog.testing import capture_logs
 from support import eventually, running
@@ -26,20 +27,7 @@ from modelserve_runtime.prediction_log import PredictionLogWriter
 
 V1 = "models/fraud/versions/1"
 DEADLINE_S = 10.0
-T0 = 1_767_225_600.0
 EVENTS_STREAM = "modelserve:monitor:alert_events"
-
-
-class TestClock:
-    """A clock the test moves by hand."""
-
-    __test__ = False
-
-    def __init__(self) -> None:
-        self.now = T0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 def _record(
