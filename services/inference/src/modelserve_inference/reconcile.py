@@ -19,6 +19,7 @@ from modelserve_inference.models import (
     parse_version_name,
 )
 from modelserve_runtime.errors import FailedPreconditionError, ModelServeError
+from modelserve_runtime.waiting import wait_until_set
 
 log = structlog.get_logger()
 
@@ -217,8 +218,7 @@ class Reconciler:
             delay = self._plan()
             # Woken by a revision, a pin, a state change or a finished load; or at the
             # next retry or unload that falls due.
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), timeout=delay)
+            await wait_until_set(self._wake, delay)
 
     def _plan(self) -> float | None:
         """Starts the work each idle model needs; returns the seconds until the next retry or

@@ -49,6 +49,7 @@ from modelserve_runtime.errors import (
     NotFoundError,
     UnavailableError,
 )
+from modelserve_runtime.waiting import wait_until_set
 
 log = structlog.get_logger()
 
@@ -632,8 +633,7 @@ class RolloutController:
             except Exception:  # the store being away must not end the loop
                 log.exception("rollout_tick_failed")
             self._wake.clear()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), self._tick_s)
+            await wait_until_set(self._wake, self._tick_s)
 
     async def stop(self) -> None:
         """Stops the loop."""
