@@ -5,10 +5,12 @@ from __future__ import annotations
 import base64
 import json
 import threading
+from collections import Counter
 from collections.abc import Iterable
 from concurrent import futures
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -155,6 +157,29 @@ class OtlpReceiver:
                         )
                     )
         self._extend(found)
+
+    def describe(self, trace_id: str, log_path: Path | None = None) -> str:
+        """What the receiver holds, for a failure message: posts, errors, spans per service,
+        the spans of `trace_id`, Triton's spans of other traces, and trace lines of a log."""
+        with self._lock:
+            spans = list(self.spans)
+        by_service = Counter(s.service for s in spans)
+        lines = [
+            f"receiver: {self.http_posts} HTTP posts, {len(spans)} spans {dict(by_service)}",
+            *(f"export error: {error[:500]}" for error in self.errors[-3:]),
+            f"trace {trace_id}:",
+            *(f"  {s}" for s in spans if s.trace_id == trace_id),
+            "the last Triton spans:",
+            *(f"  {s}" for s in [s for s in spans if s.service == "triton"][-6:]),
+        ]
+        if log_path is not None and log_path.exists():
+            text = log_path.read_text(errors="replace").splitlines()
+            wanted = ("trace", "otlp", "opentelemetry", "export", "curl", "http")
+            lines.append(f"lines of {log_path} about tracing:")
+            lines += [f"  {line[:300]}" for line in text if any(w in line.lower() for w in wanted)][
+                -15:
+            ]
+        return "\n".join(lines)
 
     def trace(self, trace_id: str) -> list[ReceivedSpan]:
         """The spans received so far for one trace."""

@@ -69,8 +69,11 @@ async def eventually(
     every_s: float = 0.02,
     nudge: Callable[[], Awaitable[object]] | None = None,
     nudge_every_s: float = 2.0,
+    explain: Callable[[], str] | None = None,
 ) -> None:
-    """Asks `check` (sync or async) until it holds; fails naming `what` after `within_s`.
+    """Asks `check` (sync or async) until it holds; fails naming `what` after `within_s`,
+    with what `explain` says of the state then (for a failure seen only where nobody can
+    look, such as CI).
 
     The one way tests wait: by asking the system, never by sleeping a fixed time. `nudge`,
     when given, runs every `nudge_every_s` while the check fails: under load Triton's
@@ -86,7 +89,8 @@ async def eventually(
         if result:
             return
         if time.monotonic() > deadline:
-            pytest.fail(f"{what}: not seen within {within_s} s")
+            detail = f"\n{explain()}" if explain is not None else ""
+            pytest.fail(f"{what}: not seen within {within_s} s{detail}")
         if nudge is not None and time.monotonic() > nudge_at:
             await nudge()
             nudge_at = time.monotonic() + nudge_every_s

@@ -67,5 +67,6 @@ class TestDirectPath:
                 linked,
                 "a Triton span under the router's triton.infer span",
                 nudge=lambda: router.Predict(demo_request("c-1012", 5.0)),
+                explain=lambda: otlp.describe(response.trace_id, stack.triton_log_path),
             )
         assert {s.service for s in otlp.trace(response.trace_id)} == {"router", "triton"}

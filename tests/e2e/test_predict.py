@@ -66,6 +66,7 @@ class TestPredict:
             lambda: wanted <= {s.service for s in otlp.trace(trace_id)},
             f"spans of {sorted(wanted)}",
             nudge=lambda: _predict(stack, demo_request("c-1005", 1.0)),
+            explain=lambda: otlp.describe(trace_id, stack.triton_log_path),
         )
         spans = otlp.trace(trace_id)
         assert not otlp.errors

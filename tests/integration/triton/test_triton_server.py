@@ -190,6 +190,7 @@ class TestTritonRunner:
         fraud_model: dict[int, TrainedModel],
         client_spans: InMemorySpanExporter,
         triton_otlp: OtlpReceiver,
+        triton_server: TritonServer,
     ) -> None:
         """Triton's spans for a call join our trace, under our triton.infer span."""
         client_spans.clear()
@@ -208,7 +209,12 @@ class TestTritonRunner:
             await triton_runner.infer(FRAUD, 1, {"features": features}, OUTPUTS, timeout_s=10)
 
         await eventually(
-            joined, "a Triton span whose parent is our triton.infer span", nudge=another_call
+            joined,
+            "a Triton span whose parent is our triton.infer span",
+            nudge=another_call,
+            explain=lambda: (
+                f"our span {span_id}\n" + triton_otlp.describe(trace_id, triton_server.log_path)
+            ),
         )
         assert {s.service for s in triton_otlp.trace(trace_id)} == {"triton"}
 

@@ -20,6 +20,8 @@ import grpc
 import redis
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from modelserve_triton.process import TRITON_LOG_FILE
+
 #: Start order; the reverse is the stop order (the router first, so no request is orphaned).
 SERVICES: tuple[str, ...] = ("registry", "feature", "monitor", "inference", "router")
 
@@ -144,6 +146,11 @@ class Stack:
     def log_path(self, service: str) -> Path:
         """Where a service's stdout and stderr go."""
         return self.options.run_dir / "logs" / f"{service}.log"
+
+    @property
+    def triton_log_path(self) -> Path:
+        """tritonserver's own log, in the work directory the inference service gives it."""
+        return self.options.run_dir / "triton" / TRITON_LOG_FILE
 
     def _environment(self, service: str) -> dict[str, str]:
         prefix = f"MODELSERVE_{service.upper()}_"

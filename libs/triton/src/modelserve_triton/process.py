@@ -20,7 +20,8 @@ from modelserve_triton.runner import TritonError, TritonRunner
 
 log = structlog.get_logger()
 
-_LOG_FILE = "tritonserver.log"
+#: tritonserver's log, in its work directory.
+TRITON_LOG_FILE = "tritonserver.log"
 
 
 class TritonStartError(RuntimeError):
@@ -142,7 +143,7 @@ class TritonServer:
     @property
     def log_path(self) -> Path:
         """The file that receives tritonserver's and the stubs' stdout and stderr."""
-        return self._options.work_dir / _LOG_FILE
+        return self._options.work_dir / TRITON_LOG_FILE
 
     def log_tail(self, lines: int = 40) -> str:
         """The last lines of the server log."""

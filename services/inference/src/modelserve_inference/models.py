@@ -146,7 +146,6 @@ class TritonModels(Protocol):
         output_names: Sequence[str],
         *,
         timeout_s: float,
-        headers: Mapping[str, str] | None = None,
     ) -> dict[str, npt.NDArray[Any]]: ...
 
     async def infer_request(
