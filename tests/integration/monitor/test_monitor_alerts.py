@@ -6,6 +6,7 @@ import functools
 from collections.abc import AsyncIterator, Iterable
 
 import grpc
+import numpy as np
 import pytest
 import redis.asyncio as aioredis
 from monitor_testing import T0, TestClock
@@ -13,6 +14,7 @@ from support import running
 
 from modelserve.monitor.v1 import monitor_service_pb2 as pb
 from modelserve.monitor.v1 import monitor_service_pb2_grpc as pb_grpc
+from modelserve.type.v1 import feature_value_pb2 as fv_pb
 from modelserve.type.v1 import prediction_record_pb2 as rec_pb
 from modelserve.type.v1 import tensor_pb2
 from modelserve_monitor.config import AlertSettings, MonitorSettings
@@ -43,6 +45,20 @@ def _record(
         )
     )
     return record
+
+
+def _scored(
+    prefix: str, count: int, *, mean: float, rng: np.random.Generator
+) -> Iterable[rec_pb.PredictionRecord]:
+    """Records whose feature `request:x` comes from N(mean, 1) and whose prediction is the
+    sigmoid of it; `request:y` comes from N(0, 1) whatever the mean."""
+    for i in range(count):
+        x = float(rng.normal(mean, 1.0))
+        record = _record(f"{prefix}{i}", probability=1.0 / (1.0 + np.exp(-x)))
+        record.features["request:x"].CopyFrom(fv_pb.FeatureValue(double_value=x))
+        y = float(rng.normal(0.0, 1.0))
+        record.features["request:y"].CopyFrom(fv_pb.FeatureValue(double_value=y))
+        yield record
 
 
 @pytest.fixture
@@ -157,6 +173,45 @@ class TestAlerts:
         drift = alerts["prediction_drift"]
         assert drift.severity == pb.ALERT_SEVERITY_CRITICAL
         assert drift.value == pytest.approx(0.3, abs=1e-6)
+
+    async def test_a_feature_shifted_by_one_standard_deviation_fires_the_drift_rules(
+        self,
+        monitor: tuple[pb_grpc.MonitorServiceStub, MonitorApp],
+        redis_client: aioredis.Redis,
+        clock: TestClock,
+    ) -> None:
+        """A feature moved from N(0, 1) to N(1, 1), which moves the prediction (its sigmoid)
+        by about 0.2: `feature_drift` (its PSI) and `prediction_drift` go pending at once and
+        fire when their 300 s have passed with the shift still in the 5 minute window."""
+        stub, app = monitor
+        rng = np.random.default_rng(5)
+        await _log(redis_client, app, _scored("base", 100, mean=0.0, rng=rng))
+        await app.alerts.evaluate()
+        assert await _alerts(stub) == {}
+        clock.now += 3600
+        await _log(redis_client, app, _scored("a", 250, mean=1.0, rng=rng))
+        await app.alerts.evaluate()
+        pending = await _alerts(stub)
+        assert sorted(pending) == ["feature_drift", "prediction_drift"]
+        assert {a.state for a in pending.values()} == {pb.ALERT_STATE_PENDING}
+        feature = pending["feature_drift"]
+        assert (feature.severity, feature.threshold) == (pb.ALERT_SEVERITY_WARNING, 0.2)
+        report = await stub.GetDriftReport(
+            pb.GetDriftReportRequest(
+                endpoint="fraud", model_version=V1, window=pb.WINDOW_FIVE_MINUTES
+            )
+        )
+        [x] = [r for r in report.results if r.feature == "request:x"]
+        [x_psi] = [s.statistic for s in x.statistics if s.test == pb.DRIFT_TEST_PSI]
+        assert feature.value == pytest.approx(x_psi)
+        assert feature.value > 0.5
+        assert pending["prediction_drift"].value == pytest.approx(0.2, abs=0.05)
+        clock.now += 300
+        await _log(redis_client, app, _scored("b", 250, mean=1.0, rng=rng))
+        await app.alerts.evaluate()
+        firing = await _alerts(stub, pb.ALERT_STATE_FIRING)
+        assert sorted(firing) == ["feature_drift", "prediction_drift"]
+        assert {a.fire_time.ToSeconds() for a in firing.values()} == {int(T0 + 3900)}
 
     async def test_list_alerts_pages_and_refuses_bad_tokens(
         self,

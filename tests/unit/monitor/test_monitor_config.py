@@ -108,3 +108,74 @@ class TestMonitorSettings:
         with pytest.raises(ConfigError, match="ALERTS__WEBHOOK__URLS") as info:
             load_settings(MonitorSettings)
         assert "secret-token" not in str(info.value)
+
+
+class TestRedisAndRegistrySettings:
+    def test_redis_url_is_the_standalone_shorthand(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        """MODELSERVE_MONITOR_REDIS_URL still works: it becomes the standalone url, and the
+        socket timeout outlasts the blocking read."""
+        monkeypatch.setenv("MODELSERVE_MONITOR_REDIS_URL", "redis://redis:6379/2")
+        monkeypatch.setenv("MODELSERVE_MONITOR_BLOCK_MS", "500")
+        connection = load_settings(MonitorSettings).redis_connection()
+        assert (connection.mode, connection.url) == ("standalone", "redis://redis:6379/2")
+        assert connection.timeout_s == pytest.approx(1.5)
+
+    def test_sentinel_mode_with_acl_credentials_from_nested_variables(
+        self, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """REDIS__* variables pick Sentinel mode, its nodes, master and ACL user."""
+        monkeypatch.setenv("MODELSERVE_MONITOR_REDIS__MODE", "sentinel")
+        monkeypatch.setenv("MODELSERVE_MONITOR_REDIS__NODES", "s1:26379,s2:26379")
+        monkeypatch.setenv("MODELSERVE_MONITOR_REDIS__MASTER_NAME", "predictions")
+        monkeypatch.setenv("MODELSERVE_MONITOR_REDIS__USERNAME", "monitor")
+        monkeypatch.setenv("MODELSERVE_MONITOR_REDIS__PASSWORD", "s3cret")
+        connection = load_settings(MonitorSettings).redis_connection()
+        assert connection.addresses == [("s1", 26379), ("s2", 26379)]
+        assert (connection.master_name, connection.username) == ("predictions", "monitor")
+        assert connection.password_value() == "s3cret"
+
+    def test_cluster_mode_is_refused_saying_why(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        """Cluster mode stops the service at start, naming the setting and the hash-slot reason,
+        before anything else about the cluster settings is checked."""
+        monkeypatch.setenv("MODELSERVE_MONITOR_REDIS__MODE", "cluster")
+        with pytest.raises(ConfigError, match="MODELSERVE_MONITOR_REDIS") as info:
+            load_settings(MonitorSettings)
+        assert "cluster is not supported by the monitor" in str(info.value)
+        assert "hash slot" in str(info.value)
+
+    def test_redis_url_contradicting_redis_mode_is_refused(
+        self, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """The standalone shorthand together with Sentinel mode stops the service at start."""
+        monkeypatch.setenv("MODELSERVE_MONITOR_REDIS_URL", "redis://r:6379/0")
+        monkeypatch.setenv("MODELSERVE_MONITOR_REDIS__MODE", "sentinel")
+        monkeypatch.setenv("MODELSERVE_MONITOR_REDIS__NODES", "s1:26379")
+        monkeypatch.setenv("MODELSERVE_MONITOR_REDIS__MASTER_NAME", "m")
+        with pytest.raises(ConfigError, match="redis_url is the shorthand for standalone mode"):
+            load_settings(MonitorSettings)
+
+    def test_a_socket_timeout_shorter_than_the_blocking_read_is_refused(
+        self, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """redis.timeout_s at or below block_ms would cut every idle read: refused at start."""
+        monkeypatch.setenv("MODELSERVE_MONITOR_REDIS__TIMEOUT_S", "0.5")
+        monkeypatch.setenv("MODELSERVE_MONITOR_BLOCK_MS", "1000")
+        with pytest.raises(ConfigError, match="must be longer than block_ms"):
+            load_settings(MonitorSettings)
+
+    def test_registry_settings_and_the_feature_drift_rule(
+        self, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """The registry is reached at its target with an API key that is never shown; the
+        feature drift rule warns above a PSI of 0.2 by default."""
+        monkeypatch.setenv("MODELSERVE_MONITOR_REGISTRY_TARGET", "registry:50052")
+        monkeypatch.setenv("MODELSERVE_MONITOR_REGISTRY_API_KEY", "key-123")
+        monkeypatch.setenv("MODELSERVE_MONITOR_BASELINE_RETRY_S", "5")
+        settings = load_settings(MonitorSettings)
+        assert settings.registry_target == "registry:50052"
+        assert settings.registry_api_key is not None
+        assert settings.registry_api_key.get_secret_value() == "key-123"
+        assert "key-123" not in repr(settings)
+        assert (settings.baseline_retry_s, settings.baseline_retry_max_s) == (5.0, 600.0)
+        rule = settings.alerts.feature_drift
+        assert (rule.threshold, rule.severity, rule.min_requests) == (0.2, "warning", 200)

@@ -60,7 +60,8 @@ async def deploy_demo(targets: dict[str, str], *, seed: int = 0) -> DemoDeployme
         create_channel(targets["feature"]) as feature,
     ):
         admin = RegistryAdminClient(registry)
-        # Payments the model never saw: the set its versions are validated on.
+        # Payments the model never saw: the set its versions are validated on and the
+        # monitor's feature baseline.
         holdout, labels = fraud.make_dataset(VALIDATION_ROWS, seed=VALIDATION_SEED)
         try:
             await admin.create_model(

@@ -55,6 +55,7 @@ class Signal(Enum):
     LATENCY_P99_MS = "latency_p99_ms"
     ERROR_RATE = "error_rate"
     PREDICTION_MEAN_SHIFT = "prediction_mean_shift"
+    FEATURE_PSI = "feature_psi"
 
 
 class AlertState(Enum):
@@ -83,6 +84,7 @@ RULE_SIGNALS = {
     "model_latency_high": Signal.LATENCY_P99_MS,
     "error_rate_high": Signal.ERROR_RATE,
     "prediction_drift": Signal.PREDICTION_MEAN_SHIFT,
+    "feature_drift": Signal.FEATURE_PSI,
 }
 
 
@@ -442,6 +444,13 @@ class AlertEvaluator:
             return summary.latency_p99_ms if summary.request_count else None
         if rule.signal is Signal.ERROR_RATE:
             return summary.error_count / summary.request_count if summary.request_count else None
+        if rule.signal is Signal.FEATURE_PSI:
+            if summary.request_count < rule.min_requests:
+                return None  # the rule cannot hold: spare the PSI of every feature
+            largest = await self._monitor.largest_feature_psi(
+                endpoint, summary.model_version, rule.window
+            )
+            return None if largest is None else largest[1]
         baseline_mean = await self._monitor.baseline_prediction_mean(
             endpoint, summary.model_version
         )

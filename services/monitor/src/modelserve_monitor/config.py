@@ -4,14 +4,24 @@ from __future__ import annotations
 
 import os
 import socket
-from typing import Literal
+from typing import Any, Literal
 from urllib.parse import urlsplit
 
-from pydantic import BaseModel, Field, field_validator
+from pydantic import BaseModel, Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import SettingsConfigDict
 
 from modelserve_runtime.config import ServiceSettings
 from modelserve_runtime.prediction_log import DEFAULT_STREAM
+from modelserve_runtime.redis_connect import RedisConnection
+
+#: Why the monitor refuses Redis Cluster, said where the setting is refused and in the README.
+CLUSTER_REFUSED = (
+    "redis.mode cluster is not supported by the monitor: it counts a batch of the prediction "
+    "log and acknowledges it in one Lua script that touches the stream, the seen keys and the "
+    "figures of every version in the batch, which a Redis Cluster allows only within one hash "
+    "slot, and one slot would put the whole monitor on one shard anyway; use standalone or "
+    "sentinel mode"
+)
 
 
 def _default_consumer_name() -> str:
@@ -59,6 +69,16 @@ class PredictionDriftRuleSettings(AlertRuleSettings):
     severity: Literal["warning", "critical"] = "critical"
 
 
+class FeatureDriftRuleSettings(AlertRuleSettings):
+    """`feature_drift`: a feature's PSI against the baseline above 0.2 for 5 minutes is a warning."""
+
+    threshold: float = 0.2
+    for_s: float = Field(default=300.0, ge=0)
+    severity: Literal["warning", "critical"] = "warning"
+    min_requests: int = Field(default=200, ge=1)
+    """PSI over 10 bins from fewer values than this is mostly noise."""
+
+
 class WebhookSettings(BaseModel):
     """Where alert changes are POSTed, and how patiently."""
 
@@ -103,6 +123,8 @@ class AlertSettings(BaseModel):
     """Share of requests that ended in an error."""
     prediction_drift: PredictionDriftRuleSettings = PredictionDriftRuleSettings()
     """How far the mean prediction moved from the baseline's mean."""
+    feature_drift: FeatureDriftRuleSettings = FeatureDriftRuleSettings()
+    """The largest PSI of a numeric feature against the version's baseline."""
 
 
 class CanarySettings(BaseModel):
@@ -133,10 +155,14 @@ class MonitorSettings(ServiceSettings):
 
     model_config = SettingsConfigDict(env_prefix="MODELSERVE_MONITOR_")
 
-    redis_url: str = "redis://127.0.0.1:6379/0"
-    """The Redis that holds the prediction log stream."""
+    redis: RedisConnection = Field(default_factory=RedisConnection)
+    """The Redis holding the prediction log and the figures: standalone or Sentinel, with
+    credentials and TLS (`REDIS__*`); Cluster is refused (see CLUSTER_REFUSED)."""
+    redis_url: str | None = None
+    """Shorthand for a standalone Redis at this URL (`redis.url`); unset: `redis` decides."""
     redis_timeout_s: float = Field(default=1.0, gt=0)
-    """Deadline of each Redis command, on top of `block_ms` for the blocking read."""
+    """Deadline of each Redis command, on top of `block_ms` for the blocking read: the
+    socket timeout is their sum unless `redis.timeout_s` is set."""
     stream: str = Field(default=DEFAULT_STREAM, min_length=1)
     """The prediction log stream that the router appends to."""
     consumer_group: str = Field(default="monitor", min_length=1)
@@ -154,7 +180,20 @@ class MonitorSettings(ServiceSettings):
     prediction_ttl_s: int = Field(default=3600, ge=1)
     """How long a request's prediction is kept in Redis for RecordOutcome to join (~150 B each)."""
     baseline_records: int = Field(default=1000, ge=1)
-    """A version's first records that make its baseline for drift."""
+    """A version's first records that make its prediction baseline, and its feature baseline
+    when its model has no usable validation set."""
+    registry_target: str | None = None
+    """The registry's `host:port`, asked for each version's validation set; resolved through
+    discovery (service `registry`) at each attempt when unset."""
+    registry_api_key: SecretStr | None = None
+    """The API key sent to the registry when it has auth on (the `viewer` role is enough)."""
+    registry_timeout_s: float = Field(default=5.0, gt=0)
+    """Deadline of each registry call."""
+    baseline_retry_s: float = Field(default=30.0, gt=0)
+    """After the registry could not be asked about a version, the wait before asking again;
+    it doubles with each failure, up to `baseline_retry_max_s`."""
+    baseline_retry_max_s: float = Field(default=600.0, gt=0)
+    """The longest wait between two attempts to ask the registry about one version."""
     drift_psi_threshold: float = Field(default=0.2, gt=0)
     """PSI above this means drift."""
     drift_p_value: float = Field(default=0.01, gt=0, lt=1)
@@ -165,3 +204,47 @@ class MonitorSettings(ServiceSettings):
     """Alert rules (`MODELSERVE_MONITOR_ALERTS__ERROR_RATE_HIGH__THRESHOLD=0.05`, ...)."""
     canary: CanarySettings = CanarySettings()
     """JudgeCanary's default thresholds (`MODELSERVE_MONITOR_CANARY__MIN_REQUESTS=1000`, ...)."""
+
+    @field_validator("redis", mode="before")
+    @classmethod
+    def _no_cluster(cls, value: Any) -> Any:
+        """Cluster mode is refused before anything else about it is checked."""
+        mode = value.get("mode") if isinstance(value, dict) else getattr(value, "mode", None)
+        if mode == "cluster":
+            raise ValueError(CLUSTER_REFUSED)
+        return value
+
+    @model_validator(mode="after")
+    def _redis_fits_the_monitor(self) -> MonitorSettings:
+        """`redis_url` and `redis` must not contradict each other; the socket timeout must
+        outlast the blocking read."""
+        if self.redis_url is not None:
+            if self.redis.mode != "standalone":
+                raise ValueError(
+                    f"redis_url is the shorthand for standalone mode, and redis.mode is "
+                    f"{self.redis.mode!r}: unset redis_url and list the servers in redis.nodes"
+                )
+            if "url" in self.redis.model_fields_set and self.redis.url != self.redis_url:
+                raise ValueError("redis_url and redis.url are both set and differ: set one")
+        if "timeout_s" in self.redis.model_fields_set and self.redis.timeout_s <= (
+            self.block_ms / 1000
+        ):
+            raise ValueError(
+                f"redis.timeout_s ({self.redis.timeout_s} s) must be longer than block_ms "
+                f"({self.block_ms} ms): the blocking stream read holds its connection that long"
+            )
+        self.redis_connection()
+        return self
+
+    def redis_connection(self) -> RedisConnection:
+        """`redis` with `redis_url` applied and the socket timeout defaulting to
+        `redis_timeout_s` + `block_ms`; ValueError naming `redis_url` when that makes it invalid."""
+        given = self.redis.model_dump(exclude_unset=True)
+        if self.redis_url is not None:
+            given["url"] = self.redis_url
+        given.setdefault("timeout_s", self.redis_timeout_s + self.block_ms / 1000)
+        try:
+            return RedisConnection.model_validate(given)
+        except ValidationError as exc:
+            problems = "; ".join(str(e.get("ctx", {}).get("error", e["msg"])) for e in exc.errors())
+            raise ValueError(f"redis_url: {problems}") from None

@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence, Set
 from typing import Any
 
 import redis.asyncio as redis
@@ -17,6 +16,7 @@ from modelserve_monitor.aggregate import RecordContribution, contribution
 from modelserve_monitor.monitor import Clock
 from modelserve_monitor.store import AggregateStore
 from modelserve_runtime.prediction_log import decode_record
+from modelserve_runtime.waiting import wait_for_notify
 
 log = structlog.get_logger()
 
@@ -31,6 +31,8 @@ _NEW = ">"
 _MAX_BACKOFF_S = 5.0
 
 Entry = tuple[bytes, Mapping[bytes, bytes] | None]
+#: Told the (endpoint, version) pairs of every batch counted.
+VersionsObserver = Callable[[Set[tuple[str, str]]], None]
 
 
 def _stream_id(raw: bytes | str) -> tuple[int, int]:
@@ -48,7 +50,8 @@ class PredictionLogConsumer:
     entries; every `claim_min_idle_ms` it also claims (XAUTOCLAIM) entries that another
     consumer of the group left unacknowledged for that long, for example because it was
     killed. A malformed entry is logged, counted in `malformed` and acknowledged, so it
-    cannot stop the stream.
+    cannot stop the stream. `on_versions` is told the (endpoint, version) pairs of each
+    batch once it is counted (the baseline resolver learns of new versions that way).
     """
 
     def __init__(
@@ -63,8 +66,10 @@ class PredictionLogConsumer:
         batch_size: int,
         claim_min_idle_ms: int,
         clock: Clock = time.time,
+        on_versions: VersionsObserver | None = None,
     ) -> None:
         self._redis = client
+        self._on_versions = on_versions
         self._store = store
         self._clock = clock
         self._claim_min_idle_ms = claim_min_idle_ms
@@ -165,8 +170,7 @@ class PredictionLogConsumer:
                 if self._task is None and await self.process_available():
                     continue
                 async with self._progress:
-                    with contextlib.suppress(TimeoutError):
-                        await asyncio.wait_for(self._progress.wait(), self._block_ms / 1000)
+                    await wait_for_notify(self._progress, self._block_ms / 1000)
 
     async def _handled_up_to(self, target: bytes | str) -> bool:
         """True when the group has delivered `target` and holds nothing pending up to it."""
@@ -235,6 +239,10 @@ class PredictionLogConsumer:
             stream=self._stream, group=self._group, entries=parts, now=self._clock()
         )
         self.duplicates += records - counted
+        if self._on_versions is not None:
+            self._on_versions(
+                {(part.endpoint, part.model_version) for _, part in parts if part is not None}
+            )
         RECORDS_READ.labels("counted").inc(counted)
         RECORDS_READ.labels("duplicate").inc(records - counted)
         async with self._progress:

@@ -16,7 +16,7 @@ from modelserve_monitor.drift import (
     psi,
 )
 from modelserve_monitor.histogram import Histogram, bucket_bounds
-from modelserve_monitor.store import AggregateStore, Window
+from modelserve_monitor.store import AggregateStore, BaselineSource, Window
 from modelserve_runtime.errors import (
     FailedPreconditionError,
     FieldViolation,
@@ -29,7 +29,6 @@ Clock = Callable[[], float]
 
 #: The name a drift result uses for the predictions.
 PREDICTION = "prediction"
-BASELINE_FIRST_RECORDS = "first_records"
 #: Outcome values must stay below this magnitude, so their squares stay finite.
 MAX_OUTCOME_VALUE = 1e100
 
@@ -131,6 +130,22 @@ class DriftReport:
     baseline_count: int
     window_count: int
     results: list[DriftResult]
+
+
+@dataclass(frozen=True, slots=True)
+class Baseline:
+    """What a version's window is compared with.
+
+    `features` is None while the first records that make it are still coming in (only for
+    `first_records`); the prediction baseline is always the first records, so `complete` says
+    whether those are all in.
+    """
+
+    source: BaselineSource
+    count: int
+    features: dict[str, FeatureAggregate] | None
+    first_records: VersionAggregate
+    complete: bool
 
 
 @dataclass(frozen=True, slots=True)
@@ -251,11 +266,32 @@ class Monitor:
             versions=versions,
         )
 
-    async def drift_report(self, endpoint: str, model_version: str, window: Window) -> DriftReport:
-        """Compares a version's window with its baseline, once the baseline is complete.
+    async def baseline(self, endpoint: str, model_version: str) -> Baseline:
+        """The version's baseline: features from its model's validation set once that was
+        decided (`BaselineResolver`), else from its first `baseline_records` records;
+        predictions always from those first records."""
+        first = await self._store.baseline(endpoint, model_version)
+        complete = first.requests >= self._store.baseline_records
+        decision = await self._store.baseline_decision(endpoint, model_version)
+        if decision is not None and decision.source is BaselineSource.VALIDATION_SET:
+            reference = await self._store.reference(endpoint, model_version)
+            return Baseline(
+                BaselineSource.VALIDATION_SET, decision.rows, reference.features, first, complete
+            )
+        return Baseline(
+            BaselineSource.FIRST_RECORDS,
+            first.requests,
+            first.features if complete else None,
+            first,
+            complete,
+        )
 
-        The baseline is the version's first `baseline_records` records (no validation set is
-        registered with a version yet). FailedPreconditionError while it is filling up.
+    async def drift_report(self, endpoint: str, model_version: str, window: Window) -> DriftReport:
+        """Compares a version's window with its baseline, once the baseline is ready.
+
+        With a validation set the features are compared at once and the predictions once the
+        first `baseline_records` records are in (until then the prediction result has no
+        statistics); without one, FailedPreconditionError until those records are in.
         """
         violations = [
             FieldViolation(name, "is required")
@@ -272,19 +308,25 @@ class Monitor:
                 reason="VERSION_NOT_FOUND",
                 metadata={"endpoint": endpoint, "model_version": model_version},
             )
-        baseline = await self._store.baseline(endpoint, model_version)
-        if baseline.requests < self._store.baseline_records:
+        baseline = await self.baseline(endpoint, model_version)
+        if baseline.features is None:
             raise FailedPreconditionError(
-                f"the baseline holds {baseline.requests} of {self._store.baseline_records} records",
+                f"the baseline holds {baseline.count} of {self._store.baseline_records} records",
                 reason="BASELINE_NOT_READY",
                 metadata={
                     "endpoint": endpoint,
                     "model_version": model_version,
-                    "baseline_count": str(baseline.requests),
+                    "baseline_count": str(baseline.count),
                 },
             )
         current = await self._store.window(endpoint, model_version, window, self._clock())
-        results = [self._numeric(PREDICTION, baseline.predictions, current.predictions)]
+        first_predictions = baseline.first_records.predictions
+        if baseline.complete:
+            results = [self._numeric(PREDICTION, first_predictions, current.predictions)]
+        else:
+            results = [
+                DriftResult(PREDICTION, first_predictions.total, current.predictions.total, [])
+            ]
         for name in sorted(set(baseline.features) | set(current.features)):
             before = baseline.features.get(name, FeatureAggregate())
             after = current.features.get(name, FeatureAggregate())
@@ -296,11 +338,32 @@ class Monitor:
             endpoint=endpoint,
             model_version=model_version,
             window=window,
-            baseline_source=BASELINE_FIRST_RECORDS,
-            baseline_count=baseline.requests,
+            baseline_source=baseline.source.value,
+            baseline_count=baseline.count,
             window_count=current.requests,
             results=results,
         )
+
+    async def largest_feature_psi(
+        self, endpoint: str, model_version: str, window: Window
+    ) -> tuple[str, float] | None:
+        """The numeric feature whose window moved most from the baseline, by PSI, and that PSI;
+        None while the baseline is not ready or no numeric feature has values on both sides."""
+        baseline = await self.baseline(endpoint, model_version)
+        if baseline.features is None:
+            return None
+        current = await self._store.window(endpoint, model_version, window, self._clock())
+        largest: tuple[str, float] | None = None
+        for name, after in sorted(current.features.items()):
+            before = baseline.features.get(name)
+            if before is None or before.categorical or after.categorical:
+                continue
+            if not (before.values.total and after.values.total):
+                continue
+            value = psi(before.values, after.values, self._thresholds.psi).statistic
+            if largest is None or value > largest[1]:
+                largest = (name, value)
+        return largest
 
     def _numeric(self, name: str, baseline: Histogram, window: Histogram) -> DriftResult:
         statistics = []

@@ -1,32 +1,40 @@
-"""Wires the monitor service: Redis client, store, stream consumer, monitor, servicer, server."""
+"""Wires the monitor service: Redis client, store, registry catalog and baseline resolver,
+stream consumer, monitor, servicer, server."""
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import time
 from collections.abc import Sequence
 
 import grpc
 import redis.asyncio as redis
+import structlog
 
 from modelserve.monitor.v1 import monitor_service_pb2 as pb
 from modelserve.monitor.v1 import monitor_service_pb2_grpc as pb_grpc
 from modelserve_monitor.alerts import AlertEvaluator, AlertLog, evaluate_forever, rules_from
+from modelserve_monitor.baseline import BaselineResolver
 from modelserve_monitor.canary import CanaryJudge, CanaryThresholds
+from modelserve_monitor.catalog import RegistryCatalog
 from modelserve_monitor.config import MonitorSettings
 from modelserve_monitor.consumer import PredictionLogConsumer
 from modelserve_monitor.drift import DriftThresholds
 from modelserve_monitor.experiment import ExperimentAnalysis
 from modelserve_monitor.metrics import export_forever
 from modelserve_monitor.monitor import Clock, Monitor
+from modelserve_monitor.outage import RedisOutageInterceptor
 from modelserve_monitor.servicer import MonitorServicer
 from modelserve_monitor.store import AggregateStore, StoreTtls
 from modelserve_monitor.webhook import AlertWebhook, RetryPolicy
+from modelserve_runtime.discovery import create_discovery
 from modelserve_runtime.errors import UnavailableError
+from modelserve_runtime.redis_connect import connect, ping
 from modelserve_runtime.server import GrpcServer, build_grpc_server, run_service
+from modelserve_runtime.waiting import cancel_all
 
 SERVICE = "monitor"
+log = structlog.get_logger()
 
 
 class MonitorApp:
@@ -40,6 +48,8 @@ class MonitorApp:
         consumer: PredictionLogConsumer,
         alerts: AlertEvaluator,
         webhooks: list[AlertWebhook],
+        baselines: BaselineResolver,
+        catalog: RegistryCatalog,
         tasks: list[asyncio.Task[None]],
     ) -> None:
         self.redis = client
@@ -47,13 +57,15 @@ class MonitorApp:
         self.consumer = consumer
         self.alerts = alerts
         self.webhooks = webhooks
+        self.baselines = baselines
+        self._catalog = catalog
         self._tasks = tasks
 
     async def check_ready(self) -> None:
         """Redis answers, the consumer group exists, and each webhook knows where it starts
         (so no alert change made after this is missed by a new webhook)."""
         try:
-            await self.redis.ping()
+            await ping(self.redis)
             await self.consumer.ensure_group()
             for webhook in self.webhooks:
                 await webhook.start_position()
@@ -65,11 +77,9 @@ class MonitorApp:
         self.alerts.close_watches()
 
     async def close(self) -> None:
-        for task in self._tasks:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await cancel_all(self._tasks)
         await self.consumer.close()
+        await self._catalog.close()
         await self.redis.aclose()
 
 
@@ -81,13 +91,14 @@ async def build_server(
     `clock` places records in time buckets and ends the windows; tests pass their own.
     """
     # The blocking stream read holds its connection for up to block_ms, so the socket
-    # timeout must outlast it.
-    timeout_s = settings.redis_timeout_s + settings.block_ms / 1000
-    client = redis.Redis.from_url(
-        settings.redis_url,
-        socket_timeout=timeout_s,
-        socket_connect_timeout=settings.redis_timeout_s,
-    )
+    # timeout outlasts it (the settings see to that).
+    connection = settings.redis_connection()
+    log.info("redis_configured", redis=connection.describe())
+    client = connect(connection)
+    if not isinstance(client, redis.Redis):
+        raise TypeError(
+            "the monitor needs a standalone or sentinel Redis (settings refuse cluster)"
+        )
     store = AggregateStore(
         client,
         ttls=StoreTtls(seen_s=settings.dedup_ttl_s, prediction_s=settings.prediction_ttl_s),
@@ -100,6 +111,20 @@ async def build_server(
         ),
         clock=clock,
     )
+    api_key = settings.registry_api_key
+    catalog = RegistryCatalog(
+        settings.registry_target,
+        create_discovery(settings.discovery),
+        api_key=api_key.get_secret_value() if api_key is not None else None,
+        timeout_s=settings.registry_timeout_s,
+    )
+    baselines = BaselineResolver(
+        store,
+        catalog,
+        clock=clock,
+        retry_s=settings.baseline_retry_s,
+        retry_max_s=settings.baseline_retry_max_s,
+    )
     consumer = PredictionLogConsumer(
         client,
         store,
@@ -110,6 +135,7 @@ async def build_server(
         batch_size=settings.batch_size,
         claim_min_idle_ms=settings.claim_min_idle_ms,
         clock=clock,
+        on_versions=baselines.notice,
     )
 
     alert_log = AlertLog(client, max_events=settings.alerts.events_max_len)
@@ -138,9 +164,12 @@ async def build_server(
         pb_grpc.add_MonitorServiceServicer_to_server(servicer, server)
         return [pb.DESCRIPTOR.services_by_name["MonitorService"].full_name]
 
-    grpc_server = build_grpc_server(SERVICE, settings, register)
+    grpc_server = build_grpc_server(
+        SERVICE, settings, register, inner_interceptors=[RedisOutageInterceptor()]
+    )
     consumer.start()
     tasks = [
+        asyncio.create_task(baselines.run(), name="monitor-baselines"),
         asyncio.create_task(
             export_forever(monitor, settings.metrics_interval_s), name="monitor-window-metrics"
         ),
@@ -152,7 +181,9 @@ async def build_server(
             for i, webhook in enumerate(webhooks)
         ),
     ]
-    return grpc_server, MonitorApp(client, monitor, consumer, alerts, webhooks, tasks)
+    return grpc_server, MonitorApp(
+        client, monitor, consumer, alerts, webhooks, baselines, catalog, tasks
+    )
 
 
 def main() -> None:

@@ -5,7 +5,8 @@ Layout (prefix `modelserve:monitor`):
   (the 1 and 5 minute windows); `:coarse:{t}`: for 60 s (the 1 hour window); `:total`:
   requests, errors, degraded, latency, prediction sums, outcomes and shadow pairs since the
   version was first counted; `:baseline`: everything of the version's first
-  `baseline_records` records.
+  `baseline_records` records; `:reference`: the feature counters of the model's validation
+  set; `:baseline_source`: which of the two the version's feature baseline is, once decided.
 - `:seen:{endpoint}\\x1f{version}\\x1f{request id}`: a record was counted (expires).
 - `:pred:{request id}`: endpoint, version, prediction and label of the answer a caller got,
   for outcomes and shadow pairs (expires).
@@ -273,6 +274,44 @@ return 1
 """
 
 
+# Records where a version's feature baseline comes from, once: the first decision stands
+# (another replica, or this one before a restart, may have made it already).
+_DECIDE_BASELINE = """
+if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
+redis.call('DEL', KEYS[2])
+local n = tonumber(ARGV[5])
+local chunk = {}
+for j = 0, n - 1 do
+  chunk[#chunk + 1] = ARGV[6 + 2 * j]
+  chunk[#chunk + 1] = ARGV[7 + 2 * j]
+  if #chunk >= 1000 or j == n - 1 then
+    redis.call('HSET', KEYS[2], unpack(chunk))
+    chunk = {}
+  end
+end
+redis.call('HSET', KEYS[1], 'source', ARGV[1], 'rows', ARGV[2], 'reason', ARGV[3],
+  'decided_at', ARGV[4])
+return 1
+"""
+
+
+class BaselineSource(Enum):
+    """Where a version's feature baseline comes from."""
+
+    FIRST_RECORDS = "first_records"
+    VALIDATION_SET = "validation_set"
+
+
+@dataclass(frozen=True, slots=True)
+class BaselineDecision:
+    """Where a version's feature baseline comes from, why, and from how many validation rows."""
+
+    source: BaselineSource
+    reason: str
+    rows: int = 0
+    decided_at: float = 0.0
+
+
 @dataclass(frozen=True, slots=True)
 class StoreTtls:
     """How long the store keeps what expires, in seconds."""
@@ -310,6 +349,7 @@ class AggregateStore:
         self._apply_batch: Any = client.register_script(_APPLY_BATCH)
         self._apply_once: Any = client.register_script(_APPLY_ONCE)
         self._apply_merged: Any = client.register_script(_APPLY_MERGED)
+        self._decide_baseline: Any = client.register_script(_DECIDE_BASELINE)
 
     async def count_and_ack(
         self,
@@ -391,6 +431,45 @@ class AggregateStore:
     @property
     def baseline_records(self) -> int:
         return self._baseline_records
+
+    async def reference(self, endpoint: str, model_version: str) -> VersionAggregate:
+        """The feature counters of the validation set the version's baseline came from."""
+        return await self._merged([f"{_version_base(endpoint, model_version)}:reference"])
+
+    async def baseline_decision(self, endpoint: str, model_version: str) -> BaselineDecision | None:
+        """Where the version's feature baseline comes from; None while undecided."""
+        raw = await self._redis.hgetall(f"{_version_base(endpoint, model_version)}:baseline_source")
+        if not raw:
+            return None
+        fields = {_text(k): _text(v) for k, v in raw.items()}
+        return BaselineDecision(
+            source=BaselineSource(fields["source"]),
+            reason=fields.get("reason", ""),
+            rows=int(fields.get("rows", "0")),
+            decided_at=float(fields.get("decided_at", "0")),
+        )
+
+    async def decide_baseline(
+        self,
+        endpoint: str,
+        model_version: str,
+        decision: BaselineDecision,
+        reference: Sequence[Increment] = (),
+    ) -> bool:
+        """Records the decision (and the validation set's counters) unless one was recorded
+        before; True when this call recorded it."""
+        base = _version_base(endpoint, model_version)
+        args: list[str] = [
+            decision.source.value,
+            str(decision.rows),
+            decision.reason,
+            repr(decision.decided_at),
+            str(len(reference)),
+        ]
+        for name, value in reference:
+            args += [name, _amount(value)]
+        keys = [f"{base}:baseline_source", f"{base}:reference"]
+        return bool(await self._decide_baseline(keys=keys, args=args))
 
     async def logged_prediction(self, request_id: str) -> LoggedPrediction | None:
         """What the log said about a request, while it is remembered; None otherwise."""

@@ -770,7 +770,11 @@ class GetDriftReportResponse(_message.Message):
     window: Global___Window.ValueType
     """The window compared."""
     baseline_source: _builtins.str
-    """Where the baseline came from (`first_records`: the version's first N records)."""
+    """Where the feature baselines came from: `validation_set` (the rows of the model's
+    validation set in the registry) or `first_records` (the version's first N records). The
+    prediction baseline always comes from the first N records; until they are in, the
+    prediction result carries no statistics.
+    """
     baseline_count: _builtins.int
     """Records in the baseline."""
     window_count: _builtins.int
