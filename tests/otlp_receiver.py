@@ -51,6 +51,8 @@ class OtlpReceiver:
 
     def __init__(self) -> None:
         self.spans: list[ReceivedSpan] = []
+        # By trace id, so a test polling for one trace does not scan the session's spans.
+        self._by_trace: dict[str, list[ReceivedSpan]] = {}
         self.errors: list[str] = []
         self.http_posts = 0
         self._lock = threading.Lock()
@@ -105,7 +107,9 @@ class OtlpReceiver:
 
     def _extend(self, spans: Iterable[ReceivedSpan]) -> None:
         with self._lock:
-            self.spans.extend(spans)
+            for span in spans:
+                self.spans.append(span)
+                self._by_trace.setdefault(span.trace_id, []).append(span)
 
     def add_proto(self, request: trace_service_pb2.ExportTraceServiceRequest) -> None:
         found = []
@@ -184,4 +188,4 @@ class OtlpReceiver:
     def trace(self, trace_id: str) -> list[ReceivedSpan]:
         """The spans received so far for one trace."""
         with self._lock:
-            return [s for s in self.spans if s.trace_id == trace_id]
+            return list(self._by_trace.get(trace_id, ()))
