@@ -24,6 +24,7 @@ from typing import Any
 import grpc
 import pytest
 import redis.asyncio as aioredis
+from pki import certificate_authority, client_certificate, server_certificate
 from redis.exceptions import RedisError
 from support import eventually
 
@@ -202,53 +203,13 @@ class Certificates:
     other_ca: Path
 
 
-def _openssl(*args: str) -> None:
-    result = subprocess.run(["openssl", *args], capture_output=True, text=True, check=False)
-    if result.returncode != 0:
-        pytest.fail(f"openssl {' '.join(args)} failed:\n{result.stderr}")
-
-
-def _ca(directory: Path, name: str) -> tuple[Path, Path]:
-    cert, key = directory / f"{name}.crt", directory / f"{name}.key"
-    _openssl(
-        "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
-        "-keyout", str(key), "-out", str(cert), "-days", "2", "-subj", f"/CN={name}",
-        "-addext", "basicConstraints=critical,CA:TRUE",
-        "-addext", "keyUsage=critical,keyCertSign,cRLSign",
-    )  # fmt: skip
-    return cert, key
-
-
-def _signed(
-    directory: Path, name: str, ca: tuple[Path, Path], extensions: str
-) -> tuple[Path, Path]:
-    cert, key, request = (directory / f"{name}.{ext}" for ext in ("crt", "key", "csr"))
-    ext_file = directory / f"{name}.ext"
-    ext_file.write_text(extensions)
-    _openssl(
-        "req", "-new", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
-        "-keyout", str(key), "-out", str(request), "-subj", f"/CN={name}",
-    )  # fmt: skip
-    _openssl(
-        "x509", "-req", "-in", str(request), "-CA", str(ca[0]), "-CAkey", str(ca[1]),
-        "-CAcreateserial", "-out", str(cert), "-days", "2", "-extfile", str(ext_file),
-    )  # fmt: skip
-    return cert, key
-
-
 def make_certificates(directory: Path) -> Certificates:
     """Generates the test PKI with the openssl command line (EC keys: quick to make)."""
-    directory.mkdir(parents=True, exist_ok=True)
-    ca = _ca(directory, "test-ca")
-    server = _signed(
-        directory,
-        "server",
-        ca,
-        "subjectAltName=IP:127.0.0.1,DNS:localhost\nextendedKeyUsage=serverAuth\n",
-    )
-    client = _signed(directory, "client", ca, "extendedKeyUsage=clientAuth\n")
-    other_ca, _ = _ca(directory, "other-ca")
-    return Certificates(ca[0], server[0], server[1], client[0], client[1], other_ca)
+    ca = certificate_authority(directory, "test-ca")
+    server = server_certificate(directory, "server", ca)
+    client = client_certificate(directory, "client", ca)
+    other_ca = certificate_authority(directory, "other-ca")
+    return Certificates(ca.cert, server.cert, server.key, client.cert, client.key, other_ca.cert)
 
 
 @dataclass

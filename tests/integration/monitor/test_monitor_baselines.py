@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import redis.asyncio as aioredis
 from integration.registry.registry_testing import signature, stream, tiny_onnx, upload_requests
+from pki import certificate_authority, client_certificate, server_certificate
 from support import eventually, running
 
 from modelserve.monitor.v1 import monitor_service_pb2 as pb
@@ -29,7 +30,8 @@ from modelserve_monitor.store import AggregateStore, BaselineSource, StoreTtls
 from modelserve_registry.config import RegistrySettings
 from modelserve_registry.server import build_server as build_registry
 from modelserve_runtime.auth import AuthSettings, Role, new_api_key
-from modelserve_runtime.config import ServerSettings
+from modelserve_runtime.channels import create_channel
+from modelserve_runtime.config import ClientTlsSettings, ServerSettings
 from modelserve_runtime.convert import numpy_to_tensor
 from modelserve_runtime.prediction_log import PredictionLogWriter
 from modelserve_runtime.server import GrpcServer, ServiceApp
@@ -304,4 +306,58 @@ class TestValidationSetBaselines:
                 await _log(redis_client, app, records[300:])
                 monitor = pb_grpc.MonitorServiceStub(channel)
                 await _source_becomes(monitor, "guarded", version, "validation_set")
+                assert app.baselines.deferrals == 0
+
+    async def test_the_registry_is_asked_over_mutual_tls(
+        self, tmp_path: Path, redis_url: str, redis_client: aioredis.Redis
+    ) -> None:
+        """A registry that requires client certificates gives the validation set to a monitor
+        whose `registry_tls` names the CA and a client certificate; without one the monitor
+        keeps the first records."""
+        ca = certificate_authority(tmp_path / "pki", "ca")
+        server = server_certificate(tmp_path / "pki", "registry", ca)
+        client = client_certificate(tmp_path / "pki", "monitor", ca)
+        tls = ClientTlsSettings(
+            enabled=True, ca_file=ca.cert, cert_file=client.cert, key_file=client.key
+        )
+        settings = RegistrySettings.model_validate(
+            {
+                "production_traffic_only": False,
+                "data_dir": tmp_path / "registry",
+                "server": {
+                    "tls": {
+                        "cert_file": server.cert,
+                        "key_file": server.key,
+                        "client_ca_file": ca.cert,
+                    }
+                },
+            }
+        )
+        async with running(build_registry, settings) as (registry, _, _):
+            target = f"127.0.0.1:{registry.port}"
+            async with create_channel(target, tls=tls) as channel:
+                version = await _register(
+                    registry_grpc.RegistryServiceStub(channel), "sealed", validation_set=True
+                )
+            records = list(_live_records("sealed", version, 400, seed=6))
+
+            async with running(build_monitor, _monitor_settings(redis_url, target)) as (
+                _,
+                monitor_channel,
+                app,
+            ):
+                assert isinstance(app, MonitorApp)
+                await _log(redis_client, app, records[:300])
+                await eventually(lambda: app.baselines.deferrals >= 1, "a refused handshake")
+                report = await _report(
+                    pb_grpc.MonitorServiceStub(monitor_channel), "sealed", version
+                )
+                assert report.baseline_source == "first_records"
+
+            keyed = _monitor_settings(redis_url, target, registry_tls=tls)
+            async with running(build_monitor, keyed) as (_, monitor_channel, app):
+                assert isinstance(app, MonitorApp)
+                await _log(redis_client, app, records[300:])
+                monitor = pb_grpc.MonitorServiceStub(monitor_channel)
+                await _source_becomes(monitor, "sealed", version, "validation_set")
                 assert app.baselines.deferrals == 0

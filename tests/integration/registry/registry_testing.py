@@ -186,6 +186,7 @@ class AuthRegistry:
 
 #: The principals of an auth-enabled test registry and their roles.
 PRINCIPALS: dict[str, set[Role]] = {
+    "pia": {Role.PREDICT},
     "vera": {Role.VIEWER},
     "dan": {Role.DEPLOYER},
     "april": {Role.APPROVER},
@@ -193,4 +194,10 @@ PRINCIPALS: dict[str, set[Role]] = {
     "sam": {Role.DEPLOYER, Role.APPROVER},
 }
 #: The principal that holds each single role.
-ROLE_HOLDER = {Role.VIEWER: "vera", Role.DEPLOYER: "dan", Role.APPROVER: "april", Role.ADMIN: "ada"}
+ROLE_HOLDER = {
+    Role.PREDICT: "pia",
+    Role.VIEWER: "vera",
+    Role.DEPLOYER: "dan",
+    Role.APPROVER: "april",
+    Role.ADMIN: "ada",
+}

@@ -153,7 +153,9 @@ DEPLOYS = {
     "ResumeRollout",
     "AbortRollout",
 }
+#: `predict` is the router's data-plane role: the registry is closed to it, reads included.
 ALLOWED: dict[Role, set[str]] = {
+    Role.PREDICT: set(),
     Role.VIEWER: READS,
     Role.DEPLOYER: READS | DEPLOYS,
     Role.APPROVER: READS | {"ApproveModelVersion"},

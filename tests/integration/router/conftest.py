@@ -9,13 +9,11 @@ from collections.abc import AsyncIterator, Iterator
 
 import pytest
 import redis.asyncio as aioredis
-from router_testing import MODEL_ID, V1, V2, Dependencies, reload
+from router_testing import V1, V2, Dependencies, register_demo_model, reload
 from support import running
 
 from modelserve.inference.v1 import inference_service_pb2_grpc as inference_grpc
-from modelserve.registry.v1 import registry_service_pb2 as registry_pb
 from modelserve.registry.v1 import registry_service_pb2_grpc as registry_grpc
-from modelserve.type.v1 import tensor_pb2
 from modelserve_cli.stack import RedisProcess, StackError
 from modelserve_demo import fraud
 from modelserve_features.online import FeatureWrite, OnlineStore
@@ -26,15 +24,6 @@ from modelserve_inference.server import InferenceApp
 from modelserve_registry import server as registry_server
 from modelserve_registry.config import RegistrySettings
 from modelserve_runtime.clients import RegistryAdminClient
-from modelserve_triton.model_config import TensorSpec
-
-_DATATYPES = {"FP32": tensor_pb2.DATA_TYPE_FP32, "INT64": tensor_pb2.DATA_TYPE_INT64}
-
-
-def _spec(spec: TensorSpec) -> tensor_pb2.TensorSpec:
-    return tensor_pb2.TensorSpec(
-        name=spec.name, datatype=_DATATYPES[spec.datatype], shape=list(spec.shape)
-    )
 
 
 @pytest.fixture(scope="package")
@@ -64,23 +53,7 @@ async def dependencies(
         registry_channel,
         _,
     ):
-        admin = RegistryAdminClient(registry_channel)
-        await admin.create_model(MODEL_ID, "demo fraud model")
-        for seed, name in enumerate((V1, V2)):
-            trained = fraud.train(seed=seed)
-            version = await admin.upload_model_version(
-                f"models/{MODEL_ID}",
-                registry_pb.ModelVersion(
-                    format=registry_pb.ARTIFACT_FORMAT_ONNX,
-                    signature=registry_pb.Signature(
-                        inputs=[_spec(s) for s in trained.inputs],
-                        outputs=[_spec(s) for s in trained.outputs],
-                        feature_refs=list(trained.feature_refs),
-                    ),
-                ),
-                trained.onnx_bytes,
-            )
-            assert version.name == name
+        await register_demo_model(RegistryAdminClient(registry_channel))
         registry_target = f"127.0.0.1:{registry_grpc_server.port}"
         inference_settings = InferenceSettings(
             triton_mode="local",

@@ -28,13 +28,14 @@ from modelserve.router.v1 import router_service_pb2_grpc as router_grpc
 from modelserve.type.v1 import prediction_record_pb2, tensor_pb2
 from modelserve_cli.demo import demo_request
 from modelserve_cli.stack import RedisProcess
+from modelserve_demo import fraud
 from modelserve_router.config import RouterSettings
 from modelserve_router.server import RouterApp, build_server
 from modelserve_runtime.clients import RegistryAdminClient, RegistryClient
 from modelserve_runtime.convert import tensor_to_numpy
 from modelserve_runtime.errors import DecodedError, decode_rpc_error
 from modelserve_runtime.prediction_log import decode_record
-from modelserve_triton.model_config import model_files
+from modelserve_triton.model_config import TensorSpec, model_files
 from modelserve_triton.runner import TritonRunner
 
 MODEL_ID = "fraud"
@@ -64,6 +65,36 @@ class Dependencies:
     registry: registry_grpc.RegistryServiceAsyncStub
     inference: inference_grpc.InferenceServiceAsyncStub
     registry_channel: grpc.aio.Channel
+
+
+_DATATYPES = {"FP32": tensor_pb2.DATA_TYPE_FP32, "INT64": tensor_pb2.DATA_TYPE_INT64}
+
+
+def _spec(spec: TensorSpec) -> tensor_pb2.TensorSpec:
+    return tensor_pb2.TensorSpec(
+        name=spec.name, datatype=_DATATYPES[spec.datatype], shape=list(spec.shape)
+    )
+
+
+async def register_demo_model(admin: RegistryAdminClient, versions: int = 2) -> None:
+    """`models/fraud` in a registry, with versions 1, 2, ... of the demo model (trained with
+    seeds 0, 1, ...), as inference's Triton holds them."""
+    await admin.create_model(MODEL_ID, "demo fraud model")
+    for seed in range(versions):
+        trained = fraud.train(seed=seed)
+        version = await admin.upload_model_version(
+            f"models/{MODEL_ID}",
+            registry_pb.ModelVersion(
+                format=registry_pb.ARTIFACT_FORMAT_ONNX,
+                signature=registry_pb.Signature(
+                    inputs=[_spec(s) for s in trained.inputs],
+                    outputs=[_spec(s) for s in trained.outputs],
+                    feature_refs=list(trained.feature_refs),
+                ),
+            ),
+            trained.onnx_bytes,
+        )
+        assert version.name == f"models/{MODEL_ID}/versions/{seed + 1}"
 
 
 def router_settings(deps: Dependencies, **overrides: Any) -> RouterSettings:

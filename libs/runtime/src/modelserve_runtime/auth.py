@@ -44,8 +44,14 @@ _REMEMBERED_KEYS = 1024
 
 
 class Role(enum.StrEnum):
-    """What a key may do; `admin` may do everything."""
+    """What a key may do; `admin` may do everything.
 
+    `predict` is the data-plane role: it may ask the router for predictions (Predict and the
+    Open Inference Protocol) and nothing else, the registry included. `viewer`, `deployer` and
+    `approver` are control-plane roles on the registry; they may also predict at the router.
+    """
+
+    PREDICT = "predict"
     VIEWER = "viewer"
     DEPLOYER = "deployer"
     APPROVER = "approver"
@@ -221,14 +227,30 @@ PUBLIC_METHODS = frozenset(
 )
 
 
+#: The auth-context property that gRPC sets to the subject CN of a client certificate it
+#: verified (only servers that require client certificates verify, and so set it).
+_CERTIFICATE_CN = "x509_common_name"
+
+
+def certificate_name(context: grpc.aio.ServicerContext[Any, Any]) -> str | None:
+    """The subject CN of the caller's verified client certificate, or None without one."""
+    names = context.auth_context().get(_CERTIFICATE_CN) or []
+    return next((bytes(n).decode() for n in names), None)
+
+
 class AuthInterceptor(_ScopeInterceptor):
-    """Authenticates each call by API key and checks its role against a per-method table.
+    """Authenticates each call by API key (or, without one, by its verified client
+    certificate) and checks its role against a per-method table.
 
     It runs innermost, after tracing, request context, logging and error status: a refused
     call is traced, logged with its code and turned into UNAUTHENTICATED or
     PERMISSION_DENIED by the one error interceptor like every other error. A method missing
     from the table is refused (PERMISSION_DENIED), so a new RPC is never open by accident.
     The key is never logged; the principal is bound to the call's log context.
+
+    `certificate_roles` (subject CN -> roles) names the principal of a call that sends no key
+    over a connection whose client certificate the server verified (mTLS): a service calling
+    another needs no key. A key, when sent, decides; an unlisted CN is no principal.
     """
 
     def __init__(
@@ -237,10 +259,20 @@ class AuthInterceptor(_ScopeInterceptor):
         policy: Mapping[str, frozenset[Role]],
         *,
         public: frozenset[str] = PUBLIC_METHODS,
+        certificate_roles: Mapping[str, frozenset[Role]] | None = None,
     ) -> None:
         self._authenticator = authenticator
         self._policy = policy
         self._public = public
+        self._certificate_roles = dict(certificate_roles or {})
+
+    def _certificate_principal(
+        self, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> Principal | None:
+        name = certificate_name(context) if self._certificate_roles else None
+        if name is None or name not in self._certificate_roles:
+            return None
+        return Principal(name, self._certificate_roles[name])
 
     @asynccontextmanager
     async def scope(
@@ -250,14 +282,18 @@ class AuthInterceptor(_ScopeInterceptor):
             yield
             return
         key = presented_key(_metadata(context))
+        principal: Principal | None
         if key is None:
-            raise UnauthenticatedError(
-                "an API key is required: send `authorization: Bearer <key>` or `x-api-key`",
-                reason="API_KEY_MISSING",
-            )
-        principal = await self._authenticator.authenticate(key)
-        if principal is None:
-            raise UnauthenticatedError("the API key is not valid", reason="API_KEY_INVALID")
+            principal = self._certificate_principal(context)
+            if principal is None:
+                raise UnauthenticatedError(
+                    "an API key is required: send `authorization: Bearer <key>` or `x-api-key`",
+                    reason="API_KEY_MISSING",
+                )
+        else:
+            principal = await self._authenticator.authenticate(key)
+            if principal is None:
+                raise UnauthenticatedError("the API key is not valid", reason="API_KEY_INVALID")
         allowed = self._policy.get(method)
         if allowed is None:
             raise PermissionDeniedError(

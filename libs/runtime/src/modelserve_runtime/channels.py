@@ -4,9 +4,19 @@ from __future__ import annotations
 
 import grpc
 
+from modelserve_runtime.config import ClientTlsSettings
 from modelserve_runtime.interceptors import client_interceptors
 
 DEFAULT_TIMEOUT_S = 5.0
+
+
+def channel_credentials(tls: ClientTlsSettings) -> grpc.ChannelCredentials:
+    """The CAs that the server's certificate must chain to, and the client's certificate."""
+    return grpc.ssl_channel_credentials(
+        root_certificates=None if tls.ca_file is None else tls.ca_file.read_bytes(),
+        private_key=None if tls.key_file is None else tls.key_file.read_bytes(),
+        certificate_chain=None if tls.cert_file is None else tls.cert_file.read_bytes(),
+    )
 
 
 def create_channel(
@@ -15,10 +25,11 @@ def create_channel(
     default_timeout_s: float = DEFAULT_TIMEOUT_S,
     max_message_bytes: int = 4 * 1024 * 1024,
     api_key: str | None = None,
+    tls: ClientTlsSettings | None = None,
 ) -> grpc.aio.Channel:
-    """An insecure aio channel to `target` whose calls always carry a deadline, and the API
-    key `api_key` (as `x-api-key`) when one is given."""
-    options = [
+    """An aio channel to `target` whose calls always carry a deadline, and the API key
+    `api_key` (as `x-api-key`) when one is given; TLS when `tls` is enabled, else plaintext."""
+    options: list[tuple[str, str | int]] = [
         ("grpc.max_send_message_length", max_message_bytes),
         ("grpc.max_receive_message_length", max_message_bytes),
         ("grpc.keepalive_time_ms", 30_000),
@@ -27,6 +38,11 @@ def create_channel(
         ("grpc.initial_reconnect_backoff_ms", 100),
         ("grpc.max_reconnect_backoff_ms", 5000),
     ]
-    return grpc.aio.insecure_channel(
-        target, options=options, interceptors=client_interceptors(default_timeout_s, api_key)
+    interceptors = client_interceptors(default_timeout_s, api_key)
+    if tls is None or not tls.enabled:
+        return grpc.aio.insecure_channel(target, options=options, interceptors=interceptors)
+    if tls.server_name is not None:
+        options.append(("grpc.ssl_target_name_override", tls.server_name))
+    return grpc.aio.secure_channel(
+        target, channel_credentials(tls), options=options, interceptors=interceptors
     )

@@ -3,10 +3,18 @@
 from __future__ import annotations
 
 import os
+import ssl
 from pathlib import Path
-from typing import Literal, TypeVar
+from typing import Annotated, Literal, TypeVar
 
-from pydantic import AliasChoices, BaseModel, Field, ValidationError, model_validator
+from pydantic import (
+    AliasChoices,
+    BaseModel,
+    Field,
+    FilePath,
+    ValidationError,
+    model_validator,
+)
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -14,12 +22,120 @@ from pydantic_settings import (
     YamlConfigSettingsSource,
 )
 
+from modelserve_runtime.auth import Role
+
 #: Environment variable naming a YAML settings file; a service's own `--config` wins.
 CONFIG_FILE_ENV = "MODELSERVE_CONFIG"
 
 
 class ConfigError(Exception):
     """A setting is missing or wrong; the message names each bad setting."""
+
+
+def _check_key_pair(cert_file: Path, key_file: Path) -> None:
+    """Refuses files that are not a PEM certificate and its own private key."""
+    try:
+        ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT).load_cert_chain(cert_file, key_file)
+    except (ssl.SSLError, OSError) as exc:
+        raise ValueError(
+            f"cert_file {cert_file} and key_file {key_file} are not a PEM certificate and its "
+            f"private key: {exc}"
+        ) from None
+
+
+def _check_ca_file(field: str, path: Path) -> None:
+    """Refuses a file that holds no PEM certificate."""
+    try:
+        ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT).load_verify_locations(cafile=path)
+    except (ssl.SSLError, OSError) as exc:
+        raise ValueError(f"{field} {path} holds no PEM CA certificate: {exc}") from None
+
+
+class ServerTlsSettings(BaseModel):
+    """TLS, and optionally mutual TLS, of the gRPC server; plaintext unless `cert_file` is set.
+
+    The files are read once, at start: a renewed certificate takes a restart.
+    """
+
+    model_config = {"frozen": True, "extra": "forbid"}
+
+    cert_file: FilePath | None = None
+    """PEM certificate (chain) the server presents; set (with `key_file`): the server speaks
+    only TLS. Unset: plaintext."""
+    key_file: FilePath | None = None
+    """PEM private key of `cert_file`."""
+    client_ca_file: FilePath | None = None
+    """PEM CA certificate(s) of the clients; set: every client must present a certificate
+    signed by one of them (mutual TLS), or its connection fails before any call is made.
+    gRPC Python cannot ask for a client certificate without requiring one, so there is no
+    "optional client certificate" mode."""
+    client_roles: dict[str, Annotated[frozenset[Role], Field(min_length=1)]] = Field(
+        default_factory=dict
+    )
+    """Subject CN of a client certificate -> the roles of a call that comes with it and with
+    no API key, where auth is on (router, registry); e.g. `{"router": ["viewer"]}`. A CN not
+    listed needs a key. Needs `client_ca_file`."""
+
+    @model_validator(mode="after")
+    def _complete(self) -> ServerTlsSettings:
+        if self.cert_file is not None and self.key_file is None:
+            raise ValueError("cert_file is set without key_file (its private key)")
+        if self.key_file is not None and self.cert_file is None:
+            raise ValueError("key_file is set without cert_file (the server certificate)")
+        if self.client_ca_file is not None and self.cert_file is None:
+            raise ValueError(
+                "client_ca_file is set without cert_file and key_file: client certificates "
+                "are checked only over TLS"
+            )
+        if self.client_roles and self.client_ca_file is None:
+            raise ValueError(
+                "client_roles is set without client_ca_file: only a client certificate the "
+                "server verified names a principal"
+            )
+        if self.cert_file is not None and self.key_file is not None:
+            _check_key_pair(self.cert_file, self.key_file)
+        if self.client_ca_file is not None:
+            _check_ca_file("client_ca_file", self.client_ca_file)
+        return self
+
+    @property
+    def enabled(self) -> bool:
+        """Whether the server speaks TLS."""
+        return self.cert_file is not None
+
+
+class ClientTlsSettings(BaseModel):
+    """TLS of the calls to one other service; plaintext unless `enabled`."""
+
+    model_config = {"frozen": True, "extra": "forbid"}
+
+    enabled: bool = False
+    """Speak TLS to the service and check its certificate."""
+    ca_file: FilePath | None = None
+    """PEM CA certificate(s) that signed the service's certificate; unset: the CAs that gRPC
+    trusts by default."""
+    cert_file: FilePath | None = None
+    """PEM client certificate, for a service that requires one (`server.tls.client_ca_file`)."""
+    key_file: FilePath | None = None
+    """PEM private key of `cert_file`."""
+    server_name: str | None = None
+    """The name the service's certificate must carry when it is not the target's host (an
+    address without a SAN of its own); unset: the target's host."""
+
+    @model_validator(mode="after")
+    def _complete(self) -> ClientTlsSettings:
+        files = (self.ca_file, self.cert_file, self.key_file)
+        if not self.enabled and (any(f is not None for f in files) or self.server_name):
+            raise ValueError("TLS settings are given but enabled is false: set enabled")
+        if self.cert_file is not None and self.key_file is None:
+            raise ValueError("cert_file is set without key_file (its private key)")
+        if self.key_file is not None and self.cert_file is None:
+            raise ValueError("key_file is set without cert_file (the client certificate)")
+        if self.cert_file is not None and self.key_file is not None:
+            _check_key_pair(self.cert_file, self.key_file)
+        if self.ca_file is not None:
+            _check_ca_file("ca_file", self.ca_file)
+        return self
 
 
 class ServerSettings(BaseModel):
@@ -37,6 +153,8 @@ class ServerSettings(BaseModel):
     """Largest request or response message accepted; larger ones get RESOURCE_EXHAUSTED."""
     max_concurrent_rpcs: int | None = Field(default=None, ge=1)
     """In-flight RPC limit; further calls are refused with RESOURCE_EXHAUSTED. None: no limit."""
+    tls: ServerTlsSettings = Field(default_factory=ServerTlsSettings)
+    """TLS and mutual TLS; off (plaintext) by default."""
 
 
 class TelemetrySettings(BaseModel):

@@ -17,7 +17,12 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from prometheus_client import start_http_server
 
-from modelserve_runtime.config import ConfigError, ServiceSettings, load_settings
+from modelserve_runtime.config import (
+    ConfigError,
+    ServerTlsSettings,
+    ServiceSettings,
+    load_settings,
+)
 from modelserve_runtime.discovery import Discovery, create_discovery
 from modelserve_runtime.interceptors import server_interceptors
 from modelserve_runtime.logs import configure_logging
@@ -65,6 +70,19 @@ class GrpcServer:
             await self.health.set(name, status)
 
 
+def server_credentials(tls: ServerTlsSettings) -> grpc.ServerCredentials:
+    """The server's certificate and key, and with `client_ca_file` the demand that every client
+    present a certificate signed by it (gRPC then verifies it during the handshake)."""
+    if tls.cert_file is None or tls.key_file is None:
+        raise ConfigError("server.tls: TLS needs cert_file and key_file")
+    pair = (tls.key_file.read_bytes(), tls.cert_file.read_bytes())
+    if tls.client_ca_file is None:
+        return grpc.ssl_server_credentials([pair])
+    return grpc.ssl_server_credentials(
+        [pair], root_certificates=tls.client_ca_file.read_bytes(), require_client_auth=True
+    )
+
+
 def build_grpc_server(
     service: str,
     settings: ServiceSettings,
@@ -76,6 +94,7 @@ def build_grpc_server(
 
     `register` adds the servicers and returns their full service names;
     `inner_interceptors` (authentication) run innermost, after the error interceptor.
+    With `server.tls` set the port speaks only TLS (mutual TLS with `client_ca_file`).
     """
     options = [
         ("grpc.max_receive_message_length", settings.server.max_message_bytes),
@@ -93,10 +112,21 @@ def build_grpc_server(
     reflection.enable_server_reflection(
         [*names, health.SERVICE_NAME, reflection.SERVICE_NAME], server
     )
-    port = server.add_insecure_port(f"{settings.server.host}:{settings.server.port}")
+    address = f"{settings.server.host}:{settings.server.port}"
+    tls = settings.server.tls
+    if tls.enabled:
+        port = server.add_secure_port(address, server_credentials(tls))
+    else:
+        port = server.add_insecure_port(address)
     if port == 0:
         raise ConfigError(f"cannot bind {settings.server.host}:{settings.server.port}")
     return GrpcServer(server=server, port=port, health=health_servicer, service_names=names)
+
+
+def _tls_mode(tls: ServerTlsSettings) -> str:
+    if not tls.enabled:
+        return "off"
+    return "mutual" if tls.client_ca_file is not None else "server"
 
 
 async def serve(
@@ -123,7 +153,12 @@ async def serve(
         await grpc_server.set_serving(True)
         advertise = settings.discovery.advertise_host or settings.server.host
         await discovery.register(service, advertise, grpc_server.port)
-        log.info("service_started", port=grpc_server.port, host=settings.server.host)
+        log.info(
+            "service_started",
+            port=grpc_server.port,
+            host=settings.server.host,
+            tls=_tls_mode(settings.server.tls),
+        )
         await stop.wait()
         log.info("service_stopping", grace_s=settings.server.grace_period_s)
     finally:

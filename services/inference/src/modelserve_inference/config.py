@@ -8,7 +8,7 @@ from typing import Annotated, Literal
 from pydantic import Field, SecretStr
 from pydantic_settings import SettingsConfigDict
 
-from modelserve_runtime.config import ServiceSettings
+from modelserve_runtime.config import ClientTlsSettings, ServiceSettings
 
 
 class InferenceSettings(ServiceSettings):
@@ -35,6 +35,9 @@ class InferenceSettings(ServiceSettings):
     registry_api_key: SecretStr | None = None
     """The API key inference sends to the registry when the registry has auth on (a key with
     the `viewer` role is enough: inference only reads versions and watches deployments)."""
+    registry_tls: ClientTlsSettings = Field(default_factory=ClientTlsSettings)
+    """TLS of the calls to the registry (CA, client certificate for a registry that requires
+    one); off: plaintext."""
     reconcile: bool = True
     """Follow the registry's WatchDeployments and make Triton hold exactly the versions the
     deployments reference (traffic targets, shadow and fallback versions) plus those pinned by

@@ -110,6 +110,7 @@ async def build_server(settings: InferenceSettings) -> tuple[GrpcServer, Inferen
         registry_target,
         max_message_bytes=64 * 1024 * 1024,
         api_key=api_key.get_secret_value() if api_key is not None else None,
+        tls=settings.registry_tls,
     )
     runner = TritonRunner(triton_url)
     registry = RegistryClient(registry_channel)

@@ -7,6 +7,7 @@ import grpc
 from modelserve.registry.v1 import registry_service_pb2 as registry_pb
 from modelserve.registry.v1 import registry_service_pb2_grpc as registry_grpc
 from modelserve_runtime.channels import create_channel
+from modelserve_runtime.config import ClientTlsSettings
 from modelserve_runtime.discovery import Discovery
 from modelserve_runtime.errors import NotFoundError, UnavailableError
 
@@ -30,11 +31,13 @@ class RegistryCatalog:
         *,
         api_key: str | None = None,
         timeout_s: float = 5.0,
+        tls: ClientTlsSettings | None = None,
     ) -> None:
         self._target = target
         self._discovery = discovery
         self._api_key = api_key
         self._timeout_s = timeout_s
+        self._tls = tls
         self._channel: grpc.aio.Channel | None = None
 
     async def version_and_model(
@@ -75,6 +78,7 @@ class RegistryCatalog:
                 default_timeout_s=self._timeout_s,
                 max_message_bytes=MAX_MESSAGE_BYTES,
                 api_key=self._api_key,
+                tls=self._tls,
             )
         return self._channel
 

@@ -10,7 +10,7 @@ from urllib.parse import urlsplit
 from pydantic import BaseModel, Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import SettingsConfigDict
 
-from modelserve_runtime.config import ServiceSettings
+from modelserve_runtime.config import ClientTlsSettings, ServiceSettings
 from modelserve_runtime.prediction_log import DEFAULT_STREAM
 from modelserve_runtime.redis_connect import RedisConnection
 
@@ -187,6 +187,9 @@ class MonitorSettings(ServiceSettings):
     discovery (service `registry`) at each attempt when unset."""
     registry_api_key: SecretStr | None = None
     """The API key sent to the registry when it has auth on (the `viewer` role is enough)."""
+    registry_tls: ClientTlsSettings = Field(default_factory=ClientTlsSettings)
+    """TLS of the calls to the registry (CA, client certificate for a registry that requires
+    one); off: plaintext."""
     registry_timeout_s: float = Field(default=5.0, gt=0)
     """Deadline of each registry call."""
     baseline_retry_s: float = Field(default=30.0, gt=0)

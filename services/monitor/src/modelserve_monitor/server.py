@@ -117,6 +117,7 @@ async def build_server(
         create_discovery(settings.discovery),
         api_key=api_key.get_secret_value() if api_key is not None else None,
         timeout_s=settings.registry_timeout_s,
+        tls=settings.registry_tls,
     )
     baselines = BaselineResolver(
         store,

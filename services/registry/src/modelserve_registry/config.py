@@ -8,7 +8,7 @@ from pydantic import Field, ValidationInfo, field_validator
 from pydantic_settings import SettingsConfigDict
 
 from modelserve_runtime.auth import AuthSettings
-from modelserve_runtime.config import ServerSettings, ServiceSettings
+from modelserve_runtime.config import ClientTlsSettings, ServerSettings, ServiceSettings
 
 MIB = 1024 * 1024
 
@@ -39,6 +39,10 @@ class RegistrySettings(ServiceSettings):
     monitor_target: str | None = None
     """The monitor's `host:port` that rollout gates read; discovery (service `monitor`) when
     unset."""
+    inference_tls: ClientTlsSettings = Field(default_factory=ClientTlsSettings)
+    """TLS of the calls to the inference service (validations); off: plaintext."""
+    monitor_tls: ClientTlsSettings = Field(default_factory=ClientTlsSettings)
+    """TLS of the calls to the monitor (rollout gates); off: plaintext."""
     validation_tolerance: float = Field(default=0.01, ge=0)
     """How much worse than the PRODUCTION version a candidate may score on the validation set
     and still pass (absolute, in the metric's unit)."""

@@ -19,6 +19,7 @@ from modelserve_registry.store import SqliteRegistryStore
 from modelserve_registry.validation import InferenceServiceRunner, Validator
 from modelserve_runtime.auth import ApiKeyAuthenticator, AuthInterceptor
 from modelserve_runtime.channels import create_channel
+from modelserve_runtime.config import ClientTlsSettings
 from modelserve_runtime.discovery import create_discovery
 from modelserve_runtime.server import GrpcServer, build_grpc_server, run_service
 
@@ -29,9 +30,16 @@ log = structlog.get_logger()
 class Peer:
     """A channel to another service, resolved through discovery on first use."""
 
-    def __init__(self, service: str, target: str | None, settings: RegistrySettings) -> None:
+    def __init__(
+        self,
+        service: str,
+        target: str | None,
+        tls: ClientTlsSettings,
+        settings: RegistrySettings,
+    ) -> None:
         self._service = service
         self._target = target
+        self._tls = tls
         self._settings = settings
         self._channel: grpc.aio.Channel | None = None
 
@@ -41,7 +49,9 @@ class Peer:
             target = self._target or await create_discovery(self._settings.discovery).resolve(
                 self._service
             )
-            self._channel = create_channel(target, max_message_bytes=64 * 1024 * 1024)
+            self._channel = create_channel(
+                target, max_message_bytes=64 * 1024 * 1024, tls=self._tls
+            )
         return self._channel
 
     async def close(self) -> None:
@@ -98,8 +108,8 @@ async def build_server(settings: RegistrySettings) -> tuple[GrpcServer, Registry
     """Builds the server bound to its port, and the app holding its stores (not yet opened)."""
     store = SqliteRegistryStore(settings.db_path)
     artifacts = LocalArtifactStore(settings.artifacts_dir)
-    inference = Peer("inference", settings.inference_target, settings)
-    monitor = Peer("monitor", settings.monitor_target, settings)
+    inference = Peer("inference", settings.inference_target, settings.inference_tls, settings)
+    monitor = Peer("monitor", settings.monitor_target, settings.monitor_tls, settings)
     validator = Validator(
         InferenceServiceRunner(
             inference.channel,
@@ -135,7 +145,13 @@ async def build_server(settings: RegistrySettings) -> tuple[GrpcServer, Registry
     auth: list[grpc.aio.ServerInterceptor] = []
     if settings.auth.enabled:
         authenticator = ApiKeyAuthenticator(settings.auth.all_keys())
-        auth.append(AuthInterceptor(authenticator, REGISTRY_POLICY))
+        auth.append(
+            AuthInterceptor(
+                authenticator,
+                REGISTRY_POLICY,
+                certificate_roles=settings.server.tls.client_roles,
+            )
+        )
     server = build_grpc_server(SERVICE, settings, register, inner_interceptors=auth)
     return server, RegistryApp(store, artifacts, registry, rollouts, (inference, monitor))
 

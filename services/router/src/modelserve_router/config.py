@@ -8,7 +8,7 @@ from pydantic import BaseModel, Field, SecretStr, ValidationError, model_validat
 from pydantic_settings import SettingsConfigDict
 
 from modelserve_runtime.auth import AuthSettings
-from modelserve_runtime.config import ServiceSettings
+from modelserve_runtime.config import ClientTlsSettings, ServiceSettings
 from modelserve_runtime.redis_connect import RedisConnection
 
 
@@ -100,10 +100,18 @@ class RouterSettings(ServiceSettings):
     """The inference service's `host:port`; discovery (service `inference`) when unset."""
     registry_api_key: SecretStr | None = None
     """API key sent to the registry (as `x-api-key`) when its auth is on; a `viewer` key is
-    enough to follow deployments. Never logged."""
+    enough to follow deployments (or, over mutual TLS, the registry's `server.tls.client_roles`
+    may give the router's certificate that role). Never logged."""
     inference_api_key: SecretStr | None = None
     """API key sent to the inference service, for an inference behind a gateway that checks
     keys. Never logged."""
+    registry_tls: ClientTlsSettings = Field(default_factory=ClientTlsSettings)
+    """TLS of the calls to the registry (`registry_tls.enabled`, CA, client certificate for a
+    registry that requires one); off: plaintext."""
+    inference_tls: ClientTlsSettings = Field(default_factory=ClientTlsSettings)
+    """TLS of the calls to the inference service; off: plaintext."""
+    feature_tls: ClientTlsSettings = Field(default_factory=ClientTlsSettings)
+    """TLS of the calls to the feature service (`feature_reader: service`); off: plaintext."""
     ready_poll_ms: int | None = None
     """Retired: READY versions now come from inference's WatchModelStates stream. Still
     accepted, and ignored, so that settings files written for older routers keep loading."""

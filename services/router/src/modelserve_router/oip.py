@@ -30,7 +30,7 @@ from tritonclient.utils import (
 from modelserve.registry.v1 import registry_service_pb2 as registry_pb
 from modelserve.type.v1 import tensor_pb2
 from modelserve_features.views import Value
-from modelserve_router.access import ROUTER_POLICY
+from modelserve_router.access import PREDICT_ROLES
 from modelserve_router.predict import PredictionInput, PredictionResult, Predictor, pin
 from modelserve_router.routing import Route, RoutingTable
 from modelserve_runtime.auth import Role, current_principal
@@ -55,9 +55,11 @@ BINARY_OUTPUT_PARAMETER = "binary_data_output"
 _METHOD = f"/{SERVICE_NAME}/"
 #: Liveness and readiness answer without an API key: load balancers and orchestrators ask.
 PUBLIC_OIP_METHODS = frozenset({_METHOD + "ServerLive", _METHOD + "ServerReady"})
-#: Every role that may call Predict may call these (auth.Role is shared; no `predict` role).
+#: Every role that may call Predict may call these: a Triton client asks for metadata and
+#: readiness before it infers. The rest of the protocol (model control, shared memory,
+#: statistics) is in no role's table: with auth on it is PERMISSION_DENIED to every key.
 OIP_POLICY: dict[str, frozenset[Role]] = {
-    _METHOD + name: ROUTER_POLICY["/modelserve.router.v1.RouterService/Predict"]
+    _METHOD + name: PREDICT_ROLES
     for name in ("ServerMetadata", "ModelReady", "ModelMetadata", "ModelInfer")
 }
 

@@ -126,11 +126,13 @@ async def build_server(settings: RouterSettings) -> tuple[GrpcServer, RouterApp]
     registry_channel = create_channel(
         await _target(settings.registry_target, discovery, "registry"),
         api_key=None if registry_key is None else registry_key.get_secret_value(),
+        tls=settings.registry_tls,
     )
     inference_channel = create_channel(
         await _target(settings.inference_target, discovery, "inference"),
         default_timeout_s=settings.inference_timeout_s,
         api_key=None if inference_key is None else inference_key.get_secret_value(),
+        tls=settings.inference_tls,
     )
     channels = [registry_channel, inference_channel]
     features: FeatureReader
@@ -140,6 +142,7 @@ async def build_server(settings: RouterSettings) -> tuple[GrpcServer, RouterApp]
         feature_channel = create_channel(
             await _target(settings.feature_target, discovery, "feature"),
             default_timeout_s=settings.feature_timeout_s,
+            tls=settings.feature_tls,
         )
         channels.append(feature_channel)
         features = ServiceFeatureReader(
@@ -212,6 +215,7 @@ async def build_server(settings: RouterSettings) -> tuple[GrpcServer, RouterApp]
                 ApiKeyAuthenticator(settings.auth.all_keys()),
                 {**ROUTER_POLICY, **oip.OIP_POLICY},
                 public=PUBLIC_METHODS | oip.PUBLIC_OIP_METHODS,
+                certificate_roles=settings.server.tls.client_roles,
             )
         )
     app = RouterApp(client, channels, prediction_log, runner, routes, shadows, predictor, direct)

@@ -1,0 +1,230 @@
+"""The router behind mutual TLS with API keys, following a registry that is itself behind mutual
+TLS: the `predict` role predicts and administers nothing, a caller without a key is
+UNAUTHENTICATED, a client without a certificate of the trusted CA cannot connect, and the router
+reaches the registry with its own certificate, whose CN the registry maps to `viewer`."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+import pytest
+from pki import KeyPair, certificate_authority, client_certificate, server_certificate
+from router_testing import V1, WAIT_S, Dependencies, register_demo_model, request, router_settings
+from support import eventually, running
+from tritonclient.grpc import service_pb2, service_pb2_grpc
+
+from modelserve.registry.v1 import registry_service_pb2 as registry_pb
+from modelserve.registry.v1 import registry_service_pb2_grpc as registry_grpc
+from modelserve.router.v1 import router_service_pb2_grpc as router_grpc
+from modelserve_demo import fraud
+from modelserve_registry import server as registry_server
+from modelserve_registry.config import RegistrySettings
+from modelserve_router.server import build_server
+from modelserve_runtime.auth import Role, new_api_key
+from modelserve_runtime.channels import create_channel
+from modelserve_runtime.clients import RegistryAdminClient
+from modelserve_runtime.config import ClientTlsSettings
+from modelserve_runtime.errors import DecodedError, decode_rpc_error
+
+pytestmark = pytest.mark.triton
+
+#: Served only by the registry behind mTLS, so only a router that follows it knows it.
+ENDPOINT = "mtls-only"
+TEST_SCRYPT_N = 16
+
+
+@dataclass
+class SecuredStack:
+    """A router and a registry, both behind mTLS with API keys, the router answering for
+    ENDPOINT; their keys and certificates."""
+
+    router_target: str
+    registry_target: str
+    ca: KeyPair
+    #: A caller's certificate: signed by the CA, its CN (`app`) mapped to no role.
+    app: KeyPair
+    #: A certificate with the same CN signed by another CA.
+    stranger: KeyPair
+    keys: dict[str, str]
+
+    def tls(self, client: KeyPair | None = None) -> ClientTlsSettings:
+        """TLS that trusts the stack's CA, with `client` as the client certificate."""
+        return ClientTlsSettings(
+            enabled=True,
+            ca_file=self.ca.cert,
+            cert_file=None if client is None else client.cert,
+            key_file=None if client is None else client.key,
+        )
+
+    def channel(self, target: str, key: str | None = None) -> grpc.aio.Channel:
+        """A channel with the `app` certificate and, if named, a principal's key."""
+        return create_channel(
+            target, tls=self.tls(self.app), api_key=None if key is None else self.keys[key]
+        )
+
+
+def _keys() -> tuple[dict[str, str], list[dict[str, Any]]]:
+    """Keys of `pia` (predict) and `ada` (admin), and their records."""
+    keys, records = {}, []
+    for principal, role in (("pia", Role.PREDICT), ("ada", Role.ADMIN)):
+        keys[principal], record = new_api_key(principal, {role}, n=TEST_SCRYPT_N)
+        records.append(record.model_dump())
+    return keys, records
+
+
+@pytest.fixture(scope="module")
+async def stack(
+    dependencies: Dependencies, tmp_path_factory: pytest.TempPathFactory
+) -> AsyncIterator[SecuredStack]:
+    """A second registry behind mTLS (CN `router` is a viewer) holding `models/fraud` v1 and
+    a deployment of ENDPOINT, and a router behind mTLS that follows it with its certificate and
+    no key, while it asks the package's inference (plaintext) which versions are READY; yields
+    once an admin's Predict of ENDPOINT answers."""
+    pki = tmp_path_factory.mktemp("pki")
+    ca = certificate_authority(pki, "ca")
+    server = server_certificate(pki, "server", ca)
+    router_client = client_certificate(pki, "router", ca)
+    keys, records = _keys()
+    secured = SecuredStack(
+        router_target="",
+        registry_target="",
+        ca=ca,
+        app=client_certificate(pki, "app", ca),
+        stranger=client_certificate(pki / "other", "app", certificate_authority(pki, "other-ca")),
+        keys=keys,
+    )
+    mutual = {"cert_file": server.cert, "key_file": server.key, "client_ca_file": ca.cert}
+    registry_settings = RegistrySettings.model_validate(
+        {
+            "data_dir": tmp_path_factory.mktemp("mtls-registry"),
+            "production_traffic_only": False,
+            "server": {"tls": {**mutual, "client_roles": {"router": ["viewer"]}}},
+            "auth": {"enabled": True, "keys": records},
+        }
+    )
+    async with running(registry_server.build_server, registry_settings) as (registry, _, _):
+        secured.registry_target = f"127.0.0.1:{registry.port}"
+        async with secured.channel(secured.registry_target, "ada") as admin:
+            await register_demo_model(RegistryAdminClient(admin), versions=1)
+            await registry_grpc.RegistryServiceStub(admin).UpdateDeployment(
+                registry_pb.UpdateDeploymentRequest(
+                    deployment=registry_pb.Deployment(
+                        name=f"deployments/{ENDPOINT}",
+                        traffic=[registry_pb.TrafficTarget(model_version=V1, percent=100)],
+                    ),
+                    allow_missing=True,
+                )
+            )
+        settings = router_settings(
+            dependencies,
+            registry_target=secured.registry_target,
+            registry_tls=secured.tls(router_client),
+            server={"tls": mutual},
+            auth={"enabled": True, "keys": records},
+        )
+        async with running(build_server, settings) as (router, _, _):
+            secured.router_target = f"127.0.0.1:{router.port}"
+            async with secured.channel(secured.router_target, "ada") as channel:
+                await eventually(
+                    lambda: predicts(router_grpc.RouterServiceStub(channel)),
+                    f"the router answering for {ENDPOINT}",
+                    within_s=WAIT_S,
+                )
+            yield secured
+
+
+async def predicts(router: router_grpc.RouterServiceAsyncStub) -> bool:
+    """Whether a Predict of ENDPOINT answers."""
+    try:
+        await router.Predict(request(ENDPOINT))
+    except grpc.aio.AioRpcError:
+        return False
+    return True
+
+
+async def failure(call: Any) -> DecodedError:
+    """The decoded error of a call that must fail."""
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await call
+    return decode_rpc_error(info.value)
+
+
+def infer_request() -> Any:
+    """A ModelInferRequest of ENDPOINT with four rows of the demo model's features."""
+    rows = fraud.make_dataset(4, seed=7)[0]
+    infer = service_pb2.ModelInferRequest(model_name=ENDPOINT)
+    tensor = infer.inputs.add(name="features", datatype="FP32", shape=list(rows.shape))
+    tensor.contents.fp32_contents.extend(rows.reshape(-1).tolist())
+    return infer
+
+
+class TestPredictRole:
+    async def test_predict_key_predicts(self, stack: SecuredStack) -> None:
+        """A `predict` key, over mTLS, gets Predict and ModelInfer answers from the version that
+        the mTLS registry deploys: the router followed it with its certificate alone."""
+        async with stack.channel(stack.router_target, "pia") as channel:
+            answer = await router_grpc.RouterServiceStub(channel).Predict(request(ENDPOINT))
+            inferred = await service_pb2_grpc.GRPCInferenceServiceStub(channel).ModelInfer(
+                infer_request()
+            )
+        assert answer.model_version == V1
+        assert inferred.model_version == "1"
+
+    async def test_predict_key_administers_nothing(self, stack: SecuredStack) -> None:
+        """A `predict` key may not change or even read the registry (ROLE_REQUIRED), nor call
+        the router's model control (METHOD_NOT_ALLOWED): PERMISSION_DENIED throughout."""
+        async with stack.channel(stack.registry_target, "pia") as channel:
+            registry = registry_grpc.RegistryServiceStub(channel)
+            change = await failure(
+                registry.RollbackDeployment(
+                    registry_pb.RollbackDeploymentRequest(name=f"deployments/{ENDPOINT}")
+                )
+            )
+            read = await failure(
+                registry.GetModel(registry_pb.GetModelRequest(name="models/fraud"))
+            )
+        async with stack.channel(stack.router_target, "pia") as channel:
+            load = await failure(
+                service_pb2_grpc.GRPCInferenceServiceStub(channel).RepositoryModelLoad(
+                    service_pb2.RepositoryModelLoadRequest(model_name=ENDPOINT)
+                )
+            )
+        denied = grpc.StatusCode.PERMISSION_DENIED
+        assert (change.code, change.reason) == (denied, "ROLE_REQUIRED")
+        assert (read.code, read.reason) == (denied, "ROLE_REQUIRED")
+        assert (load.code, load.reason) == (denied, "METHOD_NOT_ALLOWED")
+
+    async def test_admin_key_predicts_too(self, stack: SecuredStack) -> None:
+        """`admin` may do everything, predicting included."""
+        async with stack.channel(stack.router_target, "ada") as channel:
+            answer = await router_grpc.RouterServiceStub(channel).Predict(request(ENDPOINT))
+        assert answer.model_version == V1
+
+    async def test_no_key_is_unauthenticated(self, stack: SecuredStack) -> None:
+        """A caller whose certificate is trusted but whose CN has no roles and who sends no key
+        is UNAUTHENTICATED."""
+        async with stack.channel(stack.router_target) as channel:
+            error = await failure(router_grpc.RouterServiceStub(channel).Predict(request(ENDPOINT)))
+        assert (error.code, error.reason) == (grpc.StatusCode.UNAUTHENTICATED, "API_KEY_MISSING")
+
+
+class TestMutualTls:
+    @pytest.mark.parametrize("client", ["none", "stranger", "plaintext"])
+    async def test_untrusted_client_cannot_connect(self, stack: SecuredStack, client: str) -> None:
+        """Without a client certificate, with one another CA signed, or in plaintext, a caller
+        with a good key gets no call through: the handshake fails, so gRPC reports UNAVAILABLE
+        (not UNAUTHENTICATED: the server never sees a call)."""
+        tls = {
+            "none": stack.tls(),
+            "stranger": stack.tls(stack.stranger),
+            "plaintext": None,
+        }[client]
+        async with create_channel(stack.router_target, tls=tls, api_key=stack.keys["pia"]) as ch:
+            with pytest.raises(grpc.aio.AioRpcError) as info:
+                await router_grpc.RouterServiceStub(ch).Predict(request(ENDPOINT))
+        error = decode_rpc_error(info.value)
+        # No ErrorInfo: the status comes from the client's transport, not from the router.
+        assert (error.code, error.domain) == (grpc.StatusCode.UNAVAILABLE, "")
