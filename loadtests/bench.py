@@ -26,7 +26,7 @@ from modelserve.feature.v1 import feature_service_pb2_grpc as feature_grpc
 from modelserve.router.v1 import router_service_pb2 as router_pb
 from modelserve.router.v1 import router_service_pb2_grpc as router_grpc
 from modelserve_cli.demo import DemoDeployment, demo_request, deploy_demo
-from modelserve_cli.stack import Stack, StackOptions
+from modelserve_cli.stack import SERVICES, Stack, StackOptions
 from modelserve_demo import fraud
 from modelserve_features.redis_store import EntityKey, redis_key
 from modelserve_runtime.channels import create_channel
@@ -90,13 +90,24 @@ def stack_env(model_runner: str, feature_reader: str) -> dict[str, str]:
     }
 
 
-async def start_demo_stack(model_runner: str, feature_reader: str) -> tuple[Stack, DemoDeployment]:
+async def start_demo_stack(
+    model_runner: str, feature_reader: str, *, with_monitor: bool = False
+) -> tuple[Stack, DemoDeployment]:
     """Starts the local stack in a new temporary directory and deploys the demo model.
 
-    The caller stops the stack; when the deployment fails, it is stopped here.
+    Without `with_monitor` the monitor does not run: the router still appends every
+    prediction record to the stream, but nothing consumes it during the run. On a 2-core
+    machine a colocated monitor takes most of a core from the router; in production it runs
+    on hosts of its own, and `bench_monitor.py` measures its ingestion. The caller stops the
+    stack; when the deployment fails, it is stopped here.
     """
     run_dir = Path(tempfile.mkdtemp(prefix="modelserve-bench-"))
-    stack = Stack(StackOptions(run_dir=run_dir, env=stack_env(model_runner, feature_reader)))
+    services = SERVICES if with_monitor else tuple(s for s in SERVICES if s != "monitor")
+    stack = Stack(
+        StackOptions(
+            run_dir=run_dir, env=stack_env(model_runner, feature_reader), services=services
+        )
+    )
     await stack.start()
     try:
         return stack, await deploy_demo(stack.targets)
@@ -105,13 +116,27 @@ async def start_demo_stack(model_runner: str, feature_reader: str) -> tuple[Stac
         raise
 
 
+def add_stack_arguments(parser: argparse.ArgumentParser) -> None:
+    """The router's paths (its defaults: straight to Triton and Redis) and whether the monitor
+    runs beside it."""
+    parser.add_argument("--model-runner", choices=["service", "triton"], default="triton")
+    parser.add_argument("--feature-reader", choices=["service", "redis"], default="redis")
+    parser.add_argument(
+        "--with-monitor",
+        action="store_true",
+        help="also run the monitor, consuming the prediction log on the same cores",
+    )
+
+
 def predict_requests(customers: Iterable[str]) -> list[router_pb.PredictRequest]:
     """One Predict request per demo customer id, each with its own amount."""
     return [demo_request(c, 10.0 + i) for i, c in enumerate(customers)]
 
 
 async def main(args: argparse.Namespace) -> None:
-    stack, demo = await start_demo_stack(args.model_runner, args.feature_reader)
+    stack, demo = await start_demo_stack(
+        args.model_runner, args.feature_reader, with_monitor=args.with_monitor
+    )
     try:
         customers = list(demo.customers)
         requests = predict_requests(customers)
@@ -217,6 +242,5 @@ if __name__ == "__main__":
         "--duration", type=float, default=5.0, help="seconds per path and concurrency"
     )
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 16, 64])
-    parser.add_argument("--model-runner", choices=["service", "triton"], default="service")
-    parser.add_argument("--feature-reader", choices=["service", "redis"], default="service")
+    add_stack_arguments(parser)
     uvloop.run(main(parser.parse_args()))

@@ -35,7 +35,7 @@ import baselines
 import numpy as np
 import numpy.typing as npt
 import uvloop
-from bench import Result, drive, predict_requests, start_demo_stack
+from bench import Result, add_stack_arguments, drive, predict_requests, start_demo_stack
 
 from modelserve.router.v1 import router_service_pb2_grpc as router_grpc
 from modelserve_demo import fraud
@@ -82,7 +82,9 @@ async def _run(
         n = len(requests)
         if args.router:
             print("starting the modelserve stack and deploying the demo model ...", flush=True)
-            stack, demo = await start_demo_stack(args.model_runner, args.feature_reader)
+            stack, demo = await start_demo_stack(
+                args.model_runner, args.feature_reader, with_monitor=args.with_monitor
+            )
             exits.push_async_callback(stack.stop)
             trained = demo.trained
             channel = create_channel(stack.targets["router"])
@@ -270,18 +272,7 @@ def main() -> None:
         default=True,
         help="measure the tutorial FastAPI app (venv .bench/fastapi-venv)",
     )
-    parser.add_argument(
-        "--model-runner",
-        choices=["service", "triton"],
-        default="triton",
-        help="the router's model runner (its default: triton)",
-    )
-    parser.add_argument(
-        "--feature-reader",
-        choices=["service", "redis"],
-        default="redis",
-        help="the router's feature reader (its default: redis)",
-    )
+    add_stack_arguments(parser)
     parser.add_argument(
         "--bench-dir",
         type=Path,

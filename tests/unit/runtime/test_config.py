@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -114,3 +115,37 @@ class TestConsoleScript:
         assert done.returncode == 2, done.stderr
         assert "MODELSERVE_FEATURE_SERVER__PORT (server.port)" in done.stderr
         assert "Traceback" not in done.stderr
+
+
+class TestEventLoop:
+    @pytest.mark.parametrize(
+        ("setting", "module"), [(None, "uvloop"), ("asyncio", "asyncio.unix_events")]
+    )
+    def test_the_service_runs_on_the_loop_it_is_told(
+        self, tmp_path: Path, redis_url: str, setting: str | None, module: str
+    ) -> None:
+        """modelserve-feature starts on uvloop by default and on asyncio's own loop with
+        SERVER__EVENT_LOOP=asyncio; its start line names the loop it really runs on."""
+        script = Path(sys.executable).parent / "modelserve-feature"
+        env = {k: v for k, v in os.environ.items() if not k.startswith("MODELSERVE_")}
+        env |= {
+            "MODELSERVE_FEATURE_REDIS_URL": redis_url,
+            "MODELSERVE_FEATURE_TELEMETRY__LOG_FORMAT": "json",
+        }
+        if setting is not None:
+            env["MODELSERVE_FEATURE_SERVER__EVENT_LOOP"] = setting
+        process = subprocess.Popen(
+            [str(script)], env=env, cwd=tmp_path, stdout=subprocess.PIPE, text=True
+        )
+        try:
+            assert process.stdout is not None
+            for line in process.stdout:
+                event = json.loads(line)
+                if event.get("event") == "service_started":
+                    assert event["event_loop"] == module
+                    break
+            else:
+                pytest.fail(f"modelserve-feature exited ({process.wait()}) before it started")
+        finally:
+            process.terminate()
+            process.wait(timeout=30)

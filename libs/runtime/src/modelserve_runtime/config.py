@@ -155,6 +155,9 @@ class ServerSettings(BaseModel):
     """In-flight RPC limit; further calls are refused with RESOURCE_EXHAUSTED. None: no limit."""
     tls: ServerTlsSettings = Field(default_factory=ServerTlsSettings)
     """TLS and mutual TLS; off (plaintext) by default."""
+    event_loop: Literal["uvloop", "asyncio"] = "uvloop"
+    """The event loop the service runs on: uvloop, or asyncio's own (the benchmarks compare
+    both)."""
 
 
 class TelemetrySettings(BaseModel):

@@ -158,6 +158,7 @@ async def serve(
             port=grpc_server.port,
             host=settings.server.host,
             tls=_tls_mode(settings.server.tls),
+            event_loop=type(asyncio.get_running_loop()).__module__,
         )
         await stop.wait()
         log.info("service_stopping", grace_s=settings.server.grace_period_s)
@@ -194,10 +195,13 @@ def run_service(
     provider = configure_tracing(service, settings.otlp_endpoint)
     if settings.telemetry.metrics_port is not None:
         start_http_server(settings.telemetry.metrics_port, addr=settings.server.host)
-    import uvloop
-
     try:
-        uvloop.run(serve(service, settings, build))
+        if settings.server.event_loop == "uvloop":
+            import uvloop
+
+            uvloop.run(serve(service, settings, build))
+        else:
+            asyncio.run(serve(service, settings, build))
     except Exception:
         log.exception("service_failed")
         raise SystemExit(1) from None

@@ -8,13 +8,29 @@ from opentelemetry import trace
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor
+from opentelemetry.sdk.trace.sampling import ALWAYS_OFF, ParentBased
 
 TRACER_NAME = "modelserve"
 
 
 def configure_tracing(service: str, otlp_endpoint: str | None) -> TracerProvider:
-    """Installs the global tracer provider; spans are exported only when an endpoint is set."""
-    provider = TracerProvider(resource=Resource.create({"service.name": service}))
+    """Installs `build_tracer_provider`'s provider as the global one."""
+    provider = build_tracer_provider(service, otlp_endpoint)
+    trace.set_tracer_provider(provider)
+    return provider
+
+
+def build_tracer_provider(service: str, otlp_endpoint: str | None) -> TracerProvider:
+    """A tracer provider for `service`; spans are exported only when an endpoint is set.
+
+    Without an endpoint nothing would ever read a span, so new traces are not recorded
+    (`ParentBased(ALWAYS_OFF)`): each request still gets a valid trace id for its answer,
+    its logs and its prediction record, and the W3C traceparent still goes to every hop, but
+    no span objects, attributes or processors are paid for (about 60-100 us per hop on the
+    router's profile). A caller's sampled trace is still recorded, as the flag asks.
+    """
+    sampler = None if otlp_endpoint else ParentBased(root=ALWAYS_OFF)
+    provider = TracerProvider(resource=Resource.create({"service.name": service}), sampler=sampler)
     if otlp_endpoint:
         from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
 
@@ -25,7 +41,6 @@ def configure_tracing(service: str, otlp_endpoint: str | None) -> TracerProvider
                 schedule_delay_millis=200,
             )
         )
-    trace.set_tracer_provider(provider)
     return provider
 
 
