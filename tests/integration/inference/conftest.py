@@ -88,11 +88,9 @@ def inference(inference_service: RunningInference) -> pb_grpc.InferenceServiceAs
 
 
 @pytest.fixture(scope="module")
-async def restartable_registry(
-    tmp_path_factory: pytest.TempPathFactory,
-) -> AsyncIterator[RestartableRegistry]:
+async def registry(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[RestartableRegistry]:
     """An empty real registry on a port it keeps across restarts, for the module (the reconcile
-    tests point the service at it by overriding `registry_target`)."""
+    tests point the service at it in their `inference_settings`)."""
     registry = RestartableRegistry(tmp_path_factory.mktemp("registry"))
     await registry.start()
     try:

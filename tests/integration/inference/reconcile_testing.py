@@ -16,6 +16,7 @@ import grpc
 import numpy as np
 import numpy.typing as npt
 import onnx
+import pytest
 from google.protobuf import field_mask_pb2
 from onnx import TensorProto, helper, numpy_helper
 from support import eventually
@@ -26,6 +27,7 @@ from modelserve.registry.v1 import registry_service_pb2 as registry_pb
 from modelserve.registry.v1 import registry_service_pb2_grpc as registry_grpc
 from modelserve.type.v1 import tensor_pb2
 from modelserve_cli.stack import free_port
+from modelserve_inference.config import InferenceSettings
 from modelserve_registry import server as registry_server
 from modelserve_registry.config import RegistrySettings
 from modelserve_registry.server import RegistryApp
@@ -191,6 +193,18 @@ class RestartableRegistry:
             registry_pb.ListDeploymentRevisionsRequest(name=f"deployments/{endpoint}", page_size=1)
         )
         return response.revisions[0].sequence
+
+
+def reconciling_settings(
+    tmp_path_factory: pytest.TempPathFactory, registry: RestartableRegistry, **settings: Any
+) -> InferenceSettings:
+    """A service that reconciles against `registry`, in a Triton work directory of its own,
+    with `settings` on top of the defaults."""
+    return InferenceSettings(
+        triton_work_dir=tmp_path_factory.mktemp("triton"),
+        registry_target=registry.target,
+        **settings,
+    )
 
 
 @dataclass

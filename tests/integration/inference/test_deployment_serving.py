@@ -16,6 +16,7 @@ from reconcile_testing import (
     answer,
     expected,
     ready,
+    reconciling_settings,
     recording,
     tiny_onnx,
 )
@@ -35,26 +36,14 @@ RETRY_INITIAL_S = 600.0
 
 
 @pytest.fixture(scope="module")
-def registry(restartable_registry: RestartableRegistry) -> RestartableRegistry:
-    """The module's registry, empty at the start."""
-    return restartable_registry
-
-
-@pytest.fixture(scope="module")
-def registry_target(registry: RestartableRegistry) -> str:
-    """The module's registry, for the inference service."""
-    return registry.target
-
-
-@pytest.fixture(scope="module")
 def inference_settings(
-    tmp_path_factory: pytest.TempPathFactory, registry_target: str
+    tmp_path_factory: pytest.TempPathFactory, registry: RestartableRegistry
 ) -> InferenceSettings:
     """Reconcile on, the default warmup sizes (1, 8, 64), FAILED versions retried only after
     ten minutes."""
-    return InferenceSettings(
-        triton_work_dir=tmp_path_factory.mktemp("triton"),
-        registry_target=registry_target,
+    return reconciling_settings(
+        tmp_path_factory,
+        registry,
         unload_grace_s=0.5,
         load_retry_initial_s=RETRY_INITIAL_S,
         load_retry_max_s=RETRY_INITIAL_S,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import grpc
@@ -32,6 +33,9 @@ from modelserve_runtime.convert import numpy_to_tensor
 from modelserve_runtime.errors import DeadlineExceededError
 
 pytestmark = pytest.mark.triton
+
+#: Asserts that a refused call left the service as it was.
+UnchangedCheck = Callable[[], Awaitable[None]]
 
 
 class TestLoadModelVersion:
@@ -140,27 +144,24 @@ class TestModelVersions:
 
 class TestBadRequests:
     @pytest.fixture
-    async def before(
-        self, inference: pb_grpc.InferenceServiceAsyncStub
-    ) -> list[pb.LoadedModelVersion]:
-        """Version 1 loaded; what the service holds before the bad call."""
-        await load(inference, V1)
-        return await held(inference)
-
-    @staticmethod
-    async def _assert_nothing_changed(
-        stub: pb_grpc.InferenceServiceAsyncStub,
-        before: list[pb.LoadedModelVersion],
-        model: fraud.TrainedModel,
-    ) -> None:
-        assert await held(stub) == before
-        assert_answers_as(await infer(stub, infer_request(V1)), model)
-
-    async def test_wrong_inner_dimension(
+    async def assert_unchanged(
         self,
         inference: pb_grpc.InferenceServiceAsyncStub,
-        before: list[pb.LoadedModelVersion],
         fraud_models: dict[str, fraud.TrainedModel],
+    ) -> UnchangedCheck:
+        """Version 1 loaded; a check that the service still holds what it held before the bad
+        call and that version 1 still answers as its model."""
+        await load(inference, V1)
+        before = await held(inference)
+
+        async def check() -> None:
+            assert await held(inference) == before
+            assert_answers_as(await infer(inference, infer_request(V1)), fraud_models[V1])
+
+        return check
+
+    async def test_wrong_inner_dimension(
+        self, inference: pb_grpc.InferenceServiceAsyncStub, assert_unchanged: UnchangedCheck
     ) -> None:
         """A row of 7 features where the signature says 8 is refused at `inputs[features].shape`."""
         short = numpy_to_tensor("features", ROWS[:1, :7])
@@ -171,13 +172,10 @@ class TestBadRequests:
         assert error.reason == "INVALID_ARGUMENT"
         assert [v.field for v in error.violations] == ["inputs[features].shape"]
         assert "[-1, 8]" in error.violations[0].description
-        await self._assert_nothing_changed(inference, before, fraud_models[V1])
+        await assert_unchanged()
 
     async def test_unknown_input_name(
-        self,
-        inference: pb_grpc.InferenceServiceAsyncStub,
-        before: list[pb.LoadedModelVersion],
-        fraud_models: dict[str, fraud.TrainedModel],
+        self, inference: pb_grpc.InferenceServiceAsyncStub, assert_unchanged: UnchangedCheck
     ) -> None:
         """An input the signature lacks is refused with a violation naming it."""
         extra = numpy_to_tensor("amount", np.ones((4, 1), dtype=np.float32))
@@ -188,13 +186,10 @@ class TestBadRequests:
 
         assert error.code is grpc.StatusCode.INVALID_ARGUMENT
         assert [v.field for v in error.violations] == ["inputs[amount]"]
-        await self._assert_nothing_changed(inference, before, fraud_models[V1])
+        await assert_unchanged()
 
     async def test_missing_input(
-        self,
-        inference: pb_grpc.InferenceServiceAsyncStub,
-        before: list[pb.LoadedModelVersion],
-        fraud_models: dict[str, fraud.TrainedModel],
+        self, inference: pb_grpc.InferenceServiceAsyncStub, assert_unchanged: UnchangedCheck
     ) -> None:
         """A request without the signature's input is refused at that input, beside the stray one."""
         stray = numpy_to_tensor("amount", np.ones((4, 1), dtype=np.float32))
@@ -203,13 +198,10 @@ class TestBadRequests:
 
         assert error.code is grpc.StatusCode.INVALID_ARGUMENT
         assert [v.field for v in error.violations] == ["inputs[amount]", "inputs[features]"]
-        await self._assert_nothing_changed(inference, before, fraud_models[V1])
+        await assert_unchanged()
 
     async def test_batch_larger_than_max_batch_size(
-        self,
-        inference: pb_grpc.InferenceServiceAsyncStub,
-        before: list[pb.LoadedModelVersion],
-        fraud_models: dict[str, fraud.TrainedModel],
+        self, inference: pb_grpc.InferenceServiceAsyncStub, assert_unchanged: UnchangedCheck
     ) -> None:
         """A batch over max_batch_size is the caller's error (INVALID_ARGUMENT on `inputs`), not
         UNAVAILABLE, which would invite a retry."""
@@ -219,13 +211,10 @@ class TestBadRequests:
 
         assert error.code is grpc.StatusCode.INVALID_ARGUMENT
         assert [v.field for v in error.violations] == ["inputs"]
-        await self._assert_nothing_changed(inference, before, fraud_models[V1])
+        await assert_unchanged()
 
     async def test_text_for_a_numeric_input(
-        self,
-        inference: pb_grpc.InferenceServiceAsyncStub,
-        before: list[pb.LoadedModelVersion],
-        fraud_models: dict[str, fraud.TrainedModel],
+        self, inference: pb_grpc.InferenceServiceAsyncStub, assert_unchanged: UnchangedCheck
     ) -> None:
         """A BYTES tensor for the FP32 input is refused at `inputs[features].datatype`."""
         text = numpy_to_tensor("features", np.full((1, 8), b"1.5", dtype=np.object_))
@@ -234,15 +223,14 @@ class TestBadRequests:
 
         assert error.code is grpc.StatusCode.INVALID_ARGUMENT
         assert [v.field for v in error.violations] == ["inputs[features].datatype"]
-        await self._assert_nothing_changed(inference, before, fraud_models[V1])
+        await assert_unchanged()
 
     @pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
     async def test_non_finite_values_are_refused(
         self,
         bad: float,
         inference: pb_grpc.InferenceServiceAsyncStub,
-        before: list[pb.LoadedModelVersion],
-        fraud_models: dict[str, fraud.TrainedModel],
+        assert_unchanged: UnchangedCheck,
     ) -> None:
         """NaN or infinity in a float input is refused at `inputs[features]` before Triton runs."""
         rows = ROWS.copy()
@@ -254,13 +242,10 @@ class TestBadRequests:
         assert [(v.field, v.description) for v in error.violations] == [
             ("inputs[features]", "contains NaN or infinity")
         ]
-        await self._assert_nothing_changed(inference, before, fraud_models[V1])
+        await assert_unchanged()
 
     async def test_contents_that_do_not_fill_the_shape(
-        self,
-        inference: pb_grpc.InferenceServiceAsyncStub,
-        before: list[pb.LoadedModelVersion],
-        fraud_models: dict[str, fraud.TrainedModel],
+        self, inference: pb_grpc.InferenceServiceAsyncStub, assert_unchanged: UnchangedCheck
     ) -> None:
         """A tensor whose values do not fill its shape is refused at `inputs[0].contents`."""
         tensor = numpy_to_tensor("features", ROWS[:1])
@@ -270,13 +255,10 @@ class TestBadRequests:
 
         assert error.code is grpc.StatusCode.INVALID_ARGUMENT
         assert [v.field for v in error.violations] == ["inputs[0].contents"]
-        await self._assert_nothing_changed(inference, before, fraud_models[V1])
+        await assert_unchanged()
 
     async def test_unknown_output_name(
-        self,
-        inference: pb_grpc.InferenceServiceAsyncStub,
-        before: list[pb.LoadedModelVersion],
-        fraud_models: dict[str, fraud.TrainedModel],
+        self, inference: pb_grpc.InferenceServiceAsyncStub, assert_unchanged: UnchangedCheck
     ) -> None:
         """Asking for an output the version lacks is refused at `output_names`."""
         error = await refused(inference.Infer(infer_request(V1, output_names=("score",))))
@@ -284,7 +266,7 @@ class TestBadRequests:
         assert error.code is grpc.StatusCode.INVALID_ARGUMENT
         assert [v.field for v in error.violations] == ["output_names"]
         assert "score" in error.violations[0].description
-        await self._assert_nothing_changed(inference, before, fraud_models[V1])
+        await assert_unchanged()
 
     @pytest.mark.parametrize(
         "name",
@@ -301,8 +283,7 @@ class TestBadRequests:
         rpc: str,
         name: str,
         inference: pb_grpc.InferenceServiceAsyncStub,
-        before: list[pb.LoadedModelVersion],
-        fraud_models: dict[str, fraud.TrainedModel],
+        assert_unchanged: UnchangedCheck,
     ) -> None:
         """A name not of the form `models/{model}/versions/{n}` is refused at `name` by every RPC."""
         requests: dict[str, Any] = {
@@ -315,13 +296,10 @@ class TestBadRequests:
 
         assert error.code is grpc.StatusCode.INVALID_ARGUMENT
         assert [v.field for v in error.violations] == ["name"]
-        await self._assert_nothing_changed(inference, before, fraud_models[V1])
+        await assert_unchanged()
 
     async def test_unload_of_a_version_notheld(
-        self,
-        inference: pb_grpc.InferenceServiceAsyncStub,
-        before: list[pb.LoadedModelVersion],
-        fraud_models: dict[str, fraud.TrainedModel],
+        self, inference: pb_grpc.InferenceServiceAsyncStub, assert_unchanged: UnchangedCheck
     ) -> None:
         """Unloading a well-formed name that is not held is NOT_FOUND and unloads nothing else."""
         absent = f"models/{MODEL_ID}/versions/99"
@@ -333,13 +311,10 @@ class TestBadRequests:
         assert error.code is grpc.StatusCode.NOT_FOUND
         assert error.reason == "VERSION_NOT_LOADED"
         assert error.metadata == {"name": absent}
-        await self._assert_nothing_changed(inference, before, fraud_models[V1])
+        await assert_unchanged()
 
     async def test_version_missing_from_registry(
-        self,
-        inference: pb_grpc.InferenceServiceAsyncStub,
-        before: list[pb.LoadedModelVersion],
-        fraud_models: dict[str, fraud.TrainedModel],
+        self, inference: pb_grpc.InferenceServiceAsyncStub, assert_unchanged: UnchangedCheck
     ) -> None:
         """Loading a version the registry lacks is NOT_FOUND and leaves nothing held for it."""
         missing = f"models/{MODEL_ID}/versions/99"
@@ -349,7 +324,7 @@ class TestBadRequests:
         assert error.code is grpc.StatusCode.NOT_FOUND
         assert error.metadata == {"resource": missing}
         assert missing not in [v.name for v in await held(inference)]
-        await self._assert_nothing_changed(inference, before, fraud_models[V1])
+        await assert_unchanged()
 
 
 class TestDeadlines:

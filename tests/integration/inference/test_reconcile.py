@@ -22,6 +22,7 @@ from reconcile_testing import (
     expected,
     held_states,
     ready,
+    reconciling_settings,
     recording,
     tiny_onnx,
 )
@@ -43,25 +44,13 @@ RETRY_MAX_S = 1.0
 
 
 @pytest.fixture(scope="module")
-def registry(restartable_registry: RestartableRegistry) -> RestartableRegistry:
-    """The module's registry, empty at the start."""
-    return restartable_registry
-
-
-@pytest.fixture(scope="module")
-def registry_target(registry: RestartableRegistry) -> str:
-    """The module's registry, for the inference service."""
-    return registry.target
-
-
-@pytest.fixture(scope="module")
 def inference_settings(
-    tmp_path_factory: pytest.TempPathFactory, registry_target: str
+    tmp_path_factory: pytest.TempPathFactory, registry: RestartableRegistry
 ) -> InferenceSettings:
     """Reconcile on (the default) with a short grace and short retry and reconnect waits."""
-    return InferenceSettings(
-        triton_work_dir=tmp_path_factory.mktemp("triton"),
-        registry_target=registry_target,
+    return reconciling_settings(
+        tmp_path_factory,
+        registry,
         unload_grace_s=GRACE_S,
         load_retry_initial_s=RETRY_INITIAL_S,
         load_retry_max_s=RETRY_MAX_S,

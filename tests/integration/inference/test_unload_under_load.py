@@ -28,6 +28,7 @@ from reconcile_testing import (
     expected,
     held_states,
     ready,
+    reconciling_settings,
     recording,
     tiny_onnx,
 )
@@ -50,27 +51,12 @@ AFTER = 5
 
 
 @pytest.fixture(scope="module")
-def registry(restartable_registry: RestartableRegistry) -> RestartableRegistry:
-    """The module's registry, empty at the start."""
-    return restartable_registry
-
-
-@pytest.fixture(scope="module")
-def registry_target(registry: RestartableRegistry) -> str:
-    """The module's registry, for the inference service."""
-    return registry.target
-
-
-@pytest.fixture(scope="module")
 def inference_settings(
-    tmp_path_factory: pytest.TempPathFactory, registry_target: str
+    tmp_path_factory: pytest.TempPathFactory, registry: RestartableRegistry
 ) -> InferenceSettings:
     """Reconcile on with a short grace, so an unwanted version goes within the test."""
-    return InferenceSettings(
-        triton_work_dir=tmp_path_factory.mktemp("triton"),
-        registry_target=registry_target,
-        unload_grace_s=GRACE_S,
-        warmup_batch_sizes=(1, 8),
+    return reconciling_settings(
+        tmp_path_factory, registry, unload_grace_s=GRACE_S, warmup_batch_sizes=(1, 8)
     )
 
 

@@ -2,49 +2,35 @@
 
 from __future__ import annotations
 
-import functools
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import Iterable
 
 import grpc
 import numpy as np
 import pytest
 import redis.asyncio as aioredis
-from monitor_testing import T0, TestClock
-from support import running
+from monitor_testing import T0, TestClock, log_and_count, prediction_record, probabilities
 
 from modelserve.monitor.v1 import monitor_service_pb2 as pb
 from modelserve.monitor.v1 import monitor_service_pb2_grpc as pb_grpc
 from modelserve.type.v1 import feature_value_pb2 as fv_pb
 from modelserve.type.v1 import prediction_record_pb2 as rec_pb
-from modelserve.type.v1 import tensor_pb2
 from modelserve_monitor.config import AlertSettings, MonitorSettings
-from modelserve_monitor.server import MonitorApp, build_server
+from modelserve_monitor.server import MonitorApp
 from modelserve_runtime.errors import decode_rpc_error
-from modelserve_runtime.prediction_log import PredictionLogWriter
 
 V1 = "models/fraud/versions/1"
-DEADLINE_S = 10.0
 
 
 def _record(
     request_id: str, *, error: bool = False, latency_us: int = 2000, probability: float = 0.2
 ) -> rec_pb.PredictionRecord:
-    record = rec_pb.PredictionRecord(
-        request_id=request_id,
-        endpoint="fraud",
-        model_version=V1,
+    return prediction_record(
+        request_id,
+        V1,
+        error=error,
         latency_us=latency_us,
-        status=rec_pb.PREDICTION_STATUS_ERROR if error else rec_pb.PREDICTION_STATUS_OK,
+        outputs=[probabilities(probability)],
     )
-    record.outputs.append(
-        tensor_pb2.Tensor(
-            name="probabilities",
-            datatype=tensor_pb2.DATA_TYPE_FP32,
-            shape=[1, 2],
-            contents=tensor_pb2.TensorContents(fp32_contents=[1 - probability, probability]),
-        )
-    )
-    return record
 
 
 def _scored(
@@ -62,36 +48,15 @@ def _scored(
 
 
 @pytest.fixture
-def clock() -> TestClock:
-    """The clock the monitor under test reads."""
-    return TestClock()
-
-
-@pytest.fixture
-async def monitor(
-    redis_url: str, redis_client: aioredis.Redis, clock: TestClock
-) -> AsyncIterator[tuple[pb_grpc.MonitorServiceStub, MonitorApp]]:
-    """A monitor on the test clock whose alerts are evaluated only when the test asks."""
-    settings = MonitorSettings(
+def monitor_settings(redis_url: str) -> MonitorSettings:
+    """A monitor whose alerts are evaluated only when the test asks."""
+    return MonitorSettings(
         redis_url=redis_url,
         consumer_name="alerts-test",
         block_ms=100,
         baseline_records=100,
         alerts=AlertSettings(interval_s=3600),
     )
-    async with running(functools.partial(build_server, clock=clock), settings) as (_, ch, app):
-        assert isinstance(app, MonitorApp)
-        yield pb_grpc.MonitorServiceStub(ch), app
-
-
-async def _log(
-    redis_client: aioredis.Redis, app: MonitorApp, records: Iterable[rec_pb.PredictionRecord]
-) -> None:
-    writer = PredictionLogWriter(redis_client)
-    for record in records:
-        writer.append(record)
-    await writer.flush()
-    await app.consumer.drain(DEADLINE_S)
 
 
 async def _alerts(
@@ -110,7 +75,9 @@ class TestAlerts:
     ) -> None:
         """5 % errors: pending at once, firing after the 120 s for-duration, resolved once gone."""
         stub, app = monitor
-        await _log(redis_client, app, (_record(f"r{i}", error=i % 20 == 0) for i in range(100)))
+        await log_and_count(
+            redis_client, app, (_record(f"r{i}", error=i % 20 == 0) for i in range(100))
+        )
         await app.alerts.evaluate()
         pending = (await _alerts(stub))["error_rate_high"]
         assert (pending.state, pending.severity) == (
@@ -142,11 +109,11 @@ class TestAlerts:
     ) -> None:
         """An error spike shorter than the for-duration never fires and leaves no alert."""
         stub, app = monitor
-        await _log(redis_client, app, (_record(f"r{i}", error=i < 5) for i in range(100)))
+        await log_and_count(redis_client, app, (_record(f"r{i}", error=i < 5) for i in range(100)))
         await app.alerts.evaluate()
         assert (await _alerts(stub))["error_rate_high"].state == pb.ALERT_STATE_PENDING
         clock.now += 400
-        await _log(redis_client, app, (_record(f"ok{i}") for i in range(100)))
+        await log_and_count(redis_client, app, (_record(f"ok{i}") for i in range(100)))
         await app.alerts.evaluate()
         assert "error_rate_high" not in await _alerts(stub)
 
@@ -158,12 +125,14 @@ class TestAlerts:
     ) -> None:
         """p99 over 200 ms is a warning; a mean prediction 0.3 above the baseline's is critical."""
         stub, app = monitor
-        await _log(redis_client, app, (_record(f"base{i}", probability=0.2) for i in range(100)))
+        await log_and_count(
+            redis_client, app, (_record(f"base{i}", probability=0.2) for i in range(100))
+        )
         await app.alerts.evaluate()
         assert await _alerts(stub) == {}
         clock.now += 3600
         slow = (_record(f"s{i}", latency_us=300_000, probability=0.5) for i in range(50))
-        await _log(redis_client, app, slow)
+        await log_and_count(redis_client, app, slow)
         await app.alerts.evaluate()
         alerts = await _alerts(stub)
         assert sorted(alerts) == ["model_latency_high", "prediction_drift"]
@@ -185,11 +154,11 @@ class TestAlerts:
         fire when their 300 s have passed with the shift still in the 5 minute window."""
         stub, app = monitor
         rng = np.random.default_rng(5)
-        await _log(redis_client, app, _scored("base", 100, mean=0.0, rng=rng))
+        await log_and_count(redis_client, app, _scored("base", 100, mean=0.0, rng=rng))
         await app.alerts.evaluate()
         assert await _alerts(stub) == {}
         clock.now += 3600
-        await _log(redis_client, app, _scored("a", 250, mean=1.0, rng=rng))
+        await log_and_count(redis_client, app, _scored("a", 250, mean=1.0, rng=rng))
         await app.alerts.evaluate()
         pending = await _alerts(stub)
         assert sorted(pending) == ["feature_drift", "prediction_drift"]
@@ -207,7 +176,7 @@ class TestAlerts:
         assert feature.value > 0.5
         assert pending["prediction_drift"].value == pytest.approx(0.2, abs=0.05)
         clock.now += 300
-        await _log(redis_client, app, _scored("b", 250, mean=1.0, rng=rng))
+        await log_and_count(redis_client, app, _scored("b", 250, mean=1.0, rng=rng))
         await app.alerts.evaluate()
         firing = await _alerts(stub, pb.ALERT_STATE_FIRING)
         assert sorted(firing) == ["feature_drift", "prediction_drift"]
@@ -221,10 +190,10 @@ class TestAlerts:
     ) -> None:
         """Alerts come a page at a time; a token the service never gave is INVALID_ARGUMENT."""
         stub, app = monitor
-        await _log(redis_client, app, (_record(f"b{i}") for i in range(100)))
+        await log_and_count(redis_client, app, (_record(f"b{i}") for i in range(100)))
         clock.now += 3600
         bad = (_record(f"x{i}", error=True, latency_us=500_000, probability=0.9) for i in range(30))
-        await _log(redis_client, app, bad)
+        await log_and_count(redis_client, app, bad)
         await app.alerts.evaluate()
         first = await stub.ListAlerts(pb.ListAlertsRequest(page_size=2))
         second = await stub.ListAlerts(

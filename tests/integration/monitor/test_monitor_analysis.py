@@ -2,30 +2,23 @@
 
 from __future__ import annotations
 
-import functools
-from collections.abc import AsyncIterator, Iterable
-
 import grpc
 import numpy as np
 import pytest
 import redis.asyncio as aioredis
-from monitor_testing import TestClock
+from monitor_testing import TestClock, log_and_count, prediction_record, probabilities
 from prometheus_client import REGISTRY
-from support import running
 
 from modelserve.monitor.v1 import monitor_service_pb2 as pb
 from modelserve.monitor.v1 import monitor_service_pb2_grpc as pb_grpc
 from modelserve.type.v1 import feature_value_pb2 as fv_pb
 from modelserve.type.v1 import prediction_record_pb2 as rec_pb
-from modelserve.type.v1 import tensor_pb2
 from modelserve_monitor.config import MonitorSettings
 from modelserve_monitor.metrics import export_windows
-from modelserve_monitor.server import MonitorApp, build_server
+from modelserve_monitor.server import MonitorApp
 from modelserve_runtime.errors import decode_rpc_error
-from modelserve_runtime.prediction_log import PredictionLogWriter
 
 V1 = "models/fraud/versions/1"
-DEADLINE_S = 10.0
 
 
 def _record(
@@ -36,20 +29,12 @@ def _record(
     latency_us: int = 2000,
     error: bool = False,
 ) -> rec_pb.PredictionRecord:
-    record = rec_pb.PredictionRecord(
-        request_id=request_id,
-        endpoint="fraud",
-        model_version=V1,
+    record = prediction_record(
+        request_id,
+        V1,
+        error=error,
         latency_us=latency_us,
-        status=rec_pb.PREDICTION_STATUS_ERROR if error else rec_pb.PREDICTION_STATUS_OK,
-    )
-    record.outputs.append(
-        tensor_pb2.Tensor(
-            name="probabilities",
-            datatype=tensor_pb2.DATA_TYPE_FP32,
-            shape=[1, 2],
-            contents=tensor_pb2.TensorContents(fp32_contents=[1 - probability, probability]),
-        )
+        outputs=[probabilities(probability)],
     )
     for name, value in (features or {}).items():
         if value is None:
@@ -62,36 +47,11 @@ def _record(
 
 
 @pytest.fixture
-def clock() -> TestClock:
-    """The clock the monitor under test reads."""
-    return TestClock()
-
-
-@pytest.fixture
-async def monitor(
-    redis_url: str, redis_client: aioredis.Redis, clock: TestClock
-) -> AsyncIterator[tuple[pb_grpc.MonitorServiceStub, MonitorApp]]:
-    """A monitor on the test clock with a 400-record baseline, and a stub to it."""
-    settings = MonitorSettings(
+def monitor_settings(redis_url: str) -> MonitorSettings:
+    """A monitor with a 400-record baseline."""
+    return MonitorSettings(
         redis_url=redis_url, consumer_name="analysis-test", block_ms=100, baseline_records=400
     )
-    async with running(functools.partial(build_server, clock=clock), settings) as (_, ch, app):
-        assert isinstance(app, MonitorApp)
-        yield pb_grpc.MonitorServiceStub(ch), app
-
-
-async def _log(
-    redis_client: aioredis.Redis, app: MonitorApp, records: Iterable[rec_pb.PredictionRecord]
-) -> None:
-    """Appends the records and returns once the monitor has counted them."""
-    writer = PredictionLogWriter(redis_client)
-    for i, record in enumerate(records):
-        writer.append(record)
-        if i % 100 == 99:
-            await writer.flush()
-    await writer.flush()
-    assert writer.dropped == 0
-    await app.consumer.drain(DEADLINE_S)
 
 
 async def _version(
@@ -114,9 +74,11 @@ class TestWindows:
     ) -> None:
         """Records leave the 1 and 5 minute windows as the clock moves; the total keeps them."""
         stub, app = monitor
-        await _log(redis_client, app, (_record(f"old-{i}", error=i < 2) for i in range(10)))
+        await log_and_count(
+            redis_client, app, (_record(f"old-{i}", error=i < 2) for i in range(10))
+        )
         clock.now += 120
-        await _log(redis_client, app, (_record(f"new-{i}") for i in range(5)))
+        await log_and_count(redis_client, app, (_record(f"new-{i}") for i in range(5)))
         one_minute = await _version(stub, pb.WINDOW_ONE_MINUTE)
         assert (one_minute.request_count, one_minute.error_count) == (5, 0)
         five_minutes = await _version(stub, pb.WINDOW_FIVE_MINUTES)
@@ -150,7 +112,7 @@ class TestWindows:
             )
             for i in range(200)
         ]
-        await _log(redis_client, app, records)
+        await log_and_count(redis_client, app, records)
         version = await _version(stub, pb.WINDOW_ONE_MINUTE)
         assert version.latency_p99_ms == pytest.approx(
             np.percentile(latencies / 1000, 99), rel=0.04
@@ -172,7 +134,7 @@ class TestWindows:
     ) -> None:
         """/metrics gauges carry each window's requests and errors per endpoint and version."""
         _, app = monitor
-        await _log(redis_client, app, (_record(f"m{i}", error=i == 0) for i in range(7)))
+        await log_and_count(redis_client, app, (_record(f"m{i}", error=i == 0) for i in range(7)))
         await export_windows(app.monitor, await app.monitor.endpoints())
         labels = {"endpoint": "fraud", "version": V1, "window": "5m"}
         assert REGISTRY.get_sample_value("modelserve_monitor_requests", labels) == 7
@@ -217,9 +179,9 @@ class TestDrift:
                 for i in range(n)
             ]
 
-        await _log(redis_client, app, records("base", 400, 0.0))
+        await log_and_count(redis_client, app, records("base", 400, 0.0))
         clock.now += 2 * 3600
-        await _log(redis_client, app, records("now", 800, 1.0))
+        await log_and_count(redis_client, app, records("now", 800, 1.0))
         report = await stub.GetDriftReport(
             pb.GetDriftReportRequest(endpoint="fraud", model_version=V1, window=pb.WINDOW_ONE_HOUR)
         )
@@ -249,7 +211,7 @@ class TestDrift:
     ) -> None:
         """Before the version's first 400 records are in, there is no baseline to compare with."""
         stub, app = monitor
-        await _log(redis_client, app, (_record(f"r{i}") for i in range(10)))
+        await log_and_count(redis_client, app, (_record(f"r{i}") for i in range(10)))
         with pytest.raises(grpc.aio.AioRpcError) as info:
             await stub.GetDriftReport(pb.GetDriftReportRequest(endpoint="fraud", model_version=V1))
         error = decode_rpc_error(info.value)
@@ -286,7 +248,9 @@ class TestOutcomes:
     ) -> None:
         """Labels give accuracy, values the mean absolute error, in the version's window."""
         stub, app = monitor
-        await _log(redis_client, app, (_record(f"r{i}", probability=0.8) for i in range(10)))
+        await log_and_count(
+            redis_client, app, (_record(f"r{i}", probability=0.8) for i in range(10))
+        )
         for i in range(8):
             response = await stub.RecordOutcome(
                 pb.RecordOutcomeRequest(request_id=f"r{i}", label=1)
@@ -307,7 +271,7 @@ class TestOutcomes:
     ) -> None:
         """A second outcome for the same request is answered but not counted."""
         stub, app = monitor
-        await _log(redis_client, app, [_record("r1")])
+        await log_and_count(redis_client, app, [_record("r1")])
         first = await stub.RecordOutcome(pb.RecordOutcomeRequest(request_id="r1", label=1))
         again = await stub.RecordOutcome(pb.RecordOutcomeRequest(request_id="r1", label=0))
         assert (first.counted, again.counted) == (True, False)
@@ -332,7 +296,7 @@ class TestOutcomes:
     ) -> None:
         """No request id and no outcome are refused field by field; nothing is counted."""
         stub, app = monitor
-        await _log(redis_client, app, [_record("r1")])
+        await log_and_count(redis_client, app, [_record("r1")])
         with pytest.raises(grpc.aio.AioRpcError) as info:
             await stub.RecordOutcome(pb.RecordOutcomeRequest())
         error = decode_rpc_error(info.value)

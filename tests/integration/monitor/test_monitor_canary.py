@@ -2,29 +2,22 @@
 
 from __future__ import annotations
 
-import functools
-from collections.abc import AsyncIterator, Iterable
-
 import grpc
 import numpy as np
 import pytest
 import redis.asyncio as aioredis
-from monitor_testing import T0, TestClock
+from monitor_testing import T0, log_and_count, prediction_record, probabilities
 from scipy import stats  # type: ignore[import-untyped]  # scipy ships no stubs
-from support import running
 
 from modelserve.monitor.v1 import monitor_service_pb2 as pb
 from modelserve.monitor.v1 import monitor_service_pb2_grpc as pb_grpc
 from modelserve.type.v1 import prediction_record_pb2 as rec_pb
-from modelserve.type.v1 import tensor_pb2
 from modelserve_monitor.config import MonitorSettings
-from modelserve_monitor.server import MonitorApp, build_server
+from modelserve_monitor.server import MonitorApp
 from modelserve_runtime.errors import decode_rpc_error
-from modelserve_runtime.prediction_log import PredictionLogWriter
 
 STABLE = "models/fraud/versions/1"
 CANARY = "models/fraud/versions/2"
-DEADLINE_S = 20.0
 
 
 def _record(
@@ -35,23 +28,13 @@ def _record(
     latency_ms: float = 20.0,
     probability: float = 0.3,
 ) -> rec_pb.PredictionRecord:
-    record = rec_pb.PredictionRecord(
-        request_id=request_id,
-        endpoint="fraud",
-        model_version=version,
+    return prediction_record(
+        request_id,
+        version,
+        error=error,
         latency_us=round(latency_ms * 1000),
-        status=rec_pb.PREDICTION_STATUS_ERROR if error else rec_pb.PREDICTION_STATUS_OK,
+        outputs=[] if error else [probabilities(probability)],
     )
-    if not error:
-        record.outputs.append(
-            tensor_pb2.Tensor(
-                name="probabilities",
-                datatype=tensor_pb2.DATA_TYPE_FP32,
-                shape=[1, 2],
-                contents=tensor_pb2.TensorContents(fp32_contents=[1 - probability, probability]),
-            )
-        )
-    return record
 
 
 def _traffic(
@@ -80,33 +63,9 @@ def _traffic(
 
 
 @pytest.fixture
-def clock() -> TestClock:
-    """The clock the monitor under test reads."""
-    return TestClock()
-
-
-@pytest.fixture
-async def monitor(
-    redis_url: str, redis_client: aioredis.Redis, clock: TestClock
-) -> AsyncIterator[tuple[pb_grpc.MonitorServiceStub, MonitorApp]]:
+def monitor_settings(redis_url: str) -> MonitorSettings:
     """A monitor with the default canary thresholds (500 requests per version, alpha 0.01)."""
-    settings = MonitorSettings(redis_url=redis_url, consumer_name="canary-test", block_ms=100)
-    async with running(functools.partial(build_server, clock=clock), settings) as (_, ch, app):
-        assert isinstance(app, MonitorApp)
-        yield pb_grpc.MonitorServiceStub(ch), app
-
-
-async def _log(
-    redis_client: aioredis.Redis, app: MonitorApp, records: Iterable[rec_pb.PredictionRecord]
-) -> None:
-    writer = PredictionLogWriter(redis_client)
-    for i, record in enumerate(records):
-        writer.append(record)
-        if i % 500 == 499:
-            await writer.flush()
-    await writer.flush()
-    assert writer.dropped == 0
-    await app.consumer.drain(DEADLINE_S)
+    return MonitorSettings(redis_url=redis_url, consumer_name="canary-test", block_ms=100)
 
 
 async def _judge(
@@ -134,8 +93,8 @@ class TestCanaryJudgement:
         """2000 requests each, 5 % errors against 0 %: FAIL on the error rate, with the
         figures, the test and the threshold in the check and the reason."""
         stub, app = monitor
-        await _log(redis_client, app, _traffic(STABLE, 2000, seed=1))
-        await _log(redis_client, app, _traffic(CANARY, 2000, seed=2, error_every=20))
+        await log_and_count(redis_client, app, _traffic(STABLE, 2000, seed=1))
+        await log_and_count(redis_client, app, _traffic(CANARY, 2000, seed=2, error_every=20))
         response = await _judge(stub)
         assert response.verdict == pb.CANARY_VERDICT_FAIL
         assert response.reason.startswith("FAIL: error_rate: error rate 5.00 % vs 0.00 %")
@@ -172,8 +131,8 @@ class TestCanaryJudgement:
     ) -> None:
         """Two versions drawn from the same distributions, 1 % errors each, PASS every check."""
         stub, app = monitor
-        await _log(redis_client, app, _traffic(STABLE, 2000, seed=3, error_every=100))
-        await _log(redis_client, app, _traffic(CANARY, 2000, seed=4, error_every=100))
+        await log_and_count(redis_client, app, _traffic(STABLE, 2000, seed=3, error_every=100))
+        await log_and_count(redis_client, app, _traffic(CANARY, 2000, seed=4, error_every=100))
         response = await _judge(stub)
         assert response.verdict == pb.CANARY_VERDICT_PASS, response.reason
         assert response.reason.startswith(f"PASS: 3 checks found {CANARY} no worse than {STABLE}")
@@ -189,8 +148,8 @@ class TestCanaryJudgement:
         """With 100 requests per version nothing is judged (INCONCLUSIVE, saying how many are
         needed) until the request lowers the minimum."""
         stub, app = monitor
-        await _log(redis_client, app, _traffic(STABLE, 100, seed=5))
-        await _log(redis_client, app, _traffic(CANARY, 100, seed=6, error_every=20))
+        await log_and_count(redis_client, app, _traffic(STABLE, 100, seed=5))
+        await log_and_count(redis_client, app, _traffic(CANARY, 100, seed=6, error_every=20))
         response = await _judge(stub)
         assert response.verdict == pb.CANARY_VERDICT_INCONCLUSIVE
         assert "too few requests: canary 100, stable 100, 500 each needed" in response.reason
@@ -207,8 +166,8 @@ class TestCanaryJudgement:
     ) -> None:
         """A canary 30 % slower FAILs the latency check, with its median and the effect."""
         stub, app = monitor
-        await _log(redis_client, app, _traffic(STABLE, 3000, seed=7))
-        await _log(redis_client, app, _traffic(CANARY, 3000, seed=8, latency_scale=1.3))
+        await log_and_count(redis_client, app, _traffic(STABLE, 3000, seed=7))
+        await log_and_count(redis_client, app, _traffic(CANARY, 3000, seed=8, latency_scale=1.3))
         response = await _judge(stub)
         assert response.verdict == pb.CANARY_VERDICT_FAIL
         latency = _checks(response)["latency"]
@@ -228,8 +187,8 @@ class TestCanaryJudgement:
         """6 % slower over 6000 requests each: significant, but within the 10 % tolerance;
         with no tolerance the same figures fail."""
         stub, app = monitor
-        await _log(redis_client, app, _traffic(STABLE, 6000, seed=9))
-        await _log(redis_client, app, _traffic(CANARY, 6000, seed=10, latency_scale=1.06))
+        await log_and_count(redis_client, app, _traffic(STABLE, 6000, seed=9))
+        await log_and_count(redis_client, app, _traffic(CANARY, 6000, seed=10, latency_scale=1.06))
         latency = _checks(await _judge(stub))["latency"]
         assert latency.p_value < latency.alpha
         assert latency.verdict == pb.CANARY_CHECK_VERDICT_PASS
@@ -246,7 +205,7 @@ class TestCanaryJudgement:
         stable, canary = _traffic(STABLE, 1000, seed=11), _traffic(CANARY, 1000, seed=12)
         for record in canary:
             record.outputs[0].contents.fp32_contents[1] += 0.2
-        await _log(redis_client, app, [*stable, *canary])
+        await log_and_count(redis_client, app, [*stable, *canary])
         for records, right in ((stable, 0.9), (canary, 0.7)):
             for i, record in enumerate(records[:200]):
                 predicted = int(record.outputs[0].contents.fp32_contents[1] >= 0.5)
@@ -279,7 +238,7 @@ class TestCanaryJudgement:
         t on the errors themselves."""
         stub, app = monitor
         stable, canary = _traffic(STABLE, 600, seed=13), _traffic(CANARY, 600, seed=14)
-        await _log(redis_client, app, [*stable, *canary])
+        await log_and_count(redis_client, app, [*stable, *canary])
         rng = np.random.default_rng(15)
         errors = {}
         for records, spread in ((stable, 0.5), (canary, 0.8)):

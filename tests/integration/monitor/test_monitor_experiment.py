@@ -2,51 +2,36 @@
 
 from __future__ import annotations
 
-import functools
-from collections.abc import AsyncIterator, Iterable
-
 import grpc
 import numpy as np
 import pytest
 import redis.asyncio as aioredis
-from monitor_testing import TestClock
+from monitor_testing import log_and_count, prediction_record
 from scipy import stats  # type: ignore[import-untyped]  # scipy ships no stubs
-from support import running
 
 from modelserve.monitor.v1 import monitor_service_pb2 as pb
 from modelserve.monitor.v1 import monitor_service_pb2_grpc as pb_grpc
 from modelserve.type.v1 import prediction_record_pb2 as rec_pb
 from modelserve.type.v1 import tensor_pb2
 from modelserve_monitor.config import MonitorSettings
-from modelserve_monitor.server import MonitorApp, build_server
+from modelserve_monitor.server import MonitorApp
 from modelserve_runtime.errors import decode_rpc_error
-from modelserve_runtime.prediction_log import PredictionLogWriter
 
 A = "models/fraud/versions/1"
 B = "models/fraud/versions/2"
 C = "models/fraud/versions/3"
-DEADLINE_S = 20.0
 
 
 def _record(
     request_id: str, version: str, *, error: bool = False, probability: float = 0.3
 ) -> rec_pb.PredictionRecord:
-    record = rec_pb.PredictionRecord(
-        request_id=request_id,
-        endpoint="fraud",
-        model_version=version,
-        latency_us=2000,
-        status=rec_pb.PREDICTION_STATUS_ERROR if error else rec_pb.PREDICTION_STATUS_OK,
+    score = tensor_pb2.Tensor(
+        name="score",
+        datatype=tensor_pb2.DATA_TYPE_FP64,
+        shape=[1, 1],
+        contents=tensor_pb2.TensorContents(fp64_contents=[probability]),
     )
-    record.outputs.append(
-        tensor_pb2.Tensor(
-            name="score",
-            datatype=tensor_pb2.DATA_TYPE_FP64,
-            shape=[1, 1],
-            contents=tensor_pb2.TensorContents(fp64_contents=[probability]),
-        )
-    )
-    return record
+    return prediction_record(request_id, version, error=error, outputs=[score])
 
 
 def _requests(
@@ -68,33 +53,9 @@ def _requests(
 
 
 @pytest.fixture
-def clock() -> TestClock:
-    """The clock the monitor under test reads."""
-    return TestClock()
-
-
-@pytest.fixture
-async def monitor(
-    redis_url: str, redis_client: aioredis.Redis, clock: TestClock
-) -> AsyncIterator[tuple[pb_grpc.MonitorServiceStub, MonitorApp]]:
-    """A monitor on the test clock, and a stub to it."""
-    settings = MonitorSettings(redis_url=redis_url, consumer_name="experiment-test", block_ms=100)
-    async with running(functools.partial(build_server, clock=clock), settings) as (_, ch, app):
-        assert isinstance(app, MonitorApp)
-        yield pb_grpc.MonitorServiceStub(ch), app
-
-
-async def _log(
-    redis_client: aioredis.Redis, app: MonitorApp, records: Iterable[rec_pb.PredictionRecord]
-) -> None:
-    writer = PredictionLogWriter(redis_client)
-    for i, record in enumerate(records):
-        writer.append(record)
-        if i % 500 == 499:
-            await writer.flush()
-    await writer.flush()
-    assert writer.dropped == 0
-    await app.consumer.drain(DEADLINE_S)
+def monitor_settings(redis_url: str) -> MonitorSettings:
+    """A monitor with the default experiment settings."""
+    return MonitorSettings(redis_url=redis_url, consumer_name="experiment-test", block_ms=100)
 
 
 def _report_request(
@@ -114,8 +75,8 @@ class TestExperimentReport:
         the true difference."""
         stub, app = monitor
         request = _report_request(pb.EXPERIMENT_METRIC_ERROR_RATE, 2000, A, B)
-        await _log(redis_client, app, _requests(A, 0, 1000, error_rate=0.02, seed=1))
-        await _log(redis_client, app, _requests(B, 0, 2000, error_rate=0.05, seed=2))
+        await log_and_count(redis_client, app, _requests(A, 0, 1000, error_rate=0.02, seed=1))
+        await log_and_count(redis_client, app, _requests(B, 0, 2000, error_rate=0.05, seed=2))
         halfway = await stub.GetExperimentReport(request)
         assert halfway.verdict == pb.EXPERIMENT_VERDICT_COLLECTING
         assert halfway.progress == 0.5
@@ -125,7 +86,7 @@ class TestExperimentReport:
         ]
         assert not any(a.HasField("comparison") for a in halfway.arms)
         assert halfway.reason.startswith("COLLECTING: 50 % of the 2000 requests per arm")
-        await _log(redis_client, app, _requests(A, 1000, 1000, error_rate=0.02, seed=3))
+        await log_and_count(redis_client, app, _requests(A, 1000, 1000, error_rate=0.02, seed=3))
         report = await stub.GetExperimentReport(request)
         assert report.verdict == pb.EXPERIMENT_VERDICT_SIGNIFICANT, report.reason
         assert (report.progress, report.alpha, report.sample_size) == (1.0, 0.05, 2000)
@@ -152,8 +113,8 @@ class TestExperimentReport:
     ) -> None:
         """Two arms with the same 3 % error rate: NOT_SIGNIFICANT, the interval holding 0."""
         stub, app = monitor
-        await _log(redis_client, app, _requests(A, 0, 2000, error_rate=0.03, seed=4))
-        await _log(redis_client, app, _requests(B, 0, 2000, error_rate=0.03, seed=5))
+        await log_and_count(redis_client, app, _requests(A, 0, 2000, error_rate=0.03, seed=4))
+        await log_and_count(redis_client, app, _requests(B, 0, 2000, error_rate=0.03, seed=5))
         report = await stub.GetExperimentReport(
             _report_request(pb.EXPERIMENT_METRIC_ERROR_RATE, 2000, A, B)
         )
@@ -169,9 +130,9 @@ class TestExperimentReport:
         """With two arms against the control each comparison uses alpha / 2: the arm whose
         mean prediction moved by 0.02 is significant, the unchanged one is not."""
         stub, app = monitor
-        await _log(redis_client, app, _requests(A, 0, 1500, mean=0.30, seed=6))
-        await _log(redis_client, app, _requests(B, 0, 1500, mean=0.30, seed=7))
-        await _log(redis_client, app, _requests(C, 0, 1500, mean=0.32, seed=8))
+        await log_and_count(redis_client, app, _requests(A, 0, 1500, mean=0.30, seed=6))
+        await log_and_count(redis_client, app, _requests(B, 0, 1500, mean=0.30, seed=7))
+        await log_and_count(redis_client, app, _requests(C, 0, 1500, mean=0.32, seed=8))
         report = await stub.GetExperimentReport(
             _report_request(pb.EXPERIMENT_METRIC_PREDICTION_MEAN, 1500, A, B, C)
         )
@@ -193,8 +154,8 @@ class TestExperimentReport:
         normal(10, 2) against normal(10.8, 2) over 300 values per arm is significant, with
         scipy's Welch statistic, p-value and interval on the values themselves."""
         stub, app = monitor
-        await _log(redis_client, app, _requests(A, 0, 300, seed=9))
-        await _log(redis_client, app, _requests(B, 0, 300, seed=10))
+        await log_and_count(redis_client, app, _requests(A, 0, 300, seed=9))
+        await log_and_count(redis_client, app, _requests(B, 0, 300, seed=10))
         rng = np.random.default_rng(11)
         request = _report_request(pb.EXPERIMENT_METRIC_OUTCOME_MEAN, 300, A, B)
         values = {A: rng.normal(10.0, 2.0, 300), B: rng.normal(10.8, 2.0, 300)}

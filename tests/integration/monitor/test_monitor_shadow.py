@@ -4,27 +4,24 @@ whichever is counted first, whatever the batches; GetShadowReport through the se
 from __future__ import annotations
 
 import asyncio
-import functools
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import Iterable
 
 import grpc
 import pytest
 import redis.asyncio as aioredis
-from monitor_testing import TestClock
-from support import running
+from monitor_testing import TestClock, log_and_count, prediction_record, probabilities
 
 from modelserve.monitor.v1 import monitor_service_pb2 as pb
 from modelserve.monitor.v1 import monitor_service_pb2_grpc as pb_grpc
 from modelserve.type.v1 import feature_value_pb2 as fv_pb
 from modelserve.type.v1 import prediction_record_pb2 as rec_pb
-from modelserve.type.v1 import tensor_pb2
 from modelserve_monitor.config import MonitorSettings
 from modelserve_monitor.consumer import PredictionLogConsumer
 from modelserve_monitor.monitor import Monitor
-from modelserve_monitor.server import MonitorApp, build_server
+from modelserve_monitor.server import MonitorApp
 from modelserve_monitor.store import AggregateStore, StoreTtls, Window
 from modelserve_runtime.errors import decode_rpc_error
-from modelserve_runtime.prediction_log import DEFAULT_STREAM, PredictionLogWriter, encode_record
+from modelserve_runtime.prediction_log import DEFAULT_STREAM, encode_record
 
 PRIMARY = "models/fraud/versions/1"
 SHADOW = "models/fraud/versions/2"
@@ -33,26 +30,14 @@ DEADLINE_S = 10.0
 
 def _record(request_id: str, *, shadow: bool, probability: float | None) -> rec_pb.PredictionRecord:
     """The answer (PRIMARY) or the shadow copy (SHADOW) of a request; no probability: failed."""
-    record = rec_pb.PredictionRecord(
-        request_id=request_id,
-        endpoint="fraud",
-        model_version=SHADOW if shadow else PRIMARY,
+    return prediction_record(
+        request_id,
+        SHADOW if shadow else PRIMARY,
+        error=probability is None,
         latency_us=1500,
         shadow=shadow,
-        status=rec_pb.PREDICTION_STATUS_OK
-        if probability is not None
-        else rec_pb.PREDICTION_STATUS_ERROR,
+        outputs=[] if probability is None else [probabilities(probability)],
     )
-    if probability is not None:
-        record.outputs.append(
-            tensor_pb2.Tensor(
-                name="probabilities",
-                datatype=tensor_pb2.DATA_TYPE_FP32,
-                shape=[1, 2],
-                contents=tensor_pb2.TensorContents(fp32_contents=[1 - probability, probability]),
-            )
-        )
-    return record
 
 
 def _answer(i: int) -> float | None:
@@ -200,20 +185,9 @@ class TestShadowPairing:
 
 
 @pytest.fixture
-def clock() -> TestClock:
-    """The clock the monitor under test reads."""
-    return TestClock()
-
-
-@pytest.fixture
-async def monitor(
-    redis_url: str, redis_client: aioredis.Redis, clock: TestClock
-) -> AsyncIterator[tuple[pb_grpc.MonitorServiceStub, MonitorApp]]:
-    """A monitor on the test clock, and a stub to it."""
-    settings = MonitorSettings(redis_url=redis_url, consumer_name="shadow-rpc-test", block_ms=100)
-    async with running(functools.partial(build_server, clock=clock), settings) as (_, ch, app):
-        assert isinstance(app, MonitorApp)
-        yield pb_grpc.MonitorServiceStub(ch), app
+def monitor_settings(redis_url: str) -> MonitorSettings:
+    """A monitor with the default settings."""
+    return MonitorSettings(redis_url=redis_url, consumer_name="shadow-rpc-test", block_ms=100)
 
 
 class TestGetShadowReport:
@@ -225,12 +199,8 @@ class TestGetShadowReport:
     ) -> None:
         """Pairs are placed in the window they were joined in; the total keeps them."""
         stub, app = monitor
-        writer = PredictionLogWriter(redis_client)
-        for i in range(100):
-            for record in _pair(i, copy_first=i % 3 == 0):
-                writer.append(record)
-        await writer.flush()
-        await app.consumer.drain(DEADLINE_S)
+        records = (r for i in range(100) for r in _pair(i, copy_first=i % 3 == 0))
+        await log_and_count(redis_client, app, records)
         request = pb.GetShadowReportRequest(
             endpoint="fraud", shadow_version=SHADOW, window=pb.WINDOW_ONE_MINUTE
         )

@@ -6,13 +6,13 @@ import asyncio
 import contextlib
 import functools
 import json
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator
 from typing import Any
 
 import grpc
 import pytest
 import redis.asyncio as aioredis
-from monitor_testing import T0, TestClock
+from monitor_testing import T0, TestClock, log_and_count, prediction_record
 from prometheus_client import REGISTRY
 from structlog.testing import capture_logs
 from support import eventually, running
@@ -23,7 +23,6 @@ from modelserve.type.v1 import prediction_record_pb2 as rec_pb
 from modelserve_monitor.config import AlertSettings, MonitorSettings, WebhookSettings
 from modelserve_monitor.server import MonitorApp, build_server
 from modelserve_runtime.errors import decode_rpc_error
-from modelserve_runtime.prediction_log import PredictionLogWriter
 
 V1 = "models/fraud/versions/1"
 DEADLINE_S = 10.0
@@ -33,24 +32,12 @@ EVENTS_STREAM = "modelserve:monitor:alert_events"
 def _record(
     request_id: str, *, endpoint: str = "fraud", error: bool = False
 ) -> rec_pb.PredictionRecord:
-    return rec_pb.PredictionRecord(
-        request_id=request_id,
-        endpoint=endpoint,
-        model_version=V1,
-        latency_us=2000,
-        status=rec_pb.PREDICTION_STATUS_ERROR if error else rec_pb.PREDICTION_STATUS_OK,
-    )
+    return prediction_record(request_id, V1, endpoint=endpoint, error=error)
 
 
 def _errors(prefix: str, *, endpoint: str = "fraud") -> list[rec_pb.PredictionRecord]:
     """100 records, 5 % of them errors: error_rate_high holds."""
     return [_record(f"{prefix}{i}", endpoint=endpoint, error=i % 20 == 0) for i in range(100)]
-
-
-@pytest.fixture
-def clock() -> TestClock:
-    """The clock the monitor under test reads."""
-    return TestClock()
 
 
 MonitorFactory = Any
@@ -84,16 +71,6 @@ async def start_monitor(
         yield start
 
 
-async def _log(
-    redis_client: aioredis.Redis, app: MonitorApp, records: Iterable[rec_pb.PredictionRecord]
-) -> None:
-    writer = PredictionLogWriter(redis_client)
-    for record in records:
-        writer.append(record)
-    await writer.flush()
-    await app.consumer.drain(DEADLINE_S)
-
-
 async def _next(call: Any) -> pb.AlertEvent:
     """The next event of a watch; fails the test when none comes in time."""
     async with asyncio.timeout(DEADLINE_S):
@@ -120,7 +97,7 @@ class TestWatchAlerts:
             0,
             False,
         )
-        await _log(redis_client, app, _errors("r"))
+        await log_and_count(redis_client, app, _errors("r"))
         await app.alerts.evaluate()
         pending = await _next(call)
         assert _summary(pending) == (
@@ -164,7 +141,7 @@ class TestWatchAlerts:
         stub, app, _ = await start_monitor()
         first = stub.WatchAlerts(pb.WatchAlertsRequest())
         await _next(first)
-        await _log(redis_client, app, _errors("a"))
+        await log_and_count(redis_client, app, _errors("a"))
         await app.alerts.evaluate()
         last_seen = (await _next(first)).sequence
         first.cancel()
@@ -172,7 +149,7 @@ class TestWatchAlerts:
         await app.alerts.evaluate()  # firing
         clock.now += 600
         await app.alerts.evaluate()  # resolved
-        await _log(redis_client, app, _errors("b"))
+        await log_and_count(redis_client, app, _errors("b"))
         await app.alerts.evaluate()  # holds again: a new pending alert
         resumed = stub.WatchAlerts(pb.WatchAlertsRequest(after_sequence=last_seen))
         missed = [_summary(await _next(resumed)) for _ in range(3)]
@@ -202,12 +179,12 @@ class TestWatchAlerts:
         """A pending alert that stops holding is reported DROPPED; a watch of one endpoint
         skips the changes of the others."""
         stub, app, _ = await start_monitor()
-        await _log(redis_client, app, _errors("f"))
+        await log_and_count(redis_client, app, _errors("f"))
         await app.alerts.evaluate()  # 1: fraud pending
         only_other = stub.WatchAlerts(pb.WatchAlertsRequest(endpoint="other", after_sequence=1))
         clock.now += 400
-        await _log(redis_client, app, (_record(f"ok{i}") for i in range(100)))
-        await _log(redis_client, app, _errors("o", endpoint="other"))
+        await log_and_count(redis_client, app, (_record(f"ok{i}") for i in range(100)))
+        await log_and_count(redis_client, app, _errors("o", endpoint="other"))
         await app.alerts.evaluate()  # 2: fraud dropped, 3: other pending
         event = await _next(only_other)
         assert (event.sequence, event.alert.endpoint, event.alert.state) == (
@@ -233,7 +210,7 @@ class TestWatchAlerts:
         """A negative or never-given sequence is INVALID_ARGUMENT; one whose next changes are
         no longer kept is FAILED_PRECONDITION (ALERT_EVENTS_TRIMMED) rather than a silent gap."""
         stub, app, _ = await start_monitor()
-        await _log(redis_client, app, _errors("r"))
+        await log_and_count(redis_client, app, _errors("r"))
         await app.alerts.evaluate()  # 1: pending
         clock.now += 120
         await app.alerts.evaluate()  # 2: firing
@@ -358,7 +335,7 @@ class TestAlertWebhooks:
         ):
             failed_before = _deliveries(broken.url, "failed")
             stub, app, _ = await start_monitor(_quick([flaky.url, broken.url]))
-            await _log(redis_client, app, _errors("r"))
+            await log_and_count(redis_client, app, _errors("r"))
             await app.alerts.evaluate()
             clock.now += 120
             await app.alerts.evaluate()
@@ -398,7 +375,7 @@ class TestAlertWebhooks:
         sent after the restart, and nothing delivered before is sent again."""
         async with WebhookReceiver() as receiver:
             _, app, stack = await start_monitor(_quick([receiver.url]))
-            await _log(redis_client, app, _errors("r"))
+            await log_and_count(redis_client, app, _errors("r"))
             await app.alerts.evaluate()
             await eventually(
                 lambda: _webhook_cursor(redis_client, b"1"), "first change delivered and noted"
@@ -424,7 +401,7 @@ class TestAlertWebhooks:
     ) -> None:
         """A URL configured later gets the changes from then on, not the history."""
         _, app, stack = await start_monitor()
-        await _log(redis_client, app, _errors("r"))
+        await log_and_count(redis_client, app, _errors("r"))
         await app.alerts.evaluate()
         await stack.aclose()
         async with WebhookReceiver() as receiver:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
-from collections.abc import AsyncIterator, Coroutine
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from datetime import datetime
 from enum import StrEnum
 from pathlib import Path
@@ -111,6 +111,19 @@ class RegistryConnection:
 
     async def __aexit__(self, *exc: object) -> None:
         await self._channel.close()
+
+
+def call_registry(
+    registry: str, api_key: str | None, call: Callable[[RegistryConnection], Awaitable[T]]
+) -> T:
+    """Makes `call` on a new connection to the registry and returns its answer; a failure ends
+    the command as `run` says."""
+
+    async def work() -> T:
+        async with RegistryConnection(registry, api_key) as conn:
+            return await call(conn)
+
+    return run(work())
 
 
 def model_name(model: str) -> str:
@@ -313,13 +326,8 @@ def _version_call(
     api_key: str | None,
     call: Any,
 ) -> pb.ModelVersion:
-    async def work() -> pb.ModelVersion:
-        async with RegistryConnection(registry, api_key) as conn:
-            response = await call(conn)
-            version: pb.ModelVersion = response.model_version
-            return version
-
-    return run(work())
+    version: pb.ModelVersion = call_registry(registry, api_key, call).model_version
+    return version
 
 
 @models_app.command("promote")
@@ -474,18 +482,15 @@ def rollback(
     reason: Reason = "",
 ) -> None:
     """Restore an earlier revision's traffic as a new revision."""
-
-    async def work() -> pb.Deployment:
-        async with RegistryConnection(registry, api_key) as conn:
-            response = await conn.stub.RollbackDeployment(
-                pb.RollbackDeploymentRequest(
-                    name=deployment_name(name), revision=revision, reason=reason
-                ),
-                metadata=conn.metadata,
-            )
-            return response.deployment
-
-    console.print(_deployment_table(run(work())))
+    request = pb.RollbackDeploymentRequest(
+        name=deployment_name(name), revision=revision, reason=reason
+    )
+    response = call_registry(
+        registry,
+        api_key,
+        lambda conn: conn.stub.RollbackDeployment(request, metadata=conn.metadata),
+    )
+    console.print(_deployment_table(response.deployment))
 
 
 @deployments_app.command("history")

@@ -4,7 +4,8 @@ validation runs and the mutable parts of models and versions."""
 from __future__ import annotations
 
 import re
-from typing import Annotated
+from collections.abc import Awaitable, Callable
+from typing import Annotated, Protocol
 
 import typer
 from google.protobuf import duration_pb2, field_mask_pb2
@@ -18,6 +19,7 @@ from modelserve_cli.registry_commands import (
     RegistryTarget,
     _checked,
     _time,
+    call_registry,
     console,
     deployment_name,
     fail,
@@ -97,6 +99,27 @@ async def _latest(conn: RegistryConnection, deployment: str) -> pb.Rollout:
     return listed.rollouts[0]
 
 
+def _start(
+    name: str,
+    version: str,
+    strategy: pb.RolloutStrategy,
+    registry: str,
+    api_key: str | None,
+    reason: str,
+) -> None:
+    """Starts a rollout of `version` on the endpoint's deployment and shows it."""
+    request = pb.StartRolloutRequest(
+        deployment=deployment_name(name),
+        candidate_version=version,
+        strategy=strategy,
+        reason=reason,
+    )
+    response = call_registry(
+        registry, api_key, lambda conn: conn.stub.StartRollout(request, metadata=conn.metadata)
+    )
+    console.print(rollout_table(response.rollout))
+
+
 @canary_app.command("start")
 def canary_start(
     name: Annotated[str, typer.Argument(help="The endpoint, e.g. fraud.")],
@@ -136,21 +159,7 @@ def canary_start(
             canary=pb.CanaryStrategy(steps=percents, interval=period), gate=gate
         )
     )
-
-    async def work() -> pb.Rollout:
-        async with RegistryConnection(registry, api_key) as conn:
-            response = await conn.stub.StartRollout(
-                pb.StartRolloutRequest(
-                    deployment=deployment_name(name),
-                    candidate_version=version,
-                    strategy=strategy,
-                    reason=reason,
-                ),
-                metadata=conn.metadata,
-            )
-            return response.rollout
-
-    console.print(rollout_table(run(work())))
+    _start(name, version, strategy, registry, api_key, reason)
 
 
 _METRICS = {
@@ -193,21 +202,7 @@ def ab_test_start(
             check_interval=period,
         )
     )
-
-    async def work() -> pb.Rollout:
-        async with RegistryConnection(registry, api_key) as conn:
-            response = await conn.stub.StartRollout(
-                pb.StartRolloutRequest(
-                    deployment=deployment_name(name),
-                    candidate_version=version,
-                    strategy=strategy,
-                    reason=reason,
-                ),
-                metadata=conn.metadata,
-            )
-            return response.rollout
-
-    console.print(rollout_table(run(work())))
+    _start(name, version, strategy, registry, api_key, reason)
 
 
 @canary_app.command("status")
@@ -225,60 +220,57 @@ def canary_status(
     console.print(rollout_table(run(work())))
 
 
-def _act(name: str, registry: str, api_key: str | None, action: str, reason: str) -> None:
-    async def work() -> pb.Rollout:
-        async with RegistryConnection(registry, api_key) as conn:
+class _RolloutAnswer(Protocol):
+    """What PauseRollout, ResumeRollout and AbortRollout answer."""
+
+    @property
+    def rollout(self) -> pb.Rollout: ...
+
+
+#: One of those calls, given the rollout's name and the reason.
+_RolloutCall = Callable[[RegistryConnection, str, str], Awaitable[_RolloutAnswer]]
+
+
+def _rollout_action(verb: str, summary: str, call: _RolloutCall) -> None:
+    """Adds the command VERB, which makes `call` on the deployment's latest rollout and shows
+    the rollout it answers with."""
+
+    def command(
+        name: Annotated[str, typer.Argument(help="The endpoint, e.g. fraud.")],
+        registry: RegistryTarget,
+        api_key: ApiKey = None,
+        reason: Reason = "",
+    ) -> None:
+        async def on_latest(conn: RegistryConnection) -> _RolloutAnswer:
             latest = await _latest(conn, deployment_name(name))
-            if action == "pause":
-                paused = await conn.stub.PauseRollout(
-                    pb.PauseRolloutRequest(name=latest.name, reason=reason), metadata=conn.metadata
-                )
-                return paused.rollout
-            if action == "resume":
-                resumed = await conn.stub.ResumeRollout(
-                    pb.ResumeRolloutRequest(name=latest.name, reason=reason),
-                    metadata=conn.metadata,
-                )
-                return resumed.rollout
-            aborted = await conn.stub.AbortRollout(
-                pb.AbortRolloutRequest(name=latest.name, reason=reason), metadata=conn.metadata
-            )
-            return aborted.rollout
+            return await call(conn, latest.name, reason)
 
-    console.print(rollout_table(run(work())))
+        console.print(rollout_table(call_registry(registry, api_key, on_latest).rollout))
+
+    canary_app.command(verb, help=summary)(command)
 
 
-@canary_app.command("pause")
-def canary_pause(
-    name: Annotated[str, typer.Argument(help="The endpoint, e.g. fraud.")],
-    registry: RegistryTarget,
-    api_key: ApiKey = None,
-    reason: Reason = "",
-) -> None:
-    """Hold the running rollout at its step."""
-    _act(name, registry, api_key, "pause", reason)
-
-
-@canary_app.command("resume")
-def canary_resume(
-    name: Annotated[str, typer.Argument(help="The endpoint, e.g. fraud.")],
-    registry: RegistryTarget,
-    api_key: ApiKey = None,
-    reason: Reason = "",
-) -> None:
-    """Continue a paused rollout; its step starts over."""
-    _act(name, registry, api_key, "resume", reason)
-
-
-@canary_app.command("abort")
-def canary_abort(
-    name: Annotated[str, typer.Argument(help="The endpoint, e.g. fraud.")],
-    registry: RegistryTarget,
-    api_key: ApiKey = None,
-    reason: Reason = "",
-) -> None:
-    """End the rollout and send all traffic back to the stable version."""
-    _act(name, registry, api_key, "abort", reason)
+_rollout_action(
+    "pause",
+    "Hold the running rollout at its step.",
+    lambda conn, rollout, reason: conn.stub.PauseRollout(
+        pb.PauseRolloutRequest(name=rollout, reason=reason), metadata=conn.metadata
+    ),
+)
+_rollout_action(
+    "resume",
+    "Continue a paused rollout; its step starts over.",
+    lambda conn, rollout, reason: conn.stub.ResumeRollout(
+        pb.ResumeRolloutRequest(name=rollout, reason=reason), metadata=conn.metadata
+    ),
+)
+_rollout_action(
+    "abort",
+    "End the rollout and send all traffic back to the stable version.",
+    lambda conn, rollout, reason: conn.stub.AbortRollout(
+        pb.AbortRolloutRequest(name=rollout, reason=reason), metadata=conn.metadata
+    ),
+)
 
 
 @models_app.command("validate")
