@@ -1,100 +1,20 @@
 """Service discovery: StaticDiscovery, and ConsulDiscovery (py-consul) against an in-test Consul.
 
-No Consul binary can be installed here, so a small HTTP server in a thread speaks the
-few agent endpoints the client uses, with the request and response shapes of Consul's
-HTTP API, and records what it was sent.
+No Consul binary can be installed here, so the fake agent in tests/consul_fake.py (a small
+HTTP server in a thread) speaks the few agent endpoints the client uses, with the request and
+response shapes of Consul's HTTP API, and records what it was sent.
 """
 
 from __future__ import annotations
 
-import json
-import threading
 from collections.abc import Iterator
-from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any
-from urllib.parse import parse_qs, urlsplit
 
 import pytest
+from consul_fake import FakeConsul, fake_consul, instance, key
 
 from modelserve_runtime.config import DiscoverySettings
 from modelserve_runtime.discovery import ConsulDiscovery, StaticDiscovery, create_discovery
 from modelserve_runtime.errors import UnavailableError
-
-
-@dataclass
-class FakeConsul:
-    """What the fake agent was sent, and the instances it reports as passing."""
-
-    port: int = 0
-    registered: list[dict[str, Any]] = field(default_factory=list)
-    deregistered: list[str] = field(default_factory=list)
-    health_queries: list[dict[str, list[str]]] = field(default_factory=list)
-    tokens: list[str | None] = field(default_factory=list)
-    passing: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
-    index: int = 42
-
-
-def _instance(
-    service: str, address: str, port: int, node_address: str = "10.9.9.9"
-) -> dict[str, Any]:
-    """One entry of GET /v1/health/service/<name>, shaped as Consul returns it."""
-    return {
-        "Node": {"ID": "node-1", "Node": "node-1", "Address": node_address, "Datacenter": "dc1"},
-        "Service": {
-            "ID": f"{service}-{address}-{port}",
-            "Service": service,
-            "Tags": ["modelserve", "grpc"],
-            "Address": address,
-            "Port": port,
-        },
-        "Checks": [{"CheckID": f"service:{service}", "Status": "passing"}],
-    }
-
-
-def _handler(state: FakeConsul) -> type[BaseHTTPRequestHandler]:
-    class ConsulAgent(BaseHTTPRequestHandler):
-        def log_message(self, format: str, *args: Any) -> None:
-            return None
-
-        def _reply(
-            self, status: int, body: Any = None, headers: dict[str, str] | None = None
-        ) -> None:
-            payload = b"" if body is None else json.dumps(body).encode()
-            self.send_response(status)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(payload)))
-            for name, value in (headers or {}).items():
-                self.send_header(name, value)
-            self.end_headers()
-            self.wfile.write(payload)
-
-        def do_PUT(self) -> None:
-            url = urlsplit(self.path)
-            length = int(self.headers.get("Content-Length") or 0)
-            body = self.rfile.read(length) if length else b""
-            state.tokens.append(self.headers.get("X-Consul-Token"))
-            if url.path == "/v1/agent/service/register":
-                state.registered.append(json.loads(body))
-                self._reply(200)
-            elif url.path.startswith("/v1/agent/service/deregister/"):
-                state.deregistered.append(url.path.rsplit("/", 1)[1])
-                self._reply(200)
-            else:
-                self._reply(404)
-
-        def do_GET(self) -> None:
-            url = urlsplit(self.path)
-            prefix = "/v1/health/service/"
-            if not url.path.startswith(prefix):
-                self._reply(404)
-                return
-            query = parse_qs(url.query)
-            state.health_queries.append(query)
-            entries = state.passing.get(url.path[len(prefix) :], []) if "passing" in query else []
-            self._reply(200, entries, {"X-Consul-Index": str(state.index)})
-
-    return ConsulAgent
 
 
 @pytest.fixture
@@ -102,22 +22,8 @@ def consul(monkeypatch: pytest.MonkeyPatch) -> Iterator[FakeConsul]:
     """A fake Consul agent on a free loopback port, for one test."""
     for name in ("CONSUL_HTTP_TOKEN", "CONSUL_HTTP_SSL", "CONSUL_HTTP_ADDR"):
         monkeypatch.delenv(name, raising=False)
-    state = FakeConsul()
-    server = ThreadingHTTPServer(("127.0.0.1", 0), _handler(state))
-    state.port = server.server_address[1]
-    thread = threading.Thread(target=server.serve_forever, args=(0.02,), daemon=True)
-    thread.start()
-    yield state
-    server.shutdown()
-    server.server_close()
-    thread.join(5)
-
-
-def _key(mapping: dict[str, Any], name: str) -> Any:
-    """A value by key, ignoring case, as Consul decodes its JSON bodies."""
-    matches = [value for key, value in mapping.items() if key.lower() == name.lower()]
-    assert len(matches) == 1, f"{name} not in {mapping}"
-    return matches[0]
+    with fake_consul() as state:
+        yield state
 
 
 class TestConsulDiscovery:
@@ -130,14 +36,14 @@ class TestConsulDiscovery:
         )
         await discovery.register("router", "10.1.2.3", 7001)
         (body,) = consul.registered
-        assert _key(body, "Name") == "router"
-        assert _key(body, "ID") == "router-10.1.2.3-7001"
-        assert _key(body, "Address") == "10.1.2.3"
-        assert _key(body, "Port") == 7001
-        (check,) = _key(body, "Checks")
-        assert _key(check, "GRPC") == "10.1.2.3:7001"
-        assert _key(check, "Interval") == "7s"
-        assert _key(check, "DeregisterCriticalServiceAfter") == "3m"
+        assert key(body, "Name") == "router"
+        assert key(body, "ID") == "router-10.1.2.3-7001"
+        assert key(body, "Address") == "10.1.2.3"
+        assert key(body, "Port") == 7001
+        (check,) = key(body, "Checks")
+        assert key(check, "GRPC") == "10.1.2.3:7001"
+        assert key(check, "Interval") == "7s"
+        assert key(check, "DeregisterCriticalServiceAfter") == "3m"
 
     async def test_token_is_sent_to_the_agent(self, consul: FakeConsul) -> None:
         """The ACL token goes in the X-Consul-Token header of each call."""
@@ -148,7 +54,7 @@ class TestConsulDiscovery:
 
     async def test_resolve_returns_a_passing_instance(self, consul: FakeConsul) -> None:
         """resolve asks Consul for passing instances only and answers host:port of one of them."""
-        consul.passing["feature"] = [_instance("feature", "10.0.0.5", 7002)]
+        consul.passing["feature"] = [instance("feature", "10.0.0.5", 7002)]
         discovery = ConsulDiscovery("127.0.0.1", consul.port)
         assert await discovery.resolve("feature") == "10.0.0.5:7002"
         (query,) = consul.health_queries
@@ -156,7 +62,7 @@ class TestConsulDiscovery:
 
     async def test_resolve_falls_back_to_the_node_address(self, consul: FakeConsul) -> None:
         """An instance registered without an address is reached at its node's address."""
-        consul.passing["feature"] = [_instance("feature", "", 7002, node_address="10.0.0.8")]
+        consul.passing["feature"] = [instance("feature", "", 7002, node_address="10.0.0.8")]
         discovery = ConsulDiscovery("127.0.0.1", consul.port)
         assert await discovery.resolve("feature") == "10.0.0.8:7002"
 
