@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
@@ -172,6 +173,22 @@ async def outcome(call: Awaitable[object]) -> DecodedError | None:
     return None
 
 
+#: What gRPC's Python client reports when it writes into a client-streaming call that the
+#: server has just refused (seen about once in 400 refused uploads): the client's own
+#: INTERNAL, standing in for the server's status, which is lost.
+CLIENT_WRITE_RACE = (grpc.StatusCode.INTERNAL, "Internal error from Core")
+
+
+async def server_outcome(make_call: Callable[[], Awaitable[object]]) -> DecodedError | None:
+    """`outcome`, made again (up to three times) while the client lost the server's answer to
+    CLIENT_WRITE_RACE, so the matrix checks what the registry answered."""
+    for _ in range(3):
+        error = await outcome(make_call())
+        if error is None or (error.code, error.message) != CLIENT_WRITE_RACE:
+            return error
+    return error
+
+
 class TestAuthentication:
     async def test_missing_key_is_unauthenticated(self, secured: AuthRegistry) -> None:
         """A call without a key is UNAUTHENTICATED with API_KEY_MISSING."""
@@ -253,7 +270,9 @@ class TestRoleMatrix:
         roles that would do."""
         principal = ROLE_HOLDER[role]
         for method, call in CALLS.items():
-            error = await outcome(call(secured.stub, secured.bearer(principal), principal))
+            error = await server_outcome(
+                functools.partial(call, secured.stub, secured.bearer(principal), principal)
+            )
             if method in ALLOWED[role]:
                 assert error is None or error.code not in (
                     grpc.StatusCode.PERMISSION_DENIED,
