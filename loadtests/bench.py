@@ -11,10 +11,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
+import os
 import tempfile
 import time
-from collections.abc import Awaitable, Callable, Iterable
-from dataclasses import dataclass
+from collections.abc import Awaitable, Callable, Iterable, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -42,6 +44,12 @@ class Result:
     latencies_ms: list[float]
     seconds: float
     errors: int
+    cpu_s: dict[str, float] = field(default_factory=dict)
+    """CPU seconds (user + system) each process group spent during the run."""
+
+    def cpu_us_per_request(self, group: str) -> float:
+        done = len(self.latencies_ms)
+        return self.cpu_s.get(group, 0.0) / done * 1e6 if done else float("nan")
 
     @property
     def rps(self) -> float:
@@ -51,10 +59,49 @@ class Result:
         return float(np.percentile(self.latencies_ms, q)) if self.latencies_ms else float("nan")
 
 
+def process_groups(stack: Stack) -> dict[str, list[int]]:
+    """The stack's processes by group (a service with its children, e.g. inference's Triton
+    and its backend stubs as `triton`), and this process as `client`."""
+    import psutil
+
+    groups: dict[str, list[int]] = {"client": [os.getpid()]}
+    if stack.redis.pid is not None:
+        groups["redis"] = [stack.redis.pid]
+    for service, process in stack.processes.items():
+        groups[service] = [process.pid]
+        with contextlib.suppress(psutil.NoSuchProcess):
+            children = psutil.Process(process.pid).children(recursive=True)
+            if children:
+                groups["triton" if service == "inference" else f"{service}-children"] = [
+                    c.pid for c in children
+                ]
+    return groups
+
+
+def cpu_seconds(groups: Mapping[str, list[int]]) -> dict[str, float]:
+    """CPU seconds used so far by each group's processes (user + system)."""
+    import psutil
+
+    used: dict[str, float] = {}
+    for group, pids in groups.items():
+        total = 0.0
+        for pid in pids:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                times = psutil.Process(pid).cpu_times()
+                total += times.user + times.system
+        used[group] = total
+    return used
+
+
 async def drive(
-    path: str, call: Callable[[int], Awaitable[object]], concurrency: int, duration: float
+    path: str,
+    call: Callable[[int], Awaitable[object]],
+    concurrency: int,
+    duration: float,
+    groups: Mapping[str, list[int]] | None = None,
 ) -> Result:
-    """Runs `concurrency` loops calling `call` back to back for `duration` seconds."""
+    """Runs `concurrency` loops calling `call` back to back for `duration` seconds; with
+    `groups`, also what CPU each process group spent meanwhile."""
     latencies: list[float] = []
     errors = 0
     stop_at = time.perf_counter() + duration
@@ -72,9 +119,13 @@ async def drive(
             latencies.append((time.perf_counter() - start) * 1000)
             i += concurrency
 
+    before = cpu_seconds(groups) if groups else {}
     started = time.perf_counter()
     await asyncio.gather(*(loop(w) for w in range(concurrency)))
-    return Result(path, concurrency, latencies, time.perf_counter() - started, errors)
+    seconds = time.perf_counter() - started
+    after = cpu_seconds(groups) if groups else {}
+    spent = {g: after[g] - before.get(g, 0.0) for g in after}
+    return Result(path, concurrency, latencies, seconds, errors, spent)
 
 
 def stack_env(model_runner: str, feature_reader: str) -> dict[str, str]:
@@ -186,12 +237,14 @@ async def main(args: argparse.Namespace) -> None:
             ),
             "redis HGETALL (direct)": lambda i: redis_client.hgetall(keys[i % n]),
         }
+        groups = process_groups(stack)
         results: list[Result] = []
         for concurrency in args.concurrency:
             for name, call in paths.items():
                 await drive(name, call, concurrency, min(1.0, args.duration))  # warm-up
-                results.append(await drive(name, call, concurrency, args.duration))
+                results.append(await drive(name, call, concurrency, args.duration, groups))
         _print(results, args)
+        print_cpu(results, sorted(groups))
         await router_channel.close()
         await feature_channel.close()
         await triton.close()
@@ -206,6 +259,18 @@ async def _triton_endpoint(stack: Stack) -> str:
     async with create_channel(stack.targets["inference"]) as channel:
         held = await InferenceClient(channel).list_model_versions()
     return next(h.triton_endpoint for h in held if h.triton_endpoint)
+
+
+def print_cpu(results: list[Result], groups: list[str]) -> None:
+    """CPU microseconds per answered request, by process group: unlike throughput on a shared
+    machine, this hardly moves with what else runs."""
+    print("\nCPU us per request (user + system), by process group:\n")
+    print("| path | conc | " + " | ".join(groups) + " | all |")
+    print("|---|---:|" + "---:|" * (len(groups) + 1))
+    for r in results:
+        cells = [f"{r.cpu_us_per_request(g):.0f}" for g in groups]
+        total = sum(r.cpu_s.values()) / len(r.latencies_ms) * 1e6 if r.latencies_ms else 0.0
+        print(f"| {r.path} | {r.concurrency} | " + " | ".join(cells) + f" | {total:.0f} |")
 
 
 def _print(results: list[Result], args: argparse.Namespace) -> None:
