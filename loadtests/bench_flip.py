@@ -36,16 +36,12 @@ import numpy as np
 import uvloop
 from bench import add_stack_arguments, predict_requests, start_demo_stack
 
-from modelserve.inference.v1 import inference_service_pb2 as inference_pb
-from modelserve.inference.v1 import inference_service_pb2_grpc as inference_grpc
 from modelserve.registry.v1 import registry_service_pb2 as registry_pb
 from modelserve.registry.v1 import registry_service_pb2_grpc as registry_grpc
 from modelserve.router.v1 import router_service_pb2 as router_pb
 from modelserve.router.v1 import router_service_pb2_grpc as router_grpc
-from modelserve_cli.demo import MODEL_ID, DemoDeployment
-from modelserve_cli.stack import Stack
+from modelserve_cli.demo import add_ready_version
 from modelserve_runtime.channels import create_channel
-from modelserve_runtime.clients import RegistryAdminClient
 
 ENDPOINT = "fraud-flip"
 WARM = "fraud-flip-green"
@@ -102,34 +98,6 @@ def deployment(name: str, blue: str, green: str, to_green: bool) -> registry_pb.
             registry_pb.TrafficTarget(model_version=green, percent=100 if to_green else 0),
         ],
     )
-
-
-async def second_ready_version(stack: Stack, demo: DemoDeployment) -> str:
-    """Uploads the demo artifact again as a new version and has inference load it."""
-    async with (
-        create_channel(stack.targets["registry"], default_timeout_s=60) as channel,
-        create_channel(stack.targets["inference"], default_timeout_s=120) as inference,
-    ):
-        signature = (
-            await registry_grpc.RegistryServiceStub(channel).GetModelVersion(
-                registry_pb.GetModelVersionRequest(name=demo.model_version)
-            )
-        ).model_version.signature
-        green = (
-            await RegistryAdminClient(channel).upload_model_version(
-                f"models/{MODEL_ID}",
-                registry_pb.ModelVersion(
-                    format=registry_pb.ARTIFACT_FORMAT_ONNX, signature=signature
-                ),
-                demo.trained.onnx_bytes,
-            )
-        ).name
-        loaded = await inference_grpc.InferenceServiceStub(inference).LoadModelVersion(
-            inference_pb.LoadModelVersionRequest(name=green)
-        )
-        if loaded.model_version.state != inference_pb.MODEL_VERSION_STATE_READY:
-            raise RuntimeError(f"{green} is not READY after LoadModelVersion: {loaded}")
-        return green
 
 
 async def answered_by(
@@ -225,7 +193,7 @@ async def main(args: argparse.Namespace) -> None:
         args.model_runner, args.feature_reader, with_monitor=args.with_monitor
     )
     try:
-        blue, green = demo.model_version, await second_ready_version(stack, demo)
+        blue, green = demo.model_version, await add_ready_version(stack.targets, demo)
         registry_channel = create_channel(stack.targets["registry"], default_timeout_s=30)
         router_channel = create_channel(stack.targets["router"])
         registry = registry_grpc.RegistryServiceStub(registry_channel)

@@ -14,18 +14,15 @@ import pytest
 from consul_fake import FakeConsul, fake_consul, key
 from support import eventually
 
-from modelserve.inference.v1 import inference_service_pb2 as inference_pb
-from modelserve.inference.v1 import inference_service_pb2_grpc as inference_grpc
 from modelserve.registry.v1 import registry_service_pb2 as registry_pb
 from modelserve.registry.v1 import registry_service_pb2_grpc as registry_grpc
 from modelserve.router.v1 import router_service_pb2 as router_pb
 from modelserve.router.v1 import router_service_pb2_grpc as router_grpc
-from modelserve_cli.demo import MODEL_ID, DemoDeployment, demo_request
+from modelserve_cli.demo import DemoDeployment, add_ready_version, demo_request
 from modelserve_cli.stack import Stack
 from modelserve_router.config import RouterSettings
 from modelserve_router.server import build_server
 from modelserve_runtime.channels import create_channel
-from modelserve_runtime.clients import RegistryAdminClient
 from modelserve_runtime.discovery import ConsulDiscovery
 from modelserve_runtime.server import serve
 
@@ -72,29 +69,9 @@ async def deploy(arms: Arms, blue_percent: int) -> None:
 async def arms(stack: Stack, demo: DemoDeployment) -> AsyncIterator[Arms]:
     """A new READY version of the demo model and `fraud-replicas` split 50/50 between it and
     the demo version."""
-    async with (
-        create_channel(stack.targets["registry"], default_timeout_s=60) as channel,
-        create_channel(stack.targets["inference"], default_timeout_s=120) as inference,
-    ):
+    green = await add_ready_version(stack.targets, demo)
+    async with create_channel(stack.targets["registry"], default_timeout_s=60) as channel:
         registry = registry_grpc.RegistryServiceStub(channel)
-        signature = (
-            await registry.GetModelVersion(
-                registry_pb.GetModelVersionRequest(name=demo.model_version)
-            )
-        ).model_version.signature
-        green = (
-            await RegistryAdminClient(channel).upload_model_version(
-                f"models/{MODEL_ID}",
-                registry_pb.ModelVersion(
-                    format=registry_pb.ARTIFACT_FORMAT_ONNX, signature=signature
-                ),
-                demo.trained.onnx_bytes,
-            )
-        ).name
-        loaded = await inference_grpc.InferenceServiceStub(inference).LoadModelVersion(
-            inference_pb.LoadModelVersionRequest(name=green)
-        )
-        assert loaded.model_version.state == inference_pb.MODEL_VERSION_STATE_READY
         deployed = Arms(demo.model_version, green, registry)
         await deploy(deployed, 50)
         yield deployed

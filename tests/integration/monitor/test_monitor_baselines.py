@@ -172,6 +172,37 @@ def _drifted(report: pb.GetDriftReportResponse) -> dict[str, bool]:
     return {r.feature: r.drifted for r in report.results}
 
 
+async def _refused_then_answered(
+    redis_url: str,
+    redis_client: aioredis.Redis,
+    registry_target: str,
+    records: list[rec_pb.PredictionRecord],
+    **answered: object,
+) -> None:
+    """A monitor without the `answered` settings is refused by the registry and keeps the
+    version's first records (300 of `records`); a second one with them gets the validation
+    set on its first attempt (the other 100)."""
+    endpoint, version = records[0].endpoint, records[0].model_version
+    async with running(build_monitor, _monitor_settings(redis_url, registry_target)) as (
+        _,
+        channel,
+        app,
+    ):
+        assert isinstance(app, MonitorApp)
+        await _log(redis_client, app, records[:300])
+        await eventually(lambda: app.baselines.deferrals >= 1, "a refused attempt")
+        report = await _report(pb_grpc.MonitorServiceStub(channel), endpoint, version)
+        assert report.baseline_source == "first_records"
+
+    settings = _monitor_settings(redis_url, registry_target, **answered)
+    async with running(build_monitor, settings) as (_, channel, app):
+        assert isinstance(app, MonitorApp)
+        await _log(redis_client, app, records[300:])
+        monitor = pb_grpc.MonitorServiceStub(channel)
+        await _source_becomes(monitor, endpoint, version, "validation_set")
+        assert app.baselines.deferrals == 0
+
+
 @pytest.fixture
 async def registry(tmp_path: Path) -> AsyncIterator[tuple[str, registry_grpc.RegistryServiceStub]]:
     """A registry service on port 0 (no auth), its target and a stub."""
@@ -287,26 +318,13 @@ class TestValidationSetBaselines:
             stub = registry_grpc.RegistryServiceStub(registry_channel)
             bearer = (("authorization", f"Bearer {admin_key}"),)
             version = await _register(stub, "guarded", validation_set=True, metadata=bearer)
-            records = list(_live_records("guarded", version, 400, seed=5))
-
-            async with running(build_monitor, _monitor_settings(redis_url, target)) as (
-                _,
-                channel,
-                app,
-            ):
-                assert isinstance(app, MonitorApp)
-                await _log(redis_client, app, records[:300])
-                await eventually(lambda: app.baselines.deferrals >= 1, "a refused attempt")
-                report = await _report(pb_grpc.MonitorServiceStub(channel), "guarded", version)
-                assert report.baseline_source == "first_records"
-
-            keyed = _monitor_settings(redis_url, target, registry_api_key=viewer_key)
-            async with running(build_monitor, keyed) as (_, channel, app):
-                assert isinstance(app, MonitorApp)
-                await _log(redis_client, app, records[300:])
-                monitor = pb_grpc.MonitorServiceStub(channel)
-                await _source_becomes(monitor, "guarded", version, "validation_set")
-                assert app.baselines.deferrals == 0
+            await _refused_then_answered(
+                redis_url,
+                redis_client,
+                target,
+                list(_live_records("guarded", version, 400, seed=5)),
+                registry_api_key=viewer_key,
+            )
 
     async def test_the_registry_is_asked_over_mutual_tls(
         self, tmp_path: Path, redis_url: str, redis_client: aioredis.Redis
@@ -339,25 +357,10 @@ class TestValidationSetBaselines:
                 version = await _register(
                     registry_grpc.RegistryServiceStub(channel), "sealed", validation_set=True
                 )
-            records = list(_live_records("sealed", version, 400, seed=6))
-
-            async with running(build_monitor, _monitor_settings(redis_url, target)) as (
-                _,
-                monitor_channel,
-                app,
-            ):
-                assert isinstance(app, MonitorApp)
-                await _log(redis_client, app, records[:300])
-                await eventually(lambda: app.baselines.deferrals >= 1, "a refused handshake")
-                report = await _report(
-                    pb_grpc.MonitorServiceStub(monitor_channel), "sealed", version
-                )
-                assert report.baseline_source == "first_records"
-
-            keyed = _monitor_settings(redis_url, target, registry_tls=tls)
-            async with running(build_monitor, keyed) as (_, monitor_channel, app):
-                assert isinstance(app, MonitorApp)
-                await _log(redis_client, app, records[300:])
-                monitor = pb_grpc.MonitorServiceStub(monitor_channel)
-                await _source_becomes(monitor, "sealed", version, "validation_set")
-                assert app.baselines.deferrals == 0
+            await _refused_then_answered(
+                redis_url,
+                redis_client,
+                target,
+                list(_live_records("sealed", version, 400, seed=6)),
+                registry_tls=tls,
+            )

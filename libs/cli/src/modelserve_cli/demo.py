@@ -13,6 +13,7 @@ from modelserve.feature.v1 import feature_service_pb2_grpc as feature_grpc
 from modelserve.inference.v1 import inference_service_pb2 as inference_pb
 from modelserve.inference.v1 import inference_service_pb2_grpc as inference_grpc
 from modelserve.registry.v1 import registry_service_pb2 as registry_pb
+from modelserve.registry.v1 import registry_service_pb2_grpc as registry_grpc
 from modelserve.router.v1 import router_service_pb2 as router_pb
 from modelserve.router.v1 import router_service_pb2_grpc as router_grpc
 from modelserve.type.v1 import feature_value_pb2, tensor_pb2
@@ -151,3 +152,33 @@ async def predict(
     """One Predict call through the router."""
     async with create_channel(router_target) as channel:
         return await router_grpc.RouterServiceStub(channel).Predict(request)
+
+
+async def add_ready_version(targets: dict[str, str], demo: DemoDeployment) -> str:
+    """Uploads the demo's artifact again as a new version of the demo model (same signature,
+    so the same answers) and has inference load it; returns the version once READY. For
+    rollouts to flip to: blue-green, A/B and replica tests and benchmarks."""
+    async with (
+        create_channel(targets["registry"], default_timeout_s=60) as channel,
+        create_channel(targets["inference"], default_timeout_s=120) as inference,
+    ):
+        signature = (
+            await registry_grpc.RegistryServiceStub(channel).GetModelVersion(
+                registry_pb.GetModelVersionRequest(name=demo.model_version)
+            )
+        ).model_version.signature
+        version = (
+            await RegistryAdminClient(channel).upload_model_version(
+                f"models/{MODEL_ID}",
+                registry_pb.ModelVersion(
+                    format=registry_pb.ARTIFACT_FORMAT_ONNX, signature=signature
+                ),
+                demo.trained.onnx_bytes,
+            )
+        ).name
+        loaded = await inference_grpc.InferenceServiceStub(inference).LoadModelVersion(
+            inference_pb.LoadModelVersionRequest(name=version)
+        )
+        if loaded.model_version.state != inference_pb.MODEL_VERSION_STATE_READY:
+            raise RuntimeError(f"{version} is not READY after LoadModelVersion: {loaded}")
+        return version
