@@ -7,20 +7,15 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import grpc
-import numpy as np
 import numpy.typing as npt
 import structlog
 from opentelemetry import context as otel_context
 from opentelemetry import propagate, trace
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 from tritonclient.grpc.aio import InferenceServerClient
-from tritonclient.utils import (
-    InferenceServerException,
-    deserialize_bytes_tensor,
-    np_to_triton_dtype,
-    serialize_byte_tensor,
-    triton_to_np_dtype,
-)
+from tritonclient.utils import InferenceServerException, np_to_triton_dtype, triton_to_np_dtype
+
+from modelserve_triton.oip import decode_raw, encode_raw
 
 log = structlog.get_logger()
 
@@ -69,11 +64,7 @@ def encode_request(
         tensor.name = name
         tensor.datatype = datatype
         tensor.shape.extend(array.shape)
-        if datatype == "BYTES":
-            serialized = serialize_byte_tensor(array)
-            request.raw_input_contents.append(serialized.item() if serialized.size else b"")
-        else:
-            request.raw_input_contents.append(np.ascontiguousarray(array).tobytes())
+        request.raw_input_contents.append(encode_raw(array))
     for name in output_names:
         request.outputs.add().name = name
     return request
@@ -90,18 +81,13 @@ def decode_outputs(
             continue
         if index >= len(raws):
             raise TritonError(f"model {model_name!r} returned output {output.name!r} without data")
+        if triton_to_np_dtype(output.datatype) is None:
+            raise TritonError(
+                f"model {model_name!r} returned output {output.name!r} of unknown type "
+                f"{output.datatype}"
+            )
         shape = tuple(int(d) for d in output.shape)
-        if output.datatype == "BYTES":
-            array = deserialize_bytes_tensor(raws[index])
-        else:
-            dtype = triton_to_np_dtype(output.datatype)
-            if dtype is None:
-                raise TritonError(
-                    f"model {model_name!r} returned output {output.name!r} of unknown type "
-                    f"{output.datatype}"
-                )
-            array = np.frombuffer(raws[index], dtype=dtype)
-        found[output.name] = array.reshape(shape)
+        found[output.name] = decode_raw(output.datatype, shape, raws[index])
     missing = [name for name in output_names if name not in found]
     if missing:
         raise TritonError(f"model {model_name!r} returned no output {missing[0]!r}")

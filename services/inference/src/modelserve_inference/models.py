@@ -22,7 +22,6 @@ from modelserve_inference.oip_requests import (
     arrays_from_response,
     check_request,
     conform_response,
-    read_request,
     request_from_arrays,
 )
 from modelserve_inference.state_feed import StateChange, StateFeed, StateWatch
@@ -43,6 +42,7 @@ from modelserve_triton.model_config import (
     conform_outputs,
     model_files,
 )
+from modelserve_triton.oip import read_inputs
 from modelserve_triton.runner import TritonError
 
 log = structlog.get_logger()
@@ -572,10 +572,11 @@ class ModelVersions:
         """Runs a version on an Open Inference Protocol `ModelInferRequest` and answers Triton's
         `ModelInferResponse`, outputs shaped as the signature says.
 
-        The request's raw tensors are checked where they lie (`oip_requests`) as `infer` checks
-        arrays with `exact_dtypes`, and go to Triton as they came, without being decoded.
+        The request's raw tensors are checked where they lie (`read_inputs`, `check_request`) as
+        `infer` checks arrays with `exact_dtypes`, and go to Triton as they came, without being
+        decoded.
         """
-        tensors = read_request(request)
+        tensors = read_inputs(request)
         self._check_ready(held)
         limit, max_rows = self._coalescing(held)
         checked = check_request(

@@ -14,7 +14,8 @@ import grpc
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 
 from modelserve_inference.models import ModelVersions, VersionState
-from modelserve_runtime.errors import InvalidArgumentError, NotFoundError
+from modelserve_runtime.errors import NotFoundError
+from modelserve_triton.oip import refuse_classification
 
 #: The name this facade answers ServerMetadata with.
 SERVER_NAME = "modelserve-inference"
@@ -74,11 +75,7 @@ class OpenInferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):  # t
 
     async def ModelInfer(self, request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
         held = self._versions.resolve(request.model_name, request.model_version)
-        for output in request.outputs:
-            if "classification" in output.parameters:
-                raise InvalidArgumentError.for_field(
-                    "outputs.parameters", "classification outputs are not supported"
-                )
+        refuse_classification(request)
         # The request goes to Triton as it came (raw tensors checked, not decoded), and
         # Triton's answer comes back as it is, outputs shaped as the signature says.
         return await self._versions.infer_request(

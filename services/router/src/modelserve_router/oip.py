@@ -20,12 +20,7 @@ import grpc
 import numpy as np
 import numpy.typing as npt
 from tritonclient.grpc import service_pb2, service_pb2_grpc
-from tritonclient.utils import (
-    deserialize_bytes_tensor,
-    np_to_triton_dtype,
-    serialize_byte_tensor,
-    triton_to_np_dtype,
-)
+from tritonclient.utils import np_to_triton_dtype
 
 from modelserve.registry.v1 import registry_service_pb2 as registry_pb
 from modelserve.type.v1 import tensor_pb2
@@ -34,13 +29,21 @@ from modelserve_router.access import PREDICT_ROLES
 from modelserve_router.predict import PredictionInput, PredictionResult, Predictor, pin
 from modelserve_router.routing import Route, RoutingTable
 from modelserve_runtime.auth import Role, current_principal
-from modelserve_runtime.convert import DTYPES, TRITON_NAMES
+from modelserve_runtime.convert import TRITON_NAMES
 from modelserve_runtime.errors import (
     DeadlineExceededError,
     FailedPreconditionError,
     FieldViolation,
     InvalidArgumentError,
     NotFoundError,
+)
+from modelserve_triton.oip import (
+    CONTENTS_FIELD,
+    InputTensor,
+    encode_raw,
+    read_inputs,
+    refuse_classification,
+    signature_violations,
 )
 
 SERVICE_NAME = "inference.GRPCInferenceService"
@@ -63,93 +66,27 @@ OIP_POLICY: dict[str, frozenset[Role]] = {
     for name in ("ServerMetadata", "ModelReady", "ModelMetadata", "ModelInfer")
 }
 
-#: Where each datatype's values sit in InferTensorContents.
-_CONTENTS_FIELD = {
-    "BOOL": "bool_contents",
-    "INT8": "int_contents",
-    "INT16": "int_contents",
-    "INT32": "int_contents",
-    "INT64": "int64_contents",
-    "UINT8": "uint_contents",
-    "UINT16": "uint_contents",
-    "UINT32": "uint_contents",
-    "UINT64": "uint64_contents",
-    "FP32": "fp32_contents",
-    "FP64": "fp64_contents",
-    "BYTES": "bytes_contents",
-}
-
-
-def _input_array(tensor: Any, raw: bytes | None) -> npt.NDArray[Any]:
-    """One input tensor of a ModelInferRequest as an array of its datatype and shape."""
-    where = f"inputs[{tensor.name}]"
-    if tensor.datatype not in _CONTENTS_FIELD:
-        raise InvalidArgumentError.for_field(
-            f"{where}.datatype", f"unsupported datatype {tensor.datatype!r}"
-        )
-    dtype = np.dtype(triton_to_np_dtype(tensor.datatype))
-    shape = tuple(int(d) for d in tensor.shape)
-    if any(d < 0 for d in shape):
-        raise InvalidArgumentError.for_field(f"{where}.shape", "dimensions must be >= 0")
-    count = int(np.prod(shape)) if shape else 1
-    values: npt.NDArray[Any]
-    if raw is None:
-        values = np.asarray(getattr(tensor.contents, _CONTENTS_FIELD[tensor.datatype]), dtype)
-    elif tensor.datatype == "BYTES":
-        values = np.asarray(deserialize_bytes_tensor(raw), dtype=np.object_)
-    elif len(raw) != count * dtype.itemsize:
-        raise InvalidArgumentError.for_field(
-            f"{where}.contents",
-            f"shape {list(shape)} of {tensor.datatype} needs {count * dtype.itemsize} bytes,"
-            f" got {len(raw)}",
-        )
-    else:
-        values = np.frombuffer(raw, dtype=dtype)
-    if values.size != count:
-        raise InvalidArgumentError.for_field(
-            f"{where}.contents", f"shape {list(shape)} needs {count} values, got {values.size}"
-        )
-    return values.reshape(shape)
-
 
 @dataclass(frozen=True, slots=True)
 class RequestTensors:
     """The tensors of a ModelInferRequest and the outputs it asks for (all when empty)."""
 
-    arrays: Mapping[str, npt.NDArray[Any]]
+    inputs: Mapping[str, InputTensor]
     outputs: tuple[str, ...] = ()
 
     @classmethod
     def from_request(cls, request: Any) -> RequestTensors:
-        """Decodes raw_input_contents (as tritonclient sends them) or typed contents;
+        """Reads raw_input_contents (as tritonclient sends them) or typed contents;
         InvalidArgumentError naming what is malformed."""
-        if not request.inputs:
-            raise InvalidArgumentError.for_field("inputs", "at least one input tensor is required")
-        raw = list(request.raw_input_contents)
-        if raw and len(raw) != len(request.inputs):
-            raise InvalidArgumentError.for_field(
-                "raw_input_contents",
-                f"{len(raw)} raw contents for {len(request.inputs)} inputs; send one per input",
-            )
-        arrays: dict[str, npt.NDArray[Any]] = {}
-        for index, tensor in enumerate(request.inputs):
-            if tensor.name in arrays:
-                raise InvalidArgumentError.for_field(
-                    f"inputs[{tensor.name}]", "named more than once"
-                )
-            arrays[tensor.name] = _input_array(tensor, raw[index] if raw else None)
-        if any("classification" in o.parameters for o in request.outputs):
-            # Triton's top-k extension would answer something else than the caller expects.
-            raise InvalidArgumentError.for_field(
-                "outputs.parameters", "classification outputs are not supported"
-            )
-        return cls(arrays, tuple(o.name for o in request.outputs))
+        inputs = read_inputs(request)
+        refuse_classification(request)
+        return cls(inputs, tuple(o.name for o in request.outputs))
 
     @property
     def batch_size(self) -> int:
         """Rows in the first input (1 for a scalar)."""
-        first = next(iter(self.arrays.values()))
-        return int(first.shape[0]) if first.ndim else 1
+        first = next(iter(self.inputs.values()))
+        return first.shape[0] if first.shape else 1
 
     def for_version(
         self, model_version: str, signature: registry_pb.Signature
@@ -159,39 +96,14 @@ class RequestTensors:
         one batch size; and, for a one-row input of the version's `feature_refs`, the value
         of each feature (the record logs them as Predict's). Requested outputs must be the
         version's."""
-        violations: list[FieldViolation] = []
-        expected = {spec.name: spec for spec in signature.inputs}
-        violations.extend(
-            FieldViolation(f"inputs[{name}]", f"not an input of {model_version}")
-            for name in self.arrays
-            if name not in expected
+        violations = signature_violations(
+            self.inputs,
+            ((s.name, TRITON_NAMES.get(s.datatype), s.shape) for s in signature.inputs),
+            version=model_version,
+            missing=f"required by {model_version}",
+            reject_non_finite=True,
         )
-        for spec in signature.inputs:
-            array = self.arrays.get(spec.name)
-            where = f"inputs[{spec.name}]"
-            if array is None:
-                violations.append(FieldViolation(where, f"required by {model_version}"))
-                continue
-            want = list(spec.shape)
-            if array.ndim != len(want) or any(
-                w not in (-1, got) for w, got in zip(want, array.shape, strict=True)
-            ):
-                violations.append(
-                    FieldViolation(f"{where}.shape", f"expected {want}, got {list(array.shape)}")
-                )
-                continue
-            dtype = DTYPES.get(spec.datatype)
-            if dtype is not None and array.dtype != dtype:
-                violations.append(
-                    FieldViolation(
-                        f"{where}.datatype",
-                        f"expected {TRITON_NAMES[spec.datatype]}, got {np_to_triton_dtype(array.dtype)}",
-                    )
-                )
-                continue
-            if array.dtype.kind == "f" and not np.isfinite(array).all():
-                violations.append(FieldViolation(where, "contains NaN or infinity"))
-        sizes = sorted({int(a.shape[0]) for a in self.arrays.values() if a.ndim})
+        sizes = sorted({t.shape[0] for t in self.inputs.values() if t.shape})
         if len(sizes) > 1 or sizes == [0]:
             violations.append(
                 FieldViolation("inputs", f"every input needs the same batch size >= 1; got {sizes}")
@@ -204,16 +116,20 @@ class RequestTensors:
         )
         if violations:
             raise InvalidArgumentError.from_violations(violations)
-        return dict(self.arrays), self._feature_values(signature)
+        arrays = {name: tensor.array() for name, tensor in self.inputs.items()}
+        return arrays, _feature_values(arrays, signature)
 
-    def _feature_values(self, signature: registry_pb.Signature) -> dict[str, Value | None]:
-        refs = list(signature.feature_refs)
-        if not refs or not signature.inputs:
-            return {}
-        first = self.arrays[signature.inputs[0].name]
-        if first.shape != (1, len(refs)) or first.dtype.kind not in "fiub":
-            return {}
-        return dict(zip(refs, (float(v) for v in first[0]), strict=True))
+
+def _feature_values(
+    arrays: Mapping[str, npt.NDArray[Any]], signature: registry_pb.Signature
+) -> dict[str, Value | None]:
+    refs = list(signature.feature_refs)
+    if not refs or not signature.inputs:
+        return {}
+    first = arrays[signature.inputs[0].name]
+    if first.shape != (1, len(refs)) or first.dtype.kind not in "fiub":
+        return {}
+    return dict(zip(refs, (float(v) for v in first[0]), strict=True))
 
 
 def _version_parts(model_version: str) -> tuple[str, str]:
@@ -256,13 +172,9 @@ def _answer(request: Any, tensors: RequestTensors, result: PredictionResult, end
         datatype = np_to_triton_dtype(array.dtype)
         tensor = response.outputs.add(name=name, datatype=datatype, shape=list(array.shape))
         if raw:
-            response.raw_output_contents.append(
-                serialize_byte_tensor(array).item()
-                if datatype == "BYTES"
-                else np.ascontiguousarray(array).tobytes()
-            )
+            response.raw_output_contents.append(encode_raw(array))
         else:
-            getattr(tensor.contents, _CONTENTS_FIELD[datatype]).extend(array.reshape(-1).tolist())
+            getattr(tensor.contents, CONTENTS_FIELD[datatype]).extend(array.reshape(-1).tolist())
     return response
 
 
