@@ -157,7 +157,9 @@ class TestErrorStatus:
         (logged,) = [e for e in logs if e["event"] == "rpc_internal_error"]
         assert logged["method"] == METHOD
         assert logged["log_level"] == "error"
-        assert logged["exc_info"] is True
+        # The exception itself goes to the log, with its traceback.
+        assert isinstance(logged["exc_info"], RuntimeError)
+        assert logged["exc_info"].__traceback__ is not None
 
     async def test_one_summary_line_per_call(
         self, served: tuple[_Raising, pb_grpc.FeatureServiceAsyncStub]
