@@ -1,4 +1,5 @@
-"""GetExperimentReport through a real MonitorService on a real Redis: seeded A/B simulations."""
+"""GetExperimentReport and StartExperiment through a real MonitorService on a real Redis:
+seeded A/B simulations, and experiments that leave out the traffic from before they started."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ import grpc
 import numpy as np
 import pytest
 import redis.asyncio as aioredis
-from monitor_testing import log_and_count, prediction_record
+from monitor_testing import T0, TestClock, log_and_count, prediction_record
 from scipy import stats  # type: ignore[import-untyped]  # scipy ships no stubs
 
 from modelserve.monitor.v1 import monitor_service_pb2 as pb
@@ -59,10 +60,14 @@ def monitor_settings(redis_url: str) -> MonitorSettings:
 
 
 def _report_request(
-    metric: pb.ExperimentMetric.ValueType, sample_size: int, *arms: str
+    metric: pb.ExperimentMetric.ValueType, sample_size: int, *arms: str, experiment_id: str = ""
 ) -> pb.GetExperimentReportRequest:
     return pb.GetExperimentReportRequest(
-        endpoint="fraud", arms=list(arms), metric=metric, sample_size=sample_size
+        endpoint="fraud",
+        arms=list(arms),
+        metric=metric,
+        sample_size=sample_size,
+        experiment_id=experiment_id,
     )
 
 
@@ -200,3 +205,194 @@ class TestExperimentReport:
                 _report_request(pb.EXPERIMENT_METRIC_ERROR_RATE, 100, A, A)
             )
         assert [v.field for v in decode_rpc_error(info.value).violations] == ["arms"]
+
+
+EXPERIMENT = "deployments/fraud/rollouts/1"
+
+
+def _start(*arms: str, experiment_id: str = EXPERIMENT) -> pb.StartExperimentRequest:
+    return pb.StartExperimentRequest(endpoint="fraud", arms=list(arms), experiment_id=experiment_id)
+
+
+async def _experiment_keys(redis_client: aioredis.Redis) -> list[bytes]:
+    return sorted(await redis_client.keys("modelserve:monitor:*experiment*"))
+
+
+class TestStartedExperiment:
+    async def test_traffic_from_before_the_start_does_not_count(
+        self,
+        monitor: tuple[pb_grpc.MonitorServiceStub, MonitorApp],
+        redis_client: aioredis.Redis,
+        clock: TestClock,
+    ) -> None:
+        """The control served 5000 requests at 20 % errors and mean prediction 0.5 before the
+        experiment; after StartExperiment both arms serve 2000 at 3 % and 0.3: the experiment
+        counts the 2000 only and finds no difference, while the totals (no experiment_id)
+        still count everything and call the control worse."""
+        stub, app = monitor
+        await log_and_count(
+            redis_client, app, _requests(A, 0, 5000, error_rate=0.2, mean=0.5, seed=12)
+        )
+        started = await stub.StartExperiment(_start(A, B))
+        assert (started.endpoint, started.experiment_id, list(started.arms)) == (
+            "fraud",
+            EXPERIMENT,
+            [A, B],
+        )
+        assert started.started
+        assert started.start_time.ToNanoseconds() == T0 * 1e9
+        after = {
+            A: _requests(A, 5000, 2000, error_rate=0.03, mean=0.3, seed=13),
+            B: _requests(B, 0, 2000, error_rate=0.03, mean=0.3, seed=14),
+        }
+        await log_and_count(redis_client, app, after[A] + after[B])
+        errors = _report_request(
+            pb.EXPERIMENT_METRIC_ERROR_RATE, 2000, A, B, experiment_id=EXPERIMENT
+        )
+        report = await stub.GetExperimentReport(errors)
+        assert report.verdict == pb.EXPERIMENT_VERDICT_NOT_SIGNIFICANT, report.reason
+        assert [(a.sample_count, a.progress) for a in report.arms] == [(2000, 1.0), (2000, 1.0)]
+        for arm in report.arms:
+            failed = [
+                r for r in after[arm.model_version] if r.status == rec_pb.PREDICTION_STATUS_ERROR
+            ]
+            assert arm.value == pytest.approx(len(failed) / 2000)
+        means = await stub.GetExperimentReport(
+            _report_request(
+                pb.EXPERIMENT_METRIC_PREDICTION_MEAN, 2000, A, B, experiment_id=EXPERIMENT
+            )
+        )
+        assert means.verdict == pb.EXPERIMENT_VERDICT_NOT_SIGNIFICANT, means.reason
+        control_predictions = [r.outputs[0].contents.fp64_contents[0] for r in after[A]]
+        assert means.arms[0].sample_count == 2000
+        assert means.arms[0].value == pytest.approx(np.mean(control_predictions))
+        totals = await stub.GetExperimentReport(
+            _report_request(pb.EXPERIMENT_METRIC_ERROR_RATE, 2000, A, B)
+        )
+        assert [a.sample_count for a in totals.arms] == [7000, 2000]
+        assert totals.verdict == pb.EXPERIMENT_VERDICT_SIGNIFICANT, totals.reason
+
+    async def test_outcomes_recorded_before_the_start_do_not_count(
+        self,
+        monitor: tuple[pb_grpc.MonitorServiceStub, MonitorApp],
+        redis_client: aioredis.Redis,
+    ) -> None:
+        """Outcome values recorded before the start (value 100) are left out of OUTCOME_MEAN;
+        the ones recorded after are its samples, with their exact mean."""
+        stub, app = monitor
+        await log_and_count(redis_client, app, _requests(A, 0, 60, seed=15))
+        await log_and_count(redis_client, app, _requests(B, 0, 30, seed=16))
+        for i in range(30):
+            await stub.RecordOutcome(pb.RecordOutcomeRequest(request_id=f"{A}-{i}", value=100.0))
+        await stub.StartExperiment(_start(A, B))
+        rng = np.random.default_rng(17)
+        values = {A: rng.normal(10.0, 2.0, 30), B: rng.normal(10.0, 2.0, 30)}
+        for version, offset in ((A, 30), (B, 0)):
+            for i, value in enumerate(values[version]):
+                await stub.RecordOutcome(
+                    pb.RecordOutcomeRequest(
+                        request_id=f"{version}-{offset + i}", value=float(value)
+                    )
+                )
+        report = await stub.GetExperimentReport(
+            _report_request(pb.EXPERIMENT_METRIC_OUTCOME_MEAN, 30, A, B, experiment_id=EXPERIMENT)
+        )
+        assert [a.sample_count for a in report.arms] == [30, 30]
+        assert report.arms[0].value == pytest.approx(values[A].mean())
+        assert report.arms[1].value == pytest.approx(values[B].mean())
+
+    async def test_starting_again_keeps_the_first_start(
+        self,
+        monitor: tuple[pb_grpc.MonitorServiceStub, MonitorApp],
+        redis_client: aioredis.Redis,
+        clock: TestClock,
+    ) -> None:
+        """A second StartExperiment with the same id says it was started before and keeps the
+        first zero point and time; one with other arms is FAILED_PRECONDITION and changes
+        nothing."""
+        stub, app = monitor
+        await log_and_count(redis_client, app, _requests(A, 0, 50, seed=18))
+        first = await stub.StartExperiment(_start(A, B))
+        await log_and_count(redis_client, app, _requests(A, 50, 40, seed=19))
+        await log_and_count(redis_client, app, _requests(B, 0, 30, seed=20))
+        clock.now += 60
+        again = await stub.StartExperiment(_start(B, A))
+        assert not again.started
+        assert list(again.arms) == [A, B]
+        assert again.start_time == first.start_time
+        keys = await _experiment_keys(redis_client)
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await stub.StartExperiment(_start(A, C))
+        error = decode_rpc_error(info.value)
+        assert (error.code, error.reason) == (
+            grpc.StatusCode.FAILED_PRECONDITION,
+            "EXPERIMENT_ARMS_DIFFER",
+        )
+        assert EXPERIMENT in error.message
+        assert await _experiment_keys(redis_client) == keys
+        report = await stub.GetExperimentReport(
+            _report_request(pb.EXPERIMENT_METRIC_ERROR_RATE, 100, A, B, experiment_id=EXPERIMENT)
+        )
+        assert [a.sample_count for a in report.arms] == [40, 30]
+
+    async def test_an_experiment_not_started_is_not_found(
+        self, monitor: tuple[pb_grpc.MonitorServiceStub, MonitorApp]
+    ) -> None:
+        """A report for an experiment never started, started on another endpoint, or without
+        one of the arms asked is NOT_FOUND naming the experiment; a window with an
+        experiment is INVALID_ARGUMENT."""
+        stub, _ = monitor
+        await stub.StartExperiment(_start(A, B))
+        request = _report_request(pb.EXPERIMENT_METRIC_ERROR_RATE, 100, A, B)
+        cases = [
+            (request.endpoint, [A, B], "rollouts/9", "EXPERIMENT_NOT_FOUND"),
+            ("other", [A, B], EXPERIMENT, "EXPERIMENT_NOT_FOUND"),
+            ("fraud", [A, C], EXPERIMENT, "EXPERIMENT_ARM_NOT_FOUND"),
+        ]
+        for endpoint, arms, experiment_id, reason in cases:
+            request.endpoint, request.experiment_id = endpoint, experiment_id
+            request.ClearField("arms")
+            request.arms.extend(arms)
+            with pytest.raises(grpc.aio.AioRpcError) as info:
+                await stub.GetExperimentReport(request)
+            error = decode_rpc_error(info.value)
+            assert (error.code, error.reason) == (grpc.StatusCode.NOT_FOUND, reason)
+            assert experiment_id in error.message
+            assert error.metadata["experiment_id"] == experiment_id
+        windowed = _report_request(
+            pb.EXPERIMENT_METRIC_ERROR_RATE, 100, A, B, experiment_id=EXPERIMENT
+        )
+        windowed.window = pb.WINDOW_ONE_HOUR
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await stub.GetExperimentReport(windowed)
+        assert [v.field for v in decode_rpc_error(info.value).violations] == ["window"]
+
+    async def test_bad_starts_are_invalid_argument_and_write_nothing(
+        self,
+        monitor: tuple[pb_grpc.MonitorServiceStub, MonitorApp],
+        redis_client: aioredis.Redis,
+    ) -> None:
+        """No endpoint, too few, repeated or malformed arms and a missing or malformed id are
+        refused, naming the field, and leave no experiment behind."""
+        stub, app = monitor
+        await log_and_count(redis_client, app, _requests(A, 0, 10, seed=21))
+        cases = [
+            (pb.StartExperimentRequest(arms=[A, B], experiment_id="x"), ["endpoint"]),
+            (_start(), ["arms"]),
+            (_start(A), ["arms"]),
+            (_start(A, A), ["arms"]),
+            (_start(A, "models/fraud/versions/two"), ["arms"]),
+            (_start(A, "fraud:2"), ["arms"]),
+            (_start(A, B, experiment_id=""), ["experiment_id"]),
+            (_start(A, B, experiment_id="/rollouts/1"), ["experiment_id"]),
+            (_start(A, B, experiment_id="rollout 1"), ["experiment_id"]),
+            (_start(A, B, experiment_id="r" * 129), ["experiment_id"]),
+            (pb.StartExperimentRequest(), ["endpoint", "arms", "experiment_id"]),
+        ]
+        for request, fields in cases:
+            with pytest.raises(grpc.aio.AioRpcError) as info:
+                await stub.StartExperiment(request)
+            error = decode_rpc_error(info.value)
+            assert error.code is grpc.StatusCode.INVALID_ARGUMENT, request
+            assert [v.field for v in error.violations] == fields, request
+        assert await _experiment_keys(redis_client) == []

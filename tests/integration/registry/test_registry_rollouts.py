@@ -16,8 +16,11 @@ import pytest
 import redis.asyncio as aioredis
 from google.protobuf import duration_pb2, field_mask_pb2
 from registry_testing import create_model, failure, tiny_onnx, upload_version
+from structlog.testing import capture_logs
 from support import eventually, running
 
+from modelserve.monitor.v1 import monitor_service_pb2 as monitor_pb
+from modelserve.monitor.v1 import monitor_service_pb2_grpc as monitor_grpc
 from modelserve.registry.v1 import registry_service_pb2 as pb
 from modelserve.registry.v1 import registry_service_pb2_grpc as pb_grpc
 from modelserve.type.v1 import prediction_record_pb2 as rec_pb
@@ -56,6 +59,7 @@ class Rollouts:
     deployment: str
     settings: RegistrySettings
     restart: Callable[[], AbstractAsyncContextManager[tuple[object, grpc.aio.Channel, object]]]
+    monitor: monitor_grpc.MonitorServiceAsyncStub
 
     @property
     def endpoint(self) -> str:
@@ -117,7 +121,7 @@ async def rollouts(
         consumer_name="rollout-test",
         block_ms=50,
     )
-    async with running(build_monitor, monitor_settings) as (monitor, _, _):
+    async with running(build_monitor, monitor_settings) as (monitor, monitor_channel, _):
         settings = RegistrySettings(
             production_traffic_only=False,
             data_dir=tmp_path / "registry",
@@ -144,7 +148,8 @@ async def rollouts(
                 )
             )
             writer = PredictionLogWriter(redis_client, stream=stream)
-            yield Rollouts(stub, app, writer, deployment, settings, restart)
+            monitor_stub = monitor_grpc.MonitorServiceStub(monitor_channel)
+            yield Rollouts(stub, app, writer, deployment, settings, restart, monitor_stub)
             await writer.flush()
 
 
@@ -403,6 +408,34 @@ async def sticky(rollouts: Rollouts) -> None:
     )
 
 
+async def _counted(rollouts: Rollouts, count: int) -> None:
+    """Waits until the monitor has counted `count` requests of the endpoint."""
+
+    async def check() -> bool:
+        try:
+            stats = await rollouts.monitor.GetEndpointStats(
+                monitor_pb.GetEndpointStatsRequest(endpoint=rollouts.endpoint)
+            )
+        except grpc.aio.AioRpcError:
+            return False
+        return stats.request_count == count
+
+    await eventually(check, f"the monitor to count {count} requests", within_s=WAIT_S)
+
+
+def _experiment_report(
+    rollouts: Rollouts, experiment_id: str = ""
+) -> monitor_pb.GetExperimentReportRequest:
+    """The error-rate report the A/B rollout asks for, with or without its experiment."""
+    return monitor_pb.GetExperimentReportRequest(
+        endpoint=rollouts.endpoint,
+        arms=[V1, V2],
+        metric=monitor_pb.EXPERIMENT_METRIC_ERROR_RATE,
+        sample_size=200,
+        experiment_id=experiment_id,
+    )
+
+
 class TestAbTest:
     async def test_a_better_candidate_wins_once_the_samples_are_in(
         self, rollouts: Rollouts
@@ -446,6 +479,96 @@ class TestAbTest:
         aborted = await rollouts.reaches(started.name, pb.ROLLOUT_STATE_ABORTED)
         assert "no significant difference" in aborted.reason
         assert await rollouts.traffic() == {V1: 100}
+
+    async def test_traffic_from_before_the_test_does_not_count(self, rollouts: Rollouts) -> None:
+        """The stable version answered 1000 requests at 30 % errors before the test; the
+        rollout has the monitor start its experiment once, and the test reads only what came
+        after: 200 requests per arm at 5 % errors, no difference, the stable version stays
+        (counted with the 1000, the candidate would have looked better and won)."""
+        await sticky(rollouts)
+        rollouts.answer(V1, 1000, errors=300)
+        await _counted(rollouts, 1000)
+        with capture_logs() as logs:
+            started = await rollouts.start(ab_test())
+            rollouts.answer(V1, 200, errors=10)
+            rollouts.answer(V2, 200, errors=10)
+            aborted = await rollouts.reaches(started.name, pb.ROLLOUT_STATE_ABORTED)
+        assert "no significant difference" in aborted.reason
+        assert await rollouts.traffic() == {V1: 100}
+        starts = [entry for entry in logs if entry["event"] == "experiment_started"]
+        assert [(e["rollout"], e["experiment_id"], e["started"]) for e in starts] == [
+            (started.name, started.name, True)
+        ]
+        report = await rollouts.monitor.GetExperimentReport(
+            _experiment_report(rollouts, experiment_id=started.name)
+        )
+        assert [(a.model_version, a.sample_count) for a in report.arms] == [(V1, 200), (V2, 200)]
+        totals = await rollouts.monitor.GetExperimentReport(_experiment_report(rollouts))
+        assert [a.sample_count for a in totals.arms] == [1200, 200]
+
+    async def test_no_reading_before_the_monitor_records_the_start(
+        self, rollouts: Rollouts
+    ) -> None:
+        """With the monitor unreachable the test cannot start: its readings are INCONCLUSIVE
+        and say why, traffic stays split, nothing is decided on the totals; a registry
+        restarted with the monitor back starts the experiment under the same id and reads
+        only what came after."""
+        await sticky(rollouts)
+        rollouts.answer(V1, 1000, errors=300)
+        await _counted(rollouts, 1000)
+        await rollouts.app.rollouts.stop()
+        await rollouts.app.close()
+        dead = rollouts.settings.model_copy(update={"monitor_target": "127.0.0.1:1"})
+        async with running(build_registry, dead) as (_, channel, _app):
+            stub = pb_grpc.RegistryServiceStub(channel)
+            started = (
+                await stub.StartRollout(
+                    pb.StartRolloutRequest(
+                        deployment=rollouts.deployment, candidate_version=V2, strategy=ab_test()
+                    )
+                )
+            ).rollout
+            rollouts.answer(V1, 200, errors=10)
+            rollouts.answer(V2, 200, errors=10)
+            await _counted(rollouts, 1400)
+            seen: list[pb.Rollout] = []
+
+            async def refused() -> bool:
+                seen.append(
+                    (await stub.GetRollout(pb.GetRolloutRequest(name=started.name))).rollout
+                )
+                return seen[-1].last_gate.reason.startswith("the experiment has not started")
+
+            await eventually(refused, "a reading that waits for the start", within_s=WAIT_S)
+            assert seen[-1].state == pb.ROLLOUT_STATE_RUNNING
+            assert seen[-1].last_gate.verdict == pb.GATE_VERDICT_INCONCLUSIVE
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await rollouts.monitor.GetExperimentReport(
+                _experiment_report(rollouts, experiment_id=started.name)
+            )
+        assert info.value.code() == grpc.StatusCode.NOT_FOUND
+        async with rollouts.restart() as (_, channel, _app):
+            stub = pb_grpc.RegistryServiceStub(channel)
+
+            async def experiment_started() -> bool:
+                response = await stub.GetRollout(pb.GetRolloutRequest(name=started.name))
+                return response.rollout.last_gate.reason.startswith("collecting")
+
+            await eventually(experiment_started, "the experiment to start", within_s=WAIT_S)
+            rollouts.answer(V1, 200, errors=100)
+            rollouts.answer(V2, 200, errors=10)
+
+            async def finished() -> bool:
+                response = await stub.GetRollout(pb.GetRolloutRequest(name=started.name))
+                seen.append(response.rollout)
+                return seen[-1].state == pb.ROLLOUT_STATE_SUCCEEDED
+
+            await eventually(finished, "the candidate to win", within_s=WAIT_S)
+        assert "the candidate is better" in seen[-1].reason
+        report = await rollouts.monitor.GetExperimentReport(
+            _experiment_report(rollouts, experiment_id=started.name)
+        )
+        assert [a.sample_count for a in report.arms] == [200, 200]
 
     async def test_an_ab_test_needs_a_routing_key(self, rollouts: Rollouts) -> None:
         """Without sticky assignment a caller would flip between arms: refused."""

@@ -8,6 +8,8 @@ from modelserve.type.v1 import feature_value_pb2 as fv_pb
 from modelserve.type.v1 import prediction_record_pb2 as rec_pb
 from modelserve.type.v1 import tensor_pb2
 from modelserve_monitor.aggregate import (
+    _COUNTS,
+    _SUMS,
     SEP,
     VersionAggregate,
     contribution,
@@ -143,3 +145,50 @@ class TestContribution:
         assert amount.values.mean == pytest.approx(15.0)
         assert aggregate.features["country"].categories == {"NL": 3}
         assert aggregate.features["country"].categorical
+
+
+def _aggregate(records: list[rec_pb.PredictionRecord], scale: int) -> dict[str, float]:
+    """The counters of some records as Redis adds them up, with every outcome and shadow-pair
+    counter set to a multiple of `scale` (binary fractions, so sums are exact)."""
+    outcomes_and_pairs = ("o_", "sh_")
+    counters: dict[str, float] = {
+        name: 3 * scale for name in _COUNTS if name.startswith(outcomes_and_pairs)
+    }
+    counters |= {name: 0.5 * scale for name in _SUMS if name.startswith(outcomes_and_pairs)}
+    for i, record in enumerate(records):
+        part = contribution(record, f"{i}-0")
+        for name, value in (*part.core, *part.detail):
+            counters[name] = counters.get(name, 0) + value
+    return counters
+
+
+def _read(counters: dict[str, float]) -> VersionAggregate:
+    aggregate = VersionAggregate()
+    aggregate.add_hash({k.encode(): repr(v).encode() for k, v in counters.items()})
+    return aggregate
+
+
+class TestSubtract:
+    def test_subtracting_earlier_counters_leaves_what_came_after(self) -> None:
+        """Counters read later minus the same counters read earlier equal the counters of
+        what came in between: every count, sum, histogram bucket and feature, and nothing
+        (no bucket, category or feature) that only the earlier records had."""
+        before, after = [], []
+        for i in range(6):
+            record = _record(request_id=f"r{i}", latency_us=2500 if i < 3 else 40000)
+            record.status = rec_pb.PREDICTION_STATUS_ERROR if i in (1, 4) else record.status
+            record.degraded = i == 2
+            record.outputs.append(_probabilities((0.75, 0.25) if i < 3 else (0.5, 0.5)))
+            record.features["amount"].CopyFrom(fv_pb.FeatureValue(double_value=10.0 * (i + 1)))
+            if i < 3:
+                record.features["country"].CopyFrom(fv_pb.FeatureValue(string_value="NL"))
+            (before if i < 3 else after).append(record)
+        earlier = _aggregate(before, 1)
+        between = _aggregate(after, 2)
+        later = {k: earlier.get(k, 0) + between.get(k, 0) for k in earlier.keys() | between.keys()}
+        result = _read(later)
+        result.subtract(_read(earlier))
+        assert result == _read(between)
+        assert (result.requests, result.errors, result.degraded, result.labels) == (3, 1, 0, 6)
+        assert result.value_square_sum == 1.0
+        assert set(result.features) == {"amount"}

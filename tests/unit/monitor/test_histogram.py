@@ -48,6 +48,20 @@ class TestHistogram:
         assert merged.total == together.total == 500
         assert merged.sum == pytest.approx(together.sum)
 
+    def test_subtracting_undoes_merging(self) -> None:
+        """Taking away a histogram merged in before leaves the other one, without the buckets
+        only the taken-away values had."""
+        rng = np.random.default_rng(2)
+        first, second = rng.normal(5, 2, 300), rng.normal(50, 1, 200)
+        later = Histogram.of(float(v) for v in np.concatenate([first, second]))
+        earlier = Histogram.of(float(v) for v in first)
+        later.subtract(earlier)
+        alone = Histogram.of(float(v) for v in second)
+        assert later.counts == alone.counts
+        assert later.total == alone.total == 200
+        assert later.sum == pytest.approx(alone.sum)
+        assert later.quantile(0.5) == alone.quantile(0.5)
+
     def test_empty_histogram_answers_zero(self) -> None:
         """An empty histogram has mean and quantiles 0 rather than failing."""
         assert Histogram.empty().quantile(0.99) == 0.0

@@ -188,6 +188,28 @@ class VersionAggregate:
         for raw_name, raw_value in raw.items():
             self._add(raw_name.decode(), float(raw_value))
 
+    def subtract(self, earlier: VersionAggregate) -> None:
+        """Takes away counters read earlier from the same (growing) hashes: what is left is
+        what was counted in between. The inverse of adding `earlier`'s hashes: every count,
+        sum and histogram bucket goes down by its amount."""
+        for name in (*_COUNTS.values(), *_SUMS.values()):
+            setattr(self, name, getattr(self, name) - getattr(earlier, name))
+        self.latency_ms.subtract(earlier.latency_ms)
+        self.predictions.subtract(earlier.predictions)
+        for reference, before in earlier.features.items():
+            feature = self.features.setdefault(reference, FeatureAggregate())
+            feature.count -= before.count
+            feature.missing -= before.missing
+            feature.values.subtract(before.values)
+            for category, count in before.categories.items():
+                left = feature.categories.get(category, 0) - count
+                if left:
+                    feature.categories[category] = left
+                else:
+                    feature.categories.pop(category, None)
+            if feature == FeatureAggregate():
+                del self.features[reference]
+
     def _add(self, name: str, value: float) -> None:
         count = int(value)
         if name in _COUNTS:

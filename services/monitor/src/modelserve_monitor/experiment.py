@@ -6,10 +6,15 @@ again and again as data arrives finds a "significant" difference far more often 
 its alpha says. Once every arm has its samples, each arm is compared with the control at
 alpha divided by the number of comparisons (Bonferroni), with a confidence interval of
 the difference at the same level.
+
+An experiment can be started first (`start`): each arm's counters then are recorded as its
+zero point, and a report for the experiment counts only what came after, so a control
+version that served all traffic before the test brings none of it into the fixed sample.
 """
 
 from __future__ import annotations
 
+import re
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -26,13 +31,22 @@ from modelserve_monitor.significance import (
     two_proportion_z,
     welch_t,
 )
-from modelserve_monitor.store import AggregateStore, Window
-from modelserve_runtime.errors import FieldViolation, InvalidArgumentError
+from modelserve_monitor.store import AggregateStore, ExperimentStart, Window
+from modelserve_runtime.errors import (
+    FailedPreconditionError,
+    FieldViolation,
+    InvalidArgumentError,
+    NotFoundError,
+)
 
 Clock = Callable[[], float]
 
 #: The experiment's significance level when the caller gives none.
 DEFAULT_ALPHA = 0.05
+
+#: An experiment id: the caller's (the registry uses the rollout's name).
+_EXPERIMENT_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._/-]{0,127}")
+_MODEL_VERSION = re.compile(r"models/[a-z][a-z0-9-]{0,62}/versions/[1-9][0-9]{0,17}")
 
 
 class ExperimentMetric(Enum):
@@ -208,6 +222,44 @@ class ExperimentAnalysis:
         self._store = store
         self._clock = clock
 
+    async def start(
+        self, endpoint: str, arms: Sequence[str], experiment_id: str
+    ) -> ExperimentStart:
+        """Records each arm's counters now as the experiment's zero point; an experiment
+        started before keeps its first start (`started` False). InvalidArgumentError names
+        every wrong field; FailedPreconditionError when it was started with other arms."""
+        violations = _arm_violations(endpoint, arms)
+        named = not any(v.field == "arms" for v in violations)
+        if named and not all(_MODEL_VERSION.fullmatch(arm) for arm in arms):
+            violations.append(
+                FieldViolation("arms", "each must be models/{model}/versions/{version}")
+            )
+        if not experiment_id:
+            violations.append(FieldViolation("experiment_id", "is required"))
+        elif not _EXPERIMENT_ID.fullmatch(experiment_id):
+            violations.append(
+                FieldViolation(
+                    "experiment_id",
+                    "must be 1-128 letters, digits, '.', '_', '-' or '/', starting with a"
+                    " letter or digit",
+                )
+            )
+        if violations:
+            raise InvalidArgumentError.from_violations(violations)
+        start = await self._store.start_experiment(endpoint, experiment_id, arms, self._clock())
+        if sorted(start.arms) != sorted(arms):
+            raise FailedPreconditionError(
+                f"experiment {experiment_id} of {endpoint} was started with the arms"
+                f" {', '.join(start.arms)}",
+                reason="EXPERIMENT_ARMS_DIFFER",
+                metadata={
+                    "endpoint": endpoint,
+                    "experiment_id": experiment_id,
+                    "arms": ",".join(start.arms),
+                },
+            )
+        return start
+
     async def report(
         self,
         endpoint: str,
@@ -216,18 +268,17 @@ class ExperimentAnalysis:
         sample_size: int,
         alpha: float,
         window: Window,
+        experiment_id: str = "",
     ) -> ExperimentReport:
         """The experiment's state; `alpha` 0 means DEFAULT_ALPHA, TOTAL means since each
-        version was first counted. InvalidArgumentError names every wrong field."""
-        violations = []
-        if not endpoint:
-            violations.append(FieldViolation("endpoint", "is required"))
-        if len(arms) < 2:
-            violations.append(FieldViolation("arms", "needs two or more versions"))
-        elif any(not arm for arm in arms):
-            violations.append(FieldViolation("arms", "must not hold an empty version"))
-        elif len(set(arms)) != len(arms):
-            violations.append(FieldViolation("arms", "must not name a version twice"))
+        version was first counted, or with `experiment_id` since the experiment started.
+        InvalidArgumentError names every wrong field; NotFoundError when the experiment was
+        not started for the endpoint or has no such arm."""
+        violations = _arm_violations(endpoint, arms)
+        if experiment_id and window is not Window.TOTAL:
+            violations.append(
+                FieldViolation("window", "must be unspecified when experiment_id is set")
+            )
         if metric is None:
             violations.append(FieldViolation("metric", "is required"))
         if sample_size < 2:
@@ -237,11 +288,16 @@ class ExperimentAnalysis:
         if violations or metric is None:
             raise InvalidArgumentError.from_violations(violations)
         alpha = alpha or DEFAULT_ALPHA
-        now = self._clock()
-        samples = [
-            (arm, sample_of(metric, await self._store.window(endpoint, arm, window, now)))
-            for arm in arms
-        ]
+        if experiment_id:
+            await self._check_started(endpoint, arms, experiment_id)
+            counters = [
+                await self._store.since_experiment_start(endpoint, arm, experiment_id)
+                for arm in arms
+            ]
+        else:
+            now = self._clock()
+            counters = [await self._store.window(endpoint, arm, window, now) for arm in arms]
+        samples = [(arm, sample_of(metric, c)) for arm, c in zip(arms, counters, strict=True)]
         verdict, progress, reason, report = analyse(samples, metric, sample_size, alpha)
         return ExperimentReport(
             endpoint=endpoint,
@@ -254,3 +310,35 @@ class ExperimentAnalysis:
             reason=reason,
             arms=report,
         )
+
+    async def _check_started(self, endpoint: str, arms: Sequence[str], experiment_id: str) -> None:
+        started = await self._store.experiment_arms(endpoint, experiment_id)
+        metadata = {"endpoint": endpoint, "experiment_id": experiment_id}
+        if started is None:
+            raise NotFoundError(
+                f"experiment {experiment_id} was not started for endpoint {endpoint}",
+                reason="EXPERIMENT_NOT_FOUND",
+                metadata=metadata,
+            )
+        missing = [arm for arm in arms if arm not in started]
+        if missing:
+            raise NotFoundError(
+                f"experiment {experiment_id} of endpoint {endpoint} has no arm"
+                f" {', '.join(missing)} (its arms: {', '.join(started)})",
+                reason="EXPERIMENT_ARM_NOT_FOUND",
+                metadata=metadata | {"arms": ",".join(missing)},
+            )
+
+
+def _arm_violations(endpoint: str, arms: Sequence[str]) -> list[FieldViolation]:
+    """What is wrong with an experiment's endpoint and arms."""
+    violations = []
+    if not endpoint:
+        violations.append(FieldViolation("endpoint", "is required"))
+    if len(arms) < 2:
+        violations.append(FieldViolation("arms", "needs two or more versions"))
+    elif any(not arm for arm in arms):
+        violations.append(FieldViolation("arms", "must not hold an empty version"))
+    elif len(set(arms)) != len(arms):
+        violations.append(FieldViolation("arms", "must not name a version twice"))
+    return violations

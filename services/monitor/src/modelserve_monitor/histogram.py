@@ -76,6 +76,20 @@ class Histogram:
         self.total += total
         self.sum += value_sum
 
+    def subtract(self, other: Histogram) -> None:
+        """Takes away a histogram that was merged into this one: the inverse of `merge`.
+
+        Buckets left empty are dropped, as if they had never been counted.
+        """
+        for index, count in other.counts.items():
+            left = self.counts.get(index, 0) - count
+            if left:
+                self.counts[index] = left
+            else:
+                self.counts.pop(index, None)
+        self.total -= other.total
+        self.sum -= other.sum
+
     @property
     def mean(self) -> float:
         return self.sum / self.total if self.total else 0.0

@@ -279,6 +279,7 @@ class MonitorServicer(pb_grpc.MonitorServiceServicer):
             request.sample_size,
             request.alpha,
             _window(request.window),
+            request.experiment_id,
         )
         return pb.GetExperimentReportResponse(
             endpoint=report.endpoint,
@@ -313,6 +314,20 @@ class MonitorServicer(pb_grpc.MonitorServiceServicer):
                 )
                 for arm in report.arms
             ],
+        )
+
+    async def StartExperiment(
+        self, request: pb.StartExperimentRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> pb.StartExperimentResponse:
+        start = await self._experiments.start(
+            request.endpoint, list(request.arms), request.experiment_id
+        )
+        return pb.StartExperimentResponse(
+            endpoint=request.endpoint,
+            experiment_id=request.experiment_id,
+            arms=start.arms,
+            start_time=_timestamp(start.started_at),
+            started=start.started,
         )
 
 

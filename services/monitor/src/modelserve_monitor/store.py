@@ -13,6 +13,9 @@ Layout (prefix `modelserve:monitor`):
 - `:shadow:{request id}`: shadow copies counted before the answer they pair with (expires).
 - `:outcome:{request id}`: an outcome was recorded for the request (expires).
 - `:endpoints`, `:versions:{endpoint}`: sets of what was seen.
+- `:experiment:{endpoint}\\x1f{experiment id}`: an A/B experiment's arms and start time;
+  `:agg:{endpoint}\\x1f{version}:experiment:{experiment id}`: the arm's `:total` counters
+  when the experiment started, its zero point. Like the totals they do not expire.
 
 A Lua script counts a batch of stream entries and acknowledges them in the same atomic
 step, and skips a record whose `seen` key exists: a crash can neither count a batch
@@ -295,6 +298,35 @@ return 1
 """
 
 
+# Records an A/B experiment's start once: every arm's `:total` counters are copied as its
+# zero point and the experiment's arms and start time are kept, all in one atomic step, so
+# no record is counted between two arms' copies. An experiment started before keeps its
+# first start (another replica, or a caller retrying, may have started it).
+# KEYS: the experiment, then per arm its total and its zero point; ARGV: arms, start time.
+_START_EXPERIMENT = """
+local arms = redis.call('HGET', KEYS[1], 'arms')
+if arms then return {0, arms, redis.call('HGET', KEYS[1], 'started_at')} end
+for k = 2, #KEYS, 2 do
+  redis.call('DEL', KEYS[k + 1])
+  local counters = redis.call('HGETALL', KEYS[k])
+  for j = 1, #counters, 1000 do
+    redis.call('HSET', KEYS[k + 1], unpack(counters, j, math.min(j + 999, #counters)))
+  end
+end
+redis.call('HSET', KEYS[1], 'arms', ARGV[1], 'started_at', ARGV[2])
+return {1, ARGV[1], ARGV[2]}
+"""
+
+
+@dataclass(frozen=True, slots=True)
+class ExperimentStart:
+    """Where an experiment starts: its arms, when, and whether this call started it."""
+
+    arms: list[str]
+    started_at: float
+    started: bool
+
+
 class BaselineSource(Enum):
     """Where a version's feature baseline comes from."""
 
@@ -339,6 +371,10 @@ def _version_base(endpoint: str, model_version: str) -> str:
     return f"{PREFIX}:agg:{endpoint}{SEP}{model_version}"
 
 
+def _experiment_key(endpoint: str, experiment_id: str) -> str:
+    return f"{PREFIX}:experiment:{endpoint}{SEP}{experiment_id}"
+
+
 class AggregateStore:
     """Reads and updates the per-version counters; knows the key layout and the scripts."""
 
@@ -350,6 +386,7 @@ class AggregateStore:
         self._apply_once: Any = client.register_script(_APPLY_ONCE)
         self._apply_merged: Any = client.register_script(_APPLY_MERGED)
         self._decide_baseline: Any = client.register_script(_DECIDE_BASELINE)
+        self._start_experiment: Any = client.register_script(_START_EXPERIMENT)
 
     async def count_and_ack(
         self,
@@ -423,6 +460,45 @@ class AggregateStore:
             last = int(now // step) * step
             keys = [f"{base}:{scale}:{last - k * step}" for k in range(window.value // step)]
         return await self._merged(keys)
+
+    async def start_experiment(
+        self, endpoint: str, experiment_id: str, arms: Sequence[str], now: float
+    ) -> ExperimentStart:
+        """Records each arm's totals as the experiment's zero point, unless the experiment
+        was started before: then its first start stands and is returned, arms and all."""
+        keys = [_experiment_key(endpoint, experiment_id)]
+        for arm in arms:
+            base = _version_base(endpoint, arm)
+            keys += [f"{base}:total", f"{base}:experiment:{experiment_id}"]
+        started, stored_arms, started_at = await self._start_experiment(
+            keys=keys, args=[SEP.join(arms), repr(now)]
+        )
+        return ExperimentStart(
+            arms=_text(stored_arms).split(SEP),
+            started_at=float(_text(started_at)),
+            started=bool(int(started)),
+        )
+
+    async def experiment_arms(self, endpoint: str, experiment_id: str) -> list[str] | None:
+        """The arms an experiment of the endpoint was started with; None if never started."""
+        raw = await self._redis.hget(_experiment_key(endpoint, experiment_id), "arms")
+        return None if raw is None else _text(raw).split(SEP)
+
+    async def since_experiment_start(
+        self, endpoint: str, model_version: str, experiment_id: str
+    ) -> VersionAggregate:
+        """A version's totals minus its zero point in the experiment: what was counted after
+        the experiment started."""
+        base = _version_base(endpoint, model_version)
+        async with self._redis.pipeline(transaction=False) as pipe:
+            pipe.hgetall(f"{base}:total")
+            pipe.hgetall(f"{base}:experiment:{experiment_id}")
+            total_raw, zero_raw = await pipe.execute()
+        total, zero = VersionAggregate(), VersionAggregate()
+        total.add_hash(total_raw)
+        zero.add_hash(zero_raw)
+        total.subtract(zero)
+        return total
 
     async def baseline(self, endpoint: str, model_version: str) -> VersionAggregate:
         """The counters of the version's first `baseline_records` records."""

@@ -80,8 +80,19 @@ class Gate(Protocol):
     ) -> pb.GateResult:
         """An A/B test's reading: PASS when the candidate is significantly better, FAIL when
         it is worse or no different (the stable version stays), INCONCLUSIVE while the arms
-        are collecting."""
+        are collecting, or while the test's start could not be recorded."""
         ...
+
+    async def start_experiment(self, rollout: Rollout) -> str:
+        """Records an A/B test's start, so its readings count only traffic from then on;
+        empty once recorded (now or before), else why not (the next reading tries again)."""
+        ...
+
+
+def experiment_id(rollout: Rollout) -> str:
+    """The id of an A/B rollout's experiment in the monitor: the rollout's name, the same
+    after a registry restart, so a restarted controller finds the experiment it started."""
+    return rollout.name
 
 
 def _result(
@@ -99,6 +110,10 @@ class MonitorGate:
 
     A request answered by a fallback counts as an error of the candidate. The monitor being
     unreachable is INCONCLUSIVE: the step waits, up to the gate's max_wait.
+
+    An A/B test reads the monitor's experiment report for the rollout's experiment (started
+    with StartExperiment), so traffic the stable version answered before the test does not
+    count; until the monitor has recorded the start, the test's readings are INCONCLUSIVE.
     """
 
     def __init__(
@@ -106,12 +121,56 @@ class MonitorGate:
     ) -> None:
         self._channel = channel
         self._timeout_s = timeout_s
+        # Rollouts whose experiment the monitor has recorded; after a restart each is asked
+        # for once more, which the monitor answers with the start it already has.
+        self._started: set[str] = set()
+
+    async def start_experiment(self, rollout: Rollout) -> str:
+        if rollout.name in self._started:
+            return ""
+        arms = [rollout.stable.model_version, rollout.candidate.model_version]
+        try:
+            stub: monitor_grpc.MonitorServiceAsyncStub = monitor_grpc.MonitorServiceStub(
+                await self._channel()
+            )
+            response = await stub.StartExperiment(
+                monitor_pb.StartExperimentRequest(
+                    endpoint=rollout.deployment_id,
+                    arms=arms,
+                    experiment_id=experiment_id(rollout),
+                ),
+                timeout=self._timeout_s,
+            )
+        except grpc.aio.AioRpcError as exc:
+            why = f"the monitor did not start the experiment ({exc.code().name}: {exc.details()})"
+            log.warning("experiment_not_started", rollout=rollout.name, why=why)
+            return why
+        except UnavailableError as exc:
+            why = f"no monitor to start the experiment: {exc}"
+            log.warning("experiment_not_started", rollout=rollout.name, why=why)
+            return why
+        self._started.add(rollout.name)
+        log.info(
+            "experiment_started",
+            rollout=rollout.name,
+            experiment_id=response.experiment_id,
+            started=response.started,
+            start_time=response.start_time.ToJsonString(),
+        )
+        return ""
 
     async def experiment(
         self, rollout: Rollout, strategy: pb.RolloutStrategy, now: datetime
     ) -> pb.GateResult:
         test = strategy.ab_test
         candidate = rollout.candidate.model_version
+        why = await self.start_experiment(rollout)
+        if why:
+            # Reading the totals instead would count the stable version's traffic from before
+            # the test: wait for the start, up to the test's max_duration.
+            return _result(
+                pb.GATE_VERDICT_INCONCLUSIVE, f"the experiment has not started: {why}", now
+            )
         try:
             stub: monitor_grpc.MonitorServiceAsyncStub = monitor_grpc.MonitorServiceStub(
                 await self._channel()
@@ -123,6 +182,7 @@ class MonitorGate:
                     metric=_EXPERIMENT_METRICS[test.metric],
                     sample_size=test.sample_size,
                     alpha=test.alpha,
+                    experiment_id=experiment_id(rollout),
                 ),
                 timeout=self._timeout_s,
             )
@@ -409,6 +469,10 @@ class RolloutController:
             change=Change(actor.principal, actor.reason, "StartRollout", now),
         )
         await self._notify()
+        if parsed.WhichOneof("kind") == "ab_test":
+            # Its start is recorded once the split is out: from here on, both arms count.
+            # When the monitor cannot record it now, the first reading tries again.
+            await self._gate.start_experiment(started)
         self._wake.set()
         log.info(
             "rollout_started",

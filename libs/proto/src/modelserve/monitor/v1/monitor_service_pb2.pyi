@@ -1485,6 +1485,7 @@ class GetExperimentReportRequest(_message.Message):
     SAMPLE_SIZE_FIELD_NUMBER: _builtins.int
     ALPHA_FIELD_NUMBER: _builtins.int
     WINDOW_FIELD_NUMBER: _builtins.int
+    EXPERIMENT_ID_FIELD_NUMBER: _builtins.int
     endpoint: _builtins.str
     """Required. The endpoint (deployment id)."""
     metric: Global___ExperimentMetric.ValueType
@@ -1498,7 +1499,16 @@ class GetExperimentReportRequest(_message.Message):
     with the control (Bonferroni); 0 means 0.05.
     """
     window: Global___Window.ValueType
-    """Optional. The window; unspecified means everything since each version was first counted."""
+    """Optional. The window; unspecified means everything since each version was first counted
+    (or, with `experiment_id`, since the experiment started).
+    """
+    experiment_id: _builtins.str
+    """Optional. An experiment started with StartExperiment for this endpoint and every arm:
+    each arm then counts only what was counted after the experiment started (its counters
+    now minus those at the start), so traffic from before the test is left out. The window
+    must be unspecified. NOT_FOUND when no such experiment was started for the endpoint or
+    it has no such arm. Format: as in StartExperimentRequest.
+    """
     @_builtins.property
     def arms(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """Required. Two or more distinct versions; the first is the control that the others are
@@ -1514,10 +1524,11 @@ class GetExperimentReportRequest(_message.Message):
         sample_size: _builtins.int = ...,
         alpha: _builtins.float = ...,
         window: Global___Window.ValueType = ...,
+        experiment_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["alpha", b"alpha", "arms", b"arms", "endpoint", b"endpoint", "metric", b"metric", "sample_size", b"sample_size", "window", b"window"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["alpha", b"alpha", "arms", b"arms", "endpoint", b"endpoint", "experiment_id", b"experiment_id", "metric", b"metric", "sample_size", b"sample_size", "window", b"window"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1676,3 +1687,84 @@ class GetExperimentReportResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___GetExperimentReportResponse: _TypeAlias = GetExperimentReportResponse  # noqa: Y015
+
+@_typing.final
+class StartExperimentRequest(_message.Message):
+    """StartExperimentRequest names an experiment and the arms whose start it records."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ENDPOINT_FIELD_NUMBER: _builtins.int
+    ARMS_FIELD_NUMBER: _builtins.int
+    EXPERIMENT_ID_FIELD_NUMBER: _builtins.int
+    endpoint: _builtins.str
+    """Required. The endpoint (deployment id)."""
+    experiment_id: _builtins.str
+    """Required. The caller's id for the experiment, unique per endpoint (the registry uses
+    the rollout's name). Format: 1 to 128 characters of letters, digits, `.`, `_`, `-` and
+    `/`, starting with a letter or digit.
+    """
+    @_builtins.property
+    def arms(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Required. Two or more distinct versions, the arms of the experiment. Format:
+        `models/{model}/versions/{version}`.
+        """
+
+    def __init__(
+        self,
+        *,
+        endpoint: _builtins.str = ...,
+        arms: _abc.Iterable[_builtins.str] | None = ...,
+        experiment_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["arms", b"arms", "endpoint", b"endpoint", "experiment_id", b"experiment_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___StartExperimentRequest: _TypeAlias = StartExperimentRequest  # noqa: Y015
+
+@_typing.final
+class StartExperimentResponse(_message.Message):
+    """StartExperimentResponse says where the experiment starts."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ENDPOINT_FIELD_NUMBER: _builtins.int
+    EXPERIMENT_ID_FIELD_NUMBER: _builtins.int
+    ARMS_FIELD_NUMBER: _builtins.int
+    START_TIME_FIELD_NUMBER: _builtins.int
+    STARTED_FIELD_NUMBER: _builtins.int
+    endpoint: _builtins.str
+    """The endpoint."""
+    experiment_id: _builtins.str
+    """The experiment's id."""
+    started: _builtins.bool
+    """True when this call started the experiment; false when it had been started before,
+    whose start stands.
+    """
+    @_builtins.property
+    def arms(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """The arms whose counters were recorded at the start, as first asked."""
+
+    @_builtins.property
+    def start_time(self) -> _timestamp_pb2.Timestamp:
+        """When the experiment started: now, or for one started before, its first start."""
+
+    def __init__(
+        self,
+        *,
+        endpoint: _builtins.str = ...,
+        experiment_id: _builtins.str = ...,
+        arms: _abc.Iterable[_builtins.str] | None = ...,
+        start_time: _timestamp_pb2.Timestamp | None = ...,
+        started: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["start_time", b"start_time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["arms", b"arms", "endpoint", b"endpoint", "experiment_id", b"experiment_id", "start_time", b"start_time", "started", b"started"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___StartExperimentResponse: _TypeAlias = StartExperimentResponse  # noqa: Y015

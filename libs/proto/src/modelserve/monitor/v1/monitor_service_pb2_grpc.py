@@ -75,6 +75,11 @@ class MonitorServiceStub:
                 request_serializer=modelserve_dot_monitor_dot_v1_dot_monitor__service__pb2.GetExperimentReportRequest.SerializeToString,
                 response_deserializer=modelserve_dot_monitor_dot_v1_dot_monitor__service__pb2.GetExperimentReportResponse.FromString,
                 _registered_method=True)
+        self.StartExperiment = channel.unary_unary(
+                '/modelserve.monitor.v1.MonitorService/StartExperiment',
+                request_serializer=modelserve_dot_monitor_dot_v1_dot_monitor__service__pb2.StartExperimentRequest.SerializeToString,
+                response_deserializer=modelserve_dot_monitor_dot_v1_dot_monitor__service__pb2.StartExperimentResponse.FromString,
+                _registered_method=True)
 
 
 class MonitorServiceServicer:
@@ -143,6 +148,16 @@ class MonitorServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def StartExperiment(self, request, context):
+        """StartExperiment records where an A/B experiment starts: each arm's counters as they
+        stand now, so that a report for the experiment counts only what came after. Starting
+        an experiment that was started before changes nothing and says so; starting it again
+        with other arms is FAILED_PRECONDITION.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_MonitorServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -185,6 +200,11 @@ def add_MonitorServiceServicer_to_server(servicer, server):
                     servicer.GetExperimentReport,
                     request_deserializer=modelserve_dot_monitor_dot_v1_dot_monitor__service__pb2.GetExperimentReportRequest.FromString,
                     response_serializer=modelserve_dot_monitor_dot_v1_dot_monitor__service__pb2.GetExperimentReportResponse.SerializeToString,
+            ),
+            'StartExperiment': grpc.unary_unary_rpc_method_handler(
+                    servicer.StartExperiment,
+                    request_deserializer=modelserve_dot_monitor_dot_v1_dot_monitor__service__pb2.StartExperimentRequest.FromString,
+                    response_serializer=modelserve_dot_monitor_dot_v1_dot_monitor__service__pb2.StartExperimentResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -404,6 +424,33 @@ class MonitorService:
             '/modelserve.monitor.v1.MonitorService/GetExperimentReport',
             modelserve_dot_monitor_dot_v1_dot_monitor__service__pb2.GetExperimentReportRequest.SerializeToString,
             modelserve_dot_monitor_dot_v1_dot_monitor__service__pb2.GetExperimentReportResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def StartExperiment(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/modelserve.monitor.v1.MonitorService/StartExperiment',
+            modelserve_dot_monitor_dot_v1_dot_monitor__service__pb2.StartExperimentRequest.SerializeToString,
+            modelserve_dot_monitor_dot_v1_dot_monitor__service__pb2.StartExperimentResponse.FromString,
             options,
             channel_credentials,
             insecure,

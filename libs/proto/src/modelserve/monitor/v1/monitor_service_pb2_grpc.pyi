@@ -59,6 +59,12 @@ class MonitorServiceStub:
     """GetExperimentReport compares the arms of an A/B experiment on one metric, once every
     arm has reached the planned sample size.
     """
+    StartExperiment: _grpc.UnaryUnaryMultiCallable[_monitor_service_pb2.StartExperimentRequest, _monitor_service_pb2.StartExperimentResponse]
+    """StartExperiment records where an A/B experiment starts: each arm's counters as they
+    stand now, so that a report for the experiment counts only what came after. Starting
+    an experiment that was started before changes nothing and says so; starting it again
+    with other arms is FAILED_PRECONDITION.
+    """
 
 @_typing.type_check_only
 class MonitorServiceAsyncStub(MonitorServiceStub):
@@ -90,6 +96,12 @@ class MonitorServiceAsyncStub(MonitorServiceStub):
     GetExperimentReport: _aio.UnaryUnaryMultiCallable[_monitor_service_pb2.GetExperimentReportRequest, _monitor_service_pb2.GetExperimentReportResponse]  # type: ignore[assignment]
     """GetExperimentReport compares the arms of an A/B experiment on one metric, once every
     arm has reached the planned sample size.
+    """
+    StartExperiment: _aio.UnaryUnaryMultiCallable[_monitor_service_pb2.StartExperimentRequest, _monitor_service_pb2.StartExperimentResponse]  # type: ignore[assignment]
+    """StartExperiment records where an A/B experiment starts: each arm's counters as they
+    stand now, so that a report for the experiment counts only what came after. Starting
+    an experiment that was started before changes nothing and says so; starting it again
+    with other arms is FAILED_PRECONDITION.
     """
 
 class MonitorServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -167,6 +179,18 @@ class MonitorServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_monitor_service_pb2.GetExperimentReportResponse, _abc.Awaitable[_monitor_service_pb2.GetExperimentReportResponse]]:
         """GetExperimentReport compares the arms of an A/B experiment on one metric, once every
         arm has reached the planned sample size.
+        """
+
+    @_abc_1.abstractmethod
+    def StartExperiment(
+        self,
+        request: _monitor_service_pb2.StartExperimentRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_monitor_service_pb2.StartExperimentResponse, _abc.Awaitable[_monitor_service_pb2.StartExperimentResponse]]:
+        """StartExperiment records where an A/B experiment starts: each arm's counters as they
+        stand now, so that a report for the experiment counts only what came after. Starting
+        an experiment that was started before changes nothing and says so; starting it again
+        with other arms is FAILED_PRECONDITION.
         """
 
 def add_MonitorServiceServicer_to_server(servicer: MonitorServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
