@@ -13,6 +13,7 @@ from pathlib import Path
 import joblib  # type: ignore[import-untyped]  # joblib ships no type hints
 import numpy as np
 import pytest
+from pki import certificate_authority, client_certificate, server_certificate
 from registry_testing import tiny_onnx
 from sklearn.linear_model import LogisticRegression
 from support import running
@@ -20,6 +21,7 @@ from support import running
 from modelserve.registry.v1 import registry_service_pb2 as pb
 from modelserve.registry.v1 import registry_service_pb2_grpc as pb_grpc
 from modelserve.type.v1 import tensor_pb2
+from modelserve_cli.tls import TLS_ENV
 from modelserve_registry.config import RegistrySettings
 from modelserve_registry.server import build_server
 from modelserve_runtime.auth import ApiKeyRecord, AuthSettings
@@ -36,12 +38,16 @@ class Result:
     stderr: str
 
 
-async def cli(*args: str, api_key: str | None = None) -> Result:
-    """Runs `modelserve ARGS` and waits for it."""
+async def cli(
+    *args: str, api_key: str | None = None, env_extra: dict[str, str] | None = None
+) -> Result:
+    """Runs `modelserve ARGS` (with `env_extra` in its environment) and waits for it."""
     env = {**os.environ, "COLUMNS": "250"}
-    env.pop("MODELSERVE_API_KEY", None)
+    for name in ("MODELSERVE_API_KEY", "MODELSERVE_TLS", *TLS_ENV.values()):
+        env.pop(name, None)
     if api_key is not None:
         env["MODELSERVE_API_KEY"] = api_key
+    env.update(env_extra or {})
     process = await asyncio.create_subprocess_exec(
         MODELSERVE,
         *args,
@@ -255,3 +261,40 @@ class TestKeys:
             denied = await cli("deployments", "set", "fraud", "fraud/1=100", *target, api_key=key)
             assert denied.code == 1
             assert denied.stderr.startswith("error: PERMISSION_DENIED ROLE_REQUIRED")
+
+
+class TestTls:
+    async def test_the_cli_reaches_a_registry_that_requires_client_certificates(
+        self, tmp_path: Path
+    ) -> None:
+        """With MODELSERVE_TLS_* naming the CA and a client certificate the CLI lists the
+        models of a registry behind mutual TLS; without them it fails in one line, exit 1."""
+        ca = certificate_authority(tmp_path / "pki", "ca")
+        server = server_certificate(tmp_path / "pki", "registry", ca)
+        client = client_certificate(tmp_path / "pki", "cli", ca)
+        settings = RegistrySettings.model_validate(
+            {
+                "production_traffic_only": False,
+                "data_dir": tmp_path / "registry",
+                "server": {
+                    "tls": {
+                        "cert_file": server.cert,
+                        "key_file": server.key,
+                        "client_ca_file": ca.cert,
+                    }
+                },
+            }
+        )
+        async with running(build_server, settings) as (registry, _, _app):
+            target = ("--registry", f"127.0.0.1:{registry.port}")
+            tls = {
+                "MODELSERVE_TLS_CA_FILE": str(ca.cert),
+                "MODELSERVE_TLS_CERT_FILE": str(client.cert),
+                "MODELSERVE_TLS_KEY_FILE": str(client.key),
+            }
+            listed = await cli("models", "list", *target, env_extra=tls)
+            assert listed.code == 0, listed.stderr
+            refused = await cli("models", "list", *target)
+            assert refused.code == 1
+            assert refused.stderr.strip().startswith("error: UNAVAILABLE"), refused.stderr
+            assert len(refused.stderr.strip().splitlines()) == 1

@@ -21,6 +21,7 @@ from modelserve_demo import fraud
 from modelserve_features.convert import view_to_proto
 from modelserve_runtime.channels import create_channel
 from modelserve_runtime.clients import RegistryAdminClient
+from modelserve_runtime.config import ClientTlsSettings
 from modelserve_runtime.convert import numpy_to_tensor
 from modelserve_triton.model_config import TensorSpec
 
@@ -147,10 +148,13 @@ def demo_request(customer: str = "c-1001", amount: float = 420.0) -> router_pb.P
 
 
 async def predict(
-    router_target: str, request: router_pb.PredictRequest
+    router_target: str,
+    request: router_pb.PredictRequest,
+    *,
+    tls: ClientTlsSettings | None = None,
 ) -> router_pb.PredictResponse:
-    """One Predict call through the router."""
-    async with create_channel(router_target) as channel:
+    """One Predict call through the router (over TLS with `tls`)."""
+    async with create_channel(router_target, tls=tls) as channel:
         return await router_grpc.RouterServiceStub(channel).Predict(request)
 
 

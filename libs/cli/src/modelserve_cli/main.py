@@ -15,6 +15,7 @@ from modelserve_cli.feature_commands import features_app
 from modelserve_cli.registry_commands import audit, deployments_app, keys_app, models_app
 from modelserve_cli.rollout_commands import canary_app
 from modelserve_cli.stack import SERVICES, Stack, StackError, StackOptions
+from modelserve_cli.tls import cli_tls
 from modelserve_runtime.errors import decode_rpc_error
 
 app = typer.Typer(
@@ -102,11 +103,17 @@ def predict_command(
     amount: float = typer.Option(420.0, help="Payment amount."),
     router: str = typer.Option("127.0.0.1:50051", help="The router's host:port."),
 ) -> None:
-    """Send one Predict for the demo `fraud` endpoint and print the answer."""
+    """Send one Predict for the demo `fraud` endpoint and print the answer (over TLS when
+    MODELSERVE_TLS_* say so, as the registry commands)."""
     import grpc
 
     try:
-        response = asyncio.run(predict(router, demo_request(customer, amount)))
+        tls = cli_tls()
+    except ValueError as exc:
+        console.print(f"[red]{exc}[/red]")
+        raise typer.Exit(2) from None
+    try:
+        response = asyncio.run(predict(router, demo_request(customer, amount), tls=tls))
     except grpc.aio.AioRpcError as exc:
         error = decode_rpc_error(exc)
         console.print(f"[red]{error.code.name}[/red] {error.message} {error.violations or ''}")

@@ -26,6 +26,7 @@ from rich.table import Table
 from modelserve.registry.v1 import registry_service_pb2 as pb
 from modelserve.registry.v1 import registry_service_pb2_grpc as pb_grpc
 from modelserve_cli.artifacts import ArtifactError, onnx_signature, sklearn_to_onnx
+from modelserve_cli.tls import cli_tls
 from modelserve_runtime.auth import Role, new_api_key
 from modelserve_runtime.channels import create_channel
 from modelserve_runtime.errors import decode_rpc_error
@@ -95,11 +96,14 @@ def run(work: Coroutine[Any, Any, T]) -> T:
 
 
 class RegistryConnection:
-    """A channel to the registry and the key every call carries."""
+    """A channel to the registry (TLS as `cli_tls` says) and the key every call carries."""
 
     def __init__(self, target: str, api_key: str | None) -> None:
         self._channel = create_channel(
-            target, default_timeout_s=60, max_message_bytes=64 * 1024 * 1024
+            target,
+            default_timeout_s=60,
+            max_message_bytes=64 * 1024 * 1024,
+            tls=cli_tls(),
         )
         self.stub = pb_grpc.RegistryServiceStub(self._channel)
         self.metadata: tuple[tuple[str, str], ...] = (
