@@ -167,6 +167,14 @@ async def start_demo_stack(
         raise
 
 
+def add_run_arguments(parser: argparse.ArgumentParser) -> None:
+    """How long each point runs and at which concurrencies."""
+    parser.add_argument(
+        "--duration", type=float, default=5.0, help="seconds per path and concurrency"
+    )
+    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 16, 64])
+
+
 def add_stack_arguments(parser: argparse.ArgumentParser) -> None:
     """The router's paths (its defaults: straight to Triton and Redis) and whether the monitor
     runs beside it."""
@@ -261,6 +269,17 @@ async def _triton_endpoint(stack: Stack) -> str:
     return next(h.triton_endpoint for h in held if h.triton_endpoint)
 
 
+def print_results(results: Iterable[Result]) -> None:
+    """The latency and throughput table of the runs, one row per path and concurrency."""
+    print("| path | conc | p50 ms | p95 ms | p99 ms | req/s | errors |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
+    for r in results:
+        print(
+            f"| {r.path} | {r.concurrency} | {r.percentile(50):.2f} | {r.percentile(95):.2f} | "
+            f"{r.percentile(99):.2f} | {r.rps:.0f} | {r.errors} |"
+        )
+
+
 def print_cpu(results: list[Result], groups: list[str]) -> None:
     """CPU microseconds per answered request, by process group: unlike throughput on a shared
     machine, this hardly moves with what else runs."""
@@ -277,13 +296,7 @@ def _print(results: list[Result], args: argparse.Namespace) -> None:
     print(
         f"\nmodel_runner={args.model_runner} feature_reader={args.feature_reader} duration={args.duration}s\n"
     )
-    print("| path | conc | p50 ms | p95 ms | p99 ms | req/s | errors |")
-    print("|---|---:|---:|---:|---:|---:|---:|")
-    for r in results:
-        print(
-            f"| {r.path} | {r.concurrency} | {r.percentile(50):.2f} | {r.percentile(95):.2f} | "
-            f"{r.percentile(99):.2f} | {r.rps:.0f} | {r.errors} |"
-        )
+    print_results(results)
     print("\n| ratio | conc | p50 x | req/s x |")
     print("|---|---:|---:|---:|")
     by = {(r.path, r.concurrency): r for r in results}
@@ -303,9 +316,6 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument(
-        "--duration", type=float, default=5.0, help="seconds per path and concurrency"
-    )
-    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 16, 64])
+    add_run_arguments(parser)
     add_stack_arguments(parser)
     uvloop.run(main(parser.parse_args()))

@@ -35,7 +35,14 @@ import baselines
 import numpy as np
 import numpy.typing as npt
 import uvloop
-from bench import Result, add_stack_arguments, drive, predict_requests, start_demo_stack
+from bench import (
+    Result,
+    add_run_arguments,
+    add_stack_arguments,
+    drive,
+    predict_requests,
+    start_demo_stack,
+)
 
 from modelserve.router.v1 import router_service_pb2_grpc as router_grpc
 from modelserve_demo import fraud
@@ -244,10 +251,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument(
-        "--duration", type=float, default=5.0, help="seconds per path and concurrency"
-    )
-    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 16, 64])
+    add_run_arguments(parser)
     parser.add_argument(
         "--uvloop",
         action=argparse.BooleanOptionalAction,

@@ -42,7 +42,7 @@ import grpc
 import numpy as np
 import psutil
 import uvloop
-from bench import Result, drive
+from bench import Result, add_run_arguments, drive
 from tritonclient.grpc import InferInput, InferRequestedOutput, service_pb2
 from tritonclient.grpc.aio import InferenceServerClient
 
@@ -420,10 +420,7 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument(
-        "--duration", type=float, default=5.0, help="seconds per path and concurrency"
-    )
-    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 16, 64])
+    add_run_arguments(parser)
     parser.add_argument(
         "--fresh-loads", type=int, default=5, help="loads of version 2 timed to its first answer"
     )

@@ -17,17 +17,21 @@ two paths for a fixed time, and prints p50/p95/p99 latency, throughput and their
 from __future__ import annotations
 
 import argparse
-import tempfile
 from collections.abc import Awaitable, Callable
-from pathlib import Path
 
 import uvloop
-from bench import Result, drive
+from bench import (
+    Result,
+    add_run_arguments,
+    add_stack_arguments,
+    drive,
+    print_results,
+    start_demo_stack,
+)
 from tritonclient.grpc import InferInput, InferRequestedOutput
 from tritonclient.grpc.aio import InferenceServerClient
 
-from modelserve_cli.demo import ENDPOINT, deploy_demo
-from modelserve_cli.stack import Stack, StackOptions
+from modelserve_cli.demo import ENDPOINT
 from modelserve_demo import fraud
 from modelserve_runtime.channels import create_channel
 from modelserve_runtime.clients import InferenceClient
@@ -36,16 +40,10 @@ PATHS = ("router OIP ModelInfer", "triton ModelInfer (direct)")
 
 
 async def main(args: argparse.Namespace) -> None:
-    run_dir = Path(tempfile.mkdtemp(prefix="modelserve-bench-router-oip-"))
-    env = {
-        f"MODELSERVE_{s}_TELEMETRY__LOG_LEVEL": "warning"
-        for s in ("ROUTER", "FEATURE", "INFERENCE", "REGISTRY", "MONITOR")
-    }
-    env["MODELSERVE_ROUTER_MODEL_RUNNER"] = args.model_runner
-    stack = Stack(StackOptions(run_dir=run_dir, env=env))
-    await stack.start()
+    stack, demo = await start_demo_stack(
+        args.model_runner, args.feature_reader, with_monitor=args.with_monitor
+    )
     try:
-        demo = await deploy_demo(stack.targets)
         async with create_channel(stack.targets["inference"]) as channel:
             held = await InferenceClient(channel).list_model_versions()
         served = next(h for h in held if h.name == demo.model_version and h.triton_endpoint)
@@ -98,13 +96,7 @@ async def _drive_all(
 
 def _print(results: list[Result], args: argparse.Namespace) -> None:
     print(f"\nmodel_runner={args.model_runner} duration={args.duration}s\n")
-    print("| path | conc | p50 ms | p95 ms | p99 ms | req/s | errors |")
-    print("|---|---:|---:|---:|---:|---:|---:|")
-    for r in results:
-        print(
-            f"| {r.path} | {r.concurrency} | {r.percentile(50):.2f} | {r.percentile(95):.2f} | "
-            f"{r.percentile(99):.2f} | {r.rps:.0f} | {r.errors} |"
-        )
+    print_results(results)
     by = {(r.path, r.concurrency): r for r in results}
     print("\n| ratio | conc | p50 x | p99 x | req/s x | p50 added ms |")
     print("|---|---:|---:|---:|---:|---:|")
@@ -123,14 +115,6 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument(
-        "--duration", type=float, default=5.0, help="seconds per path and concurrency"
-    )
-    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 16, 64])
-    parser.add_argument(
-        "--model-runner",
-        choices=["service", "triton"],
-        default="triton",
-        help="the router's runner (triton: its default, straight to Triton)",
-    )
+    add_run_arguments(parser)
+    add_stack_arguments(parser)
     uvloop.run(main(parser.parse_args()))
