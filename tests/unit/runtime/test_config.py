@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
+from modelserve_cli.stack import free_port
 from modelserve_feature.config import FeatureSettings
 from modelserve_runtime.config import CONFIG_FILE_ENV, ConfigError, load_settings
 
@@ -149,3 +151,91 @@ class TestEventLoop:
         finally:
             process.terminate()
             process.wait(timeout=30)
+
+
+def _feature_env(redis_url: str, **settings: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MODELSERVE_")}
+    env |= {
+        "MODELSERVE_FEATURE_REDIS_URL": redis_url,
+        "MODELSERVE_FEATURE_TELEMETRY__LOG_FORMAT": "json",
+    }
+    env |= {f"MODELSERVE_FEATURE_{k.upper()}": v for k, v in settings.items()}
+    return env
+
+
+class TestWorkers:
+    def test_two_workers_share_the_port_and_stop_together(
+        self, tmp_path: Path, redis_url: str
+    ) -> None:
+        """SERVER__WORKERS=2 starts a second process on the same port; both answer health
+        checks there, and SIGTERM to the first stops both."""
+        import psutil
+
+        script = Path(sys.executable).parent / "modelserve-feature"
+        port = free_port()
+        env = _feature_env(redis_url, server__workers="2", server__port=str(port))
+        process = subprocess.Popen(
+            [str(script)], env=env, cwd=tmp_path, stdout=subprocess.PIPE, text=True
+        )
+        try:
+            assert process.stdout is not None
+            started: set[int] = set()
+            for line in process.stdout:
+                event = json.loads(line)
+                if event.get("event") == "service_failed":
+                    pytest.fail(f"a worker failed to start: {line}")
+                if event.get("event") == "service_started":
+                    assert event["port"] == port
+                    started.add(event["pid"])
+                    if len(started) == 2:
+                        break
+            assert len(started) == 2 and process.pid in started, started
+            (worker,) = started - {process.pid}
+            assert psutil.Process(worker).ppid() == process.pid
+            # Connections on the port reach both processes (the kernel spreads them).
+            listening = {
+                c.pid
+                for c in psutil.net_connections("tcp")
+                if c.laddr and c.laddr.port == port and c.status == psutil.CONN_LISTEN
+            }
+            assert listening == started
+            process.send_signal(signal.SIGTERM)
+            assert process.wait(timeout=60) == 0
+            assert not psutil.pid_exists(worker) or psutil.Process(worker).status() == "zombie"
+        finally:
+            if process.poll() is None:
+                process.kill()
+                process.wait()
+
+    @pytest.mark.parametrize(
+        ("script", "settings", "message"),
+        [
+            (
+                "modelserve-feature",
+                {"server__workers": "2"},
+                "server.port must be set",
+            ),
+            (
+                "modelserve-registry",
+                {"server__workers": "2", "server__port": "1"},
+                "registry keeps state in its process",
+            ),
+        ],
+    )
+    def test_workers_are_refused_where_they_cannot_work(
+        self, tmp_path: Path, script: str, settings: dict[str, str], message: str
+    ) -> None:
+        """More than one worker needs a fixed port, and only stateless services take it."""
+        prefix = "MODELSERVE_" + script.removeprefix("modelserve-").upper() + "_"
+        env = {k: v for k, v in os.environ.items() if not k.startswith("MODELSERVE_")}
+        env |= {prefix + k.upper(): v for k, v in settings.items()}
+        done = subprocess.run(
+            [str(Path(sys.executable).parent / script)],
+            env=env,
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert done.returncode == 2, done.stderr
+        assert message in done.stderr

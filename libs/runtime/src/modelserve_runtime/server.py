@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
+import os
 import signal
+import subprocess
 import sys
+import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,7 +27,7 @@ from modelserve_runtime.config import (
     ServiceSettings,
     load_settings,
 )
-from modelserve_runtime.discovery import Discovery, create_discovery
+from modelserve_runtime.discovery import Discovery, StaticDiscovery, create_discovery
 from modelserve_runtime.interceptors import server_interceptors
 from modelserve_runtime.logs import configure_logging
 from modelserve_runtime.tracing import configure_tracing
@@ -99,7 +103,9 @@ def build_grpc_server(
     options = [
         ("grpc.max_receive_message_length", settings.server.max_message_bytes),
         ("grpc.max_send_message_length", settings.server.max_message_bytes),
-        ("grpc.so_reuseport", 0),
+        # Off, so a port already taken fails the start, unless this service runs as several
+        # workers that share the port on purpose.
+        ("grpc.so_reuseport", 1 if settings.server.workers > 1 else 0),
     ]
     server = grpc.aio.server(
         interceptors=server_interceptors(service, inner_interceptors),
@@ -159,6 +165,7 @@ async def serve(
             host=settings.server.host,
             tls=_tls_mode(settings.server.tls),
             event_loop=type(asyncio.get_running_loop()).__module__,
+            pid=os.getpid(),
         )
         await stop.wait()
         log.info("service_stopping", grace_s=settings.server.grace_period_s)
@@ -176,34 +183,107 @@ async def serve(
         log.info("service_stopped")
 
 
+#: Set in the environment of the extra worker processes `run_service` starts.
+WORKER_ENV = "MODELSERVE_WORKER_INDEX"
+
+
 def run_service(
     service: str,
     settings_cls: type[SettingsT],
     build: Callable[[SettingsT], Awaitable[tuple[GrpcServer, ServiceApp]]],
     argv: Sequence[str] | None = None,
+    *,
+    workers_allowed: bool = False,
 ) -> None:
-    """The body of every `modelserve-<service>` console script."""
+    """The body of every `modelserve-<service>` console script.
+
+    With `server.workers` > 1 (only where `workers_allowed`: a stateless service) this
+    process starts the other workers, the same script with the same arguments on the same
+    port, and stops them when it stops; only it registers in discovery and serves metrics.
+    """
     parser = argparse.ArgumentParser(prog=f"modelserve-{service}")
     parser.add_argument("--config", type=Path, help="YAML settings file (env vars override it)")
     args = parser.parse_args(argv)
     try:
         settings = load_settings(settings_cls, args.config)
+        _check_workers(service, settings, workers_allowed)
     except ConfigError as exc:
         print(f"modelserve-{service}: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
+    worker = os.environ.get(WORKER_ENV)
     configure_logging(service, settings.telemetry.log_level, settings.telemetry.log_format)
+    if worker:
+        structlog.contextvars.bind_contextvars(worker=int(worker))
     provider = configure_tracing(service, settings.otlp_endpoint)
-    if settings.telemetry.metrics_port is not None:
+    if settings.telemetry.metrics_port is not None and not worker:
         start_http_server(settings.telemetry.metrics_port, addr=settings.server.host)
+    children = [] if worker else _start_workers(settings, argv)
+    # Only the first process registers the port in discovery.
+    discovery = StaticDiscovery({}) if worker else None
     try:
         if settings.server.event_loop == "uvloop":
             import uvloop
 
-            uvloop.run(serve(service, settings, build))
+            uvloop.run(serve(service, settings, build, discovery=discovery))
         else:
-            asyncio.run(serve(service, settings, build))
+            asyncio.run(serve(service, settings, build, discovery=discovery))
     except Exception:
         log.exception("service_failed")
         raise SystemExit(1) from None
     finally:
+        _stop_workers(children, settings.server.grace_period_s + 5)
         provider.shutdown()
+
+
+def _check_workers(service: str, settings: ServiceSettings, allowed: bool) -> None:
+    workers = settings.server.workers
+    if workers == 1:
+        return
+    if not allowed:
+        raise ConfigError(
+            f"server.workers: {service} keeps state in its process and runs as one worker"
+            f" (got {workers}); run more instances behind discovery instead"
+        )
+    if settings.server.port == 0:
+        raise ConfigError(
+            f"server.workers: {workers} workers share one port, so server.port must be set (not 0)"
+        )
+
+
+def _start_workers(
+    settings: ServiceSettings, argv: Sequence[str] | None
+) -> list[subprocess.Popen[bytes]]:
+    """Starts workers 1..n-1: this script again, same arguments and environment."""
+    children = []
+    for index in range(1, settings.server.workers):
+        # The same settings (so the same shared port); WORKER_ENV keeps it from starting more.
+        env = {**os.environ, WORKER_ENV: str(index)}
+        command = [sys.executable, sys.argv[0], *(sys.argv[1:] if argv is None else argv)]
+        children.append(subprocess.Popen(command, env=env, preexec_fn=_die_with_parent))
+    if children:
+        log.info("workers_started", pids=[c.pid for c in children])
+    return children
+
+
+def _die_with_parent() -> None:
+    """In a worker, before it runs: Linux sends it SIGTERM when the first process dies, even
+    by SIGKILL, so no worker is left serving the port alone."""
+    import ctypes
+
+    pr_set_pdeathsig = 1
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
+
+
+def _stop_workers(children: Sequence[subprocess.Popen[bytes]], timeout_s: float) -> None:
+    """SIGTERM to each worker, then SIGKILL to those still running after `timeout_s`."""
+    for child in children:
+        if child.poll() is None:
+            child.send_signal(signal.SIGTERM)
+    deadline = time.monotonic() + timeout_s
+    for child in children:
+        try:
+            child.wait(max(0.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            child.kill()
+            child.wait()

@@ -95,4 +95,4 @@ async def build_server(settings: FeatureSettings) -> tuple[GrpcServer, FeatureAp
 
 def main() -> None:
     """Console script `modelserve-feature`."""
-    run_service(SERVICE, FeatureSettings, build_server)
+    run_service(SERVICE, FeatureSettings, build_server, workers_allowed=True)

@@ -224,4 +224,4 @@ async def build_server(settings: RouterSettings) -> tuple[GrpcServer, RouterApp]
 
 def main() -> None:
     """Console script `modelserve-router`."""
-    run_service(SERVICE, RouterSettings, build_server)
+    run_service(SERVICE, RouterSettings, build_server, workers_allowed=True)
