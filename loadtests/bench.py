@@ -19,6 +19,7 @@ from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import grpc
 import numpy as np
 import redis.asyncio as aioredis
 import uvloop
@@ -224,15 +225,22 @@ async def main(args: argparse.Namespace) -> None:
         inference = await _triton_endpoint(stack)
         _, version = demo.model_version.rsplit("/", 1)
 
-        router_channel = create_channel(stack.targets["router"])
+        # Several channels (connections) when asked: SO_REUSEPORT workers share connections,
+        # not calls. A channel option makes each its own connection rather than a shared one.
+        router_channels = [
+            grpc.aio.insecure_channel(stack.targets["router"], options=[("grpc.channel_id", k)])
+            for k in range(args.channels)
+        ]
         feature_channel = create_channel(stack.targets["feature"])
-        router = router_grpc.RouterServiceStub(router_channel)
+        routers = [router_grpc.RouterServiceStub(c) for c in router_channels]
         features = feature_grpc.FeatureServiceStub(feature_channel)
         triton = TritonRunner(inference)
         redis_client = aioredis.Redis.from_url(stack.redis.url)
         n = len(customers)
         paths: dict[str, Callable[[int], Awaitable[object]]] = {
-            "router Predict": lambda i: router.Predict(requests[i % n]),
+            "router Predict": lambda i: routers[i % len(routers)].Predict(
+                requests[i % n], timeout=5
+            ),
             "triton Infer (direct)": lambda i: triton.infer(
                 "fraud",
                 int(version),
@@ -253,7 +261,8 @@ async def main(args: argparse.Namespace) -> None:
                 results.append(await drive(name, call, concurrency, args.duration, groups))
         _print(results, args)
         print_cpu(results, sorted(groups))
-        await router_channel.close()
+        for channel in router_channels:
+            await channel.close()
         await feature_channel.close()
         await triton.close()
         await redis_client.aclose()
@@ -318,4 +327,10 @@ if __name__ == "__main__":
     )
     add_run_arguments(parser)
     add_stack_arguments(parser)
+    parser.add_argument(
+        "--channels",
+        type=int,
+        default=1,
+        help="gRPC channels (TCP connections) the client spreads its router calls over",
+    )
     uvloop.run(main(parser.parse_args()))
