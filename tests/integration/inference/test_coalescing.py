@@ -102,7 +102,9 @@ async def _triton_counts(triton: TritonRunner) -> tuple[int, int]:
     (version,) = [
         m for m in statistics["model_stats"] if m["name"] == "fraud" and m["version"] == "1"
     ]
-    return int(version["inference_stats"]["success"]["count"]), int(version["inference_count"])
+    # Triton's JSON leaves out counters that are still 0.
+    success = version.get("inference_stats", {}).get("success", {})
+    return int(success.get("count", 0)), int(version.get("inference_count", 0))
 
 
 async def _calls_and_rows(triton: TritonRunner, before: tuple[int, int], rows: int) -> int:
