@@ -283,7 +283,7 @@ async def triton_requests_after(
         return int(stats.get("last_inference", 0)) >= sent_ms
 
     await eventually(includes_marker, f"Triton's statistics of {version}", within_s=WAIT_S)
-    return int(stats["inference_stats"]["success"].get("count", 0))
+    return int(stats.get("inference_stats", {}).get("success", {}).get("count", 0))
 
 
 async def records(
