@@ -14,7 +14,15 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, TypeAlias
 from urllib.parse import urlparse
 
-from pydantic import BaseModel, Field, FilePath, SecretStr, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    Field,
+    FilePath,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import NoDecode
 from redis.asyncio import Redis, RedisCluster, SSLConnection
 from redis.asyncio.cluster import ClusterNode
@@ -286,3 +294,29 @@ async def ping(client: RedisClient) -> None:
         await client.ping(target_nodes=RedisCluster.PRIMARIES)
     else:
         await client.ping()
+
+
+def with_redis_url(
+    redis: RedisConnection, redis_url: str | None, *, default_timeout_s: float
+) -> RedisConnection:
+    """A service's `redis` settings with its `redis_url` shorthand applied and the socket
+    timeout defaulting to `default_timeout_s` (unless `redis.timeout_s` is set). ValueError
+    when the two contradict each other (the shorthand with another mode, or two different
+    URLs) or when the result is invalid, naming `redis_url`."""
+    if redis_url is not None:
+        if redis.mode != "standalone":
+            raise ValueError(
+                f"redis_url is the shorthand for standalone mode, and redis.mode is "
+                f"{redis.mode!r}: unset redis_url and list the servers in redis.nodes"
+            )
+        if "url" in redis.model_fields_set and redis.url != redis_url:
+            raise ValueError("redis_url and redis.url are both set and differ: set one")
+    given = redis.model_dump(exclude_unset=True)
+    if redis_url is not None:
+        given["url"] = redis_url
+    given.setdefault("timeout_s", default_timeout_s)
+    try:
+        return RedisConnection.model_validate(given)
+    except ValidationError as exc:
+        problems = "; ".join(str(e.get("ctx", {}).get("error", e["msg"])) for e in exc.errors())
+        raise ValueError(f"redis_url: {problems}") from None

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from pydantic import Field, ValidationError, model_validator
+from pydantic import Field, model_validator
 from pydantic_settings import SettingsConfigDict
 
 from modelserve_runtime.config import ServiceSettings
-from modelserve_runtime.redis_connect import RedisConnection
+from modelserve_runtime.redis_connect import RedisConnection, with_redis_url
 
 
 class FeatureSettings(ServiceSettings):
@@ -35,27 +35,10 @@ class FeatureSettings(ServiceSettings):
     @model_validator(mode="after")
     def _redis_url_is_standalone(self) -> FeatureSettings:
         """`redis_url` and `redis` must not contradict each other."""
-        if self.redis_url is None:
-            return self
-        if self.redis.mode != "standalone":
-            raise ValueError(
-                f"redis_url is the shorthand for standalone mode, and redis.mode is "
-                f"{self.redis.mode!r}: unset redis_url and list the servers in redis.nodes"
-            )
-        if "url" in self.redis.model_fields_set and self.redis.url != self.redis_url:
-            raise ValueError("redis_url and redis.url are both set and differ: set one")
         self.redis_connection()
         return self
 
     def redis_connection(self) -> RedisConnection:
         """`redis` with `redis_url` applied, and the socket timeout defaulting to
         `redis_timeout_s`; ValueError naming `redis_url` when that makes it invalid."""
-        given = self.redis.model_dump(exclude_unset=True)
-        if self.redis_url is not None:
-            given["url"] = self.redis_url
-        given.setdefault("timeout_s", self.redis_timeout_s)
-        try:
-            return RedisConnection.model_validate(given)
-        except ValidationError as exc:
-            problems = "; ".join(str(e.get("ctx", {}).get("error", e["msg"])) for e in exc.errors())
-            raise ValueError(f"redis_url: {problems}") from None
+        return with_redis_url(self.redis, self.redis_url, default_timeout_s=self.redis_timeout_s)

@@ -7,12 +7,12 @@ import socket
 from typing import Any, Literal
 from urllib.parse import urlsplit
 
-from pydantic import BaseModel, Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import SettingsConfigDict
 
 from modelserve_runtime.config import ClientTlsSettings, ServiceSettings
 from modelserve_runtime.prediction_log import DEFAULT_STREAM
-from modelserve_runtime.redis_connect import RedisConnection
+from modelserve_runtime.redis_connect import RedisConnection, with_redis_url
 
 #: Why the monitor refuses Redis Cluster, said where the setting is refused and in the README.
 CLUSTER_REFUSED = (
@@ -221,14 +221,6 @@ class MonitorSettings(ServiceSettings):
     def _redis_fits_the_monitor(self) -> MonitorSettings:
         """`redis_url` and `redis` must not contradict each other; the socket timeout must
         outlast the blocking read."""
-        if self.redis_url is not None:
-            if self.redis.mode != "standalone":
-                raise ValueError(
-                    f"redis_url is the shorthand for standalone mode, and redis.mode is "
-                    f"{self.redis.mode!r}: unset redis_url and list the servers in redis.nodes"
-                )
-            if "url" in self.redis.model_fields_set and self.redis.url != self.redis_url:
-                raise ValueError("redis_url and redis.url are both set and differ: set one")
         if "timeout_s" in self.redis.model_fields_set and self.redis.timeout_s <= (
             self.block_ms / 1000
         ):
@@ -242,12 +234,8 @@ class MonitorSettings(ServiceSettings):
     def redis_connection(self) -> RedisConnection:
         """`redis` with `redis_url` applied and the socket timeout defaulting to
         `redis_timeout_s` + `block_ms`; ValueError naming `redis_url` when that makes it invalid."""
-        given = self.redis.model_dump(exclude_unset=True)
-        if self.redis_url is not None:
-            given["url"] = self.redis_url
-        given.setdefault("timeout_s", self.redis_timeout_s + self.block_ms / 1000)
-        try:
-            return RedisConnection.model_validate(given)
-        except ValidationError as exc:
-            problems = "; ".join(str(e.get("ctx", {}).get("error", e["msg"])) for e in exc.errors())
-            raise ValueError(f"redis_url: {problems}") from None
+        return with_redis_url(
+            self.redis,
+            self.redis_url,
+            default_timeout_s=self.redis_timeout_s + self.block_ms / 1000,
+        )
