@@ -261,6 +261,7 @@ class AuthInterceptor(_ScopeInterceptor):
         public: frozenset[str] = PUBLIC_METHODS,
         certificate_roles: Mapping[str, frozenset[Role]] | None = None,
     ) -> None:
+        super().__init__()
         self._authenticator = authenticator
         self._policy = policy
         self._public = public

@@ -108,9 +108,11 @@ class _ScopeInterceptor(grpc.aio.ServerInterceptor):
     ) -> AbstractAsyncContextManager[None]:
         raise NotImplementedError
 
-    # The wrapped handler of each method, kept while the handler below stays the same object
-    # (it does: services register their handlers once), so a call does not rebuild it.
-    _wrapped: dict[str, tuple[Any, Any]]
+    def __init__(self) -> None:
+        # The wrapped handler of each method, kept while the handler below stays the same
+        # object (it does: services register their handlers once), so a call does not
+        # rebuild it.
+        self._wrapped: dict[str, tuple[Any, Any]] = {}
 
     async def intercept_service(
         self,
@@ -121,15 +123,11 @@ class _ScopeInterceptor(grpc.aio.ServerInterceptor):
         if handler is None:
             return handler
         method = handler_call_details.method
-        try:
-            cache = self._wrapped
-        except AttributeError:
-            cache = self._wrapped = {}
-        cached = cache.get(method)
+        cached = self._wrapped.get(method)
         if cached is not None and cached[0] is handler:
             return cached[1]
         wrapped = _wrap(handler, method, self.scope)
-        cache[method] = (handler, wrapped)
+        self._wrapped[method] = (handler, wrapped)
         return wrapped
 
 
@@ -146,6 +144,7 @@ class ServiceInterceptor(_ScopeInterceptor):
     """
 
     def __init__(self, service: str) -> None:
+        super().__init__()
         self._service = service
         self._domain = f"{service}.modelserve"
         # Metric children by (method, code): `labels()` looks them up under a lock each time.
