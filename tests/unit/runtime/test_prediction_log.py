@@ -2,13 +2,20 @@
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
+from pathlib import Path
+
 import pytest
 import redis.asyncio as aioredis
+from structlog.testing import capture_logs
+from support import eventually
 
 from modelserve.type.v1 import prediction_record_pb2 as rec_pb
+from modelserve_cli.stack import RedisProcess
 from modelserve_runtime.prediction_log import (
     DEFAULT_STREAM,
     RECORD_FIELD,
+    RECORDS,
     PredictionLogWriter,
     decode_record,
     encode_record,
@@ -70,3 +77,95 @@ class TestPredictionLogWriter:
         await writer.flush()
         assert writer.dropped == 0
         assert await redis_client.xlen(DEFAULT_STREAM) == 300
+
+    async def test_a_record_redis_refuses_is_dropped_and_the_rest_written(
+        self, redis_client: aioredis.Redis
+    ) -> None:
+        """An XADD Redis answers with an error (here the stream's key holds a string) drops
+        that batch's records, counted and logged; the writer goes on once the key is fixed."""
+        await redis_client.set(DEFAULT_STREAM, "not a stream")
+        writer = PredictionLogWriter(redis_client)
+        refused_before = RECORDS.labels("refused")._value.get()
+        with capture_logs() as logs:
+            for i in range(3):
+                writer.append(_record(f"r-{i}"))
+            await writer.flush()
+        assert writer.dropped == 3
+        assert RECORDS.labels("refused")._value.get() - refused_before == 3
+        drops = [e for e in logs if e["event"] == "prediction_log_dropped"]
+        assert drops and drops[0]["reason"] == "refused" and "WRONGTYPE" in drops[0]["error"]
+        await redis_client.delete(DEFAULT_STREAM)
+        writer.append(_record("r-after"))
+        await writer.flush()
+        entries = await redis_client.xrange(DEFAULT_STREAM)
+        assert [decode_record(fields).request_id for _, fields in entries] == ["r-after"]
+        assert writer.written == 1
+
+
+@pytest.fixture
+async def own_redis(tmp_path: Path) -> AsyncIterator[RedisProcess]:
+    """A redis-server of this test's own, which it may stop and start again on its port."""
+    server = RedisProcess(tmp_path / "redis")
+    server.start()
+    yield server
+    server.stop()
+
+
+class TestRedisOutage:
+    async def test_buffered_through_an_outage_up_to_the_buffer_size(
+        self, own_redis: RedisProcess
+    ) -> None:
+        """Records appended while Redis is down wait in memory and reach the stream, in order,
+        once it is back; those past the buffer's size are dropped, counted and logged."""
+        client = aioredis.Redis.from_url(own_redis.url, socket_connect_timeout=0.5)
+        writer = PredictionLogWriter(client, max_pending=50, retry_initial_s=0.01, retry_max_s=0.05)
+        try:
+            with capture_logs() as logs:
+                writer.append(_record("before"))
+                await writer.flush()
+                assert writer.written == 1
+                own_redis.stop()
+                for i in range(60):
+                    writer.append(_record(f"r-{i:02d}"))
+                await eventually(
+                    lambda: any(e["event"] == "prediction_log_unavailable" for e in logs),
+                    "the writer tried Redis while it was down",
+                )
+                # Still held after failed attempts: nothing was given up.
+                assert writer.buffered == 50
+                assert writer.dropped == 10
+                own_redis.start()
+                await writer.flush()
+            # Persistence is off: the restarted server holds only what came after.
+            entries = await client.xrange(DEFAULT_STREAM)
+            assert [decode_record(fields).request_id for _, fields in entries] == [
+                f"r-{i:02d}" for i in range(50)
+            ]
+            assert writer.buffered == 0 and writer.written == 51
+            drops = [e for e in logs if e["event"] == "prediction_log_dropped"]
+            assert drops[0]["reason"] == "buffer_full"
+            assert drops[0]["request_id"] == "r-50"
+            assert any(e["event"] == "prediction_log_recovered" for e in logs)
+        finally:
+            await client.aclose()
+
+    async def test_close_gives_up_after_its_timeout_and_counts_the_rest(
+        self, own_redis: RedisProcess
+    ) -> None:
+        """A writer closed while Redis is away waits up to its timeout, then counts and logs
+        what it still holds as dropped: a stop is bounded and loses nothing silently."""
+        client = aioredis.Redis.from_url(own_redis.url, socket_connect_timeout=0.5)
+        writer = PredictionLogWriter(client, retry_initial_s=0.01, retry_max_s=0.05)
+        shutdown_before = RECORDS.labels("shutdown")._value.get()
+        try:
+            own_redis.stop()
+            with capture_logs() as logs:
+                for i in range(5):
+                    writer.append(_record(f"r-{i}"))
+                await writer.close(timeout_s=0.2)
+            assert writer.buffered == 0 and writer.dropped == 5
+            assert RECORDS.labels("shutdown")._value.get() - shutdown_before == 5
+            drops = [e for e in logs if e["event"] == "prediction_log_dropped"]
+            assert [(e["reason"], e["records"]) for e in drops] == [("shutdown", 5)]
+        finally:
+            await client.aclose()

@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import math
+import time
 from collections import deque
 from collections.abc import Mapping
 from typing import Any
 
 import redis.asyncio as redis
 import structlog
+from prometheus_client import Counter, Gauge
+from redis.exceptions import RedisClusterException
 
 from modelserve.type.v1 import prediction_record_pb2
 
@@ -35,13 +40,38 @@ def decode_record(fields: Mapping[bytes, bytes]) -> prediction_record_pb2.Predic
     return record
 
 
+#: Records by what became of them: `written` to the stream, or dropped because the buffer
+#: was full (`buffer_full`), Redis refused the XADD (`refused`: a wrong type at the stream's
+#: key, out of memory), or the process stopped with records still unwritten (`shutdown`).
+RECORDS = Counter(
+    "modelserve_prediction_log_records_total",
+    "Prediction records written to the stream or dropped, by outcome",
+    ["outcome"],
+)
+#: Records held in memory, waiting for Redis.
+BUFFERED = Gauge(
+    "modelserve_prediction_log_buffered",
+    "Prediction records held in memory, not yet on the stream",
+)
+
+
 class PredictionLogWriter:
-    """Appends records without making the caller wait.
+    """Appends records without making the caller wait, and holds them while Redis is away.
 
     Records queue in memory; one background task drains the queue in batches of up to
-    `max_batch` XADDs per pipeline, so a burst costs a few Redis round trips, not one
-    connection per record. Past `max_pending` queued records new ones are dropped and
-    counted. The stream is capped near `max_len`.
+    `max_batch` XADDs per pipeline, so a burst costs a few Redis round trips, not one per
+    record. When Redis cannot be reached (a connection refused or broken, a timeout, a
+    failover), the batch stays at the head of the queue and the writer tries again after a backoff that
+    doubles from `retry_initial_s` up to `retry_max_s`: an outage costs no record as long as
+    fewer than `max_pending` are buffered, and the buffer is written in order once Redis
+    answers. Past `max_pending` buffered records new ones are dropped. Every drop is counted
+    (`dropped`, and `modelserve_prediction_log_records_total` by reason) and logged: the
+    first of a run of drops at once, then at most once per `log_every_s` with the count.
+
+    Delivery is at least once: a batch whose reply was lost with a broken connection may
+    have reached Redis and is sent again. An XADD that Redis answers with an error (a key
+    of the wrong type, out of memory) drops that record rather than retrying it forever.
+    The stream is capped near `max_len`.
     """
 
     def __init__(
@@ -52,46 +82,147 @@ class PredictionLogWriter:
         max_len: int = 1_000_000,
         max_pending: int = 10_000,
         max_batch: int = 256,
+        retry_initial_s: float = 0.05,
+        retry_max_s: float = 2.0,
+        log_every_s: float = 1.0,
     ) -> None:
         self._redis = client
         self._stream = stream
         self._max_len = max_len
         self._max_pending = max_pending
         self._max_batch = max_batch
+        self._retry_initial_s = retry_initial_s
+        self._retry_max_s = retry_max_s
+        self._log_every_s = log_every_s
         self._queue: deque[prediction_record_pb2.PredictionRecord] = deque()
         self._drainer: asyncio.Task[None] | None = None
+        self._unlogged_drops = 0
+        self._last_drop_log = -math.inf
         self.dropped = 0
+        """Records dropped so far, for any reason."""
+        self.written = 0
+        """Records on the stream so far."""
+
+    @property
+    def buffered(self) -> int:
+        """Records in memory, not yet on the stream."""
+        return len(self._queue)
 
     def append(self, record: prediction_record_pb2.PredictionRecord) -> None:
-        """Queues the record; counts and logs a drop when the queue is full."""
+        """Queues the record; counts and logs a drop when the buffer is full."""
         if len(self._queue) >= self._max_pending:
-            self.dropped += 1
-            log.warning(
-                "prediction_log_dropped", request_id=record.request_id, dropped=self.dropped
-            )
+            self._drop(1, "buffer_full", request_id=record.request_id)
             return
         self._queue.append(record)
+        BUFFERED.inc()
         if self._drainer is None or self._drainer.done():
-            self._drainer = asyncio.get_running_loop().create_task(self._drain())
+            self._drainer = asyncio.get_running_loop().create_task(
+                self._drain(), name="prediction-log-drain"
+            )
+
+    def _drop(self, count: int, reason: str, **details: Any) -> None:
+        self.dropped += count
+        RECORDS.labels(reason).inc(count)
+        self._unlogged_drops += count
+        now = time.monotonic()
+        if now - self._last_drop_log >= self._log_every_s:
+            log.warning(
+                "prediction_log_dropped",
+                reason=reason,
+                records=self._unlogged_drops,
+                dropped=self.dropped,
+                buffered=len(self._queue),
+                **details,
+            )
+            self._last_drop_log = now
+            self._unlogged_drops = 0
 
     async def _drain(self) -> None:
+        delay_s = self._retry_initial_s
+        failing_since: float | None = None
         while self._queue:
-            batch = [self._queue.popleft() for _ in range(min(self._max_batch, len(self._queue)))]
+            count = min(self._max_batch, len(self._queue))
+            batch = [self._queue[i] for i in range(count)]
             try:
-                async with self._redis.pipeline(transaction=False) as pipe:
-                    for record in batch:
-                        pipe.xadd(
-                            self._stream,
-                            dict[Any, Any](encode_record(record)),
-                            maxlen=self._max_len,
-                            approximate=True,
-                        )
-                    await pipe.execute()
-            except redis.RedisError as exc:
-                self.dropped += len(batch)
-                log.error("prediction_log_failed", records=len(batch), error=str(exc))
+                replies = await self._send(batch)
+            except (redis.RedisError, RedisClusterException, OSError) as exc:
+                # Kept at the head of the queue: the next attempt sends the same records. An
+                # XADD Redis refuses comes back as its reply instead (see `_send`), so what
+                # lands here is Redis away, or a failover: worth waiting out.
+                if failing_since is None:
+                    failing_since = time.monotonic()
+                    log.warning(
+                        "prediction_log_unavailable",
+                        error=str(exc) or type(exc).__name__,
+                        buffered=len(self._queue),
+                        retry_in_s=delay_s,
+                    )
+                await asyncio.sleep(delay_s)
+                delay_s = min(delay_s * 2, self._retry_max_s)
+                continue
+            for _ in range(count):
+                self._queue.popleft()
+            BUFFERED.dec(count)
+            refused = [
+                (r, reply)
+                for r, reply in zip(batch, replies, strict=True)
+                if isinstance(reply, Exception)
+            ]
+            self.written += count - len(refused)
+            RECORDS.labels("written").inc(count - len(refused))
+            if refused:
+                self._drop(
+                    len(refused),
+                    "refused",
+                    request_id=refused[0][0].request_id,
+                    error=str(refused[0][1]),
+                )
+            if failing_since is not None:
+                log.info(
+                    "prediction_log_recovered",
+                    outage_s=round(time.monotonic() - failing_since, 3),
+                    buffered=len(self._queue),
+                )
+                failing_since = None
+                delay_s = self._retry_initial_s
+
+    async def _send(self, batch: list[prediction_record_pb2.PredictionRecord]) -> list[object]:
+        async with self._redis.pipeline(transaction=False) as pipe:
+            for record in batch:
+                # XADD by hand: `pipe.xadd` spends more of the router's CPU checking its
+                # keyword arguments than the command costs to pack.
+                pipe.execute_command(
+                    "XADD",
+                    self._stream,
+                    "MAXLEN",
+                    "~",
+                    self._max_len,
+                    "*",
+                    RECORD_FIELD,
+                    record.SerializeToString(),
+                )
+            replies: list[object] = await pipe.execute(raise_on_error=False)
+        return replies
 
     async def flush(self) -> None:
-        """Waits until every queued record has been written (or counted as dropped)."""
+        """Waits until every queued record has been written (or counted as dropped); while
+        Redis is away that is until it is back (see `close`)."""
         while self._drainer is not None and not self._drainer.done():
             await asyncio.shield(self._drainer)
+
+    async def close(self, timeout_s: float) -> None:
+        """Flushes for up to `timeout_s`, then stops the writer: records still buffered then
+        (Redis away) are counted and logged as dropped."""
+        drainer = self._drainer
+        if drainer is not None and not drainer.done():
+            await asyncio.wait([drainer], timeout=timeout_s)
+            if not drainer.done():
+                drainer.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await drainer
+        if self._queue:
+            left = len(self._queue)
+            self._queue.clear()
+            BUFFERED.dec(left)
+            self._last_drop_log = -math.inf
+            self._drop(left, "shutdown", waited_s=timeout_s)

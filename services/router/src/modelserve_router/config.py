@@ -74,6 +74,15 @@ class RouterSettings(ServiceSettings):
     """The Redis Stream that receives one PredictionRecord per request."""
     prediction_stream_max_len: int = Field(default=1_000_000, ge=1000)
     """Approximate cap on the stream's length."""
+    prediction_log_buffer: int = Field(default=10_000, ge=1)
+    """Most records held in memory while Redis is slow or away; past it new records are
+    dropped, counted and logged."""
+    prediction_log_retry_max_s: float = Field(default=2.0, gt=0)
+    """Longest wait between attempts to write buffered records while Redis is away (the
+    wait starts at 50 ms and doubles)."""
+    prediction_log_flush_timeout_s: float = Field(default=5.0, ge=0)
+    """How long a stopping router tries to write the records it still holds; what is left
+    then is counted and logged as dropped."""
     feature_reader: Literal["service", "redis"] = "redis"
     """`redis`: features straight from Redis (one pipeline); `service`: through the feature
     service. The benchmark in loadtests/RESULTS.md picked `redis`."""

@@ -61,12 +61,15 @@ class RouterApp:
         shadows: ShadowMirror,
         predictor: Predictor,
         direct: TritonModelRunner | None = None,
+        *,
+        prediction_log_flush_timeout_s: float = 5.0,
     ) -> None:
         self.redis = client
         self.direct = direct
         """The direct Triton runner, whose clients close with the app."""
         self.channels = channels
         self.prediction_log = prediction_log
+        self.prediction_log_flush_timeout_s = prediction_log_flush_timeout_s
         self.runner = runner
         self.routes = routes
         self.shadows = shadows
@@ -84,7 +87,7 @@ class RouterApp:
     async def close(self) -> None:
         await self.routes.close()
         await self.shadows.close()
-        await self.prediction_log.flush()
+        await self.prediction_log.close(self.prediction_log_flush_timeout_s)
         if isinstance(self.runner, CoalescingRunner):
             await self.runner.close()
         if self.direct is not None:
@@ -167,6 +170,8 @@ async def build_server(settings: RouterSettings) -> tuple[GrpcServer, RouterApp]
         cast(redis.Redis, client),
         stream=settings.prediction_stream,
         max_len=settings.prediction_stream_max_len,
+        max_pending=settings.prediction_log_buffer,
+        retry_max_s=settings.prediction_log_retry_max_s,
     )
     routes = RoutingTable(
         RegistryClient(registry_channel),
@@ -218,7 +223,17 @@ async def build_server(settings: RouterSettings) -> tuple[GrpcServer, RouterApp]
                 certificate_roles=settings.server.tls.client_roles,
             )
         )
-    app = RouterApp(client, channels, prediction_log, runner, routes, shadows, predictor, direct)
+    app = RouterApp(
+        client,
+        channels,
+        prediction_log,
+        runner,
+        routes,
+        shadows,
+        predictor,
+        direct,
+        prediction_log_flush_timeout_s=settings.prediction_log_flush_timeout_s,
+    )
     return build_grpc_server(SERVICE, settings, register, inner_interceptors=auth), app
 
 
