@@ -77,6 +77,13 @@ class TestStreamOutage:
                     lambda: _logged_is(stream, during), "the records of the outage", within_s=WAIT_S
                 )
                 assert app.prediction_log.dropped == 0
+                # Written twice or more (tried while Redis was away), each is still whole
+                # and once: its features and its outputs, one of each name.
+                for _, fields in await stream.xrange(STREAM):
+                    record = decode_record(fields)
+                    names = [o.name for o in record.outputs]
+                    assert names and len(names) == len(set(names)), record
+                    assert len(record.features) > 0, record
         finally:
             await stream.aclose()
             stream_redis.stop()

@@ -8,7 +8,7 @@ import math
 import time
 from collections import deque
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, Protocol
 
 import redis.asyncio as redis
 import structlog
@@ -55,6 +55,20 @@ BUFFERED = Gauge(
 )
 
 
+class Record(Protocol):
+    """What the writer takes: a PredictionRecord, or an object that makes one when written
+    (the router completes an answered request's record off the answer's path)."""
+
+    @property
+    def request_id(self) -> str:
+        """The request's id, for the log line of a drop."""
+        ...
+
+    def SerializeToString(self) -> bytes:
+        """The serialized PredictionRecord."""
+        ...
+
+
 class PredictionLogWriter:
     """Appends records without making the caller wait, and holds them while Redis is away.
 
@@ -94,7 +108,7 @@ class PredictionLogWriter:
         self._retry_initial_s = retry_initial_s
         self._retry_max_s = retry_max_s
         self._log_every_s = log_every_s
-        self._queue: deque[prediction_record_pb2.PredictionRecord] = deque()
+        self._queue: deque[Record] = deque()
         self._drainer: asyncio.Task[None] | None = None
         self._unlogged_drops = 0
         self._last_drop_log = -math.inf
@@ -108,7 +122,7 @@ class PredictionLogWriter:
         """Records in memory, not yet on the stream."""
         return len(self._queue)
 
-    def append(self, record: prediction_record_pb2.PredictionRecord) -> None:
+    def append(self, record: Record) -> None:
         """Queues the record; counts and logs a drop when the buffer is full."""
         if len(self._queue) >= self._max_pending:
             self._drop(1, "buffer_full", request_id=record.request_id)
@@ -186,7 +200,7 @@ class PredictionLogWriter:
                 failing_since = None
                 delay_s = self._retry_initial_s
 
-    async def _send(self, batch: list[prediction_record_pb2.PredictionRecord]) -> list[object]:
+    async def _send(self, batch: list[Record]) -> list[object]:
         async with self._redis.pipeline(transaction=False) as pipe:
             for record in batch:
                 # XADD by hand: `pipe.xadd` spends more of the router's CPU checking its

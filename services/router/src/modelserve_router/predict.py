@@ -116,6 +116,41 @@ class PredictionResult:
     """What failed and what answered instead; empty when not degraded."""
 
 
+@dataclass(frozen=True, slots=True)
+class _VersionPlan:
+    """What every request of one version needs from its signature, worked out on the first
+    request rather than on each (a few tens of µs of parsing and lookups per request)."""
+
+    refs: tuple[str, ...]
+    stored: tuple[FeatureRef, ...]
+    """The refs read from the store (not `request:`), parsed."""
+    views: tuple[str, ...]
+    """The views of `stored`, sorted, once each."""
+    input_name: str
+    input_dtype: np.dtype[Any]
+    output_names: tuple[str, ...]
+    output_shapes: dict[str, list[int]]
+
+    @classmethod
+    def of(cls, signature: registry_pb.Signature) -> _VersionPlan:
+        refs = tuple(signature.feature_refs)
+        stored = tuple(FeatureRef.parse(r) for r in refs if not r.startswith(REQUEST_ENTITY + ":"))
+        first = signature.inputs[0] if signature.inputs else None
+        return cls(
+            refs=refs,
+            stored=stored,
+            views=tuple(sorted({r.view for r in stored})),
+            input_name="" if first is None else first.name,
+            input_dtype=(
+                np.dtype(np.float32)
+                if first is None
+                else DTYPES.get(first.datatype, np.dtype(np.float32))
+            ),
+            output_names=tuple(o.name for o in signature.outputs),
+            output_shapes={o.name: list(o.shape) for o in signature.outputs},
+        )
+
+
 @dataclass(slots=True)
 class _Endpoint:
     """What the router keeps per endpoint: its in-flight limit and its prediction cache."""
@@ -165,6 +200,18 @@ class Predictor:
         self._endpoint_settings = endpoint_settings
         self._endpoints: dict[str, _Endpoint] = {}
         self._precomputed = precomputed
+        self._plans: dict[str, tuple[registry_pb.ModelVersion, _VersionPlan]] = {}
+
+    def _plan(self, model_version: str, version: registry_pb.ModelVersion) -> _VersionPlan:
+        """The version's plan, made again when the snapshot holds another message for it."""
+        held = self._plans.get(model_version)
+        if held is not None and held[0] is version:
+            return held[1]
+        plan = _VersionPlan.of(version.signature)
+        if len(self._plans) > 4 * len(self._endpoints) + 64:
+            self._plans.clear()  # versions long gone from every snapshot
+        self._plans[model_version] = (version, plan)
+        return plan
 
     def in_flight(self, endpoint: str) -> int:
         """Requests of the endpoint in flight now, where it has an in-flight limit (else 0)."""
@@ -225,6 +272,7 @@ class Predictor:
         record = self._record(request, request_id, choice.model_version, choice.reason, received)
         cached: _CacheUse | None = None
         limit: InFlightLimit | None = None
+        answered: PredictionResult | None = None
         if self._endpoint_settings is not None:
             endpoint = self._endpoint(route.endpoint)
             if endpoint.cache is not None and endpoint.cache.follow(route.revision):
@@ -255,14 +303,14 @@ class Predictor:
             _record_failure(record, exc)
             raise
         else:
-            _record_success(record, result)
+            answered = result
             return result
         finally:
             if limit is not None:
                 limit.leave()
             record.trace_id = current_trace_id()
             record.latency_us = int((time.perf_counter() - started) * 1e6)
-            self._log.append(record)
+            self._log.append(record if answered is None else _Answered(record, answered))
             # After the answer, so the copies never compete with it.
             for shadow in route.shadow:
                 self._shadows.submit(
@@ -388,6 +436,7 @@ class Predictor:
         structlog.contextvars.bind_contextvars(version=model_version, shadow=True)
         record = self._record(request, request_id, model_version, "shadow", received)
         record.shadow = True
+        answered: PredictionResult | None = None
         try:
             async with asyncio.timeout(self._shadow_timeout_s):
                 result = await self._run(request, snapshot, model_version, "shadow", request_id)
@@ -395,11 +444,11 @@ class Predictor:
             _record_failure(record, exc)
             log.warning("shadow_failed", shadow_version=model_version, error_code=record.error_code)
         else:
-            _record_success(record, result)
+            answered = result
         finally:
             record.trace_id = current_trace_id()
             record.latency_us = int((time.perf_counter() - started) * 1e6)
-            self._log.append(record)
+            self._log.append(record if answered is None else _Answered(record, answered))
 
     async def _run(
         self,
@@ -420,27 +469,24 @@ class Predictor:
                 reason="VERSION_NOT_READY",
                 metadata={"model_version": model_version},
             )
-        signature = snapshot.versions[model_version].signature
+        version = snapshot.versions[model_version]
+        signature = version.signature
+        plan = self._plan(model_version, version)
         if request.tensors is not None:
             # The caller sent the model's tensors (Open Inference Protocol): no features.
             inputs, values = request.tensors.for_version(model_version, signature)
             missing: list[str] = []
             statuses: dict[str, FeatureStatus] = {}
         else:
-            if not signature.inputs or not signature.feature_refs:
+            if not plan.input_name or not plan.refs:
                 raise FailedPreconditionError(
                     f"{model_version} declares no feature_refs; the router cannot build its input",
                     reason="NO_FEATURE_REFS",
                     metadata={"model_version": model_version},
                 )
-            refs = list(signature.feature_refs)
-            stored = [FeatureRef.parse(r) for r in refs if not r.startswith(REQUEST_ENTITY + ":")]
+            stored = plan.stored
             with tracer().start_as_current_span("router.features"):
-                entity_types = (
-                    await self._features.entity_types(sorted({r.view for r in stored}))
-                    if stored
-                    else {}
-                )
+                entity_types = await self._features.entity_types(plan.views) if stored else {}
                 needed_types = sorted(set(entity_types.values()))
                 missing_ids = [t for t in needed_types if not request.entities.get(t)]
                 if missing_ids:
@@ -459,7 +505,7 @@ class Predictor:
                 query=request.query,
             )
             row, values, statuses = assemble_row(
-                refs, stored_values, request.features, facts, model_version=model_version
+                plan.refs, stored_values, request.features, facts, model_version=model_version
             )
             missing = [ref for ref, status in statuses.items() if status is FeatureStatus.MISSING]
             not_present = {
@@ -469,9 +515,7 @@ class Predictor:
             }
             if not_present:
                 log.warning("features_not_present", features=not_present)
-            first = signature.inputs[0]
-            dtype = DTYPES.get(first.datatype, np.dtype(np.float32))
-            inputs = {first.name: np.asarray([row], dtype=dtype)}
+            inputs = {plan.input_name: np.asarray([row], dtype=plan.input_dtype)}
         if cached is not None:
             cached.key = cache_key(model_version, inputs)
             cached.features = values
@@ -487,7 +531,7 @@ class Predictor:
                     missing_features=missing,
                     feature_statuses={ref: status.value for ref, status in statuses.items()},
                 )
-        output_names = [o.name for o in signature.outputs]
+        output_names = plan.output_names
         breaker = None if self._breakers is None else self._breakers.get(model_version)
         if breaker is None:
             raw = await self._runner.run(served, inputs, output_names)
@@ -508,7 +552,7 @@ class Predictor:
                     breaker.abandoned(admission)
                 raise
             breaker.succeeded(admission)
-        outputs = conform_outputs(raw, {o.name: list(o.shape) for o in signature.outputs})
+        outputs = conform_outputs(raw, plan.output_shapes)
         if cached is not None and cached.key is not None:
             cached.cache.put(cached.key, outputs)
         return PredictionResult(
@@ -560,6 +604,33 @@ def _record_failure(record: prediction_record_pb2.PredictionRecord, exc: BaseExc
         record.error_code = "DEADLINE_EXCEEDED"
     else:
         record.error_code = "INTERNAL"
+
+
+class _Answered:
+    """An answered request's record, completed with the features and outputs when the
+    prediction log writes it (in its background task) rather than before the answer: copying
+    them into the record is a good part of what the record costs."""
+
+    __slots__ = ("_record", "_result", "_serialized")
+
+    def __init__(
+        self, record: prediction_record_pb2.PredictionRecord, result: PredictionResult
+    ) -> None:
+        self._record = record
+        self._result = result
+        self._serialized: bytes | None = None
+
+    @property
+    def request_id(self) -> str:
+        return self._record.request_id
+
+    def SerializeToString(self) -> bytes:
+        """The completed record; the same bytes however often the writer asks (it asks again
+        for a batch it sends again after Redis was away)."""
+        if self._serialized is None:
+            _record_success(self._record, self._result)
+            self._serialized = self._record.SerializeToString()
+        return self._serialized
 
 
 def _record_success(
