@@ -5,6 +5,7 @@ answers as a fallback while the model fails."""
 
 from __future__ import annotations
 
+import grpc
 import numpy as np
 import pytest
 from router_testing import (
@@ -16,6 +17,9 @@ from router_testing import (
     deploy,
     probabilities,
     records,
+    refused,
+    register_copy,
+    reload,
     request,
     router,
     triton_requests_after,
@@ -24,6 +28,7 @@ from router_testing import (
 from structlog.testing import capture_logs
 from support import eventually
 
+from modelserve.inference.v1 import inference_service_pb2 as inference_pb
 from modelserve.router.v1 import router_service_pb2 as router_pb
 from modelserve.type.v1 import prediction_record_pb2
 
@@ -236,3 +241,60 @@ class TestFallbackChain:
             assert answer.degraded_reason.endswith(f"; answered by fallback {V1}")
         assert failed.degraded_reason.startswith(f"{V2} failed: TRITON_UNAVAILABLE;")
         assert skipped.degraded_reason.startswith(f"{V2} circuit_open;")
+
+
+class TestNoReadyTarget:
+    async def test_the_chain_answers_while_no_target_is_ready(
+        self, dependencies: Dependencies
+    ) -> None:
+        """When inference holds no traffic target READY (as between Triton dying and its
+        reload), the fallback chain still answers: the fallback version, a cached answer of
+        the chosen version, the declared defaults, each degraded with `not_ready` in the
+        reason; with no chain the request is refused VERSION_NOT_READY."""
+        deps = dependencies
+        version = await register_copy(deps, "fraud-not-ready")
+        await reload(deps, version)
+        await deploy(deps, "not-ready-fallback", version, fallback_version=V1)
+        await deploy(deps, "not-ready-cached", version)
+        await deploy(deps, "not-ready-bare", version, default_outputs=False)
+        seen = request("not-ready-cached", "c-1005", 77.0)
+        async with router(
+            deps, endpoints={"not-ready-cached": {"cache_max_entries": 10, "cache_ttl_s": 0}}
+        ) as (stub, app):
+            answered = await stub.Predict(seen)
+            await deps.inference.UnloadModelVersion(
+                inference_pb.UnloadModelVersionRequest(name=version), timeout=WAIT_S
+            )
+            await eventually(
+                lambda: version not in app.routes.snapshot.ready,
+                "the version no longer READY in the router",
+                within_s=WAIT_S,
+            )
+            by_fallback = await stub.Predict(request("not-ready-fallback", "c-1005", 77.0))
+            by_cache = await stub.Predict(seen)
+            by_default = await stub.Predict(request("not-ready-cached", "c-1005", 78.0))
+            error = await refused(stub.Predict(request("not-ready-bare", "c-1005", 77.0)))
+            await app.prediction_log.flush()
+        assert (answered.model_version, answered.degraded) == (version, False)
+        assert (by_fallback.route_reason, by_fallback.model_version, by_fallback.degraded) == (
+            "fallback",
+            V1,
+            True,
+        )
+        assert by_fallback.degraded_reason == f"{version} not_ready; answered by fallback {V1}"
+        assert (by_cache.route_reason, by_cache.model_version, by_cache.degraded) == (
+            "cached_prediction",
+            version,
+            True,
+        )
+        np.testing.assert_array_equal(probabilities(by_cache), probabilities(answered))
+        assert (by_default.route_reason, by_default.degraded) == ("default_output", True)
+        assert by_default.degraded_reason.startswith(f"{version} not_ready;")
+        assert (error.code, error.reason) == (
+            grpc.StatusCode.FAILED_PRECONDITION,
+            "VERSION_NOT_READY",
+        )
+        logged = await records(deps, by_default.request_id)
+        assert [(r.route_reason, r.degraded, r.status) for r in logged] == [
+            ("default_output", True, prediction_record_pb2.PREDICTION_STATUS_OK)
+        ]

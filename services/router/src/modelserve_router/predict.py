@@ -151,6 +151,17 @@ class _VersionPlan:
         )
 
 
+@dataclass(frozen=True, slots=True)
+class _Input:
+    """A version's input for one request, and the feature values and statuses behind it."""
+
+    plan: _VersionPlan
+    inputs: dict[str, npt.NDArray[Any]]
+    values: dict[str, Value | None]
+    missing: list[str]
+    statuses: dict[str, FeatureStatus]
+
+
 @dataclass(slots=True)
 class _Endpoint:
     """What the router keeps per endpoint: its in-flight limit and its prediction cache."""
@@ -259,6 +270,7 @@ class Predictor:
         structlog.contextvars.bind_contextvars(endpoint=request.endpoint, request_id=request_id)
         # One snapshot serves the whole request, so a flip mid-request is never half seen.
         snapshot, route = await self._routes.resolve(request.endpoint)
+        not_ready: FailedPreconditionError | None = None
         if request.model_version:
             choice = pin(route, request.model_version)
         else:
@@ -267,7 +279,17 @@ class Predictor:
                 if request.routing_key
                 else routing_keys(request.user_id, request.entities)
             )
-            choice = choose(route, snapshot.ready, keys)
+            try:
+                choice = choose(route, snapshot.ready, keys)
+            except FailedPreconditionError as exc:
+                # No traffic target is READY (Triton died and inference is reloading it, a
+                # version failed to load): the fallback chain answers if it can, else this.
+                if exc.reason != "VERSION_NOT_READY":
+                    raise
+                not_ready = exc
+                choice = RouteChoice(
+                    next(t.model_version for t in route.traffic if t.percent > 0), "not_ready"
+                )
         structlog.contextvars.bind_contextvars(version=choice.model_version)
         record = self._record(request, request_id, choice.model_version, choice.reason, received)
         cached: _CacheUse | None = None
@@ -282,6 +304,8 @@ class Predictor:
                 limit.enter()
         try:
             try:
+                if not_ready is not None:
+                    raise not_ready
                 result = None
                 if route.hybrid is not None and self._precomputed is not None:
                     result = await self._answer_precomputed(
@@ -291,7 +315,9 @@ class Predictor:
                     result = await self._run(
                         request, snapshot, choice.model_version, choice.reason, request_id, cached
                     )
-            except (UnavailableError, ResourceExhaustedError) as exc:
+            except (UnavailableError, ResourceExhaustedError, FailedPreconditionError) as exc:
+                if isinstance(exc, FailedPreconditionError) and exc is not not_ready:
+                    raise
                 result = await self._fall_back(
                     request, snapshot, route, choice, request_id, exc, cached
                 )
@@ -358,10 +384,10 @@ class Predictor:
         failure: ModelServeError,
         cached: _CacheUse | None,
     ) -> PredictionResult:
-        """The deployment's fallback chain after the chosen version failed in inference (or
-        its breaker is open): the fallback version if it is another READY one, else a cached
-        answer of the chosen version for the same input (up to the stale bound), else the
-        declared default outputs; `failure` again when none answers."""
+        """The deployment's fallback chain after the chosen version failed in inference, its
+        breaker is open, or no traffic target is READY: the fallback version if it is another
+        READY one, else a cached answer of the chosen version for the same input (up to the
+        stale bound), else the declared default outputs; `failure` again when none answers."""
         why = _failed(choice.model_version, failure)
         fallback = route.fallback_version
         if fallback and fallback != choice.model_version and fallback in snapshot.ready:
@@ -374,6 +400,21 @@ class Predictor:
                 result.degraded_reason = f"{why}; answered by fallback {fallback}"
                 log.warning("prediction_degraded", reason=result.degraded_reason)
                 return result
+        if (
+            cached is not None
+            and cached.key is None
+            and isinstance(failure, FailedPreconditionError)
+        ):
+            # The model never ran (no target READY), so the input the cache is keyed by was
+            # never built: build it now. Without features (their store away too) the chain
+            # goes on to the declared defaults; a bad request stays the caller's error.
+            try:
+                prepared = await self._input(request, snapshot, choice.model_version)
+            except (UnavailableError, ResourceExhaustedError) as exc:
+                log.warning("cached_fallback_without_input", error=str(exc))
+            else:
+                cached.key = cache_key(choice.model_version, prepared.inputs)
+                cached.features = prepared.values
         entry = None if cached is None or cached.key is None else cached.cache.stale(cached.key)
         if cached is not None and entry is not None:
             age_s = cached.cache.age_s(entry)
@@ -450,25 +491,11 @@ class Predictor:
             record.latency_us = int((time.perf_counter() - started) * 1e6)
             self._log.append(record if answered is None else _Answered(record, answered))
 
-    async def _run(
-        self,
-        request: PredictionInput,
-        snapshot: Snapshot,
-        model_version: str,
-        reason: str,
-        request_id: str,
-        cached: _CacheUse | None = None,
-    ) -> PredictionResult:
-        """Builds the version's input and runs it: from the endpoint's cache when `cached`
-        holds a fresh answer for that input, else through the version's circuit breaker
-        (CircuitOpenError, an UnavailableError, when it is open)."""
-        served = snapshot.ready.get(model_version)
-        if served is None:
-            raise FailedPreconditionError(
-                f"model version {model_version} is not READY in inference",
-                reason="VERSION_NOT_READY",
-                metadata={"model_version": model_version},
-            )
+    async def _input(
+        self, request: PredictionInput, snapshot: Snapshot, model_version: str
+    ) -> _Input:
+        """The version's input for the request: the caller's tensors, or the row assembled
+        from stored and request-time features in the order of its signature."""
         version = snapshot.versions[model_version]
         signature = version.signature
         plan = self._plan(model_version, version)
@@ -516,6 +543,30 @@ class Predictor:
             if not_present:
                 log.warning("features_not_present", features=not_present)
             inputs = {plan.input_name: np.asarray([row], dtype=plan.input_dtype)}
+        return _Input(plan, inputs, values, missing, statuses)
+
+    async def _run(
+        self,
+        request: PredictionInput,
+        snapshot: Snapshot,
+        model_version: str,
+        reason: str,
+        request_id: str,
+        cached: _CacheUse | None = None,
+    ) -> PredictionResult:
+        """Builds the version's input and runs it: from the endpoint's cache when `cached`
+        holds a fresh answer for that input, else through the version's circuit breaker
+        (CircuitOpenError, an UnavailableError, when it is open)."""
+        served = snapshot.ready.get(model_version)
+        if served is None:
+            raise FailedPreconditionError(
+                f"model version {model_version} is not READY in inference",
+                reason="VERSION_NOT_READY",
+                metadata={"model_version": model_version},
+            )
+        prepared = await self._input(request, snapshot, model_version)
+        plan, inputs, values = prepared.plan, prepared.inputs, prepared.values
+        missing, statuses = prepared.missing, prepared.statuses
         if cached is not None:
             cached.key = cache_key(model_version, inputs)
             cached.features = values
@@ -590,9 +641,12 @@ def pin(route: Route, model_version: str) -> RouteChoice:
 
 
 def _failed(model_version: str, failure: ModelServeError) -> str:
-    """How a version failed, for a degraded reason: `circuit_open` when it was not called."""
+    """How a version failed, for a degraded reason: `circuit_open` when it was not called,
+    `not_ready` when no traffic target was READY."""
     if isinstance(failure, CircuitOpenError):
         return f"{model_version} circuit_open"
+    if isinstance(failure, FailedPreconditionError):
+        return f"{model_version} not_ready"
     return f"{model_version} failed: {failure.reason or failure.code.name}"
 
 
