@@ -54,6 +54,28 @@ class TestTritonServer:
 
         assert time.monotonic() - started < 15
 
+    async def test_a_failed_restart_can_be_tried_again(self, tmp_path: Path) -> None:
+        """A restart whose new process is not ready in time fails, and leaves the server able
+        to restart again: a supervisor retrying after one bad start recovers."""
+        server = TritonServer(TritonOptions(work_dir=tmp_path))
+        await server.start()
+        try:
+            assert server.pid is not None
+            psutil.Process(server.pid).kill()
+            await server.wait_exited()
+            # Given no time to get ready, the next tritonserver fails the restart (and is
+            # killed), as one that crashes at once does.
+            with pytest.raises(TritonStartError, match="not ready after"):
+                await server.restart(timeout=0.01)
+            await server.restart(timeout=60)
+            runner = TritonRunner(server.grpc_endpoint)
+            try:
+                assert await runner.is_server_ready()
+            finally:
+                await runner.close()
+        finally:
+            await server.stop()
+
     async def test_stop_ends_the_server_and_its_stubs(
         self, tmp_path: Path, fraud_models: dict[int, TrainedModel]
     ) -> None:

@@ -180,7 +180,10 @@ class TritonServer:
         try:
             await self._wait_ready(self._process, timeout)
         except BaseException:
-            await self.stop(grace=2)
+            # This attempt's process goes, not the server: `restart` may try again (a
+            # restart was seen to die at once with SIGSEGV now and then, and start the next
+            # time).
+            await self._end(self._process, grace=2)
             raise
         log.info(
             "triton_ready",
@@ -218,6 +221,10 @@ class TritonServer:
         if process is None or self._stopped:
             return
         self._stopped = True
+        await self._end(process, grace)
+
+    async def _end(self, process: asyncio.subprocess.Process, grace: float) -> None:
+        """SIGTERM to the process group, SIGKILL after `grace` seconds; waits for the exit."""
         if process.returncode is None:
             _signal_group(process.pid, signal.SIGTERM)
             try:
