@@ -78,6 +78,23 @@ class TestPredictionLogWriter:
         assert writer.dropped == 0
         assert await redis_client.xlen(DEFAULT_STREAM) == 300
 
+    async def test_linger_lets_a_quiet_spells_records_share_a_pipeline(
+        self, redis_client: aioredis.Redis
+    ) -> None:
+        """Records appended a Redis round trip apart go in one pipeline when the first one
+        lingers, and in several when it does not."""
+        lingering = PredictionLogWriter(redis_client, stream="lingering", linger_s=0.5)
+        eager = PredictionLogWriter(redis_client, stream="eager")
+        for i in range(5):
+            lingering.append(_record(f"r-{i}"))
+            eager.append(_record(f"r-{i}"))
+            await redis_client.ping()  # meanwhile the eager writer's XADD goes out
+        await lingering.flush()
+        await eager.flush()
+        assert await redis_client.xlen("lingering") == await redis_client.xlen("eager") == 5
+        assert lingering.batches == 1
+        assert eager.batches > 1
+
     async def test_a_record_redis_refuses_is_dropped_and_the_rest_written(
         self, redis_client: aioredis.Redis
     ) -> None:

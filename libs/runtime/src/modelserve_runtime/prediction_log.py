@@ -74,11 +74,12 @@ class PredictionLogWriter:
 
     Records queue in memory; one background task drains the queue in batches of up to
     `max_batch` XADDs per pipeline, so a burst costs a few Redis round trips, not one per
-    record. When Redis cannot be reached (a connection refused or broken, a timeout, a
-    failover), the batch stays at the head of the queue and the writer tries again after a backoff that
-    doubles from `retry_initial_s` up to `retry_max_s`: an outage costs no record as long as
-    fewer than `max_pending` are buffered, and the buffer is written in order once Redis
-    answers. Past `max_pending` buffered records new ones are dropped. Every drop is counted
+    record; with `linger_s` the first record after a quiet spell waits that long for others
+    to share its pipeline. When Redis cannot be reached (a connection refused or broken, a
+    timeout, a failover), the batch stays at the head of the queue and the writer tries
+    again after a backoff that doubles from `retry_initial_s` up to `retry_max_s`: an
+    outage costs no record as long as fewer than `max_pending` are buffered, and the buffer
+    is written in order once Redis answers. Past `max_pending` buffered records new ones are dropped. Every drop is counted
     (`dropped`, and `modelserve_prediction_log_records_total` by reason) and logged: the
     first of a run of drops at once, then at most once per `log_every_s` with the count.
 
@@ -99,6 +100,7 @@ class PredictionLogWriter:
         retry_initial_s: float = 0.05,
         retry_max_s: float = 2.0,
         log_every_s: float = 1.0,
+        linger_s: float = 0.0,
     ) -> None:
         self._redis = client
         self._stream = stream
@@ -108,6 +110,7 @@ class PredictionLogWriter:
         self._retry_initial_s = retry_initial_s
         self._retry_max_s = retry_max_s
         self._log_every_s = log_every_s
+        self._linger_s = linger_s
         self._queue: deque[Record] = deque()
         self._drainer: asyncio.Task[None] | None = None
         self._unlogged_drops = 0
@@ -116,6 +119,8 @@ class PredictionLogWriter:
         """Records dropped so far, for any reason."""
         self.written = 0
         """Records on the stream so far."""
+        self.batches = 0
+        """Pipelines that reached Redis so far."""
 
     @property
     def buffered(self) -> int:
@@ -152,6 +157,10 @@ class PredictionLogWriter:
             self._unlogged_drops = 0
 
     async def _drain(self) -> None:
+        if self._linger_s > 0 and len(self._queue) < self._max_batch:
+            # The first record after a quiet spell waits for company: one pipeline per
+            # record costs the router more CPU than its request's XADD is worth.
+            await asyncio.sleep(self._linger_s)
         delay_s = self._retry_initial_s
         failing_since: float | None = None
         while self._queue:
@@ -174,6 +183,7 @@ class PredictionLogWriter:
                 await asyncio.sleep(delay_s)
                 delay_s = min(delay_s * 2, self._retry_max_s)
                 continue
+            self.batches += 1
             for _ in range(count):
                 self._queue.popleft()
             BUFFERED.dec(count)

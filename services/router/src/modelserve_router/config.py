@@ -77,6 +77,9 @@ class RouterSettings(ServiceSettings):
     prediction_log_buffer: int = Field(default=10_000, ge=1)
     """Most records held in memory while Redis is slow or away; past it new records are
     dropped, counted and logged."""
+    prediction_log_linger_ms: float = Field(default=5.0, ge=0, le=1000)
+    """How long the first record after a quiet spell waits for others to share its Redis
+    pipeline; 0: written at once, one pipeline per record at low rates."""
     prediction_log_retry_max_s: float = Field(default=2.0, gt=0)
     """Longest wait between attempts to write buffered records while Redis is away (the
     wait starts at 50 ms and doubles)."""

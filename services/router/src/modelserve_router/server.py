@@ -172,6 +172,7 @@ async def build_server(settings: RouterSettings) -> tuple[GrpcServer, RouterApp]
         max_len=settings.prediction_stream_max_len,
         max_pending=settings.prediction_log_buffer,
         retry_max_s=settings.prediction_log_retry_max_s,
+        linger_s=settings.prediction_log_linger_ms / 1000,
     )
     routes = RoutingTable(
         RegistryClient(registry_channel),
