@@ -22,7 +22,10 @@ they never compete for the CPU), it drives for `--duration` seconds after a warm
 
 Every loop runs on uvloop, client and Feast driver alike. Before timing, each path's answer
 is checked against the written values. Prints p50/p95/p99 and req/s per path, entities and
-concurrency, the ratios to the echo server, raw Redis and Feast, and the issue's targets at
+concurrency; the CPU microseconds per request (user + system, over the timed window) of each
+process: the feature service, Redis, the echo server, this client and the Feast driver, the
+number to compare changes by on a shared machine, where throughput moves with whatever else
+runs; the ratios to the echo server, raw Redis and Feast; and the issue's targets at
 concurrency 16 (throughput >= 0.8x echo and above Feast; p99 <= 1.5x echo).
 
     .venv/bin/python loadtests/bench_features.py --duration 5 --concurrency 1 16 64
@@ -44,7 +47,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
 
@@ -108,10 +111,17 @@ class Result:
     seconds: float
     errors: int
     first_error: str = ""
+    cpu_s: dict[str, float] = field(default_factory=dict)
+    """CPU seconds (user + system) each process spent during the timed window."""
 
     @property
     def rps(self) -> float:
         return len(self.latencies_ms) / self.seconds if self.seconds else 0.0
+
+    def cpu_us_per_request(self, process: str) -> float:
+        """CPU microseconds `process` spent per answered request (NaN when not measured)."""
+        done = len(self.latencies_ms)
+        return self.cpu_s[process] / done * 1e6 if done and process in self.cpu_s else math.nan
 
     def percentile(self, q: float) -> float:
         """The q-th percentile, interpolated linearly (numpy's default)."""
@@ -288,6 +298,7 @@ async def _feast_session() -> None:
                 return store.get_online_features(REFS, rows(i, batch)).to_dict()
 
             await loop.run_in_executor(None, drive_threads, call, concurrency, run["warmup"])
+            cpu_before = time.process_time()
             measured = await loop.run_in_executor(None, drive_threads, call, concurrency, duration)
         else:
 
@@ -295,8 +306,12 @@ async def _feast_session() -> None:
                 return (await store.get_online_features_async(REFS, rows(i, batch))).to_dict()
 
             await drive(acall, concurrency, run["warmup"])
+            cpu_before = time.process_time()
             measured = await drive(acall, concurrency, duration)
-        _answer({"result": asdict(Result("feast SDK", batch, concurrency, *measured))})
+        # Its own process's CPU, every thread's: the SDK runs in the driver.
+        cpu_s = {"feast": time.process_time() - cpu_before}
+        result = Result("feast SDK", batch, concurrency, *measured, cpu_s=cpu_s)
+        _answer({"result": asdict(result)})
 
 
 def _answer(message: dict[str, Any]) -> None:
@@ -484,7 +499,8 @@ async def harness(args: argparse.Namespace) -> None:
                     f"{ready['write_seconds']:.2f} s"
                 )
         print(feast_note, flush=True)
-        results = await _measure(args, stack, echo_target, driver)
+        assert echo.pid is not None
+        results = await _measure(args, stack, echo_target, echo.pid, driver)
         _print(results, args, feast_note.splitlines()[0])
     finally:
         if driver is not None:
@@ -540,10 +556,15 @@ async def _write(stack: Stack, entities: int, event_time_us: int) -> float:
 
 
 async def _measure(
-    args: argparse.Namespace, stack: Stack, echo_target: str, driver: FeastDriver | None
+    args: argparse.Namespace,
+    stack: Stack,
+    echo_target: str,
+    echo_pid: int,
+    driver: FeastDriver | None,
 ) -> list[Result]:
     import grpc
     import redis.asyncio as aioredis
+    from bench import cpu_seconds, process_groups
 
     from modelserve.feature.v1 import feature_service_pb2 as pb
     from modelserve.feature.v1 import feature_service_pb2_grpc as pb_grpc
@@ -598,6 +619,8 @@ async def _measure(
         "echo (bare hop)": lambda b, i: echo(payloads[b][i % slots]),
     }
     warmup = min(1.0, args.duration)
+    # The feature service, Redis and this client (as bench.py groups them), and the echo server.
+    processes = {**process_groups(stack), "echo": [echo_pid]}
     results: list[Result] = []
     try:
         for batch in BATCHES:
@@ -608,8 +631,11 @@ async def _measure(
                         return await call(batch, i)
 
                     await drive(one, concurrency, warmup)
+                    before = cpu_seconds(processes)
                     measured = await drive(one, concurrency, args.duration)
-                    results.append(Result(name, batch, concurrency, *measured))
+                    after = cpu_seconds(processes)
+                    cpu_s = {p: after[p] - before[p] for p in after}
+                    results.append(Result(name, batch, concurrency, *measured, cpu_s=cpu_s))
                 if driver is not None:
                     results.append(
                         await asyncio.to_thread(
@@ -653,8 +679,29 @@ def _print(results: Sequence[Result], args: argparse.Namespace, feast_note: str)
     errors = [r for r in results if r.first_error]
     for r in errors:
         print(f"first error of {r.path} ({r.entities}, {r.concurrency}): {r.first_error}")
+    _print_cpu(out, results)
     by = {(r.path, r.entities, r.concurrency): r for r in results}
     _ratios(out, by, args)
+
+
+def _print_cpu(out: IO[str], results: Sequence[Result]) -> None:
+    """CPU microseconds per answered request, by process: unlike throughput on a shared
+    machine, this hardly moves with what else runs."""
+    order = ("feature", "redis", "echo", "client", "feast")
+    processes = [p for p in order if any(p in r.cpu_s for r in results)]
+    processes += sorted({p for r in results for p in r.cpu_s} - set(processes))
+    print("\nCPU us per request (user + system), by process:\n", file=out)
+    print("| path | entities | conc | " + " | ".join(processes) + " |", file=out)
+    print("|---|---:|---:|" + "---:|" * len(processes), file=out)
+    for r in results:
+        cells = [_us(r.cpu_us_per_request(p)) for p in processes]
+        print(
+            f"| {r.path} | {r.entities} | {r.concurrency} | " + " | ".join(cells) + " |", file=out
+        )
+
+
+def _us(value: float) -> str:
+    return "-" if math.isnan(value) else f"{value:.0f}"
 
 
 def _ratios(out: IO[str], by: dict[tuple[str, int, int], Result], args: argparse.Namespace) -> None:

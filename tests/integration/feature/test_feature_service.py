@@ -135,6 +135,89 @@ class TestRead:
         assert fresh.statuses["customer:avg_amount_30d"] == pb.FEATURE_STATUS_PRESENT
         assert fresh.values["customer:avg_amount_30d"].double_value == 2.0
 
+    async def test_one_read_spans_views_and_entity_types(
+        self, redis_url: str, redis_client: aioredis.Redis
+    ) -> None:
+        """Features of three views over two entity types, read together: each entity answers
+        the features of the views of its type and no others, each value from its own view's
+        hash; each view counts one read and the entities of its type."""
+        risk = customer_view()
+        risk.name = "featureViews/risk"
+        merchant = view_pb.FeatureView(
+            name="featureViews/merchant",
+            entity_type="merchant",
+            features=[
+                view_pb.FeatureSpec(name="avg_amount_30d", dtype=view_pb.FEATURE_DTYPE_DOUBLE)
+            ],
+        )
+        views = ("customer", "risk", "merchant")
+
+        def samples() -> dict[str, float]:
+            return {
+                f"{name} {metric}": _sample(f"modelserve_feature_{metric}_total", view=name)
+                for name in views
+                for metric in ("reads", "entities_read")
+            }
+
+        before = samples()
+        async with running(build_server, settings(redis_url)) as (_, channel, _app):
+            stub = pb_grpc.FeatureServiceStub(channel)
+            for view in (customer_view(), risk, merchant):
+                await stub.ApplyFeatureView(pb.ApplyFeatureViewRequest(feature_view=view))
+            await stub.WriteFeatures(
+                pb.WriteFeaturesRequest(
+                    writes=[
+                        write("c-1", {"avg_amount_30d": double(1.0)}),
+                        write("c-1", {"avg_amount_30d": double(2.0)}, view=risk.name),
+                        write("c-2", {"avg_amount_30d": double(3.0)}),
+                        write(
+                            "m-1",
+                            {"avg_amount_30d": double(4.0)},
+                            view=merchant.name,
+                            entity_type="merchant",
+                        ),
+                    ]
+                )
+            )
+            response = await stub.GetOnlineFeatures(
+                pb.GetOnlineFeaturesRequest(
+                    entities=[entity("c-1"), entity("m-1", "merchant"), entity("c-2")],
+                    features=[
+                        "risk:segment",
+                        "merchant:avg_amount_30d",
+                        "customer:avg_amount_30d",
+                        "risk:avg_amount_30d",
+                    ],
+                )
+            )
+        after = samples()
+        answered = [
+            {key: (status, r.values[key].double_value) for key, status in r.statuses.items()}
+            for r in response.results
+        ]
+        present, missing = pb.FEATURE_STATUS_PRESENT, pb.FEATURE_STATUS_MISSING
+        assert answered == [
+            {
+                "customer:avg_amount_30d": (present, 1.0),
+                "risk:avg_amount_30d": (present, 2.0),
+                "risk:segment": (missing, 0.0),
+            },
+            {"merchant:avg_amount_30d": (present, 4.0)},
+            {
+                "customer:avg_amount_30d": (present, 3.0),
+                "risk:avg_amount_30d": (missing, 0.0),
+                "risk:segment": (missing, 0.0),
+            },
+        ]
+        assert {k: after[k] - before[k] for k in before} == {
+            "customer reads": 1,
+            "customer entities_read": 2,
+            "risk reads": 1,
+            "risk entities_read": 2,
+            "merchant reads": 1,
+            "merchant entities_read": 1,
+        }
+
     @pytest.mark.parametrize(
         ("features", "reason", "named"),
         [
@@ -233,13 +316,22 @@ class TestRead:
     async def test_malformed_stored_values_read_as_not_stored(
         self, redis_url: str, redis_client: aioredis.Redis
     ) -> None:
-        """A stored value that does not decode (a short number, a vector of partial floats,
-        text that is not UTF-8, an unknown tag) reads as not stored: DEFAULTED or MISSING,
-        never an error."""
+        """A stored value that does not decode (a short or long number, a vector of partial
+        floats, text that is not UTF-8, an unknown tag, nothing at all, less than a header) or
+        that decodes as another dtype (an int64 where a double is wanted, the same size) reads
+        as not stored: DEFAULTED or MISSING, never an error."""
         stamp = (1_700_000_000_000_000).to_bytes(8, "big")
+        extra = {
+            "ratio": view_pb.FEATURE_DTYPE_DOUBLE,
+            "rank": view_pb.FEATURE_DTYPE_INT64,
+            "nickname": view_pb.FEATURE_DTYPE_STRING,
+            "trusted": view_pb.FEATURE_DTYPE_BOOL,
+        }
         async with running(build_server, settings(redis_url)) as (_, channel, _app):
             stub = pb_grpc.FeatureServiceStub(channel)
-            await _apply(stub)
+            await stub.ApplyFeatureView(
+                pb.ApplyFeatureViewRequest(feature_view=customer_view(**extra))
+            )
             await redis_client.hset(
                 "fs:{customer:c-1}:customer",
                 mapping={
@@ -248,10 +340,16 @@ class TestRead:
                     "segment": b"s" + stamp + b"\xff\xfe",
                     "vip": b"z" + stamp + b"\x01",
                     "embedding": b"v" + stamp + b"\x00\x00\x80\x3f\x00",
+                    "ratio": b"i" + stamp + bytes(8),
+                    "rank": b"i" + stamp + bytes(9),
+                    "nickname": b"",
+                    "trusted": b"b" + stamp[:4],
                 },
             )
             response = await stub.GetOnlineFeatures(
-                pb.GetOnlineFeaturesRequest(entities=[entity("c-1")], features=ALL)
+                pb.GetOnlineFeaturesRequest(
+                    entities=[entity("c-1")], features=[*ALL, *(f"customer:{n}" for n in extra)]
+                )
             )
         (result,) = response.results
         assert dict(result.statuses) == {
@@ -260,6 +358,10 @@ class TestRead:
             "customer:segment": pb.FEATURE_STATUS_MISSING,
             "customer:vip": pb.FEATURE_STATUS_MISSING,
             "customer:embedding": pb.FEATURE_STATUS_MISSING,
+            "customer:ratio": pb.FEATURE_STATUS_MISSING,
+            "customer:rank": pb.FEATURE_STATUS_MISSING,
+            "customer:nickname": pb.FEATURE_STATUS_MISSING,
+            "customer:trusted": pb.FEATURE_STATUS_MISSING,
         }
         assert result.values["customer:chargebacks_90d"].int64_value == 0
         assert not result.event_times
@@ -358,45 +460,57 @@ class TestRead:
     async def test_metrics_count_reads_entities_and_statuses_per_view(
         self, redis_url: str, redis_client: aioredis.Redis
     ) -> None:
-        """A read adds to the per-view read, entity and value-status counters and to the Redis
-        latency histogram."""
+        """A read adds to the per-view read, entity and value-status counters (each value
+        counted once, by its status) and to the Redis latency histogram."""
         view = "customer"
-        before = {
-            "reads": _sample("modelserve_feature_reads_total", view=view),
-            "entities": _sample("modelserve_feature_entities_read_total", view=view),
-            "present": _sample("modelserve_feature_values_read_total", view=view, status="present"),
-            "missing": _sample("modelserve_feature_values_read_total", view=view, status="missing"),
-            "written": _sample(
-                "modelserve_feature_values_written_total", view=view, outcome="written"
-            ),
-        }
+        statuses = ("present", "missing", "expired", "defaulted")
+
+        def samples() -> dict[str, float]:
+            return {
+                "reads": _sample("modelserve_feature_reads_total", view=view),
+                "entities": _sample("modelserve_feature_entities_read_total", view=view),
+                **{
+                    s: _sample("modelserve_feature_values_read_total", view=view, status=s)
+                    for s in statuses
+                },
+                "written": _sample(
+                    "modelserve_feature_values_written_total", view=view, outcome="written"
+                ),
+                "redis reads": _sample("modelserve_feature_redis_seconds_count", op="read"),
+            }
+
+        before = samples()
         async with running(build_server, settings(redis_url)) as (_, channel, _app):
             stub = pb_grpc.FeatureServiceStub(channel)
-            await _apply(stub)
+            await _apply(stub, max_age_s=60)
             await stub.WriteFeatures(
-                pb.WriteFeaturesRequest(writes=[write("c-1", {"avg_amount_30d": double(1.0)})])
+                pb.WriteFeaturesRequest(
+                    writes=[
+                        write("c-1", {"avg_amount_30d": double(1.0)}),
+                        write("c-2", {"avg_amount_30d": double(2.0)}, event_time=ago(120)),
+                    ]
+                )
             )
             await stub.GetOnlineFeatures(
                 pb.GetOnlineFeaturesRequest(
-                    entities=[entity("c-1"), entity("c-2")],
-                    features=["customer:avg_amount_30d", "customer:segment"],
+                    entities=[entity("c-1"), entity("c-2"), entity("c-3")],
+                    features=[
+                        "customer:avg_amount_30d",
+                        "customer:segment",
+                        "customer:chargebacks_90d",
+                    ],
                 )
             )
-        after = {
-            "reads": _sample("modelserve_feature_reads_total", view=view),
-            "entities": _sample("modelserve_feature_entities_read_total", view=view),
-            "present": _sample("modelserve_feature_values_read_total", view=view, status="present"),
-            "missing": _sample("modelserve_feature_values_read_total", view=view, status="missing"),
-            "written": _sample(
-                "modelserve_feature_values_written_total", view=view, outcome="written"
-            ),
-        }
+        after = samples()
         assert {k: after[k] - before[k] for k in before} == {
             "reads": 1,
-            "entities": 2,
+            "entities": 3,
             "present": 1,
-            "missing": 3,
-            "written": 1,
+            "missing": 4,
+            "expired": 1,
+            "defaulted": 3,
+            "written": 2,
+            "redis reads": 1,
         }
 
 

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import struct
-
 import pytest
 
 from modelserve_features.convert import value_from_proto, value_to_proto
@@ -12,7 +10,6 @@ from modelserve_features.redis_store import (
     decode_value,
     encode_value,
     redis_key,
-    unpack_hash,
 )
 from modelserve_features.views import (
     FeatureDtype,
@@ -117,6 +114,7 @@ class TestEncoding:
             (D.DOUBLE, 0.1),
             (D.STRING, "naïve ✓"),
             (D.BOOL, True),
+            (D.BOOL, False),
             (D.FLOAT_VECTOR, (0.5, -2.0, 3.25)),
             (D.FLOAT_VECTOR, ()),
         ],
@@ -143,15 +141,6 @@ class TestEncoding:
         readers treat as nothing stored."""
         with pytest.raises(ValueError):
             decode_value(raw)
-
-    def test_packed_hashes_unpack_to_their_fields(self) -> None:
-        """A hash as the read script packs it (item count, item lengths, items) unpacks to
-        its fields and values; an empty one to nothing."""
-        items = [b"a", b"d" + bytes(16), b"name", b""]
-        packed = struct.pack(">5I", 4, *map(len, items)) + b"".join(items)
-
-        assert unpack_hash(packed) == {b"a": b"d" + bytes(16), b"name": b""}
-        assert unpack_hash(struct.pack(">I", 0)) == {}
 
     def test_encoding_is_compact(self) -> None:
         """A double costs 17 bytes: a tag, 8 bytes of event time, 8 of value."""

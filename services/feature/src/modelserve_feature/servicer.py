@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Sequence
 from typing import Any, cast
 
 import grpc
 
 from modelserve.feature.v1 import feature_service_pb2 as pb
 from modelserve.feature.v1 import feature_service_pb2_grpc as pb_grpc
-from modelserve.type.v1.feature_value_pb2 import FeatureValue
 from modelserve_feature.store import OnlineFeatures
 from modelserve_features.convert import (
     timestamp_us,
@@ -19,7 +18,7 @@ from modelserve_features.convert import (
 )
 from modelserve_features.online import FeatureStatus, FeatureWrite, ReadValue
 from modelserve_features.redis_store import EntityKey
-from modelserve_features.views import FeatureDtype, Value
+from modelserve_features.views import FeatureDtype
 
 _STATUSES = {
     FeatureStatus.PRESENT: pb.FEATURE_STATUS_PRESENT,
@@ -29,50 +28,35 @@ _STATUSES = {
 }
 
 
-# A read value is of its feature's dtype (values are checked when written, and a stored value
-# of another dtype reads as not stored), so each setter knows its type.
-
-
-def _set_int(target: FeatureValue, value: Value) -> None:
-    target.int64_value = cast(int, value)
-
-
-def _set_double(target: FeatureValue, value: Value) -> None:
-    target.double_value = cast(float, value)
-
-
-def _set_string(target: FeatureValue, value: Value) -> None:
-    target.string_value = cast(str, value)
-
-
-def _set_bool(target: FeatureValue, value: Value) -> None:
-    target.bool_value = cast(bool, value)
-
-
-def _set_vector(target: FeatureValue, value: Value) -> None:
-    target.float_vector_value.values.extend(cast(tuple[float, ...], value))
-
-
-#: Sets a FeatureValue in place, by the feature's dtype: filling the response's map entries
-#: where they are, rather than building a message per value and copying it in, is what keeps
-#: the response cheap to build.
-_SETTERS: dict[FeatureDtype, Callable[[FeatureValue, Value], None]] = {
-    FeatureDtype.INT64: _set_int,
-    FeatureDtype.DOUBLE: _set_double,
-    FeatureDtype.STRING: _set_string,
-    FeatureDtype.BOOL: _set_bool,
-    FeatureDtype.FLOAT_VECTOR: _set_vector,
+#: The FeatureValue field holding each scalar dtype's values. A read value is of its feature's
+#: dtype (values are checked when written, and a stored value of another dtype reads as not
+#: stored), so it is set by name: `setattr` costs about 110 ns a value where a setter function
+#: per dtype cost 160. A vector, a message, is extended in place.
+_FIELDS: dict[FeatureDtype, str] = {
+    FeatureDtype.INT64: "int64_value",
+    FeatureDtype.DOUBLE: "double_value",
+    FeatureDtype.STRING: "string_value",
+    FeatureDtype.BOOL: "bool_value",
 }
+_VECTOR = FeatureDtype.FLOAT_VECTOR
 
 
 def _fill(result: pb.EntityFeatures, row: Sequence[ReadValue]) -> None:
-    """One entity's values, statuses and event times into its EntityFeatures."""
+    """One entity's values, statuses and event times into its EntityFeatures.
+
+    Each map entry is filled where it is (`get_or_create`) rather than built as a message and
+    copied in: measured against building the maps as dicts and passing them to the
+    constructor, or `update`, this is the cheapest way upb offers (about 13 µs for twenty
+    values with their event times)."""
     values, statuses, event_times = result.values, result.statuses, result.event_times
     for feature, value, status, event_time_us in row:
         key = feature.key
         target = values.get_or_create(key)
         if value is not None:
-            _SETTERS[feature.dtype](target, value)
+            if feature.dtype is _VECTOR:
+                target.float_vector_value.values.extend(cast(tuple[float, ...], value))
+            else:
+                setattr(target, _FIELDS[feature.dtype], value)
         statuses[key] = _STATUSES[status]
         if event_time_us is not None:
             seconds, micros = divmod(event_time_us, 1_000_000)
