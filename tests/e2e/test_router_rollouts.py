@@ -261,26 +261,6 @@ class TestShadow:
             "FAILED_PRECONDITION",
         )
 
-    async def test_shadow_past_its_deadline_is_logged_not_felt(self, rollout: Rollout) -> None:
-        """A shadow copy that overruns its deadline is logged as a DEADLINE_EXCEEDED shadow
-        record while the caller gets the primary's answer."""
-        request = demo_request("c-1008", 70.0)
-        request.endpoint = SHADOWED
-        async with router(rollout.stack, shadow_timeout_s=1e-6) as (stub, app):
-            response = await stub.Predict(request)
-            await app.shadows.idle()
-            await app.prediction_log.flush()
-        assert (response.model_version, response.degraded) == (rollout.demo.model_version, False)
-        logged = await records(rollout.stack, response.request_id)
-        assert sorted((r.model_version, r.shadow, r.error_code) for r in logged) == sorted(
-            [
-                (rollout.demo.model_version, False, ""),
-                (rollout.ready, True, "DEADLINE_EXCEEDED"),
-                # Refused before its first await, so before any deadline can pass.
-                (rollout.not_loaded, True, "FAILED_PRECONDITION"),
-            ]
-        )
-
     async def test_full_shadow_capacity_drops_copies_not_requests(self, rollout: Rollout) -> None:
         """With room for one shadow copy, concurrent requests all answer and the copies that
         find no room are dropped and counted."""

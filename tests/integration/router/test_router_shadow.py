@@ -1,5 +1,6 @@
 """A slow shadow version (its Triton model made slow for real) changes neither the primary's
-answers nor its latency: shadow copies run beside the caller's request, never in its way."""
+answers nor its latency: shadow copies run beside the caller's request, never in its way;
+a copy held past the shadow deadline is logged as DEADLINE_EXCEEDED."""
 
 from __future__ import annotations
 
@@ -88,3 +89,33 @@ class TestSlowShadow:
             (slow, prediction_record_pb2.PREDICTION_STATUS_OK)
         }
         assert min(r.latency_us for r in copies) / 1e6 > max(shadowed_s)
+
+    async def test_shadow_past_its_deadline_is_logged_not_felt(
+        self, dependencies: Dependencies
+    ) -> None:
+        """A shadow copy that Triton holds past the shadow deadline is logged as a
+        DEADLINE_EXCEEDED shadow record, while the caller has had the primary's answer."""
+        deps = dependencies
+        overdue = await register_copy(deps, "fraud-overdue")
+        loaded = await deps.inference.LoadModelVersion(
+            inference_pb.LoadModelVersionRequest(name=overdue), timeout=WAIT_S
+        )
+        assert loaded.model_version.state == inference_pb.MODEL_VERSION_STATE_READY
+        await deploy(deps, "shadow-overdue", V1, shadow=[overdue])
+        try:
+            async with (
+                slow_in_triton(deps, overdue, queue_delay_us=int(SHADOW_DELAY_S * 1e6)),
+                router(deps, shadow_timeout_s=SHADOW_DELAY_S / 5) as (stub, app),
+            ):
+                response = await stub.Predict(request("shadow-overdue"))
+                await app.shadows.idle()
+                await app.prediction_log.flush()
+                logged = await records(deps, response.request_id)
+        finally:
+            await deps.inference.UnloadModelVersion(
+                inference_pb.UnloadModelVersionRequest(name=overdue), timeout=WAIT_S
+            )
+        assert (response.model_version, response.degraded) == (V1, False)
+        assert sorted((r.model_version, r.shadow, r.error_code) for r in logged) == sorted(
+            [(V1, False, ""), (overdue, True, "DEADLINE_EXCEEDED")]
+        )
