@@ -67,3 +67,9 @@ def server_certificate(
 def client_certificate(directory: Path, name: str, ca: KeyPair) -> KeyPair:
     """A client certificate with subject CN `name` signed by `ca`."""
     return signed(directory, name, ca, "extendedKeyUsage=clientAuth\n")
+
+
+def mutual_tls(server: KeyPair, ca: KeyPair) -> dict[str, Path]:
+    """A service's `server.tls` settings for mutual TLS: `server`'s key pair, and clients
+    signed by `ca` required."""
+    return {"cert_file": server.cert, "key_file": server.key, "client_ca_file": ca.cert}

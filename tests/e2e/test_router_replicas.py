@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import pytest
 from consul_fake import FakeConsul, fake_consul, key
+from stack_router import stack_router_settings
 from support import eventually
 
 from modelserve.registry.v1 import registry_service_pb2 as registry_pb
@@ -20,7 +21,6 @@ from modelserve.router.v1 import router_service_pb2 as router_pb
 from modelserve.router.v1 import router_service_pb2_grpc as router_grpc
 from modelserve_cli.demo import DemoDeployment, add_ready_version, demo_request
 from modelserve_cli.stack import Stack
-from modelserve_router.config import RouterSettings
 from modelserve_router.server import build_server
 from modelserve_runtime.channels import create_channel
 from modelserve_runtime.discovery import ConsulDiscovery
@@ -91,21 +91,11 @@ def consul(monkeypatch: pytest.MonkeyPatch) -> Iterator[FakeConsul]:
 async def replicas(stack: Stack, consul: FakeConsul, count: int) -> AsyncIterator[None]:
     """`count` routers in this process, each run by `serve()` as `modelserve-router` runs it
     (so each registers itself in Consul once SERVING, and deregisters on stop), all at once."""
-    settings = RouterSettings.model_validate(
-        {
-            "registry_target": stack.targets["registry"],
-            "inference_target": stack.targets["inference"],
-            "feature_target": stack.targets["feature"],
-            "redis_url": stack.redis.url,
-            "prediction_stream": STREAM,
-            "watch_backoff_max_s": 0.2,
-            "server": {"host": "127.0.0.1", "port": 0, "grace_period_s": 1},
-            "discovery": {
-                "mode": "consul",
-                "consul_host": "127.0.0.1",
-                "consul_port": consul.port,
-            },
-        }
+    settings = stack_router_settings(
+        stack,
+        STREAM,
+        server={"host": "127.0.0.1", "port": 0, "grace_period_s": 1},
+        discovery={"mode": "consul", "consul_host": "127.0.0.1", "consul_port": consul.port},
     )
     stop = asyncio.Event()
     services = [

@@ -16,6 +16,7 @@ import pytest
 import redis.asyncio as redis
 import tritonclient.grpc.aio
 from onnx import TensorProto, helper, numpy_helper
+from stack_router import stack_router_settings
 from support import eventually, expected_probabilities, running
 
 from modelserve.inference.v1 import inference_service_pb2 as inference_pb
@@ -27,7 +28,6 @@ from modelserve.router.v1 import router_service_pb2_grpc as router_grpc
 from modelserve.type.v1 import prediction_record_pb2, tensor_pb2
 from modelserve_cli.demo import MODEL_ID, DemoDeployment, demo_request
 from modelserve_cli.stack import Stack
-from modelserve_router.config import RouterSettings
 from modelserve_router.server import RouterApp, build_server
 from modelserve_runtime.channels import create_channel
 from modelserve_runtime.clients import RegistryAdminClient
@@ -151,26 +151,16 @@ async def update(
     )
 
 
-def router_settings(stack: Stack, **overrides: object) -> RouterSettings:
-    """An in-process router on the stack with the default direct path."""
-    values: dict[str, object] = {
-        "registry_target": stack.targets["registry"],
-        "inference_target": stack.targets["inference"],
-        "feature_target": stack.targets["feature"],
-        "redis_url": stack.redis.url,
-        "prediction_stream": STREAM,
-        "watch_backoff_max_s": 0.2,
-    }
-    values.update(overrides)
-    return RouterSettings.model_validate(values)
-
-
 @contextlib.asynccontextmanager
 async def router(
     stack: Stack, **overrides: object
 ) -> AsyncIterator[tuple[router_grpc.RouterServiceAsyncStub, RouterApp]]:
     """A router in this process, and a stub on a channel to it."""
-    async with running(build_server, router_settings(stack, **overrides)) as (_, channel, app):
+    async with running(build_server, stack_router_settings(stack, STREAM, **overrides)) as (
+        _,
+        channel,
+        app,
+    ):
         assert isinstance(app, RouterApp)
         yield router_grpc.RouterServiceStub(channel), app
 

@@ -13,6 +13,7 @@ import signal
 import numpy as np
 import psutil
 import pytest
+from stack_router import stack_router_settings
 from support import eventually, running
 
 from modelserve.registry.v1 import registry_service_pb2 as registry_pb
@@ -22,7 +23,6 @@ from modelserve.router.v1 import router_service_pb2_grpc as router_grpc
 from modelserve.type.v1 import tensor_pb2
 from modelserve_cli.demo import DemoDeployment, demo_request
 from modelserve_cli.stack import Stack
-from modelserve_router.config import RouterSettings
 from modelserve_router.server import build_server
 from modelserve_runtime.channels import create_channel
 
@@ -70,16 +70,11 @@ class TestTritonKilled:
                     allow_missing=True,
                 )
             )
-        settings = RouterSettings.model_validate(
-            {
-                "registry_target": stack.targets["registry"],
-                "inference_target": stack.targets["inference"],
-                "redis_url": stack.redis.url,
-                "prediction_stream": "test:router-triton-outage",
-                "watch_backoff_max_s": 0.2,
-                # Probe the version again soon after it failed, so recovery shows quickly.
-                "circuit_breaker": {"failure_threshold": 3, "cool_down_s": 0.5},
-            }
+        settings = stack_router_settings(
+            stack,
+            "test:router-triton-outage",
+            # Probe the version again soon after it failed, so recovery shows quickly.
+            circuit_breaker={"failure_threshold": 3, "cool_down_s": 0.5},
         )
         request = demo_request("c-1002", 75.0)
         request.endpoint = ENDPOINT

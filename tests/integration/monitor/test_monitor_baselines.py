@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import redis.asyncio as aioredis
 from integration.registry.registry_testing import signature, stream, tiny_onnx, upload_requests
-from pki import certificate_authority, client_certificate, server_certificate
+from pki import certificate_authority, client_certificate, mutual_tls, server_certificate
 from support import eventually, running
 
 from modelserve.monitor.v1 import monitor_service_pb2 as pb
@@ -342,13 +342,7 @@ class TestValidationSetBaselines:
             {
                 "production_traffic_only": False,
                 "data_dir": tmp_path / "registry",
-                "server": {
-                    "tls": {
-                        "cert_file": server.cert,
-                        "key_file": server.key,
-                        "client_ca_file": ca.cert,
-                    }
-                },
+                "server": {"tls": mutual_tls(server, ca)},
             }
         )
         async with running(build_registry, settings) as (registry, _, _):

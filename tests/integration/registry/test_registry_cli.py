@@ -13,7 +13,7 @@ from pathlib import Path
 import joblib  # type: ignore[import-untyped]  # joblib ships no type hints
 import numpy as np
 import pytest
-from pki import certificate_authority, client_certificate, server_certificate
+from pki import certificate_authority, client_certificate, mutual_tls, server_certificate
 from registry_testing import tiny_onnx
 from sklearn.linear_model import LogisticRegression
 from support import running
@@ -276,13 +276,7 @@ class TestTls:
             {
                 "production_traffic_only": False,
                 "data_dir": tmp_path / "registry",
-                "server": {
-                    "tls": {
-                        "cert_file": server.cert,
-                        "key_file": server.key,
-                        "client_ca_file": ca.cert,
-                    }
-                },
+                "server": {"tls": mutual_tls(server, ca)},
             }
         )
         async with running(build_server, settings) as (registry, _, _app):

@@ -11,7 +11,7 @@ from typing import Any
 
 import grpc
 import pytest
-from pki import KeyPair, certificate_authority, client_certificate, server_certificate
+from pki import KeyPair, certificate_authority, client_certificate, mutual_tls, server_certificate
 from router_testing import V1, WAIT_S, Dependencies, register_demo_model, request, router_settings
 from support import eventually, running
 from tritonclient.grpc import service_pb2, service_pb2_grpc
@@ -96,7 +96,7 @@ async def stack(
         stranger=client_certificate(pki / "other", "app", certificate_authority(pki, "other-ca")),
         keys=keys,
     )
-    mutual = {"cert_file": server.cert, "key_file": server.key, "client_ca_file": ca.cert}
+    mutual = mutual_tls(server, ca)
     registry_settings = RegistrySettings.model_validate(
         {
             "data_dir": tmp_path_factory.mktemp("mtls-registry"),

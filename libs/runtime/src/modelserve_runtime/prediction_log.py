@@ -79,9 +79,10 @@ class PredictionLogWriter:
     timeout, a failover), the batch stays at the head of the queue and the writer tries
     again after a backoff that doubles from `retry_initial_s` up to `retry_max_s`: an
     outage costs no record as long as fewer than `max_pending` are buffered, and the buffer
-    is written in order once Redis answers. Past `max_pending` buffered records new ones are dropped. Every drop is counted
-    (`dropped`, and `modelserve_prediction_log_records_total` by reason) and logged: the
-    first of a run of drops at once, then at most once per `log_every_s` with the count.
+    is written in order once Redis answers. Past `max_pending` buffered records new ones
+    are dropped. Every drop is counted (`dropped`, and
+    `modelserve_prediction_log_records_total` by reason) and logged: the first of a run of
+    drops at once, then at most once per `log_every_s` with the count.
 
     Delivery is at least once: a batch whose reply was lost with a broken connection may
     have reached Redis and is sent again. An XADD that Redis answers with an error (a key

@@ -12,7 +12,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from modelserve.type.v1 import prediction_record_pb2, tensor_pb2
-from modelserve_monitor.histogram import Histogram, bucket_of
+from modelserve_monitor.histogram import Histogram, bucket_of, subtract_counts
 
 #: Separates the parts of a counter name (feature references may hold `:` or `/`).
 SEP = "\x1f"
@@ -201,12 +201,7 @@ class VersionAggregate:
             feature.count -= before.count
             feature.missing -= before.missing
             feature.values.subtract(before.values)
-            for category, count in before.categories.items():
-                left = feature.categories.get(category, 0) - count
-                if left:
-                    feature.categories[category] = left
-                else:
-                    feature.categories.pop(category, None)
+            subtract_counts(feature.categories, before.categories)
             if feature == FeatureAggregate():
                 del self.features[reference]
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from typing import TypeVar
 
 #: Sub-buckets per power of two: a bucket is at most 1/16 of its lower bound wide (~3 % error).
 SUB_BUCKETS = 16
@@ -41,6 +42,20 @@ def bucket_mid(index: int) -> float:
     """A value that represents bucket `index`: its midpoint."""
     lower, upper = bucket_bounds(index)
     return (lower + upper) / 2
+
+
+K = TypeVar("K")
+
+
+def subtract_counts(counts: dict[K, int], other: Mapping[K, int]) -> None:
+    """Takes `other`'s counts away from `counts`, dropping the keys left at zero, so what was
+    merged and taken away again leaves no trace."""
+    for key, count in other.items():
+        left = counts.get(key, 0) - count
+        if left:
+            counts[key] = left
+        else:
+            counts.pop(key, None)
 
 
 @dataclass(slots=True)
@@ -81,12 +96,7 @@ class Histogram:
 
         Buckets left empty are dropped, as if they had never been counted.
         """
-        for index, count in other.counts.items():
-            left = self.counts.get(index, 0) - count
-            if left:
-                self.counts[index] = left
-            else:
-                self.counts.pop(index, None)
+        subtract_counts(self.counts, other.counts)
         self.total -= other.total
         self.sum -= other.sum
 

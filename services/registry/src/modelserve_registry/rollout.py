@@ -125,14 +125,19 @@ class MonitorGate:
         # for once more, which the monitor answers with the start it already has.
         self._started: set[str] = set()
 
+    async def _monitor(self) -> monitor_grpc.MonitorServiceAsyncStub:
+        """A stub on the channel to the monitor (UnavailableError when none is found)."""
+        stub: monitor_grpc.MonitorServiceAsyncStub = monitor_grpc.MonitorServiceStub(
+            await self._channel()
+        )
+        return stub
+
     async def start_experiment(self, rollout: Rollout) -> str:
         if rollout.name in self._started:
             return ""
         arms = [rollout.stable.model_version, rollout.candidate.model_version]
         try:
-            stub: monitor_grpc.MonitorServiceAsyncStub = monitor_grpc.MonitorServiceStub(
-                await self._channel()
-            )
+            stub = await self._monitor()
             response = await stub.StartExperiment(
                 monitor_pb.StartExperimentRequest(
                     endpoint=rollout.deployment_id,
@@ -172,9 +177,7 @@ class MonitorGate:
                 pb.GATE_VERDICT_INCONCLUSIVE, f"the experiment has not started: {why}", now
             )
         try:
-            stub: monitor_grpc.MonitorServiceAsyncStub = monitor_grpc.MonitorServiceStub(
-                await self._channel()
-            )
+            stub = await self._monitor()
             report = await stub.GetExperimentReport(
                 monitor_pb.GetExperimentReportRequest(
                     endpoint=rollout.deployment_id,
@@ -240,9 +243,7 @@ class MonitorGate:
         )
         candidate = rollout.candidate.model_version
         try:
-            stub: monitor_grpc.MonitorServiceAsyncStub = monitor_grpc.MonitorServiceStub(
-                await self._channel()
-            )
+            stub = await self._monitor()
             stats = await stub.GetEndpointStats(
                 monitor_pb.GetEndpointStatsRequest(endpoint=rollout.deployment_id, window=window),
                 timeout=self._timeout_s,
