@@ -8,6 +8,9 @@ from modelserve_runtime.config import ClientTlsSettings
 from modelserve_runtime.interceptors import client_interceptors
 
 DEFAULT_TIMEOUT_S = 5.0
+#: How often a channel pings its server while a call is open, so that a quiet stream through a
+#: dead connection (a peer gone without a FIN) is noticed; the project's servers accept this.
+KEEPALIVE_MS = 30_000
 
 
 def channel_credentials(tls: ClientTlsSettings) -> grpc.ChannelCredentials:
@@ -26,13 +29,15 @@ def create_channel(
     max_message_bytes: int = 4 * 1024 * 1024,
     api_key: str | None = None,
     tls: ClientTlsSettings | None = None,
+    keepalive_ms: int = KEEPALIVE_MS,
 ) -> grpc.aio.Channel:
     """An aio channel to `target` whose calls always carry a deadline, and the API key
-    `api_key` (as `x-api-key`) when one is given; TLS when `tls` is enabled, else plaintext."""
+    `api_key` (as `x-api-key`) when one is given; TLS when `tls` is enabled, else plaintext.
+    While a call is open it pings the server every `keepalive_ms`."""
     options: list[tuple[str, str | int]] = [
         ("grpc.max_send_message_length", max_message_bytes),
         ("grpc.max_receive_message_length", max_message_bytes),
-        ("grpc.keepalive_time_ms", 30_000),
+        ("grpc.keepalive_time_ms", keepalive_ms),
         ("grpc.enable_retries", 1),
         # A restarted peer is found again within seconds, not gRPC's default two minutes.
         ("grpc.initial_reconnect_backoff_ms", 100),

@@ -165,6 +165,12 @@ class ServerSettings(BaseModel):
     event_loop: Literal["uvloop", "asyncio"] = "uvloop"
     """The event loop the service runs on: uvloop, or asyncio's own (the benchmarks compare
     both)."""
+    min_ping_interval_ms: int = Field(default=5_000, ge=1)
+    """The shortest interval between a client's HTTP/2 keepalive pings that the server
+    accepts; a client pinging more often is sent GOAWAY ("too many pings"), which fails every
+    call on its connection. The project's clients ping every 30 s while a call is open (a
+    quiet WatchDeployments stream, say); gRPC's own default here is 5 minutes, under which
+    such a stream and every call beside it died after about 90 s."""
 
 
 class TelemetrySettings(BaseModel):

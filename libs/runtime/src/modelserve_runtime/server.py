@@ -106,6 +106,9 @@ def build_grpc_server(
         # Off, so a port already taken fails the start, unless this service runs as several
         # workers that share the port on purpose.
         ("grpc.so_reuseport", 1 if settings.server.workers > 1 else 0),
+        # Accept the keepalive pings of clients that hold quiet streams (see the setting).
+        ("grpc.http2.min_ping_interval_without_data_ms", settings.server.min_ping_interval_ms),
+        ("grpc.keepalive_permit_without_calls", 1),
     ]
     server = grpc.aio.server(
         interceptors=server_interceptors(service, inner_interceptors),
