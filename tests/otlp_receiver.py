@@ -27,6 +27,8 @@ class ReceivedSpan:
     span_id: str
     parent_span_id: str
     kind: int
+    attributes: tuple[tuple[str, str], ...] = ()
+    """String attributes (of spans received over gRPC), as (key, value) pairs."""
 
 
 def _hex(raw: bytes | str) -> str:
@@ -132,6 +134,11 @@ class OtlpReceiver:
                             span.span_id.hex(),
                             span.parent_span_id.hex(),
                             span.kind,
+                            tuple(
+                                (a.key, a.value.string_value)
+                                for a in span.attributes
+                                if a.value.HasField("string_value")
+                            ),
                         )
                     )
         self._extend(found)

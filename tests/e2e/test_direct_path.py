@@ -39,7 +39,8 @@ class TestDirectPath:
         self, direct: tuple[Stack, DemoDeployment], otlp: OtlpReceiver
     ) -> None:
         """The direct path answers like onnxruntime, and Triton's spans hang under the router's
-        triton.infer span with no feature or inference hop in between."""
+        triton.infer span (a call to Triton's HTTP endpoint) with no feature or inference hop
+        in between."""
         stack, demo = direct
         request = demo_request("c-1011", 777.0)
         async with create_channel(stack.targets["router"]) as channel:
@@ -79,3 +80,6 @@ class TestDirectPath:
             )
         trace_id = next(t for t in traces if linked(t))
         assert {s.service for s in otlp.trace(trace_id)} == {"router", "triton"}
+        # The router called Triton's HTTP endpoint, its default (TRITON_PROTOCOL=http).
+        (client,) = [s for s in otlp.trace(trace_id) if s.name == "triton.infer"]
+        assert ("rpc.system", "http") in client.attributes

@@ -11,6 +11,7 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from otlp_receiver import OtlpReceiver
 
 from modelserve_demo.fraud import TrainedModel, train
+from modelserve_triton.http import TritonHttpRunner
 from modelserve_triton.model_config import build_model_config, model_files
 from modelserve_triton.process import TritonOptions, TritonServer
 from modelserve_triton.runner import TritonRunner
@@ -63,6 +64,28 @@ async def triton_runner(
     runner = TritonRunner(triton_server.grpc_endpoint, tracer=provider.get_tracer("tests"))
     yield runner
     await runner.close()
+
+
+@pytest.fixture(scope="session")
+async def triton_http_runner(
+    triton_server: TritonServer, client_spans: InMemorySpanExporter
+) -> AsyncIterator[TritonHttpRunner]:
+    """An HTTP runner on the session's Triton whose spans go to `client_spans`."""
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(client_spans))
+    runner = TritonHttpRunner(triton_server.http_endpoint, tracer=provider.get_tracer("tests"))
+    yield runner
+    await runner.close()
+
+
+@pytest.fixture(params=["grpc", "http"])
+def infer_runner(
+    request: pytest.FixtureRequest,
+    triton_runner: TritonRunner,
+    triton_http_runner: TritonHttpRunner,
+) -> TritonRunner | TritonHttpRunner:
+    """Each way of running inference on the session's Triton: its gRPC and HTTP endpoints."""
+    return triton_runner if request.param == "grpc" else triton_http_runner
 
 
 @pytest.fixture(scope="session")

@@ -17,6 +17,7 @@ from support import eventually
 from tritonclient.grpc.aio import InferenceServerClient
 
 from modelserve_demo.fraud import TrainedModel, make_dataset
+from modelserve_triton.http import TritonHttpRunner
 from modelserve_triton.model_config import build_model_config, model_files
 from modelserve_triton.process import TritonOptions, TritonServer, TritonStartError
 from modelserve_triton.runner import TritonError, TritonRunner
@@ -102,13 +103,13 @@ class TestTritonServer:
 
 class TestTritonRunner:
     async def test_each_version_answers_as_onnxruntime_does(
-        self, triton_runner: TritonRunner, fraud_model: dict[int, TrainedModel]
+        self, infer_runner: TritonRunner | TritonHttpRunner, fraud_model: dict[int, TrainedModel]
     ) -> None:
         """Both loaded versions answer a 5-row batch with their own model's probabilities."""
         features, _ = make_dataset(5, seed=11)
         answers = {}
         for version, model in fraud_model.items():
-            outputs = await triton_runner.infer(
+            outputs = await infer_runner.infer(
                 FRAUD, version, {"features": features}, OUTPUTS, timeout_s=10
             )
             expected = _onnxruntime(model, features)
@@ -123,6 +124,7 @@ class TestTritonRunner:
         self,
         triton_server: TritonServer,
         triton_runner: TritonRunner,
+        infer_runner: TritonRunner | TritonHttpRunner,
         fraud_model: dict[int, TrainedModel],
     ) -> None:
         """32 concurrent single-row calls run in shared batches, and each gets its own row."""
@@ -141,7 +143,7 @@ class TestTritonRunner:
 
             answers = await asyncio.gather(
                 *(
-                    triton_runner.infer(
+                    infer_runner.infer(
                         "fraud_batched", 1, {"features": features[i : i + 1]}, OUTPUTS, timeout_s=10
                     )
                     for i in range(32)
@@ -176,12 +178,14 @@ class TestTritonRunner:
 
         assert not await triton_runner.is_model_ready("fraud_unload", 1)
 
-    async def test_unknown_model_raises_triton_error(self, triton_runner: TritonRunner) -> None:
+    async def test_unknown_model_raises_triton_error(
+        self, infer_runner: TritonRunner | TritonHttpRunner
+    ) -> None:
         """Inference on a model Triton does not know raises TritonError with NOT_FOUND."""
         features, _ = make_dataset(1, seed=13)
 
         with pytest.raises(TritonError) as raised:
-            await triton_runner.infer(
+            await infer_runner.infer(
                 "no_such_model", 1, {"features": features}, OUTPUTS, timeout_s=5
             )
 
@@ -189,7 +193,7 @@ class TestTritonRunner:
 
     async def test_infer_records_a_client_span(
         self,
-        triton_runner: TritonRunner,
+        infer_runner: TritonRunner | TritonHttpRunner,
         fraud_model: dict[int, TrainedModel],
         client_spans: InMemorySpanExporter,
     ) -> None:
@@ -197,7 +201,7 @@ class TestTritonRunner:
         client_spans.clear()
         features, _ = make_dataset(1, seed=14)
 
-        await triton_runner.infer(FRAUD, 2, {"features": features}, OUTPUTS, timeout_s=10)
+        await infer_runner.infer(FRAUD, 2, {"features": features}, OUTPUTS, timeout_s=10)
 
         (span,) = client_spans.get_finished_spans()
         assert span.name == "triton.infer"
@@ -208,7 +212,7 @@ class TestTritonRunner:
 
     async def test_triton_continues_the_callers_trace(
         self,
-        triton_runner: TritonRunner,
+        infer_runner: TritonRunner | TritonHttpRunner,
         fraud_model: dict[int, TrainedModel],
         client_spans: InMemorySpanExporter,
         triton_otlp: OtlpReceiver,
@@ -224,7 +228,7 @@ class TestTritonRunner:
         calls: list[tuple[str, str]] = []
 
         async def call() -> None:
-            await triton_runner.infer(FRAUD, 1, {"features": features}, OUTPUTS, timeout_s=10)
+            await infer_runner.infer(FRAUD, 1, {"features": features}, OUTPUTS, timeout_s=10)
             span = client_spans.get_finished_spans()[-1]
             assert span.name == "triton.infer"
             calls.append(

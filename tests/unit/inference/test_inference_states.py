@@ -36,15 +36,25 @@ class TestHeldToProto:
         """A version that is not READY is listed with its state and reason but no endpoint."""
         held = HeldVersion("models/fraud/versions/1", "fraud", 1, state, reason="why")
 
-        shown = held_to_proto(held, "127.0.0.1:8001")
+        shown = held_to_proto(held, "127.0.0.1:8001", "127.0.0.1:8000")
 
-        assert (shown.state, shown.reason, shown.triton_endpoint) == (expected, "why", "")
+        assert (shown.state, shown.reason, shown.triton_endpoint, shown.triton_http_endpoint) == (
+            expected,
+            "why",
+            "",
+            "",
+        )
 
-    def test_a_ready_version_carries_the_endpoint(self) -> None:
-        """A READY version names the Triton endpoint that serves it."""
+    def test_a_ready_version_carries_the_endpoints(self) -> None:
+        """A READY version names the Triton endpoints, gRPC and HTTP, that serve it."""
         held = HeldVersion("models/fraud/versions/1", "fraud", 1, VersionState.READY)
 
-        assert held_to_proto(held, "127.0.0.1:8001").triton_endpoint == "127.0.0.1:8001"
+        shown = held_to_proto(held, "127.0.0.1:8001", "127.0.0.1:8000")
+
+        assert (shown.triton_endpoint, shown.triton_http_endpoint) == (
+            "127.0.0.1:8001",
+            "127.0.0.1:8000",
+        )
 
 
 class TestSynthesize:

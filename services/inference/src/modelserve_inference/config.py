@@ -20,10 +20,15 @@ class InferenceSettings(ServiceSettings):
     """`local`: start tritonserver as a child process; `remote`: use `triton_url`."""
     triton_url: str = "127.0.0.1:8001"
     """Triton's gRPC endpoint in remote mode."""
+    triton_http_url: str | None = None
+    """Triton's HTTP endpoint (`host:port`) in remote mode, published with each READY version
+    for the router's direct path (which prefers it); none: only the gRPC one is published."""
     triton_work_dir: Path = Path(".run/triton")
     """Local mode: where the backend directory, model repository and Triton's log live."""
     triton_grpc_port: int = Field(default=0, ge=0, le=65535)
     """Local mode: Triton's gRPC port; 0 picks a free one."""
+    triton_http_port: int = Field(default=0, ge=0, le=65535)
+    """Local mode: Triton's HTTP port; 0 picks a free one."""
     triton_trace_endpoint: str | None = None
     """Local mode: `host:port` of an OTLP/HTTP receiver for Triton's own spans; none: off."""
     triton_trace_export_delay_ms: int = Field(default=1000, ge=10)

@@ -184,6 +184,7 @@ class ModelVersions:
         triton: TritonModels,
         *,
         triton_endpoint: str,
+        triton_http_endpoint: str = "",
         max_batch_size: int,
         max_queue_delay_us: int,
         max_queue_size: int = 0,
@@ -198,6 +199,7 @@ class ModelVersions:
         self._source = source
         self._triton = triton
         self.triton_endpoint = triton_endpoint
+        self.triton_http_endpoint = triton_http_endpoint
         self.default_config = ServingConfig(
             backend=backend,
             max_batch_size=max_batch_size,

@@ -86,11 +86,13 @@ async def build_server(settings: InferenceSettings) -> tuple[GrpcServer, Inferen
     """Starts Triton in local mode, then builds the server bound to its port."""
     triton: TritonServer | None = None
     triton_url = settings.triton_url
+    triton_http_url = settings.triton_http_url or ""
     if settings.triton_mode == "local":
         triton = TritonServer(
             TritonOptions(
                 work_dir=settings.triton_work_dir,
                 grpc_port=settings.triton_grpc_port,
+                http_port=settings.triton_http_port,
                 trace_otlp_endpoint=settings.triton_trace_endpoint,
                 extra_args=(
                     "--trace-config=opentelemetry,bsp_schedule_delay="
@@ -102,6 +104,7 @@ async def build_server(settings: InferenceSettings) -> tuple[GrpcServer, Inferen
         )
         await triton.start(timeout=settings.triton_start_timeout_s)
         triton_url = triton.grpc_endpoint
+        triton_http_url = triton.http_endpoint
     registry_target = settings.registry_target or await create_discovery(
         settings.discovery
     ).resolve("registry")
@@ -118,6 +121,7 @@ async def build_server(settings: InferenceSettings) -> tuple[GrpcServer, Inferen
         RegistryArtifactSource(registry),
         runner,
         triton_endpoint=triton_url,
+        triton_http_endpoint=triton_http_url,
         max_batch_size=settings.max_batch_size,
         max_queue_delay_us=settings.max_queue_delay_us,
         max_queue_size=settings.max_queue_size,

@@ -31,13 +31,18 @@ def _spec(spec: TensorSpec) -> tensor_pb2.TensorSpec:
     )
 
 
-def held_to_proto(held: HeldVersion, triton_endpoint: str) -> pb.LoadedModelVersion:
-    """A held version as the API shows it."""
+def held_to_proto(
+    held: HeldVersion, triton_endpoint: str, triton_http_endpoint: str = ""
+) -> pb.LoadedModelVersion:
+    """A held version as the API shows it: with the Triton endpoints (gRPC, HTTP) that serve
+    it when READY."""
+    ready = held.state.value == "READY"
     return pb.LoadedModelVersion(
         name=held.name,
         state=_STATES[held.state.value],
         reason=held.reason,
-        triton_endpoint=triton_endpoint if held.state.value == "READY" else "",
+        triton_endpoint=triton_endpoint if ready else "",
+        triton_http_endpoint=triton_http_endpoint if ready else "",
         triton_model_name=held.model,
         triton_model_version=held.version,
         inputs=[_spec(s) for s in held.inputs],
@@ -65,13 +70,15 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
         self._versions = versions
         self._control: VersionControl = control or versions
 
+    def _shown(self, held: HeldVersion) -> pb.LoadedModelVersion:
+        versions = self._versions
+        return held_to_proto(held, versions.triton_endpoint, versions.triton_http_endpoint)
+
     async def LoadModelVersion(
         self, request: pb.LoadModelVersionRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> pb.LoadModelVersionResponse:
         held = await self._control.load(request.name)
-        return pb.LoadModelVersionResponse(
-            model_version=held_to_proto(held, self._versions.triton_endpoint)
-        )
+        return pb.LoadModelVersionResponse(model_version=self._shown(held))
 
     async def UnloadModelVersion(
         self, request: pb.UnloadModelVersionRequest, context: grpc.aio.ServicerContext[Any, Any]
@@ -82,15 +89,14 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
     async def WatchModelStates(
         self, request: pb.WatchModelStatesRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> AsyncIterator[pb.WatchModelStatesResponse]:
-        endpoint = self._versions.triton_endpoint
         watch = self._versions.watch()
         try:
             yield pb.WatchModelStatesResponse(
-                model_versions=[held_to_proto(h, endpoint) for h in watch.initial], initial=True
+                model_versions=[self._shown(h) for h in watch.initial], initial=True
             )
             async for change in watch:
                 yield pb.WatchModelStatesResponse(
-                    model_versions=[held_to_proto(h, endpoint) for h in change.changed],
+                    model_versions=[self._shown(h) for h in change.changed],
                     removed_names=list(change.removed),
                 )
         finally:
@@ -99,9 +105,8 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
     async def ListModelVersions(
         self, request: pb.ListModelVersionsRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> pb.ListModelVersionsResponse:
-        endpoint = self._versions.triton_endpoint
         return pb.ListModelVersionsResponse(
-            model_versions=[held_to_proto(h, endpoint) for h in self._versions.list()]
+            model_versions=[self._shown(h) for h in self._versions.list()]
         )
 
     async def Infer(

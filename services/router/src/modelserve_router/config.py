@@ -92,6 +92,11 @@ class RouterSettings(ServiceSettings):
     model_runner: Literal["service", "triton"] = "triton"
     """`triton`: straight to the Triton endpoint that inference publishes for a READY version;
     `service`: through the inference service. The benchmark picked `triton`."""
+    triton_protocol: Literal["http", "grpc"] = "http"
+    """How the `triton` model runner calls Triton: `http`, its HTTP/REST endpoint with binary
+    tensors (when inference publishes one for the version; else gRPC), or `grpc`. Same
+    answers, errors and trace either way; the benchmark picked `http` (a fraction of the
+    gRPC client's CPU per call)."""
     coalesce: bool = False
     """Micro-batching: concurrent model calls for one version go to the model as one batched
     call (what is waiting is sent as soon as a slot is free; see `coalesce_*`), and each

@@ -94,6 +94,8 @@ class ServedVersion:
     triton_endpoint: str = ""
     triton_model_name: str = ""
     triton_model_version: int = 0
+    triton_http_endpoint: str = ""
+    """Triton's HTTP endpoint for the version; empty when inference publishes none."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -155,7 +155,9 @@ async def build_server(settings: RouterSettings) -> tuple[GrpcServer, RouterApp]
     direct: TritonModelRunner | None = None
     runner: ModelRunner
     if settings.model_runner == "triton":
-        runner = direct = TritonModelRunner(timeout_s=settings.inference_timeout_s)
+        runner = direct = TritonModelRunner(
+            timeout_s=settings.inference_timeout_s, protocol=settings.triton_protocol
+        )
     else:
         runner = ServiceModelRunner(inference)
     if settings.coalesce:

@@ -25,6 +25,7 @@ from modelserve_runtime.errors import (
     InvalidArgumentError,
     UnavailableError,
 )
+from modelserve_triton.http import TritonHttpRunner
 from modelserve_triton.runner import TritonError, TritonRunner
 
 Arrays = dict[str, npt.NDArray[Any]]
@@ -136,6 +137,7 @@ def _served(held: inference_pb.LoadedModelVersion) -> ServedVersion:
         triton_endpoint=held.triton_endpoint,
         triton_model_name=held.triton_model_name,
         triton_model_version=held.triton_model_version,
+        triton_http_endpoint=held.triton_http_endpoint,
     )
 
 
@@ -209,11 +211,25 @@ class ServiceModelRunner:
 
 
 class TritonModelRunner:
-    """Inference straight to the Triton endpoint that inference publishes for a READY version."""
+    """Inference straight to the Triton endpoint that inference publishes for a READY version:
+    its HTTP endpoint when `protocol` is "http" and one is published, else its gRPC one."""
 
-    def __init__(self, *, timeout_s: float) -> None:
+    def __init__(self, *, timeout_s: float, protocol: str = "http") -> None:
         self._timeout_s = timeout_s
-        self._runners: dict[str, TritonRunner] = {}
+        self._http = protocol == "http"
+        self._runners: dict[str, TritonRunner | TritonHttpRunner] = {}
+
+    def _runner(self, version: ServedVersion) -> TritonRunner | TritonHttpRunner:
+        if self._http and version.triton_http_endpoint:
+            runner = self._runners.get(version.triton_http_endpoint)
+            if runner is None:
+                runner = TritonHttpRunner(version.triton_http_endpoint)
+                self._runners[version.triton_http_endpoint] = runner
+            return runner
+        runner = self._runners.get(version.triton_endpoint)
+        if runner is None:
+            runner = self._runners[version.triton_endpoint] = TritonRunner(version.triton_endpoint)
+        return runner
 
     async def run(
         self,
@@ -227,11 +243,8 @@ class TritonModelRunner:
                 reason="NO_TRITON_ENDPOINT",
                 metadata={"model_version": version.model_version},
             )
-        runner = self._runners.get(version.triton_endpoint)
-        if runner is None:
-            runner = self._runners[version.triton_endpoint] = TritonRunner(version.triton_endpoint)
         try:
-            return await runner.infer(
+            return await self._runner(version).infer(
                 version.triton_model_name,
                 version.triton_model_version,
                 inputs,

@@ -78,6 +78,7 @@ class LoadedModelVersion(_message.Message):
     TRITON_MODEL_VERSION_FIELD_NUMBER: _builtins.int
     INPUTS_FIELD_NUMBER: _builtins.int
     OUTPUTS_FIELD_NUMBER: _builtins.int
+    TRITON_HTTP_ENDPOINT_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """The version. Format: `models/{model}/versions/{version}`."""
     state: Global___ModelVersionState.ValueType
@@ -92,6 +93,11 @@ class LoadedModelVersion(_message.Message):
     """The model name inside Triton."""
     triton_model_version: _builtins.int
     """The version number inside Triton."""
+    triton_http_endpoint: _builtins.str
+    """The Triton HTTP/REST endpoint (`host:port`) that serves the version once READY; empty
+    when inference does not know it (a remote Triton without `TRITON_HTTP_URL`). The
+    router's direct path prefers it: its Python client costs a fraction of the gRPC one.
+    """
     @_builtins.property
     def inputs(self) -> _containers.RepeatedCompositeFieldContainer[_tensor_pb2.TensorSpec]:
         """The version's input tensors."""
@@ -111,10 +117,11 @@ class LoadedModelVersion(_message.Message):
         triton_model_version: _builtins.int = ...,
         inputs: _abc.Iterable[_tensor_pb2.TensorSpec] | None = ...,
         outputs: _abc.Iterable[_tensor_pb2.TensorSpec] | None = ...,
+        triton_http_endpoint: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["inputs", b"inputs", "name", b"name", "outputs", b"outputs", "reason", b"reason", "state", b"state", "triton_endpoint", b"triton_endpoint", "triton_model_name", b"triton_model_name", "triton_model_version", b"triton_model_version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["inputs", b"inputs", "name", b"name", "outputs", b"outputs", "reason", b"reason", "state", b"state", "triton_endpoint", b"triton_endpoint", "triton_http_endpoint", b"triton_http_endpoint", "triton_model_name", b"triton_model_name", "triton_model_version", b"triton_model_version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -1,0 +1,368 @@
+"""Inference over Triton's HTTP/REST endpoint (KServe v2 with Triton's binary tensor extension),
+on the event loop itself, for callers that pay per request for the gRPC client.
+
+Measured against one Triton on this project's 2-core machine, one request at a time: the
+grpc.aio client spent about 100 µs of CPU per call and answered in a p50 of 205 µs; this one
+about 16 µs and 90 µs, and Triton itself spent less per request over HTTP (95 against 135 µs).
+gRPC's Python client hands every completion from its poller thread to the loop; here the loop
+reads the socket itself.
+
+A request is one HTTP/1.1 POST on a kept-alive connection from a small pool: a JSON header
+naming the tensors, then their raw bytes (`binary_data_size`); the answer is read the same
+way (`binary_data` outputs). A connection carries one request at a time; one that failed, or
+whose caller gave up before the answer, is closed rather than reused, so a late answer never
+reaches the wrong caller.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+from opentelemetry import propagate, trace
+from tritonclient.utils import np_to_triton_dtype, triton_to_np_dtype
+
+from modelserve_triton.oip import decode_raw, encode_raw
+from modelserve_triton.runner import TritonError
+
+#: Triton's HTTP statuses as the gRPC codes its gRPC endpoint answers for the same errors.
+_CODES = {
+    400: "StatusCode.INVALID_ARGUMENT",
+    404: "StatusCode.NOT_FOUND",
+    409: "StatusCode.ALREADY_EXISTS",
+    429: "StatusCode.RESOURCE_EXHAUSTED",
+    499: "StatusCode.CANCELLED",
+    500: "StatusCode.INTERNAL",
+    501: "StatusCode.UNIMPLEMENTED",
+    503: "StatusCode.UNAVAILABLE",
+}
+#: Idle connections kept per Triton; more are opened under load and closed when returned.
+MAX_IDLE = 64
+#: Largest answer accepted (header and tensors), as the gRPC client's message limit.
+MAX_RESPONSE_BYTES = 2**31 - 1
+
+
+class _Closed(Exception):
+    """The connection ended before the whole answer came."""
+
+
+class _Connection(asyncio.Protocol):
+    """One kept-alive HTTP/1.1 connection: one request at a time, its answer parsed as the
+    bytes come (status line, headers, a Content-Length body)."""
+
+    def __init__(self) -> None:
+        self.transport: Any = None
+        self.closed = False
+        self.reused = False
+        """Whether it answered a request before (a server may close an idle one meanwhile)."""
+        self.keep_alive = True
+        self._buffer = bytearray()
+        self._waiter: asyncio.Future[tuple[int, dict[str, str], bytes]] | None = None
+        self._head: tuple[int, dict[str, str], int, int] | None = None
+        self._got_bytes = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # uvloop's transports are not asyncio.Transport subclasses; both write and close.
+        self.transport = transport
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_exception(_Closed(str(exc) if exc else "connection closed by triton"))
+
+    def data_received(self, data: bytes) -> None:
+        self._got_bytes = True
+        self._buffer += data
+        if self._head is None:
+            end = self._buffer.find(b"\r\n\r\n")
+            if end < 0:
+                return
+            try:
+                self._head = _parse_head(bytes(self._buffer[:end]), end + 4)
+            except ValueError as exc:
+                self._fail(_Closed(f"triton answered a malformed HTTP head: {exc}"))
+                return
+        status, headers, body_start, body_end = self._head
+        if len(self._buffer) < body_end:
+            return
+        body = bytes(self._buffer[body_start:body_end])
+        del self._buffer[:body_end]
+        self._head = None
+        if headers.get("connection", "").lower() == "close":
+            self.keep_alive = False
+        waiter, self._waiter = self._waiter, None
+        if waiter is not None and not waiter.done():
+            waiter.set_result((status, headers, body))
+
+    def _fail(self, exc: Exception) -> None:
+        waiter, self._waiter = self._waiter, None
+        if waiter is not None and not waiter.done():
+            waiter.set_exception(exc)
+        self.close()
+
+    def send(self, data: bytes) -> asyncio.Future[tuple[int, dict[str, str], bytes]]:
+        """Writes one request; the future answers (status, headers, body)."""
+        assert self.transport is not None and self._waiter is None
+        self._got_bytes = False
+        waiter = self._waiter = asyncio.get_running_loop().create_future()
+        if self.closed:
+            waiter.set_exception(_Closed("connection closed before the request"))
+        else:
+            self.transport.write(data)
+        return waiter
+
+    @property
+    def answered_nothing(self) -> bool:
+        """Whether the last request got no byte back (so the server never saw it, or dropped
+        the connection before answering)."""
+        return not self._got_bytes
+
+    def close(self) -> None:
+        self.closed = True
+        if self.transport is not None:
+            self.transport.close()
+
+
+def _parse_head(head: bytes, body_start: int) -> tuple[int, dict[str, str], int, int]:
+    """(status, lower-cased headers, where the body starts and ends) of a response head."""
+    lines = head.decode("latin-1").split("\r\n")
+    parts = lines[0].split(" ", 2)
+    if len(parts) < 2 or not parts[0].startswith("HTTP/1.") or not parts[1].isdigit():
+        raise ValueError(repr(lines[0]))
+    headers: dict[str, str] = {}
+    for line in lines[1:]:
+        name, _, value = line.partition(":")
+        headers[name.strip().lower()] = value.strip()
+    length = headers.get("content-length", "")
+    if not length.isdigit() or int(length) > MAX_RESPONSE_BYTES:
+        # Triton always sends a length; chunked or unbounded answers are not expected here.
+        raise ValueError(f"content-length {length!r}")
+    return int(parts[1]), headers, body_start, body_start + int(length)
+
+
+def encode_infer(
+    model_name: str,
+    version: int | str,
+    inputs: Mapping[str, npt.NDArray[Any]],
+    output_names: Sequence[str],
+    extra_headers: Mapping[str, str],
+) -> bytes:
+    """One HTTP request for Triton's infer endpoint: a JSON header naming each input (its
+    bytes follow, in order) and asking for every output as binary data."""
+    tensors = []
+    raws = []
+    for name, array in inputs.items():
+        datatype = np_to_triton_dtype(array.dtype)
+        if datatype is None:
+            raise TritonError(f"input {name!r}: numpy dtype {array.dtype} has no Triton type")
+        raw = encode_raw(array)
+        raws.append(raw)
+        tensors.append(
+            {
+                "name": name,
+                "shape": list(array.shape),
+                "datatype": datatype,
+                "parameters": {"binary_data_size": len(raw)},
+            }
+        )
+    header = json.dumps(
+        {
+            "inputs": tensors,
+            "outputs": [{"name": n, "parameters": {"binary_data": True}} for n in output_names],
+        },
+        separators=(",", ":"),
+    ).encode()
+    length = len(header) + sum(len(raw) for raw in raws)
+    head = (
+        f"POST /v2/models/{model_name}/versions/{version}/infer HTTP/1.1\r\n"
+        "Host: triton\r\n"
+        "Content-Type: application/octet-stream\r\n"
+        f"Inference-Header-Content-Length: {len(header)}\r\n"
+        f"Content-Length: {length}\r\n"
+        + "".join(f"{k}: {v}\r\n" for k, v in extra_headers.items())
+        + "\r\n"
+    )
+    return b"".join((head.encode("latin-1"), header, *raws))
+
+
+def decode_infer(
+    status: int,
+    headers: Mapping[str, str],
+    body: bytes,
+    output_names: Sequence[str],
+    model_name: str,
+) -> dict[str, npt.NDArray[Any]]:
+    """The named outputs of Triton's answer; TritonError with the gRPC code Triton's gRPC
+    endpoint would have answered when it refused the request."""
+    if status != 200:
+        try:
+            message = str(json.loads(body)["error"])
+        except (ValueError, KeyError, TypeError):
+            message = body.decode("utf-8", "replace") or f"HTTP {status}"
+        raise TritonError(message, _CODES.get(status, "StatusCode.UNKNOWN"))
+    header_length = headers.get("inference-header-content-length")
+    try:
+        end = len(body) if header_length is None else int(header_length)
+        answer = json.loads(body[:end])
+    except ValueError as exc:
+        raise TritonError(f"model {model_name!r}: triton answered unreadable JSON: {exc}") from exc
+    found: dict[str, npt.NDArray[Any]] = {}
+    offset = end
+    for output in answer.get("outputs", ()):
+        name = output["name"]
+        datatype = output["datatype"]
+        shape = tuple(int(d) for d in output["shape"])
+        size = (output.get("parameters") or {}).get("binary_data_size")
+        if size is not None:
+            raw = body[offset : offset + size]
+            offset += size
+            if len(raw) != size:
+                raise TritonError(f"model {model_name!r} answered output {name!r} cut short")
+            array = decode_raw(datatype, shape, raw)
+        elif triton_to_np_dtype(datatype) is not None:
+            array = np.asarray(
+                output.get("data", []), dtype=np.dtype(triton_to_np_dtype(datatype))
+            ).reshape(shape)
+        else:
+            raise TritonError(
+                f"model {model_name!r} returned output {name!r} of unknown type {datatype}"
+            )
+        if name in output_names:
+            found[name] = array
+    missing = [name for name in output_names if name not in found]
+    if missing:
+        raise TritonError(f"model {model_name!r} returned no output {missing[0]!r}")
+    return {name: found[name] for name in output_names}
+
+
+class TritonHttpRunner:
+    """Inference on one Triton through its HTTP endpoint (`host:port`); open it inside the
+    event loop that uses it. The same calls and errors as `TritonRunner.infer`."""
+
+    def __init__(
+        self,
+        address: str,
+        *,
+        tracer: trace.Tracer | None = None,
+        max_idle: int = MAX_IDLE,
+    ) -> None:
+        host, _, port = address.rpartition(":")
+        if not host or not port.isdigit():
+            raise ValueError(f"triton HTTP address {address!r}: expected host:port")
+        self._address = address
+        self._host = host.strip("[]")
+        self._port = int(port)
+        self._tracer = tracer or trace.get_tracer(__name__)
+        self._idle: list[_Connection] = []
+        self._max_idle = max_idle
+        self._open: set[_Connection] = set()
+
+    @property
+    def url(self) -> str:
+        """The ``host:port`` of Triton's HTTP endpoint."""
+        return self._address
+
+    async def infer(
+        self,
+        model_name: str,
+        version: int,
+        inputs: Mapping[str, npt.NDArray[Any]],
+        output_names: Sequence[str],
+        *,
+        timeout_s: float,
+    ) -> dict[str, npt.NDArray[Any]]:
+        """Runs one version of a model on a batch, within `timeout_s`; the current trace
+        continues inside Triton (W3C `traceparent`). TritonError carries the gRPC code that
+        Triton's gRPC endpoint answers for the same failure: UNAVAILABLE when Triton cannot
+        be reached, DEADLINE_EXCEEDED when the time ran out."""
+        span = self._tracer.start_span(
+            "triton.infer",
+            kind=trace.SpanKind.CLIENT,
+            attributes={
+                "rpc.system": "http",
+                "server.address": self._address,
+                "model.name": model_name,
+                "model.version": int(version),
+            },
+        )
+        carrier: dict[str, str] = {}
+        propagate.inject(carrier, context=trace.set_span_in_context(span))
+        try:
+            request = encode_infer(model_name, version, inputs, output_names, carrier)
+            async with asyncio.timeout(timeout_s):
+                status, headers, body = await self._exchange(request)
+            return decode_infer(status, headers, body, output_names, model_name)
+        except TimeoutError:
+            span.set_status(trace.Status(trace.StatusCode.ERROR, "DEADLINE_EXCEEDED"))
+            raise TritonError(
+                f"triton did not answer within {timeout_s:.3f}s", "StatusCode.DEADLINE_EXCEEDED"
+            ) from None
+        except TritonError as exc:
+            span.set_status(trace.Status(trace.StatusCode.ERROR, str(exc.status)))
+            raise
+        finally:
+            span.end()
+
+    async def _exchange(self, request: bytes) -> tuple[int, dict[str, str], bytes]:
+        """Sends the request on an idle connection (or a new one) and reads the answer. A kept
+        connection that the server closed meanwhile is found dead before it answers anything:
+        the request is sent once more on a new one."""
+        for attempt in range(2):
+            connection = await self._connection(fresh=attempt > 0)
+            try:
+                answer = await connection.send(request)
+            except _Closed as exc:
+                connection.close()
+                self._open.discard(connection)
+                if attempt == 0 and connection.reused and connection.answered_nothing:
+                    continue
+                raise TritonError(
+                    f"triton at {self._address} closed the connection: {exc}",
+                    "StatusCode.UNAVAILABLE",
+                ) from exc
+            except BaseException:
+                # Cancelled or timed out: its answer may still come, so it is not reused.
+                connection.close()
+                self._open.discard(connection)
+                raise
+            self._release(connection)
+            return answer
+        raise AssertionError("unreachable")
+
+    async def _connection(self, *, fresh: bool) -> _Connection:
+        while self._idle and not fresh:
+            connection = self._idle.pop()
+            if not connection.closed:
+                return connection
+            self._open.discard(connection)
+        try:
+            _, connection = await asyncio.get_running_loop().create_connection(
+                _Connection, self._host, self._port
+            )
+        except OSError as exc:
+            raise TritonError(
+                f"triton at {self._address} is unreachable: {exc.strerror or exc}",
+                "StatusCode.UNAVAILABLE",
+            ) from exc
+        self._open.add(connection)
+        return connection
+
+    def _release(self, connection: _Connection) -> None:
+        if connection.closed or not connection.keep_alive or len(self._idle) >= self._max_idle:
+            connection.close()
+            self._open.discard(connection)
+            return
+        connection.reused = True
+        self._idle.append(connection)
+
+    async def close(self) -> None:
+        """Closes every connection."""
+        for connection in list(self._open):
+            connection.close()
+        self._open.clear()
+        self._idle.clear()

@@ -1,0 +1,173 @@
+"""TritonHttpRunner against a real tritonserver: the same errors as the gRPC runner, deadlines,
+a Triton that cannot be reached, and its pool of kept-alive connections.
+
+What both runners share (answers, batching, NOT_FOUND, spans, the trace inside Triton) is
+tested for each in test_triton_server.py."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+
+import numpy as np
+import pytest
+
+from modelserve_demo.fraud import TrainedModel, make_dataset
+from modelserve_triton.http import MAX_IDLE, TritonHttpRunner
+from modelserve_triton.model_config import build_model_config, model_files
+from modelserve_triton.process import TritonServer
+from modelserve_triton.runner import TritonError, TritonRunner
+
+FRAUD = "fraud"
+OUTPUTS = ("label", "probabilities")
+#: How long Triton holds a lone request of the slow model (its batcher's queue delay).
+SLOW_DELAY_S = 2.0
+
+pytestmark = pytest.mark.triton
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port: int = probe.getsockname()[1]
+        return port
+
+
+class TestTritonHttpRunner:
+    @pytest.mark.parametrize(
+        "inputs",
+        [
+            {"features": np.zeros((2, 5), np.float32)},
+            {"features": np.zeros((2, 8), np.float64)},
+            {"amount": np.zeros((2, 8), np.float32)},
+        ],
+        ids=["shape", "datatype", "name"],
+    )
+    async def test_a_refused_input_is_the_same_error_as_over_grpc(
+        self,
+        triton_runner: TritonRunner,
+        triton_http_runner: TritonHttpRunner,
+        fraud_model: dict[int, TrainedModel],
+        inputs: dict[str, np.ndarray],
+    ) -> None:
+        """Triton's refusal of a bad tensor comes back with the gRPC endpoint's code
+        (INVALID_ARGUMENT) and the same message."""
+        errors = []
+        for runner in (triton_runner, triton_http_runner):
+            with pytest.raises(TritonError) as raised:
+                await runner.infer(FRAUD, 1, inputs, OUTPUTS, timeout_s=10)
+            errors.append((raised.value.status, raised.value.message))
+
+        assert errors[0][0] == "StatusCode.INVALID_ARGUMENT"
+        assert errors[1] == errors[0]
+
+    async def test_an_unreachable_triton_is_unavailable(self) -> None:
+        """A Triton that does not listen is UNAVAILABLE at once, naming the address."""
+        address = f"127.0.0.1:{_free_port()}"
+        runner = TritonHttpRunner(address)
+        features, _ = make_dataset(1, seed=21)
+
+        with pytest.raises(TritonError) as raised:
+            await runner.infer(FRAUD, 1, {"features": features}, OUTPUTS, timeout_s=5)
+
+        assert raised.value.status == "StatusCode.UNAVAILABLE"
+        assert address in raised.value.message
+        await runner.close()
+
+    async def test_a_late_answer_is_deadline_exceeded_and_reaches_no_one_else(
+        self,
+        triton_runner: TritonRunner,
+        triton_http_runner: TritonHttpRunner,
+        fraud_model: dict[int, TrainedModel],
+    ) -> None:
+        """A call Triton holds past its timeout raises DEADLINE_EXCEEDED, and its connection is
+        not reused: the next call, on the same runner, gets its own rows, not the late ones."""
+        model = fraud_model[1]
+        config = build_model_config(
+            "fraud_slow_http",
+            model.inputs,
+            model.outputs,
+            max_queue_delay_us=int(SLOW_DELAY_S * 1e6),
+            preferred_batch_sizes=(64,),
+        )
+        await triton_runner.load("fraud_slow_http", config, model_files({1: model.onnx_bytes}))
+        late, _ = make_dataset(1, seed=22)
+        mine, _ = make_dataset(3, seed=23)
+        runner = TritonHttpRunner(triton_http_runner.url)
+        try:
+            with pytest.raises(TritonError) as raised:
+                await runner.infer("fraud_slow_http", 1, {"features": late}, OUTPUTS, timeout_s=0.2)
+            answer = await runner.infer(FRAUD, 1, {"features": mine}, OUTPUTS, timeout_s=10)
+            expected = await triton_runner.infer(
+                FRAUD, 1, {"features": mine}, OUTPUTS, timeout_s=10
+            )
+        finally:
+            await runner.close()
+
+        assert raised.value.status == "StatusCode.DEADLINE_EXCEEDED"
+        assert answer["probabilities"].shape == (3, 2)
+        np.testing.assert_array_equal(answer["probabilities"], expected["probabilities"])
+
+    async def test_concurrent_calls_share_a_bounded_pool(
+        self,
+        triton_runner: TritonRunner,
+        triton_server: TritonServer,
+        fraud_model: dict[int, TrainedModel],
+    ) -> None:
+        """Concurrent calls each get their own answer over connections of their own; then at
+        most MAX_IDLE are kept, and sequential calls reuse one."""
+        runner = TritonHttpRunner(triton_server.http_endpoint, max_idle=4)
+        features, _ = make_dataset(16, seed=24)
+        try:
+            answers = await asyncio.gather(
+                *(
+                    runner.infer(FRAUD, 2, {"features": features[i : i + 1]}, OUTPUTS, timeout_s=10)
+                    for i in range(16)
+                )
+            )
+            expected = await triton_runner.infer(
+                FRAUD, 2, {"features": features}, OUTPUTS, timeout_s=10
+            )
+            kept_after_burst = len(runner._idle)
+            for i in range(5):
+                await runner.infer(
+                    FRAUD, 2, {"features": features[i : i + 1]}, OUTPUTS, timeout_s=10
+                )
+            kept_after_sequence = len(runner._idle)
+        finally:
+            await runner.close()
+
+        for i, answer in enumerate(answers):
+            np.testing.assert_allclose(
+                answer["probabilities"][0], expected["probabilities"][i], rtol=0, atol=1e-6
+            )
+        assert kept_after_burst == 4
+        assert kept_after_sequence == 4
+        assert MAX_IDLE >= 16
+
+    async def test_a_connection_closed_while_idle_is_not_used(
+        self,
+        triton_server: TritonServer,
+        fraud_model: dict[int, TrainedModel],
+    ) -> None:
+        """A kept connection that ended while idle (Triton restarted, a proxy timed it out)
+        is dropped, and the call goes out on a new one."""
+        runner = TritonHttpRunner(triton_server.http_endpoint)
+        features, _ = make_dataset(1, seed=25)
+        try:
+            await runner.infer(FRAUD, 1, {"features": features}, OUTPUTS, timeout_s=10)
+            (idle,) = runner._idle
+            idle.transport.get_extra_info("socket").shutdown(socket.SHUT_RDWR)
+
+            async def noticed() -> None:
+                while not idle.closed:
+                    await asyncio.sleep(0)
+
+            await asyncio.wait_for(noticed(), 5)
+            answer = await runner.infer(FRAUD, 1, {"features": features}, OUTPUTS, timeout_s=10)
+            (kept,) = runner._idle
+        finally:
+            await runner.close()
+
+        assert answer["probabilities"].shape == (1, 2)
+        assert kept is not idle
