@@ -145,6 +145,12 @@ def _parse_head(head: bytes, body_start: int) -> tuple[int, dict[str, str], int,
     return int(parts[1]), headers, body_start, body_start + int(length)
 
 
+#: Request heads and JSON headers by everything they depend on; a router sends the same few
+#: shapes again and again, and building them is most of what encoding a request costs.
+_HEADS: dict[tuple[object, ...], tuple[bytes, bytes]] = {}
+_MAX_HEADS = 1024
+
+
 def encode_infer(
     model_name: str,
     version: int | str,
@@ -154,7 +160,7 @@ def encode_infer(
 ) -> bytes:
     """One HTTP request for Triton's infer endpoint: a JSON header naming each input (its
     bytes follow, in order) and asking for every output as binary data."""
-    tensors = []
+    described = []
     raws = []
     for name, array in inputs.items():
         datatype = np_to_triton_dtype(array.dtype)
@@ -162,32 +168,51 @@ def encode_infer(
             raise TritonError(f"input {name!r}: numpy dtype {array.dtype} has no Triton type")
         raw = encode_raw(array)
         raws.append(raw)
-        tensors.append(
-            {
-                "name": name,
-                "shape": list(array.shape),
-                "datatype": datatype,
-                "parameters": {"binary_data_size": len(raw)},
-            }
-        )
+        described.append((name, datatype, array.shape, len(raw)))
+    key = (model_name, version, tuple(described), tuple(output_names))
+    cached = _HEADS.get(key)
+    if cached is None:
+        cached = _head(model_name, version, described, output_names, sum(map(len, raws)))
+        if len(_HEADS) >= _MAX_HEADS:
+            _HEADS.clear()
+        _HEADS[key] = cached
+    head, header = cached
+    extra = "".join(f"{k}: {v}\r\n" for k, v in extra_headers.items()).encode("latin-1")
+    return b"".join((head, extra, b"\r\n", header, *raws))
+
+
+def _head(
+    model_name: str,
+    version: int | str,
+    described: Sequence[tuple[str, str, tuple[int, ...], int]],
+    output_names: Sequence[str],
+    raw_bytes: int,
+) -> tuple[bytes, bytes]:
+    """The request line and fixed headers (without the blank line that ends them), and the
+    JSON inference header."""
     header = json.dumps(
         {
-            "inputs": tensors,
+            "inputs": [
+                {
+                    "name": name,
+                    "shape": list(shape),
+                    "datatype": datatype,
+                    "parameters": {"binary_data_size": size},
+                }
+                for name, datatype, shape, size in described
+            ],
             "outputs": [{"name": n, "parameters": {"binary_data": True}} for n in output_names],
         },
         separators=(",", ":"),
     ).encode()
-    length = len(header) + sum(len(raw) for raw in raws)
     head = (
         f"POST /v2/models/{model_name}/versions/{version}/infer HTTP/1.1\r\n"
         "Host: triton\r\n"
         "Content-Type: application/octet-stream\r\n"
         f"Inference-Header-Content-Length: {len(header)}\r\n"
-        f"Content-Length: {length}\r\n"
-        + "".join(f"{k}: {v}\r\n" for k, v in extra_headers.items())
-        + "\r\n"
+        f"Content-Length: {len(header) + raw_bytes}\r\n"
     )
-    return b"".join((head.encode("latin-1"), header, *raws))
+    return head.encode("latin-1"), header
 
 
 def decode_infer(
