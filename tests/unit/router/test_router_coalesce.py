@@ -166,3 +166,69 @@ async def test_inputs_without_a_shared_row_count_go_alone() -> None:
     out = await runner.run(V1, {"x": np.ones((2, 3), dtype=np.float32), "z": np.ones(1)}, ["y"])
     assert inner.calls == [(V1.model_version, 2)]
     assert out["y"].shape == (2, 2)
+
+
+class TestBudget:
+    """With a budget, an idle lane's first request waits for the requests the router already
+    has for its version (counted by `Upstream` as the predictor enters, leaves and finishes
+    them), never for nobody."""
+
+    async def test_a_request_alone_in_the_router_never_waits(self) -> None:
+        """However long the budget, a request with no other for its version goes at once."""
+        inner = MatMulRunner()
+        runner = CoalescingRunner(inner, budget_s=3600.0)
+        upstream = runner.upstream
+        upstream.enter(V1.model_version)
+        upstream.leave(V1.model_version)
+
+        out = await asyncio.wait_for(runner.run(V1, rows(1.0), ["y"]), 5)
+
+        upstream.done(V1.model_version)
+        np.testing.assert_allclose(out["y"], rows(1.0)["x"] @ W)
+        assert inner.calls == [(V1.model_version, 1)]
+
+    async def test_the_first_request_waits_for_those_gathering_their_features(self) -> None:
+        """Three requests enter the router for a version; the first to reach the model waits
+        until the two others have too, and the three go as one call."""
+        inner = MatMulRunner()
+        runner = CoalescingRunner(inner, budget_s=3600.0)
+        upstream = runner.upstream
+        for _ in range(3):
+            upstream.enter(V1.model_version)
+
+        async def request(value: float) -> dict[str, npt.NDArray[Any]]:
+            upstream.leave(V1.model_version)
+            try:
+                return await runner.run(V1, rows(value), ["y"])
+            finally:
+                upstream.done(V1.model_version)
+
+        first = asyncio.create_task(request(1.0))
+        await until(lambda: bool(runner._lanes))
+        second = asyncio.create_task(request(2.0))
+        await until(lambda: second.done() or len(next(iter(runner._lanes.values())).waiting) == 2)
+        assert inner.calls == []
+        third = asyncio.create_task(request(3.0))
+        answers = await asyncio.wait_for(asyncio.gather(first, second, third), 5)
+
+        assert inner.calls == [(V1.model_version, 3)]
+        for value, answer in zip((1.0, 2.0, 3.0), answers, strict=True):
+            np.testing.assert_allclose(answer["y"], rows(value)["x"] @ W)
+        assert upstream.coming(V1.model_version) == 0
+
+    async def test_company_that_never_comes_costs_at_most_the_budget(self) -> None:
+        """Two requests entered, one gave up before the model (a bad feature, say): the other
+        goes when the budget is spent, alone."""
+        inner = MatMulRunner()
+        runner = CoalescingRunner(inner, budget_s=0.05)
+        upstream = runner.upstream
+        upstream.enter(V1.model_version)
+        upstream.enter(V1.model_version)
+        upstream.leave(V1.model_version)
+        upstream.done(V1.model_version)  # gave up
+        upstream.leave(V1.model_version)
+
+        out = await asyncio.wait_for(runner.run(V1, rows(4.0), ["y"]), 5)
+
+        np.testing.assert_allclose(out["y"], rows(4.0)["x"] @ W)
+        assert inner.calls == [(V1.model_version, 1)]

@@ -28,6 +28,7 @@ from modelserve_router.breaker import (
     counts_against_version,
 )
 from modelserve_router.cache import CacheKey, PredictionCache, cache_key
+from modelserve_router.coalesce import Upstream
 from modelserve_router.config import EndpointSettings
 from modelserve_router.hybrid import PrecomputedLookup
 from modelserve_router.limits import CallerRateLimits, InFlightLimit
@@ -35,6 +36,7 @@ from modelserve_router.routing import (
     Route,
     RouteChoice,
     RoutingTable,
+    ServedVersion,
     Snapshot,
     choose,
     routing_keys,
@@ -196,10 +198,12 @@ class Predictor:
         rate_limits: CallerRateLimits | None = None,
         endpoint_settings: Callable[[str], EndpointSettings] | None = None,
         precomputed: PrecomputedLookup | None = None,
+        upstream: Upstream | None = None,
     ) -> None:
         """`breakers`, `rate_limits` and `endpoint_settings` (caches and in-flight limits)
         are None when off, and then cost a request nothing. `precomputed` answers for
-        deployments whose hybrid lookup is on; the others never touch it."""
+        deployments whose hybrid lookup is on; the others never touch it. `upstream` (with
+        micro-batching) learns which requests are on their way to each version's model."""
         self._routes = routes
         self._features = features
         self._runner = runner
@@ -211,6 +215,7 @@ class Predictor:
         self._endpoint_settings = endpoint_settings
         self._endpoints: dict[str, _Endpoint] = {}
         self._precomputed = precomputed
+        self._upstream = upstream
         self._plans: dict[str, tuple[registry_pb.ModelVersion, _VersionPlan]] = {}
 
     def _plan(self, model_version: str, version: registry_pb.ModelVersion) -> _VersionPlan:
@@ -564,7 +569,38 @@ class Predictor:
                 reason="VERSION_NOT_READY",
                 metadata={"model_version": model_version},
             )
-        prepared = await self._input(request, snapshot, model_version)
+        upstream = self._upstream
+        if upstream is None:
+            return await self._model(request, snapshot, served, reason, request_id, cached)
+        upstream.enter(model_version)
+        try:
+            return await self._model(
+                request, snapshot, served, reason, request_id, cached, upstream
+            )
+        finally:
+            upstream.done(model_version)
+
+    async def _model(
+        self,
+        request: PredictionInput,
+        snapshot: Snapshot,
+        served: ServedVersion,
+        reason: str,
+        request_id: str,
+        cached: _CacheUse | None,
+        upstream: Upstream | None = None,
+    ) -> PredictionResult:
+        """`_run`'s work once the version is READY: its input, then the cache or the model."""
+        model_version = served.model_version
+        if upstream is None:
+            prepared = await self._input(request, snapshot, model_version)
+        else:
+            # On its way to the version's model while its features are read: a coalescing
+            # lane may wait for it (no await between leaving and joining the lane).
+            try:
+                prepared = await self._input(request, snapshot, model_version)
+            finally:
+                upstream.leave(model_version)
         plan, inputs, values = prepared.plan, prepared.inputs, prepared.values
         missing, statuses = prepared.missing, prepared.statuses
         if cached is not None:

@@ -190,6 +190,7 @@ async def build_server(settings: RouterSettings) -> tuple[GrpcServer, RouterApp]
         prediction_log,
         shadows,
         shadow_timeout_s=settings.shadow_timeout_s,
+        upstream=runner.upstream if isinstance(runner, CoalescingRunner) else None,
         breakers=(
             CircuitBreakers(
                 failure_threshold=settings.circuit_breaker.failure_threshold,
