@@ -165,6 +165,10 @@ class ServerSettings(BaseModel):
     event_loop: Literal["uvloop", "asyncio"] = "uvloop"
     """The event loop the service runs on: uvloop, or asyncio's own (the benchmarks compare
     both)."""
+    gc_threshold: int = Field(default=50_000, ge=1)
+    """Allocations between collections of the garbage collector's youngest generation once
+    the service is up (start-up objects are frozen out of collections then); Python's own
+    default, 700, made the router collect hundreds of times a second under load."""
     min_ping_interval_ms: int = Field(default=5_000, ge=1)
     """The shortest interval between a client's HTTP/2 keepalive pings that the server
     accepts; a client pinging more often is sent GOAWAY ("too many pings"), which fails every
