@@ -23,8 +23,16 @@ CALLERS = 48
 
 
 class TestCoalescing:
+    @pytest.mark.parametrize(
+        "budget",
+        [
+            {"coalesce_budget_ms": 50},
+            {"endpoints": {"coalesced": {"coalesce_budget_ms": 50}}},
+        ],
+        ids=["router-wide-budget", "endpoint-budget"],
+    )
     async def test_concurrent_calls_share_triton_requests_and_keep_their_answers(
-        self, dependencies: Dependencies
+        self, dependencies: Dependencies, budget: dict[str, object]
     ) -> None:
         await deploy(dependencies, "coalesced", V1)
         asks = [
@@ -33,7 +41,7 @@ class TestCoalescing:
         ]
         # A budget makes the first caller wait for company: how many ride together would
         # otherwise depend on how the callers' arrivals interleave on a busy machine.
-        async with router(dependencies, coalesce=True, coalesce_budget_ms=50) as (stub, _app):
+        async with router(dependencies, coalesce=True, **budget) as (stub, _app):
             alone = [probabilities(await stub.Predict(ask)) for ask in asks]
 
             async def marker() -> None:

@@ -232,3 +232,49 @@ class TestBudget:
 
         np.testing.assert_allclose(out["y"], rows(4.0)["x"] @ W)
         assert inner.calls == [(V1.model_version, 1)]
+
+    async def test_an_endpoint_budget_applies_to_its_versions(self) -> None:
+        """With no router-wide budget, a version whose requests came with their endpoint's
+        budget waits for company; once a request without one enters, it no longer does."""
+        inner = MatMulRunner()
+        runner = CoalescingRunner(inner)
+        upstream = runner.upstream
+        upstream.enter(V1.model_version, 3600.0)
+        upstream.enter(V1.model_version, 3600.0)
+        upstream.leave(V1.model_version)
+
+        first = asyncio.create_task(runner.run(V1, rows(1.0), ["y"]))
+        await until(lambda: bool(runner._lanes))
+        await until(lambda: first.done() or inner.calls == [])
+        assert inner.calls == []
+        upstream.leave(V1.model_version)
+        await asyncio.wait_for(runner.run(V1, rows(2.0), ["y"]), 5)
+        await asyncio.wait_for(first, 5)
+        assert inner.calls == [(V1.model_version, 2)]
+
+        upstream.enter(V1.model_version)
+        assert upstream.budget(V1.model_version, 0.0) == 0.0
+
+    async def test_company_joins_the_held_call_even_with_slots_free(self) -> None:
+        """With two calls allowed in flight, the request that arrives while the first is held
+        joins it rather than starting a call of its own, and nothing is left waiting."""
+        inner = MatMulRunner()
+        runner = CoalescingRunner(inner, max_batches=2, budget_s=3600.0)
+        upstream = runner.upstream
+        for _ in range(2):
+            upstream.enter(V1.model_version)
+
+        async def request(value: float) -> dict[str, npt.NDArray[Any]]:
+            upstream.leave(V1.model_version)
+            try:
+                return await runner.run(V1, rows(value), ["y"])
+            finally:
+                upstream.done(V1.model_version)
+
+        first = asyncio.create_task(request(1.0))
+        await until(lambda: bool(runner._lanes))
+        second = asyncio.create_task(request(2.0))
+        await asyncio.wait_for(asyncio.gather(first, second), 5)
+        await until(lambda: not runner._tasks)
+
+        assert inner.calls == [(V1.model_version, 2)]

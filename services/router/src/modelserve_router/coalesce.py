@@ -71,6 +71,7 @@ class Upstream:
         # Per version: (window start, peak in it, peak in the window before).
         self._peaks: dict[str, tuple[float, int, int]] = {}
         self._waiters: dict[str, list[asyncio.Future[None]]] = {}
+        self._budgets: dict[str, float] = {}
 
     def coming(self, model_version: str) -> int:
         """Requests for the version upstream of its model call now."""
@@ -89,7 +90,18 @@ class Upstream:
             return max(1, peak)
         return max(1, peak, before)
 
-    def enter(self, model_version: str) -> None:
+    def budget(self, model_version: str, default_s: float) -> float:
+        """The budget of the endpoint whose request last entered for the version, if it has
+        one of its own; else `default_s`."""
+        return self._budgets.get(model_version, default_s)
+
+    def enter(self, model_version: str, budget_s: float | None = None) -> None:
+        """A request for the version starts building its input; `budget_s`: its endpoint's
+        own micro-batching budget, if any."""
+        if budget_s is not None:
+            self._budgets[model_version] = budget_s
+        elif self._budgets:
+            self._budgets.pop(model_version, None)
         self._coming[model_version] = self._coming.get(model_version, 0) + 1
         active = self._active[model_version] = self._active.get(model_version, 0) + 1
         now = time.monotonic()
@@ -101,6 +113,11 @@ class Upstream:
 
     def leave(self, model_version: str) -> None:
         _decrement(self._coming, model_version)
+        self.wake(model_version)
+
+    def wake(self, model_version: str) -> None:
+        """Wakes whatever waits in `changed` for the version (a request left, or joined a
+        lane)."""
         for waiter in self._waiters.pop(model_version, ()):
             if not waiter.done():
                 waiter.set_result(None)
@@ -109,8 +126,8 @@ class Upstream:
         _decrement(self._active, model_version)
 
     async def changed(self, model_version: str, timeout_s: float) -> None:
-        """Returns when a request of the version leaves (reaches its model call or gives up),
-        or after `timeout_s`."""
+        """Returns when a request of the version leaves (reaches its model call or gives up)
+        or joins a lane, or after `timeout_s`."""
         loop = asyncio.get_running_loop()
         waiter: asyncio.Future[None] = loop.create_future()
         self._waiters.setdefault(model_version, []).append(waiter)
@@ -147,6 +164,8 @@ class _Lane:
     output_names: tuple[str, ...]
     waiting: deque[_Call] = field(default_factory=deque)
     in_flight: int = 0
+    gathering: bool = False
+    """Whether its first call is held for company (see `CoalescingRunner._gather`)."""
 
 
 def _bad_input(exc: BaseException) -> bool:
@@ -205,7 +224,10 @@ class CoalescingRunner:
             lane = self._lanes[key] = _Lane(version, tuple(output_names))
         future: asyncio.Future[Arrays] = asyncio.get_running_loop().create_future()
         lane.waiting.append(_Call(inputs, rows, future))
-        if lane.in_flight < self._max_batches:
+        if lane.gathering:
+            # Company for the held call: it rides along, and the holder counts again.
+            self.upstream.wake(version.model_version)
+        elif lane.in_flight < self._max_batches:
             self._dispatch(key, lane)
         return await future
 
@@ -225,8 +247,13 @@ class CoalescingRunner:
 
     async def _drain(self, key: _LaneKey, lane: _Lane) -> None:
         try:
-            if self._budget_s > 0 and lane.in_flight == 1:
-                await self._gather(lane)
+            budget_s = self.upstream.budget(lane.version.model_version, self._budget_s)
+            if budget_s > 0 and lane.in_flight == 1:
+                lane.gathering = True
+                try:
+                    await self._gather(lane, budget_s)
+                finally:
+                    lane.gathering = False
             while lane.waiting:
                 batch = self._take(lane)
                 if batch:
@@ -236,11 +263,11 @@ class CoalescingRunner:
             if not lane.waiting and lane.in_flight == 0 and self._lanes.get(key) is lane:
                 del self._lanes[key]
 
-    async def _gather(self, lane: _Lane) -> None:
+    async def _gather(self, lane: _Lane, budget_s: float) -> None:
         """Holds an idle lane's first call until as many requests wait as the version lately
         had in the router at once, or the batch is full, or the budget is spent."""
         loop = asyncio.get_running_loop()
-        until = loop.time() + self._budget_s
+        until = loop.time() + budget_s
         model_version = lane.version.model_version
         target = min(self.upstream.expected(model_version), self._max_rows)
         while len(lane.waiting) < target and sum(c.rows for c in lane.waiting) < self._max_rows:

@@ -32,6 +32,9 @@ class EndpointSettings(BaseModel):
     RESOURCE_EXHAUSTED (`ENDPOINT_OVERLOADED`). None: no limit."""
     in_flight_retry_after_s: float = Field(default=0.1, gt=0)
     """The retry delay (google.rpc.RetryInfo) of a request refused by `max_in_flight`."""
+    coalesce_budget_ms: float | None = Field(default=None, ge=0)
+    """With `COALESCE` on, how long the first request of a batch for this endpoint's versions
+    may wait for requests already in the router; None: the router's `COALESCE_BUDGET_MS`."""
 
 
 class CircuitBreakerSettings(BaseModel):
@@ -185,10 +188,12 @@ class RouterSettings(ServiceSettings):
 
     @property
     def endpoint_limits_in_use(self) -> bool:
-        """Whether any endpoint may have a prediction cache or an in-flight limit (when none
-        may, requests skip that bookkeeping entirely)."""
+        """Whether any endpoint may have a prediction cache, an in-flight limit or a batching
+        budget of its own (when none may, requests skip that bookkeeping entirely)."""
         return any(
-            e.cache_max_entries > 0 or e.max_in_flight is not None
+            e.cache_max_entries > 0
+            or e.max_in_flight is not None
+            or e.coalesce_budget_ms is not None
             for e in [self.endpoint_defaults, *(self.endpoint(n) for n in self.endpoints)]
         )
 

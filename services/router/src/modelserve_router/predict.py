@@ -166,10 +166,12 @@ class _Input:
 
 @dataclass(slots=True)
 class _Endpoint:
-    """What the router keeps per endpoint: its in-flight limit and its prediction cache."""
+    """What the router keeps per endpoint: its in-flight limit, its prediction cache and its
+    micro-batching budget."""
 
     in_flight: InFlightLimit | None
     cache: PredictionCache | None
+    budget_s: float | None = None
 
 
 @dataclass(slots=True)
@@ -258,6 +260,11 @@ class Predictor:
                     if settings.cache_max_entries > 0
                     else None
                 ),
+                budget_s=(
+                    None
+                    if settings.coalesce_budget_ms is None
+                    else settings.coalesce_budget_ms / 1000
+                ),
             )
         return state
 
@@ -300,8 +307,10 @@ class Predictor:
         cached: _CacheUse | None = None
         limit: InFlightLimit | None = None
         answered: PredictionResult | None = None
+        budget_s: float | None = None
         if self._endpoint_settings is not None:
             endpoint = self._endpoint(route.endpoint)
+            budget_s = endpoint.budget_s
             if endpoint.cache is not None and endpoint.cache.follow(route.revision):
                 cached = _CacheUse(endpoint.cache)
             limit = endpoint.in_flight
@@ -318,7 +327,13 @@ class Predictor:
                     )
                 if result is None:
                     result = await self._run(
-                        request, snapshot, choice.model_version, choice.reason, request_id, cached
+                        request,
+                        snapshot,
+                        choice.model_version,
+                        choice.reason,
+                        request_id,
+                        cached,
+                        budget_s,
                     )
             except (UnavailableError, ResourceExhaustedError, FailedPreconditionError) as exc:
                 if isinstance(exc, FailedPreconditionError) and exc is not not_ready:
@@ -558,10 +573,12 @@ class Predictor:
         reason: str,
         request_id: str,
         cached: _CacheUse | None = None,
+        budget_s: float | None = None,
     ) -> PredictionResult:
         """Builds the version's input and runs it: from the endpoint's cache when `cached`
         holds a fresh answer for that input, else through the version's circuit breaker
-        (CircuitOpenError, an UnavailableError, when it is open)."""
+        (CircuitOpenError, an UnavailableError, when it is open). `budget_s`: the endpoint's
+        own micro-batching budget, if it has one."""
         served = snapshot.ready.get(model_version)
         if served is None:
             raise FailedPreconditionError(
@@ -572,7 +589,7 @@ class Predictor:
         upstream = self._upstream
         if upstream is None:
             return await self._model(request, snapshot, served, reason, request_id, cached)
-        upstream.enter(model_version)
+        upstream.enter(model_version, budget_s)
         try:
             return await self._model(
                 request, snapshot, served, reason, request_id, cached, upstream
