@@ -100,7 +100,7 @@ class RouterSettings(ServiceSettings):
     tensors (when inference publishes one for the version; else gRPC), or `grpc`. Same
     answers, errors and trace either way; the benchmark picked `http` (a fraction of the
     gRPC client's CPU per call)."""
-    coalesce: bool = False
+    coalesce: bool = True
     """Micro-batching: concurrent model calls for one version go to the model as one batched
     call (what is waiting is sent as soon as a slot is free; see `coalesce_*`), and each
     caller gets its own rows back. A request refused for its input fails alone."""
@@ -110,8 +110,10 @@ class RouterSettings(ServiceSettings):
     """Coalesced calls in flight per version at once; requests beyond them wait and ride
     together in the next one."""
     coalesce_budget_ms: float = Field(default=0.0, ge=0)
-    """How long the first request of a batch may wait for company when nothing is in flight;
-    0 (the default) never waits."""
+    """How long the first request of a batch may wait, when nothing is in flight, for the
+    requests of its version already in the router (never for requests not yet sent: a
+    request alone never waits); 0 (the default) never waits. Endpoints may set their own
+    (`coalesce_budget_ms` in `endpoints` / `endpoint_defaults`)."""
     registry_target: str | None = None
     """The registry's `host:port`; resolved through discovery (service `registry`) when unset."""
     feature_target: str | None = None
