@@ -27,7 +27,7 @@ import shutil
 import signal
 import sys
 import tempfile
-from collections.abc import Awaitable, Callable, Coroutine, Mapping
+from collections.abc import Awaitable, Callable, Coroutine, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -149,7 +149,16 @@ async def _run(
         for concurrency in args.concurrency:
             for name, call in calls.items():
                 await drive(name, call, concurrency, min(1.0, args.duration))  # warm-up
-                result = await drive(name, call, concurrency, args.duration)
+            # With --rounds N the paths take turns N times, duration/N each, so that a slow
+            # spell of a shared machine falls on every path rather than on one.
+            parts: dict[str, list[Result]] = {name: [] for name in calls}
+            for _ in range(args.rounds):
+                for name, call in calls.items():
+                    parts[name].append(
+                        await drive(name, call, concurrency, args.duration / args.rounds)
+                    )
+            for name in calls:
+                result = _merged(parts[name])
                 results.append(result)
                 print(
                     f"  {name} c={concurrency}: p50 {result.percentile(50):.2f} ms,"
@@ -157,6 +166,18 @@ async def _run(
                     flush=True,
                 )
         _print(results, args, venvs, skipped)
+
+
+def _merged(parts: Sequence[Result]) -> Result:
+    """One path's rounds at one concurrency as one result."""
+    first = parts[0]
+    return Result(
+        first.path,
+        first.concurrency,
+        [latency for part in parts for latency in part.latencies_ms],
+        sum(part.seconds for part in parts),
+        sum(part.errors for part in parts),
+    )
 
 
 def _print(
@@ -171,7 +192,9 @@ def _print(
         if args.router
         else "not measured"
     )
-    print(f"\nclient loop={loop} duration={args.duration}s router: {router}")
+    print(
+        f"\nclient loop={loop} duration={args.duration}s in {args.rounds} round(s) router: {router}"
+    )
     for name, environment in venvs.items():
         versions = " ".join(f"{k}=={v}" for k, v in environment.versions().items())
         print(f"{name} venv ({environment.path}): {versions}")
@@ -277,6 +300,12 @@ def main() -> None:
         help="measure the tutorial FastAPI app (venv .bench/fastapi-venv)",
     )
     add_stack_arguments(parser)
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        default=1,
+        help="measure the paths in turn this many times per concurrency (duration/rounds each)",
+    )
     parser.add_argument(
         "--bench-dir",
         type=Path,

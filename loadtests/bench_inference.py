@@ -68,6 +68,7 @@ FACADE = "OIP facade"
 INFER = "service Infer"
 ECHO = "echo (bare hop)"
 ECHO_INTERCEPTED = "echo + interceptors"
+PROXY = "bare proxy"
 DIRECT_UNBATCHED = "triton direct, dynamic batching off"
 FACADE_UNCOALESCED = "OIP facade, coalescing off"
 
@@ -94,6 +95,29 @@ async def serve_echo(interceptors: bool) -> None:
 
 async def _echo(request: bytes, context: grpc.aio.ServicerContext[bytes, bytes]) -> bytes:
     return request
+
+
+async def serve_proxy(triton: str) -> None:
+    """The least any Python facade of Triton can do: a grpc.aio server whose ModelInfer passes
+    the request's bytes to Triton over a grpc.aio channel and answers Triton's bytes, with no
+    parsing, checks, interceptors or tracing; prints its port."""
+    channel = grpc.aio.insecure_channel(triton)
+    forward = channel.unary_unary("/inference.GRPCInferenceService/ModelInfer")
+
+    async def model_infer(request: bytes, context: grpc.aio.ServicerContext[bytes, bytes]) -> bytes:
+        answer: bytes = await forward(request, timeout=context.time_remaining())
+        return answer
+
+    handler = grpc.method_handlers_generic_handler(
+        "inference.GRPCInferenceService",
+        {"ModelInfer": grpc.unary_unary_rpc_method_handler(model_infer)},
+    )
+    server = grpc.aio.server()
+    server.add_generic_rpc_handlers((handler,))
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    print(port, flush=True)
+    await server.wait_for_termination()
 
 
 def _spec(spec: object) -> tensor_pb2.TensorSpec:
@@ -147,8 +171,13 @@ async def _load_unbatched(triton_endpoint: str, trained: fraud.TrainedModel) -> 
         await triton.close()
 
 
-async def _start_echo(interceptors: bool) -> tuple[asyncio.subprocess.Process, str]:
-    args = ["--serve-echo", *(["--with-interceptors"] if interceptors else [])]
+async def _start_echo(
+    interceptors: bool, proxy_to: str | None = None
+) -> tuple[asyncio.subprocess.Process, str]:
+    if proxy_to is not None:
+        args = ["--serve-proxy", proxy_to]
+    else:
+        args = ["--serve-echo", *(["--with-interceptors"] if interceptors else [])]
     process = await asyncio.create_subprocess_exec(
         sys.executable, __file__, *args, stdout=asyncio.subprocess.PIPE
     )
@@ -240,6 +269,7 @@ async def main(args: argparse.Namespace) -> None:
         v1, v2 = await _register(stack, models)
         loaded = await _load(stack.targets["inference"], v1)
         await _load_unbatched(loaded.triton_endpoint, models[0])
+        echoes.append(await _start_echo(False, proxy_to=loaded.triton_endpoint))
         # A second inference service on the same Triton, coalescing off, for the batching gain.
         second = Stack(
             StackOptions(
@@ -322,7 +352,8 @@ async def _drive_all(
     service_channel = create_channel(stack.targets["inference"])
     service = pb_grpc.InferenceServiceStub(service_channel)
     echo_channels = [grpc.aio.insecure_channel(target) for target in echo_targets]
-    echo, echo_intercepted = (channel.unary_unary(_ECHO_METHOD) for channel in echo_channels)
+    echo, echo_intercepted = (channel.unary_unary(_ECHO_METHOD) for channel in echo_channels[:2])
+    proxy = InferenceServerClient(echo_targets[2])
     inference = [psutil.Process(stack.processes["inference"].pid)]
 
     def oip(client: InferenceServerClient, model: str) -> Callable[[int], Awaitable[object]]:
@@ -340,6 +371,7 @@ async def _drive_all(
             lambda i: echo_intercepted(echo_payloads[i % n]),
             [psutil.Process(echo_pids[1])],
         ),
+        Route(PROXY, oip(proxy, "fraud"), [psutil.Process(echo_pids[2])]),
     ]
     last = [
         Route(DIRECT_UNBATCHED, oip(direct, _UNBATCHED), None),
@@ -356,7 +388,7 @@ async def _drive_all(
             for path in [*paths, *extra]:
                 measured.append(await _measure(path, concurrency, args.duration, triton_processes))
     finally:
-        for client in (direct, facade, uncoalesced):
+        for client in (direct, facade, uncoalesced, proxy):
             await client.close()
         await service_channel.close()
         for channel in echo_channels:
@@ -384,14 +416,14 @@ def _print(measured: list[Measured], firsts: list[float], args: argparse.Namespa
     for c in args.concurrency:
         direct, echo = by[(DIRECT, c)], by[(ECHO, c)]
         hop = echo.percentile(50)
-        for name in (FACADE, INFER, ECHO_INTERCEPTED):
+        for name in (FACADE, INFER, PROXY, ECHO_INTERCEPTED):
             front = by[(name, c)]
             base = direct if name != ECHO_INTERCEPTED else echo
             added = front.percentile(50) - base.percentile(50)
             over = "direct" if name != ECHO_INTERCEPTED else "echo"
             target = " (target ≤ 1.2)" if name == FACADE else ""
             print(f"| {name}: p50 - {over} p50, in bare hops{target} | {c} | {added / hop:.2f} |")
-        for name in (FACADE, INFER, ECHO_INTERCEPTED):
+        for name in (FACADE, INFER, PROXY, ECHO_INTERCEPTED):
             target = " (target ≥ 0.8 at the top)" if name == FACADE else ""
             ratio = by[(name, c)].rps / echo.rps
             print(f"| {name}: req/s / echo req/s{target} | {c} | {ratio:.2f} |")
@@ -426,5 +458,11 @@ if __name__ == "__main__":
     )
     parser.add_argument("--serve-echo", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--with-interceptors", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--serve-proxy", metavar="TRITON", help=argparse.SUPPRESS)
     arguments = parser.parse_args()
-    uvloop.run(serve_echo(arguments.with_interceptors) if arguments.serve_echo else main(arguments))
+    if arguments.serve_proxy:
+        uvloop.run(serve_proxy(arguments.serve_proxy))
+    elif arguments.serve_echo:
+        uvloop.run(serve_echo(arguments.with_interceptors))
+    else:
+        uvloop.run(main(arguments))
