@@ -15,8 +15,10 @@ import pytest
 from modelserve_demo.fraud import TrainedModel, make_dataset
 from modelserve_triton.http import MAX_IDLE, TritonHttpRunner
 from modelserve_triton.model_config import build_model_config, model_files
+from modelserve_triton.oip import decode_raw
 from modelserve_triton.process import TritonServer
 from modelserve_triton.runner import TritonError, TritonRunner
+from modelserve_triton.runner import encode_request as encode_request_message
 
 FRAUD = "fraud"
 OUTPUTS = ("label", "probabilities")
@@ -171,3 +173,62 @@ class TestTritonHttpRunner:
 
         assert answer["probabilities"].shape == (1, 2)
         assert kept is not idle
+
+
+class TestModelInferRequestOverHttp:
+    @pytest.mark.parametrize("outputs", [OUTPUTS, ()], ids=["named-outputs", "all-outputs"])
+    async def test_the_answer_is_the_grpc_endpoints_answer(
+        self,
+        triton_runner: TritonRunner,
+        triton_http_runner: TritonHttpRunner,
+        fraud_model: dict[int, TrainedModel],
+        outputs: tuple[str, ...],
+    ) -> None:
+        """A ModelInferRequest (raw tensors, a request id, named outputs or none) sent over
+        HTTP comes back as the ModelInferResponse Triton's gRPC endpoint answers: the same
+        model, version, id, outputs, shapes and bytes."""
+        features, _ = make_dataset(4, seed=26)
+        request = encode_request_message(FRAUD, 2, {"features": features}, outputs)
+        request.id = "req-26"
+
+        over_grpc = await triton_runner.infer_request(request, timeout_s=10)
+        over_http = await triton_http_runner.infer_request(request, timeout_s=10)
+
+        assert (over_http.model_name, over_http.model_version, over_http.id) == (
+            over_grpc.model_name,
+            over_grpc.model_version,
+            "req-26",
+        )
+        assert [(o.name, o.datatype, list(o.shape)) for o in over_http.outputs] == [
+            (o.name, o.datatype, list(o.shape)) for o in over_grpc.outputs
+        ]
+        assert {o.name for o in over_http.outputs} == set(OUTPUTS)
+        for index, output in enumerate(over_grpc.outputs):
+            raw_http = over_http.raw_output_contents[index]
+            np.testing.assert_allclose(
+                decode_raw(output.datatype, tuple(output.shape), raw_http),
+                decode_raw(
+                    output.datatype, tuple(output.shape), over_grpc.raw_output_contents[index]
+                ),
+                rtol=0,
+                atol=1e-6,
+            )
+
+    async def test_a_refused_request_is_the_same_error(
+        self,
+        triton_runner: TritonRunner,
+        triton_http_runner: TritonHttpRunner,
+        fraud_model: dict[int, TrainedModel],
+    ) -> None:
+        """A request for a version Triton does not hold fails with the gRPC endpoint's code
+        and message."""
+        features, _ = make_dataset(1, seed=27)
+        request = encode_request_message(FRAUD, 9, {"features": features}, OUTPUTS)
+        errors = []
+        for runner in (triton_runner, triton_http_runner):
+            with pytest.raises(TritonError) as raised:
+                await runner.infer_request(request, timeout_s=10)
+            errors.append((raised.value.status, raised.value.message))
+
+        assert errors[0][0] == "StatusCode.NOT_FOUND"
+        assert errors[1] == errors[0]

@@ -23,7 +23,9 @@ from typing import Any
 
 import numpy as np
 import numpy.typing as npt
+from opentelemetry import context as otel_context
 from opentelemetry import propagate, trace
+from tritonclient.grpc import service_pb2
 from tritonclient.utils import np_to_triton_dtype, triton_to_np_dtype
 
 from modelserve_triton.oip import decode_raw, encode_raw
@@ -169,13 +171,54 @@ def encode_infer(
         raw = encode_raw(array)
         raws.append(raw)
         described.append((name, datatype, array.shape, len(raw)))
-    key = (model_name, version, tuple(described), tuple(output_names))
-    cached = _HEADS.get(key)
+    return _request(model_name, version, described, raws, tuple(output_names), extra_headers)
+
+
+def encode_request(request: Any, extra_headers: Mapping[str, str]) -> bytes:
+    """An `inference.ModelInferRequest` with raw tensors as the same HTTP request: its inputs,
+    their bytes as they are, its requested outputs (none: all of them), as binary data."""
+    raws = list(request.raw_input_contents)
+    if len(raws) != len(request.inputs):
+        raise TritonError(
+            f"{len(raws)} raw contents for {len(request.inputs)} inputs",
+            "StatusCode.INVALID_ARGUMENT",
+        )
+    described = [
+        (tensor.name, tensor.datatype, tuple(tensor.shape), len(raw))
+        for tensor, raw in zip(request.inputs, raws, strict=True)
+    ]
+    outputs = tuple(output.name for output in request.outputs)
+    return _request(
+        request.model_name,
+        request.model_version,
+        described,
+        raws,
+        outputs,
+        extra_headers,
+        request_id=request.id,
+    )
+
+
+def _request(
+    model_name: str,
+    version: int | str,
+    described: Sequence[tuple[str, str, tuple[int, ...], int]],
+    raws: Sequence[bytes],
+    output_names: tuple[str, ...],
+    extra_headers: Mapping[str, str],
+    *,
+    request_id: str = "",
+) -> bytes:
+    key = (model_name, version, tuple(described), output_names, request_id)
+    cached = _HEADS.get(key) if not request_id else None
     if cached is None:
-        cached = _head(model_name, version, described, output_names, sum(map(len, raws)))
-        if len(_HEADS) >= _MAX_HEADS:
-            _HEADS.clear()
-        _HEADS[key] = cached
+        cached = _head(
+            model_name, version, described, output_names, sum(map(len, raws)), request_id
+        )
+        if not request_id:
+            if len(_HEADS) >= _MAX_HEADS:
+                _HEADS.clear()
+            _HEADS[key] = cached
     head, header = cached
     extra = "".join(f"{k}: {v}\r\n" for k, v in extra_headers.items()).encode("latin-1")
     return b"".join((head, extra, b"\r\n", header, *raws))
@@ -187,26 +230,33 @@ def _head(
     described: Sequence[tuple[str, str, tuple[int, ...], int]],
     output_names: Sequence[str],
     raw_bytes: int,
+    request_id: str = "",
 ) -> tuple[bytes, bytes]:
     """The request line and fixed headers (without the blank line that ends them), and the
-    JSON inference header."""
-    header = json.dumps(
-        {
-            "inputs": [
-                {
-                    "name": name,
-                    "shape": list(shape),
-                    "datatype": datatype,
-                    "parameters": {"binary_data_size": size},
-                }
-                for name, datatype, shape, size in described
-            ],
-            "outputs": [{"name": n, "parameters": {"binary_data": True}} for n in output_names],
-        },
-        separators=(",", ":"),
-    ).encode()
+    JSON inference header (no outputs named: all of them, as binary data)."""
+    described_json: dict[str, Any] = {
+        "inputs": [
+            {
+                "name": name,
+                "shape": list(shape),
+                "datatype": datatype,
+                "parameters": {"binary_data_size": size},
+            }
+            for name, datatype, shape, size in described
+        ],
+    }
+    if output_names:
+        described_json["outputs"] = [
+            {"name": n, "parameters": {"binary_data": True}} for n in output_names
+        ]
+    else:
+        described_json["parameters"] = {"binary_data_output": True}
+    if request_id:
+        described_json["id"] = request_id
+    header = json.dumps(described_json, separators=(",", ":")).encode()
+    path = f"/v2/models/{model_name}" + (f"/versions/{version}" if str(version) else "")
     head = (
-        f"POST /v2/models/{model_name}/versions/{version}/infer HTTP/1.1\r\n"
+        f"POST {path}/infer HTTP/1.1\r\n"
         "Host: triton\r\n"
         "Content-Type: application/octet-stream\r\n"
         f"Inference-Header-Content-Length: {len(header)}\r\n"
@@ -215,15 +265,11 @@ def _head(
     return head.encode("latin-1"), header
 
 
-def decode_infer(
-    status: int,
-    headers: Mapping[str, str],
-    body: bytes,
-    output_names: Sequence[str],
-    model_name: str,
-) -> dict[str, npt.NDArray[Any]]:
-    """The named outputs of Triton's answer; TritonError with the gRPC code Triton's gRPC
-    endpoint would have answered when it refused the request."""
+def _answer(
+    status: int, headers: Mapping[str, str], body: bytes, model_name: str
+) -> tuple[dict[str, Any], list[tuple[str, str, tuple[int, ...], bytes]]]:
+    """Triton's JSON answer and each output (name, datatype, shape, raw bytes); TritonError
+    with the gRPC code Triton's gRPC endpoint would have answered when it refused."""
     if status != 200:
         try:
             message = str(json.loads(body)["error"])
@@ -236,7 +282,7 @@ def decode_infer(
         answer = json.loads(body[:end])
     except ValueError as exc:
         raise TritonError(f"model {model_name!r}: triton answered unreadable JSON: {exc}") from exc
-    found: dict[str, npt.NDArray[Any]] = {}
+    outputs = []
     offset = end
     for output in answer.get("outputs", ()):
         name = output["name"]
@@ -248,21 +294,58 @@ def decode_infer(
             offset += size
             if len(raw) != size:
                 raise TritonError(f"model {model_name!r} answered output {name!r} cut short")
-            array = decode_raw(datatype, shape, raw)
         elif triton_to_np_dtype(datatype) is not None:
-            array = np.asarray(
-                output.get("data", []), dtype=np.dtype(triton_to_np_dtype(datatype))
-            ).reshape(shape)
+            raw = encode_raw(
+                np.asarray(output.get("data", []), dtype=np.dtype(triton_to_np_dtype(datatype)))
+            )
         else:
             raise TritonError(
                 f"model {model_name!r} returned output {name!r} of unknown type {datatype}"
             )
-        if name in output_names:
-            found[name] = array
+        outputs.append((name, datatype, shape, raw))
+    return answer, outputs
+
+
+def decode_infer(
+    status: int,
+    headers: Mapping[str, str],
+    body: bytes,
+    output_names: Sequence[str],
+    model_name: str,
+) -> dict[str, npt.NDArray[Any]]:
+    """The named outputs of Triton's answer, as arrays."""
+    _, outputs = _answer(status, headers, body, model_name)
+    found = {
+        name: decode_raw(datatype, shape, raw)
+        for name, datatype, shape, raw in outputs
+        if name in output_names
+    }
     missing = [name for name in output_names if name not in found]
     if missing:
         raise TritonError(f"model {model_name!r} returned no output {missing[0]!r}")
     return {name: found[name] for name in output_names}
+
+
+def decode_response(status: int, headers: Mapping[str, str], body: bytes, request: Any) -> Any:
+    """Triton's answer to `encode_request(request)` as the `inference.ModelInferResponse` its
+    gRPC endpoint answers: the outputs in Triton's order, their bytes as raw contents."""
+    answer, outputs = _answer(status, headers, body, request.model_name)
+    response = service_pb2.ModelInferResponse(
+        model_name=str(answer.get("model_name", request.model_name)),
+        model_version=str(answer.get("model_version", request.model_version)),
+        id=str(answer.get("id", request.id)),
+    )
+    for name, datatype, shape, raw in outputs:
+        response.outputs.add(name=name, datatype=datatype, shape=shape)
+        response.raw_output_contents.append(raw)
+    return response
+
+
+def _carrier(span: trace.Span) -> dict[str, str]:
+    """The W3C trace headers that make Triton's spans children of `span`."""
+    carrier: dict[str, str] = {}
+    propagate.inject(carrier, context=trace.set_span_in_context(span))
+    return carrier
 
 
 class TritonHttpRunner:
@@ -305,33 +388,70 @@ class TritonHttpRunner:
         continues inside Triton (W3C `traceparent`). TritonError carries the gRPC code that
         Triton's gRPC endpoint answers for the same failure: UNAVAILABLE when Triton cannot
         be reached, DEADLINE_EXCEEDED when the time ran out."""
-        span = self._tracer.start_span(
-            "triton.infer",
-            kind=trace.SpanKind.CLIENT,
-            attributes={
-                "rpc.system": "http",
-                "server.address": self._address,
-                "model.name": model_name,
-                "model.version": int(version),
-            },
-        )
-        carrier: dict[str, str] = {}
-        propagate.inject(carrier, context=trace.set_span_in_context(span))
+        span = self._span(model_name, version, None, ())
         try:
-            request = encode_infer(model_name, version, inputs, output_names, carrier)
-            async with asyncio.timeout(timeout_s):
-                status, headers, body = await self._exchange(request)
+            request = encode_infer(model_name, version, inputs, output_names, _carrier(span))
+            status, headers, body = await self._call(request, timeout_s)
             return decode_infer(status, headers, body, output_names, model_name)
-        except TimeoutError:
-            span.set_status(trace.Status(trace.StatusCode.ERROR, "DEADLINE_EXCEEDED"))
-            raise TritonError(
-                f"triton did not answer within {timeout_s:.3f}s", "StatusCode.DEADLINE_EXCEEDED"
-            ) from None
         except TritonError as exc:
             span.set_status(trace.Status(trace.StatusCode.ERROR, str(exc.status)))
             raise
         finally:
             span.end()
+
+    async def infer_request(
+        self,
+        request: Any,
+        *,
+        timeout_s: float,
+        context: otel_context.Context | None = None,
+        links: Sequence[trace.Link] = (),
+    ) -> Any:
+        """`TritonRunner.infer_request` over HTTP: a ready-made `inference.ModelInferRequest`
+        (raw tensors) in, Triton's `ModelInferResponse` out, its raw tensors as they came. The
+        "triton.infer" span is a child of the current span (or of the one in `context`),
+        linked to `links`."""
+        span = self._span(request.model_name, request.model_version, context, links)
+        try:
+            data = encode_request(request, _carrier(span))
+            status, headers, body = await self._call(data, timeout_s)
+            return decode_response(status, headers, body, request)
+        except TritonError as exc:
+            span.set_status(trace.Status(trace.StatusCode.ERROR, str(exc.status)))
+            raise
+        finally:
+            span.end()
+
+    def _span(
+        self,
+        model_name: str,
+        version: int | str,
+        context: otel_context.Context | None,
+        links: Sequence[trace.Link],
+    ) -> trace.Span:
+        attributes: dict[str, Any] = {
+            "rpc.system": "http",
+            "server.address": self._address,
+            "model.name": model_name,
+        }
+        if str(version).isdigit():
+            attributes["model.version"] = int(version)
+        return self._tracer.start_span(
+            "triton.infer",
+            context=context,
+            kind=trace.SpanKind.CLIENT,
+            attributes=attributes,
+            links=links,
+        )
+
+    async def _call(self, data: bytes, timeout_s: float) -> tuple[int, dict[str, str], bytes]:
+        try:
+            async with asyncio.timeout(timeout_s):
+                return await self._exchange(data)
+        except TimeoutError:
+            raise TritonError(
+                f"triton did not answer within {timeout_s:.3f}s", "StatusCode.DEADLINE_EXCEEDED"
+            ) from None
 
     async def _exchange(self, request: bytes) -> tuple[int, dict[str, str], bytes]:
         """Sends the request on an idle connection (or a new one) and reads the answer. A kept

@@ -20,6 +20,10 @@ class InferenceSettings(ServiceSettings):
     """`local`: start tritonserver as a child process; `remote`: use `triton_url`."""
     triton_url: str = "127.0.0.1:8001"
     """Triton's gRPC endpoint in remote mode."""
+    triton_protocol: Literal["http", "grpc"] = "http"
+    """How `Infer` and the Open Inference Protocol facade send requests to Triton: over its
+    HTTP endpoint (binary tensors; when it is known: always in local mode, with
+    `triton_http_url` in remote mode) or over gRPC. Model control is always gRPC."""
     triton_http_url: str | None = None
     """Triton's HTTP endpoint (`host:port`) in remote mode, published with each READY version
     for the router's direct path (which prefers it); none: only the gRPC one is published."""

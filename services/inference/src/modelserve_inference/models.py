@@ -17,7 +17,7 @@ import structlog
 from opentelemetry import context as otel_context
 from opentelemetry import trace
 
-from modelserve_inference.coalesce import Coalescer
+from modelserve_inference.coalesce import Coalescer, TritonInfer
 from modelserve_inference.oip_requests import (
     arrays_from_response,
     check_request,
@@ -195,7 +195,10 @@ class ModelVersions:
         warmup_batch_sizes: Sequence[int] = (1,),
         reject_non_finite: bool = True,
         coalesce_in_flight: int = 1,
+        inference: TritonInfer | None = None,
     ) -> None:
+        """`inference` sends `Infer` and facade requests to Triton (its HTTP client, say);
+        by default `triton`, which also loads, unloads and warms versions."""
         self._source = source
         self._triton = triton
         self.triton_endpoint = triton_endpoint
@@ -212,7 +215,7 @@ class ModelVersions:
         self._warmup_batch_sizes = tuple(warmup_batch_sizes)
         self._reject_non_finite = reject_non_finite
         self._coalesce_in_flight = coalesce_in_flight
-        self._coalescer = Coalescer(triton)
+        self._coalescer = Coalescer(inference or triton)
         self._held: dict[str, HeldVersion] = {}
         self._model_locks: dict[str, asyncio.Lock] = {}
         self._configs: dict[str, ServingConfig] = {}

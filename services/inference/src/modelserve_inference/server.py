@@ -26,6 +26,7 @@ from modelserve_runtime.clients import RegistryClient
 from modelserve_runtime.discovery import create_discovery
 from modelserve_runtime.errors import UnavailableError
 from modelserve_runtime.server import GrpcServer, build_grpc_server, run_service
+from modelserve_triton.http import TritonHttpRunner
 from modelserve_triton.process import TritonOptions, TritonServer
 from modelserve_triton.runner import TritonError, TritonRunner
 
@@ -47,8 +48,10 @@ class InferenceApp:
         supervisor: TritonSupervisor,
         statistics: TritonStatistics,
         reconciler: Reconciler | None = None,
+        http_runner: TritonHttpRunner | None = None,
     ) -> None:
         self.runner = runner
+        self.http_runner = http_runner
         self.registry_channel = registry_channel
         self.triton = triton
         self.versions = versions
@@ -77,6 +80,8 @@ class InferenceApp:
         await self.statistics.close()
         await self.versions.close()
         await self.runner.close()
+        if self.http_runner is not None:
+            await self.http_runner.close()
         await self.registry_channel.close()
         if self.triton is not None:
             await self.triton.stop()
@@ -116,6 +121,11 @@ async def build_server(settings: InferenceSettings) -> tuple[GrpcServer, Inferen
         tls=settings.registry_tls,
     )
     runner = TritonRunner(triton_url)
+    http_runner = (
+        TritonHttpRunner(triton_http_url)
+        if settings.triton_protocol == "http" and triton_http_url
+        else None
+    )
     registry = RegistryClient(registry_channel)
     versions = ModelVersions(
         RegistryArtifactSource(registry),
@@ -133,6 +143,7 @@ async def build_server(settings: InferenceSettings) -> tuple[GrpcServer, Inferen
         warmup_batch_sizes=settings.warmup_batch_sizes,
         reject_non_finite=settings.reject_non_finite,
         coalesce_in_flight=settings.coalesce_in_flight,
+        inference=http_runner,
     )
 
     reconciler = (
@@ -189,7 +200,14 @@ async def build_server(settings: InferenceSettings) -> tuple[GrpcServer, Inferen
     if reconciler is not None:
         reconciler.start()
     app = InferenceApp(
-        runner, registry_channel, triton, versions, supervisor, statistics, reconciler
+        runner,
+        registry_channel,
+        triton,
+        versions,
+        supervisor,
+        statistics,
+        reconciler,
+        http_runner=http_runner,
     )
     return grpc_server, app
 
