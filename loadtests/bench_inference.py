@@ -82,15 +82,9 @@ async def serve_echo(interceptors: bool) -> None:
 
     configure_logging("bench-echo", "warning", "json")
     configure_tracing("bench-echo", None)
-    handler = grpc.method_handlers_generic_handler(
-        "bench.Echo", {"Echo": grpc.unary_unary_rpc_method_handler(_echo)}
+    await _serve_bytes(
+        "bench.Echo", "Echo", _echo, server_interceptors("bench") if interceptors else None
     )
-    server = grpc.aio.server(interceptors=server_interceptors("bench") if interceptors else None)
-    server.add_generic_rpc_handlers((handler,))
-    port = server.add_insecure_port("127.0.0.1:0")
-    await server.start()
-    print(port, flush=True)
-    await server.wait_for_termination()
 
 
 async def _echo(request: bytes, context: grpc.aio.ServicerContext[bytes, bytes]) -> bytes:
@@ -108,11 +102,21 @@ async def serve_proxy(triton: str) -> None:
         answer: bytes = await forward(request, timeout=context.time_remaining())
         return answer
 
+    await _serve_bytes("inference.GRPCInferenceService", "ModelInfer", model_infer, None)
+
+
+async def _serve_bytes(
+    service: str,
+    method: str,
+    answer: Callable[[bytes, grpc.aio.ServicerContext[bytes, bytes]], Awaitable[bytes]],
+    interceptors: Sequence[grpc.aio.ServerInterceptor] | None,
+) -> None:
+    """Serves one unary method on bytes (no (de)serialization) on a free port, printed on
+    stdout, until killed."""
     handler = grpc.method_handlers_generic_handler(
-        "inference.GRPCInferenceService",
-        {"ModelInfer": grpc.unary_unary_rpc_method_handler(model_infer)},
+        service, {method: grpc.unary_unary_rpc_method_handler(answer)}
     )
-    server = grpc.aio.server()
+    server = grpc.aio.server(interceptors=interceptors)
     server.add_generic_rpc_handlers((handler,))
     port = server.add_insecure_port("127.0.0.1:0")
     await server.start()

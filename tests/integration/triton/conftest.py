@@ -8,6 +8,7 @@ import pytest
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from opentelemetry.trace import Tracer
 from otlp_receiver import OtlpReceiver
 
 from modelserve_demo.fraud import TrainedModel, train
@@ -54,14 +55,18 @@ def client_spans() -> InMemorySpanExporter:
     return InMemorySpanExporter()
 
 
+def _tracer(spans: InMemorySpanExporter) -> Tracer:
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(spans))
+    return provider.get_tracer("tests")
+
+
 @pytest.fixture(scope="session")
 async def triton_runner(
     triton_server: TritonServer, client_spans: InMemorySpanExporter
 ) -> AsyncIterator[TritonRunner]:
     """A runner on the session's Triton whose spans go to `client_spans`."""
-    provider = TracerProvider()
-    provider.add_span_processor(SimpleSpanProcessor(client_spans))
-    runner = TritonRunner(triton_server.grpc_endpoint, tracer=provider.get_tracer("tests"))
+    runner = TritonRunner(triton_server.grpc_endpoint, tracer=_tracer(client_spans))
     yield runner
     await runner.close()
 
@@ -71,9 +76,7 @@ async def triton_http_runner(
     triton_server: TritonServer, client_spans: InMemorySpanExporter
 ) -> AsyncIterator[TritonHttpRunner]:
     """An HTTP runner on the session's Triton whose spans go to `client_spans`."""
-    provider = TracerProvider()
-    provider.add_span_processor(SimpleSpanProcessor(client_spans))
-    runner = TritonHttpRunner(triton_server.http_endpoint, tracer=provider.get_tracer("tests"))
+    runner = TritonHttpRunner(triton_server.http_endpoint, tracer=_tracer(client_spans))
     yield runner
     await runner.close()
 

@@ -4,7 +4,7 @@ router's ModelRunner interface (`y = x @ W`), whose calls a test can hold open."
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -168,6 +168,21 @@ async def test_inputs_without_a_shared_row_count_go_alone() -> None:
     assert out["y"].shape == (2, 2)
 
 
+def _arriving(runner: CoalescingRunner) -> Callable[[float], Awaitable[Any]]:
+    """A request for V1 as the predictor makes it, once it has entered `runner.upstream`:
+    done with its features, it leaves upstream and joins the lane, and is done after."""
+    upstream = runner.upstream
+
+    async def request(value: float) -> dict[str, npt.NDArray[Any]]:
+        upstream.leave(V1.model_version)
+        try:
+            return await runner.run(V1, rows(value), ["y"])
+        finally:
+            upstream.done(V1.model_version)
+
+    return request
+
+
 class TestBudget:
     """With a budget, an idle lane's first request waits for the requests the router already
     has for its version (counted by `Upstream` as the predictor enters, leaves and finishes
@@ -196,12 +211,7 @@ class TestBudget:
         for _ in range(3):
             upstream.enter(V1.model_version)
 
-        async def request(value: float) -> dict[str, npt.NDArray[Any]]:
-            upstream.leave(V1.model_version)
-            try:
-                return await runner.run(V1, rows(value), ["y"])
-            finally:
-                upstream.done(V1.model_version)
+        request = _arriving(runner)
 
         first = asyncio.create_task(request(1.0))
         await until(lambda: bool(runner._lanes))
@@ -264,12 +274,7 @@ class TestBudget:
         for _ in range(2):
             upstream.enter(V1.model_version)
 
-        async def request(value: float) -> dict[str, npt.NDArray[Any]]:
-            upstream.leave(V1.model_version)
-            try:
-                return await runner.run(V1, rows(value), ["y"])
-            finally:
-                upstream.done(V1.model_version)
+        request = _arriving(runner)
 
         first = asyncio.create_task(request(1.0))
         await until(lambda: bool(runner._lanes))
