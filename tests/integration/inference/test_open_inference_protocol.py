@@ -18,9 +18,26 @@ from tritonclient.grpc.aio import InferenceServerClient
 from tritonclient.utils import InferenceServerException
 
 from modelserve_demo import fraud
+from modelserve_inference.config import InferenceSettings
 from modelserve_runtime.errors import decode_rpc_error
 
 pytestmark = pytest.mark.triton
+
+
+@pytest.fixture(scope="module", params=["http", "grpc"])
+def inference_settings(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory, registry_target: str
+) -> InferenceSettings:
+    """A local-mode service sending requests to Triton over HTTP (the default) or gRPC:
+    every test of the facade runs over both."""
+    return InferenceSettings(
+        triton_mode="local",
+        triton_work_dir=tmp_path_factory.mktemp("triton"),
+        registry_target=registry_target,
+        triton_poll_interval_s=0.1,
+        triton_stats_interval_s=0.1,
+        triton_protocol=request.param,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -106,6 +123,19 @@ class TestHealthAndMetadata:
 
 
 class TestModelInfer:
+    async def test_requests_reach_triton_over_the_configured_protocol(
+        self, loaded: RunningInference, inference_settings: InferenceSettings
+    ) -> None:
+        """With HTTP the service holds an HTTP client on its Triton's HTTP endpoint; with
+        gRPC none, and requests share the model-control client."""
+        http = loaded.app.http_runner
+        if inference_settings.triton_protocol == "http":
+            assert http is not None
+            assert loaded.app.triton is not None
+            assert http.url == loaded.app.triton.http_endpoint
+        else:
+            assert http is None
+
     async def test_each_version_answers_as_onnxruntime(
         self, client: InferenceServerClient, fraud_models: dict[str, fraud.TrainedModel]
     ) -> None:

@@ -224,7 +224,7 @@ class TestBudget:
         assert inner.calls == [(V1.model_version, 3)]
         for value, answer in zip((1.0, 2.0, 3.0), answers, strict=True):
             np.testing.assert_allclose(answer["y"], rows(value)["x"] @ W)
-        assert upstream.coming(V1.model_version) == 0
+        assert upstream.expected(V1.model_version) == 3
 
     async def test_company_that_never_comes_costs_at_most_the_budget(self) -> None:
         """Two requests entered, one gave up before the model (a bad feature, say): the other

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+from pydantic import ValidationError
 
 from modelserve_router.config import RouterSettings
 from modelserve_router.limits import CallerRateLimits, InFlightLimit, Rate, TokenBucket
@@ -127,3 +128,18 @@ class TestSettings:
         assert not settings.rate_limits_in_use
         assert not settings.auth.enabled
         assert settings.circuit_breaker.enabled
+
+    def test_an_endpoint_budget_turns_on_per_endpoint_state_and_must_not_be_negative(
+        self,
+    ) -> None:
+        """An endpoint's own micro-batching budget alone makes the router keep per-endpoint
+        state (where the budget lives); a negative one is refused, naming the field."""
+        settings = RouterSettings.model_validate(
+            {"endpoints": {"fraud": {"coalesce_budget_ms": 5}}}
+        )
+        assert settings.endpoint("fraud").coalesce_budget_ms == 5
+        assert settings.endpoint("other").coalesce_budget_ms is None
+        assert settings.endpoint_limits_in_use
+
+        with pytest.raises(ValidationError, match="coalesce_budget_ms"):
+            RouterSettings.model_validate({"endpoints": {"fraud": {"coalesce_budget_ms": -1}}})

@@ -75,11 +75,26 @@ class ViewCatalog:
         self._epoch = _epoch(epoch)
         self._generation += 1
 
+    def cached_views(self, names: Sequence[str]) -> dict[str, FeatureView] | None:
+        """The named views as cached, or None when one is not cached (or nothing is loaded
+        yet): then `views` has to read Redis."""
+        if self._epoch is None:
+            return None
+        found: dict[str, FeatureView] = {}
+        for name in names:
+            view = self._views.get(name)
+            if view is None:
+                return None
+            found[name] = view
+        return found
+
     async def views(self, names: Sequence[str]) -> dict[str, FeatureView]:
         """The named views; reloads once for a name not cached; NotFoundError naming the first
         view that does not exist."""
-        if self._epoch is None or any(n not in self._views for n in names):
-            await self.load()
+        cached = self.cached_views(names)
+        if cached is not None:
+            return cached
+        await self.load()
         found: dict[str, FeatureView] = {}
         for name in names:
             view = self._views.get(name)

@@ -21,7 +21,6 @@ import json
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-import numpy as np
 import numpy.typing as npt
 from opentelemetry import context as otel_context
 from opentelemetry import propagate, trace
@@ -288,20 +287,16 @@ def _answer(
         name = output["name"]
         datatype = output["datatype"]
         shape = tuple(int(d) for d in output["shape"])
+        # Every output is asked for as binary data, which Triton always honours.
         size = (output.get("parameters") or {}).get("binary_data_size")
-        if size is not None:
-            raw = body[offset : offset + size]
-            offset += size
-            if len(raw) != size:
-                raise TritonError(f"model {model_name!r} answered output {name!r} cut short")
-        elif triton_to_np_dtype(datatype) is not None:
-            raw = encode_raw(
-                np.asarray(output.get("data", []), dtype=np.dtype(triton_to_np_dtype(datatype)))
-            )
-        else:
+        if size is None or triton_to_np_dtype(datatype) is None:
             raise TritonError(
-                f"model {model_name!r} returned output {name!r} of unknown type {datatype}"
+                f"model {model_name!r} answered output {name!r} ({datatype}) without binary data"
             )
+        raw = body[offset : offset + size]
+        offset += size
+        if len(raw) != size:
+            raise TritonError(f"model {model_name!r} answered output {name!r} cut short")
         outputs.append((name, datatype, shape, raw))
     return answer, outputs
 

@@ -1,20 +1,20 @@
 """Micro-batching on the router's hot path: concurrent model calls for one version become one
 batched call, and each caller gets its own rows back.
 
-In Python the per-request client work (building the request, one gRPC call, decoding the
+In Python the per-request client work (building the request, one call, decoding the
 answer) is what limits the router's throughput, not Triton. A `CoalescingRunner` wraps any
 `ModelRunner`. Calls for the same version, outputs and input layout queue in a lane; a lane
 sends what is waiting as soon as it has a free slot (`max_batches` calls in flight per lane),
 so a lone request goes out at once and concurrent ones ride together, as Triton's own
 batcher does with no queue delay.
 
-`budget_s` > 0 lets the first request of a batch, when its lane is idle, wait for company, but
-only company that is on its way: requests the router has already routed to the same version
-and that are still gathering their features (`Upstream` counts them). It goes as soon as none
-is left upstream, the batch is full, or `budget_s` has passed. A request alone in the router
-never waits; under load the requests in flight meet in one call. On this project's 2-core
-machine, with Triton's python backend, that took the router from about 2,000 to 2,900
-requests/s at concurrency 64 (loadtests/RESULTS.md).
+`budget_s` > 0 (or an endpoint's own budget) lets the first request of a batch, when its lane
+is idle, wait for company, but only as much as the router lately had: `Upstream` counts the
+requests each version has in the router, and the held request goes as soon as as many wait
+in the lane as the version's recent peak, or the batch is full, or the budget has passed.
+A request alone in the router never waits; under load the requests in flight meet in one
+call. On this project's 2-core machine, with Triton's python backend, a 5 ms budget took the
+router from about 2,000 to 3,000-3,500 requests/s at concurrency 64 (loadtests/RESULTS.md).
 
 A batch that fails because of an input (INVALID_ARGUMENT, from the runner or from Triton)
 is retried request by request, so a bad request fails alone; any other failure (Triton down,
@@ -53,11 +53,12 @@ _LaneKey = tuple[str, str, int, tuple[str, ...], tuple[tuple[str, str, tuple[int
 
 
 class Upstream:
-    """How many requests each model version has in the router, and how many of them have not
-    reached its model call yet: what tells a lane with a budget whether company is coming.
+    """How many requests each model version has in the router: what tells a lane with a budget
+    how much company to wait for.
 
     The predictor `enter`s a request when it starts building the version's input, `leave`s it
-    when it calls the model (or gives up before), and marks it `done` when the call is over.
+    when it calls the model (or gives up before; a held lane looks again then), and marks it
+    `done` when the call is over.
     `expected` is the most requests the version had in the router at once lately (this
     window of `WINDOW_S` and the one before): 1 for a lone caller, about the callers'
     concurrency under load.
@@ -66,16 +67,11 @@ class Upstream:
     WINDOW_S = 0.25
 
     def __init__(self) -> None:
-        self._coming: dict[str, int] = {}
         self._active: dict[str, int] = {}
         # Per version: (window start, peak in it, peak in the window before).
         self._peaks: dict[str, tuple[float, int, int]] = {}
         self._waiters: dict[str, list[asyncio.Future[None]]] = {}
         self._budgets: dict[str, float] = {}
-
-    def coming(self, model_version: str) -> int:
-        """Requests for the version upstream of its model call now."""
-        return self._coming.get(model_version, 0)
 
     def expected(self, model_version: str) -> int:
         """The most requests the version had in the router at once lately (at least 1)."""
@@ -102,7 +98,6 @@ class Upstream:
             self._budgets[model_version] = budget_s
         elif self._budgets:
             self._budgets.pop(model_version, None)
-        self._coming[model_version] = self._coming.get(model_version, 0) + 1
         active = self._active[model_version] = self._active.get(model_version, 0) + 1
         now = time.monotonic()
         start, peak, before = self._peaks.get(model_version, (now, 0, 0))
@@ -112,7 +107,6 @@ class Upstream:
         self._peaks[model_version] = (start, max(peak, active), before)
 
     def leave(self, model_version: str) -> None:
-        _decrement(self._coming, model_version)
         self.wake(model_version)
 
     def wake(self, model_version: str) -> None:
@@ -123,7 +117,11 @@ class Upstream:
                 waiter.set_result(None)
 
     def done(self, model_version: str) -> None:
-        _decrement(self._active, model_version)
+        left = self._active.get(model_version, 0) - 1
+        if left > 0:
+            self._active[model_version] = left
+        else:
+            self._active.pop(model_version, None)
 
     async def changed(self, model_version: str, timeout_s: float) -> None:
         """Returns when a request of the version leaves (reaches its model call or gives up)
@@ -136,14 +134,6 @@ class Upstream:
             await waiter
         finally:
             timer.cancel()
-
-
-def _decrement(counts: dict[str, int], key: str) -> None:
-    left = counts.get(key, 0) - 1
-    if left > 0:
-        counts[key] = left
-    else:
-        counts.pop(key, None)
 
 
 def _wake(waiter: asyncio.Future[None]) -> None:

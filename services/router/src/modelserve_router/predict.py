@@ -205,7 +205,7 @@ class Predictor:
         """`breakers`, `rate_limits` and `endpoint_settings` (caches and in-flight limits)
         are None when off, and then cost a request nothing. `precomputed` answers for
         deployments whose hybrid lookup is on; the others never touch it. `upstream` (with
-        micro-batching) learns which requests are on their way to each version's model."""
+        micro-batching) learns how many requests each version has in the router."""
         self._routes = routes
         self._features = features
         self._runner = runner
@@ -612,8 +612,8 @@ class Predictor:
         if upstream is None:
             prepared = await self._input(request, snapshot, model_version)
         else:
-            # On its way to the version's model while its features are read: a coalescing
-            # lane may wait for it (no await between leaving and joining the lane).
+            # Leaving wakes a lane held for company, which looks again once this request has
+            # joined it (no await between leaving and joining).
             try:
                 prepared = await self._input(request, snapshot, model_version)
             finally:

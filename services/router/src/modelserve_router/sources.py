@@ -117,21 +117,9 @@ class RedisFeatureReader:
 
     def __init__(self, store: OnlineStore) -> None:
         self._store = store
-        # By views asked for: the catalog generation they were read at, and their types. The
-        # store's own lookup times a Redis call even when nothing needs reading.
-        self._types: dict[tuple[str, ...], tuple[int, dict[str, str]]] = {}
 
     async def entity_types(self, views: Sequence[str]) -> dict[str, str]:
-        key = tuple(views)
-        catalog = self._store.catalog
-        known = self._types.get(key)
-        if known is not None and known[0] == catalog.generation:
-            return known[1]
-        types = {name: view.entity_type for name, view in (await self._store.views(views)).items()}
-        if len(self._types) >= 256:
-            self._types.clear()
-        self._types[key] = (catalog.generation, types)
-        return types
+        return {name: view.entity_type for name, view in (await self._store.views(views)).items()}
 
     async def read(
         self, entities: Mapping[str, str], refs: Sequence[FeatureRef]
