@@ -1,5 +1,6 @@
 """TritonHttpRunner against a real tritonserver: the same errors as the gRPC runner, deadlines,
-a Triton that cannot be reached, and its pool of kept-alive connections.
+a Triton that cannot be reached, its pool of kept-alive connections, and what it does when a
+connection is dropped under a request (through a fault-injecting proxy in front of Triton).
 
 What both runners share (answers, batching, NOT_FOUND, spans, the trace inside Triton) is
 tested for each in test_triton_server.py."""
@@ -7,7 +8,10 @@ tested for each in test_triton_server.py."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import socket
+from collections.abc import AsyncIterator, Callable
+from typing import Literal
 
 import numpy as np
 import pytest
@@ -173,6 +177,189 @@ class TestTritonHttpRunner:
 
         assert answer["probabilities"].shape == (1, 2)
         assert kept is not idle
+
+
+Action = Literal["forward", "drop", "half"]
+
+
+class _FaultyProxy:
+    """A TCP proxy in front of Triton's HTTP endpoint that misbehaves on cue.
+
+    It relays each request and its answer whole; `fault(connection, request)` (both counted
+    from 0 in arrival order) picks what happens to a request: `forward`; `drop`, the proxy
+    closes the connection the moment the request arrives, as a server that closed a kept
+    connection just as the request went out; `half`, it relays the request but only half of
+    Triton's answer, then closes. `seen` logs every request with what was done to it."""
+
+    def __init__(self, upstream: str, fault: Callable[[int, int], Action]) -> None:
+        self._upstream = upstream
+        self._fault = fault
+        self._connections = 0
+        self._server: asyncio.Server | None = None
+        self.seen: list[tuple[int, int, Action]] = []
+
+    @property
+    def address(self) -> str:
+        assert self._server is not None
+        port = self._server.sockets[0].getsockname()[1]
+        return f"127.0.0.1:{port}"
+
+    async def start(self) -> None:
+        self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+
+    async def close(self) -> None:
+        if self._server is not None:
+            self._server.close()
+            await self._server.wait_closed()
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        connection = self._connections
+        self._connections += 1
+        host, _, port = self._upstream.rpartition(":")
+        up_reader, up_writer = await asyncio.open_connection(host, int(port))
+        try:
+            for index in range(1_000):
+                try:
+                    request = await _http_message(reader)
+                except asyncio.IncompleteReadError:
+                    return  # the client closed the connection
+                action = self._fault(connection, index)
+                self.seen.append((connection, index, action))
+                if action == "drop":
+                    return
+                up_writer.write(request)
+                answer = await _http_message(up_reader)
+                if action == "half":
+                    writer.write(answer[: len(answer) // 2])
+                    await writer.drain()
+                    return
+                writer.write(answer)
+                await writer.drain()
+        finally:
+            for w in (writer, up_writer):
+                w.close()
+                with contextlib.suppress(ConnectionError):
+                    await w.wait_closed()
+
+
+async def _http_message(reader: asyncio.StreamReader) -> bytes:
+    """One HTTP/1.1 request or response with a Content-Length, as the bytes it came in."""
+    head = await reader.readuntil(b"\r\n\r\n")
+    length = 0
+    for line in head.split(b"\r\n")[1:]:
+        name, _, value = line.partition(b":")
+        if name.strip().lower() == b"content-length":
+            length = int(value)
+    return head + await reader.readexactly(length)
+
+
+@contextlib.asynccontextmanager
+async def _through_proxy(
+    triton_server: TritonServer, fault: Callable[[int, int], Action]
+) -> AsyncIterator[tuple[_FaultyProxy, TritonHttpRunner]]:
+    proxy = _FaultyProxy(triton_server.http_endpoint, fault)
+    await proxy.start()
+    runner = TritonHttpRunner(proxy.address)
+    try:
+        yield proxy, runner
+    finally:
+        await runner.close()
+        await proxy.close()
+
+
+class TestDroppedConnections:
+    """A kept connection can die at the very moment a request goes out on it: the server (or a
+    proxy, or a load balancer) closed it as idle while the request was on the wire. The
+    request never reached Triton, so it is sent once more on a new connection. Anything
+    else (a new connection dropped, a second drop, a half-given answer) is UNAVAILABLE and
+    the request is not sent again. A retry happens inside the call, so once a call has
+    failed, the proxy's log holds every attempt it made."""
+
+    async def test_a_kept_connection_dropped_as_the_request_went_out_is_retried_once(
+        self,
+        triton_runner: TritonRunner,
+        triton_server: TritonServer,
+        fraud_model: dict[int, TrainedModel],
+    ) -> None:
+        features, _ = make_dataset(1, seed=28)
+        expected = await triton_runner.infer(
+            FRAUD, 1, {"features": features}, OUTPUTS, timeout_s=10
+        )
+
+        def fault(connection: int, request: int) -> Action:
+            return "drop" if (connection, request) == (0, 1) else "forward"
+
+        async with _through_proxy(triton_server, fault) as (proxy, runner):
+            await runner.infer(FRAUD, 1, {"features": features}, OUTPUTS, timeout_s=10)
+            answer = await runner.infer(FRAUD, 1, {"features": features}, OUTPUTS, timeout_s=10)
+
+        assert proxy.seen == [(0, 0, "forward"), (0, 1, "drop"), (1, 0, "forward")]
+        np.testing.assert_allclose(
+            answer["probabilities"], expected["probabilities"], rtol=0, atol=1e-6
+        )
+
+    async def test_a_second_drop_is_unavailable_and_not_tried_again(
+        self,
+        triton_runner: TritonRunner,
+        triton_server: TritonServer,
+        fraud_model: dict[int, TrainedModel],
+    ) -> None:
+        features, _ = make_dataset(1, seed=29)
+
+        def fault(connection: int, request: int) -> Action:
+            return "forward" if (connection, request) == (0, 0) else "drop"
+
+        async with _through_proxy(triton_server, fault) as (proxy, runner):
+            await runner.infer(FRAUD, 1, {"features": features}, OUTPUTS, timeout_s=10)
+            with pytest.raises(TritonError) as raised:
+                await runner.infer(FRAUD, 1, {"features": features}, OUTPUTS, timeout_s=10)
+
+        assert raised.value.status == "StatusCode.UNAVAILABLE"
+        assert "closed the connection" in raised.value.message
+        assert proxy.seen == [(0, 0, "forward"), (0, 1, "drop"), (1, 0, "drop")]
+
+    async def test_a_new_connection_dropped_is_not_tried_again(
+        self,
+        triton_runner: TritonRunner,
+        triton_server: TritonServer,
+        fraud_model: dict[int, TrainedModel],
+    ) -> None:
+        """A connection that never answered before gives no sign the request was lost to an
+        idle timeout: the request is not sent twice."""
+        features, _ = make_dataset(1, seed=30)
+
+        def fault(connection: int, request: int) -> Action:
+            return "drop"
+
+        async with _through_proxy(triton_server, fault) as (proxy, runner):
+            with pytest.raises(TritonError) as raised:
+                await runner.infer(FRAUD, 1, {"features": features}, OUTPUTS, timeout_s=10)
+
+        assert raised.value.status == "StatusCode.UNAVAILABLE"
+        assert proxy.seen == [(0, 0, "drop")]
+
+    async def test_a_half_given_answer_is_unavailable_and_not_sent_again(
+        self,
+        triton_runner: TritonRunner,
+        triton_server: TritonServer,
+        fraud_model: dict[int, TrainedModel],
+    ) -> None:
+        """Triton saw the request and began to answer: sending it again could run it twice."""
+        features, _ = make_dataset(1, seed=31)
+
+        def fault(connection: int, request: int) -> Action:
+            return "half" if (connection, request) == (0, 1) else "forward"
+
+        async with _through_proxy(triton_server, fault) as (proxy, runner):
+            await runner.infer(FRAUD, 1, {"features": features}, OUTPUTS, timeout_s=10)
+            with pytest.raises(TritonError) as raised:
+                await runner.infer(FRAUD, 1, {"features": features}, OUTPUTS, timeout_s=10)
+            # The runner is still good for the next call, on a new connection.
+            answer = await runner.infer(FRAUD, 1, {"features": features}, OUTPUTS, timeout_s=10)
+
+        assert raised.value.status == "StatusCode.UNAVAILABLE"
+        assert proxy.seen == [(0, 0, "forward"), (0, 1, "half"), (1, 0, "forward")]
+        assert answer["probabilities"].shape == (1, 2)
 
 
 class TestModelInferRequestOverHttp:
