@@ -11,7 +11,7 @@ import numpy as np
 import numpy.typing as npt
 import pytest
 
-from modelserve_router.coalesce import CoalescingRunner
+from modelserve_router.coalesce import ENDPOINT_BUDGET, CoalescingRunner
 from modelserve_router.routing import ServedVersion
 from modelserve_runtime.errors import UnavailableError
 
@@ -183,6 +183,17 @@ def _arriving(runner: CoalescingRunner) -> Callable[[float], Awaitable[Any]]:
     return request
 
 
+def _calling(
+    runner: CoalescingRunner, budget_s: float | None, value: float
+) -> asyncio.Task[dict[str, npt.NDArray[Any]]]:
+    """A call for V1 as the predictor makes it for an endpoint with `budget_s` of its own."""
+    token = ENDPOINT_BUDGET.set(budget_s)
+    try:
+        return asyncio.create_task(runner.run(V1, rows(value), ["y"]))
+    finally:
+        ENDPOINT_BUDGET.reset(token)
+
+
 class TestBudget:
     """With a budget, an idle lane's first request waits for the requests the router already
     has for its version (counted by `Upstream` as the predictor enters, leaves and finishes
@@ -243,27 +254,35 @@ class TestBudget:
         np.testing.assert_allclose(out["y"], rows(4.0)["x"] @ W)
         assert inner.calls == [(V1.model_version, 1)]
 
-    async def test_an_endpoint_budget_applies_to_its_versions(self) -> None:
-        """With no router-wide budget, a version whose requests came with their endpoint's
-        budget waits for company; once a request without one enters, it no longer does."""
+    async def test_an_endpoint_budget_holds_its_own_requests_only(self) -> None:
+        """Two endpoints on one version, one with a budget of its own and one without: the
+        first's request is held for its endpoint's company, while the other's goes at once,
+        neither joining the held call nor counted as company for it."""
         inner = MatMulRunner()
         runner = CoalescingRunner(inner)
         upstream = runner.upstream
         upstream.enter(V1.model_version, 3600.0)
         upstream.enter(V1.model_version, 3600.0)
-        upstream.leave(V1.model_version)
-
-        first = asyncio.create_task(runner.run(V1, rows(1.0), ["y"]))
+        upstream.leave(V1.model_version, 3600.0)
+        held = _calling(runner, 3600.0, 1.0)
         await until(lambda: bool(runner._lanes))
-        await until(lambda: first.done() or inner.calls == [])
-        assert inner.calls == []
-        upstream.leave(V1.model_version)
-        await asyncio.wait_for(runner.run(V1, rows(2.0), ["y"]), 5)
-        await asyncio.wait_for(first, 5)
-        assert inner.calls == [(V1.model_version, 2)]
 
         upstream.enter(V1.model_version)
-        assert upstream.budget(V1.model_version, 0.0) == 0.0
+        upstream.leave(V1.model_version)
+        alone = await asyncio.wait_for(_calling(runner, None, 2.0), 5)
+        upstream.done(V1.model_version)
+        assert inner.calls == [(V1.model_version, 1)]
+        np.testing.assert_allclose(alone["y"], rows(2.0)["x"] @ W)
+        assert not held.done()
+        assert upstream.expected(V1.model_version, 3600.0) == 2
+        assert upstream.expected(V1.model_version) == 1
+
+        upstream.leave(V1.model_version, 3600.0)
+        company = await asyncio.wait_for(_calling(runner, 3600.0, 3.0), 5)
+        first = await asyncio.wait_for(held, 5)
+        assert inner.calls == [(V1.model_version, 1), (V1.model_version, 2)]
+        np.testing.assert_allclose(first["y"], rows(1.0)["x"] @ W)
+        np.testing.assert_allclose(company["y"], rows(3.0)["x"] @ W)
 
     async def test_company_joins_the_held_call_even_with_slots_free(self) -> None:
         """With two calls allowed in flight, the request that arrives while the first is held

@@ -13,7 +13,9 @@ is idle, wait for company, but only as much as the router lately had: `Upstream`
 requests each version has in the router, and the held request goes as soon as as many wait
 in the lane as the version's recent peak, or the batch is full, or the budget has passed.
 A request alone in the router never waits; under load the requests in flight meet in one
-call. On this project's 2-core machine, with Triton's python backend, a 5 ms budget took the
+call. An endpoint's own budget (set by the predictor in `ENDPOINT_BUDGET` around its model
+call) holds for its requests only: requests of endpoints with different budgets ride in lanes
+of their own, even for one version, and each lane counts its own company. On this project's 2-core machine, with Triton's python backend, a 5 ms budget took the
 router from about 2,000 to 3,000-3,500 requests/s at concurrency 64 (loadtests/RESULTS.md).
 
 A batch that fails because of an input (INVALID_ARGUMENT, from the runner or from Triton)
@@ -29,6 +31,7 @@ import contextlib
 import time
 from collections import deque
 from collections.abc import Mapping, Sequence
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -49,7 +52,15 @@ BATCH_REQUESTS = Histogram(
     buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256),
 )
 
-_LaneKey = tuple[str, str, int, tuple[str, ...], tuple[tuple[str, str, tuple[int, ...]], ...]]
+ENDPOINT_BUDGET: ContextVar[float | None] = ContextVar("modelserve_coalesce_budget_s", default=None)
+"""The micro-batching budget (seconds) of the endpoint whose request is calling the model, when
+it has one of its own; None: the runner's `budget_s`."""
+
+_LaneKey = tuple[
+    str, float | None, str, int, tuple[str, ...], tuple[tuple[str, str, tuple[int, ...]], ...]
+]
+_Group = tuple[str, float | None]
+"""Requests that may ride together: (model version, their endpoint's own budget or None)."""
 
 
 class Upstream:
@@ -58,7 +69,8 @@ class Upstream:
 
     The predictor `enter`s a request when it starts building the version's input, `leave`s it
     when it calls the model (or gives up before; a held lane looks again then), and marks it
-    `done` when the call is over.
+    `done` when the call is over; each with its endpoint's own budget (None when it has none),
+    so that requests of endpoints with different budgets are counted apart.
     `expected` is the most requests the version had in the router at once lately (this
     window of `WINDOW_S` and the one before): 1 for a lone caller, about the callers'
     concurrency under load.
@@ -67,68 +79,64 @@ class Upstream:
     WINDOW_S = 0.25
 
     def __init__(self) -> None:
-        self._active: dict[str, int] = {}
-        # Per version: (window start, peak in it, peak in the window before).
-        self._peaks: dict[str, tuple[float, int, int]] = {}
-        self._waiters: dict[str, list[asyncio.Future[None]]] = {}
-        self._budgets: dict[str, float] = {}
+        self._active: dict[_Group, int] = {}
+        # Per group: (window start, peak in it, peak in the window before).
+        self._peaks: dict[_Group, tuple[float, int, int]] = {}
+        self._waiters: dict[_Group, list[asyncio.Future[None]]] = {}
 
-    def expected(self, model_version: str) -> int:
-        """The most requests the version had in the router at once lately (at least 1)."""
-        peaks = self._peaks.get(model_version)
+    def expected(self, model_version: str, budget_s: float | None = None) -> int:
+        """The most requests the version had in the router at once lately (at least 1), among
+        those whose endpoint has the budget `budget_s` of its own (None: none)."""
+        group = (model_version, budget_s)
+        peaks = self._peaks.get(group)
         if peaks is None:
             return 1
         start, peak, before = peaks
         now = time.monotonic()
         if now - start >= 2 * self.WINDOW_S:
-            return max(1, self._active.get(model_version, 0))
+            return max(1, self._active.get(group, 0))
         if now - start >= self.WINDOW_S:
             return max(1, peak)
         return max(1, peak, before)
 
-    def budget(self, model_version: str, default_s: float) -> float:
-        """The budget of the endpoint whose request last entered for the version, if it has
-        one of its own; else `default_s`."""
-        return self._budgets.get(model_version, default_s)
-
     def enter(self, model_version: str, budget_s: float | None = None) -> None:
         """A request for the version starts building its input; `budget_s`: its endpoint's
         own micro-batching budget, if any."""
-        if budget_s is not None:
-            self._budgets[model_version] = budget_s
-        elif self._budgets:
-            self._budgets.pop(model_version, None)
-        active = self._active[model_version] = self._active.get(model_version, 0) + 1
+        group = (model_version, budget_s)
+        active = self._active[group] = self._active.get(group, 0) + 1
         now = time.monotonic()
-        start, peak, before = self._peaks.get(model_version, (now, 0, 0))
+        start, peak, before = self._peaks.get(group, (now, 0, 0))
         if now - start >= self.WINDOW_S:
             before = peak if now - start < 2 * self.WINDOW_S else 0
             start, peak = now, 0
-        self._peaks[model_version] = (start, max(peak, active), before)
+        self._peaks[group] = (start, max(peak, active), before)
 
-    def leave(self, model_version: str) -> None:
-        self.wake(model_version)
+    def leave(self, model_version: str, budget_s: float | None = None) -> None:
+        self.wake(model_version, budget_s)
 
-    def wake(self, model_version: str) -> None:
-        """Wakes whatever waits in `changed` for the version (a request left, or joined a
-        lane)."""
-        for waiter in self._waiters.pop(model_version, ()):
+    def wake(self, model_version: str, budget_s: float | None = None) -> None:
+        """Wakes whatever waits in `changed` for the version and budget (a request left, or
+        joined a lane)."""
+        for waiter in self._waiters.pop((model_version, budget_s), ()):
             if not waiter.done():
                 waiter.set_result(None)
 
-    def done(self, model_version: str) -> None:
-        left = self._active.get(model_version, 0) - 1
+    def done(self, model_version: str, budget_s: float | None = None) -> None:
+        group = (model_version, budget_s)
+        left = self._active.get(group, 0) - 1
         if left > 0:
-            self._active[model_version] = left
+            self._active[group] = left
         else:
-            self._active.pop(model_version, None)
+            self._active.pop(group, None)
 
-    async def changed(self, model_version: str, timeout_s: float) -> None:
-        """Returns when a request of the version leaves (reaches its model call or gives up)
-        or joins a lane, or after `timeout_s`."""
+    async def changed(
+        self, model_version: str, timeout_s: float, budget_s: float | None = None
+    ) -> None:
+        """Returns when a request of the version and budget leaves (reaches its model call or
+        gives up) or joins a lane, or after `timeout_s`."""
         loop = asyncio.get_running_loop()
         waiter: asyncio.Future[None] = loop.create_future()
-        self._waiters.setdefault(model_version, []).append(waiter)
+        self._waiters.setdefault((model_version, budget_s), []).append(waiter)
         timer = loop.call_later(timeout_s, _wake, waiter)
         try:
             await waiter
@@ -151,6 +159,8 @@ class _Call:
 @dataclass(slots=True)
 class _Lane:
     version: ServedVersion
+    budget_s: float | None
+    """Its requests' endpoint budget (None: the runner's)."""
     output_names: tuple[str, ...]
     waiting: deque[_Call] = field(default_factory=deque)
     in_flight: int = 0
@@ -199,8 +209,10 @@ class CoalescingRunner:
             # Inputs without one shared row count cannot be stacked; a call larger than a
             # batch goes alone.
             return await self._inner.run(version, inputs, output_names)
+        budget_s = ENDPOINT_BUDGET.get()
         key: _LaneKey = (
             version.model_version,
+            budget_s,
             version.triton_endpoint,
             version.triton_model_version,
             tuple(output_names),
@@ -211,12 +223,12 @@ class CoalescingRunner:
         )
         lane = self._lanes.get(key)
         if lane is None:
-            lane = self._lanes[key] = _Lane(version, tuple(output_names))
+            lane = self._lanes[key] = _Lane(version, budget_s, tuple(output_names))
         future: asyncio.Future[Arrays] = asyncio.get_running_loop().create_future()
         lane.waiting.append(_Call(inputs, rows, future))
         if lane.gathering:
             # Company for the held call: it rides along, and the holder counts again.
-            self.upstream.wake(version.model_version)
+            self.upstream.wake(version.model_version, budget_s)
         elif lane.in_flight < self._max_batches:
             self._dispatch(key, lane)
         return await future
@@ -237,7 +249,7 @@ class CoalescingRunner:
 
     async def _drain(self, key: _LaneKey, lane: _Lane) -> None:
         try:
-            budget_s = self.upstream.budget(lane.version.model_version, self._budget_s)
+            budget_s = self._budget_s if lane.budget_s is None else lane.budget_s
             if budget_s > 0 and lane.in_flight == 1:
                 lane.gathering = True
                 try:
@@ -259,12 +271,12 @@ class CoalescingRunner:
         loop = asyncio.get_running_loop()
         until = loop.time() + budget_s
         model_version = lane.version.model_version
-        target = min(self.upstream.expected(model_version), self._max_rows)
+        target = min(self.upstream.expected(model_version, lane.budget_s), self._max_rows)
         while len(lane.waiting) < target and sum(c.rows for c in lane.waiting) < self._max_rows:
             left = until - loop.time()
             if left <= 0:
                 return
-            await self.upstream.changed(model_version, left)
+            await self.upstream.changed(model_version, left, lane.budget_s)
 
     def _take(self, lane: _Lane) -> list[_Call]:
         batch: list[_Call] = []

@@ -28,7 +28,7 @@ from modelserve_router.breaker import (
     counts_against_version,
 )
 from modelserve_router.cache import CacheKey, PredictionCache, cache_key
-from modelserve_router.coalesce import Upstream
+from modelserve_router.coalesce import ENDPOINT_BUDGET, Upstream
 from modelserve_router.config import EndpointSettings
 from modelserve_router.hybrid import PrecomputedLookup
 from modelserve_router.limits import CallerRateLimits, InFlightLimit
@@ -590,12 +590,15 @@ class Predictor:
         if upstream is None:
             return await self._model(request, snapshot, served, reason, request_id, cached)
         upstream.enter(model_version, budget_s)
+        # The coalescer reads the endpoint's budget from the context of the model call.
+        token = ENDPOINT_BUDGET.set(budget_s)
         try:
             return await self._model(
-                request, snapshot, served, reason, request_id, cached, upstream
+                request, snapshot, served, reason, request_id, cached, upstream, budget_s
             )
         finally:
-            upstream.done(model_version)
+            ENDPOINT_BUDGET.reset(token)
+            upstream.done(model_version, budget_s)
 
     async def _model(
         self,
@@ -606,6 +609,7 @@ class Predictor:
         request_id: str,
         cached: _CacheUse | None,
         upstream: Upstream | None = None,
+        budget_s: float | None = None,
     ) -> PredictionResult:
         """`_run`'s work once the version is READY: its input, then the cache or the model."""
         model_version = served.model_version
@@ -617,7 +621,7 @@ class Predictor:
             try:
                 prepared = await self._input(request, snapshot, model_version)
             finally:
-                upstream.leave(model_version)
+                upstream.leave(model_version, budget_s)
         plan, inputs, values = prepared.plan, prepared.inputs, prepared.values
         missing, statuses = prepared.missing, prepared.statuses
         if cached is not None:
