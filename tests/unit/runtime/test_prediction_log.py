@@ -166,6 +166,34 @@ class TestRedisOutage:
         finally:
             await client.aclose()
 
+    async def test_a_full_redis_refuses_records_counted_and_taking_them_again_once_freed(
+        self, own_redis: RedisProcess
+    ) -> None:
+        """Redis at its `maxmemory` with `noeviction` answers XADD with OOM: those records are
+        dropped, counted and logged (not held: a full Redis does not drain by waiting), the
+        router goes on, and records are written again once memory is freed."""
+        client = aioredis.Redis.from_url(own_redis.url)
+        writer = PredictionLogWriter(client, retry_initial_s=0.01, retry_max_s=0.05)
+        try:
+            await client.set("ballast", b"x" * 4_000_000)
+            used = int((await client.info("memory"))["used_memory"])
+            await client.config_set("maxmemory-policy", "noeviction")
+            await client.config_set("maxmemory", str(used))
+            with capture_logs() as logs:
+                for i in range(5):
+                    writer.append(_record(f"r-{i}"))
+                await writer.flush()
+                assert writer.dropped == 5 and writer.written == 0 and writer.buffered == 0
+                await client.delete("ballast")
+                writer.append(_record("r-after"))
+                await writer.flush()
+            drops = [e for e in logs if e["event"] == "prediction_log_dropped"]
+            assert drops and drops[0]["reason"] == "refused" and "maxmemory" in drops[0]["error"]
+            entries = await client.xrange(DEFAULT_STREAM)
+            assert [decode_record(fields).request_id for _, fields in entries] == ["r-after"]
+        finally:
+            await client.aclose()
+
     async def test_close_gives_up_after_its_timeout_and_counts_the_rest(
         self, own_redis: RedisProcess
     ) -> None:
