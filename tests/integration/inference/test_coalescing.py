@@ -70,8 +70,20 @@ def inference_settings(
 
 @pytest.fixture(scope="module")
 async def held(inference_service: RunningInference) -> HeldVersion:
-    """Version 1 loaded, READY."""
+    """Version 1 loaded, READY, and its warmup request counted by Triton. Triton counts a
+    request in its statistics a moment after answering it: a test that reads the counters
+    before and after its own calls must not see the warmup land in between (on a busy
+    machine it did, as a third call)."""
     await load(inference_service.stub, V1)
+    runner = TritonRunner(inference_service.app.versions.triton_endpoint)
+
+    async def warmup_counted() -> bool:
+        return (await _triton_counts(runner))[0] >= 1
+
+    try:
+        await eventually(warmup_counted, "the warmup request counted by Triton")
+    finally:
+        await runner.close()
     return inference_service.app.versions.get(V1)
 
 
