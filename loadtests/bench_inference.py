@@ -6,11 +6,15 @@ servers in their own processes, then for each concurrency drives one-row request
 each path for a fixed time and prints p50/p95/p99 latency, throughput, the CPU each request
 cost the serving processes, and the ratios the inference issue sets targets on:
 
-- triton direct: `tritonclient.grpc.aio` straight to Triton (the router's direct path);
+- triton direct: `tritonclient.grpc.aio` straight to Triton, as any Triton client calls it;
 - OIP facade: the same client code pointed at the inference service;
 - service Infer: `InferenceService.Infer` with the project's own tensors;
 - echo (bare hop): a grpc.aio server answering the OIP request's bytes: the cost of one
   Python gRPC hop with no work in it;
+- bare proxy (gRPC to Triton), bare proxy (HTTP to Triton): a grpc.aio server whose ModelInfer
+  forwards the request's bytes to Triton over gRPC, or parses it and sends it over HTTP with
+  the service's own client, with no checks, interceptors or tracing: the floor under any
+  Python facade of Triton, for each way of calling it;
 - echo + interceptors: the same server behind the project's standard server interceptors
   (tracing, request context, logs and metrics, error status), which every service runs: the
   floor under any handler of ours.
@@ -55,6 +59,7 @@ from modelserve_demo import fraud
 from modelserve_runtime.channels import create_channel
 from modelserve_runtime.clients import RegistryAdminClient
 from modelserve_runtime.convert import TRITON_NAMES, numpy_to_tensor
+from modelserve_triton.http import TritonHttpRunner
 from modelserve_triton.model_config import build_model_config, model_files
 from modelserve_triton.runner import TritonRunner
 
@@ -68,7 +73,8 @@ FACADE = "OIP facade"
 INFER = "service Infer"
 ECHO = "echo (bare hop)"
 ECHO_INTERCEPTED = "echo + interceptors"
-PROXY = "bare proxy"
+PROXY = "bare proxy (gRPC to Triton)"
+PROXY_HTTP = "bare proxy (HTTP to Triton)"
 DIRECT_UNBATCHED = "triton direct, dynamic batching off"
 FACADE_UNCOALESCED = "OIP facade, coalescing off"
 
@@ -101,6 +107,23 @@ async def serve_proxy(triton: str) -> None:
     async def model_infer(request: bytes, context: grpc.aio.ServicerContext[bytes, bytes]) -> bytes:
         answer: bytes = await forward(request, timeout=context.time_remaining())
         return answer
+
+    await _serve_bytes("inference.GRPCInferenceService", "ModelInfer", model_infer, None)
+
+
+async def serve_proxy_http(triton_http: str) -> None:
+    """The least a facade that calls Triton over HTTP, as inference does, can do: ModelInfer
+    parsed and sent to Triton's HTTP endpoint by `TritonHttpRunner` (the service's own client),
+    Triton's answer returned, with no checks, interceptors or tracing; prints its port."""
+    runner = TritonHttpRunner(triton_http)
+
+    async def model_infer(request: bytes, context: grpc.aio.ServicerContext[bytes, bytes]) -> bytes:
+        remaining = context.time_remaining()
+        answer = await runner.infer_request(
+            service_pb2.ModelInferRequest.FromString(request),
+            timeout_s=60.0 if remaining is None else remaining,
+        )
+        return bytes(answer.SerializeToString())
 
     await _serve_bytes("inference.GRPCInferenceService", "ModelInfer", model_infer, None)
 
@@ -176,9 +199,11 @@ async def _load_unbatched(triton_endpoint: str, trained: fraud.TrainedModel) -> 
 
 
 async def _start_echo(
-    interceptors: bool, proxy_to: str | None = None
+    interceptors: bool, proxy_to: str | None = None, http_proxy_to: str | None = None
 ) -> tuple[asyncio.subprocess.Process, str]:
-    if proxy_to is not None:
+    if http_proxy_to is not None:
+        args = ["--serve-proxy-http", http_proxy_to]
+    elif proxy_to is not None:
         args = ["--serve-proxy", proxy_to]
     else:
         args = ["--serve-echo", *(["--with-interceptors"] if interceptors else [])]
@@ -274,6 +299,7 @@ async def main(args: argparse.Namespace) -> None:
         loaded = await _load(stack.targets["inference"], v1)
         await _load_unbatched(loaded.triton_endpoint, models[0])
         echoes.append(await _start_echo(False, proxy_to=loaded.triton_endpoint))
+        echoes.append(await _start_echo(False, http_proxy_to=loaded.triton_http_endpoint))
         # A second inference service on the same Triton, coalescing off, for the batching gain.
         second = Stack(
             StackOptions(
@@ -358,6 +384,7 @@ async def _drive_all(
     echo_channels = [grpc.aio.insecure_channel(target) for target in echo_targets]
     echo, echo_intercepted = (channel.unary_unary(_ECHO_METHOD) for channel in echo_channels[:2])
     proxy = InferenceServerClient(echo_targets[2])
+    proxy_http = InferenceServerClient(echo_targets[3])
     inference = [psutil.Process(stack.processes["inference"].pid)]
 
     def oip(client: InferenceServerClient, model: str) -> Callable[[int], Awaitable[object]]:
@@ -376,6 +403,7 @@ async def _drive_all(
             [psutil.Process(echo_pids[1])],
         ),
         Route(PROXY, oip(proxy, "fraud"), [psutil.Process(echo_pids[2])]),
+        Route(PROXY_HTTP, oip(proxy_http, "fraud"), [psutil.Process(echo_pids[3])]),
     ]
     last = [
         Route(DIRECT_UNBATCHED, oip(direct, _UNBATCHED), None),
@@ -392,7 +420,7 @@ async def _drive_all(
             for path in [*paths, *extra]:
                 measured.append(await _measure(path, concurrency, args.duration, triton_processes))
     finally:
-        for client in (direct, facade, uncoalesced, proxy):
+        for client in (direct, facade, uncoalesced, proxy, proxy_http):
             await client.close()
         await service_channel.close()
         for channel in echo_channels:
@@ -420,14 +448,14 @@ def _print(measured: list[Measured], firsts: list[float], args: argparse.Namespa
     for c in args.concurrency:
         direct, echo = by[(DIRECT, c)], by[(ECHO, c)]
         hop = echo.percentile(50)
-        for name in (FACADE, INFER, PROXY, ECHO_INTERCEPTED):
+        for name in (FACADE, INFER, PROXY, PROXY_HTTP, ECHO_INTERCEPTED):
             front = by[(name, c)]
             base = direct if name != ECHO_INTERCEPTED else echo
             added = front.percentile(50) - base.percentile(50)
             over = "direct" if name != ECHO_INTERCEPTED else "echo"
             target = " (target ≤ 1.2)" if name == FACADE else ""
             print(f"| {name}: p50 - {over} p50, in bare hops{target} | {c} | {added / hop:.2f} |")
-        for name in (FACADE, INFER, PROXY, ECHO_INTERCEPTED):
+        for name in (FACADE, INFER, PROXY, PROXY_HTTP, ECHO_INTERCEPTED):
             target = " (target ≥ 0.8 at the top)" if name == FACADE else ""
             ratio = by[(name, c)].rps / echo.rps
             print(f"| {name}: req/s / echo req/s{target} | {c} | {ratio:.2f} |")
@@ -463,8 +491,11 @@ if __name__ == "__main__":
     parser.add_argument("--serve-echo", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--with-interceptors", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--serve-proxy", metavar="TRITON", help=argparse.SUPPRESS)
+    parser.add_argument("--serve-proxy-http", metavar="TRITON_HTTP", help=argparse.SUPPRESS)
     arguments = parser.parse_args()
-    if arguments.serve_proxy:
+    if arguments.serve_proxy_http:
+        uvloop.run(serve_proxy_http(arguments.serve_proxy_http))
+    elif arguments.serve_proxy:
         uvloop.run(serve_proxy(arguments.serve_proxy))
     elif arguments.serve_echo:
         uvloop.run(serve_echo(arguments.with_interceptors))
