@@ -17,6 +17,10 @@ they never compete for the CPU), it drives for `--duration` seconds after a warm
   pipeline for 10): the floor, with no decoding;
 - echo (bare hop): a grpc.aio server whose one method answers the request's bytes, i.e. one
   Python gRPC hop with no work: the ceiling of a Python gRPC service on this machine;
+- bare Redis proxy: a grpc.aio server whose GetOnlineFeatures parses the request, reads each
+  entity's hash (HGETALL, one pipeline for 10) and answers the stored bytes as they are, with
+  no decoding, checks, protobuf answer, interceptors or tracing: the floor under any Python
+  feature service that reads Redis, on this machine;
 - feast SDK: `FeatureStore.get_online_features_async(...).to_dict()` in the driver's own
   event loop (`--feast-mode threads`: the synchronous call from that many threads).
 
@@ -71,6 +75,8 @@ FEATURES: tuple[tuple[str, str], ...] = (
 REFS = [f"{VIEW}:{name}" for name, _ in FEATURES]
 BATCHES = (1, 10)
 _ECHO_SERVICE, _ECHO_METHOD = "bench.Echo", "Echo"
+_FEATURE_SERVICE, _FEATURE_METHOD = "modelserve.feature.v1.FeatureService", "GetOnlineFeatures"
+ECHO, PROXY = "echo (bare hop)", "bare Redis proxy"
 #: The event time of every written value (microseconds); well within both views' max age.
 _MAX_AGE_S = 7 * 86_400
 
@@ -333,13 +339,52 @@ def serve_echo() -> None:
 
 
 async def _serve_echo() -> None:
-    import grpc
-
     async def echo(request: bytes, context: Any) -> bytes:
         return request
 
+    await _serve_unary(_ECHO_SERVICE, _ECHO_METHOD, echo)
+
+
+def serve_redis_proxy(url: str) -> None:
+    """The bare Redis proxy (see the module's doc) on the Redis at `url`; prints its port."""
+    loop = _new_event_loop()
+    try:
+        loop.run_until_complete(_serve_redis_proxy(url))
+    finally:
+        loop.close()
+
+
+async def _serve_redis_proxy(url: str) -> None:
+    import redis.asyncio as aioredis
+
+    from modelserve.feature.v1 import feature_service_pb2 as pb
+    from modelserve_features.redis_store import EntityKey, redis_key
+
+    client = aioredis.Redis.from_url(url)
+
+    async def read(request: bytes, context: Any) -> bytes:
+        entities = pb.GetOnlineFeaturesRequest.FromString(request).entities
+        keys = [redis_key(EntityKey(e.entity_type, e.entity_id), VIEW) for e in entities]
+        if len(keys) == 1:
+            rows = [await client.hgetall(keys[0])]
+        else:
+            async with client.pipeline(transaction=False) as pipe:
+                for key in keys:
+                    pipe.hgetall(key)
+                rows = await pipe.execute()
+        return b"".join(value for row in rows for value in row.values())
+
+    await _serve_unary(_FEATURE_SERVICE, _FEATURE_METHOD, read)
+
+
+async def _serve_unary(
+    service: str, method: str, answer: Callable[[bytes, Any], Awaitable[bytes]]
+) -> None:
+    """Serves one unary method on bytes on a free port, printed on stdout, until killed."""
+    import grpc
+
     handler = grpc.method_handlers_generic_handler(
-        _ECHO_SERVICE, {_ECHO_METHOD: grpc.unary_unary_rpc_method_handler(echo)}
+        service, {method: grpc.unary_unary_rpc_method_handler(answer)}
     )
     server = grpc.aio.server()
     server.add_generic_rpc_handlers((handler,))
@@ -464,8 +509,19 @@ async def harness(args: argparse.Namespace) -> None:
         start_new_session=True,
     )
     driver: FeastDriver | None = None
+    proxy: asyncio.subprocess.Process | None = None
     try:
         await asyncio.to_thread(stack.redis.start)
+        proxy = await asyncio.create_subprocess_exec(
+            sys.executable,
+            __file__,
+            "--serve-redis-proxy",
+            stack.redis.url,
+            stdout=asyncio.subprocess.PIPE,
+            start_new_session=True,
+        )
+        assert proxy.stdout is not None
+        proxy_target = f"127.0.0.1:{(await proxy.stdout.readline()).decode().strip()}"
         stack.spawn("feature")
         await stack.wait_serving("feature")
         assert echo.stdout is not None
@@ -500,13 +556,18 @@ async def harness(args: argparse.Namespace) -> None:
                 )
         print(feast_note, flush=True)
         assert echo.pid is not None
-        results = await _measure(args, stack, echo_target, echo.pid, driver)
+        assert proxy.pid is not None
+        results = await _measure(
+            args, stack, (echo_target, echo.pid), (proxy_target, proxy.pid), driver
+        )
         _print(results, args, feast_note.splitlines()[0])
     finally:
         if driver is not None:
             await asyncio.to_thread(driver.stop)
-        echo.terminate()
-        await echo.wait()
+        for server in (echo, proxy):
+            if server is not None:
+                server.terminate()
+                await server.wait()
         await stack.stop()
 
 
@@ -558,8 +619,8 @@ async def _write(stack: Stack, entities: int, event_time_us: int) -> float:
 async def _measure(
     args: argparse.Namespace,
     stack: Stack,
-    echo_target: str,
-    echo_pid: int,
+    echo_server: tuple[str, int],
+    proxy_server: tuple[str, int],
     driver: FeastDriver | None,
 ) -> list[Result]:
     import grpc
@@ -595,7 +656,10 @@ async def _measure(
         for b in BATCHES
     }
     feature_channel = grpc.aio.insecure_channel(stack.targets["feature"])
+    (echo_target, echo_pid), (proxy_target, proxy_pid) = echo_server, proxy_server
     echo_channel = grpc.aio.insecure_channel(echo_target)
+    proxy_channel = grpc.aio.insecure_channel(proxy_target)
+    proxy = proxy_channel.unary_unary(f"/{_FEATURE_SERVICE}/{_FEATURE_METHOD}")
     features = pb_grpc.FeatureServiceStub(feature_channel)
     echo = echo_channel.unary_unary(f"/{_ECHO_SERVICE}/{_ECHO_METHOD}")
     redis_client = aioredis.Redis.from_url(stack.redis.url)
@@ -616,11 +680,12 @@ async def _measure(
             requests[b][i % slots]
         ),
         "redis raw": redis_read,
-        "echo (bare hop)": lambda b, i: echo(payloads[b][i % slots]),
+        ECHO: lambda b, i: echo(payloads[b][i % slots]),
+        PROXY: lambda b, i: proxy(payloads[b][i % slots]),
     }
     warmup = min(1.0, args.duration)
     # The feature service, Redis and this client (as bench.py groups them), and the echo server.
-    processes = {**process_groups(stack), "echo": [echo_pid]}
+    processes = {**process_groups(stack), "echo": [echo_pid], "proxy": [proxy_pid]}
     results: list[Result] = []
     try:
         for batch in BATCHES:
@@ -646,6 +711,7 @@ async def _measure(
     finally:
         await feature_channel.close()
         await echo_channel.close()
+        await proxy_channel.close()
         await redis_client.aclose()
     return results
 
@@ -687,7 +753,7 @@ def _print(results: Sequence[Result], args: argparse.Namespace, feast_note: str)
 def _print_cpu(out: IO[str], results: Sequence[Result]) -> None:
     """CPU microseconds per answered request, by process: unlike throughput on a shared
     machine, this hardly moves with what else runs."""
-    order = ("feature", "redis", "echo", "client", "feast")
+    order = ("feature", "redis", "echo", "proxy", "client", "feast")
     processes = [p for p in order if any(p in r.cpu_s for r in results)]
     processes += sorted({p for r in results for p in r.cpu_s} - set(processes))
     print("\nCPU us per request (user + system), by process:\n", file=out)
@@ -705,12 +771,7 @@ def _us(value: float) -> str:
 
 
 def _ratios(out: IO[str], by: dict[tuple[str, int, int], Result], args: argparse.Namespace) -> None:
-    service, redis_raw, echo, feast = (
-        "feature GetOnlineFeatures",
-        "redis raw",
-        "echo (bare hop)",
-        "feast SDK",
-    )
+    service, redis_raw, echo, feast = ("feature GetOnlineFeatures", "redis raw", ECHO, "feast SDK")
     print(
         "\n| entities | conc | req/s / echo | p99 / echo | req/s / feast | p50 / feast "
         "| p50 / redis | req/s / redis | feast req/s / echo |",
@@ -749,6 +810,12 @@ def _ratios(out: IO[str], by: dict[tuple[str, int, int], Result], args: argparse
                     f"| {batch} | p99 <= 1.5 x echo | {ratio(s.percentile(99), e.percentile(99))}"
                     f" | {_verdict(s.percentile(99) <= 1.5 * e.percentile(99))} |"
                 )
+                floor = by[(PROXY, batch, c)]
+                targets.append(
+                    f"| {batch} | the floor, {PROXY}: req/s / echo, p99 / echo | "
+                    f"{ratio(floor.rps, e.rps)}, {ratio(floor.percentile(99), e.percentile(99))}"
+                    " | |"
+                )
     if targets:
         print("\nTargets at concurrency 16 (feature service):\n", file=out)
         print("| entities | target | ratio | |", file=out)
@@ -777,9 +844,12 @@ def main() -> None:
     parser.add_argument("--feast-python", help="a Python that imports feast (skips the venv)")
     parser.add_argument("--feast-driver", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--serve-echo", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--serve-redis-proxy", metavar="REDIS_URL", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.feast_driver:
         feast_driver()
+    elif args.serve_redis_proxy:
+        serve_redis_proxy(args.serve_redis_proxy)
     elif args.serve_echo:
         serve_echo()
     else:
