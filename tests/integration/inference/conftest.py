@@ -6,7 +6,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 
 import pytest
-from inference_testing import MODEL_ID, V1, V2, RunningInference, spec_proto
+from inference_testing import MODEL_ID, V1, V2, RunningInference, local_settings, spec_proto
 from reconcile_testing import RestartableRegistry
 from support import running
 
@@ -62,13 +62,7 @@ def inference_settings(
     tmp_path_factory: pytest.TempPathFactory, registry_target: str
 ) -> InferenceSettings:
     """Settings of a local-mode service on the module's registry, polling Triton often."""
-    return InferenceSettings(
-        triton_mode="local",
-        triton_work_dir=tmp_path_factory.mktemp("triton"),
-        registry_target=registry_target,
-        triton_poll_interval_s=0.1,
-        triton_stats_interval_s=0.1,
-    )
+    return local_settings(tmp_path_factory, registry_target)
 
 
 @pytest.fixture(scope="module")

@@ -16,6 +16,7 @@ from modelserve.inference.v1 import inference_service_pb2 as pb
 from modelserve.inference.v1 import inference_service_pb2_grpc as pb_grpc
 from modelserve.type.v1 import tensor_pb2
 from modelserve_demo import fraud
+from modelserve_inference.config import InferenceSettings
 from modelserve_inference.server import InferenceApp
 from modelserve_runtime.convert import TRITON_NAMES, numpy_to_tensor, tensor_to_numpy
 from modelserve_runtime.errors import DecodedError, decode_rpc_error
@@ -45,6 +46,20 @@ class RunningInference:
     def target(self) -> str:
         """`host:port` of the service."""
         return f"127.0.0.1:{self.server.port}"
+
+
+def local_settings(
+    tmp_path_factory: pytest.TempPathFactory, registry_target: str, **overrides: Any
+) -> InferenceSettings:
+    """A local-mode service on `registry_target` polling Triton often, with `overrides`."""
+    return InferenceSettings(
+        triton_mode="local",
+        triton_work_dir=tmp_path_factory.mktemp("triton"),
+        registry_target=registry_target,
+        triton_poll_interval_s=0.1,
+        triton_stats_interval_s=0.1,
+        **overrides,
+    )
 
 
 def spec_proto(spec: TensorSpec) -> tensor_pb2.TensorSpec:

@@ -11,7 +11,16 @@ import numpy as np
 import numpy.typing as npt
 import pytest
 import tritonclient.grpc as triton_grpc
-from inference_testing import MODEL_ID, ROWS, V1, V2, RunningInference, load, reference
+from inference_testing import (
+    MODEL_ID,
+    ROWS,
+    V1,
+    V2,
+    RunningInference,
+    load,
+    local_settings,
+    reference,
+)
 from structlog.testing import capture_logs
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 from tritonclient.grpc.aio import InferenceServerClient
@@ -30,14 +39,7 @@ def inference_settings(
 ) -> InferenceSettings:
     """A local-mode service sending requests to Triton over HTTP (the default) or gRPC:
     every test of the facade runs over both."""
-    return InferenceSettings(
-        triton_mode="local",
-        triton_work_dir=tmp_path_factory.mktemp("triton"),
-        registry_target=registry_target,
-        triton_poll_interval_s=0.1,
-        triton_stats_interval_s=0.1,
-        triton_protocol=request.param,
-    )
+    return local_settings(tmp_path_factory, registry_target, triton_protocol=request.param)
 
 
 @pytest.fixture(scope="module")
