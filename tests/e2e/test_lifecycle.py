@@ -14,6 +14,7 @@ from pathlib import Path
 import psutil
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from onnx import TensorProto, helper
+from support import eventually
 
 from modelserve.registry.v1 import registry_service_pb2 as registry_pb
 from modelserve.registry.v1 import registry_service_pb2_grpc as registry_grpc
@@ -93,6 +94,14 @@ class TestGracefulShutdown:
                 )
                 half = len(artifact) // 2
                 await upload.write(registry_pb.CreateModelVersionRequest(chunk=artifact[:half]))
+                # A finished client write only means the bytes left this process: SIGTERM
+                # sent then can reach the registry before the call does, and a call that
+                # arrives once the server is stopping is refused (CI saw it CANCELLED). The
+                # upload is in flight once the registry has staged its temp file.
+                staging = tmp_path / "registry" / "artifacts" / "tmp"
+                await eventually(
+                    lambda: any(staging.glob("*.partial")), "the registry staging the upload"
+                )
 
                 process.send_signal(signal.SIGTERM)
                 assert (await watch.read()).status == health_pb2.HealthCheckResponse.NOT_SERVING
