@@ -514,6 +514,221 @@ class TestRead:
         }
 
 
+def _as_lists(result: pb.EntityFeatures, refs: list[str]) -> list[tuple[str, int, object, int]]:
+    """A FEATURE_LAYOUT_LISTS entity read back against the refs it answers, in order."""
+    assert len(result.ordered_values) == len(result.ordered_statuses) == len(refs)
+    assert len(result.ordered_event_times_us) == len(refs)
+    return [
+        (ref, status, _kind(value), event_time)
+        for ref, value, status, event_time in zip(
+            refs,
+            result.ordered_values,
+            result.ordered_statuses,
+            result.ordered_event_times_us,
+            strict=True,
+        )
+    ]
+
+
+def _as_maps(result: pb.EntityFeatures, refs: list[str]) -> list[tuple[str, int, object, int]]:
+    """A FEATURE_LAYOUT_MAPS entity, put in the order of `refs` the way lists come."""
+    return [
+        (
+            ref,
+            result.statuses[ref],
+            _kind(result.values[ref]),
+            (result.event_times[ref].ToMicroseconds() if ref in result.event_times else 0),
+        )
+        for ref in refs
+    ]
+
+
+def _kind(value: value_pb.FeatureValue) -> object:
+    kind = value.WhichOneof("kind")
+    if kind == "float_vector_value":
+        return tuple(value.float_vector_value.values)
+    return None if kind is None else (kind, getattr(value, kind))
+
+
+class TestListLayout:
+    async def test_lists_answer_what_maps_answer_in_request_order(
+        self, redis_url: str, redis_client: aioredis.Redis
+    ) -> None:
+        """FEATURE_LAYOUT_LISTS answers, for each entity, the same values, statuses and event
+        times as the maps (PRESENT of every dtype, DEFAULTED, MISSING, EXPIRED), as three
+        lists in the order of `features`, with the maps left empty; unset and MAPS answer
+        maps and no lists."""
+        fresh, stale = ago(5), ago(7200)
+        refs = [
+            "customer:segment",
+            "customer:embedding",
+            "customer:avg_amount_30d",
+            "customer:vip",
+            "customer:chargebacks_90d",
+        ]
+        async with running(build_server, settings(redis_url)) as (_, channel, _app):
+            stub = pb_grpc.FeatureServiceStub(channel)
+            await _apply(stub, max_age_s=3600)
+            await stub.WriteFeatures(
+                pb.WriteFeaturesRequest(
+                    writes=[
+                        write(
+                            "c-1",
+                            {
+                                "avg_amount_30d": double(42.5),
+                                "chargebacks_90d": value_pb.FeatureValue(int64_value=-(2**62)),
+                                "segment": value_pb.FeatureValue(string_value="gold ✓"),
+                                "vip": value_pb.FeatureValue(bool_value=False),
+                                "embedding": value_pb.FeatureValue(
+                                    float_vector_value=value_pb.FloatVector(values=[0.5, -1.25])
+                                ),
+                            },
+                            event_time=fresh,
+                        ),
+                        write("c-2", {"avg_amount_30d": double(7.0)}, event_time=stale),
+                    ]
+                )
+            )
+            entities = [entity("c-2"), entity("c-1"), entity("c-3")]
+            answers = {
+                layout: await stub.GetOnlineFeatures(
+                    pb.GetOnlineFeaturesRequest(entities=entities, features=refs, layout=layout)
+                )
+                for layout in (
+                    pb.FEATURE_LAYOUT_UNSPECIFIED,
+                    pb.FEATURE_LAYOUT_MAPS,
+                    pb.FEATURE_LAYOUT_LISTS,
+                )
+            }
+        lists = answers[pb.FEATURE_LAYOUT_LISTS]
+        for layout in (pb.FEATURE_LAYOUT_UNSPECIFIED, pb.FEATURE_LAYOUT_MAPS):
+            maps = answers[layout]
+            assert [_as_maps(r, refs) for r in maps.results] == [
+                _as_lists(r, refs) for r in lists.results
+            ]
+            assert all(not r.ordered_values and not r.ordered_statuses for r in maps.results)
+        assert [r.entity.entity_id for r in lists.results] == ["c-2", "c-1", "c-3"]
+        assert all(not r.values and not r.statuses and not r.event_times for r in lists.results)
+        expired, first, unknown = (_as_lists(r, refs) for r in lists.results)
+        present = pb.FEATURE_STATUS_PRESENT
+        first_at = fresh.ToMicroseconds()
+        assert first == [
+            ("customer:segment", present, ("string_value", "gold ✓"), first_at),
+            ("customer:embedding", present, (0.5, -1.25), first_at),
+            ("customer:avg_amount_30d", present, ("double_value", 42.5), first_at),
+            ("customer:vip", present, ("bool_value", False), first_at),
+            ("customer:chargebacks_90d", present, ("int64_value", -(2**62)), first_at),
+        ]
+        assert expired[2] == (
+            "customer:avg_amount_30d",
+            pb.FEATURE_STATUS_EXPIRED,
+            None,
+            stale.ToMicroseconds(),
+        )
+        assert expired[4] == (
+            "customer:chargebacks_90d",
+            pb.FEATURE_STATUS_DEFAULTED,
+            ("int64_value", 0),
+            0,
+        )
+        assert unknown[0] == ("customer:segment", pb.FEATURE_STATUS_MISSING, None, 0)
+
+    async def test_lists_follow_the_request_across_views_and_entity_types(
+        self, redis_url: str, redis_client: aioredis.Redis
+    ) -> None:
+        """Features asked out of view order, over two entity types, one of them twice: each
+        entity's lists hold the features of its type in the order asked (the repeated one
+        twice), though the service reads them view by view."""
+        risk = customer_view()
+        risk.name = "featureViews/risk"
+        merchant = view_pb.FeatureView(
+            name="featureViews/merchant",
+            entity_type="merchant",
+            features=[
+                view_pb.FeatureSpec(name="avg_amount_30d", dtype=view_pb.FEATURE_DTYPE_DOUBLE)
+            ],
+        )
+        features = [
+            "risk:segment",
+            "merchant:avg_amount_30d",
+            "customer:avg_amount_30d",
+            "risk:avg_amount_30d",
+            "customer:segment",
+            "customer:avg_amount_30d",
+        ]
+        async with running(build_server, settings(redis_url)) as (_, channel, _app):
+            stub = pb_grpc.FeatureServiceStub(channel)
+            for view in (customer_view(), risk, merchant):
+                await stub.ApplyFeatureView(pb.ApplyFeatureViewRequest(feature_view=view))
+            await stub.WriteFeatures(
+                pb.WriteFeaturesRequest(
+                    writes=[
+                        write(
+                            "c-1",
+                            {
+                                "avg_amount_30d": double(1.0),
+                                "segment": value_pb.FeatureValue(string_value="c"),
+                            },
+                        ),
+                        write(
+                            "c-1",
+                            {
+                                "avg_amount_30d": double(2.0),
+                                "segment": value_pb.FeatureValue(string_value="r"),
+                            },
+                            view=risk.name,
+                        ),
+                        write(
+                            "m-1",
+                            {"avg_amount_30d": double(4.0)},
+                            view=merchant.name,
+                            entity_type="merchant",
+                        ),
+                    ]
+                )
+            )
+            response = await stub.GetOnlineFeatures(
+                pb.GetOnlineFeaturesRequest(
+                    entities=[entity("m-1", "merchant"), entity("c-1")],
+                    features=features,
+                    layout=pb.FEATURE_LAYOUT_LISTS,
+                )
+            )
+        shop, customer = response.results
+        assert [_kind(v) for v in shop.ordered_values] == [("double_value", 4.0)]
+        assert [_kind(v) for v in customer.ordered_values] == [
+            ("string_value", "r"),
+            ("double_value", 1.0),
+            ("double_value", 2.0),
+            ("string_value", "c"),
+            ("double_value", 1.0),
+        ]
+
+    async def test_an_unknown_layout_is_invalid_argument_and_reads_nothing(
+        self, redis_url: str, redis_client: aioredis.Redis
+    ) -> None:
+        """A layout that is not a FeatureLayout value (a newer client's, say) is
+        INVALID_ARGUMENT naming `layout`, and Redis is not read."""
+        async with running(build_server, settings(redis_url)) as (_, channel, _app):
+            stub = pb_grpc.FeatureServiceStub(channel)
+            await _apply(stub)
+            reads_before = _sample("modelserve_feature_redis_seconds_count", op="read")
+            with pytest.raises(grpc.aio.AioRpcError) as info:
+                await stub.GetOnlineFeatures(
+                    pb.GetOnlineFeaturesRequest(
+                        entities=[entity("c-1")],
+                        features=["customer:vip"],
+                        layout=7,  # type: ignore[arg-type]
+                    )
+                )
+            reads_after = _sample("modelserve_feature_redis_seconds_count", op="read")
+        error = rpc_error(info)
+        assert error.code is grpc.StatusCode.INVALID_ARGUMENT
+        assert [v.field for v in error.violations] == ["layout"]
+        assert "MAPS or LISTS" in error.message
+        assert reads_after == reads_before
+
+
 class TestWrite:
     async def test_bad_value_refuses_the_whole_batch(
         self, redis_url: str, redis_client: aioredis.Redis

@@ -140,6 +140,24 @@ class ReadPlan:
     epoch: str
     """The views epoch of the definitions it was made from."""
     parts: tuple[_ViewPart, ...]
+    """By view name: an entity's values are read view by view, in this order."""
+    orders: Mapping[str, tuple[int, ...]]
+    """By entity type, where the view-by-view order differs from the request's: for each
+    position of an entity's row in request order, where that value stands in the row as
+    read. Empty for the usual request (one view, or views asked in name order)."""
+
+
+def _request_orders(parts: Sequence[_ViewPart]) -> dict[str, tuple[int, ...]]:
+    """For each entity type whose features, read view by view, come out of request order,
+    the permutation that puts them back."""
+    read_order: dict[str, list[int]] = {}
+    for part in parts:
+        read_order.setdefault(part.view.entity_type, []).extend(part.ref_indexes)
+    return {
+        entity_type: tuple(sorted(range(len(indexes)), key=indexes.__getitem__))
+        for entity_type, indexes in read_order.items()
+        if indexes != sorted(indexes)
+    }
 
 
 def _plan(
@@ -179,7 +197,7 @@ def _plan(
         )
         for name, features in sorted(wanted.items())
     )
-    return ReadPlan(generation, epoch, parts)
+    return ReadPlan(generation, epoch, parts, _request_orders(parts))
 
 
 @dataclass(frozen=True, slots=True)
@@ -442,8 +460,8 @@ class OnlineStore:
         *,
         timeout_s: float | None = None,
     ) -> list[list[ReadValue]]:
-        """As `read`, each entity's values as a list, by view (views by name) and each view's
-        in the order of `refs` (a ref repeated in `refs` appears as often), without building a
+        """As `read`, each entity's values as a list in the order of `refs` (those of its
+        entity type; a ref repeated in `refs` appears as often), without building a
         FeatureResult per value."""
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
         wanted = tuple(refs)
@@ -468,7 +486,14 @@ class OnlineStore:
             keys = [key for _, entries in per_view for _, key in entries]
             stored = await self._fetch(keys, plan.epoch, deadline)
             if stored is not None:
-                return self._resolve(len(entities), per_view, stored)
+                rows = self._resolve(len(entities), per_view, stored)
+                if plan.orders:
+                    for i, entity in enumerate(entities):
+                        order = plan.orders.get(entity.entity_type)
+                        if order is not None:
+                            row = rows[i]
+                            rows[i] = [row[j] for j in order]
+                return rows
         raise UnavailableError(
             "feature views kept changing during the read", reason="FEATURE_VIEWS_CHANGING"
         )

@@ -19,6 +19,7 @@ from modelserve_features.convert import (
 from modelserve_features.online import FeatureStatus, FeatureWrite, ReadValue
 from modelserve_features.redis_store import EntityKey
 from modelserve_features.views import FeatureDtype
+from modelserve_runtime.errors import InvalidArgumentError
 
 _STATUSES = {
     FeatureStatus.PRESENT: pb.FEATURE_STATUS_PRESENT,
@@ -65,6 +66,32 @@ def _fill(result: pb.EntityFeatures, row: Sequence[ReadValue]) -> None:
             stamp.nanos = micros * 1000
 
 
+def _fill_lists(result: pb.EntityFeatures, row: Sequence[ReadValue]) -> None:
+    """One entity's values, statuses and event times as FEATURE_LAYOUT_LISTS lays them out:
+    three lists in the row's (the request's) order, no feature reference sent back."""
+    values = result.ordered_values
+    statuses: list[pb.FeatureStatus.ValueType] = []
+    event_times: list[int] = []
+    for feature, value, status, event_time_us in row:
+        target = values.add()
+        if value is not None:
+            if feature.dtype is _VECTOR:
+                target.float_vector_value.values.extend(cast(tuple[float, ...], value))
+            else:
+                setattr(target, _FIELDS[feature.dtype], value)
+        statuses.append(_STATUSES[status])
+        event_times.append(0 if event_time_us is None else event_time_us)
+    result.ordered_statuses.extend(statuses)
+    result.ordered_event_times_us.extend(event_times)
+
+
+_LAYOUTS = {
+    pb.FEATURE_LAYOUT_UNSPECIFIED: _fill,
+    pb.FEATURE_LAYOUT_MAPS: _fill,
+    pb.FEATURE_LAYOUT_LISTS: _fill_lists,
+}
+
+
 def _writes(writes: Any) -> list[FeatureWrite]:
     return [
         FeatureWrite(
@@ -86,6 +113,11 @@ class FeatureServicer(pb_grpc.FeatureServiceServicer):
     async def GetOnlineFeatures(
         self, request: pb.GetOnlineFeaturesRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> pb.GetOnlineFeaturesResponse:
+        fill = _LAYOUTS.get(request.layout)
+        if fill is None:
+            raise InvalidArgumentError.for_field(
+                "layout", f"{request.layout} is not a FeatureLayout (MAPS or LISTS)"
+            )
         entities = [EntityKey(e.entity_type, e.entity_id) for e in request.entities]
         rows = await self._features.read(
             entities, request.features, timeout_s=context.time_remaining()
@@ -93,7 +125,7 @@ class FeatureServicer(pb_grpc.FeatureServiceServicer):
         response = pb.GetOnlineFeaturesResponse()
         results = response.results
         for entity, row in zip(request.entities, rows, strict=True):
-            _fill(results.add(entity=entity), row)
+            fill(results.add(entity=entity), row)
         return response
 
     async def WriteFeatures(

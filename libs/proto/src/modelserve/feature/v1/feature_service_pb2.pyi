@@ -22,6 +22,42 @@ else:
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
+class _FeatureLayout:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _FeatureLayoutEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_FeatureLayout.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    FEATURE_LAYOUT_UNSPECIFIED: _FeatureLayout.ValueType  # 0
+    """Not set: FEATURE_LAYOUT_MAPS."""
+    FEATURE_LAYOUT_MAPS: _FeatureLayout.ValueType  # 1
+    """Maps keyed by feature reference: EntityFeatures `values`, `statuses` and `event_times`."""
+    FEATURE_LAYOUT_LISTS: _FeatureLayout.ValueType  # 2
+    """Lists in request order: EntityFeatures `ordered_values`, `ordered_statuses` and
+    `ordered_event_times_us`, with one entry for each requested feature whose view's
+    entity type is the entity's, in the order of `features` (a feature requested twice
+    appears twice); the maps stay empty. The references are not sent back, so the answer
+    is smaller and cheaper to build and to parse; the caller knows which feature each
+    entry is from its own request.
+    """
+
+class FeatureLayout(_FeatureLayout, metaclass=_FeatureLayoutEnumTypeWrapper):
+    """FeatureLayout says how GetOnlineFeatures lays out each entity's features."""
+
+FEATURE_LAYOUT_UNSPECIFIED: FeatureLayout.ValueType  # 0
+"""Not set: FEATURE_LAYOUT_MAPS."""
+FEATURE_LAYOUT_MAPS: FeatureLayout.ValueType  # 1
+"""Maps keyed by feature reference: EntityFeatures `values`, `statuses` and `event_times`."""
+FEATURE_LAYOUT_LISTS: FeatureLayout.ValueType  # 2
+"""Lists in request order: EntityFeatures `ordered_values`, `ordered_statuses` and
+`ordered_event_times_us`, with one entry for each requested feature whose view's
+entity type is the entity's, in the order of `features` (a feature requested twice
+appears twice); the maps stay empty. The references are not sent back, so the answer
+is smaller and cheaper to build and to parse; the caller knows which feature each
+entry is from its own request.
+"""
+Global___FeatureLayout: _TypeAlias = FeatureLayout  # noqa: Y015
+
 class _FeatureStatus:
     ValueType = _typing.NewType("ValueType", _builtins.int)
     V: _TypeAlias = ValueType  # noqa: Y015
@@ -92,6 +128,11 @@ class GetOnlineFeaturesRequest(_message.Message):
 
     ENTITIES_FIELD_NUMBER: _builtins.int
     FEATURES_FIELD_NUMBER: _builtins.int
+    LAYOUT_FIELD_NUMBER: _builtins.int
+    layout: Global___FeatureLayout.ValueType
+    """Optional. How each entity's features are laid out in the response; unset means
+    FEATURE_LAYOUT_MAPS.
+    """
     @_builtins.property
     def entities(self) -> _containers.RepeatedCompositeFieldContainer[Global___EntityKey]:
         """Required. The entities to read, at least one."""
@@ -107,10 +148,11 @@ class GetOnlineFeaturesRequest(_message.Message):
         *,
         entities: _abc.Iterable[Global___EntityKey] | None = ...,
         features: _abc.Iterable[_builtins.str] | None = ...,
+        layout: Global___FeatureLayout.ValueType = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["entities", b"entities", "features", b"features"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["entities", b"entities", "features", b"features", "layout", b"layout"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -188,6 +230,9 @@ class EntityFeatures(_message.Message):
     VALUES_FIELD_NUMBER: _builtins.int
     STATUSES_FIELD_NUMBER: _builtins.int
     EVENT_TIMES_FIELD_NUMBER: _builtins.int
+    ORDERED_VALUES_FIELD_NUMBER: _builtins.int
+    ORDERED_STATUSES_FIELD_NUMBER: _builtins.int
+    ORDERED_EVENT_TIMES_US_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def entity(self) -> Global___EntityKey:
         """The entity these values belong to."""
@@ -204,6 +249,22 @@ class EntityFeatures(_message.Message):
     def event_times(self) -> _containers.MessageMap[_builtins.str, _timestamp_pb2.Timestamp]:
         """The event time of each stored value (PRESENT or EXPIRED), keyed like `values`."""
 
+    @_builtins.property
+    def ordered_values(self) -> _containers.RepeatedCompositeFieldContainer[_feature_value_pb2.FeatureValue]:
+        """With FEATURE_LAYOUT_LISTS: the values, one per feature read for this entity, in the
+        request's order (see FeatureLayout); unset where the status is MISSING.
+        """
+
+    @_builtins.property
+    def ordered_statuses(self) -> _containers.RepeatedScalarFieldContainer[Global___FeatureStatus.ValueType]:
+        """With FEATURE_LAYOUT_LISTS: the status of each entry of `ordered_values`."""
+
+    @_builtins.property
+    def ordered_event_times_us(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
+        """With FEATURE_LAYOUT_LISTS: the event time of each entry of `ordered_values`, in
+        microseconds since the Unix epoch; 0 where nothing is stored (MISSING or DEFAULTED).
+        """
+
     def __init__(
         self,
         *,
@@ -211,10 +272,13 @@ class EntityFeatures(_message.Message):
         values: _abc.Mapping[_builtins.str, _feature_value_pb2.FeatureValue] | None = ...,
         statuses: _abc.Mapping[_builtins.str, Global___FeatureStatus.ValueType] | None = ...,
         event_times: _abc.Mapping[_builtins.str, _timestamp_pb2.Timestamp] | None = ...,
+        ordered_values: _abc.Iterable[_feature_value_pb2.FeatureValue] | None = ...,
+        ordered_statuses: _abc.Iterable[Global___FeatureStatus.ValueType] | None = ...,
+        ordered_event_times_us: _abc.Iterable[_builtins.int] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["entity", b"entity"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["entity", b"entity", "event_times", b"event_times", "statuses", b"statuses", "values", b"values"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["entity", b"entity", "event_times", b"event_times", "ordered_event_times_us", b"ordered_event_times_us", "ordered_statuses", b"ordered_statuses", "ordered_values", b"ordered_values", "statuses", b"statuses", "values", b"values"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
