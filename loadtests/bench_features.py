@@ -13,6 +13,8 @@ Then for 1 and 10 entities x 20 features and each concurrency, one path after an
 they never compete for the CPU), it drives for `--duration` seconds after a warm-up:
 
 - feature GetOnlineFeatures: the feature service through a plain grpc.aio channel;
+- feature GetOnlineFeatures (lists): the same with `layout: FEATURE_LAYOUT_LISTS`, the
+  answer as lists in request order rather than maps keyed by the reference;
 - redis raw: `redis.asyncio` straight to the same hashes (one HGETALL per entity, in one
   pipeline for 10): the floor, with no decoding;
 - echo (bare hop): a grpc.aio server whose one method answers the request's bytes, i.e. one
@@ -77,6 +79,7 @@ BATCHES = (1, 10)
 _ECHO_SERVICE, _ECHO_METHOD = "bench.Echo", "Echo"
 _FEATURE_SERVICE, _FEATURE_METHOD = "modelserve.feature.v1.FeatureService", "GetOnlineFeatures"
 ECHO, PROXY = "echo (bare hop)", "bare Redis proxy"
+SERVICE, SERVICE_LISTS = "feature GetOnlineFeatures", "feature GetOnlineFeatures (lists)"
 #: The event time of every written value (microseconds); well within both views' max age.
 _MAX_AGE_S = 7 * 86_400
 
@@ -648,6 +651,13 @@ async def _measure(
         for batch in BATCHES
     }
     payloads = {b: [r.SerializeToString() for r in rs] for b, rs in requests.items()}
+    list_requests = {
+        b: [pb.GetOnlineFeaturesRequest(entities=r.entities, features=REFS) for r in rs]
+        for b, rs in requests.items()
+    }
+    for rs in list_requests.values():
+        for r in rs:
+            r.layout = pb.FEATURE_LAYOUT_LISTS
     keys = {
         b: [
             [redis_key(EntityKey(ENTITY_TYPE, e), VIEW) for e in entity_ids(i, b, n)]
@@ -673,12 +683,12 @@ async def _measure(
             return await pipe.execute()
 
     await _check_feature_service(features, requests[1][3], pb.FEATURE_STATUS_PRESENT)
+    await _check_feature_service_lists(features, list_requests[1][3], pb.FEATURE_STATUS_PRESENT)
     if len(await redis_read(1, 3)) != len(FEATURES):  # type: ignore[arg-type]
         raise RuntimeError("raw Redis read does not find the 20 written features")
     paths: dict[str, Callable[[int, int], Awaitable[object]]] = {
-        "feature GetOnlineFeatures": lambda b, i: features.GetOnlineFeatures(
-            requests[b][i % slots]
-        ),
+        SERVICE: lambda b, i: features.GetOnlineFeatures(requests[b][i % slots]),
+        SERVICE_LISTS: lambda b, i: features.GetOnlineFeatures(list_requests[b][i % slots]),
         "redis raw": redis_read,
         ECHO: lambda b, i: echo(payloads[b][i % slots]),
         PROXY: lambda b, i: proxy(payloads[b][i % slots]),
@@ -727,6 +737,20 @@ async def _check_feature_service(stub: Any, request: Any, present: int) -> None:
             raise RuntimeError(f"the feature service answers {ref} = {got!r}, not the written")
 
 
+async def _check_feature_service_lists(stub: Any, request: Any, present: int) -> None:
+    """With the lists layout, the service answers the written values in request order."""
+    answer = await stub.GetOnlineFeatures(request)
+    (result,) = answer.results
+    got = [
+        getattr(v, f"{dtype}_value")
+        for v, (_, dtype) in zip(result.ordered_values, FEATURES, strict=True)
+    ]
+    if got != [feature_value(dtype, 3, j) for j, (_, dtype) in enumerate(FEATURES)] or set(
+        result.ordered_statuses
+    ) != {present}:
+        raise RuntimeError(f"the feature service's lists answer {got!r}, not the written")
+
+
 def _print(results: Sequence[Result], args: argparse.Namespace, feast_note: str) -> None:
     out = sys.stdout
     print(
@@ -771,13 +795,13 @@ def _us(value: float) -> str:
 
 
 def _ratios(out: IO[str], by: dict[tuple[str, int, int], Result], args: argparse.Namespace) -> None:
-    service, redis_raw, echo, feast = ("feature GetOnlineFeatures", "redis raw", ECHO, "feast SDK")
+    redis_raw, echo, feast = "redis raw", ECHO, "feast SDK"
     print(
-        "\n| entities | conc | req/s / echo | p99 / echo | req/s / feast | p50 / feast "
+        "\n| layout | entities | conc | req/s / echo | p99 / echo | req/s / feast | p50 / feast "
         "| p50 / redis | req/s / redis | feast req/s / echo |",
         file=out,
     )
-    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|", file=out)
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|", file=out)
 
     def ratio(a: float, b: float) -> str:
         return f"{a / b:.2f}" if b and not math.isnan(a) and not math.isnan(b) else "n/a"
@@ -785,31 +809,35 @@ def _ratios(out: IO[str], by: dict[tuple[str, int, int], Result], args: argparse
     targets: list[str] = []
     for batch in BATCHES:
         for c in args.concurrency:
-            s, r, e = by[(service, batch, c)], by[(redis_raw, batch, c)], by[(echo, batch, c)]
-            f = by.get((feast, batch, c))
-            print(
-                f"| {batch} | {c} | {ratio(s.rps, e.rps)} | "
-                f"{ratio(s.percentile(99), e.percentile(99))} | "
-                f"{ratio(s.rps, f.rps) if f else 'n/a'} | "
-                f"{ratio(s.percentile(50), f.percentile(50)) if f else 'n/a'} | "
-                f"{ratio(s.percentile(50), r.percentile(50))} | {ratio(s.rps, r.rps)} | "
-                f"{ratio(f.rps, e.rps) if f else 'n/a'} |",
-                file=out,
-            )
-            if c == 16:
+            r, e, f = by[(redis_raw, batch, c)], by[(echo, batch, c)], by.get((feast, batch, c))
+            for layout, service in (("maps", SERVICE), ("lists", SERVICE_LISTS)):
+                s = by[(service, batch, c)]
+                print(
+                    f"| {layout} | {batch} | {c} | {ratio(s.rps, e.rps)} | "
+                    f"{ratio(s.percentile(99), e.percentile(99))} | "
+                    f"{ratio(s.rps, f.rps) if f else 'n/a'} | "
+                    f"{ratio(s.percentile(50), f.percentile(50)) if f else 'n/a'} | "
+                    f"{ratio(s.percentile(50), r.percentile(50))} | {ratio(s.rps, r.rps)} | "
+                    f"{ratio(f.rps, e.rps) if f else 'n/a'} |",
+                    file=out,
+                )
+                if c != 16:
+                    continue
                 targets.append(
-                    f"| {batch} | req/s >= 0.8 x echo | {ratio(s.rps, e.rps)} | "
+                    f"| {batch} | {layout}: req/s >= 0.8 x echo | {ratio(s.rps, e.rps)} | "
                     f"{_verdict(s.rps >= 0.8 * e.rps)} |"
                 )
                 if f is not None:
                     targets.append(
-                        f"| {batch} | req/s > feast | {ratio(s.rps, f.rps)} | "
+                        f"| {batch} | {layout}: req/s > feast | {ratio(s.rps, f.rps)} | "
                         f"{_verdict(s.rps > f.rps)} |"
                     )
                 targets.append(
-                    f"| {batch} | p99 <= 1.5 x echo | {ratio(s.percentile(99), e.percentile(99))}"
-                    f" | {_verdict(s.percentile(99) <= 1.5 * e.percentile(99))} |"
+                    f"| {batch} | {layout}: p99 <= 1.5 x echo | "
+                    f"{ratio(s.percentile(99), e.percentile(99))} | "
+                    f"{_verdict(s.percentile(99) <= 1.5 * e.percentile(99))} |"
                 )
+            if c == 16:
                 floor = by[(PROXY, batch, c)]
                 targets.append(
                     f"| {batch} | the floor, {PROXY}: req/s / echo, p99 / echo | "
