@@ -75,3 +75,43 @@ class TestRouterReaders:
         assert values[REFS[2]] == FeatureResult(None, FeatureStatus.MISSING)
         assert values[REFS[3]].status is FeatureStatus.EXPIRED
         assert values[REFS[3]].value is None
+
+    async def test_the_service_reader_reads_again_as_maps_when_a_view_changed_its_entity_type(
+        self, redis_url: str, redis_client: aioredis.Redis
+    ) -> None:
+        """The service reader maps the lists answer back with the entity types it has kept;
+        when a view has since been made over for another entity type, the lists no longer
+        line up, and it reads again as maps: the values are right all the same, and the
+        entity types are asked afresh."""
+        risk = customer_view()
+        risk.name = "featureViews/risk"
+        shop = customer_view()
+        shop.name, shop.entity_type = "featureViews/shop", "merchant"
+        refs = [FeatureRef("shop", "avg_amount_30d"), FeatureRef("risk", "avg_amount_30d")]
+        entities = {"customer": "c-1", "merchant": "m-1"}
+        async with running(build_server, settings(redis_url)) as (_, channel, _app):
+            stub = pb_grpc.FeatureServiceStub(channel)
+            for view in (risk, shop):
+                await stub.ApplyFeatureView(pb.ApplyFeatureViewRequest(feature_view=view))
+            reader = ServiceFeatureReader(FeatureClient(channel), refresh_s=3600)
+            assert await reader.entity_types(["risk", "shop"]) == {
+                "risk": "customer",
+                "shop": "merchant",
+            }
+            risk.entity_type = "merchant"
+            await stub.ApplyFeatureView(pb.ApplyFeatureViewRequest(feature_view=risk, force=True))
+            await stub.WriteFeatures(
+                pb.WriteFeaturesRequest(
+                    writes=[
+                        write("m-1", {"avg_amount_30d": double(v)}, view=n, entity_type="merchant")
+                        for n, v in ((risk.name, 1.0), (shop.name, 2.0))
+                    ]
+                )
+            )
+            read = await reader.read(entities, refs)
+            types = await reader.entity_types(["risk", "shop"])
+        assert {ref: (r.value, r.status) for ref, r in read.items()} == {
+            refs[0]: (2.0, FeatureStatus.PRESENT),
+            refs[1]: (1.0, FeatureStatus.PRESENT),
+        }
+        assert types == {"risk": "merchant", "shop": "merchant"}

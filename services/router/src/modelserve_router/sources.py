@@ -90,13 +90,43 @@ class ServiceFeatureReader:
     async def read(
         self, entities: Mapping[str, str], refs: Sequence[FeatureRef]
     ) -> dict[FeatureRef, FeatureResult]:
-        request = feature_pb.GetOnlineFeaturesRequest(
-            entities=[
-                feature_pb.EntityKey(entity_type=t, entity_id=i) for t, i in entities.items()
-            ],
-            features=[str(r) for r in refs],
+        """One GetOnlineFeatures call answered as lists (FEATURE_LAYOUT_LISTS): each entity's
+        entries are the refs of its type in request order, mapped back with the view
+        definitions `entity_types` keeps (the predictor has just asked for them). Should an
+        answer not line up with them, a view having changed its entity type in between, the
+        read is made again answered as maps, which name each value's feature."""
+        types = await self.entity_types(list(dict.fromkeys(r.view for r in refs)))
+        response = await self._client.get_online_features(
+            self._request(entities, refs, feature_pb.FEATURE_LAYOUT_LISTS)
         )
-        response = await self._client.get_online_features(request)
+        values: dict[FeatureRef, FeatureResult] = {}
+        missing = FeatureStatus.MISSING
+        for result in response.results:
+            entity_type = result.entity.entity_type
+            mine = [r for r in refs if types[r.view] == entity_type]
+            if len(mine) != len(result.ordered_values):
+                return await self._read_maps(entities, refs)
+            for ref, value, status, event_time_us in zip(
+                mine,
+                result.ordered_values,
+                result.ordered_statuses,
+                result.ordered_event_times_us,
+                strict=True,
+            ):
+                values[ref] = FeatureResult(
+                    value_from_proto(value),
+                    _STATUSES.get(status, missing),
+                    event_time_us or None,
+                )
+        return values
+
+    async def _read_maps(
+        self, entities: Mapping[str, str], refs: Sequence[FeatureRef]
+    ) -> dict[FeatureRef, FeatureResult]:
+        self._entity_types.clear()
+        response = await self._client.get_online_features(
+            self._request(entities, refs, feature_pb.FEATURE_LAYOUT_MAPS)
+        )
         by_ref = {str(r): r for r in refs}
         values: dict[FeatureRef, FeatureResult] = {}
         for result in response.results:
@@ -109,6 +139,20 @@ class ServiceFeatureReader:
                         None if event_time is None else timestamp_us(event_time),
                     )
         return values
+
+    @staticmethod
+    def _request(
+        entities: Mapping[str, str],
+        refs: Sequence[FeatureRef],
+        layout: feature_pb.FeatureLayout.ValueType,
+    ) -> feature_pb.GetOnlineFeaturesRequest:
+        return feature_pb.GetOnlineFeaturesRequest(
+            entities=[
+                feature_pb.EntityKey(entity_type=t, entity_id=i) for t, i in entities.items()
+            ],
+            features=[str(r) for r in refs],
+            layout=layout,
+        )
 
 
 class RedisFeatureReader:
