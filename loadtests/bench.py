@@ -13,11 +13,14 @@ import argparse
 import asyncio
 import contextlib
 import os
+import signal
+import sys
 import tempfile
 import time
-from collections.abc import Awaitable, Callable, Iterable, Mapping
+from collections.abc import Awaitable, Callable, Coroutine, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypeVar
 
 import grpc
 import numpy as np
@@ -193,6 +196,26 @@ def predict_requests(customers: Iterable[str]) -> list[router_pb.PredictRequest]
     return [demo_request(c, 10.0 + i) for i, c in enumerate(customers)]
 
 
+T = TypeVar("T")
+
+
+def run_benchmark(main: Coroutine[object, object, T]) -> T:
+    """Runs a benchmark's `main` on uvloop. SIGTERM (from `timeout`, say) cancels it as
+    Ctrl-C would, so its `finally` blocks stop every process it started, and exits 143."""
+
+    async def guarded() -> T:
+        task = asyncio.current_task()
+        if task is not None:
+            asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, task.cancel)
+        return await main
+
+    try:
+        return uvloop.run(guarded())
+    except asyncio.CancelledError:
+        print("terminated; the processes this benchmark started are stopped", file=sys.stderr)
+        raise SystemExit(128 + signal.SIGTERM) from None
+
+
 async def main(args: argparse.Namespace) -> None:
     stack, demo = await start_demo_stack(
         args.model_runner, args.feature_reader, with_monitor=args.with_monitor
@@ -333,4 +356,4 @@ if __name__ == "__main__":
         default=1,
         help="gRPC channels (TCP connections) the client spreads its router calls over",
     )
-    uvloop.run(main(parser.parse_args()))
+    run_benchmark(main(parser.parse_args()))

@@ -47,6 +47,7 @@ import asyncio
 import json
 import math
 import os
+import signal
 import subprocess
 import sys
 import tempfile
@@ -500,6 +501,12 @@ def feast_python(args: argparse.Namespace) -> tuple[Path | None, str]:
 async def harness(args: argparse.Namespace) -> None:
     from modelserve_cli.stack import Stack, StackOptions
 
+    task = asyncio.current_task()
+    if task is not None:
+        # SIGTERM (from `timeout`, say) unwinds like Ctrl-C, so the `finally` below stops
+        # the service, Redis, the echo and proxy servers and the Feast driver.
+        asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, task.cancel)
+
     run_dir = Path(tempfile.mkdtemp(prefix="modelserve-bench-features-"))
     stack = Stack(
         StackOptions(run_dir=run_dir, env={"MODELSERVE_FEATURE_TELEMETRY__LOG_LEVEL": "warning"})
@@ -884,6 +891,9 @@ def main() -> None:
         loop = _new_event_loop()
         try:
             loop.run_until_complete(harness(args))
+        except asyncio.CancelledError:
+            print("terminated; the processes this benchmark started are stopped", file=sys.stderr)
+            raise SystemExit(128 + signal.SIGTERM) from None
         finally:
             loop.close()
 

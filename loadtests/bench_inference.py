@@ -46,7 +46,7 @@ import grpc
 import numpy as np
 import psutil
 import uvloop
-from bench import Result, add_run_arguments, drive
+from bench import Result, add_run_arguments, drive, run_benchmark
 from tritonclient.grpc import InferInput, InferRequestedOutput, service_pb2
 from tritonclient.grpc.aio import InferenceServerClient
 
@@ -500,4 +500,4 @@ if __name__ == "__main__":
     elif arguments.serve_echo:
         uvloop.run(serve_echo(arguments.with_interceptors))
     else:
-        uvloop.run(main(arguments))
+        run_benchmark(main(arguments))

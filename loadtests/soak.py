@@ -34,8 +34,7 @@ import grpc
 import numpy as np
 import psutil
 import redis.asyncio as aioredis
-import uvloop
-from bench import predict_requests, process_groups, start_demo_stack
+from bench import predict_requests, process_groups, run_benchmark, start_demo_stack
 
 from modelserve.router.v1 import router_service_pb2 as router_pb
 from modelserve.router.v1 import router_service_pb2_grpc as router_grpc
@@ -264,4 +263,4 @@ if __name__ == "__main__":
         default=50.0,
         help="a process whose memory grew more than this after the warm-up fails the soak",
     )
-    sys.exit(uvloop.run(main(parser.parse_args())))
+    sys.exit(run_benchmark(main(parser.parse_args())))
