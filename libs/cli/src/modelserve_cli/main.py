@@ -10,6 +10,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from modelserve_cli.batch import batch_predict_command
 from modelserve_cli.demo import demo_request, deploy_demo, predict
 from modelserve_cli.feature_commands import features_app
 from modelserve_cli.registry_commands import audit, deployments_app, keys_app, models_app
@@ -27,6 +28,7 @@ app.add_typer(deployments_app, name="deployments")
 app.add_typer(keys_app, name="keys")
 app.add_typer(features_app, name="features")
 app.command(name="audit")(audit)
+app.command(name="batch-predict")(batch_predict_command)
 console = Console()
 
 
