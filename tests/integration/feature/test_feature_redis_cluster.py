@@ -8,6 +8,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import UTC, datetime
 
 import grpc
+import numpy as np
 import pytest
 import redis.asyncio as aioredis
 from feature_testing import at, customer_view, double, entity, rpc_error, write
@@ -28,6 +29,7 @@ from modelserve_features.redis_store import (
     redis_key,
     view_history_key,
 )
+from modelserve_runtime.precomputed import precomputed_key, read_precomputed, write_precomputed
 from modelserve_runtime.redis_connect import RedisConnection
 
 AVG = "customer:avg_amount_30d"
@@ -312,3 +314,45 @@ class TestClusterMode:
                 return True
 
             await eventually(reads, "reads work again", within_s=10)
+
+
+@pytest.mark.usefixtures("clean")
+class TestPrecomputedOnCluster:
+    async def test_batch_predictions_land_on_every_node_and_read_back(
+        self, cluster: ClusterSetup
+    ) -> None:
+        """A batch job's predictions, whose keys live on all three nodes, are each stored on
+        their own key's node with their expiry, and read back whole by the router's reader."""
+        client = aioredis.RedisCluster(host="127.0.0.1", port=cluster.nodes[0].port)
+        try:
+            ids = [f"c-{i}" for i in range(60)]
+            nodes = {
+                cluster.node_of(key_slot(precomputed_key("fraud", "customer", i).encode()))
+                for i in ids
+            }
+            assert len(nodes) == 3
+            at = datetime(2026, 7, 1, 12, 0, tzinfo=UTC)
+            probabilities = np.linspace(0, 1, 120, dtype=np.float32).reshape(60, 2)
+            written = await write_precomputed(
+                client,
+                endpoint="fraud",
+                entity_type="customer",
+                model_version="models/fraud/versions/3",
+                entity_ids=ids,
+                outputs={"probabilities": probabilities},
+                computed_at=at,
+                ttl_s=600,
+                batch_size=25,
+            )
+            assert written == 60
+            for i, entity_id in enumerate(ids):
+                found = await read_precomputed(client, "fraud", "customer", entity_id)
+                assert found is not None
+                assert found.model_version == "models/fraud/versions/3"
+                np.testing.assert_array_equal(
+                    found.outputs["probabilities"], probabilities[i : i + 1]
+                )
+                ttl_ms = await client.pttl(precomputed_key("fraud", "customer", entity_id))
+                assert 0 < ttl_ms <= 600_000
+        finally:
+            await client.aclose()

@@ -84,6 +84,39 @@ class TestWriteAndRead:
         assert await read_precomputed(redis_client, "fraud", "customer", "c-4") is None
         assert await read_precomputed(redis_client, "other", "customer", "c-1") is None
 
+    async def test_stored_values_are_the_messages_encode_makes_for_every_dtype(
+        self, redis_client: aioredis.Redis
+    ) -> None:
+        """The writer assembles each row's value from bytes (float arrays as they are): for
+        outputs of every tensor dtype, what it stores parses to the very message
+        `encode_precomputed` makes for that row, and decodes to the row's arrays."""
+        at = datetime(2026, 5, 6, 7, 8, 9, 654321, tzinfo=UTC)
+        outputs = {
+            "probabilities": np.array([[0.1, 0.9], [-0.0, float("inf")]], dtype=np.float32),
+            "score": np.array([1e-300, -2.5], dtype=np.float64),
+            "label": np.array([-(2**62), 7], dtype=np.int64),
+            "flags": np.array([[True, False], [False, True]]),
+            "tag": np.array([b"a:b", b""], dtype="S3"),
+            "count": np.array([3, -4], dtype=np.int32),
+        }
+        await write_precomputed(
+            redis_client,
+            endpoint="fraud",
+            entity_type="customer",
+            model_version=V1,
+            entity_ids=["c-1", "c-2"],
+            outputs=outputs,
+            computed_at=at,
+        )
+        for i, entity in enumerate(["c-1", "c-2"]):
+            raw = await redis_client.get(precomputed_key("fraud", "customer", entity))
+            row = {name: array[i : i + 1] for name, array in outputs.items()}
+            parse = precomputed_pb2.PrecomputedPrediction.FromString
+            assert parse(raw) == parse(encode_precomputed(V1, at, row))
+            found = decode_precomputed(raw)
+            for name, array in row.items():
+                np.testing.assert_array_equal(found.outputs[name], array)
+
     async def test_ttl_and_default_time(self, redis_client: aioredis.Redis) -> None:
         """`ttl_s` makes each key expire; without `computed_at` the time is now."""
         before = datetime.now(UTC).timestamp()
