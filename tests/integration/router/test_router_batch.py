@@ -23,10 +23,11 @@ from modelserve.registry.v1 import registry_service_pb2 as registry_pb
 from modelserve.router.v1 import router_service_pb2 as router_pb
 from modelserve_cli.batch import BatchError, BatchJob, BatchSummary, run_batch
 from modelserve_cli.demo import demo_request
+from modelserve_cli.stack import free_port
 from modelserve_features.online import OnlineStore
 from modelserve_runtime.channels import create_channel
 from modelserve_runtime.clients import InferenceClient, RegistryClient
-from modelserve_runtime.errors import NotFoundError
+from modelserve_runtime.errors import NotFoundError, UnavailableError
 from modelserve_runtime.precomputed import KEY_PREFIX, read_precomputed
 
 #: The facts the demo request carries, as table columns.
@@ -234,7 +235,7 @@ class TestBatchPredict:
     ) -> None:
         """A table without the customer column, a Redis write asked of a deployment without
         a hybrid lookup, and an unknown deployment each fail before anything is scored: no
-        output file, nothing in Redis."""
+        output file, nothing in Redis. Inference unreachable stops the job, writing nothing."""
         deps = dependencies
         await deploy(deps, "batch-refused", V1, hybrid=HYBRID)
         await deploy(deps, "batch-plain", V1)
@@ -250,6 +251,15 @@ class TestBatchPredict:
         with pytest.raises(NotFoundError):
             await batch(deps, store, inference, BatchJob("batch-nowhere", good, output))
         assert not output.exists()
+        # Inference down: the job stops at its first batch rather than failing every row.
+        async with create_channel(f"127.0.0.1:{free_port()}") as nowhere:
+            with pytest.raises(UnavailableError):
+                await batch(
+                    deps,
+                    store,
+                    InferenceClient(nowhere, timeout_s=5),
+                    BatchJob("batch-refused", good),
+                )
         assert await precomputed_keys(store, "batch-refused") == []
         assert await precomputed_keys(store, "batch-plain") == []
 

@@ -46,7 +46,7 @@ from modelserve_router.predict import REQUEST_ENTITY, assemble_row
 from modelserve_runtime.channels import create_channel
 from modelserve_runtime.clients import InferenceClient, RegistryClient
 from modelserve_runtime.convert import DTYPES, numpy_to_tensor, tensor_to_numpy
-from modelserve_runtime.errors import ModelServeError
+from modelserve_runtime.errors import InvalidArgumentError, ModelServeError
 from modelserve_runtime.precomputed import write_precomputed
 from modelserve_runtime.redis_connect import RedisClient
 from modelserve_triton.model_config import conform_outputs
@@ -177,8 +177,9 @@ async def run_batch(
     is scored when the job cannot run: an unknown deployment or version, a table without a
     column the model needs, a hybrid write asked of a deployment without a hybrid lookup.
     A row that cannot be scored (no entity id, a request feature that is not a number, a
-    batch inference refused) is written to the output with its error and counted in
-    `failed`; the other rows go on. `on_batch` hears of each batch done: its rows and the
+    batch inference refused as INVALID_ARGUMENT) is written to the output with its error and
+    counted in `failed`; the other rows go on. Redis or inference failing part way (any other
+    error) stops the job with that error; what was written stays, and a rerun rewrites it. `on_batch` hears of each batch done: its rows and the
     seconds it took (features, inference and the Redis write).
     """
     _check_job(job)
@@ -234,7 +235,6 @@ async def run_batch(
         precomputed=precomputed if precompute else None,
         hybrid_type=hybrid_type,
         entity_types=entity_types,
-        view_types=view_types,
         request_names=[n for n in request_names if n in columns],
         ttl_s=job.precompute_ttl_s,
         clock=clock,
@@ -337,7 +337,6 @@ class _Scorer:
     precomputed: RedisClient | None
     hybrid_type: str | None
     entity_types: list[str]
-    view_types: dict[str, str]
     request_names: list[str]
     ttl_s: float | None
     clock: Callable[[], datetime]
@@ -378,7 +377,9 @@ class _Scorer:
         if inputs:
             try:
                 arrays = await self._infer(inputs)
-            except ModelServeError as exc:
+            except InvalidArgumentError as exc:
+                # The batch's data refused; inference being down or slow (UNAVAILABLE,
+                # DEADLINE_EXCEEDED) or the version not served stops the job instead.
                 for i in scored:
                     errors[i] = f"inference: {exc}"
             else:
