@@ -599,7 +599,8 @@ def batch_predict_command(
 ) -> None:
     """Score a table through the inference service in batches; write each prediction to a
     file and, for a hybrid endpoint, to Redis. Exit 1 when the job cannot run (nothing is
-    written), 2 when some rows could not be scored (each is in the output with its error)."""
+    written) or Redis or inference fail part way, 2 when some rows could not be scored (each
+    is in the output with its error)."""
     job = BatchJob(
         endpoint=endpoint,
         input_path=input_path,
