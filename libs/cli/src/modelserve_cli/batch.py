@@ -114,7 +114,7 @@ class BatchSummary:
 
 
 @dataclass(frozen=True, slots=True)
-class _Plan:
+class ModelPlan:
     """What the version's signature asks of each row and answers."""
 
     refs: tuple[str, ...]
@@ -127,7 +127,7 @@ class _Plan:
     output_shapes: dict[str, list[int]]
 
     @classmethod
-    def of(cls, name: str, version: registry_pb.ModelVersion) -> _Plan:
+    def of(cls, name: str, version: registry_pb.ModelVersion) -> ModelPlan:
         signature = version.signature
         if not signature.feature_refs or not signature.inputs:
             raise BatchError(
@@ -151,6 +151,39 @@ class _Plan:
             ),
             output_shapes={o.name: list(o.shape) for o in signature.outputs},
         )
+
+
+@dataclass(frozen=True, slots=True)
+class Resolved:
+    """A deployment's model as a scoring job needs it."""
+
+    deployment: registry_pb.Deployment
+    version_name: str
+    plan: ModelPlan
+    entity_types: list[str]
+    """The entity types its stored features are keyed by, sorted."""
+    request_names: list[str]
+    """Its request features (`request:NAME`), by name, in signature order."""
+
+
+async def resolve(
+    registry: RegistryClient, features: OnlineStore, endpoint: str, model_version: str | None
+) -> Resolved:
+    """The deployment, the version to score with (`model_version`, else the largest share),
+    its signature's plan and the entity types of its views."""
+    deployment = await registry.get_deployment(f"deployments/{endpoint}")
+    version_name = model_version or main_version(deployment)
+    plan = ModelPlan.of(version_name, await registry.get_model_version(version_name))
+    views = await features.views(plan.views) if plan.views else {}
+    return Resolved(
+        deployment=deployment,
+        version_name=version_name,
+        plan=plan,
+        entity_types=sorted({view.entity_type for view in views.values()}),
+        request_names=[
+            r.partition(":")[2] for r in plan.refs if r.startswith(REQUEST_ENTITY + ":")
+        ],
+    )
 
 
 def main_version(deployment: registry_pb.Deployment) -> str:
@@ -184,9 +217,8 @@ async def run_batch(
     """
     _check_job(job)
     started = time.perf_counter()
-    deployment = await registry.get_deployment(f"deployments/{job.endpoint}")
-    version_name = job.model_version or main_version(deployment)
-    plan = _Plan.of(version_name, await registry.get_model_version(version_name))
+    resolved = await resolve(registry, features, job.endpoint, job.model_version)
+    deployment, version_name, plan = resolved.deployment, resolved.version_name, resolved.plan
     hybrid = deployment.hybrid if deployment.hybrid.enabled else None
     precompute = hybrid is not None if job.precompute is None else job.precompute
     if precompute and hybrid is None:
@@ -196,12 +228,10 @@ async def run_batch(
         )
     if precompute and precomputed is None:
         raise BatchError("writing predictions for the hybrid lookup needs a Redis client")
-    views = await features.views(plan.views) if plan.views else {}
-    view_types = {name: view.entity_type for name, view in views.items()}
-    entity_types = sorted(set(view_types.values()))
+    entity_types = resolved.entity_types
     hybrid_type = hybrid.entity_type if precompute and hybrid is not None else None
     id_columns = sorted({*entity_types, *([hybrid_type] if hybrid_type else [])})
-    request_names = [r.partition(":")[2] for r in plan.refs if r.startswith(REQUEST_ENTITY + ":")]
+    request_names = resolved.request_names
     try:
         fmt = table_format(job.input_path, job.fmt)
     except MaterializeError as exc:
@@ -226,7 +256,7 @@ async def run_batch(
     )
     summary = BatchSummary(model_version=version_name, output_path=output_path)
     writer = None if output_path is None else _Writer(output_path, id_columns, plan, version_name)
-    scorer = _Scorer(
+    scorer = RowScorer(
         plan=plan,
         version_name=version_name,
         endpoint=job.endpoint,
@@ -240,7 +270,7 @@ async def run_batch(
         clock=clock,
     )
     try:
-        pending: list[asyncio.Task[_Scored]] = []
+        pending: list[asyncio.Task[Scored]] = []
         for chunk in _shard_chunks(batches, job):
             summary.rows += len(chunk)
             pending.append(asyncio.create_task(scorer.score(chunk)))
@@ -294,20 +324,20 @@ def _open(
 
 
 @dataclass(frozen=True, slots=True)
-class _Row:
+class Row:
     index: int
     """The row's index in the whole table."""
     cells: dict[str, Any]
 
 
-def _shard_chunks(batches: Iterator[pa.RecordBatch], job: BatchJob) -> Iterator[list[_Row]]:
+def _shard_chunks(batches: Iterator[pa.RecordBatch], job: BatchJob) -> Iterator[list[Row]]:
     """This shard's rows, `batch_rows` at a time."""
-    chunk: list[_Row] = []
+    chunk: list[Row] = []
     index = 0
     for batch in batches:
         for cells in batch.to_pylist():
             if index % job.shards == job.shard:
-                chunk.append(_Row(index, cells))
+                chunk.append(Row(index, cells))
                 if len(chunk) == job.batch_rows:
                     yield chunk
                     chunk = []
@@ -317,8 +347,8 @@ def _shard_chunks(batches: Iterator[pa.RecordBatch], job: BatchJob) -> Iterator[
 
 
 @dataclass(slots=True)
-class _Scored:
-    rows: list[_Row]
+class Scored:
+    rows: list[Row]
     outputs: list[dict[str, Any] | None]
     """Each row's outputs (one row's slice of each), None where it failed."""
     errors: list[str | None]
@@ -328,8 +358,8 @@ class _Scored:
 
 
 @dataclass(slots=True)
-class _Scorer:
-    plan: _Plan
+class RowScorer:
+    plan: ModelPlan
     version_name: str
     endpoint: str
     features: OnlineStore
@@ -341,7 +371,7 @@ class _Scorer:
     ttl_s: float | None
     clock: Callable[[], datetime]
 
-    async def score(self, rows: list[_Row]) -> _Scored:
+    async def score(self, rows: list[Row]) -> Scored:
         started = time.perf_counter()
         errors: list[str | None] = [None] * len(rows)
         outputs: list[dict[str, Any] | None] = [None] * len(rows)
@@ -396,10 +426,10 @@ class _Scorer:
                         computed_at=computed_at,
                         ttl_s=self.ttl_s,
                     )
-        return _Scored(rows, outputs, errors, computed_at, written, time.perf_counter() - started)
+        return Scored(rows, outputs, errors, computed_at, written, time.perf_counter() - started)
 
     async def _read(
-        self, rows: list[_Row], errors: list[str | None]
+        self, rows: list[Row], errors: list[str | None]
     ) -> list[dict[FeatureRef, FeatureResult]]:
         """Each row's stored features, in one read for the whole batch."""
         found: list[dict[FeatureRef, FeatureResult]] = [{} for _ in rows]
@@ -459,10 +489,14 @@ def _facts(cells: Mapping[str, Any]) -> RequestFacts:
     elif isinstance(raw, int | float):
         event_time = datetime.fromtimestamp(float(raw), UTC)
     else:
+        text = str(raw).strip()
         try:
-            event_time = datetime.fromisoformat(str(raw))
+            event_time = datetime.fromtimestamp(float(text), UTC)
         except ValueError:
-            raise ValueError(f"event_time: {raw!r} is not ISO-8601 or epoch seconds") from None
+            try:
+                event_time = datetime.fromisoformat(text)
+            except ValueError:
+                raise ValueError(f"event_time: {raw!r} is not ISO-8601 or epoch seconds") from None
         if event_time.tzinfo is None:
             event_time = event_time.replace(tzinfo=UTC)
     return RequestFacts(
@@ -473,7 +507,7 @@ def _facts(cells: Mapping[str, Any]) -> RequestFacts:
 
 
 def _take(
-    scored: _Scored,
+    scored: Scored,
     summary: BatchSummary,
     writer: _Writer | None,
     on_batch: Callable[[int, float], None] | None,
@@ -495,7 +529,9 @@ def _take(
 class _Writer:
     """The output table: the rows' entity ids, the version, when, each output, and the error."""
 
-    def __init__(self, path: Path, id_columns: Sequence[str], plan: _Plan, version: str) -> None:
+    def __init__(
+        self, path: Path, id_columns: Sequence[str], plan: ModelPlan, version: str
+    ) -> None:
         self._ids = list(id_columns)
         self._plan = plan
         self._version = version
@@ -521,7 +557,7 @@ class _Writer:
             else pq.ParquetWriter(path, self._schema)
         )
 
-    def write(self, scored: _Scored) -> None:
+    def write(self, scored: Scored) -> None:
         columns: dict[str, list[Any]] = {
             c: [None if r.cells.get(c) is None else str(r.cells[c]) for r in scored.rows]
             for c in self._ids

@@ -16,6 +16,7 @@ from modelserve_cli.feature_commands import features_app
 from modelserve_cli.registry_commands import audit, deployments_app, keys_app, models_app
 from modelserve_cli.rollout_commands import canary_app
 from modelserve_cli.stack import SERVICES, Stack, StackError, StackOptions
+from modelserve_cli.stream import stream_predict_command
 from modelserve_cli.tls import cli_tls
 from modelserve_runtime.errors import decode_rpc_error
 
@@ -29,6 +30,7 @@ app.add_typer(keys_app, name="keys")
 app.add_typer(features_app, name="features")
 app.command(name="audit")(audit)
 app.command(name="batch-predict")(batch_predict_command)
+app.command(name="stream-predict")(stream_predict_command)
 console = Console()
 
 
