@@ -84,7 +84,7 @@ class StreamJob:
     batch_events: int = 64
     """Events read and scored together."""
     block_ms: int = 1000
-    """How long one read waits for new events."""
+    """How long one read waits for new events; 0: it does not wait."""
     claim_idle_ms: int = 60_000
     """Another consumer's pending event idle this long is taken over."""
     output_max_len: int = 1_000_000
@@ -144,6 +144,7 @@ class StreamWorker:
         self._resolved: Resolved | None = None
         self._refresh_at = 0.0
         self._own_pending = True
+        self._claim_at = 0.0
         self.stats = StreamStats()
 
     async def setup(self) -> None:
@@ -207,7 +208,8 @@ class StreamWorker:
             if own:
                 return own
             self._own_pending = False
-        if job.claim_idle_ms:
+        now = time.monotonic()
+        if job.claim_idle_ms and now >= self._claim_at:
             claimed: Any = await self._client.xautoclaim(
                 job.input_stream,
                 job.group,
@@ -217,9 +219,13 @@ class StreamWorker:
                 count=job.batch_events,
             )
             entries = [(i, f) for i, f in claimed[1] if f is not None]
+            # Others' idle events are looked for again once a full batch no longer comes
+            # back, at most every claim_idle_ms (up to 5 s): not a round trip per batch.
+            if len(claimed[1]) < job.batch_events:
+                self._claim_at = now + min(job.claim_idle_ms / 1000, 5.0)
             if entries:
                 return [(_text(i), _fields(f)) for i, f in entries]
-        return await self._read(">", block_ms=job.block_ms)
+        return await self._read(">", block_ms=job.block_ms or None)
 
     async def _read(
         self, start: str, *, block_ms: int | None = None
