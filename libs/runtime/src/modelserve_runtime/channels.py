@@ -22,6 +22,10 @@ def channel_credentials(tls: ClientTlsSettings) -> grpc.ChannelCredentials:
     )
 
 
+#: Targets of these schemes are spread over every address they resolve to (round robin).
+SPREAD_SCHEMES = ("dns:", "ipv4:", "ipv6:")
+
+
 def create_channel(
     target: str,
     *,
@@ -33,7 +37,8 @@ def create_channel(
 ) -> grpc.aio.Channel:
     """An aio channel to `target` whose calls always carry a deadline, and the API key
     `api_key` (as `x-api-key`) when one is given; TLS when `tls` is enabled, else plaintext.
-    While a call is open it pings the server every `keepalive_ms`."""
+    While a call is open it pings the server every `keepalive_ms`. A target with a resolver
+    scheme (SPREAD_SCHEMES) spreads calls over all the servers it resolves to."""
     options: list[tuple[str, str | int]] = [
         ("grpc.max_send_message_length", max_message_bytes),
         ("grpc.max_receive_message_length", max_message_bytes),
@@ -43,6 +48,11 @@ def create_channel(
         ("grpc.initial_reconnect_backoff_ms", 100),
         ("grpc.max_reconnect_backoff_ms", 5000),
     ]
+    if target.startswith(SPREAD_SCHEMES):
+        # A target that names its resolver (`dns:///feature-headless:50053`, a Kubernetes
+        # headless Service; `ipv4:a:p,b:p`) may resolve to many servers: calls go round them
+        # all rather than to the first, which a ClusterIP Service would do per connection.
+        options.append(("grpc.lb_policy_name", "round_robin"))
     interceptors = client_interceptors(default_timeout_s, api_key)
     if tls is None or not tls.enabled:
         return grpc.aio.insecure_channel(target, options=options, interceptors=interceptors)
