@@ -29,6 +29,16 @@ class TritonStartError(RuntimeError):
 
 
 @dataclass(frozen=True, slots=True)
+class GrpcServerTls:
+    """Triton's gRPC endpoint over TLS (`--grpc-use-ssl`)."""
+
+    cert_file: Path
+    key_file: Path
+    client_ca_file: Path | None = None
+    """When set, clients must present a certificate signed by this CA (mutual TLS)."""
+
+
+@dataclass(frozen=True, slots=True)
 class TritonOptions:
     """How to run one tritonserver; a port of 0 means "pick a free one"."""
 
@@ -41,6 +51,9 @@ class TritonOptions:
     log_verbose: int = 0
     extra_args: tuple[str, ...] = ()
     """Further tritonserver flags, appended last."""
+    grpc_tls: GrpcServerTls | None = None
+    """Serve gRPC over TLS; None: plaintext. (Triton's HTTP endpoint has no TLS; it stays on
+    127.0.0.1, where readiness is asked.)"""
 
 
 @dataclass(frozen=True, slots=True)
@@ -280,6 +293,15 @@ class TritonServer:
             "--pinned-memory-pool-byte-size=0",
             f"--log-verbose={options.log_verbose}",
         ]
+        if options.grpc_tls is not None:
+            tls = options.grpc_tls
+            argv += [
+                "--grpc-use-ssl=true",
+                f"--grpc-server-cert={tls.cert_file}",
+                f"--grpc-server-key={tls.key_file}",
+            ]
+            if tls.client_ca_file is not None:
+                argv += ["--grpc-use-ssl-mutual=true", f"--grpc-root-cert={tls.client_ca_file}"]
         if options.trace_otlp_endpoint:
             argv += [
                 "--trace-config=mode=opentelemetry",
@@ -301,11 +323,28 @@ class TritonServer:
         )
         return argv, env
 
+    async def _http_ready(self, *, timeout_s: float) -> bool:
+        """Whether `GET /v2/health/ready` on the HTTP endpoint answers 200."""
+        async with asyncio.timeout(timeout_s):
+            reader, writer = await asyncio.open_connection("127.0.0.1", self._http_port)
+            try:
+                writer.write(
+                    b"GET /v2/health/ready HTTP/1.1\r\nHost: triton\r\nConnection: close\r\n\r\n"
+                )
+                await writer.drain()
+                status = await reader.readline()
+            finally:
+                writer.close()
+        return status.split(b" ")[1:2] == [b"200"]
+
     async def _wait_ready(self, process: asyncio.subprocess.Process, limit_s: float) -> None:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + limit_s
         exited = asyncio.ensure_future(process.wait())
         runner = TritonRunner(self.grpc_endpoint)
+        # Over TLS (mutual, perhaps) readiness is asked of the plaintext HTTP endpoint, bound
+        # to 127.0.0.1, rather than with a client certificate this process may not have.
+        ready = runner.is_server_ready if self._options.grpc_tls is None else self._http_ready
         try:
             while True:
                 if exited.done():
@@ -319,8 +358,8 @@ class TritonServer:
                         f"tritonserver was not ready after {limit_s} s; log {self.log_path}:\n"
                         f"{self.log_tail()}"
                     )
-                with contextlib.suppress(TritonError):
-                    if await runner.is_server_ready(timeout_s=min(1.0, remaining)):
+                with contextlib.suppress(TritonError, OSError, TimeoutError):
+                    if await ready(timeout_s=min(1.0, remaining)):
                         return
                 # Ask again shortly, or wake at once if the process exits meanwhile.
                 await asyncio.wait({exited}, timeout=min(0.05, max(remaining, 0)))

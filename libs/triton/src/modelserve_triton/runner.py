@@ -97,9 +97,25 @@ def decode_outputs(
 class TritonRunner:
     """A gRPC client of one Triton server; open it inside the event loop that uses it."""
 
-    def __init__(self, url: str, *, tracer: trace.Tracer | None = None) -> None:
+    def __init__(
+        self,
+        url: str,
+        *,
+        tracer: trace.Tracer | None = None,
+        credentials: grpc.ChannelCredentials | None = None,
+        server_name: str | None = None,
+    ) -> None:
+        """`credentials`: TLS to a Triton started with `--grpc-use-ssl` (its CA, and a client
+        certificate when it asks for one); `server_name`: the name its certificate carries,
+        when not the host of `url`. None: plaintext."""
         self._url = url
-        self._client = InferenceServerClient(url, channel_args=_CHANNEL_ARGS)
+        self._credentials = credentials
+        self._channel_args: list[tuple[str, str | int]] = list(_CHANNEL_ARGS)
+        if server_name is not None:
+            self._channel_args.append(("grpc.ssl_target_name_override", server_name))
+        self._client = InferenceServerClient(
+            url, creds=credentials, channel_args=self._channel_args
+        )
         self._tracer = tracer or trace.get_tracer(__name__)
         # The raw ModelInfer stub of `infer_request`, on a channel of its own that connects
         # on first use (tritonclient keeps its stub private).
@@ -162,7 +178,13 @@ class TritonRunner:
         # Writes the W3C traceparent of the span above, which Triton continues.
         propagate.inject(carrier, context=trace.set_span_in_context(span))
         if self._raw_infer is None:
-            self._raw_channel = grpc.aio.insecure_channel(self._url, options=_CHANNEL_ARGS)
+            self._raw_channel = (
+                grpc.aio.insecure_channel(self._url, options=self._channel_args)
+                if self._credentials is None
+                else grpc.aio.secure_channel(
+                    self._url, self._credentials, options=self._channel_args
+                )
+            )
             self._raw_infer = service_pb2_grpc.GRPCInferenceServiceStub(
                 self._raw_channel
             ).ModelInfer

@@ -18,7 +18,9 @@ from modelserve_features.online import FeatureResult, FeatureStatus, OnlineStore
 from modelserve_features.redis_store import EntityKey
 from modelserve_features.views import FeatureRef, Value
 from modelserve_router.routing import ServedVersion, ServingChange
+from modelserve_runtime.channels import channel_credentials
 from modelserve_runtime.clients import FeatureClient, InferenceClient
+from modelserve_runtime.config import ClientTlsSettings
 from modelserve_runtime.convert import numpy_to_tensor, tensor_to_numpy
 from modelserve_runtime.errors import (
     FailedPreconditionError,
@@ -256,11 +258,16 @@ class ServiceModelRunner:
 
 class TritonModelRunner:
     """Inference straight to the Triton endpoint that inference publishes for a READY version:
-    its HTTP endpoint when `protocol` is "http" and one is published, else its gRPC one."""
+    its HTTP endpoint when `protocol` is "http" and one is published, else its gRPC one. With
+    `tls` enabled, always its gRPC endpoint over TLS (Triton's HTTP endpoint has none)."""
 
-    def __init__(self, *, timeout_s: float, protocol: str = "http") -> None:
+    def __init__(
+        self, *, timeout_s: float, protocol: str = "http", tls: ClientTlsSettings | None = None
+    ) -> None:
         self._timeout_s = timeout_s
-        self._http = protocol == "http"
+        self._tls = tls if tls is not None and tls.enabled else None
+        self._http = protocol == "http" and self._tls is None
+        self._credentials = None if self._tls is None else channel_credentials(self._tls)
         self._runners: dict[str, TritonRunner | TritonHttpRunner] = {}
 
     def _runner(self, version: ServedVersion) -> TritonRunner | TritonHttpRunner:
@@ -272,7 +279,11 @@ class TritonModelRunner:
             return runner
         runner = self._runners.get(version.triton_endpoint)
         if runner is None:
-            runner = self._runners[version.triton_endpoint] = TritonRunner(version.triton_endpoint)
+            runner = self._runners[version.triton_endpoint] = TritonRunner(
+                version.triton_endpoint,
+                credentials=self._credentials,
+                server_name=None if self._tls is None else self._tls.server_name,
+            )
         return runner
 
     async def run(
