@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import Field, SecretStr
+from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import SettingsConfigDict
 
 from modelserve_runtime.config import ClientTlsSettings, ServiceSettings
@@ -27,6 +27,11 @@ class InferenceSettings(ServiceSettings):
     triton_http_url: str | None = None
     """Triton's HTTP endpoint (`host:port`) in remote mode, published with each READY version
     for the router's direct path (which prefers it); none: only the gRPC one is published."""
+    triton_tls: ClientTlsSettings = Field(default_factory=ClientTlsSettings)
+    """Remote mode: TLS of the calls to a Triton that serves gRPC over TLS (`--grpc-use-ssl`):
+    the CA, a client certificate for mutual TLS, the server name. On, every call goes by gRPC
+    and no HTTP endpoint is published (Triton's HTTP has no TLS), so routers call the gRPC
+    one, with their own `triton_tls`."""
     triton_work_dir: Path = Path(".run/triton")
     """Local mode: where the backend directory, model repository and Triton's log live."""
     triton_grpc_port: int = Field(default=0, ge=0, le=65535)
@@ -100,3 +105,13 @@ class InferenceSettings(ServiceSettings):
     noticed at once)."""
     triton_stats_interval_s: float = Field(default=5.0, gt=0)
     """How often Triton's per-version statistics are read for /metrics."""
+
+    @model_validator(mode="after")
+    def _tls_is_for_a_remote_triton(self) -> InferenceSettings:
+        """The Triton started in local mode listens on 127.0.0.1 in plaintext."""
+        if self.triton_tls.enabled and self.triton_mode != "remote":
+            raise ValueError(
+                "triton_tls is for a remote Triton (triton_mode: remote); the local one "
+                "listens on 127.0.0.1 only"
+            )
+        return self

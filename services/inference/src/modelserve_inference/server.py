@@ -21,7 +21,7 @@ from modelserve_inference.servicer import InferenceServicer
 from modelserve_inference.supervisor import TritonHost, TritonSupervisor
 from modelserve_inference.triton_host import LocalTriton, RemoteTriton
 from modelserve_inference.triton_stats import TritonStatistics
-from modelserve_runtime.channels import create_channel
+from modelserve_runtime.channels import channel_credentials, create_channel
 from modelserve_runtime.clients import RegistryClient
 from modelserve_runtime.discovery import create_discovery
 from modelserve_runtime.errors import UnavailableError
@@ -120,7 +120,15 @@ async def build_server(settings: InferenceSettings) -> tuple[GrpcServer, Inferen
         api_key=api_key.get_secret_value() if api_key is not None else None,
         tls=settings.registry_tls,
     )
-    runner = TritonRunner(triton_url)
+    tls = settings.triton_tls if settings.triton_tls.enabled else None
+    runner = TritonRunner(
+        triton_url,
+        credentials=None if tls is None else channel_credentials(tls),
+        server_name=None if tls is None else tls.server_name,
+    )
+    if tls is not None:
+        # Triton's HTTP endpoint has no TLS: neither used here nor published to routers.
+        triton_http_url = ""
     http_runner = (
         TritonHttpRunner(triton_http_url)
         if settings.triton_protocol == "http" and triton_http_url

@@ -100,6 +100,11 @@ class RouterSettings(ServiceSettings):
     tensors (when inference publishes one for the version; else gRPC), or `grpc`. Same
     answers, errors and trace either way; the benchmark picked `http` (a fraction of the
     gRPC client's CPU per call)."""
+    triton_tls: ClientTlsSettings = Field(default_factory=ClientTlsSettings)
+    """TLS of the `triton` model runner's calls, for Tritons that serve gRPC over TLS (NVIDIA's
+    `--grpc-use-ssl`): the CA, a client certificate for mutual TLS, the server name. On, the
+    runner always calls Triton's gRPC endpoint (its HTTP one has no TLS), whatever
+    `triton_protocol` says."""
     coalesce: bool = True
     """Micro-batching: concurrent model calls for one version go to the model as one batched
     call (what is waiting is sent as soon as a slot is free; see `coalesce_*`), and each

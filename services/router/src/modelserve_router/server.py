@@ -156,7 +156,9 @@ async def build_server(settings: RouterSettings) -> tuple[GrpcServer, RouterApp]
     runner: ModelRunner
     if settings.model_runner == "triton":
         runner = direct = TritonModelRunner(
-            timeout_s=settings.inference_timeout_s, protocol=settings.triton_protocol
+            timeout_s=settings.inference_timeout_s,
+            protocol=settings.triton_protocol,
+            tls=settings.triton_tls,
         )
     else:
         runner = ServiceModelRunner(inference)
