@@ -199,6 +199,16 @@ def predict_requests(customers: Iterable[str]) -> list[router_pb.PredictRequest]
 T = TypeVar("T")
 
 
+def batch_row(name: str, batch: int, seconds: list[float], items: int, wall_s: float) -> str:
+    """A results row for a batch path: batches, p50/p95/p99 ms of one batch, items/s."""
+    ms = np.asarray(seconds) * 1000
+    p50, p95, p99 = (float(np.percentile(ms, q)) for q in (50, 95, 99))
+    return (
+        f"| {name} | {batch} | {len(seconds)} | {p50:.2f} | {p95:.2f} | {p99:.2f} | "
+        f"{items / wall_s:,.0f} |"
+    )
+
+
 def run_benchmark(main: Coroutine[object, object, T]) -> T:
     """Runs a benchmark's `main` on uvloop. SIGTERM (from `timeout`, say) cancels it as
     Ctrl-C would, so its `finally` blocks stop every process it started, and exits 143."""

@@ -30,7 +30,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import redis.asyncio as aioredis
-from bench import run_benchmark, start_demo_stack
+from bench import batch_row, run_benchmark, start_demo_stack
 
 from modelserve.registry.v1 import registry_service_pb2 as registry_pb
 from modelserve.registry.v1 import registry_service_pb2_grpc as registry_grpc
@@ -57,15 +57,6 @@ def _table(path: Path, rows: int, customers: list[str]) -> None:
             }
         ),
         path,
-    )
-
-
-def _summary(name: str, batch: int, seconds: list[float], rows: int, wall_s: float) -> str:
-    ms = np.asarray(seconds) * 1000
-    p50, p95, p99 = (float(np.percentile(ms, q)) for q in (50, 95, 99))
-    return (
-        f"| {name} | {batch} | {len(seconds)} | {p50:.2f} | {p95:.2f} | {p99:.2f} | "
-        f"{rows / wall_s:,.0f} |"
     )
 
 
@@ -151,8 +142,8 @@ async def main(args: argparse.Namespace) -> None:
                 started = time.perf_counter()
                 await asyncio.gather(*(direct(first, size) for first, size in batches))
                 direct_wall = time.perf_counter() - started
-                lines.append(_summary("batch job", batch, job_seconds, args.rows, job_wall))
-                lines.append(_summary("direct", batch, direct_seconds, args.rows, direct_wall))
+                lines.append(batch_row("batch job", batch, job_seconds, args.rows, job_wall))
+                lines.append(batch_row("direct", batch, direct_seconds, args.rows, direct_wall))
                 lines.append(
                     f"| job / direct rows/s | {batch} | | | | | {direct_wall / job_wall:.2f} |"
                 )

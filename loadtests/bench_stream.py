@@ -26,7 +26,7 @@ import time
 
 import numpy as np
 import redis.asyncio as aioredis
-from bench import run_benchmark, start_demo_stack
+from bench import batch_row, run_benchmark, start_demo_stack
 
 from modelserve_cli.demo import ENDPOINT, demo_request
 from modelserve_cli.stream import StreamJob, StreamWorker
@@ -55,15 +55,6 @@ async def _fill(client: aioredis.Redis, stream: str, events: int, customers: lis
                     },
                 )
             await pipe.execute()
-
-
-def _line(name: str, batch: int, seconds: list[float], events: int, wall_s: float) -> str:
-    ms = np.asarray(seconds) * 1000
-    p50, p95, p99 = (float(np.percentile(ms, q)) for q in (50, 95, 99))
-    return (
-        f"| {name} | {batch} | {len(seconds)} | {p50:.2f} | {p95:.2f} | {p99:.2f} | "
-        f"{events / wall_s:,.0f} |"
-    )
 
 
 async def main(args: argparse.Namespace) -> None:
@@ -149,8 +140,8 @@ async def main(args: argparse.Namespace) -> None:
                     done += len(entries)
                     direct_seconds.append(time.perf_counter() - began)
                 direct_wall = time.perf_counter() - started
-                lines.append(_line("worker", batch, worker_seconds, args.events, worker_wall))
-                lines.append(_line("direct", batch, direct_seconds, args.events, direct_wall))
+                lines.append(batch_row("worker", batch, worker_seconds, args.events, worker_wall))
+                lines.append(batch_row("direct", batch, direct_seconds, args.events, direct_wall))
                 lines.append(
                     f"| worker / direct events/s | {batch} | | | | | "
                     f"{direct_wall / worker_wall:.2f} |"

@@ -73,3 +73,17 @@ def mutual_tls(server: KeyPair, ca: KeyPair) -> dict[str, Path]:
     """A service's `server.tls` settings for mutual TLS: `server`'s key pair, and clients
     signed by `ca` required."""
     return {"cert_file": server.cert, "key_file": server.key, "client_ca_file": ca.cert}
+
+
+def triton_pki(directory: Path) -> dict[str, KeyPair]:
+    """A CA, a server certificate for a Triton dialled at 127.0.0.1 or localhost, and a client
+    certificate, all of it; `stranger`: a client certificate of another CA."""
+    ca = certificate_authority(directory, "ca")
+    return {
+        "ca": ca,
+        "server": server_certificate(directory, "triton", ca),
+        "client": client_certificate(directory, "client", ca),
+        "stranger": client_certificate(
+            directory, "stranger", certificate_authority(directory, "other")
+        ),
+    }

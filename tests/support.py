@@ -8,6 +8,7 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any, TypeVar
 
 import grpc
@@ -95,3 +96,21 @@ async def eventually(
             await nudge()
             nudge_at = time.monotonic() + nudge_every_s
         await asyncio.sleep(every_s)
+
+
+@asynccontextmanager
+async def tls_tritonserver(work_dir: Path, server: Any, client_ca: Any) -> AsyncIterator[Any]:
+    """A tritonserver whose gRPC endpoint requires TLS with `server`'s key pair (pki.KeyPair)
+    and a client certificate signed by `client_ca`."""
+    from modelserve_triton.process import GrpcServerTls, TritonOptions, TritonServer
+
+    triton = TritonServer(
+        TritonOptions(
+            work_dir=work_dir, grpc_tls=GrpcServerTls(server.cert, server.key, client_ca.cert)
+        )
+    )
+    await triton.start()
+    try:
+        yield triton
+    finally:
+        await triton.stop()

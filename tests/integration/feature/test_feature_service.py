@@ -28,6 +28,18 @@ ALL = [
 ]
 
 
+#: A value of every dtype of the customer view, as written.
+EVERY_DTYPE = {
+    "avg_amount_30d": double(42.5),
+    "chargebacks_90d": value_pb.FeatureValue(int64_value=-(2**62)),
+    "segment": value_pb.FeatureValue(string_value="gold ✓"),
+    "vip": value_pb.FeatureValue(bool_value=False),
+    "embedding": value_pb.FeatureValue(
+        float_vector_value=value_pb.FloatVector(values=[0.5, -1.25])
+    ),
+}
+
+
 async def _apply(stub: pb_grpc.FeatureServiceStub, max_age_s: int = 0) -> None:
     await stub.ApplyFeatureView(
         pb.ApplyFeatureViewRequest(feature_view=customer_view(max_age_s=max_age_s))
@@ -54,15 +66,7 @@ class TestRead:
                     writes=[
                         write(
                             "c-1",
-                            {
-                                "avg_amount_30d": double(42.5),
-                                "chargebacks_90d": value_pb.FeatureValue(int64_value=-(2**62)),
-                                "segment": value_pb.FeatureValue(string_value="gold ✓"),
-                                "vip": value_pb.FeatureValue(bool_value=False),
-                                "embedding": value_pb.FeatureValue(
-                                    float_vector_value=value_pb.FloatVector(values=[0.5, -1.25])
-                                ),
-                            },
+                            EVERY_DTYPE,
                             event_time=at(written_at),
                         ),
                         write("c-2", {"avg_amount_30d": double(7.0)}),
@@ -574,15 +578,7 @@ class TestListLayout:
                     writes=[
                         write(
                             "c-1",
-                            {
-                                "avg_amount_30d": double(42.5),
-                                "chargebacks_90d": value_pb.FeatureValue(int64_value=-(2**62)),
-                                "segment": value_pb.FeatureValue(string_value="gold ✓"),
-                                "vip": value_pb.FeatureValue(bool_value=False),
-                                "embedding": value_pb.FeatureValue(
-                                    float_vector_value=value_pb.FloatVector(values=[0.5, -1.25])
-                                ),
-                            },
+                            EVERY_DTYPE,
                             event_time=fresh,
                         ),
                         write("c-2", {"avg_amount_30d": double(7.0)}, event_time=stale),

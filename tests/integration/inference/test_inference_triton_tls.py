@@ -16,26 +16,21 @@ from inference_testing import (
     infer_request,
     load,
 )
-from pki import KeyPair, certificate_authority, client_certificate, server_certificate
+from pki import KeyPair, triton_pki
 from pydantic import ValidationError
+from support import tls_tritonserver
 
 from modelserve_demo import fraud
 from modelserve_inference.config import InferenceSettings
 from modelserve_runtime.config import ClientTlsSettings
-from modelserve_triton.process import GrpcServerTls, TritonOptions, TritonServer
+from modelserve_triton.process import TritonServer
 
 pytestmark = pytest.mark.triton
 
 
 @pytest.fixture(scope="module")
 def pki(tmp_path_factory: pytest.TempPathFactory) -> dict[str, KeyPair]:
-    directory = tmp_path_factory.mktemp("pki")
-    ca = certificate_authority(directory, "ca")
-    return {
-        "ca": ca,
-        "server": server_certificate(directory, "triton", ca),
-        "client": client_certificate(directory, "inference", ca),
-    }
+    return triton_pki(tmp_path_factory.mktemp("pki"))
 
 
 @pytest.fixture(scope="module")
@@ -43,15 +38,10 @@ async def tls_triton(
     tmp_path_factory: pytest.TempPathFactory, pki: dict[str, KeyPair]
 ) -> AsyncIterator[TritonServer]:
     """A tritonserver, not the service's own, requiring TLS and a client certificate."""
-    server = TritonServer(
-        TritonOptions(
-            work_dir=tmp_path_factory.mktemp("tls-triton"),
-            grpc_tls=GrpcServerTls(pki["server"].cert, pki["server"].key, pki["ca"].cert),
-        )
-    )
-    await server.start()
-    yield server
-    await server.stop()
+    async with tls_tritonserver(
+        tmp_path_factory.mktemp("tls-triton"), pki["server"], pki["ca"]
+    ) as server:
+        yield server
 
 
 @pytest.fixture(scope="module")

@@ -23,7 +23,8 @@ from modelserve_inference.config import InferenceSettings
 from modelserve_inference.server import InferenceApp
 from modelserve_registry import server as registry_server
 from modelserve_registry.config import RegistrySettings
-from modelserve_runtime.clients import RegistryAdminClient
+from modelserve_runtime.channels import create_channel
+from modelserve_runtime.clients import InferenceClient, RegistryAdminClient
 
 
 @pytest.fixture(scope="package")
@@ -93,3 +94,21 @@ async def dependencies(
             finally:
                 await client.aclose()
             yield deps
+
+
+@pytest.fixture
+async def store(dependencies: Dependencies) -> AsyncIterator[aioredis.Redis]:
+    """A client on the router's Redis, where batch jobs write their predictions and the
+    streaming tests keep their streams."""
+    client = aioredis.Redis.from_url(dependencies.redis.url)
+    try:
+        yield client
+    finally:
+        await client.aclose()
+
+
+@pytest.fixture
+async def inference(dependencies: Dependencies) -> AsyncIterator[InferenceClient]:
+    """An InferenceService client on the test's inference service."""
+    async with create_channel(dependencies.inference_target) as channel:
+        yield InferenceClient(channel, timeout_s=30)

@@ -8,7 +8,6 @@ import asyncio
 import csv
 import json
 import sys
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import numpy as np
@@ -37,21 +36,6 @@ USER_AGENT = _DEMO.context.user_agent
 HYBRID = registry_pb.HybridLookup(
     enabled=True, max_age=Duration(seconds=600), entity_type="customer"
 )
-
-
-@pytest.fixture
-async def store(dependencies: Dependencies) -> AsyncIterator[aioredis.Redis]:
-    client = aioredis.Redis.from_url(dependencies.redis.url)
-    try:
-        yield client
-    finally:
-        await client.aclose()
-
-
-@pytest.fixture
-async def inference(dependencies: Dependencies) -> AsyncIterator[InferenceClient]:
-    async with create_channel(dependencies.inference_target) as channel:
-        yield InferenceClient(channel, timeout_s=30)
 
 
 def table(path: Path, rows: list[dict[str, object]]) -> Path:

@@ -5,7 +5,6 @@ deployment that turns the lookup off stops it."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -46,16 +45,6 @@ def hybrid(max_age_s: int) -> registry_pb.HybridLookup:
     return registry_pb.HybridLookup(
         enabled=True, max_age=Duration(seconds=max_age_s), entity_type="customer"
     )
-
-
-@pytest.fixture
-async def store(dependencies: Dependencies) -> AsyncIterator[aioredis.Redis]:
-    """A client on the router's Redis, where batch jobs write their predictions."""
-    client = aioredis.Redis.from_url(dependencies.redis.url)
-    try:
-        yield client
-    finally:
-        await client.aclose()
 
 
 async def precompute(

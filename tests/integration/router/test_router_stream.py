@@ -9,7 +9,6 @@ import asyncio
 import json
 import signal
 import sys
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import numpy as np
@@ -31,21 +30,6 @@ CONTEXT = {
     "event_time": str(_DEMO.context.event_time.seconds),
     "user_agent": _DEMO.context.user_agent,
 }
-
-
-@pytest.fixture
-async def store(dependencies: Dependencies) -> AsyncIterator[aioredis.Redis]:
-    client = aioredis.Redis.from_url(dependencies.redis.url)
-    try:
-        yield client
-    finally:
-        await client.aclose()
-
-
-@pytest.fixture
-async def inference(dependencies: Dependencies) -> AsyncIterator[InferenceClient]:
-    async with create_channel(dependencies.inference_target) as channel:
-        yield InferenceClient(channel, timeout_s=30)
 
 
 def worker(

@@ -9,7 +9,8 @@ from collections.abc import AsyncIterator
 import numpy as np
 import onnxruntime as ort
 import pytest
-from pki import KeyPair, certificate_authority, client_certificate, server_certificate
+from pki import KeyPair, triton_pki
+from support import tls_tritonserver
 
 from modelserve_cli.stack import free_port
 from modelserve_demo.fraud import TrainedModel, make_dataset, train
@@ -18,7 +19,7 @@ from modelserve_runtime.channels import channel_credentials
 from modelserve_runtime.config import ClientTlsSettings
 from modelserve_runtime.errors import UnavailableError
 from modelserve_triton.model_config import build_model_config, model_files
-from modelserve_triton.process import GrpcServerTls, TritonOptions, TritonServer
+from modelserve_triton.process import TritonServer
 from modelserve_triton.runner import TritonError, TritonRunner
 
 pytestmark = pytest.mark.triton
@@ -28,16 +29,7 @@ MODEL = "fraud-tls"
 
 @pytest.fixture(scope="module")
 def pki(tmp_path_factory: pytest.TempPathFactory) -> dict[str, KeyPair]:
-    directory = tmp_path_factory.mktemp("pki")
-    ca = certificate_authority(directory, "ca")
-    return {
-        "ca": ca,
-        "server": server_certificate(directory, "triton", ca),
-        "client": client_certificate(directory, "router", ca),
-        "stranger": client_certificate(
-            directory, "stranger", certificate_authority(directory, "other")
-        ),
-    }
+    return triton_pki(tmp_path_factory.mktemp("pki"))
 
 
 def tls(
@@ -58,17 +50,10 @@ async def tls_triton(
     tmp_path_factory: pytest.TempPathFactory, pki: dict[str, KeyPair]
 ) -> AsyncIterator[TritonServer]:
     """A tritonserver whose gRPC endpoint requires TLS and a client certificate of our CA."""
-    server = TritonServer(
-        TritonOptions(
-            work_dir=tmp_path_factory.mktemp("triton-tls"),
-            grpc_tls=GrpcServerTls(pki["server"].cert, pki["server"].key, pki["ca"].cert),
-        )
-    )
-    await server.start()
-    try:
+    async with tls_tritonserver(
+        tmp_path_factory.mktemp("triton-tls"), pki["server"], pki["ca"]
+    ) as server:
         yield server
-    finally:
-        await server.stop()
 
 
 @pytest.fixture(scope="module")

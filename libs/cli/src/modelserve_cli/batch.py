@@ -585,6 +585,57 @@ class _Writer:
         self._sink.close()
 
 
+@dataclass(slots=True)
+class JobClients:
+    """What a scoring job calls: the registry, inference, the feature store and its Redis."""
+
+    registry: RegistryClient
+    inference: InferenceClient
+    features: OnlineStore
+    redis: redis.Redis
+
+
+class JobConnection:
+    """Opens a job's clients from the command line's addresses (TLS as `cli_tls` says) and
+    closes them all: `async with JobConnection(...) as clients`."""
+
+    def __init__(
+        self,
+        registry: str,
+        inference: str,
+        redis_url: str,
+        feature_redis_url: str | None,
+        api_key: str | None,
+        timeout_s: float,
+    ) -> None:
+        tls = cli_tls()
+        self._channels = [
+            create_channel(target, default_timeout_s=timeout_s, api_key=api_key, tls=tls)
+            for target in (registry, inference)
+        ]
+        self._redis = redis.Redis.from_url(redis_url)
+        self._feature_redis = (
+            self._redis if feature_redis_url is None else redis.Redis.from_url(feature_redis_url)
+        )
+        self._timeout_s = timeout_s
+
+    async def __aenter__(self) -> JobClients:
+        registry_channel, inference_channel = self._channels
+        return JobClients(
+            registry=RegistryClient(registry_channel),
+            inference=InferenceClient(inference_channel, timeout_s=self._timeout_s),
+            features=OnlineStore(self._feature_redis, timeout_s=self._timeout_s),
+            redis=self._redis,
+        )
+
+    async def __aexit__(self, *exc: object) -> None:
+        for channel in self._channels:
+            await channel.close()
+        await self._redis.aclose()
+        if self._feature_redis is not self._redis:
+            await self._feature_redis.aclose()
+
+
 def batch_predict_command(
     endpoint: str = typer.Argument(..., help="The deployment whose model scores the rows."),
     input_path: Path = typer.Argument(..., help="The table to score: a Parquet or CSV file."),
@@ -653,32 +704,18 @@ def batch_predict_command(
 
     async def work(progress: Progress) -> BatchSummary:
         task = progress.add_task("rows scored", total=None)
-        tls = cli_tls()
-        registry_channel = create_channel(
-            registry, default_timeout_s=timeout_s, api_key=api_key, tls=tls
+        connection = JobConnection(
+            registry, inference, redis_url, feature_redis_url, api_key, timeout_s
         )
-        inference_channel = create_channel(
-            inference, default_timeout_s=timeout_s, api_key=api_key, tls=tls
-        )
-        router_redis = redis.Redis.from_url(redis_url)
-        feature_redis = (
-            router_redis if feature_redis_url is None else redis.Redis.from_url(feature_redis_url)
-        )
-        try:
+        async with connection as clients:
             return await run_batch(
                 job,
-                registry=RegistryClient(registry_channel),
-                inference=InferenceClient(inference_channel, timeout_s=timeout_s),
-                features=OnlineStore(feature_redis, timeout_s=timeout_s),
-                precomputed=router_redis,
+                registry=clients.registry,
+                inference=clients.inference,
+                features=clients.features,
+                precomputed=clients.redis,
                 on_batch=lambda rows, _seconds: progress.update(task, advance=rows),
             )
-        finally:
-            await registry_channel.close()
-            await inference_channel.close()
-            await router_redis.aclose()
-            if feature_redis is not router_redis:
-                await feature_redis.aclose()
 
     progress = Progress(
         "[progress.description]{task.description}",

@@ -37,10 +37,16 @@ import typer
 from redis.asyncio import RedisCluster
 from rich.console import Console
 
-from modelserve_cli.batch import BatchError, Resolved, Row, RowScorer, Scored, resolve
-from modelserve_cli.tls import cli_tls
+from modelserve_cli.batch import (
+    BatchError,
+    JobConnection,
+    Resolved,
+    Row,
+    RowScorer,
+    Scored,
+    resolve,
+)
 from modelserve_features.online import OnlineStore
-from modelserve_runtime.channels import create_channel
 from modelserve_runtime.clients import InferenceClient, RegistryClient
 from modelserve_runtime.errors import ModelServeError
 from modelserve_runtime.redis_connect import RedisClient
@@ -361,37 +367,23 @@ def stream_predict_command(
     )
 
     async def work() -> StreamStats:
-        tls = cli_tls()
-        registry_channel = create_channel(
-            registry, default_timeout_s=timeout_s, api_key=api_key, tls=tls
-        )
-        inference_channel = create_channel(
-            inference, default_timeout_s=timeout_s, api_key=api_key, tls=tls
-        )
-        client = redis.Redis.from_url(redis_url)
-        feature_client = (
-            client if feature_redis_url is None else redis.Redis.from_url(feature_redis_url)
-        )
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
-        try:
+        connection = JobConnection(
+            registry, inference, redis_url, feature_redis_url, api_key, timeout_s
+        )
+        async with connection as clients:
             worker = StreamWorker(
                 job,
-                registry=RegistryClient(registry_channel),
-                inference=InferenceClient(inference_channel, timeout_s=timeout_s),
-                features=OnlineStore(feature_client, timeout_s=timeout_s),
-                client=client,
+                registry=clients.registry,
+                inference=clients.inference,
+                features=clients.features,
+                client=clients.redis,
             )
             await worker.run(stop)
             return worker.stats
-        finally:
-            await registry_channel.close()
-            await inference_channel.close()
-            await client.aclose()
-            if feature_client is not client:
-                await feature_client.aclose()
 
     try:
         stats = asyncio.run(work())
