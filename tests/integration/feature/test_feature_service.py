@@ -40,6 +40,19 @@ EVERY_DTYPE = {
 }
 
 
+def _risk_and_merchant_views() -> tuple[view_pb.FeatureView, view_pb.FeatureView]:
+    """`risk`, a second view of customers (the customer view's features), and `merchant`,
+    a view of merchants with one double."""
+    risk = customer_view()
+    risk.name = "featureViews/risk"
+    merchant = view_pb.FeatureView(
+        name="featureViews/merchant",
+        entity_type="merchant",
+        features=[view_pb.FeatureSpec(name="avg_amount_30d", dtype=view_pb.FEATURE_DTYPE_DOUBLE)],
+    )
+    return risk, merchant
+
+
 async def _apply(stub: pb_grpc.FeatureServiceStub, max_age_s: int = 0) -> None:
     await stub.ApplyFeatureView(
         pb.ApplyFeatureViewRequest(feature_view=customer_view(max_age_s=max_age_s))
@@ -145,15 +158,7 @@ class TestRead:
         """Features of three views over two entity types, read together: each entity answers
         the features of the views of its type and no others, each value from its own view's
         hash; each view counts one read and the entities of its type."""
-        risk = customer_view()
-        risk.name = "featureViews/risk"
-        merchant = view_pb.FeatureView(
-            name="featureViews/merchant",
-            entity_type="merchant",
-            features=[
-                view_pb.FeatureSpec(name="avg_amount_30d", dtype=view_pb.FEATURE_DTYPE_DOUBLE)
-            ],
-        )
+        risk, merchant = _risk_and_merchant_views()
         views = ("customer", "risk", "merchant")
 
         def samples() -> dict[str, float]:
@@ -635,15 +640,7 @@ class TestListLayout:
         """Features asked out of view order, over two entity types, one of them twice: each
         entity's lists hold the features of its type in the order asked (the repeated one
         twice), though the service reads them view by view."""
-        risk = customer_view()
-        risk.name = "featureViews/risk"
-        merchant = view_pb.FeatureView(
-            name="featureViews/merchant",
-            entity_type="merchant",
-            features=[
-                view_pb.FeatureSpec(name="avg_amount_30d", dtype=view_pb.FEATURE_DTYPE_DOUBLE)
-            ],
-        )
+        risk, merchant = _risk_and_merchant_views()
         features = [
             "risk:segment",
             "merchant:avg_amount_30d",
