@@ -91,11 +91,13 @@ class TestStreamPredict:
         amounts = {"c-1001": 12.5, "c-1002": 980.0}
         ids = {c: await add(store, "s1:in", c, a) for c, a in amounts.items()}
         bad = await add(store, "s1:in", "c-1003", "lots")
-        assert await reader.process_once() == 3
+        nobody = await add(store, "s1:in", "", 5.0)
+        assert await reader.process_once() == 4
         assert await pending(store, "s1") == 0
         answered = await results(store, "s1:out")
-        assert [r["event_id"] for r in answered] == [*ids.values(), bad]
+        assert [r["event_id"] for r in answered] == [*ids.values(), bad, nobody]
         assert "not a number" in answered[2]["error"] and "probabilities" not in answered[2]
+        assert (answered[3]["customer"], answered[3]["error"]) == ("", "no customer id")
         async with router(deps) as (stub, _app):
             for result in answered[:2]:
                 customer = result["customer"]
@@ -105,7 +107,7 @@ class TestStreamPredict:
                 )
                 assert json.loads(result["label"]) == int(np.argmax(probabilities(online)[0]))
                 assert result["model_version"] == V1 and result["computed_at"]
-        assert (reader.stats.events, reader.stats.scored, reader.stats.failed) == (3, 2, 1)
+        assert (reader.stats.events, reader.stats.scored, reader.stats.failed) == (4, 2, 2)
 
     async def test_a_retry_never_appends_a_result_twice(
         self,

@@ -258,7 +258,7 @@ class StreamWorker:
             ):
                 result: dict[str, str] = {"event_id": event_id}
                 for entity_type in resolved.entity_types:
-                    result[entity_type] = _text(row.cells.get(entity_type, ""))
+                    result[entity_type] = _text(row.cells.get(entity_type) or "")
                 if outputs is not None:
                     result["model_version"] = resolved.version_name
                     result["computed_at"] = computed_at
