@@ -20,12 +20,12 @@ from support import eventually
 
 from modelserve.registry.v1 import registry_service_pb2 as registry_pb
 from modelserve.router.v1 import router_service_pb2 as router_pb
-from modelserve_cli.batch import BatchError, BatchJob, BatchSummary, run_batch
+from modelserve_cli.batch import BatchJob, BatchSummary, JobError, run_batch
 from modelserve_cli.demo import demo_request
 from modelserve_cli.stack import free_port
 from modelserve_features.online import OnlineStore
 from modelserve_runtime.channels import create_channel
-from modelserve_runtime.clients import InferenceClient, RegistryClient
+from modelserve_runtime.clients import InferenceClient, RegistryAdminClient, RegistryClient
 from modelserve_runtime.errors import NotFoundError, UnavailableError
 from modelserve_runtime.precomputed import KEY_PREFIX, read_precomputed
 
@@ -218,22 +218,42 @@ class TestBatchPredict:
         tmp_path: Path,
     ) -> None:
         """A table without the customer column, a Redis write asked of a deployment without
-        a hybrid lookup, and an unknown deployment each fail before anything is scored: no
-        output file, nothing in Redis. Inference unreachable stops the job, writing nothing."""
+        a hybrid lookup, an unknown deployment and a version without feature_refs each fail
+        before anything is scored: no output file, nothing in Redis. Inference unreachable
+        stops the job, writing nothing."""
         deps = dependencies
         await deploy(deps, "batch-refused", V1, hybrid=HYBRID)
         await deploy(deps, "batch-plain", V1)
         no_customer = table(tmp_path / "in.csv", [{"client": "c-1001", "amount": 1.0}])
         output = tmp_path / "out.parquet"
-        with pytest.raises(BatchError, match="no column 'customer'"):
+        with pytest.raises(JobError, match="no column 'customer'"):
             await batch(deps, store, inference, BatchJob("batch-refused", no_customer, output))
         good = table(tmp_path / "good.csv", [row("c-1001", 5.0)])
-        with pytest.raises(BatchError, match="no hybrid lookup"):
+        with pytest.raises(JobError, match="no hybrid lookup"):
             await batch(
                 deps, store, inference, BatchJob("batch-plain", good, output, precompute=True)
             )
         with pytest.raises(NotFoundError):
             await batch(deps, store, inference, BatchJob("batch-nowhere", good, output))
+        # A version that declares no feature_refs gives the job nothing to build rows from.
+        template = await deps.registry.GetModelVersion(registry_pb.GetModelVersionRequest(name=V1))
+        signature = registry_pb.Signature()
+        signature.CopyFrom(template.model_version.signature)
+        del signature.feature_refs[:]
+        admin = RegistryAdminClient(deps.registry_channel)
+        await admin.create_model("batch-norefs", "no feature_refs")
+        bare = await admin.upload_model_version(
+            "models/batch-norefs",
+            registry_pb.ModelVersion(format=registry_pb.ARTIFACT_FORMAT_ONNX, signature=signature),
+            await RegistryClient(deps.registry_channel).read_artifact(V1),
+        )
+        with pytest.raises(JobError, match="declares no feature_refs"):
+            await batch(
+                deps,
+                store,
+                inference,
+                BatchJob("batch-plain", good, output, model_version=bare.name),
+            )
         assert not output.exists()
         # Inference down: the job stops at its first batch rather than failing every row.
         async with create_channel(f"127.0.0.1:{free_port()}") as nowhere:

@@ -36,13 +36,14 @@ from rich.table import Table
 
 from modelserve.inference.v1 import inference_service_pb2 as inference_pb
 from modelserve.registry.v1 import registry_service_pb2 as registry_pb
+from modelserve.type.v1 import tensor_pb2
 from modelserve_cli.feature_commands import MaterializeError, TableFormat, table_format
 from modelserve_cli.tls import cli_tls
 from modelserve_features.online import FeatureResult, OnlineStore
 from modelserve_features.redis_store import EntityKey
 from modelserve_features.request_time import RequestFacts, registered_features
 from modelserve_features.views import FeatureRef
-from modelserve_router.predict import REQUEST_ENTITY, assemble_row
+from modelserve_router.predict import REQUEST_ENTITY, VersionPlan, assemble_row
 from modelserve_runtime.channels import create_channel
 from modelserve_runtime.clients import InferenceClient, RegistryClient
 from modelserve_runtime.convert import DTYPES, numpy_to_tensor, tensor_to_numpy
@@ -51,8 +52,6 @@ from modelserve_runtime.precomputed import write_precomputed
 from modelserve_runtime.redis_connect import RedisClient
 from modelserve_triton.model_config import conform_outputs
 
-#: Columns that carry a request's facts rather than features or entity ids.
-FACT_COLUMNS = ("event_time", "user_agent", "query")
 #: The columns every output file has, besides the entity ids and the model's outputs.
 MODEL_VERSION_COLUMN, COMPUTED_AT_COLUMN, ERROR_COLUMN = "model_version", "computed_at", "error"
 #: Rows read from the table at a time.
@@ -61,8 +60,9 @@ console = Console()
 errors = Console(stderr=True)
 
 
-class BatchError(Exception):
-    """The job cannot run as asked; nothing was scored or written."""
+class JobError(Exception):
+    """A scoring job (batch or streaming) cannot run as asked; nothing was scored or
+    written."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -114,52 +114,13 @@ class BatchSummary:
 
 
 @dataclass(frozen=True, slots=True)
-class ModelPlan:
-    """What the version's signature asks of each row and answers."""
-
-    refs: tuple[str, ...]
-    stored: tuple[FeatureRef, ...]
-    views: tuple[str, ...]
-    input_name: str
-    input_dtype: np.dtype[Any]
-    outputs: tuple[tuple[str, np.dtype[Any], bool], ...]
-    """Each output: name, dtype, and whether a row's value is a list (rank above 1)."""
-    output_shapes: dict[str, list[int]]
-
-    @classmethod
-    def of(cls, name: str, version: registry_pb.ModelVersion) -> ModelPlan:
-        signature = version.signature
-        if not signature.feature_refs or not signature.inputs:
-            raise BatchError(
-                f"{name} declares no feature_refs: a batch job builds its input from features"
-            )
-        first = signature.inputs[0]
-        stored = tuple(
-            FeatureRef.parse(r)
-            for r in signature.feature_refs
-            if not r.startswith(REQUEST_ENTITY + ":")
-        )
-        return cls(
-            refs=tuple(signature.feature_refs),
-            stored=stored,
-            views=tuple(sorted({r.view for r in stored})),
-            input_name=first.name,
-            input_dtype=DTYPES.get(first.datatype, np.dtype(np.float32)),
-            outputs=tuple(
-                (o.name, DTYPES.get(o.datatype, np.dtype(np.float32)), len(o.shape) > 1)
-                for o in signature.outputs
-            ),
-            output_shapes={o.name: list(o.shape) for o in signature.outputs},
-        )
-
-
-@dataclass(frozen=True, slots=True)
 class Resolved:
     """A deployment's model as a scoring job needs it."""
 
     deployment: registry_pb.Deployment
     version_name: str
-    plan: ModelPlan
+    version: registry_pb.ModelVersion
+    plan: VersionPlan
     entity_types: list[str]
     """The entity types its stored features are keyed by, sorted."""
     request_names: list[str]
@@ -173,11 +134,17 @@ async def resolve(
     its signature's plan and the entity types of its views."""
     deployment = await registry.get_deployment(f"deployments/{endpoint}")
     version_name = model_version or main_version(deployment)
-    plan = ModelPlan.of(version_name, await registry.get_model_version(version_name))
+    version = await registry.get_model_version(version_name)
+    plan = VersionPlan.of(version.signature)
+    if not plan.refs or not plan.input_name:
+        raise JobError(
+            f"{version_name} declares no feature_refs: a scoring job builds its input from them"
+        )
     views = await features.views(plan.views) if plan.views else {}
     return Resolved(
         deployment=deployment,
         version_name=version_name,
+        version=version,
         plan=plan,
         entity_types=sorted({view.entity_type for view in views.values()}),
         request_names=[
@@ -189,7 +156,7 @@ async def resolve(
 def main_version(deployment: registry_pb.Deployment) -> str:
     """The version with the largest traffic share (the first listed of equals)."""
     if not deployment.traffic:
-        raise BatchError(f"{deployment.name} routes to no version; name one with --version")
+        raise JobError(f"{deployment.name} routes to no version; name one with --version")
     best = max(deployment.traffic, key=lambda t: t.percent)
     return best.model_version
 
@@ -206,14 +173,15 @@ async def run_batch(
 ) -> BatchSummary:
     """Scores the job's shard of its table; see the module's description.
 
-    BatchError (or a ModelServeError from the registry or the feature store) before anything
+    JobError (or a ModelServeError from the registry or the feature store) before anything
     is scored when the job cannot run: an unknown deployment or version, a table without a
     column the model needs, a hybrid write asked of a deployment without a hybrid lookup.
     A row that cannot be scored (no entity id, a request feature that is not a number, a
     batch inference refused as INVALID_ARGUMENT) is written to the output with its error and
     counted in `failed`; the other rows go on. Redis or inference failing part way (any other
-    error) stops the job with that error; what was written stays, and a rerun rewrites it. `on_batch` hears of each batch done: its rows and the
-    seconds it took (features, inference and the Redis write).
+    error) stops the job with that error; what was written stays, and a rerun rewrites it.
+    `on_batch` hears of each batch done: its rows and the seconds it took (features,
+    inference and the Redis write).
     """
     _check_job(job)
     started = time.perf_counter()
@@ -222,12 +190,12 @@ async def run_batch(
     hybrid = deployment.hybrid if deployment.hybrid.enabled else None
     precompute = hybrid is not None if job.precompute is None else job.precompute
     if precompute and hybrid is None:
-        raise BatchError(
+        raise JobError(
             f"{deployment.name} has no hybrid lookup on: nothing would read the predictions "
             "written to Redis; turn it on, or leave the Redis write out (--no-precompute)"
         )
     if precompute and precomputed is None:
-        raise BatchError("writing predictions for the hybrid lookup needs a Redis client")
+        raise JobError("writing predictions for the hybrid lookup needs a Redis client")
     entity_types = resolved.entity_types
     hybrid_type = hybrid.entity_type if precompute and hybrid is not None else None
     id_columns = sorted({*entity_types, *([hybrid_type] if hybrid_type else [])})
@@ -235,13 +203,13 @@ async def run_batch(
     try:
         fmt = table_format(job.input_path, job.fmt)
     except MaterializeError as exc:
-        raise BatchError(str(exc)) from None
+        raise JobError(str(exc)) from None
     columns, batches = _open(job.input_path, fmt, id_columns)
     missing = [c for c in id_columns if c not in columns]
     computed = set(registered_features())
     missing += [n for n in request_names if n not in columns and n not in computed]
     if missing:
-        raise BatchError(
+        raise JobError(
             f"{job.input_path} has no column {', '.join(repr(m) for m in missing)}: "
             f"{version_name} needs "
             + ", ".join(
@@ -255,7 +223,11 @@ async def run_batch(
         else Path(str(job.output_path).replace("{shard}", str(job.shard)))
     )
     summary = BatchSummary(model_version=version_name, output_path=output_path)
-    writer = None if output_path is None else _Writer(output_path, id_columns, plan, version_name)
+    writer = (
+        None
+        if output_path is None
+        else _Writer(output_path, id_columns, resolved.version.signature.outputs, version_name)
+    )
     scorer = RowScorer(
         plan=plan,
         version_name=version_name,
@@ -300,7 +272,7 @@ def _check_job(job: BatchJob) -> None:
     if job.in_flight < 1:
         problems.append("--in-flight must be at least 1")
     if problems:
-        raise BatchError("; ".join(problems))
+        raise JobError("; ".join(problems))
 
 
 def _open(
@@ -319,7 +291,7 @@ def _open(
             ),
         )
     except (OSError, pa.ArrowException) as exc:
-        raise BatchError(f"{path}: {exc}") from None
+        raise JobError(f"{path}: {exc}") from None
     return list(reader.schema.names), iter(reader)
 
 
@@ -359,7 +331,7 @@ class Scored:
 
 @dataclass(slots=True)
 class RowScorer:
-    plan: ModelPlan
+    plan: VersionPlan
     version_name: str
     endpoint: str
     features: OnlineStore
@@ -375,14 +347,11 @@ class RowScorer:
         started = time.perf_counter()
         errors: list[str | None] = [None] * len(rows)
         outputs: list[dict[str, Any] | None] = [None] * len(rows)
+        id_types = sorted({*self.entity_types, *filter(None, [self.hybrid_type])})
         for i, row in enumerate(rows):
-            blank = [
-                t
-                for t in {*self.entity_types, *filter(None, [self.hybrid_type])}
-                if not _text(row.cells.get(t))
-            ]
+            blank = [t for t in id_types if not _text(row.cells.get(t))]
             if blank:
-                errors[i] = f"no {' or '.join(sorted(blank))} id"
+                errors[i] = f"no {' or '.join(blank)} id"
         stored = await self._read(rows, errors)
         inputs: list[list[float]] = []
         scored: list[int] = []
@@ -455,7 +424,7 @@ class RowScorer:
             inference_pb.InferRequest(
                 name=self.version_name,
                 inputs=[numpy_to_tensor(self.plan.input_name, array)],
-                output_names=[name for name, _, _ in self.plan.outputs],
+                output_names=list(self.plan.output_names),
             )
         )
         raw = {t.name: np.asarray(tensor_to_numpy(t)) for t in response.outputs}
@@ -530,24 +499,29 @@ class _Writer:
     """The output table: the rows' entity ids, the version, when, each output, and the error."""
 
     def __init__(
-        self, path: Path, id_columns: Sequence[str], plan: ModelPlan, version: str
+        self,
+        path: Path,
+        id_columns: Sequence[str],
+        outputs: Sequence[tensor_pb2.TensorSpec],
+        version: str,
     ) -> None:
         self._ids = list(id_columns)
-        self._plan = plan
+        # Each output: its name, and whether a row's value is a list (rank above 1).
+        self._outputs = [(o.name, len(o.shape) > 1) for o in outputs]
         self._version = version
         self._csv = path.suffix.lower() == ".csv"
         if not self._csv and path.suffix.lower() not in (".parquet", ".pq"):
-            raise BatchError(f"{path}: the output must be .parquet or .csv")
+            raise JobError(f"{path}: the output must be .parquet or .csv")
         fields = [pa.field(c, pa.string()) for c in self._ids]
         fields += [
             pa.field(MODEL_VERSION_COLUMN, pa.string()),
             pa.field(COMPUTED_AT_COLUMN, pa.timestamp("us", tz="UTC")),
         ]
-        for name, dtype, is_list in plan.outputs:
-            value = pa.from_numpy_dtype(dtype)
-            if is_list:
+        for spec in outputs:
+            value = pa.from_numpy_dtype(DTYPES.get(spec.datatype, np.dtype(np.float32)))
+            if len(spec.shape) > 1:
                 value = pa.string() if self._csv else pa.list_(value)
-            fields.append(pa.field(name, value))
+            fields.append(pa.field(spec.name, value))
         fields.append(pa.field(ERROR_COLUMN, pa.string()))
         self._schema = pa.schema(fields)
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -565,7 +539,7 @@ class _Writer:
         ok = [o is not None for o in scored.outputs]
         columns[MODEL_VERSION_COLUMN] = [self._version if k else None for k in ok]
         columns[COMPUTED_AT_COLUMN] = [scored.computed_at if k else None for k in ok]
-        for name, _, is_list in self._plan.outputs:
+        for name, is_list in self._outputs:
             values: list[Any] = []
             for outputs in scored.outputs:
                 if outputs is None:
@@ -727,7 +701,7 @@ def batch_predict_command(
     try:
         with progress:
             summary = asyncio.run(work(progress))
-    except (BatchError, ModelServeError, redis.RedisError, OSError, pa.ArrowException) as exc:
+    except (JobError, ModelServeError, redis.RedisError, OSError, pa.ArrowException) as exc:
         errors.print(f"error: {' '.join(str(exc).split())}", highlight=False, markup=False)
         raise typer.Exit(1) from None
     table = Table(title=f"batch predictions of {endpoint} by {summary.model_version}")

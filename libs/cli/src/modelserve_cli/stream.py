@@ -38,8 +38,8 @@ from redis.asyncio import RedisCluster
 from rich.console import Console
 
 from modelserve_cli.batch import (
-    BatchError,
     JobConnection,
+    JobError,
     Resolved,
     Row,
     RowScorer,
@@ -132,14 +132,12 @@ class StreamWorker:
         clock: Callable[[], datetime] = lambda: datetime.now(UTC),
     ) -> None:
         if isinstance(client, RedisCluster):
-            raise BatchError(
+            raise JobError(
                 "streaming predictions need one Redis node for the input stream, the output "
                 "stream and the acknowledgement (standalone or Sentinel), not a Cluster"
             )
         if job.batch_events < 1 or job.block_ms < 0 or job.claim_idle_ms < 0:
-            raise BatchError(
-                "--batch-events must be at least 1, --block-ms and --claim-idle-ms >= 0"
-            )
+            raise JobError("--batch-events must be at least 1, --block-ms and --claim-idle-ms >= 0")
         self._job = job
         self._registry = registry
         self._inference = inference
@@ -147,7 +145,7 @@ class StreamWorker:
         self._client = client
         self._clock = clock
         self._publish = client.register_script(_PUBLISH)
-        self._resolved: Resolved | None = None
+        self._model: tuple[Resolved, RowScorer] | None = None
         self._refresh_at = 0.0
         self._own_pending = True
         self._claim_at = 0.0
@@ -164,21 +162,39 @@ class StreamWorker:
                 raise
         await self._resolve()
 
-    async def _resolve(self) -> Resolved:
+    async def _resolve(self) -> tuple[Resolved, RowScorer]:
+        """The model to score with and its scorer, looked up again every `refresh_s` unless
+        the job names a version."""
         now = time.monotonic()
-        if self._resolved is None or (self._job.model_version is None and now >= self._refresh_at):
+        model = self._model
+        if model is None or (self._job.model_version is None and now >= self._refresh_at):
             resolved = await resolve(
                 self._registry, self._features, self._job.endpoint, self._job.model_version
             )
-            if self._resolved is not None and resolved.version_name != self._resolved.version_name:
+            if model is not None and resolved.version_name != model[0].version_name:
                 log.info(
                     "stream_version_changed",
                     endpoint=self._job.endpoint,
                     model_version=resolved.version_name,
                 )
-            self._resolved = resolved
+            model = self._model = (
+                resolved,
+                RowScorer(
+                    plan=resolved.plan,
+                    version_name=resolved.version_name,
+                    endpoint=self._job.endpoint,
+                    features=self._features,
+                    inference=self._inference,
+                    precomputed=None,
+                    hybrid_type=None,
+                    entity_types=resolved.entity_types,
+                    request_names=resolved.request_names,
+                    ttl_s=None,
+                    clock=self._clock,
+                ),
+            )
             self._refresh_at = now + self._job.refresh_s
-        return self._resolved
+        return model
 
     async def process_once(self) -> int:
         """Reads one batch (this consumer's own pending events first, then others' idle ones,
@@ -187,21 +203,8 @@ class StreamWorker:
         entries = await self._next()
         if not entries:
             return 0
-        resolved = await self._resolve()
+        resolved, scorer = await self._resolve()
         rows = [Row(i, _cells(fields)) for i, (_, fields) in enumerate(entries)]
-        scorer = RowScorer(
-            plan=resolved.plan,
-            version_name=resolved.version_name,
-            endpoint=self._job.endpoint,
-            features=self._features,
-            inference=self._inference,
-            precomputed=None,
-            hybrid_type=None,
-            entity_types=resolved.entity_types,
-            request_names=resolved.request_names,
-            ttl_s=None,
-            clock=self._clock,
-        )
         scored = await scorer.score(rows)
         await self._send([event_id for event_id, _ in entries], scored, resolved)
         return len(entries)
@@ -387,7 +390,7 @@ def stream_predict_command(
 
     try:
         stats = asyncio.run(work())
-    except (BatchError, ModelServeError, redis.RedisError, OSError) as exc:
+    except (JobError, ModelServeError, redis.RedisError, OSError) as exc:
         errors.print(f"error: {' '.join(str(exc).split())}", highlight=False, markup=False)
         raise typer.Exit(1) from None
     errors.print(

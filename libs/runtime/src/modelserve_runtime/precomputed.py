@@ -182,9 +182,10 @@ async def write_precomputed(
     for `entity_ids[i]`, made by `model_version` at `computed_at` (now when None). `batch_size`
     keys per Redis round trip (one script call that SETs them; on a Redis Cluster, whose keys
     lie in many slots, a pipeline of SETs), and no transaction across round trips: a failure
-    part way leaves the earlier rows written, and rerunning the job writes them again. `ttl_s` lets each key
-    expire (a little longer than the deployments' `hybrid.max_age` keeps Redis from holding
-    predictions nobody may serve); None keeps them. Returns how many were written.
+    part way leaves the earlier rows written, and rerunning the job writes them again.
+    `ttl_s` lets each key expire (a little longer than the deployments' `hybrid.max_age`
+    keeps Redis from holding predictions nobody may serve); None keeps them. Returns how many
+    were written.
 
     InvalidArgumentError, before anything is written, naming each bad argument.
     """

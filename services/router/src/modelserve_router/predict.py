@@ -119,9 +119,10 @@ class PredictionResult:
 
 
 @dataclass(frozen=True, slots=True)
-class _VersionPlan:
+class VersionPlan:
     """What every request of one version needs from its signature, worked out on the first
-    request rather than on each (a few tens of µs of parsing and lookups per request)."""
+    request rather than on each (a few tens of µs of parsing and lookups per request); the
+    batch and streaming jobs build their rows from it as well."""
 
     refs: tuple[str, ...]
     stored: tuple[FeatureRef, ...]
@@ -134,7 +135,7 @@ class _VersionPlan:
     output_shapes: dict[str, list[int]]
 
     @classmethod
-    def of(cls, signature: registry_pb.Signature) -> _VersionPlan:
+    def of(cls, signature: registry_pb.Signature) -> VersionPlan:
         refs = tuple(signature.feature_refs)
         stored = tuple(FeatureRef.parse(r) for r in refs if not r.startswith(REQUEST_ENTITY + ":"))
         first = signature.inputs[0] if signature.inputs else None
@@ -157,7 +158,7 @@ class _VersionPlan:
 class _Input:
     """A version's input for one request, and the feature values and statuses behind it."""
 
-    plan: _VersionPlan
+    plan: VersionPlan
     inputs: dict[str, npt.NDArray[Any]]
     values: dict[str, Value | None]
     missing: list[str]
@@ -218,14 +219,14 @@ class Predictor:
         self._endpoints: dict[str, _Endpoint] = {}
         self._precomputed = precomputed
         self._upstream = upstream
-        self._plans: dict[str, tuple[registry_pb.ModelVersion, _VersionPlan]] = {}
+        self._plans: dict[str, tuple[registry_pb.ModelVersion, VersionPlan]] = {}
 
-    def _plan(self, model_version: str, version: registry_pb.ModelVersion) -> _VersionPlan:
+    def _plan(self, model_version: str, version: registry_pb.ModelVersion) -> VersionPlan:
         """The version's plan, made again when the snapshot holds another message for it."""
         held = self._plans.get(model_version)
         if held is not None and held[0] is version:
             return held[1]
-        plan = _VersionPlan.of(version.signature)
+        plan = VersionPlan.of(version.signature)
         if len(self._plans) > 4 * len(self._endpoints) + 64:
             self._plans.clear()  # versions long gone from every snapshot
         self._plans[model_version] = (version, plan)
