@@ -152,6 +152,37 @@ class TestInferenceConfig:
         assert states.states(v1)[-3:] == ["LOADING", "WARMING", "READY"]
         np.testing.assert_allclose(await answer(stub, v1), expected(2.0))
 
+    async def test_a_gpu_deployment_without_a_usable_gpu_fails_with_the_reason(
+        self, inference_service: RunningInference, registry: RestartableRegistry
+    ) -> None:
+        """Device GPU where Triton sees no GPU (CI), or where onnxruntime has no CUDA provider
+        (a GPU machine with the CPU onnxruntime): FAILED saying which, never a quiet CPU
+        fallback; moving the deployment to the CPU serves it."""
+        stub = inference_service.stub
+        await registry.create_model("pi")
+        v1 = await registry.upload("pi", tiny_onnx(5.0))
+
+        async with recording(stub) as states:
+            await registry.deploy(
+                "pi",
+                {v1: 100},
+                inference=registry_pb.InferenceConfig(device=registry_pb.DEVICE_GPU, gpus=[0]),
+            )
+            await eventually(lambda: states.last(v1) == "FAILED", "v1 FAILED", within_s=LOAD_S)
+            await registry.deploy(
+                "pi",
+                {v1: 100},
+                inference=registry_pb.InferenceConfig(device=registry_pb.DEVICE_CPU),
+            )
+            await ready(stub, v1)
+
+        (failed,) = [e for e in states.of(v1) if e.state == "FAILED"]
+        assert (
+            "unsupported gpu id 0" in failed.reason or "GPU 0, but onnxruntime" in failed.reason
+        ), failed.reason
+        assert states.states(v1)[-3:] == ["LOADING", "WARMING", "READY"]
+        np.testing.assert_allclose(await answer(stub, v1), expected(5.0))
+
 
 class TestWarmup:
     async def test_sample_inputs_warm_the_version(

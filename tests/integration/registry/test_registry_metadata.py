@@ -272,6 +272,8 @@ class TestDeploymentSettings:
             preferred_batch_sizes=[8, 32],
             max_queue_delay_us=100,
             instance_count=2,
+            device=pb.DEVICE_GPU,
+            gpus=[1, 0],
         )
         hybrid = pb.HybridLookup(
             enabled=True, max_age=duration_pb2.Duration(seconds=3600), entity_type="customer"
@@ -342,6 +344,50 @@ class TestDeploymentSettings:
             registry.stub.GetDeployment(pb.GetDeploymentRequest(name="deployments/fraud"))
         )
         assert missing.code is grpc.StatusCode.NOT_FOUND
+
+    @pytest.mark.parametrize(
+        ("inference", "violations"),
+        [
+            (pb.InferenceConfig(gpus=[0]), {"deployment.inference.gpus": "only for device"}),
+            (
+                pb.InferenceConfig(device=pb.DEVICE_CPU, gpus=[0]),
+                {"deployment.inference.gpus": "only for device"},
+            ),
+            (
+                pb.InferenceConfig(device=pb.DEVICE_GPU, gpus=[0, 64, -1, 0]),
+                {
+                    "deployment.inference.gpus[1]": "0 to 63",
+                    "deployment.inference.gpus[2]": "0 to 63",
+                    "deployment.inference.gpus[3]": "repeats GPU 0",
+                },
+            ),
+            (pb.InferenceConfig(device=7), {"deployment.inference.device": "known device"}),  # type: ignore[arg-type]
+        ],
+    )
+    async def test_bad_device_settings_are_refused_naming_the_field(
+        self,
+        registry: RunningRegistry,
+        inference: pb.InferenceConfig,
+        violations: dict[str, str],
+    ) -> None:
+        await create_model(registry.stub)
+        await upload_version(registry.stub)
+        error = await failure(
+            registry.stub.UpdateDeployment(
+                pb.UpdateDeploymentRequest(
+                    deployment=pb.Deployment(
+                        name="deployments/fraud",
+                        traffic=[pb.TrafficTarget(model_version=V1, percent=100)],
+                        inference=inference,
+                    ),
+                    allow_missing=True,
+                )
+            )
+        )
+        assert error.code is grpc.StatusCode.INVALID_ARGUMENT
+        assert {v.field: v.description for v in error.violations}.keys() == violations.keys()
+        for violation in error.violations:
+            assert violations[violation.field] in violation.description
 
     async def test_deployments_sharing_a_model_agree_on_inference(
         self, registry: RunningRegistry

@@ -202,6 +202,16 @@ def test_inference_publishes_its_own_pods_triton() -> None:
     assert f"--http-port={_port(triton, 'triton-http')}" in triton["args"]
 
 
+def test_a_pod_given_a_gpu_runs_its_models_on_it() -> None:
+    """The Triton container that asks for a GPU gets models whose instances run on the GPU:
+    with instances left on the CPU, the GPU would sit idle."""
+    (inference,) = [w for w in _workloads(BASE) if w["metadata"]["name"] == "inference"]
+    containers = {c["name"]: c for c in inference["spec"]["template"]["spec"]["containers"]}
+    env = _env(containers["inference"])
+    assert containers["triton"]["resources"]["limits"]["nvidia.com/gpu"] >= 1
+    assert env["MODELSERVE_INFERENCE_DEVICE"] == "gpu"
+
+
 def test_commands_and_options_are_the_images() -> None:
     """Every command is a console script of the package; a `modelserve` one runs a real
     subcommand with options it has; the batch Job runs one shard per completion."""

@@ -130,6 +130,26 @@ class TestServingConfig:
 
         assert (explicit.max_queue_delay_us, unset.max_queue_delay_us) == (0, 500)
 
+    def test_device_and_gpus_come_together(self) -> None:
+        """A deployment that names a device brings its own GPUs (none: every GPU); one that
+        names none keeps the service's device and GPUs."""
+        defaults = ServingConfig(device="gpu", gpus=(2,))
+        gpu = registry_pb.InferenceConfig(device=registry_pb.DEVICE_GPU, gpus=[0, 1])
+        every_gpu = registry_pb.InferenceConfig(device=registry_pb.DEVICE_GPU)
+        cpu = registry_pb.InferenceConfig(device=registry_pb.DEVICE_CPU)
+
+        assert (serving_config(gpu, DEFAULTS).device, serving_config(gpu, DEFAULTS).gpus) == (
+            "gpu",
+            (0, 1),
+        )
+        assert serving_config(every_gpu, defaults).gpus == ()
+        assert (serving_config(cpu, defaults).device, serving_config(cpu, defaults).gpus) == (
+            "cpu",
+            (),
+        )
+        unset = serving_config(registry_pb.InferenceConfig(), defaults)
+        assert (unset.device, unset.gpus) == ("gpu", (2,))
+
     def test_the_python_backend_by_name(self) -> None:
         """BACKEND_PYTHON_ONNXRUNTIME is the python backend whatever the default."""
         defaults = ServingConfig(backend="onnxruntime")

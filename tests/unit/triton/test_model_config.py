@@ -8,6 +8,8 @@ from importlib import resources
 import pytest
 
 from modelserve_triton.model_config import (
+    CPU,
+    GPU,
     ONNXRUNTIME_BACKEND,
     TensorSpec,
     backend_source,
@@ -69,6 +71,25 @@ class TestBuildModelConfig:
         assert config["backend"] == "python"
         assert config["version_policy"] == {"all": {}}
         assert config["instance_group"] == [{"kind": "KIND_CPU", "count": 3}]
+
+    def test_gpu_instances_on_the_named_gpus(self) -> None:
+        """Device `gpu` runs `instance_count` instances on each named GPU; naming none leaves
+        the choice of GPUs to Triton (all it sees)."""
+        named = build_model_config("fraud", [FEATURES], [LABEL], device=GPU, gpus=[1, 0])
+        every = build_model_config("fraud", [FEATURES], [LABEL], device=GPU, instance_count=2)
+
+        assert named["instance_group"] == [{"kind": "KIND_GPU", "count": 1, "gpus": [1, 0]}]
+        assert every["instance_group"] == [{"kind": "KIND_GPU", "count": 2}]
+
+    @pytest.mark.parametrize(
+        ("device", "gpus", "message"),
+        [("tpu", (), "device must be"), (CPU, (0,), "only for device 'gpu'")],
+    )
+    def test_bad_device_settings_are_refused(
+        self, device: str, gpus: tuple[int, ...], message: str
+    ) -> None:
+        with pytest.raises(ValueError, match=message):
+            build_model_config("fraud", [FEATURES], [LABEL], device=device, gpus=gpus)
 
     def test_config_is_json(self) -> None:
         """The config survives json.dumps, which is how load_model takes it."""

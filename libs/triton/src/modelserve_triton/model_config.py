@@ -18,6 +18,9 @@ TRITON_DATATYPES: frozenset[str] = frozenset(
 PYTHON_BACKEND = "python"
 #: Triton's native ONNX Runtime backend (not shipped by the nvidia-pytriton wheel).
 ONNXRUNTIME_BACKEND = "onnxruntime"
+#: Where model instances run: CPU cores, or GPUs through onnxruntime's CUDA execution provider.
+CPU = "cpu"
+GPU = "gpu"
 
 
 @dataclass(frozen=True, slots=True)
@@ -66,15 +69,23 @@ def build_model_config(
     max_queue_size: int = 0,
     instance_count: int = 1,
     preferred_batch_sizes: Sequence[int] = (),
+    device: str = CPU,
+    gpus: Sequence[int] = (),
 ) -> dict[str, Any]:
     """Returns a Triton model config, JSON-able, for ``load_model(config=json.dumps(...))``.
 
     With ``max_batch_size > 0`` the batch dimension is stripped from every tensor's
     dims and the dynamic batcher is on, forming ``preferred_batch_sizes`` when it can;
     all versions sent in the load stay loaded.
+    ``device`` GPU runs ``instance_count`` instances on each of ``gpus`` (every GPU Triton
+    sees when empty); both backends then run the model with onnxruntime's CUDA provider.
     ``max_queue_size > 0`` bounds the batcher's queue: Triton refuses what does not fit
     at once instead of letting it wait; 0 leaves the queue unbounded.
     """
+    if device not in (CPU, GPU):
+        raise ValueError(f"device must be {CPU!r} or {GPU!r}, got {device!r}")
+    if gpus and device != GPU:
+        raise ValueError("gpus are only for device 'gpu'")
     batched = max_batch_size > 0
     if batched:
         for spec in (*inputs, *outputs):
@@ -90,7 +101,7 @@ def build_model_config(
         "input": [_tensor_config(spec, batched=batched) for spec in inputs],
         "output": [_tensor_config(spec, batched=batched) for spec in outputs],
         "version_policy": {"all": {}},
-        "instance_group": [{"kind": "KIND_CPU", "count": instance_count}],
+        "instance_group": [_instance_group(device, instance_count, gpus)],
     }
     if batched:
         batching: dict[str, Any] = {"max_queue_delay_microseconds": max_queue_delay_us}
@@ -100,6 +111,15 @@ def build_model_config(
             batching["default_queue_policy"] = {"max_queue_size": max_queue_size}
         config["dynamic_batching"] = batching
     return config
+
+
+def _instance_group(device: str, count: int, gpus: Sequence[int]) -> dict[str, Any]:
+    if device == CPU:
+        return {"kind": "KIND_CPU", "count": count}
+    group: dict[str, Any] = {"kind": "KIND_GPU", "count": count}
+    if gpus:
+        group["gpus"] = list(gpus)
+    return group
 
 
 def backend_source() -> bytes:

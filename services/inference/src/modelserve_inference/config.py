@@ -76,6 +76,13 @@ class InferenceSettings(ServiceSettings):
     """Triton backend for deployments that do not choose one: `python` runs the ONNX file with
     onnxruntime inside the python backend; `onnxruntime` is Triton's native backend, which
     the nvidia-pytriton wheel does not ship."""
+    device: Literal["cpu", "gpu"] = "cpu"
+    """Where model instances run for deployments that do not choose: `cpu`, or `gpu` through
+    onnxruntime's CUDA provider (the python backend needs onnxruntime-gpu installed beside
+    Triton; a version that cannot get a GPU goes FAILED with the reason)."""
+    gpus: tuple[Annotated[int, Field(ge=0)], ...] = ()
+    """GPUs (CUDA device numbers) that `device: gpu` uses for deployments that name none;
+    empty: every GPU Triton sees."""
     max_batch_size: int = Field(default=256, ge=1)
     """Largest batch Triton's dynamic batcher forms per version, unless the deployment says."""
     max_queue_delay_us: int = Field(default=0, ge=0)

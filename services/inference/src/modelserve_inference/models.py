@@ -36,6 +36,7 @@ from modelserve_runtime.errors import (
     UnavailableError,
 )
 from modelserve_triton.model_config import (
+    CPU,
     PYTHON_BACKEND,
     TensorSpec,
     build_model_config,
@@ -86,6 +87,11 @@ class ServingConfig:
     max_queue_size: int = 0
     """Requests the dynamic batcher may queue; 0: unbounded."""
     instance_count: int = 1
+    """Instances of each version; on a GPU device, that many on each GPU."""
+    device: str = CPU
+    """`cpu`, or `gpu` (onnxruntime's CUDA provider)."""
+    gpus: tuple[int, ...] = ()
+    """The GPUs a GPU device uses; none: every GPU Triton sees."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -189,6 +195,8 @@ class ModelVersions:
         max_queue_delay_us: int,
         max_queue_size: int = 0,
         backend: str = PYTHON_BACKEND,
+        device: str = CPU,
+        gpus: Sequence[int] = (),
         available_backends: frozenset[str] | None = None,
         infer_timeout_s: float,
         load_timeout_s: float,
@@ -208,6 +216,8 @@ class ModelVersions:
             max_batch_size=max_batch_size,
             max_queue_delay_us=max_queue_delay_us,
             max_queue_size=max_queue_size,
+            device=device,
+            gpus=tuple(gpus),
         )
         self._available_backends = available_backends
         self._infer_timeout_s = infer_timeout_s
@@ -473,6 +483,8 @@ class ModelVersions:
                 max_queue_delay_us=config.max_queue_delay_us,
                 max_queue_size=config.max_queue_size,
                 instance_count=config.instance_count,
+                device=config.device,
+                gpus=config.gpus,
             )
         except ValueError as exc:
             raise TritonError(f"no Triton config fits the signature: {exc}") from exc

@@ -16,7 +16,7 @@ from modelserve_inference.reconcile import DeploymentNeeds
 from modelserve_runtime.clients import RegistryClient
 from modelserve_runtime.convert import TRITON_NAMES, tensor_to_numpy
 from modelserve_runtime.errors import FailedPreconditionError, InvalidArgumentError
-from modelserve_triton.model_config import ONNXRUNTIME_BACKEND, PYTHON_BACKEND, TensorSpec
+from modelserve_triton.model_config import CPU, GPU, ONNXRUNTIME_BACKEND, PYTHON_BACKEND, TensorSpec
 
 log = structlog.get_logger()
 
@@ -24,6 +24,7 @@ _BACKENDS = {
     registry_pb.BACKEND_PYTHON_ONNXRUNTIME: PYTHON_BACKEND,
     registry_pb.BACKEND_ONNXRUNTIME: ONNXRUNTIME_BACKEND,
 }
+_DEVICES = {registry_pb.DEVICE_CPU: CPU, registry_pb.DEVICE_GPU: GPU}
 
 
 def triton_spec(spec: tensor_pb2.TensorSpec) -> TensorSpec:
@@ -79,6 +80,8 @@ def serving_config(config: registry_pb.InferenceConfig, defaults: ServingConfig)
             else defaults.max_queue_delay_us
         ),
         instance_count=config.instance_count or defaults.instance_count,
+        device=_DEVICES.get(config.device, defaults.device),
+        gpus=tuple(config.gpus) if config.device else defaults.gpus,
     )
 
 

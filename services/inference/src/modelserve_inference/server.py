@@ -144,6 +144,8 @@ async def build_server(settings: InferenceSettings) -> tuple[GrpcServer, Inferen
         max_queue_delay_us=settings.max_queue_delay_us,
         max_queue_size=settings.max_queue_size,
         backend=settings.backend,
+        device=settings.device,
+        gpus=settings.gpus,
         # Known in local mode; a remote Triton says so itself when it lacks a backend.
         available_backends=triton.backends if triton is not None else None,
         infer_timeout_s=settings.infer_timeout_s,

@@ -25,6 +25,7 @@ MAX_METRICS = 64
 MAX_VALIDATION_ROWS = 100_000
 MAX_BATCH_SIZE = 4096
 MAX_INSTANCES = 16
+MAX_GPU_ID = 63
 MAX_QUEUE_DELAY_US = 1_000_000
 MIN_INTERVAL_S = 1.0
 MIN_SAMPLE_SIZE = 10
@@ -261,6 +262,17 @@ def check_inference(message: pb.InferenceConfig, violations: list[FieldViolation
         violations.append(
             FieldViolation(f"{field}.instance_count", f"must be 0 (one) to {MAX_INSTANCES}")
         )
+    if message.device not in pb.Device.values():
+        violations.append(FieldViolation(f"{field}.device", "is not a known device"))
+    if message.gpus and message.device != pb.DEVICE_GPU:
+        violations.append(FieldViolation(f"{field}.gpus", "is only for device DEVICE_GPU"))
+    seen: set[int] = set()
+    for i, gpu in enumerate(message.gpus):
+        if not 0 <= gpu <= MAX_GPU_ID:
+            violations.append(FieldViolation(f"{field}.gpus[{i}]", f"must be 0 to {MAX_GPU_ID}"))
+        elif gpu in seen:
+            violations.append(FieldViolation(f"{field}.gpus[{i}]", f"repeats GPU {gpu}"))
+        seen.add(gpu)
     if message == pb.InferenceConfig():
         return b""
     return message.SerializeToString(deterministic=True)

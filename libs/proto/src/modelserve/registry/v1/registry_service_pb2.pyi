@@ -159,6 +159,34 @@ BACKEND_ONNXRUNTIME: Backend.ValueType  # 2
 """Triton's native ONNX Runtime backend; CUDA / TensorRT execution providers on a GPU."""
 Global___Backend: _TypeAlias = Backend  # noqa: Y015
 
+class _Device:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _DeviceEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Device.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    DEVICE_UNSPECIFIED: _Device.ValueType  # 0
+    """Not set: inference's configured default."""
+    DEVICE_CPU: _Device.ValueType  # 1
+    """On CPU cores."""
+    DEVICE_GPU: _Device.ValueType  # 2
+    """On GPUs, through onnxruntime's CUDA execution provider. A version that cannot run on a
+    GPU there (no GPU, no CUDA-enabled onnxruntime) goes FAILED with the reason.
+    """
+
+class Device(_Device, metaclass=_DeviceEnumTypeWrapper):
+    """Device is where Triton runs a deployment's model instances."""
+
+DEVICE_UNSPECIFIED: Device.ValueType  # 0
+"""Not set: inference's configured default."""
+DEVICE_CPU: Device.ValueType  # 1
+"""On CPU cores."""
+DEVICE_GPU: Device.ValueType  # 2
+"""On GPUs, through onnxruntime's CUDA execution provider. A version that cannot run on a
+GPU there (no GPU, no CUDA-enabled onnxruntime) goes FAILED with the reason.
+"""
+Global___Device: _TypeAlias = Device  # noqa: Y015
+
 class _AbTestMetric:
     ValueType = _typing.NewType("ValueType", _builtins.int)
     V: _TypeAlias = ValueType  # noqa: Y015
@@ -1149,6 +1177,8 @@ class InferenceConfig(_message.Message):
     PREFERRED_BATCH_SIZES_FIELD_NUMBER: _builtins.int
     MAX_QUEUE_DELAY_US_FIELD_NUMBER: _builtins.int
     INSTANCE_COUNT_FIELD_NUMBER: _builtins.int
+    DEVICE_FIELD_NUMBER: _builtins.int
+    GPUS_FIELD_NUMBER: _builtins.int
     backend: Global___Backend.ValueType
     """Optional. The backend."""
     max_batch_size: _builtins.int
@@ -1158,10 +1188,20 @@ class InferenceConfig(_message.Message):
     microseconds; unset: inference's default. At most 1 s.
     """
     instance_count: _builtins.int
-    """Optional. Model instances Triton runs in parallel; 0: one. At most 16."""
+    """Optional. Model instances Triton runs in parallel; 0: one. At most 16. With device
+    GPU, that many on each GPU.
+    """
+    device: Global___Device.ValueType
+    """Optional. Where the instances run; unset: inference's default."""
     @_builtins.property
     def preferred_batch_sizes(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
         """Optional. Batch sizes the dynamic batcher prefers to form; each 1..max_batch_size."""
+
+    @_builtins.property
+    def gpus(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
+        """Optional, only with device DEVICE_GPU. The GPUs (CUDA device numbers, 0 to 63, each
+        once) that run instances; empty: every GPU Triton sees.
+        """
 
     def __init__(
         self,
@@ -1171,10 +1211,12 @@ class InferenceConfig(_message.Message):
         preferred_batch_sizes: _abc.Iterable[_builtins.int] | None = ...,
         max_queue_delay_us: _builtins.int | None = ...,
         instance_count: _builtins.int = ...,
+        device: Global___Device.ValueType = ...,
+        gpus: _abc.Iterable[_builtins.int] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_max_queue_delay_us", b"_max_queue_delay_us", "max_queue_delay_us", b"max_queue_delay_us"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_max_queue_delay_us", b"_max_queue_delay_us", "backend", b"backend", "instance_count", b"instance_count", "max_batch_size", b"max_batch_size", "max_queue_delay_us", b"max_queue_delay_us", "preferred_batch_sizes", b"preferred_batch_sizes"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_max_queue_delay_us", b"_max_queue_delay_us", "backend", b"backend", "device", b"device", "gpus", b"gpus", "instance_count", b"instance_count", "max_batch_size", b"max_batch_size", "max_queue_delay_us", b"max_queue_delay_us", "preferred_batch_sizes", b"preferred_batch_sizes"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__max_queue_delay_us: _TypeAlias = _typing.Literal["max_queue_delay_us"]  # noqa: Y015
     _WhichOneofArgType__max_queue_delay_us: _TypeAlias = _typing.Literal["_max_queue_delay_us", b"_max_queue_delay_us"]  # noqa: Y015
