@@ -65,6 +65,14 @@ lint: $(STAMP) ## ruff and mypy
 test: $(STAMP) redis check-protos lint ## Run every test (real Redis, real Triton)
 	$(PY) -m pytest
 
+.PHONY: test-gpu
+test-gpu: $(STAMP) ## Run the GPU tests (needs an NVIDIA GPU; puts onnxruntime-gpu in .venv)
+	@command -v nvidia-smi >/dev/null || { echo "make test-gpu needs an NVIDIA GPU and its driver (nvidia-smi)"; exit 1; }
+	@$(PY) -c 'import onnxruntime, sys; sys.exit("CUDAExecutionProvider" not in onnxruntime.get_available_providers())' || \
+	  { $(PY) -m pip uninstall --quiet -y onnxruntime onnxruntime-gpu && \
+	    $(PY) -m pip install --quiet 'onnxruntime-gpu[cuda,cudnn]==1.31.1'; }
+	MODELSERVE_GPU_TESTS=1 $(PY) -m pytest tests/gpu
+
 .PHONY: up
 up: $(STAMP) redis ## Run Redis, Triton and every service, deploy the demo model, predict once
 	$(VENV)/bin/modelserve up

@@ -12,8 +12,10 @@ from tritonclient.grpc import service_pb2
 from tritonclient.utils import serialize_byte_tensor
 
 from modelserve_runtime.errors import InvalidArgumentError
+from modelserve_triton.errors import TritonError
 from modelserve_triton.oip import (
     InputTensor,
+    decode_output,
     decode_raw,
     encode_raw,
     read_inputs,
@@ -72,6 +74,22 @@ class TestRawCodec:
         assert encode_raw(texts.astype(np.bytes_)) == raw
         assert decode_raw("BYTES", (2, 1), raw).tolist() == [[b"hi"], [b"there"]]
         assert encode_raw(np.empty((0, 1), dtype=np.object_)) == b""
+
+    def test_an_output_whose_bytes_do_not_fill_its_shape_is_a_triton_error(self) -> None:
+        """An answer with too few bytes for its output (the python backend answers empty
+        outputs under numpy 2) fails naming the model, the output, the bytes and the shape,
+        rather than as a reshape error from numpy."""
+        array = np.ones((1, 2), dtype=np.float32)
+
+        np.testing.assert_array_equal(
+            decode_output("m", "y", "FP32", (1, 2), array.tobytes()), array
+        )
+        with pytest.raises(TritonError) as caught:
+            decode_output("fraud", "probabilities", "FP32", (1, 2), b"")
+        assert str(caught.value) == (
+            "model 'fraud' answered output 'probabilities' with 0 bytes, which do not make a"
+            " FP32 tensor of shape [1, 2]"
+        )
 
 
 class TestReadInputs:

@@ -27,7 +27,7 @@ from opentelemetry import propagate, trace
 from tritonclient.grpc import service_pb2
 from tritonclient.utils import np_to_triton_dtype, triton_to_np_dtype
 
-from modelserve_triton.oip import decode_raw, encode_raw
+from modelserve_triton.oip import decode_output, encode_raw
 from modelserve_triton.runner import TritonError
 
 #: Triton's HTTP statuses as the gRPC codes its gRPC endpoint answers for the same errors.
@@ -311,7 +311,7 @@ def decode_infer(
     """The named outputs of Triton's answer, as arrays."""
     _, outputs = _answer(status, headers, body, model_name)
     found = {
-        name: decode_raw(datatype, shape, raw)
+        name: decode_output(model_name, name, datatype, shape, raw)
         for name, datatype, shape, raw in outputs
         if name in output_names
     }

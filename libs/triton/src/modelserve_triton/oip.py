@@ -23,6 +23,7 @@ from tritonclient.utils import (
 )
 
 from modelserve_runtime.errors import FieldViolation, InvalidArgumentError
+from modelserve_triton.errors import TritonError
 
 #: Where each datatype's values sit in InferTensorContents; the datatypes a request may use.
 CONTENTS_FIELD = {
@@ -64,6 +65,21 @@ def decode_raw(datatype: str, shape: Sequence[int], raw: bytes) -> npt.NDArray[A
         else np.frombuffer(raw, dtype=np.dtype(triton_to_np_dtype(datatype)))
     )
     return array.reshape(shape)
+
+
+def decode_output(
+    model_name: str, name: str, datatype: str, shape: Sequence[int], raw: bytes
+) -> npt.NDArray[Any]:
+    """One output of Triton's answer as an array; TritonError when its bytes do not make a
+    tensor of its datatype and shape (Triton's python backend answers empty outputs when the
+    stub's numpy is one it was not built for)."""
+    try:
+        return decode_raw(datatype, shape, raw)
+    except ValueError as exc:
+        raise TritonError(
+            f"model {model_name!r} answered output {name!r} with {len(raw)} bytes, which do not"
+            f" make a {datatype} tensor of shape {list(shape)}"
+        ) from exc
 
 
 @dataclass(frozen=True, slots=True)

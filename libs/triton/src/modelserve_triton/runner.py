@@ -15,7 +15,8 @@ from tritonclient.grpc import service_pb2, service_pb2_grpc
 from tritonclient.grpc.aio import InferenceServerClient
 from tritonclient.utils import InferenceServerException, np_to_triton_dtype, triton_to_np_dtype
 
-from modelserve_triton.oip import decode_raw, encode_raw
+from modelserve_triton.errors import TritonError as TritonError
+from modelserve_triton.oip import decode_output, encode_raw
 
 log = structlog.get_logger()
 
@@ -28,18 +29,6 @@ _CHANNEL_ARGS = [
     ("grpc.min_reconnect_backoff_ms", 100),
     ("grpc.max_reconnect_backoff_ms", 1000),
 ]
-
-
-class TritonError(Exception):
-    """A call to Triton failed; ``status`` is the gRPC status, e.g. "StatusCode.UNAVAILABLE"."""
-
-    def __init__(self, message: str, status: str | None = None) -> None:
-        super().__init__(message)
-        self.message = message
-        self.status = status
-
-    def __str__(self) -> str:
-        return f"[{self.status}] {self.message}" if self.status else self.message
 
 
 def _triton_error(exc: InferenceServerException) -> TritonError:
@@ -87,7 +76,9 @@ def decode_outputs(
                 f"{output.datatype}"
             )
         shape = tuple(int(d) for d in output.shape)
-        found[output.name] = decode_raw(output.datatype, shape, raws[index])
+        found[output.name] = decode_output(
+            model_name, output.name, output.datatype, shape, raws[index]
+        )
     missing = [name for name in output_names if name not in found]
     if missing:
         raise TritonError(f"model {model_name!r} returned no output {missing[0]!r}")

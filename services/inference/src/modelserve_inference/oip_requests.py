@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 import numpy.typing as npt
 
 from modelserve_runtime.errors import InvalidArgumentError
-from modelserve_triton.oip import InputTensor, decode_raw, signature_violations
+from modelserve_triton.oip import InputTensor, decode_output, signature_violations
 from modelserve_triton.runner import encode_request
 
 if TYPE_CHECKING:
@@ -151,9 +151,16 @@ def request_from_arrays(
 
 
 def arrays_from_response(response: Any) -> dict[str, npt.NDArray[Any]]:
-    """Triton's outputs as arrays of their datatypes and shapes (views of the raw bytes)."""
+    """Triton's outputs as arrays of their datatypes and shapes (views of the raw bytes);
+    TritonError when an output's bytes do not make its tensor."""
     raw_contents = response.raw_output_contents
     return {
-        output.name: decode_raw(output.datatype, tuple(output.shape), raw_contents[index])
+        output.name: decode_output(
+            response.model_name,
+            output.name,
+            output.datatype,
+            tuple(output.shape),
+            raw_contents[index] if index < len(raw_contents) else b"",
+        )
         for index, output in enumerate(response.outputs)
     }

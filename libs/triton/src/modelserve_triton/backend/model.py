@@ -29,16 +29,27 @@ class TritonPythonModel:
     """Serves one model version: every request in an execute() call shares one onnxruntime run."""
 
     def initialize(self, args: dict[str, str]) -> None:
-        """Opens ``<model_repository>/<model_version>/model.onnx`` for single-threaded CPU runs."""
+        """Opens ``<model_repository>/<model_version>/model.onnx``: on a CPU instance for
+        single-threaded CPU runs, on a GPU instance with the CUDA provider on its GPU."""
+        check_numpy(np.__version__)
         path = Path(args["model_repository"]) / args["model_version"] / "model.onnx"
         options = ort.SessionOptions()
         # Triton runs one instance per stub process and scales with instance_count; one
         # intra-op thread per instance keeps instances from fighting over cores.
         options.intra_op_num_threads = 1
         options.inter_op_num_threads = 1
+        kind = args.get("model_instance_kind", "CPU")
+        device_id = int(args.get("model_instance_device_id", "0"))
+        if kind == "GPU" and hasattr(ort, "preload_dlls"):
+            # onnxruntime-gpu finds CUDA and cuDNN installed from pip (nvidia-* beside it)
+            # only once they are loaded; a failure here shows in check_session_device.
+            ort.preload_dlls()
         self._session = ort.InferenceSession(
-            str(path), sess_options=options, providers=["CPUExecutionProvider"]
+            str(path),
+            sess_options=options,
+            providers=execution_providers(kind, device_id, ort.get_available_providers()),
         )
+        check_session_device(kind, device_id, self._session.get_providers())
         # An element type missing from the table (strings) is passed through uncast.
         self._input_dtypes: dict[str, npt.DTypeLike | None] = {
             meta.name: _ONNX_TO_NUMPY.get(meta.type) for meta in self._session.get_inputs()
@@ -112,6 +123,44 @@ class TritonPythonModel:
             for name, value in zip(self._output_names, outputs, strict=True)
         ]
         return pb_utils.InferenceResponse(output_tensors=tensors)
+
+
+def check_numpy(version: str) -> None:
+    """Refuses numpy 2: this python backend (nvidia-pytriton's Triton, which requires numpy<2)
+    answers every output empty with it, which the caller would only see as a broken answer."""
+    if int(version.split(".")[0]) >= 2:
+        raise RuntimeError(
+            f"numpy {version} in the environment Triton's python backend runs: this backend"
+            " answers empty outputs with numpy 2; install numpy<2 there (modelserve pins 1.26.4)"
+        )
+
+
+def execution_providers(kind: str, device_id: int, available: list[str]) -> list[Any]:
+    """The onnxruntime providers for a Triton instance of ``kind`` (CPU or GPU) on ``device_id``.
+
+    A GPU instance runs on the CUDA provider with the CPU one behind it for the operators CUDA
+    lacks; where onnxruntime has no CUDA provider the instance refuses to start, naming what
+    is missing, rather than serving from the CPU while the deployment asked for a GPU.
+    """
+    if kind != "GPU":
+        return ["CPUExecutionProvider"]
+    if "CUDAExecutionProvider" not in available:
+        raise RuntimeError(
+            f"this instance runs on GPU {device_id}, but onnxruntime {ort.__version__} here has"
+            f" no CUDAExecutionProvider (it has {', '.join(available)}): install onnxruntime-gpu"
+            " in the environment Triton's python backend runs"
+        )
+    return [("CUDAExecutionProvider", {"device_id": device_id}), "CPUExecutionProvider"]
+
+
+def check_session_device(kind: str, device_id: int, providers: list[str]) -> None:
+    """Fails a GPU instance whose session did not get the CUDA provider: onnxruntime falls
+    back to the CPU when CUDA's libraries fail to load, with only a warning in the log."""
+    if kind == "GPU" and "CUDAExecutionProvider" not in providers:
+        raise RuntimeError(
+            f"onnxruntime could not start CUDA on GPU {device_id} (its CUDA and cuDNN libraries"
+            " did not load; Triton's log has onnxruntime's warning) and would run on the CPU"
+        )
 
 
 def _error_response(exc: Exception) -> Any:
