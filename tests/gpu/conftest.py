@@ -43,12 +43,8 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 @pytest.fixture(scope="module")
 async def registry(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[RestartableRegistry]:
     """An empty real registry for the module."""
-    registry = RestartableRegistry(tmp_path_factory.mktemp("registry"))
-    await registry.start()
-    try:
+    async with RestartableRegistry(tmp_path_factory.mktemp("registry")) as registry:
         yield registry
-    finally:
-        await registry.close()
 
 
 @pytest.fixture(scope="module")

@@ -85,9 +85,5 @@ def inference(inference_service: RunningInference) -> pb_grpc.InferenceServiceAs
 async def registry(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[RestartableRegistry]:
     """An empty real registry on a port it keeps across restarts, for the module (the reconcile
     tests point the service at it in their `inference_settings`)."""
-    registry = RestartableRegistry(tmp_path_factory.mktemp("registry"))
-    await registry.start()
-    try:
+    async with RestartableRegistry(tmp_path_factory.mktemp("registry")) as registry:
         yield registry
-    finally:
-        await registry.close()

@@ -117,6 +117,13 @@ class RestartableRegistry:
         await self.stop()
         await self.channel.close()
 
+    async def __aenter__(self) -> RestartableRegistry:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.close()
+
     async def create_model(self, model_id: str) -> None:
         """Creates `models/{model_id}`."""
         await self.stub.CreateModel(

@@ -289,7 +289,9 @@ class TritonServer:
             "--metrics-address=127.0.0.1",
             f"--metrics-port={self._metrics_port}",
             "--allow-gpu-metrics=false",
-            # No GPU is assumed: without this Triton tries to pin host memory through CUDA.
+            # Pinned host memory only speeds Triton's own copies to and from GPU tensors, which
+            # the python backend never hands it (its instances, GPU ones too, take and answer
+            # host memory); without a GPU, Triton would try to pin it through CUDA anyway.
             "--pinned-memory-pool-byte-size=0",
             f"--log-verbose={options.log_verbose}",
         ]
