@@ -3,7 +3,7 @@ backend it asks for, and warmup from the version's sample inputs."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable
 
 import grpc
 import numpy as np
@@ -15,6 +15,7 @@ from reconcile_testing import (
     RestartableRegistry,
     answer,
     expected,
+    held_states,
     ready,
     reconciling_settings,
     recording,
@@ -182,6 +183,62 @@ class TestInferenceConfig:
         ), failed.reason
         assert states.states(v1)[-3:] == ["LOADING", "WARMING", "READY"]
         np.testing.assert_allclose(await answer(stub, v1), expected(5.0))
+
+    async def test_a_refused_new_config_leaves_the_version_serving_as_it_was(
+        self,
+        inference_service: RunningInference,
+        registry: RestartableRegistry,
+        triton: TritonRunner,
+    ) -> None:
+        """Moving a serving deployment to a config Triton refuses (the GPU, where it sees
+        none) does not take the version down: Triton keeps serving it as it was, every Infer
+        meanwhile is answered, the version stays READY saying why the new config is not
+        applied, and going back to the old config clears that."""
+        stub = inference_service.stub
+        await registry.create_model("rho")
+        v1 = await registry.upload("rho", tiny_onnx(6.0))
+        await registry.deploy("rho", {v1: 100})
+        await ready(stub, v1)
+
+        async with recording(stub) as states:
+            with capture_logs() as logs:
+                await registry.deploy(
+                    "rho",
+                    {v1: 100},
+                    inference=registry_pb.InferenceConfig(device=registry_pb.DEVICE_GPU),
+                )
+                answers = []
+                await eventually(
+                    lambda: any(e.reason for e in states.of(v1)),
+                    "the refusal reported",
+                    within_s=LOAD_S,
+                    nudge=lambda: _record(answers, answer(stub, v1)),
+                    nudge_every_s=0.05,
+                )
+                for _ in range(20):
+                    answers.append(await answer(stub, v1))
+                refused = (await triton.model_config("rho"))["instance_group"]
+            await registry.deploy("rho", {v1: 100})
+            await eventually(lambda: states.of(v1)[-1].reason == "", "the reason cleared")
+
+        assert {e.state for e in states.of(v1)} == {"READY"}
+        reason = next(e.reason for e in states.of(v1) if e.reason)
+        assert reason.startswith("the deployment's new inference config was refused")
+        assert "GPU" in reason
+        assert [g["kind"] for g in refused] == ["KIND_CPU"]
+        assert len(answers) >= 5
+        for got in answers:
+            np.testing.assert_allclose(got, expected(6.0))
+        assert (await held_states(stub))[v1] == "READY"
+        # Tried once, then again only after the retry wait: not in a loop.
+        events = [e["event"] for e in logs if e["event"].startswith("model_reconfigure")]
+        assert events == ["model_reconfigure_refused", "model_reconfigure_retry_scheduled"]
+        (scheduled,) = [e for e in logs if e["event"] == "model_reconfigure_retry_scheduled"]
+        assert scheduled["retry_in_s"] == RETRY_INITIAL_S
+
+
+async def _record(answers: list[object], call: Awaitable[object]) -> None:
+    answers.append(await call)
 
 
 class TestWarmup:

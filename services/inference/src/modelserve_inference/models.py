@@ -174,6 +174,11 @@ def parse_version_name(name: str, field_path: str = "name") -> tuple[str, int]:
     return match.group(1), int(match.group(2))
 
 
+class ConfigRefused(Exception):
+    """Triton refused a model's new config and serves its versions with the previous one
+    (they stay READY, their `reason` saying so)."""
+
+
 class ModelVersions:
     """Loads versions into Triton (all versions of a model in one load), warms, tracks and runs them.
 
@@ -312,7 +317,8 @@ class ModelVersions:
 
     async def ensure(self, model: str, names: Sequence[str], config: ServingConfig) -> None:
         """Loads those of the model's versions `names` that are not held or have FAILED, all in
-        one Triton load, and reloads the model when `config` is not the one Triton runs it with.
+        one Triton load, and reloads the model when `config` is not the one Triton runs it with
+        (ConfigRefused: Triton refused that config and serves the model as before).
 
         A version whose artifact cannot be fetched turns FAILED with the reason, like one that
         Triton refuses; the others load regardless.
@@ -435,13 +441,28 @@ class ModelVersions:
         `failure`) and the load is tried again without them, so one broken artifact does not
         keep the others out. A refusal that names none fails the `fresh` versions (Triton
         keeps serving what it held before a load it refuses), or, with none fresh (a reload
-        or a new config), every version.
+        or a new config), every version. A new config refused for a model Triton already
+        serves is not a failure of its versions: Triton keeps serving them as they were, so
+        they stay READY, their `reason` says why the new config is not applied, and this
+        raises ConfigRefused once they are warmed (the reconcile loop tries again later).
         """
+        previous = self._loaded_configs.get(model)
+        wanted = self._configs.get(model, self.default_config)
+        refused = ""
         for _ in range(len(self._of_model(model)) + 1):
             try:
                 await self._load_model(model)
+                self.config_applied(model)
                 break
             except TritonError as exc:
+                if not fresh and previous is not None and wanted != previous:
+                    refused = (
+                        "the deployment's new inference config was refused, so the previous"
+                        f" one serves: {_first_paragraph(str(exc))}"
+                    )
+                    log.error("model_reconfigure_refused", model=model, reason=str(exc))
+                    self._set_config_note(model, refused)
+                    break
                 held = self._of_model(model)
                 numbers = {int(n) for n in _FAILED_VERSION.findall(exc.message)}
                 named = [h for h in held if h.version in numbers]
@@ -455,6 +476,23 @@ class ModelVersions:
                 if not named and unproven:
                     break
         await self._warm_model(model)
+        if refused:
+            raise ConfigRefused(refused)
+
+    def config_applied(self, model: str) -> None:
+        """The model runs with its deployment's latest config: no READY version of it says
+        otherwise any more."""
+        self._set_config_note(model, "")
+
+    def _set_config_note(self, model: str, reason: str) -> None:
+        """Sets (or, with "", clears) the reason on the model's READY versions that the
+        config they are served with is not the deployment's latest."""
+        changed = [h for h in self._of_model(model) if h.state is VersionState.READY]
+        changed = [h for h in changed if h.reason != reason]
+        for held in changed:
+            held.reason = reason
+        if changed:
+            self._publish(*changed)
 
     async def _load_model(self, model: str) -> None:
         """Makes Triton hold exactly the model's versions that have an artifact, with the

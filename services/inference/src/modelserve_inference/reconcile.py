@@ -12,6 +12,7 @@ from typing import Protocol
 import structlog
 
 from modelserve_inference.models import (
+    ConfigRefused,
     HeldVersion,
     ModelVersions,
     ServingConfig,
@@ -50,7 +51,8 @@ class DeploymentFeed(Protocol):
 
 @dataclass(slots=True)
 class _Retry:
-    """When a FAILED version is loaded again, and how many loads of it failed in a row."""
+    """When a FAILED version is loaded again (or a refused config tried again), and how many
+    tries failed in a row."""
 
     failures: int
     at: float
@@ -107,6 +109,9 @@ class Reconciler:
         self._busy: dict[str, asyncio.Task[None]] = {}
         self._held_off: dict[str, float] = {}
         """Models left alone until then, after their work failed unexpectedly."""
+        self._refusals: dict[str, _Retry] = {}
+        """Per model whose new config Triton refused: the refusals in a row, and when to try
+        the config again (other work on the model goes on meanwhile)."""
         self._wake = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
         versions.feed.add_listener(self._wake.set)
@@ -246,8 +251,10 @@ class Reconciler:
         for model, names in sorted(by_model.items()):
             config = configs.get(model, self._versions.default_config)
             if self._planned_configs.get(model) != config:
-                # A new config may be what a FAILED version needed: try it at once.
+                # A new config may be what a FAILED version needed, or the fix of one Triton
+                # refused: try it at once.
                 self._planned_configs[model] = config
+                self._refusals.pop(model, None)
                 for name in names:
                     current = held.get(name)
                     if current is not None and current.state is VersionState.FAILED:
@@ -284,7 +291,15 @@ class Reconciler:
                 else:
                     due.append(since + self._unload_grace_s)
             loaded = self._versions.loaded_config(model)
-            if to_load or to_remove or (loaded is not None and loaded != config):
+            reconfigure = loaded is not None and loaded != config
+            if loaded == config:
+                self._refusals.pop(model, None)
+                self._versions.config_applied(model)
+            refused = self._refusals.get(model)
+            if reconfigure and refused is not None and refused.at > now:
+                reconfigure = False
+                due.append(refused.at)
+            if to_load or to_remove or reconfigure:
                 self._busy[model] = asyncio.create_task(
                     self._work(model, config, to_load, to_remove), name=f"reconcile-{model}"
                 )
@@ -307,6 +322,19 @@ class Reconciler:
                     self._schedule_retry(name, failures, version.reason, now)
                 else:
                     self._retries.pop(name, None)
+        except ConfigRefused as exc:
+            previous = self._refusals.get(model)
+            failures = previous.failures + 1 if previous is not None else 1
+            delay = min(self._retry_initial_s * 2 ** (failures - 1), self._retry_max_s)
+            now = asyncio.get_running_loop().time()
+            self._refusals[model] = _Retry(failures, now + delay)
+            log.warning(
+                "model_reconfigure_retry_scheduled",
+                model=model,
+                failures=failures,
+                retry_in_s=round(delay, 3),
+                reason=str(exc),
+            )
         except Exception:  # one model's trouble must not stop the loop, nor spin it
             log.exception("reconcile_failed", model=model, retry_in_s=self._retry_initial_s)
             self._held_off[model] = asyncio.get_running_loop().time() + self._retry_initial_s

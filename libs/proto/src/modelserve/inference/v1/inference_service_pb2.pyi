@@ -84,8 +84,9 @@ class LoadedModelVersion(_message.Message):
     state: Global___ModelVersionState.ValueType
     """Its state."""
     reason: _builtins.str
-    """Why the version FAILED, or why a READY version is LOADING again (Triton restarting);
-    empty otherwise.
+    """Why the version FAILED, or why a READY version is LOADING again (Triton restarting),
+    or, on a READY version, why its deployment's latest inference config is not applied
+    (Triton refused it and serves the version with the previous one); empty otherwise.
     """
     triton_endpoint: _builtins.str
     """The Triton gRPC endpoint (`host:port`) that serves the version once READY."""
