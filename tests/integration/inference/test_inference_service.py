@@ -20,6 +20,7 @@ from inference_testing import (
     infer,
     infer_request,
     load,
+    local_settings,
     reference,
     refused,
     triton_ready,
@@ -29,6 +30,7 @@ from modelserve.inference.v1 import inference_service_pb2 as pb
 from modelserve.inference.v1 import inference_service_pb2_grpc as pb_grpc
 from modelserve.type.v1 import tensor_pb2
 from modelserve_demo import fraud
+from modelserve_inference.config import InferenceSettings
 from modelserve_runtime.convert import numpy_to_tensor
 from modelserve_runtime.errors import DeadlineExceededError
 
@@ -36,6 +38,29 @@ pytestmark = pytest.mark.triton
 
 #: Asserts that a refused call left the service as it was.
 UnchangedCheck = Callable[[], Awaitable[None]]
+
+
+@pytest.fixture(scope="module")
+def inference_settings(
+    tmp_path_factory: pytest.TempPathFactory, registry_target: str
+) -> InferenceSettings:
+    """The conftest's local-mode service, with a tritonserver flag of the operator's own."""
+    return local_settings(
+        tmp_path_factory, registry_target, triton_extra_args=("--exit-timeout-secs=7",)
+    )
+
+
+class TestTritonFlags:
+    async def test_extra_flags_reach_the_triton_it_starts(
+        self, inference_service: RunningInference
+    ) -> None:
+        """TRITON_EXTRA_ARGS go to tritonserver: its options table shows the exit timeout."""
+        triton = inference_service.app.triton
+        assert triton is not None
+        options = triton.log_path.read_text(errors="replace")
+
+        (row,) = [line for line in options.splitlines() if line.startswith("| exit_timeout ")]
+        assert row.split("|")[2].strip() == "7"
 
 
 class TestLoadModelVersion:

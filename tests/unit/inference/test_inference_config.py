@@ -67,6 +67,11 @@ class TestInferenceSettings:
             ("MAX_CONCURRENT_LOADS", "0"),
             ("LOAD_RETRY_INITIAL_S", "0"),
             ("BACKEND", "tensorrt"),
+            ("DEVICE", "tpu"),
+            ("GPUS", "[-1]"),
+            ("TRITON_EXTRA_ARGS", '["--grpc-port=9000"]'),
+            ("TRITON_EXTRA_ARGS", '["--model-control-mode=poll"]'),
+            ("TRITON_EXTRA_ARGS", '["log-verbose=1"]'),
         ],
     )
     def test_bad_values_stop_the_start(
@@ -77,3 +82,20 @@ class TestInferenceSettings:
 
         with pytest.raises(ConfigError, match=variable.lower()):
             load_settings(InferenceSettings)
+
+    def test_gpu_device_and_extra_triton_flags(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        """DEVICE, GPUS and TRITON_EXTRA_ARGS (flags modelserve does not set itself) load."""
+        monkeypatch.setenv("MODELSERVE_INFERENCE_DEVICE", "gpu")
+        monkeypatch.setenv("MODELSERVE_INFERENCE_GPUS", "[0, 2]")
+        monkeypatch.setenv(
+            "MODELSERVE_INFERENCE_TRITON_EXTRA_ARGS",
+            '["--cuda-memory-pool-byte-size=0:268435456", "--exit-timeout-secs=5"]',
+        )
+
+        settings = load_settings(InferenceSettings)
+
+        assert (settings.device, settings.gpus) == ("gpu", (0, 2))
+        assert settings.triton_extra_args == (
+            "--cuda-memory-pool-byte-size=0:268435456",
+            "--exit-timeout-secs=5",
+        )

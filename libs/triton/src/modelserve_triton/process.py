@@ -11,6 +11,7 @@ import signal
 import socket
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -38,6 +39,40 @@ class GrpcServerTls:
     """When set, clients must present a certificate signed by this CA (mutual TLS)."""
 
 
+#: tritonserver flags that TritonServer sets itself: the model repository and control, the
+#: backends, where each endpoint listens, its TLS, and the readiness and exit behaviour the
+#: supervisor relies on. `extra_args` may not set them again.
+OWNED_FLAGS: tuple[str, ...] = (
+    "--model-repository",
+    "--model-store",
+    "--model-control-mode",
+    "--backend-directory",
+    "--strict-readiness",
+    "--exit-on-error",
+    "--grpc-address",
+    "--grpc-port",
+    "--http-address",
+    "--http-port",
+    "--metrics-address",
+    "--metrics-port",
+    "--grpc-use-ssl",
+    "--grpc-use-ssl-mutual",
+    "--grpc-server-cert",
+    "--grpc-server-key",
+    "--grpc-root-cert",
+)
+
+
+def check_extra_args(args: Sequence[str]) -> None:
+    """Refuses flags that are not `--name[=value]` or that TritonServer sets itself."""
+    for arg in args:
+        if not arg.startswith("--"):
+            raise ValueError(f"{arg!r} is not a tritonserver flag (--name=value)")
+        name = arg.split("=", 1)[0]
+        if name in OWNED_FLAGS:
+            raise ValueError(f"{name} is set by modelserve and cannot be given again")
+
+
 @dataclass(frozen=True, slots=True)
 class TritonOptions:
     """How to run one tritonserver; a port of 0 means "pick a free one"."""
@@ -50,10 +85,13 @@ class TritonOptions:
     """``host:port`` of an OTLP/HTTP receiver; Triton posts spans to its /v1/traces."""
     log_verbose: int = 0
     extra_args: tuple[str, ...] = ()
-    """Further tritonserver flags, appended last."""
+    """Further tritonserver flags, appended last; none of `OWNED_FLAGS`."""
     grpc_tls: GrpcServerTls | None = None
     """Serve gRPC over TLS; None: plaintext. (Triton's HTTP endpoint has no TLS; it stays on
     127.0.0.1, where readiness is asked.)"""
+
+    def __post_init__(self) -> None:
+        check_extra_args(self.extra_args)
 
 
 @dataclass(frozen=True, slots=True)

@@ -5,10 +5,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import Field, SecretStr, model_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import SettingsConfigDict
 
 from modelserve_runtime.config import ClientTlsSettings, ServiceSettings
+from modelserve_triton.process import check_extra_args
 
 
 class InferenceSettings(ServiceSettings):
@@ -44,6 +45,11 @@ class InferenceSettings(ServiceSettings):
     """Local mode: how often Triton sends its batched spans (Triton's own default is 5000)."""
     triton_start_timeout_s: float = Field(default=120.0, gt=0)
     """Local mode: how long Triton may take to become ready."""
+    triton_extra_args: tuple[str, ...] = ()
+    """Local mode: more tritonserver flags, appended after modelserve's own (for a GPU, say,
+    `--cuda-memory-pool-byte-size=0:268435456` or `--model-load-gpu-limit=0:0.8`). Flags that
+    modelserve sets itself (repository, model control, ports, addresses, TLS, readiness) are
+    refused."""
     registry_target: str | None = None
     """The registry's `host:port`; resolved through discovery (service `registry`) when unset."""
     registry_api_key: SecretStr | None = None
@@ -112,6 +118,12 @@ class InferenceSettings(ServiceSettings):
     noticed at once)."""
     triton_stats_interval_s: float = Field(default=5.0, gt=0)
     """How often Triton's per-version statistics are read for /metrics."""
+
+    @field_validator("triton_extra_args")
+    @classmethod
+    def _extra_args_are_flags_of_our_own(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        check_extra_args(value)
+        return value
 
     @model_validator(mode="after")
     def _tls_is_for_a_remote_triton(self) -> InferenceSettings:

@@ -100,11 +100,14 @@ async def build_server(settings: InferenceSettings) -> tuple[GrpcServer, Inferen
                 http_port=settings.triton_http_port,
                 trace_otlp_endpoint=settings.triton_trace_endpoint,
                 extra_args=(
-                    "--trace-config=opentelemetry,bsp_schedule_delay="
-                    f"{settings.triton_trace_export_delay_ms}",
+                    (
+                        "--trace-config=opentelemetry,bsp_schedule_delay="
+                        f"{settings.triton_trace_export_delay_ms}",
+                    )
+                    if settings.triton_trace_endpoint
+                    else ()
                 )
-                if settings.triton_trace_endpoint
-                else (),
+                + settings.triton_extra_args,
             )
         )
         await triton.start(timeout=settings.triton_start_timeout_s)
