@@ -112,3 +112,37 @@ async def test_a_version_moves_between_cpu_and_gpu_and_keeps_answering(
 
     np.testing.assert_allclose(on_gpu, on_cpu, rtol=1e-5)
     np.testing.assert_allclose(await answer(stub, version), expected(4.0), rtol=1e-5)
+
+
+async def test_a_gpu_the_machine_lacks_leaves_the_version_serving_where_it_is(
+    inference_service: RunningInference, registry: RestartableRegistry
+) -> None:
+    """Asking for GPU 63, which no test machine has, is refused by Triton; the version keeps
+    serving on GPU 0, READY, saying why the new config is not applied."""
+    stub = inference_service.stub
+    await registry.create_model("stayer")
+    version = await registry.upload("stayer", tiny_onnx(7.0))
+    on_gpu0 = registry_pb.InferenceConfig(device=registry_pb.DEVICE_GPU, gpus=[0])
+    await registry.deploy("stayer", {version: 100}, inference=on_gpu0)
+    await ready(stub, version)
+
+    async with recording(stub) as states:
+        await registry.deploy(
+            "stayer",
+            {version: 100},
+            inference=registry_pb.InferenceConfig(device=registry_pb.DEVICE_GPU, gpus=[63]),
+        )
+        await eventually(
+            lambda: any(e.reason for e in states.of(version)), "the refusal", within_s=LOAD_S
+        )
+        answered = await answer(stub, version)
+
+    assert {e.state for e in states.of(version)} == {"READY"}
+    assert "gpu id 63" in next(e.reason for e in states.of(version) if e.reason)
+    np.testing.assert_allclose(answered, expected(7.0), rtol=1e-5)
+    runner = TritonRunner(inference_service.app.versions.triton_endpoint)
+    try:
+        config = await runner.model_config("stayer")
+    finally:
+        await runner.close()
+    assert [list(g.get("gpus", [])) for g in config["instance_group"]] == [[0]]
