@@ -5,8 +5,9 @@ rule that only PRODUCTION versions take production traffic."""
 from __future__ import annotations
 
 import hashlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable
 from pathlib import Path
+from typing import Any
 
 import grpc
 import numpy as np
@@ -316,19 +317,13 @@ class TestDeploymentSettings:
         await create_model(registry.stub)
         await upload_version(registry.stub)
         error = await failure(
-            registry.stub.UpdateDeployment(
-                pb.UpdateDeploymentRequest(
-                    deployment=pb.Deployment(
-                        name="deployments/fraud",
-                        traffic=[pb.TrafficTarget(model_version=V1, percent=100)],
-                        inference=pb.InferenceConfig(
-                            max_batch_size=16, preferred_batch_sizes=[32], instance_count=99
-                        ),
-                        hybrid=pb.HybridLookup(enabled=True),
-                        strategy=pb.RolloutStrategy(canary=pb.CanaryStrategy(steps=[10, 50])),
-                    ),
-                    allow_missing=True,
-                )
+            _deploy_v1(
+                registry,
+                inference=pb.InferenceConfig(
+                    max_batch_size=16, preferred_batch_sizes=[32], instance_count=99
+                ),
+                hybrid=pb.HybridLookup(enabled=True),
+                strategy=pb.RolloutStrategy(canary=pb.CanaryStrategy(steps=[10, 50])),
             )
         )
         assert error.code is grpc.StatusCode.INVALID_ARGUMENT
@@ -372,18 +367,7 @@ class TestDeploymentSettings:
     ) -> None:
         await create_model(registry.stub)
         await upload_version(registry.stub)
-        error = await failure(
-            registry.stub.UpdateDeployment(
-                pb.UpdateDeploymentRequest(
-                    deployment=pb.Deployment(
-                        name="deployments/fraud",
-                        traffic=[pb.TrafficTarget(model_version=V1, percent=100)],
-                        inference=inference,
-                    ),
-                    allow_missing=True,
-                )
-            )
-        )
+        error = await failure(_deploy_v1(registry, inference=inference))
         assert error.code is grpc.StatusCode.INVALID_ARGUMENT
         assert {v.field: v.description for v in error.violations}.keys() == violations.keys()
         for violation in error.violations:
@@ -414,6 +398,20 @@ class TestDeploymentSettings:
             grpc.StatusCode.FAILED_PRECONDITION,
             "INFERENCE_CONFIG_CONFLICT",
         )
+
+
+def _deploy_v1(registry: RunningRegistry, **settings: Any) -> Awaitable[object]:
+    """UpdateDeployment of `deployments/fraud` with all traffic on V1 and `settings`."""
+    return registry.stub.UpdateDeployment(
+        pb.UpdateDeploymentRequest(
+            deployment=pb.Deployment(
+                name="deployments/fraud",
+                traffic=[pb.TrafficTarget(model_version=V1, percent=100)],
+                **settings,
+            ),
+            allow_missing=True,
+        )
+    )
 
 
 @pytest.fixture

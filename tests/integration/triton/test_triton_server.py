@@ -45,15 +45,21 @@ class TestTritonServer:
 
     async def test_start_fails_fast_with_the_log_when_triton_exits(self, tmp_path: Path) -> None:
         """A tritonserver that exits at once fails start() at once, with its log in the error."""
-        server = TritonServer(
-            TritonOptions(work_dir=tmp_path, extra_args=("--model-control-mode=bogus",))
-        )
+        server = TritonServer(TritonOptions(work_dir=tmp_path, extra_args=("--rate-limit=bogus",)))
         started = time.monotonic()
 
-        with pytest.raises(TritonStartError, match="invalid argument for --model-control-mode"):
+        with pytest.raises(TritonStartError, match="invalid argument for --rate-limit"):
             await server.start(timeout=60)
 
         assert time.monotonic() - started < 15
+
+    def test_flags_it_sets_itself_cannot_be_given_again(self, tmp_path: Path) -> None:
+        """extra_args may add flags, not override the repository, model control, ports or
+        TLS that the server and its supervisor rely on."""
+        with pytest.raises(ValueError, match="--model-control-mode is set by modelserve"):
+            TritonOptions(work_dir=tmp_path, extra_args=("--model-control-mode=poll",))
+        with pytest.raises(ValueError, match="'grpc-port=1' is not a tritonserver flag"):
+            TritonOptions(work_dir=tmp_path, extra_args=("grpc-port=1",))
 
     async def test_a_failed_restart_can_be_tried_again(self, tmp_path: Path) -> None:
         """A restart whose new process is not ready in time fails, and leaves the server able
