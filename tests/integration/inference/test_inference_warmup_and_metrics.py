@@ -22,18 +22,26 @@ class TestWarmup:
         with capture_logs() as logs:
             loaded = await load(inference_service.stub, V1)
 
+        events = [(e["event"], e.get("version")) for e in logs if e.get("version") == V1]
+        assert events[-2:] == [("model_version_warmed", V1), ("model_version_ready", V1)]
         triton = TritonRunner(loaded.triton_endpoint)
-        try:
+        batch_sizes: set[int] = set()
+
+        async def warmed_at_every_size() -> bool:
+            # Triton records a batch in its statistics a moment after answering it.
             stats = await triton.statistics(timeout_s=5)
+            (version,) = [
+                m for m in stats["model_stats"] if (m["name"], m["version"]) == (MODEL_ID, "1")
+            ]
+            batch_sizes.update(int(b["batch_size"]) for b in version["batch_stats"])
+            return batch_sizes >= {1, 8, 64}
+
+        try:
+            await eventually(
+                warmed_at_every_size, "batches of 1, 8 and 64 in Triton's statistics", within_s=5
+            )
         finally:
             await triton.close()
-        (version,) = [
-            m for m in stats["model_stats"] if (m["name"], m["version"]) == (MODEL_ID, "1")
-        ]
-        batch_sizes = {int(b["batch_size"]) for b in version["batch_stats"]}
-        events = [(e["event"], e.get("version")) for e in logs if e.get("version") == V1]
-        assert batch_sizes >= {1, 8, 64}
-        assert events[-2:] == [("model_version_warmed", V1), ("model_version_ready", V1)]
 
 
 def _sample(name: str, **labels: str) -> float | None:
