@@ -11,6 +11,7 @@ from inference_testing import RunningInference
 from reconcile_testing import RestartableRegistry, answer, expected, ready, recording, tiny_onnx
 from support import eventually
 
+from modelserve.inference.v1 import inference_service_pb2 as inference_pb
 from modelserve.registry.v1 import registry_service_pb2 as registry_pb
 from modelserve_triton.runner import TritonRunner
 
@@ -72,6 +73,14 @@ async def test_gpu_and_cpu_deployments_serve_side_by_side(
     assert _gpu_pids() & _triton_family(inference_service), (
         "no process of Triton's holds GPU memory"
     )
+    listed = {
+        v.name: (v.device, list(v.gpus))
+        for v in (
+            await stub.ListModelVersions(inference_pb.ListModelVersionsRequest())
+        ).model_versions
+    }
+    assert listed[gpu_version] == (inference_pb.INSTANCE_DEVICE_GPU, [0])
+    assert listed[cpu_version] == (inference_pb.INSTANCE_DEVICE_CPU, [])
 
 
 async def test_a_version_moves_between_cpu_and_gpu_and_keeps_answering(
@@ -91,6 +100,10 @@ async def test_a_version_moves_between_cpu_and_gpu_and_keeps_answering(
         config = await runner.model_config("mover")
         return [g["kind"] for g in config["instance_group"]] == [kind]
 
+    async def listed_on(device: int) -> bool:
+        response = await stub.ListModelVersions(inference_pb.ListModelVersionsRequest())
+        return next(v.device for v in response.model_versions if v.name == version) == device
+
     try:
         await registry.deploy(
             "mover",
@@ -100,6 +113,7 @@ async def test_a_version_moves_between_cpu_and_gpu_and_keeps_answering(
         await eventually(lambda: kind_is("KIND_GPU"), "mover on the GPU", within_s=LOAD_S)
         await ready(stub, version)
         on_gpu = await answer(stub, version)
+        await eventually(lambda: listed_on(inference_pb.INSTANCE_DEVICE_GPU), "listed on GPU")
         await registry.deploy(
             "mover",
             {version: 100},
@@ -107,6 +121,7 @@ async def test_a_version_moves_between_cpu_and_gpu_and_keeps_answering(
         )
         await eventually(lambda: kind_is("KIND_CPU"), "mover back on the CPU", within_s=LOAD_S)
         await ready(stub, version)
+        await eventually(lambda: listed_on(inference_pb.INSTANCE_DEVICE_CPU), "listed on CPU")
     finally:
         await runner.close()
 

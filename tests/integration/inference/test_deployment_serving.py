@@ -177,6 +177,12 @@ class TestInferenceConfig:
             )
             await ready(stub, v1)
 
+        (listed,) = [
+            v
+            for v in (await stub.ListModelVersions(pb.ListModelVersionsRequest())).model_versions
+            if v.name == v1
+        ]
+        assert listed.device == pb.INSTANCE_DEVICE_CPU
         (failed,) = [e for e in states.of(v1) if e.state == "FAILED"]
         assert (
             "unsupported gpu id 0" in failed.reason or "GPU 0, but onnxruntime" in failed.reason

@@ -67,11 +67,13 @@ class TestLoadModelVersion:
     async def test_load_reports_ready_endpoint_and_signature(
         self, inference: pb_grpc.InferenceServiceAsyncStub
     ) -> None:
-        """A loaded version is READY on a Triton endpoint that serves it, with its signature."""
+        """A loaded version is READY on a Triton endpoint that serves it, with its signature
+        and the device its instances run on."""
         loaded = await load(inference, V1)
 
         assert loaded.name == V1
         assert loaded.reason == ""
+        assert (loaded.device, list(loaded.gpus)) == (pb.INSTANCE_DEVICE_CPU, [])
         assert (loaded.triton_model_name, loaded.triton_model_version) == (MODEL_ID, 1)
         assert [(s.name, s.datatype, list(s.shape)) for s in loaded.inputs] == [
             ("features", tensor_pb2.DATA_TYPE_FP32, [-1, len(fraud.FEATURE_REFS)])

@@ -120,6 +120,10 @@ class HeldVersion:
     onnx: bytes = field(default=b"", repr=False)
     sample_inputs: Mapping[str, npt.NDArray[Any]] = field(default_factory=dict, repr=False)
     """Warmup inputs from the registry, cast to the signature's dtypes; empty: synthesized."""
+    device: str = ""
+    """Where Triton runs its instances (`cpu`, `gpu`) as of its last load; "" before."""
+    gpus: tuple[int, ...] = ()
+    """The GPUs of a `gpu` device; none: every GPU Triton sees."""
 
 
 class ArtifactSource(Protocol):
@@ -529,6 +533,14 @@ class ModelVersions:
         files = model_files({n: v.onnx for n, v in versions.items()}, backend=config.backend)
         await self._triton.load(model, triton_config, files, timeout_s=self._load_timeout_s)
         self._loaded_configs[model] = config
+        moved = []
+        for held in versions.values():
+            if (held.device, held.gpus) != (config.device, config.gpus):
+                held.device, held.gpus = config.device, config.gpus
+                if held.state is VersionState.READY:
+                    moved.append(held)
+        if moved:
+            self._publish(*moved)
 
     async def _warm_model(self, model: str) -> None:
         """Warms each version of the model that is not READY yet, then declares it READY.

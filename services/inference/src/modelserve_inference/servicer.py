@@ -23,6 +23,7 @@ _STATES = {
     "UNLOADING": pb.MODEL_VERSION_STATE_UNLOADING,
 }
 _DATATYPES = {name: code for code, name in TRITON_NAMES.items()}
+_DEVICES = {"cpu": pb.INSTANCE_DEVICE_CPU, "gpu": pb.INSTANCE_DEVICE_GPU}
 
 
 def _spec(spec: TensorSpec) -> tensor_pb2.TensorSpec:
@@ -47,6 +48,8 @@ def held_to_proto(
         triton_model_version=held.version,
         inputs=[_spec(s) for s in held.inputs],
         outputs=[_spec(s) for s in held.outputs],
+        device=_DEVICES.get(held.device, pb.INSTANCE_DEVICE_UNSPECIFIED),
+        gpus=list(held.gpus),
     )
 
 

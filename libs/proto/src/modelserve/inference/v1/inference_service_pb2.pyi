@@ -64,6 +64,30 @@ has none, from its signature. READY follows.
 """
 Global___ModelVersionState: _TypeAlias = ModelVersionState  # noqa: Y015
 
+class _InstanceDevice:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _InstanceDeviceEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_InstanceDevice.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    INSTANCE_DEVICE_UNSPECIFIED: _InstanceDevice.ValueType  # 0
+    """Not known yet: the version is not loaded."""
+    INSTANCE_DEVICE_CPU: _InstanceDevice.ValueType  # 1
+    """CPU cores."""
+    INSTANCE_DEVICE_GPU: _InstanceDevice.ValueType  # 2
+    """GPUs, through onnxruntime's CUDA execution provider."""
+
+class InstanceDevice(_InstanceDevice, metaclass=_InstanceDeviceEnumTypeWrapper):
+    """InstanceDevice is where Triton runs a version's model instances."""
+
+INSTANCE_DEVICE_UNSPECIFIED: InstanceDevice.ValueType  # 0
+"""Not known yet: the version is not loaded."""
+INSTANCE_DEVICE_CPU: InstanceDevice.ValueType  # 1
+"""CPU cores."""
+INSTANCE_DEVICE_GPU: InstanceDevice.ValueType  # 2
+"""GPUs, through onnxruntime's CUDA execution provider."""
+Global___InstanceDevice: _TypeAlias = InstanceDevice  # noqa: Y015
+
 @_typing.final
 class LoadedModelVersion(_message.Message):
     """LoadedModelVersion describes one version held by this service."""
@@ -79,6 +103,8 @@ class LoadedModelVersion(_message.Message):
     INPUTS_FIELD_NUMBER: _builtins.int
     OUTPUTS_FIELD_NUMBER: _builtins.int
     TRITON_HTTP_ENDPOINT_FIELD_NUMBER: _builtins.int
+    DEVICE_FIELD_NUMBER: _builtins.int
+    GPUS_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """The version. Format: `models/{model}/versions/{version}`."""
     state: Global___ModelVersionState.ValueType
@@ -99,6 +125,8 @@ class LoadedModelVersion(_message.Message):
     when inference does not know it (a remote Triton without `TRITON_HTTP_URL`). The
     router's direct path prefers it: its Python client costs a fraction of the gRPC one.
     """
+    device: Global___InstanceDevice.ValueType
+    """Where Triton runs the version's instances, as of its last successful load."""
     @_builtins.property
     def inputs(self) -> _containers.RepeatedCompositeFieldContainer[_tensor_pb2.TensorSpec]:
         """The version's input tensors."""
@@ -106,6 +134,10 @@ class LoadedModelVersion(_message.Message):
     @_builtins.property
     def outputs(self) -> _containers.RepeatedCompositeFieldContainer[_tensor_pb2.TensorSpec]:
         """The version's output tensors."""
+
+    @_builtins.property
+    def gpus(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
+        """With device GPU, the GPUs its instances run on; empty: every GPU Triton sees."""
 
     def __init__(
         self,
@@ -119,10 +151,12 @@ class LoadedModelVersion(_message.Message):
         inputs: _abc.Iterable[_tensor_pb2.TensorSpec] | None = ...,
         outputs: _abc.Iterable[_tensor_pb2.TensorSpec] | None = ...,
         triton_http_endpoint: _builtins.str = ...,
+        device: Global___InstanceDevice.ValueType = ...,
+        gpus: _abc.Iterable[_builtins.int] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["inputs", b"inputs", "name", b"name", "outputs", b"outputs", "reason", b"reason", "state", b"state", "triton_endpoint", b"triton_endpoint", "triton_http_endpoint", b"triton_http_endpoint", "triton_model_name", b"triton_model_name", "triton_model_version", b"triton_model_version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["device", b"device", "gpus", b"gpus", "inputs", b"inputs", "name", b"name", "outputs", b"outputs", "reason", b"reason", "state", b"state", "triton_endpoint", b"triton_endpoint", "triton_http_endpoint", b"triton_http_endpoint", "triton_model_name", b"triton_model_name", "triton_model_version", b"triton_model_version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
