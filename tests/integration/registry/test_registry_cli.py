@@ -204,6 +204,89 @@ class TestRolloutCommands:
         assert deleted.code == 1 and "MODEL_IN_USE" in deleted.stderr
 
 
+class TestInferenceSettings:
+    async def test_configure_changes_only_what_it_is_given(
+        self, served: CliRegistry, tmp_path: Path
+    ) -> None:
+        """`deployments configure` sets the deployment's inference settings as a new revision,
+        keeping those it is not given; `deployments set` changes the split and keeps them; the
+        table shows them."""
+        path = tmp_path / "tiny.onnx"
+        path.write_bytes(tiny_onnx())
+        target = ("--registry", served.address)
+        assert (await cli("models", "register", "fraud", "--onnx", str(path), *target)).code == 0
+        path.write_bytes(tiny_onnx(weight=2.0))
+        assert (await cli("models", "register", "fraud", "--onnx", str(path), *target)).code == 0
+        assert (await cli("deployments", "set", "fraud", "fraud/1=100", *target)).code == 0
+
+        on_gpu = await cli(
+            "deployments", "configure", "fraud", "--device", "gpu", "--gpus", "0,1",
+            "--instances", "2", "--reason", "to the GPUs", *target,
+        )  # fmt: skip
+        assert on_gpu.code == 0, on_gpu.stderr
+        assert "inference: device=gpu gpus=0,1 instances=2" in on_gpu.stdout
+        batched = await cli("deployments", "configure", "fraud", "--max-batch-size", "64", *target)
+        assert batched.code == 0, batched.stderr
+        split = await cli("deployments", "set", "fraud", "fraud/1=90", "fraud/2=10", *target)
+        assert split.code == 0, split.stderr
+
+        current = await served.stub.GetDeployment(pb.GetDeploymentRequest(name="deployments/fraud"))
+        assert current.deployment.inference == pb.InferenceConfig(
+            device=pb.DEVICE_GPU, gpus=[0, 1], instance_count=2, max_batch_size=64
+        )
+        assert len(current.deployment.traffic) == 2
+        shown = await cli("deployments", "show", "fraud", *target)
+        assert "inference: device=gpu gpus=0,1 instances=2 max-batch-size=64" in shown.stdout
+        back = await cli("deployments", "configure", "fraud", "--device", "cpu", *target)
+        assert back.code == 0, back.stderr
+        current = await served.stub.GetDeployment(pb.GetDeploymentRequest(name="deployments/fraud"))
+        assert current.deployment.inference == pb.InferenceConfig(
+            device=pb.DEVICE_CPU, instance_count=2, max_batch_size=64
+        )
+        reset = await cli("deployments", "configure", "fraud", "--reset", *target)
+        assert reset.code == 0, reset.stderr
+        current = await served.stub.GetDeployment(pb.GetDeploymentRequest(name="deployments/fraud"))
+        assert current.deployment.inference == pb.InferenceConfig()
+        history = await cli("deployments", "history", "fraud", *target)
+        assert "to the GPUs" in history.stdout
+
+    @pytest.mark.parametrize(
+        ("args", "message"),
+        [
+            ((), "error: give at least one setting to change"),
+            (("--gpus", "a,b"), "error: --gpus: give comma-separated integers"),
+            (
+                ("--device", "cpu", "--gpus", "0"),
+                "error: INVALID_ARGUMENT INVALID_ARGUMENT: deployment.inference.gpus: is only"
+                " for device DEVICE_GPU",
+            ),
+            (
+                ("--instances", "99"),
+                "error: INVALID_ARGUMENT INVALID_ARGUMENT: deployment.inference.instance_count:",
+            ),
+        ],
+    )
+    async def test_bad_settings_are_one_line_and_change_nothing(
+        self, served: CliRegistry, tmp_path: Path, args: tuple[str, ...], message: str
+    ) -> None:
+        path = tmp_path / "tiny.onnx"
+        path.write_bytes(tiny_onnx())
+        target = ("--registry", served.address)
+        assert (await cli("models", "register", "fraud", "--onnx", str(path), *target)).code == 0
+        assert (await cli("deployments", "set", "fraud", "fraud/1=100", *target)).code == 0
+
+        result = await cli("deployments", "configure", "fraud", *args, *target)
+
+        assert result.code == 1
+        assert result.stderr.count("\n") == 1, result.stderr
+        assert result.stderr.startswith(message), result.stderr
+        current = await served.stub.GetDeployment(pb.GetDeploymentRequest(name="deployments/fraud"))
+        assert (current.deployment.revision, current.deployment.inference) == (
+            1,
+            pb.InferenceConfig(),
+        )
+
+
 class TestErrors:
     @pytest.mark.parametrize(
         ("args", "message"),

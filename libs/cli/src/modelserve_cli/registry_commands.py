@@ -18,7 +18,7 @@ from typing import Annotated, Any, NoReturn, TypeVar
 
 import grpc
 import typer
-from google.protobuf import timestamp_pb2
+from google.protobuf import field_mask_pb2, timestamp_pb2
 from rich.console import Console
 from rich.progress import BarColumn, DownloadColumn, Progress, TransferSpeedColumn
 from rich.table import Table
@@ -404,13 +404,43 @@ def _checked(parse: Any, value: str) -> str:
     return result
 
 
-def _deployment_table(deployment: pb.Deployment) -> Table:
+def _show_deployment(deployment: pb.Deployment) -> None:
+    """Prints the deployment's split and, when it has any, its inference settings."""
     table = Table(title=f"{deployment.name} at revision {deployment.revision}")
     table.add_column("model version")
     table.add_column("percent", justify="right")
     for t in deployment.traffic:
         table.add_row(t.model_version, str(t.percent))
-    return table
+    console.print(table)
+    inference = inference_summary(deployment.inference)
+    if inference:
+        console.print(f"inference: {inference}", highlight=False, soft_wrap=True)
+
+
+_DEVICE_NAMES = {pb.DEVICE_CPU: "cpu", pb.DEVICE_GPU: "gpu"}
+_BACKEND_NAMES = {pb.BACKEND_PYTHON_ONNXRUNTIME: "python", pb.BACKEND_ONNXRUNTIME: "onnxruntime"}
+
+
+def inference_summary(config: pb.InferenceConfig) -> str:
+    """The deployment's inference settings that are set, as `name=value` words; "" for none
+    (inference's defaults)."""
+    words = []
+    if config.device:
+        words.append(f"device={_DEVICE_NAMES.get(config.device, str(config.device))}")
+    if config.gpus:
+        words.append(f"gpus={','.join(str(g) for g in config.gpus)}")
+    if config.instance_count:
+        words.append(f"instances={config.instance_count}")
+    if config.backend:
+        words.append(f"backend={_BACKEND_NAMES.get(config.backend, str(config.backend))}")
+    if config.max_batch_size:
+        words.append(f"max-batch-size={config.max_batch_size}")
+    if config.preferred_batch_sizes:
+        sizes = ",".join(str(b) for b in config.preferred_batch_sizes)
+        words.append(f"preferred-batch-sizes={sizes}")
+    if config.HasField("max_queue_delay_us"):
+        words.append(f"queue-delay-us={config.max_queue_delay_us}")
+    return " ".join(words)
 
 
 @deployments_app.command("show")
@@ -428,7 +458,7 @@ def show_deployment(
             )
             return response.deployment
 
-    console.print(_deployment_table(run(work())))
+    _show_deployment(run(work()))
 
 
 def parse_split(targets: list[str]) -> list[pb.TrafficTarget]:
@@ -458,6 +488,8 @@ def set_deployment(
             response = await conn.stub.UpdateDeployment(
                 pb.UpdateDeploymentRequest(
                     deployment=pb.Deployment(name=deployment_name(name), traffic=split),
+                    # Only the split: shadow, fallback, inference settings and the rest stay.
+                    update_mask=field_mask_pb2.FieldMask(paths=["traffic"]),
                     allow_missing=True,
                     reason=reason,
                 ),
@@ -465,7 +497,116 @@ def set_deployment(
             )
             return response.deployment
 
-    console.print(_deployment_table(run(work())))
+    _show_deployment(run(work()))
+
+
+class DeviceName(StrEnum):
+    """Devices as the command line spells them."""
+
+    CPU = "cpu"
+    GPU = "gpu"
+
+
+class BackendName(StrEnum):
+    """Backends as the command line spells them."""
+
+    PYTHON = "python"
+    ONNXRUNTIME = "onnxruntime"
+
+
+def parse_ids(text: str, what: str) -> list[int]:
+    """`0,1,3` as integers; ValueError naming `what` otherwise."""
+    try:
+        return [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise ValueError(
+            f"--{what}: give comma-separated integers, e.g. 0,1; got {text!r}"
+        ) from None
+
+
+@deployments_app.command("configure")
+def configure_deployment(
+    name: Annotated[str, typer.Argument(help="The endpoint, e.g. fraud.")],
+    registry: RegistryTarget,
+    api_key: ApiKey = None,
+    reason: Reason = "",
+    device: Annotated[
+        DeviceName | None, typer.Option(help="Where Triton runs the model's instances.")
+    ] = None,
+    gpus: Annotated[
+        str | None, typer.Option(help="With --device gpu: the GPUs, e.g. 0,1 (empty: all).")
+    ] = None,
+    instances: Annotated[
+        int | None, typer.Option(help="Model instances (on each GPU with --device gpu).")
+    ] = None,
+    backend: Annotated[BackendName | None, typer.Option(help="Triton's backend.")] = None,
+    max_batch_size: Annotated[
+        int | None, typer.Option(help="The largest batch Triton forms.")
+    ] = None,
+    preferred_batch_sizes: Annotated[
+        str | None, typer.Option(help="Batch sizes the batcher prefers, e.g. 8,32.")
+    ] = None,
+    queue_delay_us: Annotated[
+        int | None, typer.Option(help="How long the batcher may hold a request, in µs.")
+    ] = None,
+    reset: Annotated[
+        bool, typer.Option(help="Start from inference's defaults instead of the current ones.")
+    ] = False,
+) -> None:
+    """Change how inference serves a deployment's versions, as a new revision; settings not
+    given keep their current values (or, with --reset, inference's defaults)."""
+    given = (device, gpus, instances, backend, max_batch_size, preferred_batch_sizes)
+    if all(v is None for v in given) and queue_delay_us is None and not reset:
+        fail("give at least one setting to change (see --help)")
+    try:
+        gpu_ids = None if gpus is None else parse_ids(gpus, "gpus")
+        preferred = (
+            None
+            if preferred_batch_sizes is None
+            else parse_ids(preferred_batch_sizes, "preferred-batch-sizes")
+        )
+    except ValueError as exc:
+        fail(str(exc))
+
+    async def work() -> pb.Deployment:
+        async with RegistryConnection(registry, api_key) as conn:
+            config = pb.InferenceConfig()
+            if not reset:
+                current = await conn.stub.GetDeployment(
+                    pb.GetDeploymentRequest(name=deployment_name(name)), metadata=conn.metadata
+                )
+                config.CopyFrom(current.deployment.inference)
+            if device is not None:
+                config.device = pb.DEVICE_GPU if device is DeviceName.GPU else pb.DEVICE_CPU
+                if device is DeviceName.CPU and gpu_ids is None:
+                    del config.gpus[:]
+            if gpu_ids is not None:
+                config.gpus[:] = gpu_ids
+            if instances is not None:
+                config.instance_count = instances
+            if backend is not None:
+                config.backend = (
+                    pb.BACKEND_ONNXRUNTIME
+                    if backend is BackendName.ONNXRUNTIME
+                    else pb.BACKEND_PYTHON_ONNXRUNTIME
+                )
+            if max_batch_size is not None:
+                config.max_batch_size = max_batch_size
+            if preferred is not None:
+                config.preferred_batch_sizes[:] = preferred
+            if queue_delay_us is not None:
+                config.max_queue_delay_us = queue_delay_us
+            response = await conn.stub.UpdateDeployment(
+                pb.UpdateDeploymentRequest(
+                    deployment=pb.Deployment(name=deployment_name(name), inference=config),
+                    update_mask=field_mask_pb2.FieldMask(paths=["inference"]),
+                    reason=reason,
+                ),
+                metadata=conn.metadata,
+            )
+            return response.deployment
+
+    _show_deployment(run(work()))
 
 
 def _split(targets: list[str]) -> list[pb.TrafficTarget]:
@@ -494,7 +635,7 @@ def rollback(
         api_key,
         lambda conn: conn.stub.RollbackDeployment(request, metadata=conn.metadata),
     )
-    console.print(_deployment_table(response.deployment))
+    _show_deployment(response.deployment)
 
 
 @deployments_app.command("history")

@@ -1532,7 +1532,9 @@ class UpdateDeploymentRequest(_message.Message):
 
     @_builtins.property
     def update_mask(self) -> _field_mask_pb2.FieldMask:
-        """Optional. The fields to change; all writable fields when empty."""
+        """Optional. The fields to change (`*`: every writable field). Empty: `traffic` and every
+        other field the request sets (not empty); fields left empty keep their values.
+        """
 
     def __init__(
         self,
