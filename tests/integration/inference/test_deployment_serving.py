@@ -3,7 +3,11 @@ backend it asks for, and warmup from the version's sample inputs."""
 
 from __future__ import annotations
 
+import asyncio
+import os
+import sys
 from collections.abc import AsyncIterator, Awaitable
+from pathlib import Path
 
 import grpc
 import numpy as np
@@ -245,6 +249,53 @@ class TestInferenceConfig:
 
 async def _record(answers: list[object], call: Awaitable[object]) -> None:
     answers.append(await call)
+
+
+class TestVersionsCommand:
+    async def test_lists_state_device_and_endpoint_and_fails_in_one_line(
+        self, inference_service: RunningInference, registry: RestartableRegistry
+    ) -> None:
+        """`modelserve versions` shows each held version's state, device and Triton endpoint;
+        an inference it cannot reach is one error line (in a narrow terminal too) and exit 1."""
+        stub = inference_service.stub
+        await registry.create_model("sigma")
+        v1 = await registry.upload("sigma", tiny_onnx(8.0))
+        await registry.deploy("sigma", {v1: 100})
+        await ready(stub, v1)
+        (held,) = [
+            v
+            for v in (await stub.ListModelVersions(pb.ListModelVersionsRequest())).model_versions
+            if v.name == v1
+        ]
+
+        code, out, err = await _modelserve(
+            "versions", "--inference", f"127.0.0.1:{inference_service.server.port}"
+        )
+        unreachable = await _modelserve(
+            "versions", "--inference", "127.0.0.1:1", "--timeout-s", "2", columns=60
+        )
+
+        assert code == 0, err
+        (row,) = [line for line in out.splitlines() if v1 in line]
+        cells = [cell.strip() for cell in row.strip("│ ").split("│")]
+        assert cells[:4] == [v1, "READY", "cpu", held.triton_endpoint]
+        assert unreachable[0] == 1
+        assert unreachable[2].startswith("error: UNAVAILABLE") and unreachable[2].count("\n") == 1
+
+
+async def _modelserve(*args: str, columns: int = 250) -> tuple[int, str, str]:
+    """Runs the `modelserve` command line in a terminal `columns` wide; its exit code, stdout
+    and stderr."""
+    process = await asyncio.create_subprocess_exec(
+        str(Path(sys.executable).parent / "modelserve"),
+        *args,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        env={**os.environ, "COLUMNS": str(columns)},
+    )
+    stdout, stderr = await asyncio.wait_for(process.communicate(), 60)
+    assert process.returncode is not None
+    return process.returncode, stdout.decode(), stderr.decode()
 
 
 class TestWarmup:

@@ -702,7 +702,9 @@ def batch_predict_command(
         with progress:
             summary = asyncio.run(work(progress))
     except (JobError, ModelServeError, redis.RedisError, OSError, pa.ArrowException) as exc:
-        errors.print(f"error: {' '.join(str(exc).split())}", highlight=False, markup=False)
+        errors.print(
+            f"error: {' '.join(str(exc).split())}", highlight=False, markup=False, soft_wrap=True
+        )
         raise typer.Exit(1) from None
     table = Table(title=f"batch predictions of {endpoint} by {summary.model_version}")
     table.add_column("measure")

@@ -324,7 +324,9 @@ async def materialize(
 
 def fail(message: str) -> None:
     """Prints one line of error and exits 1."""
-    errors.print(f"error: {' '.join(message.split())}", highlight=False, markup=False)
+    errors.print(
+        f"error: {' '.join(message.split())}", highlight=False, markup=False, soft_wrap=True
+    )
     raise typer.Exit(1)
 
 

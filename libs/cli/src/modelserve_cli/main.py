@@ -13,6 +13,7 @@ from rich.table import Table
 from modelserve_cli.batch import batch_predict_command
 from modelserve_cli.demo import demo_request, deploy_demo, predict
 from modelserve_cli.feature_commands import features_app
+from modelserve_cli.inference_commands import versions_command
 from modelserve_cli.registry_commands import audit, deployments_app, keys_app, models_app
 from modelserve_cli.rollout_commands import canary_app
 from modelserve_cli.stack import SERVICES, Stack, StackError, StackOptions
@@ -31,6 +32,7 @@ app.add_typer(features_app, name="features")
 app.command(name="audit")(audit)
 app.command(name="batch-predict")(batch_predict_command)
 app.command(name="stream-predict")(stream_predict_command)
+app.command(name="versions")(versions_command)
 console = Console()
 
 

@@ -78,7 +78,9 @@ _STAGES = {
 
 def fail(message: str) -> NoReturn:
     """Prints one line of error and exits 1."""
-    errors.print(f"error: {' '.join(message.split())}", highlight=False, markup=False)
+    errors.print(
+        f"error: {' '.join(message.split())}", highlight=False, markup=False, soft_wrap=True
+    )
     raise typer.Exit(1)
 
 

@@ -391,7 +391,9 @@ def stream_predict_command(
     try:
         stats = asyncio.run(work())
     except (JobError, ModelServeError, redis.RedisError, OSError) as exc:
-        errors.print(f"error: {' '.join(str(exc).split())}", highlight=False, markup=False)
+        errors.print(
+            f"error: {' '.join(str(exc).split())}", highlight=False, markup=False, soft_wrap=True
+        )
         raise typer.Exit(1) from None
     errors.print(
         f"stopped: {stats.events} events, {stats.scored} scored, {stats.failed} failed, "

@@ -1,0 +1,79 @@
+"""`modelserve versions`: what the inference service holds, as an operator asks it."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import NoReturn
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from modelserve.inference.v1 import inference_service_pb2 as pb
+from modelserve_cli.tls import cli_tls
+from modelserve_runtime.channels import create_channel
+from modelserve_runtime.clients import InferenceClient
+from modelserve_runtime.errors import ModelServeError
+
+console = Console()
+errors = Console(stderr=True)
+
+_STATES = {
+    value: name.removeprefix("MODEL_VERSION_STATE_") for name, value in pb.ModelVersionState.items()
+}
+_DEVICES = {pb.INSTANCE_DEVICE_CPU: "cpu", pb.INSTANCE_DEVICE_GPU: "gpu"}
+
+
+def device_text(version: pb.LoadedModelVersion) -> str:
+    """`cpu`, `gpu`, `gpu 0,1`, or "" before the version's first load."""
+    device = _DEVICES.get(version.device, "")
+    if device == "gpu" and version.gpus:
+        return f"gpu {','.join(str(g) for g in version.gpus)}"
+    return device
+
+
+async def _held(target: str, api_key: str | None, timeout_s: float) -> list[pb.LoadedModelVersion]:
+    channel = create_channel(target, default_timeout_s=timeout_s, api_key=api_key, tls=cli_tls())
+    try:
+        return await InferenceClient(channel, timeout_s=timeout_s).list_model_versions()
+    finally:
+        await channel.close()
+
+
+def _fail(message: str) -> NoReturn:
+    errors.print(
+        f"error: {' '.join(message.split())}", highlight=False, markup=False, soft_wrap=True
+    )
+    raise typer.Exit(1)
+
+
+def versions_command(
+    inference: str = typer.Option(
+        ..., envvar="MODELSERVE_INFERENCE", help="The inference service's host:port."
+    ),
+    api_key: str | None = typer.Option(
+        None, envvar="MODELSERVE_API_KEY", help="API key, when inference has auth on."
+    ),
+    timeout_s: float = typer.Option(10.0, help="Deadline of the call."),
+) -> None:
+    """List the model versions inference holds: their state, the device their instances run
+    on, why (a FAILED load, a Triton restart, a refused config), and the Triton endpoint that
+    serves each READY one."""
+    try:
+        held = asyncio.run(_held(inference, api_key, timeout_s))
+    except ModelServeError as exc:
+        _fail(f"{exc.code.name}: {exc}")
+    except ValueError as exc:  # the MODELSERVE_TLS_* settings
+        _fail(str(exc))
+    table = Table(title=f"model versions held by {inference}")
+    for column in ("version", "state", "device", "triton endpoint", "reason"):
+        table.add_column(column, overflow="fold")
+    for version in held:
+        table.add_row(
+            version.name,
+            _STATES.get(version.state, str(version.state)),
+            device_text(version),
+            version.triton_endpoint,
+            version.reason,
+        )
+    console.print(table)
