@@ -38,6 +38,7 @@ from modelserve.inference.v1 import inference_service_pb2 as inference_pb
 from modelserve.registry.v1 import registry_service_pb2 as registry_pb
 from modelserve.type.v1 import tensor_pb2
 from modelserve_cli.feature_commands import MaterializeError, TableFormat, table_format
+from modelserve_cli.output import errors, fail
 from modelserve_cli.tls import cli_tls
 from modelserve_features.online import FeatureResult, OnlineStore
 from modelserve_features.redis_store import EntityKey
@@ -57,7 +58,6 @@ MODEL_VERSION_COLUMN, COMPUTED_AT_COLUMN, ERROR_COLUMN = "model_version", "compu
 #: Rows read from the table at a time.
 _READ_ROWS = 65_536
 console = Console()
-errors = Console(stderr=True)
 
 
 class JobError(Exception):
@@ -702,10 +702,7 @@ def batch_predict_command(
         with progress:
             summary = asyncio.run(work(progress))
     except (JobError, ModelServeError, redis.RedisError, OSError, pa.ArrowException) as exc:
-        errors.print(
-            f"error: {' '.join(str(exc).split())}", highlight=False, markup=False, soft_wrap=True
-        )
-        raise typer.Exit(1) from None
+        fail(str(exc))
     table = Table(title=f"batch predictions of {endpoint} by {summary.model_version}")
     table.add_column("measure")
     table.add_column("value", justify="right")

@@ -32,13 +32,13 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
 from rich.table import Table
 
+from modelserve_cli.output import fail
 from modelserve_features.online import FeatureWrite, OnlineStore
 from modelserve_features.redis_store import EntityKey, decode_value, encode_value, redis_key
 from modelserve_features.views import FeatureDtype, FeatureView, Value, value_problem
 from modelserve_runtime.errors import ModelServeError
 
 console = Console()
-errors = Console(stderr=True)
 
 features_app = typer.Typer(help="Load feature values into the online store.")
 
@@ -322,14 +322,6 @@ async def materialize(
     )
 
 
-def fail(message: str) -> None:
-    """Prints one line of error and exits 1."""
-    errors.print(
-        f"error: {' '.join(message.split())}", highlight=False, markup=False, soft_wrap=True
-    )
-    raise typer.Exit(1)
-
-
 @features_app.command("materialize")
 def materialize_command(
     path: Path = typer.Argument(..., help="The offline table: a Parquet or CSV file."),
@@ -385,7 +377,6 @@ def materialize_command(
             summary = asyncio.run(work(progress))
     except (MaterializeError, ModelServeError, redis.RedisError, OSError, pa.ArrowException) as exc:
         fail(str(exc))
-        return
     if summary.unknown_columns:
         console.print(
             f"ignored columns not in view {view!r}: {', '.join(summary.unknown_columns)}",

@@ -3,20 +3,19 @@
 from __future__ import annotations
 
 import asyncio
-from typing import NoReturn
 
 import typer
 from rich.console import Console
 from rich.table import Table
 
 from modelserve.inference.v1 import inference_service_pb2 as pb
+from modelserve_cli.output import fail
 from modelserve_cli.tls import cli_tls
 from modelserve_runtime.channels import create_channel
 from modelserve_runtime.clients import InferenceClient
 from modelserve_runtime.errors import ModelServeError
 
 console = Console()
-errors = Console(stderr=True)
 
 _STATES = {
     value: name.removeprefix("MODEL_VERSION_STATE_") for name, value in pb.ModelVersionState.items()
@@ -40,13 +39,6 @@ async def _held(target: str, api_key: str | None, timeout_s: float) -> list[pb.L
         await channel.close()
 
 
-def _fail(message: str) -> NoReturn:
-    errors.print(
-        f"error: {' '.join(message.split())}", highlight=False, markup=False, soft_wrap=True
-    )
-    raise typer.Exit(1)
-
-
 def versions_command(
     inference: str = typer.Option(
         ..., envvar="MODELSERVE_INFERENCE", help="The inference service's host:port."
@@ -62,9 +54,9 @@ def versions_command(
     try:
         held = asyncio.run(_held(inference, api_key, timeout_s))
     except ModelServeError as exc:
-        _fail(f"{exc.code.name}: {exc}")
+        fail(f"{exc.code.name}: {exc}")
     except ValueError as exc:  # the MODELSERVE_TLS_* settings
-        _fail(str(exc))
+        fail(str(exc))
     table = Table(title=f"model versions held by {inference}")
     for column in ("version", "state", "device", "triton endpoint", "reason"):
         table.add_column(column, overflow="fold")

@@ -14,7 +14,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from datetime import datetime
 from enum import StrEnum
 from pathlib import Path
-from typing import Annotated, Any, NoReturn, TypeVar
+from typing import Annotated, Any, TypeVar
 
 import grpc
 import typer
@@ -26,6 +26,7 @@ from rich.table import Table
 from modelserve.registry.v1 import registry_service_pb2 as pb
 from modelserve.registry.v1 import registry_service_pb2_grpc as pb_grpc
 from modelserve_cli.artifacts import ArtifactError, onnx_signature, sklearn_to_onnx
+from modelserve_cli.output import errors, fail
 from modelserve_cli.tls import cli_tls
 from modelserve_runtime.auth import Role, new_api_key
 from modelserve_runtime.channels import create_channel
@@ -34,7 +35,6 @@ from modelserve_runtime.errors import decode_rpc_error
 T = TypeVar("T")
 
 console = Console()
-errors = Console(stderr=True)
 UPLOAD_CHUNK_BYTES = 1024 * 1024
 
 models_app = typer.Typer(help="Register models and move their versions through stages.")
@@ -74,14 +74,6 @@ _STAGES = {
     StageName.PRODUCTION: pb.STAGE_PRODUCTION,
     StageName.ARCHIVED: pb.STAGE_ARCHIVED,
 }
-
-
-def fail(message: str) -> NoReturn:
-    """Prints one line of error and exits 1."""
-    errors.print(
-        f"error: {' '.join(message.split())}", highlight=False, markup=False, soft_wrap=True
-    )
-    raise typer.Exit(1)
 
 
 def run(work: Coroutine[Any, Any, T]) -> T:

@@ -12,6 +12,7 @@ from google.protobuf import duration_pb2, field_mask_pb2
 from rich.table import Table
 
 from modelserve.registry.v1 import registry_service_pb2 as pb
+from modelserve_cli.output import fail
 from modelserve_cli.registry_commands import (
     ApiKey,
     Reason,
@@ -22,7 +23,6 @@ from modelserve_cli.registry_commands import (
     call_registry,
     console,
     deployment_name,
-    fail,
     model_name,
     models_app,
     run,

@@ -35,7 +35,6 @@ import redis.asyncio as redis
 import structlog
 import typer
 from redis.asyncio import RedisCluster
-from rich.console import Console
 
 from modelserve_cli.batch import (
     JobConnection,
@@ -46,6 +45,7 @@ from modelserve_cli.batch import (
     Scored,
     resolve,
 )
+from modelserve_cli.output import errors, fail
 from modelserve_features.online import OnlineStore
 from modelserve_runtime.clients import InferenceClient, RegistryClient
 from modelserve_runtime.errors import ModelServeError
@@ -53,7 +53,6 @@ from modelserve_runtime.redis_connect import RedisClient
 from modelserve_runtime.waiting import wait_until_set
 
 log = structlog.get_logger()
-errors = Console(stderr=True)
 
 #: KEYS: output stream, the event's done key, input stream. ARGV: group, event id, done ttl
 #: (s), output max length (approximate), then the result's fields and values. Appends the
@@ -391,10 +390,7 @@ def stream_predict_command(
     try:
         stats = asyncio.run(work())
     except (JobError, ModelServeError, redis.RedisError, OSError) as exc:
-        errors.print(
-            f"error: {' '.join(str(exc).split())}", highlight=False, markup=False, soft_wrap=True
-        )
-        raise typer.Exit(1) from None
+        fail(str(exc))
     errors.print(
         f"stopped: {stats.events} events, {stats.scored} scored, {stats.failed} failed, "
         f"{stats.duplicates} already answered, {stats.retries} batches retried",
