@@ -22,7 +22,11 @@ cost the serving processes, and the ratios the inference issue sets targets on:
 At the highest concurrency, two more: Triton with dynamic batching off (the same model loaded
 under another name without `dynamic_batching`: Triton's batching gain), and the facade of a
 second inference service with coalescing off (`COALESCE_IN_FLIGHT=0`, remote mode on the same
-Triton: the service's own batching gain). Last, the first request after READY: version 2 is
+Triton: the service's own batching gain). With `--workers N`, one more path at every
+concurrency: the facade of a third inference service (remote mode, the same Triton) run as N
+processes on one port (`SERVER__WORKERS`), called over 4N channels (connections) in turn,
+since the kernel spreads connections over the processes, not calls; its CPU is that of all N.
+Last, the first request after READY: version 2 is
 unloaded and loaded again `--fresh-loads` times, and each time the first Infer is sent the
 moment LoadModelVersion answers READY; its latency is set against the steady-state p50.
 
@@ -75,6 +79,7 @@ ECHO = "echo (bare hop)"
 ECHO_INTERCEPTED = "echo + interceptors"
 PROXY = "bare proxy (gRPC to Triton)"
 PROXY_HTTP = "bare proxy (HTTP to Triton)"
+FACADE_WORKERS = "OIP facade, {} workers"
 DIRECT_UNBATCHED = "triton direct, dynamic batching off"
 FACADE_UNCOALESCED = "OIP facade, coalescing off"
 
@@ -289,6 +294,7 @@ async def main(args: argparse.Namespace) -> None:
     env = {f"MODELSERVE_{s}_TELEMETRY__LOG_LEVEL": "warning" for s in ("INFERENCE", "REGISTRY")}
     stack = Stack(StackOptions(run_dir=run_dir, env=env))
     second: Stack | None = None
+    third: Stack | None = None
     echoes = [await _start_echo(False), await _start_echo(True)]
     try:
         for service in ("registry", "inference"):
@@ -317,6 +323,24 @@ async def main(args: argparse.Namespace) -> None:
         second.spawn("inference")
         await second.wait_serving("inference")
         await _load(second.targets["inference"], v1)
+        if args.workers > 1:
+            third = Stack(
+                StackOptions(
+                    run_dir=run_dir / "workers",
+                    env={
+                        **env,
+                        "MODELSERVE_INFERENCE_TRITON_MODE": "remote",
+                        "MODELSERVE_INFERENCE_TRITON_URL": loaded.triton_endpoint,
+                        "MODELSERVE_INFERENCE_TRITON_HTTP_URL": loaded.triton_http_endpoint,
+                        "MODELSERVE_INFERENCE_REGISTRY_TARGET": stack.targets["registry"],
+                        "MODELSERVE_INFERENCE_RECONCILE": "false",
+                        "MODELSERVE_INFERENCE_SERVER__WORKERS": str(args.workers),
+                    },
+                )
+            )
+            third.spawn("inference")
+            await third.wait_serving("inference")
+            await _load(third.targets["inference"], v1)
 
         rows = fraud.make_dataset(64, seed=3)[0]
         triton_processes = _family(stack.processes["inference"].pid)[1:]
@@ -330,6 +354,7 @@ async def main(args: argparse.Namespace) -> None:
             str(loaded.triton_model_version),
             rows,
             triton_processes,
+            third,
         )
         firsts = await _first_answers(stack.targets["inference"], v2, rows, args.fresh_loads)
         _print(measured, firsts, args)
@@ -337,8 +362,9 @@ async def main(args: argparse.Namespace) -> None:
         for process, _ in echoes:
             process.terminate()
             await process.wait()
-        if second is not None:
-            await second.stop()
+        for extra in (second, third):
+            if extra is not None:
+                await extra.stop()
         await stack.stop()
 
 
@@ -352,6 +378,7 @@ async def _drive_all(
     version: str,
     rows: np.ndarray,
     triton_processes: list[psutil.Process],
+    workers: Stack | None,
 ) -> list[Measured]:
     n = len(rows)
     oip_inputs = []
@@ -413,6 +440,24 @@ async def _drive_all(
             [psutil.Process(second.processes["inference"].pid)],
         ),
     ]
+    spread: list[InferenceServerClient] = []
+    if workers is not None:
+        # One client per connection: channels with equal arguments would share one.
+        target = workers.targets["inference"]
+        spread = [
+            InferenceServerClient(target, channel_args=[("grpc.channel_id", k)])
+            for k in range(4 * args.workers)
+        ]
+        await _wait_mirrored(target, len(spread), f"models/fraud/versions/{version}")
+        paths.append(
+            Route(
+                FACADE_WORKERS.format(args.workers),
+                lambda i: spread[i % len(spread)].infer(
+                    "fraud", oip_inputs[i % n], model_version=version, outputs=outputs
+                ),
+                _family(workers.processes["inference"].pid),
+            )
+        )
     measured: list[Measured] = []
     try:
         for concurrency in args.concurrency:
@@ -420,12 +465,28 @@ async def _drive_all(
             for path in [*paths, *extra]:
                 measured.append(await _measure(path, concurrency, args.duration, triton_processes))
     finally:
-        for client in (direct, facade, uncoalesced, proxy, proxy_http):
+        for client in (direct, facade, uncoalesced, proxy, proxy_http, *spread):
             await client.close()
         await service_channel.close()
         for channel in echo_channels:
             await channel.close()
     return measured
+
+
+async def _wait_mirrored(target: str, channels: int, name: str) -> None:
+    """Returns once `name` is READY on `channels` connections to `target` (each may reach
+    another process, whose mirror follows the first's)."""
+    deadline = time.monotonic() + 60
+    for k in range(channels):
+        async with grpc.aio.insecure_channel(target, options=[("grpc.channel_id", k)]) as channel:
+            stub = pb_grpc.InferenceServiceStub(channel)
+            while True:
+                held = (await stub.ListModelVersions(pb.ListModelVersionsRequest())).model_versions
+                if any(v.name == name and v.state == pb.MODEL_VERSION_STATE_READY for v in held):
+                    break
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"{name} is not READY on connection {k} of {target}")
+                await asyncio.sleep(0.05)
 
 
 def _print(measured: list[Measured], firsts: list[float], args: argparse.Namespace) -> None:
@@ -445,18 +506,19 @@ def _print(measured: list[Measured], firsts: list[float], args: argparse.Namespa
     by = {(m.result.path, m.result.concurrency): m.result for m in measured}
     print("\n| measure | conc | value |")
     print("|---|---:|---:|")
+    workers = [FACADE_WORKERS.format(args.workers)] if args.workers > 1 else []
     for c in args.concurrency:
         direct, echo = by[(DIRECT, c)], by[(ECHO, c)]
         hop = echo.percentile(50)
-        for name in (FACADE, INFER, PROXY, PROXY_HTTP, ECHO_INTERCEPTED):
+        for name in (FACADE, *workers, INFER, PROXY, PROXY_HTTP, ECHO_INTERCEPTED):
             front = by[(name, c)]
             base = direct if name != ECHO_INTERCEPTED else echo
             added = front.percentile(50) - base.percentile(50)
             over = "direct" if name != ECHO_INTERCEPTED else "echo"
-            target = " (target ≤ 1.2)" if name == FACADE else ""
+            target = " (target ≤ 1.2)" if name in (FACADE, *workers) else ""
             print(f"| {name}: p50 - {over} p50, in bare hops{target} | {c} | {added / hop:.2f} |")
-        for name in (FACADE, INFER, PROXY, PROXY_HTTP, ECHO_INTERCEPTED):
-            target = " (target ≥ 0.8 at the top)" if name == FACADE else ""
+        for name in (FACADE, *workers, INFER, PROXY, PROXY_HTTP, ECHO_INTERCEPTED):
+            target = " (target ≥ 0.8 at the top)" if name in (FACADE, *workers) else ""
             ratio = by[(name, c)].rps / echo.rps
             print(f"| {name}: req/s / echo req/s{target} | {c} | {ratio:.2f} |")
         print(f"| {FACADE}: req/s / direct req/s | {c} | {by[(FACADE, c)].rps / direct.rps:.2f} |")
@@ -487,6 +549,12 @@ if __name__ == "__main__":
     add_run_arguments(parser)
     parser.add_argument(
         "--fresh-loads", type=int, default=5, help="loads of version 2 timed to its first answer"
+    )
+    parser.add_argument(
+        "--workers",
+        type=int,
+        default=0,
+        help="also measure the facade run as this many processes (SERVER__WORKERS); 0: not",
     )
     parser.add_argument("--serve-echo", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--with-interceptors", action="store_true", help=argparse.SUPPRESS)

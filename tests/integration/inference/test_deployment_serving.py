@@ -12,7 +12,7 @@ from pathlib import Path
 import grpc
 import numpy as np
 import pytest
-from inference_testing import RunningInference, refused
+from inference_testing import RunningInference, held, refused
 from reconcile_testing import (
     LOAD_S,
     ROWS,
@@ -72,7 +72,8 @@ class TestInferenceConfig:
     ) -> None:
         """Triton's model config API reports the deployment's max_batch_size, preferred batch
         sizes, queue delay and instance count; warmup and Infer keep within its batch limit;
-        a changed config reloads the model with it while the version stays READY."""
+        a changed config reloads the model with it while the version stays READY, and the
+        version's listed limits follow."""
         stub = inference_service.stub
         await registry.create_model("lambda")
         v1 = await registry.upload("lambda", tiny_onnx(1.0))
@@ -109,6 +110,12 @@ class TestInferenceConfig:
             await eventually(reconfigured, "the new config in Triton", within_s=LOAD_S)
             second = await triton.model_config("lambda")
 
+            async def new_limit_listed() -> bool:
+                (listed,) = [v for v in await held(stub) if v.name == v1]
+                return listed.max_batch_size == 16
+
+            await eventually(new_limit_listed, "the new limit listed")
+
         assert int(first["max_batch_size"]) == 8
         assert [int(g["count"]) for g in first["instance_group"]] == [2]
         assert [int(s) for s in first["dynamic_batching"]["preferred_batch_size"]] == [2, 4]
@@ -122,7 +129,8 @@ class TestInferenceConfig:
         assert [int(g["count"]) for g in second["instance_group"]] == [1]
         # Without preferred sizes Triton fills in its own default ([max_batch_size]).
         assert second["dynamic_batching"].get("preferred_batch_size") != [2, 4]
-        assert states.states(v1) == []
+        # The version stays READY throughout; watchers hear of its new limits once.
+        assert states.states(v1) == ["READY"]
         np.testing.assert_allclose(await answer(stub, v1), expected(1.0))
 
     async def test_the_native_onnxruntime_backend_fails_with_a_clear_reason(

@@ -163,6 +163,32 @@ def _feature_env(redis_url: str, **settings: str) -> dict[str, str]:
     return env
 
 
+def _two_workers(
+    tmp_path: Path, redis_url: str, port: int
+) -> tuple[subprocess.Popen[str], set[int]]:
+    """modelserve-feature with SERVER__WORKERS=2 on `port`, once both processes serve; and
+    their pids."""
+    script = Path(sys.executable).parent / "modelserve-feature"
+    env = _feature_env(redis_url, server__workers="2", server__port=str(port))
+    process = subprocess.Popen(
+        [str(script)], env=env, cwd=tmp_path, stdout=subprocess.PIPE, text=True
+    )
+    assert process.stdout is not None
+    started: set[int] = set()
+    for line in process.stdout:
+        event = json.loads(line)
+        if event.get("event") == "service_failed":
+            process.kill()
+            pytest.fail(f"a worker failed to start: {line}")
+        if event.get("event") == "service_started":
+            assert event["port"] == port
+            started.add(event["pid"])
+            if len(started) == 2:
+                break
+    assert len(started) == 2 and process.pid in started, started
+    return process, started
+
+
 class TestWorkers:
     def test_two_workers_share_the_port_and_stop_together(
         self, tmp_path: Path, redis_url: str
@@ -171,25 +197,9 @@ class TestWorkers:
         checks there, and SIGTERM to the first stops both."""
         import psutil
 
-        script = Path(sys.executable).parent / "modelserve-feature"
         port = free_port()
-        env = _feature_env(redis_url, server__workers="2", server__port=str(port))
-        process = subprocess.Popen(
-            [str(script)], env=env, cwd=tmp_path, stdout=subprocess.PIPE, text=True
-        )
+        process, started = _two_workers(tmp_path, redis_url, port)
         try:
-            assert process.stdout is not None
-            started: set[int] = set()
-            for line in process.stdout:
-                event = json.loads(line)
-                if event.get("event") == "service_failed":
-                    pytest.fail(f"a worker failed to start: {line}")
-                if event.get("event") == "service_started":
-                    assert event["port"] == port
-                    started.add(event["pid"])
-                    if len(started) == 2:
-                        break
-            assert len(started) == 2 and process.pid in started, started
             (worker,) = started - {process.pid}
             assert psutil.Process(worker).ppid() == process.pid
             # Connections on the port reach both processes (the kernel spreads them).
@@ -202,6 +212,26 @@ class TestWorkers:
             process.send_signal(signal.SIGTERM)
             assert process.wait(timeout=60) == 0
             assert not psutil.pid_exists(worker) or psutil.Process(worker).status() == "zombie"
+        finally:
+            if process.poll() is None:
+                process.kill()
+                process.wait()
+
+    def test_a_worker_stops_when_the_first_process_is_killed(
+        self, tmp_path: Path, redis_url: str
+    ) -> None:
+        """kill -9 of the first process (which cannot stop anything) still stops the worker:
+        it asked Linux for SIGTERM when its parent dies."""
+        import psutil
+
+        process, started = _two_workers(tmp_path, redis_url, free_port())
+        try:
+            (worker,) = started - {process.pid}
+            child = psutil.Process(worker)
+            process.kill()
+            process.wait(timeout=30)
+            child.wait(timeout=30)
+            assert not child.is_running()
         finally:
             if process.poll() is None:
                 process.kill()

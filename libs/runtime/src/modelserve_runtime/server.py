@@ -11,7 +11,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol, TypeVar
@@ -146,9 +146,14 @@ async def serve(
     *,
     discovery: Discovery | None = None,
     stop_event: asyncio.Event | None = None,
+    on_serving: Callable[[ServiceApp], None] | None = None,
+    on_stopping: Callable[[], Awaitable[None]] | None = None,
 ) -> None:
     """Runs one service until SIGTERM/SIGINT (or `stop_event`), then stops it in order:
     health NOT_SERVING, deregister, `stop(grace)` letting in-flight calls finish, close clients.
+    `on_serving` is called once the service is SERVING and registered; `on_stopping` runs
+    alongside the drain, from the moment the service is NOT_SERVING, and ends before the
+    clients close.
     """
     grpc_server, app = await build(settings)
     stop = stop_event or asyncio.Event()
@@ -163,6 +168,8 @@ async def serve(
         await grpc_server.set_serving(True)
         advertise = settings.discovery.advertise_host or settings.server.host
         await discovery.register(service, advertise, grpc_server.port)
+        if on_serving is not None:
+            on_serving(app)
         tune_gc(settings.server.gc_threshold)
         log.info(
             "service_started",
@@ -176,12 +183,15 @@ async def serve(
         log.info("service_stopping", grace_s=settings.server.grace_period_s)
     finally:
         await grpc_server.health.enter_graceful_shutdown()
+        stopping = asyncio.ensure_future(on_stopping()) if on_stopping is not None else None
         try:
             await discovery.deregister()
         except Exception:
             log.exception("deregister_failed")
         await app.begin_shutdown()
         await grpc_server.server.stop(settings.server.grace_period_s)
+        if stopping is not None:
+            await stopping
         await app.close()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(sig)
@@ -190,6 +200,8 @@ async def serve(
 
 #: Set in the environment of the extra worker processes `run_service` starts.
 WORKER_ENV = "MODELSERVE_WORKER_INDEX"
+#: The pid of the process that started a worker, beside WORKER_ENV.
+WORKER_PARENT_ENV = "MODELSERVE_WORKER_PARENT"
 
 
 def run_service(
@@ -202,9 +214,11 @@ def run_service(
 ) -> None:
     """The body of every `modelserve-<service>` console script.
 
-    With `server.workers` > 1 (only where `workers_allowed`: a stateless service) this
-    process starts the other workers, the same script with the same arguments on the same
-    port, and stops them when it stops; only it registers in discovery and serves metrics.
+    With `server.workers` > 1 (only where `workers_allowed`) this process starts the other
+    workers once it serves, the same script with the same arguments on the same port, and
+    stops them when it stops; only it registers in discovery and serves metrics. An app with
+    a `worker_env()` method hands them what they need from it (its address, say) as
+    environment variables.
     """
     parser = argparse.ArgumentParser(prog=f"modelserve-{service}")
     parser.add_argument("--config", type=Path, help="YAML settings file (env vars override it)")
@@ -219,19 +233,37 @@ def run_service(
     configure_logging(service, settings.telemetry.log_level, settings.telemetry.log_format)
     if worker:
         structlog.contextvars.bind_contextvars(worker=int(worker))
+        _die_with_parent(int(os.environ[WORKER_PARENT_ENV]))
     provider = configure_tracing(service, settings.otlp_endpoint)
     if settings.telemetry.metrics_port is not None and not worker:
         start_http_server(settings.telemetry.metrics_port, addr=settings.server.host)
-    children = [] if worker else _start_workers(settings, argv)
+    children: list[subprocess.Popen[bytes]] = []
+
+    def start_workers(app: ServiceApp) -> None:
+        worker_env: Callable[[], Mapping[str, str]] | None = getattr(app, "worker_env", None)
+        children.extend(_start_workers(settings, argv, worker_env() if worker_env else {}))
+
+    async def stop_workers() -> None:
+        # Alongside this process's own drain, and before it closes what the workers use.
+        await asyncio.to_thread(_stop_workers, children, settings.server.grace_period_s + 5)
+
     # Only the first process registers the port in discovery.
     discovery = StaticDiscovery({}) if worker else None
+    running = serve(
+        service,
+        settings,
+        build,
+        discovery=discovery,
+        on_serving=None if worker or settings.server.workers == 1 else start_workers,
+        on_stopping=None if worker or settings.server.workers == 1 else stop_workers,
+    )
     try:
         if settings.server.event_loop == "uvloop":
             import uvloop
 
-            uvloop.run(serve(service, settings, build, discovery=discovery))
+            uvloop.run(running)
         else:
-            asyncio.run(serve(service, settings, build, discovery=discovery))
+            asyncio.run(running)
     except Exception:
         log.exception("service_failed")
         raise SystemExit(1) from None
@@ -268,28 +300,41 @@ def _check_workers(service: str, settings: ServiceSettings, allowed: bool) -> No
 
 
 def _start_workers(
-    settings: ServiceSettings, argv: Sequence[str] | None
+    settings: ServiceSettings, argv: Sequence[str] | None, extra_env: Mapping[str, str]
 ) -> list[subprocess.Popen[bytes]]:
-    """Starts workers 1..n-1: this script again, same arguments and environment."""
+    """Starts workers 1..n-1: this script again, same arguments and environment, plus
+    `extra_env`."""
     children = []
     for index in range(1, settings.server.workers):
         # The same settings (so the same shared port); WORKER_ENV keeps it from starting more.
-        env = {**os.environ, WORKER_ENV: str(index)}
+        env = {
+            **os.environ,
+            **extra_env,
+            WORKER_ENV: str(index),
+            WORKER_PARENT_ENV: str(os.getpid()),
+        }
         command = [sys.executable, sys.argv[0], *(sys.argv[1:] if argv is None else argv)]
-        children.append(subprocess.Popen(command, env=env, preexec_fn=_die_with_parent))
+        # No preexec_fn: this process runs gRPC's threads by now, and Python code between
+        # fork and exec can deadlock on a lock one of them held. The worker arranges to die
+        # with this process itself (`_die_with_parent`).
+        children.append(subprocess.Popen(command, env=env))
     if children:
         log.info("workers_started", pids=[c.pid for c in children])
     return children
 
 
-def _die_with_parent() -> None:
-    """In a worker, before it runs: Linux sends it SIGTERM when the first process dies, even
-    by SIGKILL, so no worker is left serving the port alone."""
+def _die_with_parent(parent: int) -> None:
+    """In a worker, before it serves: Linux sends it SIGTERM when the first process (`parent`)
+    dies, even by SIGKILL, so no worker is left serving the port alone. A parent already gone
+    ends the worker at once."""
     import ctypes
 
     pr_set_pdeathsig = 1
     with contextlib.suppress(OSError, AttributeError):
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
+    if os.getppid() != parent:
+        log.warning("worker_parent_gone", parent=parent)
+        raise SystemExit(0)
 
 
 def _stop_workers(children: Sequence[subprocess.Popen[bytes]], timeout_s: float) -> None:

@@ -120,10 +120,18 @@ class HeldVersion:
     onnx: bytes = field(default=b"", repr=False)
     sample_inputs: Mapping[str, npt.NDArray[Any]] = field(default_factory=dict, repr=False)
     """Warmup inputs from the registry, cast to the signature's dtypes; empty: synthesized."""
-    device: str = ""
-    """Where Triton runs its instances (`cpu`, `gpu`) as of its last load; "" before."""
-    gpus: tuple[int, ...] = ()
-    """The GPUs of a `gpu` device; none: every GPU Triton sees."""
+    config: ServingConfig | None = None
+    """The config Triton serves it with, as of its last successful load; None before."""
+
+    @property
+    def device(self) -> str:
+        """Where Triton runs its instances (`cpu`, `gpu`) as of its last load; "" before."""
+        return self.config.device if self.config is not None else ""
+
+    @property
+    def gpus(self) -> tuple[int, ...]:
+        """The GPUs of a `gpu` device; none: every GPU Triton sees."""
+        return self.config.gpus if self.config is not None else ()
 
 
 class ArtifactSource(Protocol):
@@ -383,6 +391,29 @@ class ModelVersions:
         self._triton_up = True
         self._publish()
 
+    def mirror(
+        self,
+        changed: Sequence[HeldVersion],
+        removed: Sequence[str] = (),
+        *,
+        initial: bool = False,
+    ) -> None:
+        """Takes the states that the process owning Triton published (in a worker that serves
+        from a mirror of them): versions `changed` as they are now, versions `removed` gone;
+        with `initial`, `changed` is the whole state, and versions not in it go too."""
+        if initial:
+            kept = {h.name for h in changed}
+            removed = [*removed, *(name for name in self._held if name not in kept)]
+        for name in removed:
+            self._held.pop(name, None)
+        for held in changed:
+            self._held[held.name] = held
+        self._publish(*changed, removed=removed)
+
+    def mirror_triton_up(self, up: bool) -> None:
+        """Takes whether Triton is up from the process owning it (see `mirror`)."""
+        self._triton_up = up
+
     def _lock(self, model: str) -> asyncio.Lock:
         return self._model_locks.setdefault(model, asyncio.Lock())
 
@@ -535,8 +566,8 @@ class ModelVersions:
         self._loaded_configs[model] = config
         moved = []
         for held in versions.values():
-            if (held.device, held.gpus) != (config.device, config.gpus):
-                held.device, held.gpus = config.device, config.gpus
+            if held.config != config:
+                held.config = config
                 if held.state is VersionState.READY:
                     moved.append(held)
         if moved:
@@ -606,7 +637,7 @@ class ModelVersions:
         self._check_ready(held)
         arrays = self._check_inputs(held, inputs, exact_dtypes=exact_dtypes)
         sizes = sorted({array.shape[0] for array in arrays.values()})
-        limit = self._loaded_configs.get(held.model, self.default_config).max_batch_size
+        limit = (held.config or self.default_config).max_batch_size
         if len(sizes) != 1 or not 1 <= sizes[0] <= limit:
             raise InvalidArgumentError.for_field(
                 "inputs", f"every input needs the same batch size, from 1 to {limit}; got {sizes}"
@@ -682,7 +713,7 @@ class ModelVersions:
         coalesced (`coalesce_in_flight` per instance; no limit with a bounded Triton queue,
         which must see every request to refuse what does not fit), and the largest batch
         Triton takes (the model's max_batch_size)."""
-        config = self._loaded_configs.get(held.model, self.default_config)
+        config = held.config or self.default_config
         limit = 0 if config.max_queue_size else self._coalesce_in_flight * config.instance_count
         return limit, config.max_batch_size
 

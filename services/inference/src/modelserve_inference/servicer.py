@@ -10,10 +10,10 @@ import grpc
 from modelserve.inference.v1 import inference_service_pb2 as pb
 from modelserve.inference.v1 import inference_service_pb2_grpc as pb_grpc
 from modelserve.type.v1 import tensor_pb2
-from modelserve_inference.models import HeldVersion, ModelVersions
+from modelserve_inference.models import HeldVersion, ModelVersions, ServingConfig, VersionState
 from modelserve_runtime.convert import TRITON_NAMES, numpy_to_tensor, tensor_to_numpy
 from modelserve_runtime.errors import InvalidArgumentError
-from modelserve_triton.model_config import TensorSpec
+from modelserve_triton.model_config import CPU, GPU, TensorSpec
 
 _STATES = {
     "LOADING": pb.MODEL_VERSION_STATE_LOADING,
@@ -23,7 +23,9 @@ _STATES = {
     "UNLOADING": pb.MODEL_VERSION_STATE_UNLOADING,
 }
 _DATATYPES = {name: code for code, name in TRITON_NAMES.items()}
-_DEVICES = {"cpu": pb.INSTANCE_DEVICE_CPU, "gpu": pb.INSTANCE_DEVICE_GPU}
+_STATE_OF = {code: VersionState(name) for name, code in _STATES.items()}
+_DEVICES = {CPU: pb.INSTANCE_DEVICE_CPU, GPU: pb.INSTANCE_DEVICE_GPU}
+_DEVICE_NAMES = {code: name for name, code in _DEVICES.items()}
 
 
 def _spec(spec: TensorSpec) -> tensor_pb2.TensorSpec:
@@ -38,6 +40,7 @@ def held_to_proto(
     """A held version as the API shows it: with the Triton endpoints (gRPC, HTTP) that serve
     it when READY."""
     ready = held.state.value == "READY"
+    config = held.config
     return pb.LoadedModelVersion(
         name=held.name,
         state=_STATES[held.state.value],
@@ -50,7 +53,38 @@ def held_to_proto(
         outputs=[_spec(s) for s in held.outputs],
         device=_DEVICES.get(held.device, pb.INSTANCE_DEVICE_UNSPECIFIED),
         gpus=list(held.gpus),
+        max_batch_size=config.max_batch_size if config is not None else 0,
+        instance_count=config.instance_count if config is not None else 0,
+        max_queue_size=config.max_queue_size if config is not None else 0,
     )
+
+
+def held_from_proto(message: pb.LoadedModelVersion) -> HeldVersion:
+    """A version as another inference process shows it (`held_to_proto`'s inverse, less the
+    artifact, which stays with the process that loaded it)."""
+    config = None
+    if message.max_batch_size:
+        config = ServingConfig(
+            max_batch_size=message.max_batch_size,
+            instance_count=message.instance_count,
+            max_queue_size=message.max_queue_size,
+            device=_DEVICE_NAMES.get(message.device, CPU),
+            gpus=tuple(message.gpus),
+        )
+    return HeldVersion(
+        name=message.name,
+        model=message.triton_model_name,
+        version=message.triton_model_version,
+        state=_STATE_OF[message.state],
+        inputs=tuple(_spec_from_proto(s) for s in message.inputs),
+        outputs=tuple(_spec_from_proto(s) for s in message.outputs),
+        reason=message.reason,
+        config=config,
+    )
+
+
+def _spec_from_proto(spec: tensor_pb2.TensorSpec) -> TensorSpec:
+    return TensorSpec(spec.name, TRITON_NAMES[spec.datatype], tuple(spec.shape))
 
 
 class VersionControl(Protocol):

@@ -25,39 +25,39 @@ _sym_db = _symbol_database.Default()
 from modelserve.type.v1 import tensor_pb2 as modelserve_dot_type_dot_v1_dot_tensor__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n/modelserve/inference/v1/inference_service.proto\x12\x17modelserve.inference.v1\x1a\x1fmodelserve/type/v1/tensor.proto\"\x85\x03\n\x12LoadedModelVersion\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x39\n\x05state\x18\x02 \x01(\x0e\x32*.modelserve.inference.v1.ModelVersionState\x12\x0e\n\x06reason\x18\x03 \x01(\t\x12\x17\n\x0ftriton_endpoint\x18\x04 \x01(\t\x12\x19\n\x11triton_model_name\x18\x05 \x01(\t\x12\x1c\n\x14triton_model_version\x18\x06 \x01(\x03\x12.\n\x06inputs\x18\x07 \x03(\x0b\x32\x1e.modelserve.type.v1.TensorSpec\x12/\n\x07outputs\x18\x08 \x03(\x0b\x32\x1e.modelserve.type.v1.TensorSpec\x12\x1c\n\x14triton_http_endpoint\x18\t \x01(\t\x12\x37\n\x06\x64\x65vice\x18\n \x01(\x0e\x32\'.modelserve.inference.v1.InstanceDevice\x12\x0c\n\x04gpus\x18\x0b \x03(\x05\"\'\n\x17LoadModelVersionRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"^\n\x18LoadModelVersionResponse\x12\x42\n\rmodel_version\x18\x01 \x01(\x0b\x32+.modelserve.inference.v1.LoadedModelVersion\")\n\x19UnloadModelVersionRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"\x1c\n\x1aUnloadModelVersionResponse\"\x1a\n\x18ListModelVersionsRequest\"`\n\x19ListModelVersionsResponse\x12\x43\n\x0emodel_versions\x18\x01 \x03(\x0b\x32+.modelserve.inference.v1.LoadedModelVersion\"^\n\x0cInferRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12*\n\x06inputs\x18\x02 \x03(\x0b\x32\x1a.modelserve.type.v1.Tensor\x12\x14\n\x0coutput_names\x18\x03 \x03(\t\"J\n\rInferResponse\x12+\n\x07outputs\x18\x01 \x03(\x0b\x32\x1a.modelserve.type.v1.Tensor\x12\x0c\n\x04name\x18\x02 \x01(\t\"\x19\n\x17WatchModelStatesRequest\"\x87\x01\n\x18WatchModelStatesResponse\x12\x43\n\x0emodel_versions\x18\x01 \x03(\x0b\x32+.modelserve.inference.v1.LoadedModelVersion\x12\x15\n\rremoved_names\x18\x02 \x03(\t\x12\x0f\n\x07initial\x18\x03 \x01(\x08*\xdc\x01\n\x11ModelVersionState\x12#\n\x1fMODEL_VERSION_STATE_UNSPECIFIED\x10\x00\x12\x1f\n\x1bMODEL_VERSION_STATE_LOADING\x10\x01\x12\x1d\n\x19MODEL_VERSION_STATE_READY\x10\x02\x12\x1e\n\x1aMODEL_VERSION_STATE_FAILED\x10\x03\x12!\n\x1dMODEL_VERSION_STATE_UNLOADING\x10\x04\x12\x1f\n\x1bMODEL_VERSION_STATE_WARMING\x10\x05*c\n\x0eInstanceDevice\x12\x1f\n\x1bINSTANCE_DEVICE_UNSPECIFIED\x10\x00\x12\x17\n\x13INSTANCE_DEVICE_CPU\x10\x01\x12\x17\n\x13INSTANCE_DEVICE_GPU\x10\x02\x32\xd9\x04\n\x10InferenceService\x12w\n\x10LoadModelVersion\x12\x30.modelserve.inference.v1.LoadModelVersionRequest\x1a\x31.modelserve.inference.v1.LoadModelVersionResponse\x12}\n\x12UnloadModelVersion\x12\x32.modelserve.inference.v1.UnloadModelVersionRequest\x1a\x33.modelserve.inference.v1.UnloadModelVersionResponse\x12z\n\x11ListModelVersions\x12\x31.modelserve.inference.v1.ListModelVersionsRequest\x1a\x32.modelserve.inference.v1.ListModelVersionsResponse\x12V\n\x05Infer\x12%.modelserve.inference.v1.InferRequest\x1a&.modelserve.inference.v1.InferResponse\x12y\n\x10WatchModelStates\x12\x30.modelserve.inference.v1.WatchModelStatesRequest\x1a\x31.modelserve.inference.v1.WatchModelStatesResponse0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n/modelserve/inference/v1/inference_service.proto\x12\x17modelserve.inference.v1\x1a\x1fmodelserve/type/v1/tensor.proto\"\xcd\x03\n\x12LoadedModelVersion\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x39\n\x05state\x18\x02 \x01(\x0e\x32*.modelserve.inference.v1.ModelVersionState\x12\x0e\n\x06reason\x18\x03 \x01(\t\x12\x17\n\x0ftriton_endpoint\x18\x04 \x01(\t\x12\x19\n\x11triton_model_name\x18\x05 \x01(\t\x12\x1c\n\x14triton_model_version\x18\x06 \x01(\x03\x12.\n\x06inputs\x18\x07 \x03(\x0b\x32\x1e.modelserve.type.v1.TensorSpec\x12/\n\x07outputs\x18\x08 \x03(\x0b\x32\x1e.modelserve.type.v1.TensorSpec\x12\x1c\n\x14triton_http_endpoint\x18\t \x01(\t\x12\x37\n\x06\x64\x65vice\x18\n \x01(\x0e\x32\'.modelserve.inference.v1.InstanceDevice\x12\x0c\n\x04gpus\x18\x0b \x03(\x05\x12\x16\n\x0emax_batch_size\x18\x0c \x01(\x05\x12\x16\n\x0einstance_count\x18\r \x01(\x05\x12\x16\n\x0emax_queue_size\x18\x0e \x01(\x05\"\'\n\x17LoadModelVersionRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"^\n\x18LoadModelVersionResponse\x12\x42\n\rmodel_version\x18\x01 \x01(\x0b\x32+.modelserve.inference.v1.LoadedModelVersion\")\n\x19UnloadModelVersionRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"\x1c\n\x1aUnloadModelVersionResponse\"\x1a\n\x18ListModelVersionsRequest\"`\n\x19ListModelVersionsResponse\x12\x43\n\x0emodel_versions\x18\x01 \x03(\x0b\x32+.modelserve.inference.v1.LoadedModelVersion\"^\n\x0cInferRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12*\n\x06inputs\x18\x02 \x03(\x0b\x32\x1a.modelserve.type.v1.Tensor\x12\x14\n\x0coutput_names\x18\x03 \x03(\t\"J\n\rInferResponse\x12+\n\x07outputs\x18\x01 \x03(\x0b\x32\x1a.modelserve.type.v1.Tensor\x12\x0c\n\x04name\x18\x02 \x01(\t\"\x19\n\x17WatchModelStatesRequest\"\x87\x01\n\x18WatchModelStatesResponse\x12\x43\n\x0emodel_versions\x18\x01 \x03(\x0b\x32+.modelserve.inference.v1.LoadedModelVersion\x12\x15\n\rremoved_names\x18\x02 \x03(\t\x12\x0f\n\x07initial\x18\x03 \x01(\x08*\xdc\x01\n\x11ModelVersionState\x12#\n\x1fMODEL_VERSION_STATE_UNSPECIFIED\x10\x00\x12\x1f\n\x1bMODEL_VERSION_STATE_LOADING\x10\x01\x12\x1d\n\x19MODEL_VERSION_STATE_READY\x10\x02\x12\x1e\n\x1aMODEL_VERSION_STATE_FAILED\x10\x03\x12!\n\x1dMODEL_VERSION_STATE_UNLOADING\x10\x04\x12\x1f\n\x1bMODEL_VERSION_STATE_WARMING\x10\x05*c\n\x0eInstanceDevice\x12\x1f\n\x1bINSTANCE_DEVICE_UNSPECIFIED\x10\x00\x12\x17\n\x13INSTANCE_DEVICE_CPU\x10\x01\x12\x17\n\x13INSTANCE_DEVICE_GPU\x10\x02\x32\xd9\x04\n\x10InferenceService\x12w\n\x10LoadModelVersion\x12\x30.modelserve.inference.v1.LoadModelVersionRequest\x1a\x31.modelserve.inference.v1.LoadModelVersionResponse\x12}\n\x12UnloadModelVersion\x12\x32.modelserve.inference.v1.UnloadModelVersionRequest\x1a\x33.modelserve.inference.v1.UnloadModelVersionResponse\x12z\n\x11ListModelVersions\x12\x31.modelserve.inference.v1.ListModelVersionsRequest\x1a\x32.modelserve.inference.v1.ListModelVersionsResponse\x12V\n\x05Infer\x12%.modelserve.inference.v1.InferRequest\x1a&.modelserve.inference.v1.InferResponse\x12y\n\x10WatchModelStates\x12\x30.modelserve.inference.v1.WatchModelStatesRequest\x1a\x31.modelserve.inference.v1.WatchModelStatesResponse0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'modelserve.inference.v1.inference_service_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_MODELVERSIONSTATE']._serialized_start=1175
-  _globals['_MODELVERSIONSTATE']._serialized_end=1395
-  _globals['_INSTANCEDEVICE']._serialized_start=1397
-  _globals['_INSTANCEDEVICE']._serialized_end=1496
+  _globals['_MODELVERSIONSTATE']._serialized_start=1247
+  _globals['_MODELVERSIONSTATE']._serialized_end=1467
+  _globals['_INSTANCEDEVICE']._serialized_start=1469
+  _globals['_INSTANCEDEVICE']._serialized_end=1568
   _globals['_LOADEDMODELVERSION']._serialized_start=110
-  _globals['_LOADEDMODELVERSION']._serialized_end=499
-  _globals['_LOADMODELVERSIONREQUEST']._serialized_start=501
-  _globals['_LOADMODELVERSIONREQUEST']._serialized_end=540
-  _globals['_LOADMODELVERSIONRESPONSE']._serialized_start=542
-  _globals['_LOADMODELVERSIONRESPONSE']._serialized_end=636
-  _globals['_UNLOADMODELVERSIONREQUEST']._serialized_start=638
-  _globals['_UNLOADMODELVERSIONREQUEST']._serialized_end=679
-  _globals['_UNLOADMODELVERSIONRESPONSE']._serialized_start=681
-  _globals['_UNLOADMODELVERSIONRESPONSE']._serialized_end=709
-  _globals['_LISTMODELVERSIONSREQUEST']._serialized_start=711
-  _globals['_LISTMODELVERSIONSREQUEST']._serialized_end=737
-  _globals['_LISTMODELVERSIONSRESPONSE']._serialized_start=739
-  _globals['_LISTMODELVERSIONSRESPONSE']._serialized_end=835
-  _globals['_INFERREQUEST']._serialized_start=837
-  _globals['_INFERREQUEST']._serialized_end=931
-  _globals['_INFERRESPONSE']._serialized_start=933
-  _globals['_INFERRESPONSE']._serialized_end=1007
-  _globals['_WATCHMODELSTATESREQUEST']._serialized_start=1009
-  _globals['_WATCHMODELSTATESREQUEST']._serialized_end=1034
-  _globals['_WATCHMODELSTATESRESPONSE']._serialized_start=1037
-  _globals['_WATCHMODELSTATESRESPONSE']._serialized_end=1172
-  _globals['_INFERENCESERVICE']._serialized_start=1499
-  _globals['_INFERENCESERVICE']._serialized_end=2100
+  _globals['_LOADEDMODELVERSION']._serialized_end=571
+  _globals['_LOADMODELVERSIONREQUEST']._serialized_start=573
+  _globals['_LOADMODELVERSIONREQUEST']._serialized_end=612
+  _globals['_LOADMODELVERSIONRESPONSE']._serialized_start=614
+  _globals['_LOADMODELVERSIONRESPONSE']._serialized_end=708
+  _globals['_UNLOADMODELVERSIONREQUEST']._serialized_start=710
+  _globals['_UNLOADMODELVERSIONREQUEST']._serialized_end=751
+  _globals['_UNLOADMODELVERSIONRESPONSE']._serialized_start=753
+  _globals['_UNLOADMODELVERSIONRESPONSE']._serialized_end=781
+  _globals['_LISTMODELVERSIONSREQUEST']._serialized_start=783
+  _globals['_LISTMODELVERSIONSREQUEST']._serialized_end=809
+  _globals['_LISTMODELVERSIONSRESPONSE']._serialized_start=811
+  _globals['_LISTMODELVERSIONSRESPONSE']._serialized_end=907
+  _globals['_INFERREQUEST']._serialized_start=909
+  _globals['_INFERREQUEST']._serialized_end=1003
+  _globals['_INFERRESPONSE']._serialized_start=1005
+  _globals['_INFERRESPONSE']._serialized_end=1079
+  _globals['_WATCHMODELSTATESREQUEST']._serialized_start=1081
+  _globals['_WATCHMODELSTATESREQUEST']._serialized_end=1106
+  _globals['_WATCHMODELSTATESRESPONSE']._serialized_start=1109
+  _globals['_WATCHMODELSTATESRESPONSE']._serialized_end=1244
+  _globals['_INFERENCESERVICE']._serialized_start=1571
+  _globals['_INFERENCESERVICE']._serialized_end=2172
 # @@protoc_insertion_point(module_scope)

@@ -105,6 +105,9 @@ class LoadedModelVersion(_message.Message):
     TRITON_HTTP_ENDPOINT_FIELD_NUMBER: _builtins.int
     DEVICE_FIELD_NUMBER: _builtins.int
     GPUS_FIELD_NUMBER: _builtins.int
+    MAX_BATCH_SIZE_FIELD_NUMBER: _builtins.int
+    INSTANCE_COUNT_FIELD_NUMBER: _builtins.int
+    MAX_QUEUE_SIZE_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """The version. Format: `models/{model}/versions/{version}`."""
     state: Global___ModelVersionState.ValueType
@@ -127,6 +130,16 @@ class LoadedModelVersion(_message.Message):
     """
     device: Global___InstanceDevice.ValueType
     """Where Triton runs the version's instances, as of its last successful load."""
+    max_batch_size: _builtins.int
+    """The largest batch Triton takes for the version, as of its last successful load; 0
+    before it. A caller sending more rows in one request gets INVALID_ARGUMENT.
+    """
+    instance_count: _builtins.int
+    """Instances of the version (on each GPU with device GPU), as of its last successful load."""
+    max_queue_size: _builtins.int
+    """Requests Triton's dynamic batcher queues for the model before it refuses more with
+    RESOURCE_EXHAUSTED, as of its last successful load; 0: unbounded.
+    """
     @_builtins.property
     def inputs(self) -> _containers.RepeatedCompositeFieldContainer[_tensor_pb2.TensorSpec]:
         """The version's input tensors."""
@@ -153,10 +166,13 @@ class LoadedModelVersion(_message.Message):
         triton_http_endpoint: _builtins.str = ...,
         device: Global___InstanceDevice.ValueType = ...,
         gpus: _abc.Iterable[_builtins.int] | None = ...,
+        max_batch_size: _builtins.int = ...,
+        instance_count: _builtins.int = ...,
+        max_queue_size: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["device", b"device", "gpus", b"gpus", "inputs", b"inputs", "name", b"name", "outputs", b"outputs", "reason", b"reason", "state", b"state", "triton_endpoint", b"triton_endpoint", "triton_http_endpoint", b"triton_http_endpoint", "triton_model_name", b"triton_model_name", "triton_model_version", b"triton_model_version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["device", b"device", "gpus", b"gpus", "inputs", b"inputs", "instance_count", b"instance_count", "max_batch_size", b"max_batch_size", "max_queue_size", b"max_queue_size", "name", b"name", "outputs", b"outputs", "reason", b"reason", "state", b"state", "triton_endpoint", b"triton_endpoint", "triton_http_endpoint", b"triton_http_endpoint", "triton_model_name", b"triton_model_name", "triton_model_version", b"triton_model_version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
