@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -232,6 +233,41 @@ class TestWorkers:
             process.wait(timeout=30)
             child.wait(timeout=30)
             assert not child.is_running()
+        finally:
+            if process.poll() is None:
+                process.kill()
+                process.wait()
+
+    def test_a_worker_that_dies_is_started_again(self, tmp_path: Path, redis_url: str) -> None:
+        """kill -9 of a worker: the first process notices, starts a new one on the same port,
+        and still stops it with itself."""
+        import psutil
+
+        port = free_port()
+        process, started = _two_workers(tmp_path, redis_url, port)
+        try:
+            (worker,) = started - {process.pid}
+            psutil.Process(worker).kill()
+            assert process.stdout is not None
+            seen: list[dict[str, object]] = []
+            # Without a restart no line would come: the kill ends the wait for one.
+            timer = threading.Timer(60, process.kill)
+            timer.start()
+            for line in process.stdout:
+                seen.append(json.loads(line))
+                if seen[-1].get("event") == "service_started":
+                    break
+            timer.cancel()
+            events = [e["event"] for e in seen]
+            assert events[:2] == ["worker_exited", "worker_restarted"], events
+            assert seen[0]["pid"] == worker and seen[0]["code"] == -signal.SIGKILL
+            replacement = psutil.Process(int(str(seen[-1]["pid"])))
+            assert replacement.pid == seen[1]["pid"] != worker
+            assert replacement.ppid() == process.pid
+            assert seen[-1]["port"] == port
+            process.send_signal(signal.SIGTERM)
+            assert process.wait(timeout=60) == 0
+            assert not replacement.is_running() or replacement.status() == "zombie"
         finally:
             if process.poll() is None:
                 process.kill()

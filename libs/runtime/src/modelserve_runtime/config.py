@@ -160,8 +160,9 @@ class ServerSettings(BaseModel):
     so one client channel stays on one worker; many callers spread), for the services that
     allow it: router and feature (stateless), and inference (the first process owns Triton;
     the others serve inference calls from a mirror of its versions). More than 1 needs a
-    fixed `port`; the first process starts the others once it serves, registers in discovery
-    and serves metrics, and stops the others when it stops (they also stop if it dies).
+    fixed `port`; the first process starts the others once it serves (and again when one
+    exits), registers in discovery and serves metrics, and stops the others when it stops
+    (they also stop if it dies).
     In-memory state (caches, breakers, rate limits) is per process."""
     event_loop: Literal["uvloop", "asyncio"] = "uvloop"
     """The event loop the service runs on: uvloop, or asyncio's own (the benchmarks compare

@@ -237,16 +237,7 @@ def run_service(
     provider = configure_tracing(service, settings.otlp_endpoint)
     if settings.telemetry.metrics_port is not None and not worker:
         start_http_server(settings.telemetry.metrics_port, addr=settings.server.host)
-    children: list[subprocess.Popen[bytes]] = []
-
-    def start_workers(app: ServiceApp) -> None:
-        worker_env: Callable[[], Mapping[str, str]] | None = getattr(app, "worker_env", None)
-        children.extend(_start_workers(settings, argv, worker_env() if worker_env else {}))
-
-    async def stop_workers() -> None:
-        # Alongside this process's own drain, and before it closes what the workers use.
-        await asyncio.to_thread(_stop_workers, children, settings.server.grace_period_s + 5)
-
+    workers = None if worker or settings.server.workers == 1 else Workers(settings, argv)
     # Only the first process registers the port in discovery.
     discovery = StaticDiscovery({}) if worker else None
     running = serve(
@@ -254,8 +245,8 @@ def run_service(
         settings,
         build,
         discovery=discovery,
-        on_serving=None if worker or settings.server.workers == 1 else start_workers,
-        on_stopping=None if worker or settings.server.workers == 1 else stop_workers,
+        on_serving=None if workers is None else workers.start,
+        on_stopping=None if workers is None else workers.stop,
     )
     try:
         if settings.server.event_loop == "uvloop":
@@ -268,7 +259,8 @@ def run_service(
         log.exception("service_failed")
         raise SystemExit(1) from None
     finally:
-        _stop_workers(children, settings.server.grace_period_s + 5)
+        if workers is not None:
+            workers.stop_now()
         provider.shutdown()
 
 
@@ -299,28 +291,111 @@ def _check_workers(service: str, settings: ServiceSettings, allowed: bool) -> No
         )
 
 
-def _start_workers(
-    settings: ServiceSettings, argv: Sequence[str] | None, extra_env: Mapping[str, str]
-) -> list[subprocess.Popen[bytes]]:
-    """Starts workers 1..n-1: this script again, same arguments and environment, plus
-    `extra_env`."""
-    children = []
-    for index in range(1, settings.server.workers):
-        # The same settings (so the same shared port); WORKER_ENV keeps it from starting more.
+class Workers:
+    """Workers 1..n-1 of a service, run by its first process: this script again, with the
+    same arguments and environment (so the same shared port).
+
+    Started once the first process serves (`start`). A worker that exits while the service
+    runs is started again: at once after a run of `stable_s` or more, else after a wait that
+    doubles from `restart_initial_s` up to `restart_max_s`, so a worker that cannot start
+    does not spin. `stop` ends them all with the service.
+    """
+
+    def __init__(
+        self,
+        settings: ServiceSettings,
+        argv: Sequence[str] | None,
+        *,
+        poll_s: float = 0.2,
+        stable_s: float = 10.0,
+        restart_initial_s: float = 0.5,
+        restart_max_s: float = 30.0,
+        command: Sequence[str] | None = None,
+    ) -> None:
+        """`command` runs a worker; by default this script with its arguments (`argv`)."""
+        self._count = settings.server.workers - 1
+        self._stop_timeout_s = settings.server.grace_period_s + 5
+        self._command = (
+            list(command)
+            if command is not None
+            else [
+                sys.executable,
+                sys.argv[0],
+                *(sys.argv[1:] if argv is None else argv),
+            ]
+        )
+        self._poll_s = poll_s
+        self._stable_s = stable_s
+        self._restart_initial_s = restart_initial_s
+        self._restart_max_s = restart_max_s
+        self._env: dict[str, str] = {}
+        self._children: dict[int, subprocess.Popen[bytes]] = {}
+        self._started_at: dict[int, float] = {}
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self, app: ServiceApp) -> None:
+        """Starts every worker; an app with a `worker_env()` method adds what it returns to
+        their environment (its address, say)."""
+        worker_env: Callable[[], Mapping[str, str]] | None = getattr(app, "worker_env", None)
+        self._env = dict(worker_env()) if worker_env is not None else {}
+        for index in range(1, self._count + 1):
+            self._spawn(index)
+        log.info("workers_started", pids=[c.pid for c in self._children.values()])
+        self._task = asyncio.get_running_loop().create_task(self._watch())
+
+    async def stop(self) -> None:
+        """Stops restarting, then stops every worker (SIGTERM, SIGKILL after the grace period
+        plus 5 s), alongside the first process's own drain."""
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        await asyncio.to_thread(self.stop_now)
+
+    def stop_now(self) -> None:
+        """`stop`, blocking, for when no loop runs any more."""
+        _stop_workers(list(self._children.values()), self._stop_timeout_s)
+
+    def _spawn(self, index: int) -> None:
         env = {
             **os.environ,
-            **extra_env,
+            **self._env,
             WORKER_ENV: str(index),
             WORKER_PARENT_ENV: str(os.getpid()),
         }
-        command = [sys.executable, sys.argv[0], *(sys.argv[1:] if argv is None else argv)]
         # No preexec_fn: this process runs gRPC's threads by now, and Python code between
         # fork and exec can deadlock on a lock one of them held. The worker arranges to die
         # with this process itself (`_die_with_parent`).
-        children.append(subprocess.Popen(command, env=env))
-    if children:
-        log.info("workers_started", pids=[c.pid for c in children])
-    return children
+        self._children[index] = subprocess.Popen(self._command, env=env)
+        self._started_at[index] = time.monotonic()
+
+    async def _watch(self) -> None:
+        waits = dict.fromkeys(self._children, self._restart_initial_s)
+        due: dict[int, float] = {}
+        while True:
+            await asyncio.sleep(self._poll_s)
+            now = time.monotonic()
+            for index, child in list(self._children.items()):
+                if index not in due and child.poll() is not None:
+                    ran_s = now - self._started_at[index]
+                    if ran_s >= self._stable_s:
+                        waits[index] = self._restart_initial_s
+                        due[index] = now
+                    else:
+                        due[index] = now + waits[index]
+                        waits[index] = min(2 * waits[index], self._restart_max_s)
+                    log.warning(
+                        "worker_exited",
+                        worker=index,
+                        pid=child.pid,
+                        code=child.returncode,
+                        ran_s=round(ran_s, 3),
+                        restart_in_s=round(due[index] - now, 3),
+                    )
+                if due.get(index, float("inf")) <= now:
+                    del due[index]
+                    self._spawn(index)
+                    log.info("worker_restarted", worker=index, pid=self._children[index].pid)
 
 
 def _die_with_parent(parent: int) -> None:
