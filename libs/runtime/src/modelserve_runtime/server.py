@@ -32,6 +32,7 @@ from modelserve_runtime.discovery import Discovery, StaticDiscovery, create_disc
 from modelserve_runtime.interceptors import server_interceptors
 from modelserve_runtime.logs import configure_logging
 from modelserve_runtime.tracing import configure_tracing
+from modelserve_runtime.waiting import cancel_all
 
 log = structlog.get_logger()
 
@@ -341,15 +342,13 @@ class Workers:
         for index in range(1, self._count + 1):
             self._spawn(index)
         log.info("workers_started", pids=[c.pid for c in self._children.values()])
-        self._task = asyncio.get_running_loop().create_task(self._watch())
+        self._task = asyncio.get_running_loop().create_task(self._watch(), name="workers-watch")
 
     async def stop(self) -> None:
         """Stops restarting, then stops every worker (SIGTERM, SIGKILL after the grace period
         plus 5 s), alongside the first process's own drain."""
         if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+            await cancel_all([self._task])
         await asyncio.to_thread(self.stop_now)
 
     def stop_now(self) -> None:

@@ -12,7 +12,6 @@ they were) comes back. So the request path spreads over cores while Triton keeps
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import os
 from collections.abc import Awaitable, Callable, Mapping
@@ -28,6 +27,7 @@ from modelserve.inference.v1 import inference_service_pb2_grpc as pb_grpc
 from modelserve_inference.models import ModelVersions, VersionArtifact
 from modelserve_inference.servicer import InferenceServicer, held_from_proto
 from modelserve_runtime.errors import FailedPreconditionError, UnavailableError
+from modelserve_runtime.waiting import cancel_all
 
 log = structlog.get_logger()
 
@@ -98,8 +98,12 @@ class OwnerMirror:
     def start(self) -> None:
         """Starts following the first process's states and health."""
         self._tasks = [
-            asyncio.create_task(self._follow(self._follow_states, "states")),
-            asyncio.create_task(self._follow(self._follow_health, "health")),
+            asyncio.create_task(
+                self._follow(self._follow_states, "states"), name="worker-follow-states"
+            ),
+            asyncio.create_task(
+                self._follow(self._follow_health, "health"), name="worker-follow-health"
+            ),
         ]
 
     async def wait_synced(self, timeout_s: float) -> None:
@@ -112,11 +116,7 @@ class OwnerMirror:
             ) from None
 
     async def close(self) -> None:
-        for task in self._tasks:
-            task.cancel()
-        for task in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await cancel_all(self._tasks)
 
     async def _follow(self, stream: Callable[[], Awaitable[None]], what: str) -> None:
         backoff_s = _BACKOFF_INITIAL_S
