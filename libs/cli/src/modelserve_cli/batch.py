@@ -39,6 +39,7 @@ from modelserve.registry.v1 import registry_service_pb2 as registry_pb
 from modelserve.type.v1 import tensor_pb2
 from modelserve_cli.feature_commands import MaterializeError, TableFormat, table_format
 from modelserve_cli.output import errors, fail
+from modelserve_cli.redis_targets import configured, service_redis
 from modelserve_cli.tls import cli_tls
 from modelserve_features.online import FeatureResult, OnlineStore
 from modelserve_features.redis_store import EntityKey
@@ -47,10 +48,11 @@ from modelserve_features.views import FeatureRef
 from modelserve_router.predict import REQUEST_ENTITY, VersionPlan, assemble_row
 from modelserve_runtime.channels import create_channel
 from modelserve_runtime.clients import InferenceClient, RegistryClient
+from modelserve_runtime.config import ConfigError
 from modelserve_runtime.convert import DTYPES, numpy_to_tensor, tensor_to_numpy
 from modelserve_runtime.errors import InvalidArgumentError, ModelServeError
 from modelserve_runtime.precomputed import write_precomputed
-from modelserve_runtime.redis_connect import RedisClient
+from modelserve_runtime.redis_connect import RedisClient, connect
 from modelserve_triton.model_config import conform_outputs
 
 #: The columns every output file has, besides the entity ids and the model's outputs.
@@ -566,31 +568,40 @@ class JobClients:
     registry: RegistryClient
     inference: InferenceClient
     features: OnlineStore
-    redis: redis.Redis
+    redis: RedisClient
 
 
 class JobConnection:
     """Opens a job's clients from the command line's addresses (TLS as `cli_tls` says) and
-    closes them all: `async with JobConnection(...) as clients`."""
+    closes them all: `async with JobConnection(...) as clients`.
+
+    Redis is the router's (`redis_url`, else the router's settings: `redis_targets`); the
+    feature store is at `feature_redis_url`, else where the feature service's settings say,
+    else in the router's Redis. ConfigError when those settings cannot work.
+    """
 
     def __init__(
         self,
         registry: str,
         inference: str,
-        redis_url: str,
+        redis_url: str | None,
         feature_redis_url: str | None,
         api_key: str | None,
         timeout_s: float,
     ) -> None:
+        router_redis = service_redis("router", redis_url, timeout_s=timeout_s)
+        feature_redis = (
+            service_redis("feature", feature_redis_url, timeout_s=timeout_s)
+            if feature_redis_url is not None or configured("feature")
+            else None
+        )
         tls = cli_tls()
         self._channels = [
             create_channel(target, default_timeout_s=timeout_s, api_key=api_key, tls=tls)
             for target in (registry, inference)
         ]
-        self._redis = redis.Redis.from_url(redis_url)
-        self._feature_redis = (
-            self._redis if feature_redis_url is None else redis.Redis.from_url(feature_redis_url)
-        )
+        self._redis = connect(router_redis)
+        self._feature_redis = self._redis if feature_redis is None else connect(feature_redis)
         self._timeout_s = timeout_s
 
     async def __aenter__(self) -> JobClients:
@@ -645,13 +656,19 @@ def batch_predict_command(
     inference: str = typer.Option(
         ..., envvar="MODELSERVE_INFERENCE", help="The inference service's host:port."
     ),
-    redis_url: str = typer.Option(
-        "redis://127.0.0.1:6379/0",
+    redis_url: str | None = typer.Option(
+        None,
         envvar="MODELSERVE_REDIS_URL",
-        help="The Redis of the router (hybrid lookup) and, unless --feature-redis-url, features.",
+        help="The Redis of the router (hybrid lookup); default: the router's Redis settings"
+        " (MODELSERVE_ROUTER_REDIS__*, _REDIS_URL), else redis://127.0.0.1:6379/0.",
+        show_default=False,
     ),
     feature_redis_url: str | None = typer.Option(
-        None, envvar="MODELSERVE_FEATURE_REDIS_URL", help="The feature store's Redis."
+        None,
+        envvar="MODELSERVE_FEATURE_REDIS_URL",
+        help="The feature store's Redis; default: the feature service's Redis settings"
+        " (MODELSERVE_FEATURE_REDIS__*), else the router's Redis.",
+        show_default=False,
     ),
     api_key: str | None = typer.Option(
         None, envvar="MODELSERVE_API_KEY", help="API key, when the services have auth on."
@@ -701,7 +718,14 @@ def batch_predict_command(
     try:
         with progress:
             summary = asyncio.run(work(progress))
-    except (JobError, ModelServeError, redis.RedisError, OSError, pa.ArrowException) as exc:
+    except (
+        ConfigError,
+        JobError,
+        ModelServeError,
+        redis.RedisError,
+        OSError,
+        pa.ArrowException,
+    ) as exc:
         fail(str(exc))
     table = Table(title=f"batch predictions of {endpoint} by {summary.model_version}")
     table.add_column("measure")

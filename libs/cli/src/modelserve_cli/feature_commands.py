@@ -33,10 +33,13 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedCo
 from rich.table import Table
 
 from modelserve_cli.output import fail
+from modelserve_cli.redis_targets import service_redis
 from modelserve_features.online import FeatureWrite, OnlineStore
 from modelserve_features.redis_store import EntityKey, decode_value, encode_value, redis_key
 from modelserve_features.views import FeatureDtype, FeatureView, Value, value_problem
+from modelserve_runtime.config import ConfigError
 from modelserve_runtime.errors import ModelServeError
+from modelserve_runtime.redis_connect import RedisClient, connect
 
 console = Console()
 
@@ -46,6 +49,8 @@ features_app = typer.Typer(help="Load feature values into the online store.")
 CHUNK_ROWS = 65_536
 #: Script calls in flight at once.
 IN_FLIGHT = 4
+#: Deadline of each Redis call of a materialization (a write script carries many entities).
+MATERIALIZE_TIMEOUT_S = 60.0
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
 
@@ -224,7 +229,7 @@ def read_latest(
 
 
 async def _write_batch(
-    store: OnlineStore, client: redis.Redis, view: FeatureView, batch: Sequence[tuple[str, _Latest]]
+    store: OnlineStore, client: RedisClient, view: FeatureView, batch: Sequence[tuple[str, _Latest]]
 ) -> tuple[int, int, int, int]:
     """(entities written, values written, stale, unchanged) for one batch."""
     names = [spec.name for spec in view.features]
@@ -264,7 +269,7 @@ async def _write_batch(
 
 
 async def materialize(
-    client: redis.Redis,
+    client: RedisClient,
     path: Path,
     view_name: str,
     *,
@@ -280,7 +285,7 @@ async def materialize(
     """Reads and checks the whole table, then writes the latest value per entity; a bad
     table raises MaterializeError before anything is written."""
     started = time.perf_counter()
-    store = OnlineStore(client, timeout_s=60.0)
+    store = OnlineStore(client, timeout_s=MATERIALIZE_TIMEOUT_S)
     view = (await store.views([view_name]))[view_name]
     fmt = table_format(path, fmt)
     names, batches, total = _open(path, fmt, view, chunk_rows)
@@ -333,12 +338,19 @@ def materialize_command(
     fmt: TableFormat | None = typer.Option(
         None, "--format", help="parquet or csv (default: from the extension)."
     ),
-    redis_url: str = typer.Option(
-        "redis://127.0.0.1:6379/0", envvar="MODELSERVE_FEATURE_REDIS_URL", help="The Redis URL."
+    redis_url: str | None = typer.Option(
+        None,
+        help="A standalone Redis (redis://host:port/db); default: the feature service's Redis"
+        " as MODELSERVE_FEATURE_REDIS__* (Sentinel, cluster, TLS) or _REDIS_URL say.",
+        show_default=False,
     ),
     batch_entities: int = typer.Option(1000, min=1, help="Entities per write script call."),
 ) -> None:
     """Load the latest value per entity from a table into Redis; reruns change nothing."""
+    try:
+        connection = service_redis("feature", redis_url, timeout_s=MATERIALIZE_TIMEOUT_S)
+    except ConfigError as exc:
+        fail(str(exc))
 
     async def work(progress: Progress) -> MaterializeSummary:
         reading = progress.add_task("rows read", total=None)
@@ -347,7 +359,7 @@ def materialize_command(
         def entities(n: int) -> None:
             progress.update(writing, advance=n, visible=True)
 
-        client = redis.Redis.from_url(redis_url)
+        client = connect(connection)
         try:
             return await materialize(
                 client,

@@ -48,6 +48,7 @@ from modelserve_cli.batch import (
 from modelserve_cli.output import errors, fail
 from modelserve_features.online import OnlineStore
 from modelserve_runtime.clients import InferenceClient, RegistryClient
+from modelserve_runtime.config import ConfigError
 from modelserve_runtime.errors import ModelServeError
 from modelserve_runtime.redis_connect import RedisClient
 from modelserve_runtime.waiting import wait_until_set
@@ -342,11 +343,19 @@ def stream_predict_command(
     inference: str = typer.Option(
         ..., envvar="MODELSERVE_INFERENCE", help="The inference service's host:port."
     ),
-    redis_url: str = typer.Option(
-        "redis://127.0.0.1:6379/0", envvar="MODELSERVE_REDIS_URL", help="The streams' Redis."
+    redis_url: str | None = typer.Option(
+        None,
+        envvar="MODELSERVE_REDIS_URL",
+        help="The streams' Redis; default: the router's Redis settings"
+        " (MODELSERVE_ROUTER_REDIS__*, _REDIS_URL), else redis://127.0.0.1:6379/0.",
+        show_default=False,
     ),
     feature_redis_url: str | None = typer.Option(
-        None, envvar="MODELSERVE_FEATURE_REDIS_URL", help="The feature store's Redis."
+        None,
+        envvar="MODELSERVE_FEATURE_REDIS_URL",
+        help="The feature store's Redis; default: the feature service's Redis settings"
+        " (MODELSERVE_FEATURE_REDIS__*), else the streams' Redis.",
+        show_default=False,
     ),
     api_key: str | None = typer.Option(
         None, envvar="MODELSERVE_API_KEY", help="API key, when the services have auth on."
@@ -389,7 +398,7 @@ def stream_predict_command(
 
     try:
         stats = asyncio.run(work())
-    except (JobError, ModelServeError, redis.RedisError, OSError) as exc:
+    except (ConfigError, JobError, ModelServeError, redis.RedisError, OSError) as exc:
         fail(str(exc))
     errors.print(
         f"stopped: {stats.events} events, {stats.scored} scored, {stats.failed} failed, "

@@ -1,0 +1,76 @@
+"""Which Redis a command reaches: the one the service that owns the data reaches.
+
+The feature store's Redis is the feature service's (`MODELSERVE_FEATURE_REDIS__*`: mode,
+Sentinel or cluster nodes, master name, credentials, TLS; or the `MODELSERVE_FEATURE_REDIS_URL`
+shorthand), and the Redis of precomputed predictions and streams is the router's
+(`MODELSERVE_ROUTER_REDIS__*`, `MODELSERVE_ROUTER_REDIS_URL`). So a command run beside a
+service, with its environment, reaches a Sentinel-managed master or a cluster as the service
+does. A command line's `--redis-url` names a standalone server instead.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Literal
+
+from pydantic import ValidationError
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from modelserve_runtime.config import ConfigError
+from modelserve_runtime.redis_connect import RedisConnection, with_redis_url
+
+Owner = Literal["feature", "router"]
+
+
+class _ServiceRedis(BaseSettings):
+    redis: RedisConnection = RedisConnection()
+    redis_url: str | None = None
+
+
+class _FeatureRedis(_ServiceRedis):
+    model_config = SettingsConfigDict(
+        env_prefix="MODELSERVE_FEATURE_", env_nested_delimiter="__", extra="ignore"
+    )
+
+
+class _RouterRedis(_ServiceRedis):
+    model_config = SettingsConfigDict(
+        env_prefix="MODELSERVE_ROUTER_", env_nested_delimiter="__", extra="ignore"
+    )
+
+
+_SETTINGS: dict[Owner, type[_ServiceRedis]] = {"feature": _FeatureRedis, "router": _RouterRedis}
+
+
+def _prefix(owner: Owner) -> str:
+    return f"MODELSERVE_{owner.upper()}_"
+
+
+def configured(owner: Owner) -> bool:
+    """Whether the environment says anything about `owner`'s Redis."""
+    prefix = _prefix(owner)
+    return any(
+        name == prefix + "REDIS_URL" or name.startswith(prefix + "REDIS__") for name in os.environ
+    )
+
+
+def service_redis(owner: Owner, url: str | None, *, timeout_s: float) -> RedisConnection:
+    """`owner`'s Redis as its settings in the environment say, with `url` (a command line's
+    `--redis-url`) as the standalone server when given, and `timeout_s` as the socket timeout
+    unless the settings set one. ConfigError naming the variable when they are invalid."""
+    prefix = _prefix(owner)
+    try:
+        settings = _SETTINGS[owner]()
+        return with_redis_url(
+            settings.redis,
+            url if url is not None else settings.redis_url,
+            default_timeout_s=timeout_s,
+        )
+    except ValidationError as exc:
+        problems = [
+            f"{prefix}{'__'.join(str(p) for p in error['loc']).upper()}: {error['msg']}"
+            for error in exc.errors()
+        ]
+        raise ConfigError("; ".join(problems)) from None
+    except ValueError as exc:
+        raise ConfigError(f"the {owner} service's Redis settings: {exc}") from None
