@@ -136,11 +136,18 @@ class RestartableRegistry:
         onnx_bytes: bytes,
         *,
         sample_inputs: npt.NDArray[np.float32] | None = None,
+        allow_non_finite: bool = False,
     ) -> str:
-        """Uploads a tiny model as the model's next version; returns the version's name."""
+        """Uploads a tiny model as the model's next version; returns the version's name.
+        `allow_non_finite`: its input takes NaN and infinity."""
         signature = registry_pb.Signature(
             inputs=[
-                tensor_pb2.TensorSpec(name="x", datatype=tensor_pb2.DATA_TYPE_FP32, shape=[-1, 3])
+                tensor_pb2.TensorSpec(
+                    name="x",
+                    datatype=tensor_pb2.DATA_TYPE_FP32,
+                    shape=[-1, 3],
+                    allow_non_finite=allow_non_finite,
+                )
             ],
             outputs=[
                 tensor_pb2.TensorSpec(name="y", datatype=tensor_pb2.DATA_TYPE_FP32, shape=[-1, 2])

@@ -27,11 +27,12 @@ from reconcile_testing import (
 )
 from structlog.testing import capture_logs
 from support import eventually
+from tritonclient.grpc import service_pb2, service_pb2_grpc
 
 from modelserve.inference.v1 import inference_service_pb2 as pb
 from modelserve.registry.v1 import registry_service_pb2 as registry_pb
 from modelserve_inference.config import InferenceSettings
-from modelserve_runtime.convert import numpy_to_tensor
+from modelserve_runtime.convert import numpy_to_tensor, tensor_to_numpy
 from modelserve_triton.runner import TritonRunner
 
 pytestmark = pytest.mark.triton
@@ -253,6 +254,53 @@ class TestInferenceConfig:
         assert events == ["model_reconfigure_refused", "model_reconfigure_retry_scheduled"]
         (scheduled,) = [e for e in logs if e["event"] == "model_reconfigure_retry_scheduled"]
         assert scheduled["retry_in_s"] == RETRY_INITIAL_S
+
+
+class TestNonFiniteInputs:
+    async def test_an_input_that_allows_nan_takes_it_and_others_refuse_it(
+        self, inference_service: RunningInference, registry: RestartableRegistry
+    ) -> None:
+        """A version whose signature lets its input take NaN and infinity (its sample inputs
+        hold some) warms, lists the flag, and answers them through Infer and the Open
+        Inference Protocol; a version of the same model family without the flag refuses the
+        same request."""
+        stub = inference_service.stub
+        rows = np.array([[1.0, 2.0, 3.0], [np.nan, 1.0, 1.0], [np.inf, 0.0, 0.0]], np.float32)
+        await registry.create_model("nan-ok")
+        takes = await registry.upload(
+            "nan-ok", tiny_onnx(1.0), sample_inputs=rows, allow_non_finite=True
+        )
+        await registry.create_model("nan-refused")
+        refuses = await registry.upload("nan-refused", tiny_onnx(1.0))
+        await registry.deploy("nan-ok", {takes: 100})
+        await registry.deploy("nan-refused", {refuses: 100})
+        await ready(stub, takes, refuses)
+
+        listed = {v.name: v for v in await held(stub)}
+        response = await stub.Infer(
+            pb.InferRequest(name=takes, inputs=[numpy_to_tensor("x", rows)]), timeout=10
+        )
+        oip = service_pb2_grpc.GRPCInferenceServiceStub(inference_service.channel)
+        request = service_pb2.ModelInferRequest(model_name="nan-ok", model_version="1")
+        request.inputs.add(name="x", datatype="FP32", shape=list(rows.shape))
+        request.raw_input_contents.append(rows.tobytes())
+        raw = await oip.ModelInfer(request, timeout=10)
+        error = await refused(
+            stub.Infer(pb.InferRequest(name=refuses, inputs=[numpy_to_tensor("x", rows)]))
+        )
+
+        assert listed[takes].inputs[0].allow_non_finite
+        assert not listed[refuses].inputs[0].allow_non_finite
+        with np.errstate(invalid="ignore"):  # inf * 0 is NaN, as in the model
+            want = expected(1.0, rows)
+        (output,) = response.outputs
+        np.testing.assert_array_equal(tensor_to_numpy(output), want)
+        via_oip = np.frombuffer(raw.raw_output_contents[0], np.float32).reshape(3, 2)
+        np.testing.assert_array_equal(via_oip, want)
+        assert error.code is grpc.StatusCode.INVALID_ARGUMENT
+        assert [(v.field, v.description) for v in error.violations] == [
+            ("inputs[x]", "contains NaN or infinity")
+        ]
 
 
 async def _record(answers: list[object], call: Awaitable[object]) -> None:

@@ -21,6 +21,7 @@ from registry_testing import (
     failure,
     files_under,
     set_traffic,
+    signature,
     stream,
     tiny_onnx,
     upload_requests,
@@ -207,6 +208,62 @@ class TestVersionMetadata:
         assert [
             p for p in files_under(registry_settings.artifacts_dir) if "sha256" in p.parts
         ] == []
+
+
+class TestNonFiniteInputs:
+    async def test_a_float_input_may_allow_nan_and_infinity(
+        self, registry: RunningRegistry
+    ) -> None:
+        """A float input's `allow_non_finite` is kept and lets the version's sample inputs
+        hold NaN and infinity; without it they are refused."""
+        await create_model(registry.stub)
+        odd = numpy_to_tensor("features", np.array([[np.nan, 1.0, np.inf]], np.float32))
+        sig = signature()
+        sig.inputs[0].allow_non_finite = True
+        takes = upload_requests(tiny_onnx(), sig=sig)
+        takes[0].upload.model_version.sample_inputs.append(odd)
+        plain = upload_requests(tiny_onnx())
+        plain[0].upload.model_version.sample_inputs.append(odd)
+
+        created = (await registry.stub.CreateModelVersion(stream(takes))).model_version
+        got = await registry.stub.GetModelVersion(pb.GetModelVersionRequest(name=created.name))
+        error = await failure(registry.stub.CreateModelVersion(stream(plain)))
+
+        assert created.signature.inputs[0].allow_non_finite
+        assert got.model_version.signature.inputs[0].allow_non_finite
+        assert not got.model_version.signature.outputs[0].allow_non_finite
+        assert error.code is grpc.StatusCode.INVALID_ARGUMENT
+        assert [v.field for v in error.violations] == [
+            "upload.model_version.sample_inputs[0].contents"
+        ]
+        assert "must be finite" in error.violations[0].description
+
+    async def test_it_is_refused_where_it_means_nothing(self, registry: RunningRegistry) -> None:
+        """On an integer input or on an output, `allow_non_finite` is refused naming each
+        field, and no version is created."""
+        await create_model(registry.stub)
+        sig = signature(input_type=tensor_pb2.DATA_TYPE_INT64)
+        sig.inputs[0].allow_non_finite = True
+        sig.outputs[0].allow_non_finite = True
+
+        error = await failure(
+            registry.stub.CreateModelVersion(stream(upload_requests(tiny_onnx(), sig=sig)))
+        )
+        listed = await registry.stub.ListModelVersions(
+            pb.ListModelVersionsRequest(parent="models/fraud")
+        )
+
+        assert error.code is grpc.StatusCode.INVALID_ARGUMENT
+        by_field = {v.field: v.description for v in error.violations}
+        assert by_field == {
+            "upload.model_version.signature.inputs[0].allow_non_finite": (
+                "only FP32 and FP64 inputs take NaN or inf"
+            ),
+            "upload.model_version.signature.outputs[0].allow_non_finite": (
+                "is for inputs; an output is what it is"
+            ),
+        }
+        assert list(listed.model_versions) == []
 
 
 class TestDeleteModel:

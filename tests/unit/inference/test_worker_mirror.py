@@ -16,7 +16,7 @@ from modelserve_triton.model_config import TensorSpec
 from modelserve_triton.runner import TritonRunner
 
 V1, V2, V3 = (f"models/fraud/versions/{n}" for n in (1, 2, 3))
-INPUTS = (TensorSpec("features", "FP32", (-1, 9)),)
+INPUTS = (TensorSpec("features", "FP32", (-1, 9), allow_non_finite=True),)
 OUTPUTS = (TensorSpec("label", "INT64", (-1,)), TensorSpec("probabilities", "FP32", (-1, 2)))
 
 

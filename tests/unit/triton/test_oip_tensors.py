@@ -24,7 +24,7 @@ from modelserve_triton.oip import (
 )
 
 #: An input signature of (name, datatype, shape): two rows-first inputs.
-SIGNATURE = (("dense", "FP32", (-1, 2)), ("ids", "INT64", (-1, -1)))
+SIGNATURE = (("dense", "FP32", (-1, 2), False), ("ids", "INT64", (-1, -1), False))
 
 
 def _request(**arrays: tuple[str, npt.NDArray[Any]]) -> Any:
@@ -200,7 +200,11 @@ class TestSignatureViolations:
         tensors = read_inputs(_request(ids=("INT32", np.zeros((1, 2), np.int32))))
 
         violations = signature_violations(
-            tensors, [("ids", None, [-1, 2])], version="v", missing="", reject_non_finite=True
+            tensors,
+            [("ids", None, [-1, 2], False)],
+            version="v",
+            missing="",
+            reject_non_finite=True,
         )
 
         assert violations == []
@@ -214,6 +218,25 @@ class TestSignatureViolations:
 
         assert _violations(tensors) == [("inputs[dense]", "contains NaN or infinity")]
         assert _violations(tensors, reject_non_finite=False) == []
+
+    def test_an_input_that_allows_nan_and_infinity_takes_them(self) -> None:
+        """The signature's `allow_non_finite` lets one input take NaN and infinity while the
+        others still refuse them."""
+        tensors = read_inputs(
+            _request(
+                dense=("FP32", np.array([[np.nan, np.inf]], np.float32)),
+                other=("FP64", np.array([[np.nan]], np.float64)),
+            )
+        )
+        signature = [("dense", "FP32", (-1, 2), True), ("other", "FP64", (-1, 1), False)]
+
+        violations = signature_violations(
+            tensors, signature, version="v", missing="", reject_non_finite=True
+        )
+
+        assert [(v.field, v.description) for v in violations] == [
+            ("inputs[other]", "contains NaN or infinity")
+        ]
 
 
 class TestRefuseClassification:

@@ -367,6 +367,7 @@ class RowScorer:
                     {n: _number(row.cells.get(n), n) for n in self.request_names},
                     _facts(row.cells),
                     model_version=self.version_name,
+                    allow_non_finite=self.plan.allow_non_finite,
                 )
             except (ModelServeError, ValueError) as exc:
                 errors[i] = str(exc)

@@ -34,6 +34,9 @@ class TensorSpec:
     name: str
     datatype: str
     shape: tuple[int, ...]
+    allow_non_finite: bool = False
+    """Float inputs only: NaN and infinity are valid values (a model that reads NaN as a
+    missing value); otherwise they are refused before Triton is called."""
 
     def __post_init__(self) -> None:
         if self.datatype not in TRITON_DATATYPES:

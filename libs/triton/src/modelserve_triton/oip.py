@@ -168,26 +168,27 @@ def read_inputs(request: Any) -> dict[str, InputTensor]:
 
 def signature_violations(
     tensors: Mapping[str, InputTensor],
-    signature: Iterable[tuple[str, str | None, Sequence[int]]],
+    signature: Iterable[tuple[str, str | None, Sequence[int], bool]],
     *,
     version: str,
     missing: str,
     reject_non_finite: bool,
 ) -> list[FieldViolation]:
     """What keeps the tensors (read by `read_inputs`) from fitting a version's input
-    `signature`, given as (name, datatype, shape) with -1 for a free dimension and None for
-    any datatype: inputs the version (`version` names it) lacks, inputs it needs that are
-    missing (described as `missing`), then for each of its inputs in turn the rank and fixed
-    dimensions, the exact datatype (no casting, as Triton) and, when `reject_non_finite`, no
-    NaN or infinity. Empty when they fit."""
+    `signature`, given as (name, datatype, shape, allow_non_finite) with -1 for a free
+    dimension and None for any datatype: inputs the version (`version` names it) lacks, inputs
+    it needs that are missing (described as `missing`), then for each of its inputs in turn
+    the rank and fixed dimensions, the exact datatype (no casting, as Triton) and, when
+    `reject_non_finite` and the input does not allow them, no NaN or infinity. Empty when
+    they fit."""
     specs = list(signature)
-    expected = {name for name, _, _ in specs}
+    expected = {name for name, _, _, _ in specs}
     violations = [
         FieldViolation(f"inputs[{name}]", f"not an input of {version}")
         for name in tensors
         if name not in expected
     ]
-    for name, datatype, want in specs:
+    for name, datatype, want, allow_non_finite in specs:
         where = f"inputs[{name}]"
         found = tensors.get(name)
         if found is None:
@@ -209,6 +210,7 @@ def signature_violations(
         float_dtype = _FLOATS.get(found.datatype)
         if (
             reject_non_finite
+            and not allow_non_finite
             and float_dtype is not None
             and not np.isfinite(np.frombuffer(found.raw, dtype=float_dtype)).all()
         ):

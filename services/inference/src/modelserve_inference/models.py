@@ -771,7 +771,12 @@ class ModelVersions:
                 )
                 continue
             cast = array.astype(target, copy=False)
-            if self._reject_non_finite and cast.dtype.kind == "f" and not np.isfinite(cast).all():
+            if (
+                self._reject_non_finite
+                and not spec.allow_non_finite
+                and cast.dtype.kind == "f"
+                and not np.isfinite(cast).all()
+            ):
                 violations.append(
                     FieldViolation(f"inputs[{spec.name}]", "contains NaN or infinity")
                 )

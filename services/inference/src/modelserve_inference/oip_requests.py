@@ -62,7 +62,7 @@ def check_request(
     specs = held.inputs
     violations = signature_violations(
         tensors,
-        ((spec.name, spec.datatype, spec.shape) for spec in specs),
+        ((spec.name, spec.datatype, spec.shape, spec.allow_non_finite) for spec in specs),
         version=held.name,
         missing="required input is missing",
         reject_non_finite=reject_non_finite,

@@ -29,7 +29,12 @@ _DEVICES = {registry_pb.DEVICE_CPU: CPU, registry_pb.DEVICE_GPU: GPU}
 
 def triton_spec(spec: tensor_pb2.TensorSpec) -> TensorSpec:
     """A signature tensor in Triton's terms."""
-    return TensorSpec(spec.name, TRITON_NAMES[spec.datatype], tuple(int(d) for d in spec.shape))
+    return TensorSpec(
+        spec.name,
+        TRITON_NAMES[spec.datatype],
+        tuple(int(d) for d in spec.shape),
+        allow_non_finite=spec.allow_non_finite,
+    )
 
 
 def sample_arrays(version: registry_pb.ModelVersion) -> dict[str, npt.NDArray[Any]]:

@@ -30,7 +30,10 @@ _DEVICE_NAMES = {code: name for name, code in _DEVICES.items()}
 
 def _spec(spec: TensorSpec) -> tensor_pb2.TensorSpec:
     return tensor_pb2.TensorSpec(
-        name=spec.name, datatype=_DATATYPES[spec.datatype], shape=list(spec.shape)
+        name=spec.name,
+        datatype=_DATATYPES[spec.datatype],
+        shape=list(spec.shape),
+        allow_non_finite=spec.allow_non_finite,
     )
 
 
@@ -84,7 +87,9 @@ def held_from_proto(message: pb.LoadedModelVersion) -> HeldVersion:
 
 
 def _spec_from_proto(spec: tensor_pb2.TensorSpec) -> TensorSpec:
-    return TensorSpec(spec.name, TRITON_NAMES[spec.datatype], tuple(spec.shape))
+    return TensorSpec(
+        spec.name, TRITON_NAMES[spec.datatype], tuple(spec.shape), spec.allow_non_finite
+    )
 
 
 class VersionControl(Protocol):

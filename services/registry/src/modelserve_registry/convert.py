@@ -60,7 +60,12 @@ def signature_from_proto(message: pb.Signature) -> Signature:
     """A Signature message as a value; unset or unknown data types become None."""
 
     def spec(tensor: tensor_pb2.TensorSpec) -> TensorSpec:
-        return TensorSpec(tensor.name, _DATATYPES.get(tensor.datatype), tuple(tensor.shape))
+        return TensorSpec(
+            tensor.name,
+            _DATATYPES.get(tensor.datatype),
+            tuple(tensor.shape),
+            allow_non_finite=tensor.allow_non_finite,
+        )
 
     return Signature(
         inputs=tuple(spec(t) for t in message.inputs),
@@ -78,7 +83,12 @@ def signature_to_proto(signature: Signature) -> pb.Signature:
             if tensor.datatype is None
             else _DATATYPE_VALUES[tensor.datatype]
         )
-        return tensor_pb2.TensorSpec(name=tensor.name, datatype=datatype, shape=tensor.shape)
+        return tensor_pb2.TensorSpec(
+            name=tensor.name,
+            datatype=datatype,
+            shape=tensor.shape,
+            allow_non_finite=tensor.allow_non_finite,
+        )
 
     return pb.Signature(
         inputs=[spec(t) for t in signature.inputs],

@@ -30,6 +30,7 @@ from modelserve_registry.resources import (
     ArtifactFormat,
     AuditEvent,
     Change,
+    DataType,
     DefaultOutput,
     Deployment,
     DeploymentRevision,
@@ -339,6 +340,20 @@ def _check_upload(upload: VersionUpload) -> _CheckedUpload:
     field = "upload.model_version.signature"
     violations += _check_tensors(f"{field}.inputs", signature.inputs)
     violations += _check_tensors(f"{field}.outputs", signature.outputs)
+    violations += [
+        FieldViolation(
+            f"{field}.inputs[{i}].allow_non_finite", "only FP32 and FP64 inputs take NaN or inf"
+        )
+        for i, tensor in enumerate(signature.inputs)
+        if tensor.allow_non_finite and tensor.datatype not in (DataType.FP32, DataType.FP64)
+    ]
+    violations += [
+        FieldViolation(
+            f"{field}.outputs[{i}].allow_non_finite", "is for inputs; an output is what it is"
+        )
+        for i, tensor in enumerate(signature.outputs)
+        if tensor.allow_non_finite
+    ]
     for i, ref in enumerate(signature.feature_refs):
         if not _FEATURE_REF.fullmatch(ref):
             violations.append(

@@ -119,8 +119,13 @@ def check_inputs_against_signature(
             continue
         if array.shape[0] < 1:
             violations.append(FieldViolation(f"{path}.shape", "needs at least one row"))
-        if array.dtype.kind == "f" and not np.isfinite(array).all():
-            violations.append(FieldViolation(f"{path}.contents", "must be finite (no NaN or inf)"))
+        if not spec.allow_non_finite and array.dtype.kind == "f" and not np.isfinite(array).all():
+            violations.append(
+                FieldViolation(
+                    f"{path}.contents",
+                    "must be finite (no NaN or inf), as the signature's input does not allow them",
+                )
+            )
         rows.add(int(array.shape[0]))
     if tensors:
         missing = sorted(set(by_name) - seen)

@@ -43,6 +43,9 @@ class TensorSpec:
     name: str
     datatype: DataType | None
     shape: tuple[int, ...]
+    allow_non_finite: bool = False
+    """Float inputs only: NaN and infinity are valid values (a model that reads NaN as a
+    missing value)."""
 
 
 @dataclass(frozen=True, slots=True)

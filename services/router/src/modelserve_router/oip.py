@@ -98,7 +98,10 @@ class RequestTensors:
         version's."""
         violations = signature_violations(
             self.inputs,
-            ((s.name, TRITON_NAMES.get(s.datatype), s.shape) for s in signature.inputs),
+            (
+                (s.name, TRITON_NAMES.get(s.datatype), s.shape, s.allow_non_finite)
+                for s in signature.inputs
+            ),
             version=model_version,
             missing=f"required by {model_version}",
             reject_non_finite=True,

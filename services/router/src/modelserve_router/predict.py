@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import math
 import time
 import uuid
 from collections.abc import Callable, Mapping, Sequence
@@ -133,6 +134,9 @@ class VersionPlan:
     input_dtype: np.dtype[Any]
     output_names: tuple[str, ...]
     output_shapes: dict[str, list[int]]
+    allow_non_finite: bool = False
+    """The input takes NaN and infinity (the signature says so): a feature without a value
+    is NaN, the model's own missing value, instead of 0.0."""
 
     @classmethod
     def of(cls, signature: registry_pb.Signature) -> VersionPlan:
@@ -151,6 +155,7 @@ class VersionPlan:
             ),
             output_names=tuple(o.name for o in signature.outputs),
             output_shapes={o.name: list(o.shape) for o in signature.outputs},
+            allow_non_finite=first is not None and first.allow_non_finite,
         )
 
 
@@ -553,7 +558,12 @@ class Predictor:
                 query=request.query,
             )
             row, values, statuses = assemble_row(
-                plan.refs, stored_values, request.features, facts, model_version=model_version
+                plan.refs,
+                stored_values,
+                request.features,
+                facts,
+                model_version=model_version,
+                allow_non_finite=plan.allow_non_finite,
             )
             missing = [ref for ref, status in statuses.items() if status is FeatureStatus.MISSING]
             not_present = {
@@ -762,14 +772,18 @@ def assemble_row(
     facts: RequestFacts,
     *,
     model_version: str = "the model",
+    allow_non_finite: bool = False,
 ) -> tuple[list[float], dict[str, Value | None], dict[str, FeatureStatus]]:
     """The model's input row in `refs` order, the value of each ref, and the status of each
     stored one: a `request:` ref takes the caller's value or the shared request-time
     function's; a stored ref takes what the store read (its view's default when none is
-    stored or it expired) or 0.0 when there is no value at all.
+    stored or it expired) or, when there is no value at all, 0.0, or NaN when the model's
+    input takes NaN (`allow_non_finite`, from its signature).
 
-    InvalidArgumentError names a request feature nobody supplies and a non-numeric value.
+    InvalidArgumentError names a request feature nobody supplies and a non-numeric value (NaN
+    and infinity too, unless `allow_non_finite`).
     """
+    missing_value = math.nan if allow_non_finite else 0.0
     computed = compute_request_features(facts)
     values: dict[str, Value | None] = {}
     statuses: dict[str, FeatureStatus] = {}
@@ -791,12 +805,16 @@ def assemble_row(
             statuses[ref] = FeatureStatus.MISSING if read is None else read.status
         values[ref] = value
         try:
-            row.append(0.0 if value is None else as_float(value))
+            row.append(
+                missing_value
+                if value is None
+                else as_float(value, allow_non_finite=allow_non_finite)
+            )
         except ValueError:
             problems.append(
                 FieldViolation(
                     f"features.{name}" if source == REQUEST_ENTITY else ref,
-                    "must be a finite number",
+                    "must be a number" if allow_non_finite else "must be a finite number",
                 )
             )
     if problems:

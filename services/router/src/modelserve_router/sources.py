@@ -332,12 +332,13 @@ class TritonModelRunner:
             await runner.close()
 
 
-def as_float(value: Value) -> float:
-    """A numeric feature value as float; ValueError for strings, vectors, NaN and infinities
-    (a model fed NaN answers NaN, and Triton's direct path would not refuse it)."""
+def as_float(value: Value, *, allow_non_finite: bool = False) -> float:
+    """A numeric feature value as float; ValueError for strings, vectors and, unless
+    `allow_non_finite` (the model's input takes them), NaN and infinities (a model fed NaN
+    answers NaN, and Triton's direct path would not refuse it)."""
     if isinstance(value, str | tuple):
         raise ValueError(f"{value!r} is not numeric")
     number = float(value)
-    if not math.isfinite(number):
+    if not allow_non_finite and not math.isfinite(number):
         raise ValueError(f"{value!r} is not finite")
     return number

@@ -24,19 +24,19 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1fmodelserve/type/v1/tensor.proto\x12\x12modelserve.type.v1\"\x8b\x01\n\x06Tensor\x12\x0c\n\x04name\x18\x01 \x01(\t\x12.\n\x08\x64\x61tatype\x18\x02 \x01(\x0e\x32\x1c.modelserve.type.v1.DataType\x12\r\n\x05shape\x18\x03 \x03(\x03\x12\x34\n\x08\x63ontents\x18\x04 \x01(\x0b\x32\".modelserve.type.v1.TensorContents\"\x83\x01\n\x0eTensorContents\x12\x15\n\rbool_contents\x18\x01 \x03(\x08\x12\x14\n\x0cint_contents\x18\x02 \x03(\x03\x12\x15\n\rfp32_contents\x18\x03 \x03(\x02\x12\x15\n\rfp64_contents\x18\x04 \x03(\x01\x12\x16\n\x0e\x62ytes_contents\x18\x05 \x03(\x0c\"Y\n\nTensorSpec\x12\x0c\n\x04name\x18\x01 \x01(\t\x12.\n\x08\x64\x61tatype\x18\x02 \x01(\x0e\x32\x1c.modelserve.type.v1.DataType\x12\r\n\x05shape\x18\x03 \x03(\x03*\xa0\x01\n\x08\x44\x61taType\x12\x19\n\x15\x44\x41TA_TYPE_UNSPECIFIED\x10\x00\x12\x12\n\x0e\x44\x41TA_TYPE_BOOL\x10\x01\x12\x13\n\x0f\x44\x41TA_TYPE_INT32\x10\x02\x12\x13\n\x0f\x44\x41TA_TYPE_INT64\x10\x03\x12\x12\n\x0e\x44\x41TA_TYPE_FP32\x10\x04\x12\x12\n\x0e\x44\x41TA_TYPE_FP64\x10\x05\x12\x13\n\x0f\x44\x41TA_TYPE_BYTES\x10\x06\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1fmodelserve/type/v1/tensor.proto\x12\x12modelserve.type.v1\"\x8b\x01\n\x06Tensor\x12\x0c\n\x04name\x18\x01 \x01(\t\x12.\n\x08\x64\x61tatype\x18\x02 \x01(\x0e\x32\x1c.modelserve.type.v1.DataType\x12\r\n\x05shape\x18\x03 \x03(\x03\x12\x34\n\x08\x63ontents\x18\x04 \x01(\x0b\x32\".modelserve.type.v1.TensorContents\"\x83\x01\n\x0eTensorContents\x12\x15\n\rbool_contents\x18\x01 \x03(\x08\x12\x14\n\x0cint_contents\x18\x02 \x03(\x03\x12\x15\n\rfp32_contents\x18\x03 \x03(\x02\x12\x15\n\rfp64_contents\x18\x04 \x03(\x01\x12\x16\n\x0e\x62ytes_contents\x18\x05 \x03(\x0c\"s\n\nTensorSpec\x12\x0c\n\x04name\x18\x01 \x01(\t\x12.\n\x08\x64\x61tatype\x18\x02 \x01(\x0e\x32\x1c.modelserve.type.v1.DataType\x12\r\n\x05shape\x18\x03 \x03(\x03\x12\x18\n\x10\x61llow_non_finite\x18\x04 \x01(\x08*\xa0\x01\n\x08\x44\x61taType\x12\x19\n\x15\x44\x41TA_TYPE_UNSPECIFIED\x10\x00\x12\x12\n\x0e\x44\x41TA_TYPE_BOOL\x10\x01\x12\x13\n\x0f\x44\x41TA_TYPE_INT32\x10\x02\x12\x13\n\x0f\x44\x41TA_TYPE_INT64\x10\x03\x12\x12\n\x0e\x44\x41TA_TYPE_FP32\x10\x04\x12\x12\n\x0e\x44\x41TA_TYPE_FP64\x10\x05\x12\x13\n\x0f\x44\x41TA_TYPE_BYTES\x10\x06\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'modelserve.type.v1.tensor_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_DATATYPE']._serialized_start=423
-  _globals['_DATATYPE']._serialized_end=583
+  _globals['_DATATYPE']._serialized_start=449
+  _globals['_DATATYPE']._serialized_end=609
   _globals['_TENSOR']._serialized_start=56
   _globals['_TENSOR']._serialized_end=195
   _globals['_TENSORCONTENTS']._serialized_start=198
   _globals['_TENSORCONTENTS']._serialized_end=329
   _globals['_TENSORSPEC']._serialized_start=331
-  _globals['_TENSORSPEC']._serialized_end=420
+  _globals['_TENSORSPEC']._serialized_end=446
 # @@protoc_insertion_point(module_scope)

@@ -154,10 +154,18 @@ class TensorSpec(_message.Message):
     NAME_FIELD_NUMBER: _builtins.int
     DATATYPE_FIELD_NUMBER: _builtins.int
     SHAPE_FIELD_NUMBER: _builtins.int
+    ALLOW_NON_FINITE_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """Required. The tensor's name."""
     datatype: Global___DataType.ValueType
     """Required. The element type."""
+    allow_non_finite: _builtins.bool
+    """Optional, for FP32 and FP64 inputs only. NaN and infinity are valid values of this input,
+    as for a model that reads NaN as a missing value (tree ensembles do). When false, the
+    default, inference and the router refuse them with INVALID_ARGUMENT (unless inference
+    runs with REJECT_NON_FINITE off), and the router fills a stored feature that has no value
+    with 0.0; when true, with NaN.
+    """
     @_builtins.property
     def shape(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
         """Required. The shape including the batch dimension; -1 marks a variable dimension."""
@@ -168,10 +176,11 @@ class TensorSpec(_message.Message):
         name: _builtins.str = ...,
         datatype: Global___DataType.ValueType = ...,
         shape: _abc.Iterable[_builtins.int] | None = ...,
+        allow_non_finite: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["datatype", b"datatype", "name", b"name", "shape", b"shape"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["allow_non_finite", b"allow_non_finite", "datatype", b"datatype", "name", b"name", "shape", b"shape"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
