@@ -106,6 +106,33 @@ class TestRegister:
         events = await served.stub.ListAuditEvents(pb.ListAuditEventsRequest(page_size=1))
         assert events.audit_events[0].reason == "first fit"
 
+    async def test_an_input_is_registered_as_taking_nan(
+        self, served: CliRegistry, tmp_path: Path
+    ) -> None:
+        """`--allow-non-finite INPUT` marks that input of the signature; an input the model
+        does not have is one error line, and nothing is registered."""
+        path = tmp_path / "tiny.onnx"
+        path.write_bytes(tiny_onnx())
+        target = ("--registry", served.address)
+        wrong = await cli(
+            "models", "register", "fraud", "--onnx", str(path), "--allow-non-finite", "x", *target
+        )
+        right = await cli(
+            "models", "register", "fraud", "--onnx", str(path),
+            "--allow-non-finite", "features", *target,
+        )  # fmt: skip
+
+        assert wrong.code == 1
+        assert (
+            wrong.stderr.strip() == "error: --allow-non-finite x: the model's inputs are features"
+        )
+        assert right.code == 0, right.stderr
+        assert "models/fraud/versions/1" in right.stdout
+        got = await served.stub.GetModelVersion(
+            pb.GetModelVersionRequest(name="models/fraud/versions/1")
+        )
+        assert [s.allow_non_finite for s in got.model_version.signature.inputs] == [True]
+
     async def test_onnx_then_the_whole_flow(self, served: CliRegistry, tmp_path: Path) -> None:
         """Register, promote, deploy, re-deploy, roll back, and read history and audit, all
         through the CLI."""

@@ -198,6 +198,14 @@ def register(
     input_name: Annotated[
         str, typer.Option(help="Input tensor name of a converted scikit-learn model.")
     ] = "features",
+    allow_non_finite: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--allow-non-finite",
+            help="A float input that takes NaN and infinity (a model that reads NaN as a"
+            " missing value); repeat for each.",
+        ),
+    ] = None,
     reason: Reason = "",
 ) -> None:
     """Upload a model file as a new version (creating the model the first time)."""
@@ -213,6 +221,11 @@ def register(
         signature = onnx_signature(data, list(feature_ref or []))
     except (ArtifactError, OSError) as exc:
         fail(str(exc))
+    inputs = {spec.name: spec for spec in signature.inputs}
+    for name in allow_non_finite or []:
+        if name not in inputs:
+            fail(f"--allow-non-finite {name}: the model's inputs are {', '.join(sorted(inputs))}")
+        inputs[name].allow_non_finite = True
     version = run(
         _register(registry, api_key, model, data, signature, description=description, reason=reason)
     )
