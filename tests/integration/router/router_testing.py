@@ -169,10 +169,14 @@ def probabilities(response: router_pb.PredictResponse) -> npt.NDArray[Any]:
     return np.asarray(tensor_to_numpy(tensor))
 
 
-async def register_copy(deps: Dependencies, model_id: str, of: str = V1) -> str:
+async def register_copy(
+    deps: Dependencies, model_id: str, of: str = V1, *, allow_non_finite: bool = False
+) -> str:
     """Registers `of`'s artifact and signature as version 1 of a new model `model_id` (in
-    Triton a model of its own, whose config no test of the demo model shares)."""
+    Triton a model of its own, whose config no test of the demo model shares); with
+    `allow_non_finite`, its first input takes NaN and infinity."""
     template = await deps.registry.GetModelVersion(registry_pb.GetModelVersionRequest(name=of))
+    template.model_version.signature.inputs[0].allow_non_finite = allow_non_finite
     artifact = await RegistryClient(deps.registry_channel).read_artifact(of)
     admin = RegistryAdminClient(deps.registry_channel)
     await admin.create_model(model_id, f"a copy of {of}")
