@@ -8,9 +8,13 @@ import signal
 import subprocess
 import sys
 import threading
+import urllib.request
 from pathlib import Path
 
+import grpc
 import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from prometheus_client.parser import text_string_to_metric_families
 
 from modelserve_cli.stack import free_port
 from modelserve_feature.config import FeatureSettings
@@ -165,12 +169,12 @@ def _feature_env(redis_url: str, **settings: str) -> dict[str, str]:
 
 
 def _two_workers(
-    tmp_path: Path, redis_url: str, port: int
+    tmp_path: Path, redis_url: str, port: int, **settings: str
 ) -> tuple[subprocess.Popen[str], set[int]]:
-    """modelserve-feature with SERVER__WORKERS=2 on `port`, once both processes serve; and
-    their pids."""
+    """modelserve-feature with SERVER__WORKERS=2 on `port` (and `settings`), once both
+    processes serve; and their pids."""
     script = Path(sys.executable).parent / "modelserve-feature"
-    env = _feature_env(redis_url, server__workers="2", server__port=str(port))
+    env = _feature_env(redis_url, server__workers="2", server__port=str(port), **settings)
     process = subprocess.Popen(
         [str(script)], env=env, cwd=tmp_path, stdout=subprocess.PIPE, text=True
     )
@@ -188,6 +192,25 @@ def _two_workers(
                 break
     assert len(started) == 2 and process.pid in started, started
     return process, started
+
+
+def _health_checks(port: int, *, channels: int, calls: int) -> set[int]:
+    """Makes `calls` health checks on each of `channels` connections to `port`; returns the
+    pids of the processes that answered (their sockets' owners)."""
+    import psutil
+
+    answered: set[int] = set()
+    for k in range(channels):
+        with grpc.insecure_channel(f"127.0.0.1:{port}", options=[("grpc.channel_id", k)]) as c:
+            stub = health_pb2_grpc.HealthStub(c)
+            for _ in range(calls):
+                stub.Check(health_pb2.HealthCheckRequest(), timeout=10)
+            answered |= {
+                conn.pid
+                for conn in psutil.net_connections("tcp")
+                if conn.pid is not None and conn.raddr and conn.laddr and conn.laddr.port == port
+            }
+    return answered
 
 
 class TestWorkers:
@@ -272,6 +295,41 @@ class TestWorkers:
             if process.poll() is None:
                 process.kill()
                 process.wait()
+
+    def test_metrics_count_the_calls_of_every_worker(self, tmp_path: Path, redis_url: str) -> None:
+        """The first process's /metrics counts the calls both processes answered: the RPC
+        counter and the latency histogram hold every call, not the first process's share."""
+        import psutil
+
+        metrics_port = free_port()
+        port = free_port()
+        process, started = _two_workers(
+            tmp_path, redis_url, port, telemetry__metrics_port=str(metrics_port)
+        )
+        try:
+            (worker,) = started - {process.pid}
+            served = _health_checks(port, channels=16, calls=5)
+            text = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics").read()
+            families = {f.name: f for f in text_string_to_metric_families(text.decode())}
+            checks = [
+                s
+                for s in families["modelserve_rpc"].samples
+                if s.name == "modelserve_rpc_total"
+                and s.labels["method"] == "/grpc.health.v1.Health/Check"
+            ]
+            latencies = [
+                s
+                for s in families["modelserve_rpc_duration_seconds"].samples
+                if s.name == "modelserve_rpc_duration_seconds_count"
+                and s.labels["method"] == "/grpc.health.v1.Health/Check"
+            ]
+            assert served == {process.pid, worker}, "16 connections all reached one process"
+            assert [(s.labels["code"], s.value) for s in checks] == [("OK", 80.0)]
+            assert [s.value for s in latencies] == [80.0]
+            assert psutil.Process(worker).is_running()
+        finally:
+            process.terminate()
+            process.wait(timeout=60)
 
     @pytest.mark.parametrize(
         ("script", "settings", "message"),

@@ -161,8 +161,9 @@ class ServerSettings(BaseModel):
     allow it: router and feature (stateless), and inference (the first process owns Triton;
     the others serve inference calls from a mirror of its versions). More than 1 needs a
     fixed `port`; the first process starts the others once it serves (and again when one
-    exits), registers in discovery and serves metrics, and stops the others when it stops
-    (they also stop if it dies).
+    exits), registers in discovery and serves the metrics of every process (counters and
+    histograms summed; gauges per process), and stops the others when it stops (they also
+    stop if it dies).
     In-memory state (caches, breakers, rate limits) is per process."""
     event_loop: Literal["uvloop", "asyncio"] = "uvloop"
     """The event loop the service runs on: uvloop, or asyncio's own (the benchmarks compare

@@ -52,6 +52,8 @@ RECORDS = Counter(
 BUFFERED = Gauge(
     "modelserve_prediction_log_buffered",
     "Prediction records held in memory, not yet on the stream",
+    # With several router processes: one series per live process (its `pid` label).
+    multiprocess_mode="liveall",
 )
 
 

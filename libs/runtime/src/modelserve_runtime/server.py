@@ -20,7 +20,7 @@ import grpc
 import structlog
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
-from prometheus_client import start_http_server
+from prometheus_client import REGISTRY, start_http_server
 
 from modelserve_runtime.config import (
     ConfigError,
@@ -33,6 +33,7 @@ from modelserve_runtime.interceptors import server_interceptors
 from modelserve_runtime.logs import configure_logging
 from modelserve_runtime.tracing import configure_tracing
 from modelserve_runtime.waiting import cancel_all
+from modelserve_runtime.worker_metrics import WorkerMetrics
 
 log = structlog.get_logger()
 
@@ -236,9 +237,15 @@ def run_service(
         structlog.contextvars.bind_contextvars(worker=int(worker))
         _die_with_parent(int(os.environ[WORKER_PARENT_ENV]))
     provider = configure_tracing(service, settings.otlp_endpoint)
+    several = not worker and settings.server.workers > 1
+    metrics = WorkerMetrics() if several and settings.telemetry.metrics_port is not None else None
     if settings.telemetry.metrics_port is not None and not worker:
-        start_http_server(settings.telemetry.metrics_port, addr=settings.server.host)
-    workers = None if worker or settings.server.workers == 1 else Workers(settings, argv)
+        start_http_server(
+            settings.telemetry.metrics_port,
+            addr=settings.server.host,
+            registry=REGISTRY if metrics is None else metrics.registry,
+        )
+    workers = Workers(settings, argv, metrics=metrics) if several else None
     # Only the first process registers the port in discovery.
     discovery = StaticDiscovery({}) if worker else None
     running = serve(
@@ -312,8 +319,10 @@ class Workers:
         restart_initial_s: float = 0.5,
         restart_max_s: float = 30.0,
         command: Sequence[str] | None = None,
+        metrics: WorkerMetrics | None = None,
     ) -> None:
-        """`command` runs a worker; by default this script with its arguments (`argv`)."""
+        """`command` runs a worker; by default this script with its arguments (`argv`).
+        With `metrics`, the workers write their metrics where the first process reads them."""
         self._count = settings.server.workers - 1
         self._stop_timeout_s = settings.server.grace_period_s + 5
         self._command = (
@@ -330,6 +339,7 @@ class Workers:
         self._restart_initial_s = restart_initial_s
         self._restart_max_s = restart_max_s
         self._env: dict[str, str] = {}
+        self._metrics = metrics
         self._children: dict[int, subprocess.Popen[bytes]] = {}
         self._started_at: dict[int, float] = {}
         self._task: asyncio.Task[None] | None = None
@@ -339,6 +349,8 @@ class Workers:
         their environment (its address, say)."""
         worker_env: Callable[[], Mapping[str, str]] | None = getattr(app, "worker_env", None)
         self._env = dict(worker_env()) if worker_env is not None else {}
+        if self._metrics is not None:
+            self._env |= self._metrics.worker_env()
         for index in range(1, self._count + 1):
             self._spawn(index)
         log.info("workers_started", pids=[c.pid for c in self._children.values()])
@@ -354,6 +366,8 @@ class Workers:
     def stop_now(self) -> None:
         """`stop`, blocking, for when no loop runs any more."""
         _stop_workers(list(self._children.values()), self._stop_timeout_s)
+        if self._metrics is not None:
+            self._metrics.close()
 
     def _spawn(self, index: int) -> None:
         env = {
@@ -383,6 +397,8 @@ class Workers:
                     else:
                         due[index] = now + waits[index]
                         waits[index] = min(2 * waits[index], self._restart_max_s)
+                    if self._metrics is not None:
+                        self._metrics.worker_exited(child.pid)
                     log.warning(
                         "worker_exited",
                         worker=index,

@@ -19,6 +19,8 @@ CIRCUIT_STATE = Gauge(
     "modelserve_router_circuit_state",
     "Circuit breaker state per model version: 0 closed, 1 half-open, 2 open.",
     ["model_version"],
+    # With several router processes: each has its own breakers, so one series per process.
+    multiprocess_mode="liveall",
 )
 
 Clock = Callable[[], float]
