@@ -311,12 +311,17 @@ class TestVersionsCommand:
     async def test_lists_state_device_and_endpoint_and_fails_in_one_line(
         self, inference_service: RunningInference, registry: RestartableRegistry
     ) -> None:
-        """`modelserve versions` shows each held version's state, device and Triton endpoint;
-        an inference it cannot reach is one error line (in a narrow terminal too) and exit 1."""
+        """`modelserve versions` shows each held version's state, device, limits (as the
+        deployment's config set them) and Triton endpoint; an inference it cannot reach is one
+        error line (in a narrow terminal too) and exit 1."""
         stub = inference_service.stub
         await registry.create_model("sigma")
         v1 = await registry.upload("sigma", tiny_onnx(8.0))
-        await registry.deploy("sigma", {v1: 100})
+        await registry.deploy(
+            "sigma",
+            {v1: 100},
+            inference=registry_pb.InferenceConfig(max_batch_size=32, instance_count=2),
+        )
         await ready(stub, v1)
         (held,) = [
             v
@@ -334,7 +339,7 @@ class TestVersionsCommand:
         assert code == 0, err
         (row,) = [line for line in out.splitlines() if v1 in line]
         cells = [cell.strip() for cell in row.strip("│ ").split("│")]
-        assert cells[:4] == [v1, "READY", "cpu", held.triton_endpoint]
+        assert cells[:5] == [v1, "READY", "cpu", "batch 32 x2", held.triton_endpoint]
         assert unreachable[0] == 1
         assert unreachable[2].startswith("error: UNAVAILABLE") and unreachable[2].count("\n") == 1
 

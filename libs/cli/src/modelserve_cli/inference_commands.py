@@ -31,6 +31,15 @@ def device_text(version: pb.LoadedModelVersion) -> str:
     return device
 
 
+def limits_text(version: pb.LoadedModelVersion) -> str:
+    """`batch 256 x1`, with `queue 100` when Triton's queue is bounded; "" before the
+    version's first load."""
+    if not version.max_batch_size:
+        return ""
+    text = f"batch {version.max_batch_size} x{version.instance_count}"
+    return f"{text} queue {version.max_queue_size}" if version.max_queue_size else text
+
+
 async def _held(target: str, api_key: str | None, timeout_s: float) -> list[pb.LoadedModelVersion]:
     channel = create_channel(target, default_timeout_s=timeout_s, api_key=api_key, tls=cli_tls())
     try:
@@ -49,7 +58,8 @@ def versions_command(
     timeout_s: float = typer.Option(10.0, help="Deadline of the call."),
 ) -> None:
     """List the model versions inference holds: their state, the device their instances run
-    on, why (a FAILED load, a Triton restart, a refused config), and the Triton endpoint that
+    on, the largest batch Triton takes and how many instances run it (and its queue bound),
+    why (a FAILED load, a Triton restart, a refused config), and the Triton endpoint that
     serves each READY one."""
     try:
         held = asyncio.run(_held(inference, api_key, timeout_s))
@@ -58,13 +68,14 @@ def versions_command(
     except ValueError as exc:  # the MODELSERVE_TLS_* settings
         fail(str(exc))
     table = Table(title=f"model versions held by {inference}")
-    for column in ("version", "state", "device", "triton endpoint", "reason"):
+    for column in ("version", "state", "device", "limits", "triton endpoint", "reason"):
         table.add_column(column, overflow="fold")
     for version in held:
         table.add_row(
             version.name,
             _STATES.get(version.state, str(version.state)),
             device_text(version),
+            limits_text(version),
             version.triton_endpoint,
             version.reason,
         )
