@@ -12,6 +12,7 @@ import onnxruntime as ort
 import pytest
 from router_testing import (
     V1,
+    WAIT_S,
     Dependencies,
     deploy,
     probabilities,
@@ -25,6 +26,7 @@ from router_testing import (
 from support import running
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 
+from modelserve.inference.v1 import inference_service_pb2 as inference_pb
 from modelserve_demo import fraud
 from modelserve_router.server import build_server
 from modelserve_runtime.errors import decode_rpc_error
@@ -42,15 +44,21 @@ class TestNonFiniteInputs:
         await deploy(deps, "takes-nan", takes)
         await deploy(deps, "refuses-nan", V1)
         rows = np.full((1, len(fraud.FEATURE_REFS)), np.nan, np.float32)
-        async with router(deps) as (stub, _):
-            answered = await stub.Predict(request("takes-nan", amount=math.nan))
-            with pytest.raises(grpc.aio.AioRpcError) as predict_refused:
-                await stub.Predict(request("refuses-nan", amount=math.nan))
-        async with running(build_server, router_settings(deps)) as (_, channel, _app):
-            oip = service_pb2_grpc.GRPCInferenceServiceStub(channel)
-            raw = await oip.ModelInfer(_infer("takes-nan", rows), timeout=10)
-            with pytest.raises(grpc.aio.AioRpcError) as oip_refused:
-                await oip.ModelInfer(_infer("refuses-nan", rows), timeout=10)
+        try:
+            async with router(deps) as (stub, _):
+                answered = await stub.Predict(request("takes-nan", amount=math.nan))
+                with pytest.raises(grpc.aio.AioRpcError) as predict_refused:
+                    await stub.Predict(request("refuses-nan", amount=math.nan))
+            async with running(build_server, router_settings(deps)) as (_, channel, _app):
+                oip = service_pb2_grpc.GRPCInferenceServiceStub(channel)
+                raw = await oip.ModelInfer(_infer("takes-nan", rows), timeout=10)
+                with pytest.raises(grpc.aio.AioRpcError) as oip_refused:
+                    await oip.ModelInfer(_infer("refuses-nan", rows), timeout=10)
+        finally:
+            # The package's inference is shared: other tests list what it holds READY.
+            await deps.inference.UnloadModelVersion(
+                inference_pb.UnloadModelVersionRequest(name=takes), timeout=WAIT_S
+            )
 
         # The demo model is a tree ensemble: NaN takes each tree's missing-value branch.
         (record,) = await records(deps, answered.request_id)
