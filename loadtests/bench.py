@@ -82,6 +82,22 @@ def process_groups(stack: Stack) -> dict[str, list[int]]:
     return groups
 
 
+async def wait_workers(stack: Stack, service: str, timeout_s: float = 60.0) -> int:
+    """Waits until the service's extra workers (`MODELSERVE_<SERVICE>_SERVER__WORKERS` - 1 in
+    this environment), which start once its first process serves, are its children; returns
+    how many workers it runs."""
+    import psutil
+
+    workers = int(os.environ.get(f"MODELSERVE_{service.upper()}_SERVER__WORKERS", "1"))
+    deadline = time.monotonic() + timeout_s
+    first = psutil.Process(stack.processes[service].pid)
+    while len(first.children()) < workers - 1:
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{service}: {workers - 1} workers did not start in {timeout_s} s")
+        await asyncio.sleep(0.1)
+    return workers
+
+
 def cpu_seconds(groups: Mapping[str, list[int]]) -> dict[str, float]:
     """CPU seconds used so far by each group's processes (user + system)."""
     import psutil

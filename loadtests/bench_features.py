@@ -36,6 +36,10 @@ concurrency 16 (throughput >= 0.8x echo and above Feast; p99 <= 1.5x echo).
 
     .venv/bin/python loadtests/bench_features.py --duration 5 --concurrency 1 16 64
 
+With the service as several processes (they split connections, not calls):
+
+    MODELSERVE_FEATURE_SERVER__WORKERS=4 .venv/bin/python loadtests/bench_features.py --channels 16
+
 This file must run in Feast's environment too (`--feast-driver`), so its module-level imports
 are the standard library only; the harness imports the project inside its functions.
 """
@@ -534,13 +538,17 @@ async def harness(args: argparse.Namespace) -> None:
         proxy_target = f"127.0.0.1:{(await proxy.stdout.readline()).decode().strip()}"
         stack.spawn("feature")
         await stack.wait_serving("feature")
+        from bench import wait_workers
+
+        workers = await wait_workers(stack, "feature")
         assert echo.stdout is not None
         echo_target = f"127.0.0.1:{(await echo.stdout.readline()).decode().strip()}"
         event_time_us = time.time_ns() // 1000
         written = await _write(stack, args.entities, event_time_us)
         print(
-            f"feature service: wrote {args.entities:,} entities x 20 features in {written:.2f} s; "
-            f"client and service parse Redis replies with {_redis_parser()}"
+            f"feature service ({workers} process(es), {args.channels} channel(s)): wrote"
+            f" {args.entities:,} entities x 20 features in {written:.2f} s;"
+            f" client and service parse Redis replies with {_redis_parser()}"
         )
         feast_note = "not run (--no-feast)"
         if not args.no_feast:
@@ -672,12 +680,18 @@ async def _measure(
         ]
         for b in BATCHES
     }
-    feature_channel = grpc.aio.insecure_channel(stack.targets["feature"])
+    # One connection per channel (equal arguments would share one): SO_REUSEPORT workers
+    # (SERVER__WORKERS) split connections, not calls.
+    feature_channels = [
+        grpc.aio.insecure_channel(stack.targets["feature"], options=[("grpc.channel_id", k)])
+        for k in range(args.channels)
+    ]
     (echo_target, echo_pid), (proxy_target, proxy_pid) = echo_server, proxy_server
     echo_channel = grpc.aio.insecure_channel(echo_target)
     proxy_channel = grpc.aio.insecure_channel(proxy_target)
     proxy = proxy_channel.unary_unary(f"/{_FEATURE_SERVICE}/{_FEATURE_METHOD}")
-    features = pb_grpc.FeatureServiceStub(feature_channel)
+    stubs = [pb_grpc.FeatureServiceStub(channel) for channel in feature_channels]
+    features = stubs[0]
     echo = echo_channel.unary_unary(f"/{_ECHO_SERVICE}/{_ECHO_METHOD}")
     redis_client = aioredis.Redis.from_url(stack.redis.url)
 
@@ -694,8 +708,10 @@ async def _measure(
     if len(await redis_read(1, 3)) != len(FEATURES):  # type: ignore[arg-type]
         raise RuntimeError("raw Redis read does not find the 20 written features")
     paths: dict[str, Callable[[int, int], Awaitable[object]]] = {
-        SERVICE: lambda b, i: features.GetOnlineFeatures(requests[b][i % slots]),
-        SERVICE_LISTS: lambda b, i: features.GetOnlineFeatures(list_requests[b][i % slots]),
+        SERVICE: lambda b, i: stubs[i % len(stubs)].GetOnlineFeatures(requests[b][i % slots]),
+        SERVICE_LISTS: lambda b, i: stubs[i % len(stubs)].GetOnlineFeatures(
+            list_requests[b][i % slots]
+        ),
         "redis raw": redis_read,
         ECHO: lambda b, i: echo(payloads[b][i % slots]),
         PROXY: lambda b, i: proxy(payloads[b][i % slots]),
@@ -726,7 +742,8 @@ async def _measure(
                     )
                 print(f"done: {batch} entities, concurrency {concurrency}", flush=True)
     finally:
-        await feature_channel.close()
+        for channel in feature_channels:
+            await channel.close()
         await echo_channel.close()
         await proxy_channel.close()
         await redis_client.aclose()
@@ -871,6 +888,13 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 16, 64])
     parser.add_argument("--entities", type=int, default=10_000, help="entities written")
     parser.add_argument("--no-feast", action="store_true", help="leave Feast out")
+    parser.add_argument(
+        "--channels",
+        type=int,
+        default=1,
+        help="gRPC channels (connections) the feature service's calls spread over; with"
+        " MODELSERVE_FEATURE_SERVER__WORKERS=N, give it several",
+    )
     parser.add_argument("--feast-mode", choices=["async", "threads"], default="async")
     parser.add_argument(
         "--feast-venv", default=str(FEAST_VENV), help="Feast's own venv (made when missing)"
