@@ -39,7 +39,12 @@ from modelserve.registry.v1 import registry_service_pb2 as registry_pb
 from modelserve.type.v1 import tensor_pb2
 from modelserve_cli.feature_commands import MaterializeError, TableFormat, table_format
 from modelserve_cli.output import errors, fail
-from modelserve_cli.redis_targets import configured, service_redis
+from modelserve_cli.redis_targets import (
+    FeatureRedisUrl,
+    RouterRedisUrl,
+    configured,
+    service_redis,
+)
 from modelserve_cli.tls import cli_tls
 from modelserve_features.online import FeatureResult, OnlineStore
 from modelserve_features.redis_store import EntityKey
@@ -657,20 +662,8 @@ def batch_predict_command(
     inference: str = typer.Option(
         ..., envvar="MODELSERVE_INFERENCE", help="The inference service's host:port."
     ),
-    redis_url: str | None = typer.Option(
-        None,
-        envvar="MODELSERVE_REDIS_URL",
-        help="The Redis of the router (hybrid lookup); default: the router's Redis settings"
-        " (MODELSERVE_ROUTER_REDIS__*, _REDIS_URL), else redis://127.0.0.1:6379/0.",
-        show_default=False,
-    ),
-    feature_redis_url: str | None = typer.Option(
-        None,
-        envvar="MODELSERVE_FEATURE_REDIS_URL",
-        help="The feature store's Redis; default: the feature service's Redis settings"
-        " (MODELSERVE_FEATURE_REDIS__*), else the router's Redis.",
-        show_default=False,
-    ),
+    redis_url: RouterRedisUrl = None,
+    feature_redis_url: FeatureRedisUrl = None,
     api_key: str | None = typer.Option(
         None, envvar="MODELSERVE_API_KEY", help="API key, when the services have auth on."
     ),

@@ -11,8 +11,9 @@ does. A command line's `--redis-url` names a standalone server instead.
 from __future__ import annotations
 
 import os
-from typing import Literal
+from typing import Annotated, Literal
 
+import typer
 from pydantic import ValidationError
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
@@ -20,6 +21,30 @@ from modelserve_runtime.config import ConfigError
 from modelserve_runtime.redis_connect import RedisConnection, with_redis_url
 
 Owner = Literal["feature", "router"]
+
+#: A job's `--redis-url`: the router's Redis (precomputed predictions, prediction streams).
+RouterRedisUrl = Annotated[
+    str | None,
+    typer.Option(
+        "--redis-url",
+        envvar="MODELSERVE_REDIS_URL",
+        help="The router's Redis (precomputed predictions, streams) as a standalone url;"
+        " default: the router's settings (MODELSERVE_ROUTER_REDIS__*, _REDIS_URL), else"
+        " redis://127.0.0.1:6379/0.",
+        show_default=False,
+    ),
+]
+#: A job's `--feature-redis-url`: the feature store's Redis.
+FeatureRedisUrl = Annotated[
+    str | None,
+    typer.Option(
+        "--feature-redis-url",
+        envvar="MODELSERVE_FEATURE_REDIS_URL",
+        help="The feature store's Redis as a standalone url; default: the feature service's"
+        " settings (MODELSERVE_FEATURE_REDIS__*), else the router's Redis.",
+        show_default=False,
+    ),
+]
 
 
 class _ServiceRedis(BaseSettings):

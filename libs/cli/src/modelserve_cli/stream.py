@@ -46,6 +46,7 @@ from modelserve_cli.batch import (
     resolve,
 )
 from modelserve_cli.output import errors, fail
+from modelserve_cli.redis_targets import FeatureRedisUrl, RouterRedisUrl
 from modelserve_features.online import OnlineStore
 from modelserve_runtime.clients import InferenceClient, RegistryClient
 from modelserve_runtime.config import ConfigError
@@ -343,20 +344,8 @@ def stream_predict_command(
     inference: str = typer.Option(
         ..., envvar="MODELSERVE_INFERENCE", help="The inference service's host:port."
     ),
-    redis_url: str | None = typer.Option(
-        None,
-        envvar="MODELSERVE_REDIS_URL",
-        help="The streams' Redis; default: the router's Redis settings"
-        " (MODELSERVE_ROUTER_REDIS__*, _REDIS_URL), else redis://127.0.0.1:6379/0.",
-        show_default=False,
-    ),
-    feature_redis_url: str | None = typer.Option(
-        None,
-        envvar="MODELSERVE_FEATURE_REDIS_URL",
-        help="The feature store's Redis; default: the feature service's Redis settings"
-        " (MODELSERVE_FEATURE_REDIS__*), else the streams' Redis.",
-        show_default=False,
-    ),
+    redis_url: RouterRedisUrl = None,
+    feature_redis_url: FeatureRedisUrl = None,
     api_key: str | None = typer.Option(
         None, envvar="MODELSERVE_API_KEY", help="API key, when the services have auth on."
     ),
