@@ -212,6 +212,37 @@ class TestWorkerMirror:
             await clean.owner.server.set_serving(True)
         await eventually(lambda: _is(status, serving), "the worker SERVING again")
 
+    async def test_a_triton_killed_under_the_first_process_is_followed_by_the_worker(
+        self, clean: Pair, fraud_models: dict[str, fraud.TrainedModel]
+    ) -> None:
+        """kill -9 of Triton: the worker lists the version LOADING and refuses Infer with
+        UNAVAILABLE while the first process restarts Triton, then lists it READY on the same
+        endpoint and answers again, without anyone calling it."""
+        loaded = await load(clean.owner.stub, V1)
+        await eventually(
+            lambda: _lists(clean.worker, [(V1, pb.MODEL_VERSION_STATE_READY)]), "V1 mirrored"
+        )
+        triton = clean.owner.app.triton
+        assert triton is not None and triton.pid is not None
+        os.kill(triton.pid, signal.SIGKILL)
+
+        await eventually(
+            lambda: _lists(clean.worker, [(V1, pb.MODEL_VERSION_STATE_LOADING)]),
+            "V1 LOADING on the worker",
+            within_s=60,
+        )
+        during = await refused(clean.worker.Infer(infer_request(V1)))
+        await eventually(
+            lambda: _lists(clean.worker, [(V1, pb.MODEL_VERSION_STATE_READY)]),
+            "V1 READY again on the worker",
+            within_s=60,
+        )
+
+        assert during.code is grpc.StatusCode.UNAVAILABLE
+        (after,) = await held(clean.worker)
+        assert after.triton_endpoint == loaded.triton_endpoint
+        assert_answers_as(await infer(clean.worker, infer_request(V1)), fraud_models[V1])
+
 
 async def _is(probe: Any, expected: object) -> bool:
     return bool(await probe() == expected)
