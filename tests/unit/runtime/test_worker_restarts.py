@@ -13,7 +13,8 @@ from modelserve_runtime.config import ServerSettings, ServiceSettings
 from modelserve_runtime.server import Workers
 
 FAILS_AT_ONCE = [sys.executable, "-c", "raise SystemExit(3)"]
-RUNS_ON = [sys.executable, "-c", "import time; time.sleep(600)"]
+#: A worker that runs until it is signalled (SIGTERM ends it).
+RUNS_ON = [sys.executable, "-c", "import signal; signal.pause()"]
 
 
 class _App:
