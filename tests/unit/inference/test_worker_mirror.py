@@ -6,12 +6,15 @@ from __future__ import annotations
 import json
 
 import pytest
+from support import eventually
 
 from modelserve.inference.v1 import inference_service_pb2 as pb
+from modelserve_cli.stack import free_port
 from modelserve_inference.models import HeldVersion, ModelVersions, ServingConfig, VersionState
 from modelserve_inference.servicer import held_from_proto, held_to_proto
-from modelserve_inference.workers import OWNER_ENV, Owner, OwnerLoads
-from modelserve_runtime.errors import FailedPreconditionError
+from modelserve_inference.workers import OWNER_ENV, Owner, OwnerLoads, OwnerMirror
+from modelserve_runtime.channels import create_channel
+from modelserve_runtime.errors import FailedPreconditionError, UnavailableError
 from modelserve_triton.model_config import TensorSpec
 from modelserve_triton.runner import TritonRunner
 
@@ -126,3 +129,29 @@ class TestOwner:
     async def test_a_worker_loads_nothing_itself(self) -> None:
         with pytest.raises(FailedPreconditionError, match="only the first inference process"):
             await OwnerLoads().fetch(V1)
+
+
+class TestOwnerUnreachable:
+    async def test_the_worker_is_not_serving_and_never_synced(
+        self, versions: ModelVersions
+    ) -> None:
+        """With nothing listening where the first process should be, the worker reports
+        NOT_SERVING (health and ServerReady) and its readiness check fails after its wait."""
+        serving: list[bool] = []
+
+        async def set_serving(value: bool) -> None:
+            serving.append(value)
+
+        channel = create_channel(f"127.0.0.1:{free_port()}")
+        mirror = OwnerMirror(channel, versions, set_serving, stream_timeout_s=5, backoff_max_s=0.05)
+        mirror.start()
+        try:
+            await eventually(lambda: len(serving) >= 2, "two reports after broken streams")
+            with pytest.raises(UnavailableError, match=r"sent no model states within 0\.1 s"):
+                await mirror.wait_synced(0.1)
+        finally:
+            await mirror.close()
+            await channel.close()
+
+        assert set(serving) == {False}
+        assert not versions.triton_up

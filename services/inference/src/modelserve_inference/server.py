@@ -8,7 +8,7 @@ import functools
 import os
 import shutil
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 
 import grpc
@@ -36,7 +36,13 @@ from modelserve_runtime.channels import channel_credentials, create_channel
 from modelserve_runtime.clients import RegistryClient
 from modelserve_runtime.discovery import create_discovery
 from modelserve_runtime.errors import UnavailableError
-from modelserve_runtime.server import WORKER_ENV, GrpcServer, build_grpc_server, run_service
+from modelserve_runtime.server import (
+    WORKER_ENV,
+    GrpcServer,
+    ServiceApp,
+    build_grpc_server,
+    run_service,
+)
 from modelserve_triton.http import TritonHttpRunner
 from modelserve_triton.process import TritonOptions, TritonServer
 from modelserve_triton.runner import TritonError, TritonRunner
@@ -180,17 +186,9 @@ async def build_server(settings: InferenceSettings) -> tuple[GrpcServer, Inferen
         else None
     )
 
-    def register(server: grpc.aio.Server) -> Sequence[str]:
-        pb_grpc.add_InferenceServiceServicer_to_server(
-            InferenceServicer(versions, reconciler), server
-        )
-        oip_grpc.add_GRPCInferenceServiceServicer_to_server(OpenInferenceServicer(versions), server)
-        return [
-            pb.DESCRIPTOR.services_by_name["InferenceService"].full_name,
-            oip_servicer.SERVICE_NAME,
-        ]
-
-    grpc_server = build_grpc_server(SERVICE, settings, register)
+    grpc_server = build_grpc_server(
+        SERVICE, settings, _servicers(InferenceServicer(versions, reconciler), versions)
+    )
     owner_dir = None
     if settings.server.workers > 1:
         # The other workers follow this process over a socket of their own (see workers.py).
@@ -234,6 +232,23 @@ async def build_server(settings: InferenceSettings) -> tuple[GrpcServer, Inferen
         owner_dir=owner_dir,
     )
     return grpc_server, app
+
+
+def _servicers(
+    inference: InferenceServicer, versions: ModelVersions
+) -> Callable[[grpc.aio.Server], Sequence[str]]:
+    """What `build_grpc_server` registers: `inference` as InferenceService and the Open
+    Inference Protocol over `versions`."""
+
+    def register(server: grpc.aio.Server) -> Sequence[str]:
+        pb_grpc.add_InferenceServiceServicer_to_server(inference, server)
+        oip_grpc.add_GRPCInferenceServiceServicer_to_server(OpenInferenceServicer(versions), server)
+        return [
+            pb.DESCRIPTOR.services_by_name["InferenceService"].full_name,
+            oip_servicer.SERVICE_NAME,
+        ]
+
+    return register
 
 
 def _triton_clients(
@@ -328,18 +343,10 @@ async def build_worker(settings: InferenceSettings, owner: Owner) -> tuple[GrpcS
     runner, http_runner = _triton_clients(settings, owner.triton_url, owner.triton_http_url)
     versions = _model_versions(settings, OwnerLoads(), runner, http_runner, owner.triton_http_url)
 
-    def register(server: grpc.aio.Server) -> Sequence[str]:
-        servicer = WorkerInferenceServicer(
-            versions, owner_channel, relay_timeout_s=2 * settings.load_timeout_s
-        )
-        pb_grpc.add_InferenceServiceServicer_to_server(servicer, server)
-        oip_grpc.add_GRPCInferenceServiceServicer_to_server(OpenInferenceServicer(versions), server)
-        return [
-            pb.DESCRIPTOR.services_by_name["InferenceService"].full_name,
-            oip_servicer.SERVICE_NAME,
-        ]
-
-    grpc_server = build_grpc_server(SERVICE, settings, register)
+    servicer = WorkerInferenceServicer(
+        versions, owner_channel, relay_timeout_s=2 * settings.load_timeout_s
+    )
+    grpc_server = build_grpc_server(SERVICE, settings, _servicers(servicer, versions))
     mirror = OwnerMirror(
         owner_channel,
         versions,
@@ -362,12 +369,7 @@ async def build_worker(settings: InferenceSettings, owner: Owner) -> tuple[GrpcS
 def main() -> None:
     """Console script `modelserve-inference`."""
     owner = Owner.from_env() if os.environ.get(WORKER_ENV) else None
-    if owner is None:
-        run_service(SERVICE, InferenceSettings, build_server, workers_allowed=True)
-    else:
-        run_service(
-            SERVICE,
-            InferenceSettings,
-            functools.partial(build_worker, owner=owner),
-            workers_allowed=True,
-        )
+    build: Callable[[InferenceSettings], Awaitable[tuple[GrpcServer, ServiceApp]]] = (
+        build_server if owner is None else functools.partial(build_worker, owner=owner)
+    )
+    run_service(SERVICE, InferenceSettings, build, workers_allowed=True)

@@ -11,6 +11,7 @@ from modelserve.inference.v1 import inference_service_pb2 as pb
 from modelserve.inference.v1 import inference_service_pb2_grpc as pb_grpc
 from modelserve.type.v1 import tensor_pb2
 from modelserve_inference.models import HeldVersion, ModelVersions, ServingConfig, VersionState
+from modelserve_inference.registry_source import triton_spec
 from modelserve_runtime.convert import TRITON_NAMES, numpy_to_tensor, tensor_to_numpy
 from modelserve_runtime.errors import InvalidArgumentError
 from modelserve_triton.model_config import CPU, GPU, TensorSpec
@@ -79,16 +80,10 @@ def held_from_proto(message: pb.LoadedModelVersion) -> HeldVersion:
         model=message.triton_model_name,
         version=message.triton_model_version,
         state=_STATE_OF[message.state],
-        inputs=tuple(_spec_from_proto(s) for s in message.inputs),
-        outputs=tuple(_spec_from_proto(s) for s in message.outputs),
+        inputs=tuple(triton_spec(s) for s in message.inputs),
+        outputs=tuple(triton_spec(s) for s in message.outputs),
         reason=message.reason,
         config=config,
-    )
-
-
-def _spec_from_proto(spec: tensor_pb2.TensorSpec) -> TensorSpec:
-    return TensorSpec(
-        spec.name, TRITON_NAMES[spec.datatype], tuple(spec.shape), spec.allow_non_finite
     )
 
 

@@ -102,7 +102,8 @@ class OwnerMirror:
                 self._follow(self._follow_states, "states"), name="worker-follow-states"
             ),
             asyncio.create_task(
-                self._follow(self._follow_health, "health"), name="worker-follow-health"
+                self._follow(self._follow_health, "health", on_break=self._owner_lost),
+                name="worker-follow-health",
             ),
         ]
 
@@ -118,7 +119,14 @@ class OwnerMirror:
     async def close(self) -> None:
         await cancel_all(self._tasks)
 
-    async def _follow(self, stream: Callable[[], Awaitable[None]], what: str) -> None:
+    async def _follow(
+        self,
+        stream: Callable[[], Awaitable[None]],
+        what: str,
+        *,
+        on_break: Callable[[], Awaitable[None]] | None = None,
+    ) -> None:
+        """Runs `stream` again and again; after a break, `on_break`, then a doubling wait."""
         backoff_s = _BACKOFF_INITIAL_S
         while True:
             try:
@@ -129,15 +137,19 @@ class OwnerMirror:
                 log.warning(
                     "owner_stream_broken", stream=what, code=exc.code().name, retry_s=backoff_s
                 )
-                if what == "health":
-                    self._versions.mirror_triton_up(False)
-                    await self._set_serving(False)
+                if on_break is not None:
+                    await on_break()
                 await asyncio.sleep(backoff_s)
                 backoff_s = min(backoff_s * 2, self._backoff_max_s)
                 continue
             # The first process ended the stream (it is stopping): reopen it shortly.
             backoff_s = _BACKOFF_INITIAL_S
             await asyncio.sleep(backoff_s)
+
+    async def _owner_lost(self) -> None:
+        """The first process cannot be reached: Triton's state is unknown."""
+        self._versions.mirror_triton_up(False)
+        await self._set_serving(False)
 
     async def _follow_states(self) -> None:
         call = self._states.WatchModelStates(
