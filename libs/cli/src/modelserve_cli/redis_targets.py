@@ -17,7 +17,7 @@ import typer
 from pydantic import ValidationError
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from modelserve_runtime.config import ConfigError
+from modelserve_runtime.config import ConfigError, settings_problems
 from modelserve_runtime.redis_connect import RedisConnection, with_redis_url
 
 Owner = Literal["feature", "router"]
@@ -92,10 +92,6 @@ def service_redis(owner: Owner, url: str | None, *, timeout_s: float) -> RedisCo
             default_timeout_s=timeout_s,
         )
     except ValidationError as exc:
-        problems = [
-            f"{prefix}{'__'.join(str(p) for p in error['loc']).upper()}: {error['msg']}"
-            for error in exc.errors()
-        ]
-        raise ConfigError("; ".join(problems)) from None
+        raise ConfigError("; ".join(settings_problems(exc, prefix))) from None
     except ValueError as exc:
         raise ConfigError(f"the {owner} service's Redis settings: {exc}") from None

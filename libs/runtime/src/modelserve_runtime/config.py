@@ -268,6 +268,20 @@ class ServiceSettings(BaseSettings):
 SettingsT = TypeVar("SettingsT", bound=ServiceSettings)
 
 
+def settings_problems(exc: ValidationError, env_prefix: str) -> list[str]:
+    """Each problem of settings read from the environment, naming the variable and the
+    setting: `MODELSERVE_ROUTER_SERVER__PORT (server.port): Input should be ...`."""
+    problems = []
+    for err in exc.errors():
+        if not err["loc"]:
+            problems.append(err["msg"])
+            continue
+        path = ".".join(str(p) for p in err["loc"])
+        env_name = env_prefix + "__".join(str(p) for p in err["loc"]).upper()
+        problems.append(f"{env_name} ({path}): {err['msg']}")
+    return problems
+
+
 def load_settings(cls: type[SettingsT], config_file: Path | None = None) -> SettingsT:
     """Loads and validates settings once at start; raises ConfigError naming each bad one."""
     previous = os.environ.get(CONFIG_FILE_ENV)
@@ -280,15 +294,7 @@ def load_settings(cls: type[SettingsT], config_file: Path | None = None) -> Sett
     try:
         return cls()
     except ValidationError as exc:
-        prefix = str(cls.model_config.get("env_prefix", ""))
-        problems = []
-        for err in exc.errors():
-            if not err["loc"]:
-                problems.append(err["msg"])
-                continue
-            path = ".".join(str(p) for p in err["loc"])
-            env_name = prefix + "__".join(str(p) for p in err["loc"]).upper()
-            problems.append(f"{env_name} ({path}): {err['msg']}")
+        problems = settings_problems(exc, str(cls.model_config.get("env_prefix", "")))
         raise ConfigError("invalid settings:\n  " + "\n  ".join(problems)) from None
     finally:
         if config_file is not None:
