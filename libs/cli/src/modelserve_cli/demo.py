@@ -3,9 +3,12 @@ feature view and seed its features."""
 
 from __future__ import annotations
 
+import asyncio
+import functools
 from dataclasses import dataclass
 
 import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 from sklearn.metrics import roc_auc_score
 
 from modelserve.feature.v1 import feature_service_pb2 as feature_pb
@@ -50,16 +53,22 @@ VALIDATION_SEED = 99
 SAMPLE_ROWS = 4
 
 
-async def deploy_demo(targets: dict[str, str], *, seed: int = 0) -> DemoDeployment:
-    """Trains the fraud model and makes endpoint `fraud` answer with it."""
+async def deploy_demo(
+    targets: dict[str, str],
+    *,
+    seed: int = 0,
+    api_key: str | None = None,
+    tls: ClientTlsSettings | None = None,
+) -> DemoDeployment:
+    """Trains the fraud model and makes endpoint `fraud` answer with it (each call registers a
+    new version of model `fraud`). Calls carry `api_key` and go over TLS with `tls`."""
     trained = fraud.train(seed=seed)
     customers = fraud.demo_customers()
+    channel = functools.partial(create_channel, api_key=api_key, tls=tls)
     async with (
-        create_channel(
-            targets["registry"], default_timeout_s=60, max_message_bytes=64 << 20
-        ) as registry,
-        create_channel(targets["inference"], default_timeout_s=120) as inference,
-        create_channel(targets["feature"]) as feature,
+        channel(targets["registry"], default_timeout_s=60, max_message_bytes=64 << 20) as registry,
+        channel(targets["inference"], default_timeout_s=120) as inference,
+        channel(targets["feature"]) as feature,
     ):
         admin = RegistryAdminClient(registry)
         # Payments the model never saw: the set its versions are validated on and the
@@ -152,10 +161,94 @@ async def predict(
     request: router_pb.PredictRequest,
     *,
     tls: ClientTlsSettings | None = None,
+    api_key: str | None = None,
 ) -> router_pb.PredictResponse:
-    """One Predict call through the router (over TLS with `tls`)."""
-    async with create_channel(router_target, tls=tls) as channel:
+    """One Predict call through the router (over TLS with `tls`, with `api_key`)."""
+    async with create_channel(router_target, tls=tls, api_key=api_key) as channel:
         return await router_grpc.RouterServiceStub(channel).Predict(request)
+
+
+class NotServingError(Exception):
+    """A service did not report SERVING in time."""
+
+
+async def wait_serving(
+    targets: dict[str, str],
+    timeout_s: float,
+    *,
+    tls: ClientTlsSettings | None = None,
+    poll_s: float = 0.2,
+) -> None:
+    """Returns once every service in `targets` answers SERVING on the standard health check
+    (which needs no API key); raises NotServingError naming those that did not within
+    `timeout_s`, with what each last answered."""
+    last: dict[str, str] = dict.fromkeys(targets, "no answer")
+
+    async def one(service: str, target: str) -> None:
+        async with create_channel(target, tls=tls, default_timeout_s=1.0) as channel:
+            stub = health_pb2_grpc.HealthStub(channel)
+            while True:
+                try:
+                    answer = await stub.Check(health_pb2.HealthCheckRequest(service=""))
+                except grpc.aio.AioRpcError as exc:
+                    last[service] = f"{exc.code().name}: {exc.details()}"
+                else:
+                    if answer.status == health_pb2.HealthCheckResponse.SERVING:
+                        del last[service]
+                        return
+                    last[service] = health_pb2.HealthCheckResponse.ServingStatus.Name(answer.status)
+                await asyncio.sleep(poll_s)
+
+    try:
+        async with asyncio.timeout(timeout_s):
+            await asyncio.gather(*(one(s, t) for s, t in targets.items()))
+    except TimeoutError:
+        waiting = "; ".join(f"{s} at {targets[s]} ({why})" for s, why in sorted(last.items()))
+        raise NotServingError(f"not serving after {timeout_s:g}s: {waiting}") from None
+
+
+async def predict_when_routed(
+    router_target: str,
+    request: router_pb.PredictRequest,
+    model_version: str,
+    timeout_s: float,
+    *,
+    tls: ClientTlsSettings | None = None,
+    api_key: str | None = None,
+    poll_s: float = 0.2,
+) -> router_pb.PredictResponse:
+    """Predicts through the router until `model_version` answers: a router learns of a new
+    deployment and of the version's READY state through its watches, a moment after the
+    registry and inference know. Raises the last RPC error, or NotServingError when an older
+    version still answers, once `timeout_s` has passed."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout_s
+    async with create_channel(router_target, tls=tls, api_key=api_key) as channel:
+        stub = router_grpc.RouterServiceStub(channel)
+        while True:
+            try:
+                response = await stub.Predict(request)
+            except grpc.aio.AioRpcError as exc:
+                if loop.time() > deadline or exc.code() not in _NOT_ROUTED_YET:
+                    raise
+            else:
+                if response.model_version == model_version:
+                    return response
+                if loop.time() > deadline:
+                    raise NotServingError(
+                        f"the router at {router_target} still answers from "
+                        f"{response.model_version} after {timeout_s:g}s, not {model_version}"
+                    )
+            await asyncio.sleep(poll_s)
+
+
+#: What a router answers for an endpoint it does not yet know or whose version it does not
+#: yet see READY.
+_NOT_ROUTED_YET = (
+    grpc.StatusCode.NOT_FOUND,
+    grpc.StatusCode.UNAVAILABLE,
+    grpc.StatusCode.FAILED_PRECONDITION,
+)
 
 
 async def add_ready_version(targets: dict[str, str], demo: DemoDeployment) -> str:

@@ -10,10 +10,19 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from modelserve.router.v1 import router_service_pb2 as router_pb
 from modelserve_cli.batch import batch_predict_command
-from modelserve_cli.demo import demo_request, deploy_demo, predict
+from modelserve_cli.demo import (
+    NotServingError,
+    demo_request,
+    deploy_demo,
+    predict,
+    predict_when_routed,
+    wait_serving,
+)
 from modelserve_cli.feature_commands import features_app
 from modelserve_cli.inference_commands import versions_command
+from modelserve_cli.output import fail
 from modelserve_cli.registry_commands import audit, deployments_app, keys_app, models_app
 from modelserve_cli.rollout_commands import canary_app
 from modelserve_cli.stack import SERVICES, Stack, StackError, StackOptions
@@ -89,9 +98,8 @@ async def _up(options: StackOptions, exit_after_demo: bool) -> None:
             f"deployed [bold]{deployment.model_version}[/bold] to endpoint [bold]fraud[/bold]"
         )
         response = await predict(stack.targets["router"], demo_request())
-        probabilities = next(o for o in response.outputs if o.name == "probabilities")
         console.print(
-            f"prediction: fraud probability [bold]{probabilities.contents.fp32_contents[1]:.4f}[/bold]"
+            f"prediction: fraud probability [bold]{_fraud_probability(response):.4f}[/bold]"
             f" from {response.model_version} (request {response.request_id}, trace {response.trace_id})"
         )
         console.print("[green]ready[/green]; Ctrl-C stops everything", highlight=False)
@@ -101,6 +109,75 @@ async def _up(options: StackOptions, exit_after_demo: bool) -> None:
         with console.status("stopping"):
             await stack.stop()
         console.print("stopped")
+
+
+@app.command(name="demo")
+def demo_command(
+    registry: str = typer.Option(
+        ..., envvar="MODELSERVE_REGISTRY", help="The registry's host:port."
+    ),
+    inference: str = typer.Option(
+        ..., envvar="MODELSERVE_INFERENCE", help="The inference service's host:port."
+    ),
+    feature: str = typer.Option(
+        ..., envvar="MODELSERVE_FEATURE", help="The feature service's host:port."
+    ),
+    router: str | None = typer.Option(
+        None,
+        envvar="MODELSERVE_ROUTER",
+        help="The router's host:port, to predict through once deployed (none: no prediction).",
+    ),
+    api_key: str | None = typer.Option(
+        None, envvar="MODELSERVE_API_KEY", help="API key (deploy role), when auth is on."
+    ),
+    wait_s: float = typer.Option(
+        120.0,
+        min=0,
+        help="Seconds to wait for the services to serve, then for the router to answer.",
+    ),
+    seed: int = typer.Option(0, help="Seed of the demo model's synthetic training data."),
+) -> None:
+    """Deploy the demo fraud model onto a suite that is already running (Docker Compose,
+    Kubernetes): wait until the services serve, train, register, load and route a new version
+    of model `fraud` at endpoint `fraud`, seed its features, then predict once through the
+    router (over TLS when MODELSERVE_TLS_* say so)."""
+    import grpc
+
+    try:
+        tls = cli_tls()
+    except ValueError as exc:
+        fail(str(exc))
+    targets = {"registry": registry, "inference": inference, "feature": feature}
+    if router:
+        targets["router"] = router
+
+    async def run() -> None:
+        await wait_serving(targets, wait_s, tls=tls)
+        deployment = await deploy_demo(targets, seed=seed, api_key=api_key, tls=tls)
+        console.print(
+            f"deployed [bold]{deployment.model_version}[/bold] to endpoint [bold]fraud[/bold]"
+        )
+        if router:
+            response = await predict_when_routed(
+                router, demo_request(), deployment.model_version, wait_s, tls=tls, api_key=api_key
+            )
+            console.print(
+                f"prediction: fraud probability [bold]{_fraud_probability(response):.4f}[/bold]"
+                f" from {response.model_version} (request {response.request_id})"
+            )
+
+    try:
+        asyncio.run(run())
+    except NotServingError as exc:
+        fail(str(exc))
+    except grpc.aio.AioRpcError as exc:
+        error = decode_rpc_error(exc)
+        fail(f"{error.code.name} {error.message} {error.violations or ''}")
+
+
+def _fraud_probability(response: router_pb.PredictResponse) -> float:
+    probabilities = next(o for o in response.outputs if o.name == "probabilities")
+    return float(probabilities.contents.fp32_contents[1])
 
 
 @app.command(name="predict")
