@@ -32,9 +32,9 @@ CLI = str(Path(sys.executable).parent / "modelserve")
 
 @pytest.fixture(scope="module")
 async def secured(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[tuple[Stack, str]]:
-    """A stack whose registry and router ask for API keys, and a key that may deploy and
-    predict (the services' own calls to the registry carry it too)."""
-    key, record = new_api_key("demo-operator", [Role.ADMIN], n=2**10)
+    """A stack whose registry and router ask for API keys, and a `deployer` key, which may
+    deploy and predict (the services' own calls to the registry carry it too)."""
+    key, record = new_api_key("demo-operator", [Role.DEPLOYER], n=2**10)
     keys = json.dumps([record.model_dump(mode="json")])
     env = {
         "MODELSERVE_REGISTRY_AUTH__ENABLED": "true",

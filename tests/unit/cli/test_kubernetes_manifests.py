@@ -9,30 +9,17 @@ import re
 import tomllib
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, get_args, get_origin
+from typing import Any
 
 import pytest
 import typer
 import yaml
-from pydantic import BaseModel
+from deploy_settings import SETTINGS, service_settings
 
 from modelserve_cli.main import app
-from modelserve_feature.config import FeatureSettings
-from modelserve_inference.config import InferenceSettings
-from modelserve_monitor.config import MonitorSettings
-from modelserve_registry.config import RegistrySettings
-from modelserve_router.config import RouterSettings
-from modelserve_runtime.config import ServiceSettings, load_settings
 
 ROOT = Path(__file__).resolve().parents[3]
 K8S = ROOT / "deploy" / "kubernetes"
-SETTINGS: dict[str, type[ServiceSettings]] = {
-    "modelserve-router": RouterSettings,
-    "modelserve-feature": FeatureSettings,
-    "modelserve-inference": InferenceSettings,
-    "modelserve-registry": RegistrySettings,
-    "modelserve-monitor": MonitorSettings,
-}
 WORKLOADS = ("Deployment", "StatefulSet", "Job")
 #: What a `fieldRef` stands for here, to fill `$(VAR)` references.
 FIELD_VALUES = {"metadata.name": "inference-0"}
@@ -78,24 +65,6 @@ def _services() -> dict[str, dict[str, Any]]:
     return {d["metadata"]["name"]: d for _, d in BASE if d["kind"] == "Service"}
 
 
-def _field_path_exists(model: type[BaseModel], path: list[str]) -> bool:
-    """Whether `a__b__c` (split) names a field of `model`, a dict field taking any key."""
-    name, rest = path[0], path[1:]
-    field = model.model_fields.get(name)
-    if field is None:
-        return False
-    if not rest:
-        return True
-    annotation = field.annotation
-    if get_origin(annotation) is dict:
-        return True
-    candidates = [annotation, *get_args(annotation)]
-    return any(
-        isinstance(c, type) and issubclass(c, BaseModel) and _field_path_exists(c, rest)
-        for c in candidates
-    )
-
-
 def _port(container: dict[str, Any], name: str) -> int:
     return next(p["containerPort"] for p in container["ports"] if p["name"] == name)
 
@@ -113,19 +82,10 @@ def test_every_service_runs_with_settings_it_accepts(monkeypatch: pytest.MonkeyP
     seen = set()
     for _, container in _containers():
         command = container.get("command", [""])[0]
-        settings_cls = SETTINGS.get(command)
-        if settings_cls is None:
+        if command not in SETTINGS:
             continue
         seen.add(command)
-        prefix = str(settings_cls.model_config["env_prefix"])
-        env = _env(container)
-        with monkeypatch.context() as patch:
-            for name, value in env.items():
-                if name.startswith(prefix):
-                    path = name[len(prefix) :].lower().split("__")
-                    assert _field_path_exists(settings_cls, path), f"{command}: {name}"
-                patch.setenv(name, value)
-            settings = load_settings(settings_cls)
+        settings = service_settings(command, _env(container), monkeypatch)
         grpc_port = _port(container, "grpc")
         assert settings.server.port == grpc_port, command
         assert settings.server.host == "0.0.0.0", command
@@ -214,7 +174,8 @@ def test_a_pod_given_a_gpu_runs_its_models_on_it() -> None:
 
 def test_commands_and_options_are_the_images() -> None:
     """Every command is a console script of the package; a `modelserve` one runs a real
-    subcommand with options it has; the batch Job runs one shard per completion."""
+    subcommand with options it has, each required one given as an argument or in its
+    environment; the batch Job runs one shard per completion."""
     scripts = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
     cli = typer.main.get_command(app)
     for workload, container in _containers():
@@ -229,7 +190,15 @@ def test_commands_and_options_are_the_images() -> None:
         options = {opt for param in subcommand.params for opt in param.opts}
         given = [a for a in args if a.startswith("--")]
         assert set(given) <= options, f"{args[0]}: {set(given) - options}"
-        if workload["kind"] == "Job":
+        env = _env(container)
+        for param in subcommand.params:
+            if (
+                param.param_type_name == "option"
+                and param.required
+                and not set(param.opts) & set(given)
+            ):
+                assert param.envvar in env, f"{args[0]}: {param.name} needs {param.envvar}"
+        if "--shards" in args:
             assert workload["spec"]["completionMode"] == "Indexed"
             shards = args[args.index("--shards") + 1]
             assert int(shards) == workload["spec"]["completions"]
