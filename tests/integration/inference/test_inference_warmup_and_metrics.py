@@ -8,6 +8,7 @@ from prometheus_client import REGISTRY, generate_latest
 from structlog.testing import capture_logs
 from support import eventually
 
+from modelserve.inference.v1 import inference_service_pb2 as pb
 from modelserve_triton.runner import TritonRunner
 
 pytestmark = pytest.mark.triton
@@ -86,3 +87,39 @@ class TestTritonStatistics:
             _sample("modelserve_triton_batch_executions_total", batch_size="4", **labels) or 0
         ) >= 3
         assert "# TYPE modelserve_triton_requests_total counter" in text
+
+
+def _states(model: str, version: str) -> dict[str, float]:
+    """The version's modelserve_inference_version_state series, by state."""
+    return {
+        sample.labels["state"]: float(sample.value)
+        for family in REGISTRY.collect()
+        for sample in family.samples
+        if sample.name == "modelserve_inference_version_state"
+        and (sample.labels["model"], sample.labels["version"]) == (model, version)
+    }
+
+
+class TestVersionStates:
+    async def test_each_held_version_and_triton_are_on_metrics(
+        self, inference_service: RunningInference
+    ) -> None:
+        """A loaded version has one state series, READY on the CPU, and Triton is up; once
+        unloaded, the version has none."""
+        stub = inference_service.stub
+        await load(stub, V1)
+        assert _states(MODEL_ID, "1") == {"READY": 1.0}
+        (ready,) = [
+            s
+            for f in REGISTRY.collect()
+            for s in f.samples
+            if s.name == "modelserve_inference_version_state" and s.labels["version"] == "1"
+        ]
+        assert ready.labels["device"] == "cpu"
+        assert _sample("modelserve_inference_triton_up") == 1.0
+
+        await stub.UnloadModelVersion(pb.UnloadModelVersionRequest(name=V1))
+        assert _states(MODEL_ID, "1") == {}
+        assert (
+            "# TYPE modelserve_inference_version_state gauge" in generate_latest(REGISTRY).decode()
+        )

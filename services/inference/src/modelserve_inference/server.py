@@ -26,6 +26,7 @@ from modelserve_inference.servicer import InferenceServicer
 from modelserve_inference.supervisor import TritonHost, TritonSupervisor
 from modelserve_inference.triton_host import LocalTriton, RemoteTriton
 from modelserve_inference.triton_stats import TritonStatistics
+from modelserve_inference.version_metrics import export_version_states, stop_exporting
 from modelserve_inference.workers import (
     Owner,
     OwnerLoads,
@@ -108,6 +109,7 @@ class InferenceApp:
         # The supervisor goes first, so that stopping Triton is not taken for a crash.
         await self.supervisor.close()
         await self.statistics.close()
+        stop_exporting(self.versions)
         await self.versions.close()
         await self.runner.close()
         if self.http_runner is not None:
@@ -218,6 +220,7 @@ async def build_server(settings: InferenceSettings) -> tuple[GrpcServer, Inferen
 
     statistics = TritonStatistics(read_statistics, interval_s=settings.triton_stats_interval_s)
     statistics.start()
+    export_version_states(versions)
     if reconciler is not None:
         reconciler.start()
     app = InferenceApp(
