@@ -1,0 +1,67 @@
+"""`modelserve up`, what `make up` runs: the whole suite from one command, the demo model
+answering, and Ctrl-C stopping every process it started."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import signal
+import sys
+from pathlib import Path
+
+import psutil
+from support import eventually
+
+CLI = str(Path(sys.executable).parent / "modelserve")
+
+
+def _started_under(run_dir: Path) -> list[psutil.Process]:
+    """Processes whose command line names `run_dir`: Redis, Triton and its stubs, the
+    services (their logs and state go there)."""
+    found = []
+    for process in psutil.process_iter(["cmdline", "cwd"]):
+        cmdline = " ".join(process.info["cmdline"] or [])
+        if str(run_dir) in cmdline or str(run_dir) == (process.info["cwd"] or ""):
+            found.append(process)
+    return found
+
+
+async def test_up_serves_the_demo_and_ctrl_c_stops_everything(tmp_path: Path) -> None:
+    """The command prints every service's address, deploys the demo model and prints its
+    prediction, then waits; SIGINT (Ctrl-C) stops it with exit 0 and leaves no process."""
+    run_dir = tmp_path / "run"
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MODELSERVE_", "OTEL_"))}
+    process = await asyncio.create_subprocess_exec(
+        CLI,
+        "up",
+        "--run-dir",
+        str(run_dir),
+        "--router-port",
+        "0",
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
+        env={**env, "COLUMNS": "250"},
+    )
+    assert process.stdout is not None
+    lines: list[str] = []
+    try:
+        async with asyncio.timeout(240):
+            while not any(line.startswith("ready") for line in lines):
+                line = (await process.stdout.readline()).decode()
+                assert line, "modelserve up ended early:\n" + "".join(lines)
+                lines.append(line)
+        output = "".join(lines)
+        for service in ("router", "feature", "inference", "registry", "monitor"):
+            assert re.search(rf"\b{service}\b.*127\.0\.0\.1:\d+", output), output
+        assert re.search(r"\bredis\b.*redis://127\.0\.0\.1:\d+", output), output
+        assert "deployed models/fraud/versions/1 to endpoint fraud" in output, output
+        assert "prediction: fraud probability" in output, output
+        assert "from models/fraud/versions/1" in output, output
+        assert _started_under(run_dir), "no process runs under the run directory"
+    finally:
+        process.send_signal(signal.SIGINT)
+        rest, _ = await asyncio.wait_for(process.communicate(), timeout=60)
+    assert process.returncode == 0, "".join(lines) + rest.decode()
+    assert rest.decode().rstrip().endswith("stopped"), rest.decode()
+    await eventually(lambda: not _started_under(run_dir), "every process gone", within_s=10)
