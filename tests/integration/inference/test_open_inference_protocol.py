@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import threading
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -298,3 +299,137 @@ class TestBadRequests:
     async def _assert_still_serving(client: InferenceServerClient) -> None:
         assert await client.is_model_ready(MODEL_ID, "1")
         assert (await _infer(client)).as_numpy("probabilities").shape == (len(ROWS), 2)
+
+
+class TestTritonExtensions:
+    async def test_a_stream_answers_each_request_by_id_and_survives_a_bad_one(
+        self, client: InferenceServerClient, fraud_models: dict[str, fraud.TrainedModel]
+    ) -> None:
+        """tritonclient's stream_infer: requests to both versions come back under their ids,
+        each as onnxruntime answers for its version; a request with rows of the wrong width
+        gets its own error, naming its id and the expected shape, and the others still come."""
+        bad = np.ascontiguousarray(ROWS[:, :7])
+
+        async def requests() -> AsyncIterator[dict[str, Any]]:
+            for i in range(12):
+                version = "1" if i % 2 == 0 else "2"
+                rows = bad if i == 5 else ROWS
+                yield {
+                    "model_name": MODEL_ID,
+                    "model_version": version,
+                    "inputs": _inputs(rows),
+                    "request_id": f"r{i}",
+                }
+
+        answers: dict[str, Any] = {}
+        errors: list[str] = []
+        async for result, error in client.stream_infer(requests(), stream_timeout=60):
+            if error is not None:
+                errors.append(error.message())
+            else:
+                answers[result.get_response().id] = result
+
+        assert sorted(answers) == sorted(f"r{i}" for i in range(12) if i != 5)
+        for request_id, result in answers.items():
+            version = V1 if int(request_id[1:]) % 2 == 0 else V2
+            _assert_answers_as(result, fraud_models[version])
+        (error,) = errors
+        assert error.startswith("[request id: r5] INVALID_ARGUMENT: "), error
+        assert "inputs[features].shape: expected [-1, 8], got [4, 7]" in error
+
+    async def test_the_synchronous_clients_stream_calls_back(
+        self, loaded: RunningInference, fraud_models: dict[str, fraud.TrainedModel]
+    ) -> None:
+        """start_stream and async_stream_infer, as Triton users stream with the blocking
+        client: every request's answer reaches the callback."""
+
+        def call() -> list[Any]:
+            answered: list[Any] = []
+            done = threading.Event()
+
+            def callback(result: Any, error: Any) -> None:
+                answered.append(error if error is not None else result)
+                if len(answered) == 3:
+                    done.set()
+
+            client = triton_grpc.InferenceServerClient(loaded.target)
+            try:
+                client.start_stream(callback=callback)
+                for i in range(3):
+                    client.async_stream_infer(
+                        MODEL_ID, _inputs(ROWS), model_version="1", request_id=str(i)
+                    )
+                assert done.wait(30), "the stream's answers did not all come"
+                client.stop_stream()
+            finally:
+                client.close()
+            return answered
+
+        answered = await asyncio.to_thread(call)
+        assert sorted(r.get_response().id for r in answered) == ["0", "1", "2"]
+        for result in answered:
+            _assert_answers_as(result, fraud_models[V1])
+
+    async def test_model_config_is_tritons(
+        self, client: InferenceServerClient, loaded: RunningInference
+    ) -> None:
+        """get_model_config answers what Triton itself answers for the model; a model the
+        service does not hold is NOT_FOUND."""
+        ours = await client.get_model_config(MODEL_ID, "1")
+        triton = InferenceServerClient(loaded.app.runner.url)
+        try:
+            theirs = await triton.get_model_config(MODEL_ID)
+        finally:
+            await triton.close()
+
+        assert ours == theirs
+        assert ours.config.name == MODEL_ID
+        assert ours.config.max_batch_size == 256
+        with pytest.raises(InferenceServerException) as info:
+            await client.get_model_config("churn")
+        assert info.value.status() == "StatusCode.NOT_FOUND"
+
+    async def test_statistics_are_tritons_for_held_versions(
+        self, client: InferenceServerClient, loaded: RunningInference
+    ) -> None:
+        """get_inference_statistics answers Triton's counts for a version, and for every
+        model when none is named; an unknown version is NOT_FOUND, a version without a model
+        INVALID_ARGUMENT."""
+        await _infer(client, version="2")
+        ours = await client.get_inference_statistics(MODEL_ID, "2")
+        triton = InferenceServerClient(loaded.app.runner.url)
+        try:
+            theirs = await triton.get_inference_statistics(MODEL_ID, "2")
+        finally:
+            await triton.close()
+
+        (stats,) = ours.model_stats
+        assert (stats.name, stats.version) == (MODEL_ID, "2")
+        assert stats.inference_stats.success.count >= 1
+        assert (
+            stats.inference_stats.success.count
+            == theirs.model_stats[0].inference_stats.success.count
+        )
+        every = await client.get_inference_statistics()
+        assert {(s.name, s.version) for s in every.model_stats} >= {
+            (MODEL_ID, "1"),
+            (MODEL_ID, "2"),
+        }
+        for name, version, status in (
+            (MODEL_ID, "99", "StatusCode.NOT_FOUND"),
+            ("", "1", "StatusCode.INVALID_ARGUMENT"),
+        ):
+            with pytest.raises(InferenceServerException) as info:
+                await client.get_inference_statistics(name, version)
+            assert info.value.status() == status, (name, version)
+
+    async def test_repository_index_lists_the_held_versions(
+        self, client: InferenceServerClient
+    ) -> None:
+        """get_model_repository_index lists each version the service holds in Triton's terms."""
+        index = await client.get_model_repository_index()
+
+        assert {(m.name, m.version, m.state) for m in index.models} >= {
+            (MODEL_ID, "1", "READY"),
+            (MODEL_ID, "2", "READY"),
+        }

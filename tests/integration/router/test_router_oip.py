@@ -683,3 +683,59 @@ class TestReadiness:
             assert not await triton.is_server_ready()
         async with oip_router(deps) as (target, _), client(target) as triton:
             await eventually(triton.is_server_ready, "ServerReady once deployments arrive")
+
+
+class TestStreaming:
+    async def test_a_stream_is_routed_per_request(
+        self, dependencies: Dependencies, sessions: dict[str, ort.InferenceSession]
+    ) -> None:
+        """tritonclient's stream_infer on the router, auth on: each request of the stream is
+        routed on its own (a 50/50 split reaches both versions), answered as onnxruntime
+        answers for the version it names, under its id; a request with rows of the wrong
+        width gets its own error and the stream goes on; a stream without a key is refused."""
+        deps = dependencies
+        await deploy(deps, "oip-stream", {V1: 50, V2: 50})
+        key, record = new_api_key("erin", {Role.PREDICT}, n=TEST_SCRYPT_N)
+        bad = np.ascontiguousarray(ROWS[:, :7])
+
+        async def requests() -> AsyncIterator[dict[str, Any]]:
+            for i in range(40):
+                yield {
+                    "model_name": "oip-stream",
+                    "inputs": inputs(bad if i == 7 else ROWS),
+                    "request_id": f"s{i}",
+                }
+
+        answers: dict[str, Any] = {}
+        errors: list[str] = []
+        async with (
+            oip_router(deps, auth={"enabled": True, "keys": [record.model_dump()]}) as (
+                target,
+                _,
+            ),
+            client(target) as triton,
+            create_channel(target) as channel,
+        ):
+            stream = triton.stream_infer(requests(), stream_timeout=60, headers={"x-api-key": key})
+            async for result, error in stream:
+                if error is not None:
+                    errors.append(error.message())
+                else:
+                    answers[result.get_response().id] = result
+            # Refused at the call's start, before any request: none is sent, so the client
+            # does not race the refusal with its own writes.
+            keyless = service_pb2_grpc.GRPCInferenceServiceStub(channel).ModelStreamInfer(iter(()))
+            refused = await refused_oip(keyless.read())
+
+        assert sorted(answers) == sorted(f"s{i}" for i in range(40) if i != 7)
+        versions = {a.get_response().model_version for a in answers.values()}
+        assert versions == {"1", "2"}
+        for answer in answers.values():
+            version = V1 if answer.get_response().model_version == "1" else V2
+            assert_answers_as(answer, sessions, version)
+        (error,) = errors
+        assert error.startswith("[request id: s7] INVALID_ARGUMENT: "), error
+        assert (refused.code, refused.reason) == (
+            grpc.StatusCode.UNAUTHENTICATED,
+            "API_KEY_MISSING",
+        )

@@ -261,6 +261,29 @@ class TritonRunner:
             raise _triton_error(exc) from exc
         return dict(stats)
 
+    async def config_response(
+        self, model_name: str, version: str = "", *, timeout_s: float | None = None
+    ) -> Any:
+        """Triton's `ModelConfigResponse` for the model, as its gRPC API answers it."""
+        try:
+            return await self._client.get_model_config(
+                model_name, version, client_timeout=timeout_s
+            )
+        except InferenceServerException as exc:
+            raise _triton_error(exc) from exc
+
+    async def statistics_response(
+        self, model_name: str = "", version: str = "", *, timeout_s: float | None = None
+    ) -> Any:
+        """Triton's `ModelStatisticsResponse` for the model and version (empty: all of
+        them), as its gRPC API answers it."""
+        try:
+            return await self._client.get_inference_statistics(
+                model_name, version, client_timeout=timeout_s
+            )
+        except InferenceServerException as exc:
+            raise _triton_error(exc) from exc
+
     async def is_server_ready(self, *, timeout_s: float | None = None) -> bool:
         """Whether Triton reports itself ready for inference."""
         try:

@@ -2,20 +2,27 @@
 
 Built from the generated code that tritonclient ships, so Triton and KServe clients work
 unchanged against this service. A model is named as inside Triton (`fraud`) and a version
-by its number ("1"); an empty version means the newest READY one. Model control, shared
-memory, streaming and statistics are not offered here: they stay UNIMPLEMENTED.
+by its number ("1"); an empty version means the newest READY one. Besides the protocol's
+own calls it answers Triton's ModelStreamInfer (each request as ModelInfer answers it),
+ModelConfig and ModelStatistics (Triton's own answers, for versions this service holds) and
+RepositoryIndex (the versions held, in Triton's terms). Model control stays with
+LoadModelVersion and the registry's deployments, and shared memory has no sense across the
+network hop: those calls stay UNIMPLEMENTED.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import AsyncIterator
+from typing import Any, Protocol
 
 import grpc
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 
 from modelserve_inference.models import ModelVersions, VersionState
-from modelserve_runtime.errors import NotFoundError
+from modelserve_runtime.errors import InvalidArgumentError, NotFoundError, UnavailableError
+from modelserve_triton.errors import TritonError
 from modelserve_triton.oip import refuse_classification
+from modelserve_triton.oip_stream import stream_infer
 
 #: The name this facade answers ServerMetadata with.
 SERVER_NAME = "modelserve-inference"
@@ -32,8 +39,9 @@ def _tensor_metadata(spec: Any) -> Any:
 class OpenInferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):  # type: ignore[misc]
     """Answers the Open Inference Protocol from the versions this service holds."""
 
-    def __init__(self, versions: ModelVersions) -> None:
+    def __init__(self, versions: ModelVersions, triton: TritonIntrospection) -> None:
         self._versions = versions
+        self._triton = triton
 
     async def ServerLive(self, request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
         return service_pb2.ServerLiveResponse(live=True)
@@ -74,6 +82,18 @@ class OpenInferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):  # t
         )
 
     async def ModelInfer(self, request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+        return await self._infer(request, context)
+
+    async def ModelStreamInfer(
+        self, request_iterator: AsyncIterator[Any], context: grpc.aio.ServicerContext[Any, Any]
+    ) -> AsyncIterator[Any]:
+        async def answer(request: Any) -> Any:
+            return await self._infer(request, context)
+
+        async for response in stream_infer(request_iterator, answer):
+            yield response
+
+    async def _infer(self, request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
         held = self._versions.resolve(request.model_name, request.model_version)
         refuse_classification(request)
         # The request goes to Triton as it came (raw tensors checked, not decoded), and
@@ -81,3 +101,71 @@ class OpenInferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):  # t
         return await self._versions.infer_request(
             held, request, deadline_s=context.time_remaining()
         )
+
+    async def ModelConfig(self, request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+        held = self._versions.resolve(request.name, request.version)
+        try:
+            return await self._triton.config_response(
+                held.model, request.version, timeout_s=context.time_remaining()
+            )
+        except TritonError as exc:
+            raise _unanswered("the config of", held.model, exc) from exc
+
+    async def ModelStatistics(
+        self, request: Any, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> Any:
+        model = ""
+        if request.name:
+            # NOT_FOUND for a model or version this service does not hold, as ModelInfer.
+            model = self._versions.resolve(request.name, request.version).model
+        elif request.version:
+            raise InvalidArgumentError.for_field("version", "needs a model name")
+        try:
+            return await self._triton.statistics_response(
+                model, request.version, timeout_s=context.time_remaining()
+            )
+        except TritonError as exc:
+            raise _unanswered("the statistics of", model or "every model", exc) from exc
+
+    async def RepositoryIndex(
+        self, request: Any, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> Any:
+        index = service_pb2.RepositoryIndexResponse()
+        for held in self._versions.list():
+            if request.ready and held.state is not VersionState.READY:
+                continue
+            index.models.add(
+                name=held.model,
+                version=str(held.version),
+                state=_TRITON_STATES[held.state],
+                reason=held.reason,
+            )
+        return index
+
+
+#: Triton's words for the states of a version (its repository index API).
+_TRITON_STATES = {
+    VersionState.LOADING: "LOADING",
+    VersionState.WARMING: "LOADING",
+    VersionState.READY: "READY",
+    VersionState.FAILED: "UNAVAILABLE",
+    VersionState.UNLOADING: "UNLOADING",
+}
+
+
+class TritonIntrospection(Protocol):
+    """What the facade asks Triton itself: its answers to ModelConfig and ModelStatistics."""
+
+    async def config_response(
+        self, model_name: str, version: str = "", *, timeout_s: float | None = None
+    ) -> Any: ...
+
+    async def statistics_response(
+        self, model_name: str = "", version: str = "", *, timeout_s: float | None = None
+    ) -> Any: ...
+
+
+def _unanswered(what: str, model: str, exc: TritonError) -> UnavailableError:
+    return UnavailableError(
+        f"triton did not give {what} {model}: {exc}", reason="TRITON_UNAVAILABLE"
+    )

@@ -189,7 +189,7 @@ async def build_server(settings: InferenceSettings) -> tuple[GrpcServer, Inferen
     )
 
     grpc_server = build_grpc_server(
-        SERVICE, settings, _servicers(InferenceServicer(versions, reconciler), versions)
+        SERVICE, settings, _servicers(InferenceServicer(versions, reconciler), versions, runner)
     )
     owner_dir = None
     if settings.server.workers > 1:
@@ -238,14 +238,16 @@ async def build_server(settings: InferenceSettings) -> tuple[GrpcServer, Inferen
 
 
 def _servicers(
-    inference: InferenceServicer, versions: ModelVersions
+    inference: InferenceServicer, versions: ModelVersions, triton: TritonRunner
 ) -> Callable[[grpc.aio.Server], Sequence[str]]:
     """What `build_grpc_server` registers: `inference` as InferenceService and the Open
-    Inference Protocol over `versions`."""
+    Inference Protocol over `versions` (with Triton's own config and statistics)."""
 
     def register(server: grpc.aio.Server) -> Sequence[str]:
         pb_grpc.add_InferenceServiceServicer_to_server(inference, server)
-        oip_grpc.add_GRPCInferenceServiceServicer_to_server(OpenInferenceServicer(versions), server)
+        oip_grpc.add_GRPCInferenceServiceServicer_to_server(
+            OpenInferenceServicer(versions, triton), server
+        )
         return [
             pb.DESCRIPTOR.services_by_name["InferenceService"].full_name,
             oip_servicer.SERVICE_NAME,
@@ -349,7 +351,7 @@ async def build_worker(settings: InferenceSettings, owner: Owner) -> tuple[GrpcS
     servicer = WorkerInferenceServicer(
         versions, owner_channel, relay_timeout_s=2 * settings.load_timeout_s
     )
-    grpc_server = build_grpc_server(SERVICE, settings, _servicers(servicer, versions))
+    grpc_server = build_grpc_server(SERVICE, settings, _servicers(servicer, versions, runner))
     mirror = OwnerMirror(
         owner_channel,
         versions,

@@ -5,14 +5,15 @@ Predict gets: the traffic split, sticky routing, shadow copies, fallbacks, circu
 the prediction cache, limits, API keys and a PredictionRecord, all through the one
 `Predictor`. The caller's input tensors reach the version as they are (checked against its
 signature): an OIP caller sends tensors, so no features are read. Built from the generated
-code that tritonclient ships. Model control, shared memory, streaming, statistics and model
-config are not offered: they stay UNIMPLEMENTED.
+code that tritonclient ships. ModelStreamInfer answers each request of a stream as
+ModelInfer would (`oip_stream`). Model control, shared memory, statistics and model config
+are not offered: they stay UNIMPLEMENTED.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Mapping, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -45,6 +46,7 @@ from modelserve_triton.oip import (
     refuse_classification,
     signature_violations,
 )
+from modelserve_triton.oip_stream import stream_infer
 
 SERVICE_NAME = "inference.GRPCInferenceService"
 #: The name ServerMetadata answers with.
@@ -63,7 +65,7 @@ PUBLIC_OIP_METHODS = frozenset({_METHOD + "ServerLive", _METHOD + "ServerReady"}
 #: statistics) is in no role's table: with auth on it is PERMISSION_DENIED to every key.
 OIP_POLICY: dict[str, frozenset[Role]] = {
     _METHOD + name: PREDICT_ROLES
-    for name in ("ServerMetadata", "ModelReady", "ModelMetadata", "ModelInfer")
+    for name in ("ServerMetadata", "ModelReady", "ModelMetadata", "ModelInfer", "ModelStreamInfer")
 }
 
 
@@ -272,6 +274,19 @@ class OpenInferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):  # t
         )
 
     async def ModelInfer(self, request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+        return await self._infer(request, context)
+
+    async def ModelStreamInfer(
+        self, request_iterator: AsyncIterator[Any], context: grpc.aio.ServicerContext[Any, Any]
+    ) -> AsyncIterator[Any]:
+        async def answer(request: Any) -> Any:
+            return await self._infer(request, context)
+
+        async for response in stream_infer(request_iterator, answer):
+            yield response
+
+    async def _infer(self, request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+        """One ModelInfer, routed as Predict is, within the call's deadline."""
         if not request.model_name:
             raise InvalidArgumentError.for_field("model_name", "must name an endpoint")
         tensors = RequestTensors.from_request(request)
