@@ -26,7 +26,9 @@ Triton: the service's own batching gain). With `--workers N`, one more path at e
 concurrency: the facade of a third inference service (remote mode, the same Triton) run as N
 processes on one port (`SERVER__WORKERS`), called over 4N channels (connections) in turn,
 since the kernel spreads connections over the processes, not calls; its CPU is that of all N.
-Last, the first request after READY: version 2 is
+Two streaming paths at every concurrency: Triton's ModelStreamInfer straight to Triton and
+the same on the facade, each one stream that all `concurrency` callers share (requests
+matched to answers by id). Last, the first request after READY: version 2 is
 unloaded and loaded again `--fresh-loads` times, and each time the first Infer is sent the
 moment LoadModelVersion answers READY; its latency is set against the steady-state p50.
 
@@ -39,19 +41,21 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import sys
 import tempfile
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import grpc
 import numpy as np
 import psutil
 import uvloop
 from bench import Result, add_run_arguments, drive, run_benchmark
-from tritonclient.grpc import InferInput, InferRequestedOutput, service_pb2
+from tritonclient.grpc import InferInput, InferRequestedOutput, service_pb2, service_pb2_grpc
 from tritonclient.grpc.aio import InferenceServerClient
 
 from modelserve.inference.v1 import inference_service_pb2 as pb
@@ -82,6 +86,54 @@ PROXY_HTTP = "bare proxy (HTTP to Triton)"
 FACADE_WORKERS = "OIP facade, {} workers"
 DIRECT_UNBATCHED = "triton direct, dynamic batching off"
 FACADE_UNCOALESCED = "OIP facade, coalescing off"
+DIRECT_STREAM = "triton direct, one stream"
+FACADE_STREAM = "OIP facade, one stream"
+
+
+class StreamCaller:
+    """Sends requests down one ModelStreamInfer stream and awaits each one's answer by id:
+    `concurrency` callers share the stream, as a streaming client would."""
+
+    def __init__(self, target: str) -> None:
+        self._channel = grpc.aio.insecure_channel(target)
+        self._call = service_pb2_grpc.GRPCInferenceServiceStub(self._channel).ModelStreamInfer()
+        self._waiting: dict[str, asyncio.Future[Any]] = {}
+        self._write = asyncio.Lock()
+        self._next = 0
+        self._reader = asyncio.create_task(self._read())
+
+    async def _read(self) -> None:
+        try:
+            async for response in self._call:
+                waiting = self._waiting.pop(response.infer_response.id, None)
+                if waiting is None:
+                    raise RuntimeError(f"an answer to no request: {response}")
+                if response.error_message:
+                    waiting.set_exception(RuntimeError(response.error_message))
+                else:
+                    waiting.set_result(response.infer_response)
+        except BaseException as exc:
+            # Every caller still waiting learns that the stream is gone.
+            for waiting in self._waiting.values():
+                waiting.set_exception(RuntimeError(f"the stream ended: {exc!r}"))
+            self._waiting.clear()
+            raise
+
+    async def infer(self, request: Any) -> Any:
+        self._next += 1
+        request_id = str(self._next)
+        answered = asyncio.get_running_loop().create_future()
+        self._waiting[request_id] = answered
+        request.id = request_id
+        async with self._write:  # grpc.aio takes one write at a time per call
+            await self._call.write(request)
+        return await answered
+
+    async def close(self) -> None:
+        await self._call.done_writing()
+        with contextlib.suppress(Exception):
+            await self._reader
+        await self._channel.close()
 
 
 async def serve_echo(interceptors: bool) -> None:
@@ -458,15 +510,37 @@ async def _drive_all(
                 _family(workers.processes["inference"].pid),
             )
         )
+    stream_requests = [service_pb2.ModelInferRequest.FromString(p) for p in echo_payloads]
+    for request in stream_requests:
+        request.outputs.add(name="label")
+        request.outputs.add(name="probabilities")
+    streams = [StreamCaller(triton_endpoint), StreamCaller(stack.targets["inference"])]
+
+    def streamed(caller: StreamCaller) -> Callable[[int], Awaitable[object]]:
+        def call(i: int) -> Awaitable[object]:
+            request = service_pb2.ModelInferRequest()
+            request.CopyFrom(stream_requests[i % n])
+            return caller.infer(request)
+
+        return call
+
+    # Last at each concurrency: Triton 2.51's own stream handler has crashed Triton
+    # (SIGSEGV) under this load; whatever runs after it would measure a restart.
+    streaming = [
+        Route(FACADE_STREAM, streamed(streams[1]), inference),
+        Route(DIRECT_STREAM, streamed(streams[0]), None),
+    ]
     measured: list[Measured] = []
     try:
         for concurrency in args.concurrency:
             extra = last if concurrency == max(args.concurrency) else []
-            for path in [*paths, *extra]:
+            for path in [*paths, *extra, *streaming]:
                 measured.append(await _measure(path, concurrency, args.duration, triton_processes))
     finally:
         for client in (direct, facade, uncoalesced, proxy, proxy_http, *spread):
             await client.close()
+        for stream in streams:
+            await stream.close()
         await service_channel.close()
         for channel in echo_channels:
             await channel.close()
@@ -487,6 +561,13 @@ async def _wait_mirrored(target: str, channels: int, name: str) -> None:
                 if time.monotonic() > deadline:
                     raise RuntimeError(f"{name} is not READY on connection {k} of {target}")
                 await asyncio.sleep(0.05)
+
+
+def _ratio(a: Result, b: Result) -> str:
+    """a's req/s over b's, or why there is none (b answered nothing: every call failed)."""
+    if not b.rps:
+        return f"n/a ({b.path}: {b.errors} errors)"
+    return f"{a.rps / b.rps:.2f}"
 
 
 def _print(measured: list[Measured], firsts: list[float], args: argparse.Namespace) -> None:
@@ -522,14 +603,16 @@ def _print(measured: list[Measured], firsts: list[float], args: argparse.Namespa
             ratio = by[(name, c)].rps / echo.rps
             print(f"| {name}: req/s / echo req/s{target} | {c} | {ratio:.2f} |")
         print(f"| {FACADE}: req/s / direct req/s | {c} | {by[(FACADE, c)].rps / direct.rps:.2f} |")
+        streams = _ratio(by[(FACADE_STREAM, c)], by[(DIRECT_STREAM, c)])
+        print(f"| {FACADE_STREAM}: req/s / {DIRECT_STREAM} req/s | {c} | {streams} |")
     top = max(args.concurrency)
     print(
         f"| Triton's dynamic batching gain: req/s on / off | {top} |"
-        f" {by[(DIRECT, top)].rps / by[(DIRECT_UNBATCHED, top)].rps:.2f} |"
+        f" {_ratio(by[(DIRECT, top)], by[(DIRECT_UNBATCHED, top)])} |"
     )
     print(
         f"| the facade's coalescing gain: req/s on / off | {top} |"
-        f" {by[(FACADE, top)].rps / by[(FACADE_UNCOALESCED, top)].rps:.2f} |"
+        f" {_ratio(by[(FACADE, top)], by[(FACADE_UNCOALESCED, top)])} |"
     )
     steady = by[(INFER, min(args.concurrency))].percentile(50)
     print(
