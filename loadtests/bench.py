@@ -1,8 +1,9 @@
 """Benchmark: Predict through the router against the direct paths it wraps, in one run.
 
 Starts the local stack (redis-server, Triton, the five services), deploys the demo model,
-then for each concurrency drives four paths for a fixed time and prints p50/p95/p99
-latency and throughput, plus the ratios router/Triton and feature-service/Redis.
+then for each concurrency drives five paths for a fixed time and prints p50/p95/p99
+latency and throughput, plus the ratios router/Triton and feature-service/Redis. The fifth
+is `PredictStream`: the same requests down one stream that every caller shares.
 
     .venv/bin/python loadtests/bench.py --duration 5 --concurrency 1 16 64
 """
@@ -20,7 +21,7 @@ import time
 from collections.abc import Awaitable, Callable, Coroutine, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import grpc
 import numpy as np
@@ -111,6 +112,49 @@ def cpu_seconds(groups: Mapping[str, list[int]]) -> dict[str, float]:
                 total += times.user + times.system
         used[group] = total
     return used
+
+
+class SharedStream:
+    """One bidirectional call that concurrent callers share, as a streaming client would:
+    each sends its request and awaits the answer that carries its id. `answered(response)`
+    says which request a response answers, and with what: (id, result, error message)."""
+
+    def __init__(self, call: Any, answered: Callable[[Any], tuple[str, object, str]]) -> None:
+        self._call = call
+        self._answered = answered
+        self._waiting: dict[str, asyncio.Future[object]] = {}
+        self._write = asyncio.Lock()
+        self._reader = asyncio.create_task(self._read())
+
+    async def _read(self) -> None:
+        try:
+            async for response in self._call:
+                request_id, result, error = self._answered(response)
+                waiting = self._waiting.pop(request_id, None)
+                if waiting is None:
+                    raise RuntimeError(f"an answer to no request: {request_id!r}")
+                if error:
+                    waiting.set_exception(RuntimeError(error))
+                else:
+                    waiting.set_result(result)
+        except BaseException as exc:
+            # Every caller still waiting learns that the stream is gone.
+            for waiting in self._waiting.values():
+                waiting.set_exception(RuntimeError(f"the stream ended: {exc!r}"))
+            self._waiting.clear()
+            raise
+
+    async def send(self, request_id: str, request: Any) -> object:
+        answered = asyncio.get_running_loop().create_future()
+        self._waiting[request_id] = answered
+        async with self._write:  # grpc.aio takes one write at a time per call
+            await self._call.write(request)
+        return await answered
+
+    async def close(self) -> None:
+        await self._call.done_writing()
+        with contextlib.suppress(Exception):
+            await self._reader
 
 
 async def drive(
@@ -302,6 +346,17 @@ async def main(args: argparse.Namespace) -> None:
             ),
             "redis HGETALL (direct)": lambda i: redis_client.hgetall(keys[i % n]),
         }
+        stream = SharedStream(routers[0].PredictStream(), _predict_answer)
+        sequence = iter(range(1 << 62))
+
+        def streamed(i: int) -> Awaitable[object]:
+            request_id = f"b{next(sequence)}"
+            predict = router_pb.PredictRequest()
+            predict.CopyFrom(requests[i % n])
+            predict.request_id = request_id
+            return stream.send(request_id, router_pb.PredictStreamRequest(request=predict))
+
+        paths["router PredictStream (one stream)"] = streamed
         groups = process_groups(stack)
         results: list[Result] = []
         for concurrency in args.concurrency:
@@ -310,6 +365,7 @@ async def main(args: argparse.Namespace) -> None:
                 results.append(await drive(name, call, concurrency, args.duration, groups))
         _print(results, args)
         print_cpu(results, sorted(groups))
+        await stream.close()
         for channel in router_channels:
             await channel.close()
         await feature_channel.close()
@@ -317,6 +373,11 @@ async def main(args: argparse.Namespace) -> None:
         await redis_client.aclose()
     finally:
         await stack.stop()
+
+
+def _predict_answer(response: router_pb.PredictStreamResponse) -> tuple[str, object, str]:
+    error = response.error.message if response.HasField("error") else ""
+    return response.request_id, response.response, error
 
 
 async def _triton_endpoint(stack: Stack) -> str:

@@ -41,7 +41,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import sys
 import tempfile
 import time
@@ -54,7 +53,7 @@ import grpc
 import numpy as np
 import psutil
 import uvloop
-from bench import Result, add_run_arguments, drive, run_benchmark
+from bench import Result, SharedStream, add_run_arguments, drive, run_benchmark
 from tritonclient.grpc import InferInput, InferRequestedOutput, service_pb2, service_pb2_grpc
 from tritonclient.grpc.aio import InferenceServerClient
 
@@ -90,50 +89,15 @@ DIRECT_STREAM = "triton direct, one stream"
 FACADE_STREAM = "OIP facade, one stream"
 
 
-class StreamCaller:
-    """Sends requests down one ModelStreamInfer stream and awaits each one's answer by id:
-    `concurrency` callers share the stream, as a streaming client would."""
+def _stream_caller(target: str) -> tuple[grpc.aio.Channel, SharedStream]:
+    """One ModelStreamInfer stream to `target` that callers share, answers matched by id."""
+    channel = grpc.aio.insecure_channel(target)
+    call = service_pb2_grpc.GRPCInferenceServiceStub(channel).ModelStreamInfer()
 
-    def __init__(self, target: str) -> None:
-        self._channel = grpc.aio.insecure_channel(target)
-        self._call = service_pb2_grpc.GRPCInferenceServiceStub(self._channel).ModelStreamInfer()
-        self._waiting: dict[str, asyncio.Future[Any]] = {}
-        self._write = asyncio.Lock()
-        self._next = 0
-        self._reader = asyncio.create_task(self._read())
+    def answered(response: Any) -> tuple[str, object, str]:
+        return response.infer_response.id, response.infer_response, response.error_message
 
-    async def _read(self) -> None:
-        try:
-            async for response in self._call:
-                waiting = self._waiting.pop(response.infer_response.id, None)
-                if waiting is None:
-                    raise RuntimeError(f"an answer to no request: {response}")
-                if response.error_message:
-                    waiting.set_exception(RuntimeError(response.error_message))
-                else:
-                    waiting.set_result(response.infer_response)
-        except BaseException as exc:
-            # Every caller still waiting learns that the stream is gone.
-            for waiting in self._waiting.values():
-                waiting.set_exception(RuntimeError(f"the stream ended: {exc!r}"))
-            self._waiting.clear()
-            raise
-
-    async def infer(self, request: Any) -> Any:
-        self._next += 1
-        request_id = str(self._next)
-        answered = asyncio.get_running_loop().create_future()
-        self._waiting[request_id] = answered
-        request.id = request_id
-        async with self._write:  # grpc.aio takes one write at a time per call
-            await self._call.write(request)
-        return await answered
-
-    async def close(self) -> None:
-        await self._call.done_writing()
-        with contextlib.suppress(Exception):
-            await self._reader
-        await self._channel.close()
+    return channel, SharedStream(call, answered)
 
 
 async def serve_echo(interceptors: bool) -> None:
@@ -514,13 +478,17 @@ async def _drive_all(
     for request in stream_requests:
         request.outputs.add(name="label")
         request.outputs.add(name="probabilities")
-    streams = [StreamCaller(triton_endpoint), StreamCaller(stack.targets["inference"])]
+    streams = [_stream_caller(triton_endpoint), _stream_caller(stack.targets["inference"])]
+    sequence = iter(range(1 << 62))
 
-    def streamed(caller: StreamCaller) -> Callable[[int], Awaitable[object]]:
+    def streamed(
+        stream: tuple[grpc.aio.Channel, SharedStream],
+    ) -> Callable[[int], Awaitable[object]]:
         def call(i: int) -> Awaitable[object]:
             request = service_pb2.ModelInferRequest()
             request.CopyFrom(stream_requests[i % n])
-            return caller.infer(request)
+            request.id = str(next(sequence))
+            return stream[1].send(request.id, request)
 
         return call
 
@@ -539,8 +507,9 @@ async def _drive_all(
     finally:
         for client in (direct, facade, uncoalesced, proxy, proxy_http, *spread):
             await client.close()
-        for stream in streams:
+        for channel, stream in streams:
             await stream.close()
+            await channel.close()
         await service_channel.close()
         for channel in echo_channels:
             await channel.close()

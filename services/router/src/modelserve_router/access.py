@@ -15,4 +15,5 @@ PREDICT_ROLES = frozenset({Role.PREDICT, Role.VIEWER, Role.DEPLOYER, Role.APPROV
 #: Method -> the roles that may call it; a method missing here is refused to every key.
 ROUTER_POLICY: dict[str, frozenset[Role]] = {
     _SERVICE + "Predict": PREDICT_ROLES,
+    _SERVICE + "PredictStream": PREDICT_ROLES,
 }

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import uuid
+from collections.abc import AsyncIterator
 from typing import Any
 
 import grpc
@@ -12,7 +14,15 @@ from modelserve.router.v1 import router_service_pb2_grpc as pb_grpc
 from modelserve_router.predict import PredictionInput, Predictor
 from modelserve_runtime.auth import current_principal
 from modelserve_runtime.convert import numpy_to_tensor, value_from_proto
-from modelserve_runtime.errors import DeadlineExceededError
+from modelserve_runtime.errors import (
+    DeadlineExceededError,
+    InvalidArgumentError,
+    ModelServeError,
+)
+from modelserve_runtime.streams import answer_each
+
+#: The ErrorInfo domain of the router's errors.
+DOMAIN = "router.modelserve"
 
 
 class RouterServicer(pb_grpc.RouterServiceServicer):
@@ -25,6 +35,28 @@ class RouterServicer(pb_grpc.RouterServiceServicer):
     async def Predict(
         self, request: pb.PredictRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> pb.PredictResponse:
+        return await self._predict(request, context)
+
+    async def PredictStream(
+        self,
+        request_iterator: AsyncIterator[pb.PredictStreamRequest],
+        context: grpc.aio.ServicerContext[Any, Any],
+    ) -> AsyncIterator[pb.PredictStreamResponse]:
+        async def answer(item: pb.PredictStreamRequest) -> pb.PredictStreamResponse:
+            request = item.request
+            # The id names the answer, so a request without one gets it here, not deeper.
+            if not request.request_id:
+                request.request_id = uuid.uuid4().hex
+            response = await self._predict(request, context)
+            return pb.PredictStreamResponse(request_id=response.request_id, response=response)
+
+        async for response in answer_each(request_iterator, answer, _failed):
+            yield response
+
+    async def _predict(
+        self, request: pb.PredictRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> pb.PredictResponse:
+        """One Predict within the call's deadline."""
         prediction = PredictionInput(
             endpoint=request.endpoint,
             entities=dict(request.entities),
@@ -59,3 +91,29 @@ class RouterServicer(pb_grpc.RouterServiceServicer):
             degraded=result.degraded,
             degraded_reason=result.degraded_reason,
         )
+
+
+def _failed(
+    item: pb.PredictStreamRequest, error: ModelServeError | None
+) -> pb.PredictStreamResponse:
+    """A stream's answer to a request that failed, with what a failed Predict's status
+    carries (an unexpected error: INTERNAL with a fixed message, as Predict's)."""
+    if error is None:
+        failure = pb.PredictError(
+            code=grpc.StatusCode.INTERNAL.value[0], message="internal error", domain=DOMAIN
+        )
+    else:
+        failure = pb.PredictError(
+            code=error.code.value[0],
+            message=error.message,
+            reason=error.reason,
+            domain=DOMAIN,
+            metadata=error.metadata,
+            field_violations=[
+                pb.FieldViolation(field=v.field, description=v.description)
+                for v in (error.violations if isinstance(error, InvalidArgumentError) else ())
+            ],
+        )
+        if error.retry_delay_s is not None:
+            failure.retry_delay.FromNanoseconds(max(0, round(error.retry_delay_s * 1e9)))
+    return pb.PredictStreamResponse(request_id=item.request.request_id, error=failure)

@@ -22,12 +22,13 @@ _runtime_version.ValidateProtobufRuntimeVersion(
 _sym_db = _symbol_database.Default()
 
 
+from google.protobuf import duration_pb2 as google_dot_protobuf_dot_duration__pb2
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 from modelserve.type.v1 import feature_value_pb2 as modelserve_dot_type_dot_v1_dot_feature__value__pb2
 from modelserve.type.v1 import tensor_pb2 as modelserve_dot_type_dot_v1_dot_tensor__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n)modelserve/router/v1/router_service.proto\x12\x14modelserve.router.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a&modelserve/type/v1/feature_value.proto\x1a\x1fmodelserve/type/v1/tensor.proto\"c\n\x0eRequestContext\x12.\n\nevent_time\x18\x01 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x12\n\nuser_agent\x18\x02 \x01(\t\x12\r\n\x05query\x18\x03 \x01(\t\"\x8e\x03\n\x0ePredictRequest\x12\x10\n\x08\x65ndpoint\x18\x01 \x01(\t\x12\x44\n\x08\x65ntities\x18\x02 \x03(\x0b\x32\x32.modelserve.router.v1.PredictRequest.EntitiesEntry\x12\x35\n\x07\x63ontext\x18\x03 \x01(\x0b\x32$.modelserve.router.v1.RequestContext\x12\x44\n\x08\x66\x65\x61tures\x18\x04 \x03(\x0b\x32\x32.modelserve.router.v1.PredictRequest.FeaturesEntry\x12\x12\n\nrequest_id\x18\x05 \x01(\t\x12\x0f\n\x07user_id\x18\x06 \x01(\t\x1a/\n\rEntitiesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x1aQ\n\rFeaturesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12/\n\x05value\x18\x02 \x01(\x0b\x32 .modelserve.type.v1.FeatureValue:\x02\x38\x01\"\xbc\x01\n\x0fPredictResponse\x12+\n\x07outputs\x18\x01 \x03(\x0b\x32\x1a.modelserve.type.v1.Tensor\x12\x15\n\rmodel_version\x18\x02 \x01(\t\x12\x12\n\nrequest_id\x18\x03 \x01(\t\x12\x10\n\x08\x64\x65graded\x18\x04 \x01(\x08\x12\x17\n\x0f\x64\x65graded_reason\x18\x05 \x01(\t\x12\x14\n\x0croute_reason\x18\x06 \x01(\t\x12\x10\n\x08trace_id\x18\x07 \x01(\t2g\n\rRouterService\x12V\n\x07Predict\x12$.modelserve.router.v1.PredictRequest\x1a%.modelserve.router.v1.PredictResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n)modelserve/router/v1/router_service.proto\x12\x14modelserve.router.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a&modelserve/type/v1/feature_value.proto\x1a\x1fmodelserve/type/v1/tensor.proto\"c\n\x0eRequestContext\x12.\n\nevent_time\x18\x01 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x12\n\nuser_agent\x18\x02 \x01(\t\x12\r\n\x05query\x18\x03 \x01(\t\"\x8e\x03\n\x0ePredictRequest\x12\x10\n\x08\x65ndpoint\x18\x01 \x01(\t\x12\x44\n\x08\x65ntities\x18\x02 \x03(\x0b\x32\x32.modelserve.router.v1.PredictRequest.EntitiesEntry\x12\x35\n\x07\x63ontext\x18\x03 \x01(\x0b\x32$.modelserve.router.v1.RequestContext\x12\x44\n\x08\x66\x65\x61tures\x18\x04 \x03(\x0b\x32\x32.modelserve.router.v1.PredictRequest.FeaturesEntry\x12\x12\n\nrequest_id\x18\x05 \x01(\t\x12\x0f\n\x07user_id\x18\x06 \x01(\t\x1a/\n\rEntitiesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x1aQ\n\rFeaturesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12/\n\x05value\x18\x02 \x01(\x0b\x32 .modelserve.type.v1.FeatureValue:\x02\x38\x01\"\xbc\x01\n\x0fPredictResponse\x12+\n\x07outputs\x18\x01 \x03(\x0b\x32\x1a.modelserve.type.v1.Tensor\x12\x15\n\rmodel_version\x18\x02 \x01(\t\x12\x12\n\nrequest_id\x18\x03 \x01(\t\x12\x10\n\x08\x64\x65graded\x18\x04 \x01(\x08\x12\x17\n\x0f\x64\x65graded_reason\x18\x05 \x01(\t\x12\x14\n\x0croute_reason\x18\x06 \x01(\t\x12\x10\n\x08trace_id\x18\x07 \x01(\t\"M\n\x14PredictStreamRequest\x12\x35\n\x07request\x18\x01 \x01(\x0b\x32$.modelserve.router.v1.PredictRequest\"\xa5\x01\n\x15PredictStreamResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x39\n\x08response\x18\x02 \x01(\x0b\x32%.modelserve.router.v1.PredictResponseH\x00\x12\x33\n\x05\x65rror\x18\x03 \x01(\x0b\x32\".modelserve.router.v1.PredictErrorH\x00\x42\x08\n\x06result\"\xb2\x02\n\x0cPredictError\x12\x0c\n\x04\x63ode\x18\x01 \x01(\x05\x12\x0f\n\x07message\x18\x02 \x01(\t\x12\x0e\n\x06reason\x18\x03 \x01(\t\x12\x0e\n\x06\x64omain\x18\x04 \x01(\t\x12\x42\n\x08metadata\x18\x05 \x03(\x0b\x32\x30.modelserve.router.v1.PredictError.MetadataEntry\x12>\n\x10\x66ield_violations\x18\x06 \x03(\x0b\x32$.modelserve.router.v1.FieldViolation\x12.\n\x0bretry_delay\x18\x07 \x01(\x0b\x32\x19.google.protobuf.Duration\x1a/\n\rMetadataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"4\n\x0e\x46ieldViolation\x12\r\n\x05\x66ield\x18\x01 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x02 \x01(\t2\xd5\x01\n\rRouterService\x12V\n\x07Predict\x12$.modelserve.router.v1.PredictRequest\x1a%.modelserve.router.v1.PredictResponse\x12l\n\rPredictStream\x12*.modelserve.router.v1.PredictStreamRequest\x1a+.modelserve.router.v1.PredictStreamResponse(\x01\x30\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -38,16 +39,28 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_PREDICTREQUEST_ENTITIESENTRY']._serialized_options = b'8\001'
   _globals['_PREDICTREQUEST_FEATURESENTRY']._loaded_options = None
   _globals['_PREDICTREQUEST_FEATURESENTRY']._serialized_options = b'8\001'
-  _globals['_REQUESTCONTEXT']._serialized_start=173
-  _globals['_REQUESTCONTEXT']._serialized_end=272
-  _globals['_PREDICTREQUEST']._serialized_start=275
-  _globals['_PREDICTREQUEST']._serialized_end=673
-  _globals['_PREDICTREQUEST_ENTITIESENTRY']._serialized_start=543
-  _globals['_PREDICTREQUEST_ENTITIESENTRY']._serialized_end=590
-  _globals['_PREDICTREQUEST_FEATURESENTRY']._serialized_start=592
-  _globals['_PREDICTREQUEST_FEATURESENTRY']._serialized_end=673
-  _globals['_PREDICTRESPONSE']._serialized_start=676
-  _globals['_PREDICTRESPONSE']._serialized_end=864
-  _globals['_ROUTERSERVICE']._serialized_start=866
-  _globals['_ROUTERSERVICE']._serialized_end=969
+  _globals['_PREDICTERROR_METADATAENTRY']._loaded_options = None
+  _globals['_PREDICTERROR_METADATAENTRY']._serialized_options = b'8\001'
+  _globals['_REQUESTCONTEXT']._serialized_start=205
+  _globals['_REQUESTCONTEXT']._serialized_end=304
+  _globals['_PREDICTREQUEST']._serialized_start=307
+  _globals['_PREDICTREQUEST']._serialized_end=705
+  _globals['_PREDICTREQUEST_ENTITIESENTRY']._serialized_start=575
+  _globals['_PREDICTREQUEST_ENTITIESENTRY']._serialized_end=622
+  _globals['_PREDICTREQUEST_FEATURESENTRY']._serialized_start=624
+  _globals['_PREDICTREQUEST_FEATURESENTRY']._serialized_end=705
+  _globals['_PREDICTRESPONSE']._serialized_start=708
+  _globals['_PREDICTRESPONSE']._serialized_end=896
+  _globals['_PREDICTSTREAMREQUEST']._serialized_start=898
+  _globals['_PREDICTSTREAMREQUEST']._serialized_end=975
+  _globals['_PREDICTSTREAMRESPONSE']._serialized_start=978
+  _globals['_PREDICTSTREAMRESPONSE']._serialized_end=1143
+  _globals['_PREDICTERROR']._serialized_start=1146
+  _globals['_PREDICTERROR']._serialized_end=1452
+  _globals['_PREDICTERROR_METADATAENTRY']._serialized_start=1405
+  _globals['_PREDICTERROR_METADATAENTRY']._serialized_end=1452
+  _globals['_FIELDVIOLATION']._serialized_start=1454
+  _globals['_FIELDVIOLATION']._serialized_end=1506
+  _globals['_ROUTERSERVICE']._serialized_start=1509
+  _globals['_ROUTERSERVICE']._serialized_end=1722
 # @@protoc_insertion_point(module_scope)

@@ -41,6 +41,11 @@ class RouterServiceStub:
                 request_serializer=modelserve_dot_router_dot_v1_dot_router__service__pb2.PredictRequest.SerializeToString,
                 response_deserializer=modelserve_dot_router_dot_v1_dot_router__service__pb2.PredictResponse.FromString,
                 _registered_method=True)
+        self.PredictStream = channel.stream_stream(
+                '/modelserve.router.v1.RouterService/PredictStream',
+                request_serializer=modelserve_dot_router_dot_v1_dot_router__service__pb2.PredictStreamRequest.SerializeToString,
+                response_deserializer=modelserve_dot_router_dot_v1_dot_router__service__pb2.PredictStreamResponse.FromString,
+                _registered_method=True)
 
 
 class RouterServiceServicer:
@@ -55,6 +60,19 @@ class RouterServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def PredictStream(self, request_iterator, context):
+        """PredictStream scores each request of a bidirectional stream exactly as Predict would
+        (routing, features, fallbacks, limits, the prediction log), several at once, and sends
+        each answer as soon as it is ready: not necessarily in the order of the requests, so
+        each carries its request's `request_id`. A request that fails is answered with its
+        error and the stream goes on. The stream ends once the caller has closed its side and
+        every answer is sent. For callers that send many requests from one process (stream
+        processors, batch feeders): one call carries them all, without the work of a call each.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_RouterServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -62,6 +80,11 @@ def add_RouterServiceServicer_to_server(servicer, server):
                     servicer.Predict,
                     request_deserializer=modelserve_dot_router_dot_v1_dot_router__service__pb2.PredictRequest.FromString,
                     response_serializer=modelserve_dot_router_dot_v1_dot_router__service__pb2.PredictResponse.SerializeToString,
+            ),
+            'PredictStream': grpc.stream_stream_rpc_method_handler(
+                    servicer.PredictStream,
+                    request_deserializer=modelserve_dot_router_dot_v1_dot_router__service__pb2.PredictStreamRequest.FromString,
+                    response_serializer=modelserve_dot_router_dot_v1_dot_router__service__pb2.PredictStreamResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -93,6 +116,33 @@ class RouterService:
             '/modelserve.router.v1.RouterService/Predict',
             modelserve_dot_router_dot_v1_dot_router__service__pb2.PredictRequest.SerializeToString,
             modelserve_dot_router_dot_v1_dot_router__service__pb2.PredictResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PredictStream(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/modelserve.router.v1.RouterService/PredictStream',
+            modelserve_dot_router_dot_v1_dot_router__service__pb2.PredictStreamRequest.SerializeToString,
+            modelserve_dot_router_dot_v1_dot_router__service__pb2.PredictStreamResponse.FromString,
             options,
             channel_credentials,
             insecure,

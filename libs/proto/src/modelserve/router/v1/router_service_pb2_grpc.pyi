@@ -37,6 +37,15 @@ class RouterServiceStub:
     def __new__(cls, channel: _aio.Channel) -> RouterServiceAsyncStub: ...
     Predict: _grpc.UnaryUnaryMultiCallable[_router_service_pb2.PredictRequest, _router_service_pb2.PredictResponse]
     """Predict scores one request against the model version that the endpoint routes it to."""
+    PredictStream: _grpc.StreamStreamMultiCallable[_router_service_pb2.PredictStreamRequest, _router_service_pb2.PredictStreamResponse]
+    """PredictStream scores each request of a bidirectional stream exactly as Predict would
+    (routing, features, fallbacks, limits, the prediction log), several at once, and sends
+    each answer as soon as it is ready: not necessarily in the order of the requests, so
+    each carries its request's `request_id`. A request that fails is answered with its
+    error and the stream goes on. The stream ends once the caller has closed its side and
+    every answer is sent. For callers that send many requests from one process (stream
+    processors, batch feeders): one call carries them all, without the work of a call each.
+    """
 
 @_typing.type_check_only
 class RouterServiceAsyncStub(RouterServiceStub):
@@ -47,6 +56,15 @@ class RouterServiceAsyncStub(RouterServiceStub):
     def __init__(self, channel: _aio.Channel) -> None: ...
     Predict: _aio.UnaryUnaryMultiCallable[_router_service_pb2.PredictRequest, _router_service_pb2.PredictResponse]  # type: ignore[assignment]
     """Predict scores one request against the model version that the endpoint routes it to."""
+    PredictStream: _aio.StreamStreamMultiCallable[_router_service_pb2.PredictStreamRequest, _router_service_pb2.PredictStreamResponse]  # type: ignore[assignment]
+    """PredictStream scores each request of a bidirectional stream exactly as Predict would
+    (routing, features, fallbacks, limits, the prediction log), several at once, and sends
+    each answer as soon as it is ready: not necessarily in the order of the requests, so
+    each carries its request's `request_id`. A request that fails is answered with its
+    error and the stream goes on. The stream ends once the caller has closed its side and
+    every answer is sent. For callers that send many requests from one process (stream
+    processors, batch feeders): one call carries them all, without the work of a call each.
+    """
 
 class RouterServiceServicer(metaclass=_abc_1.ABCMeta):
     """RouterService is the public prediction API: it picks a model version for each request,
@@ -60,5 +78,20 @@ class RouterServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_router_service_pb2.PredictResponse, _abc.Awaitable[_router_service_pb2.PredictResponse]]:
         """Predict scores one request against the model version that the endpoint routes it to."""
+
+    @_abc_1.abstractmethod
+    def PredictStream(
+        self,
+        request_iterator: _MaybeAsyncIterator[_router_service_pb2.PredictStreamRequest],
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_router_service_pb2.PredictStreamResponse], _abc.AsyncIterator[_router_service_pb2.PredictStreamResponse]]:
+        """PredictStream scores each request of a bidirectional stream exactly as Predict would
+        (routing, features, fallbacks, limits, the prediction log), several at once, and sends
+        each answer as soon as it is ready: not necessarily in the order of the requests, so
+        each carries its request's `request_id`. A request that fails is answered with its
+        error and the stream goes on. The stream ends once the caller has closed its side and
+        every answer is sent. For callers that send many requests from one process (stream
+        processors, batch feeders): one call carries them all, without the work of a call each.
+        """
 
 def add_RouterServiceServicer_to_server(servicer: RouterServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
