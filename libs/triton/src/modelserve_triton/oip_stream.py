@@ -14,6 +14,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
+import grpc
 from tritonclient.grpc import service_pb2
 
 from modelserve_runtime.errors import ModelServeError
@@ -53,3 +54,24 @@ def stream_infer(
         return service_pb2.ModelStreamInferResponse(infer_response=await answer(request))
 
     return answer_each(requests, answered, _failed, max_in_flight=max_in_flight)
+
+
+class ModelInferCalls:
+    """`ModelInfer` and `ModelStreamInfer` of an Open Inference Protocol servicer, both over
+    its `_infer(request, context)`: a stream's requests are each answered as ModelInfer
+    answers them, within the stream's deadline."""
+
+    async def _infer(self, request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+        raise NotImplementedError
+
+    async def ModelInfer(self, request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+        return await self._infer(request, context)
+
+    async def ModelStreamInfer(
+        self, request_iterator: AsyncIterator[Any], context: grpc.aio.ServicerContext[Any, Any]
+    ) -> AsyncIterator[Any]:
+        async def answer(request: Any) -> Any:
+            return await self._infer(request, context)
+
+        async for response in stream_infer(request_iterator, answer):
+            yield response

@@ -12,7 +12,6 @@ network hop: those calls stay UNIMPLEMENTED.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
 from typing import Any, Protocol
 
 import grpc
@@ -22,7 +21,7 @@ from modelserve_inference.models import ModelVersions, VersionState
 from modelserve_runtime.errors import InvalidArgumentError, NotFoundError, UnavailableError
 from modelserve_triton.errors import TritonError
 from modelserve_triton.oip import refuse_classification
-from modelserve_triton.oip_stream import stream_infer
+from modelserve_triton.oip_stream import ModelInferCalls
 
 #: The name this facade answers ServerMetadata with.
 SERVER_NAME = "modelserve-inference"
@@ -36,7 +35,10 @@ def _tensor_metadata(spec: Any) -> Any:
 
 
 # The generated servicer is untyped (tritonclient ships no stubs), hence the ignore.
-class OpenInferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):  # type: ignore[misc]
+class OpenInferenceServicer(
+    ModelInferCalls,
+    service_pb2_grpc.GRPCInferenceServiceServicer,  # type: ignore[misc]
+):
     """Answers the Open Inference Protocol from the versions this service holds."""
 
     def __init__(self, versions: ModelVersions, triton: TritonIntrospection) -> None:
@@ -80,18 +82,6 @@ class OpenInferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):  # t
             inputs=[_tensor_metadata(s) for s in held.inputs],
             outputs=[_tensor_metadata(s) for s in held.outputs],
         )
-
-    async def ModelInfer(self, request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
-        return await self._infer(request, context)
-
-    async def ModelStreamInfer(
-        self, request_iterator: AsyncIterator[Any], context: grpc.aio.ServicerContext[Any, Any]
-    ) -> AsyncIterator[Any]:
-        async def answer(request: Any) -> Any:
-            return await self._infer(request, context)
-
-        async for response in stream_infer(request_iterator, answer):
-            yield response
 
     async def _infer(self, request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
         held = self._versions.resolve(request.model_name, request.model_version)

@@ -13,7 +13,7 @@ are not offered: they stay UNIMPLEMENTED.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -46,7 +46,7 @@ from modelserve_triton.oip import (
     refuse_classification,
     signature_violations,
 )
-from modelserve_triton.oip_stream import stream_infer
+from modelserve_triton.oip_stream import ModelInferCalls
 
 SERVICE_NAME = "inference.GRPCInferenceService"
 #: The name ServerMetadata answers with.
@@ -219,7 +219,10 @@ def _tensor_metadata(specs: Sequence[tensor_pb2.TensorSpec]) -> list[Any]:
 
 
 # The generated servicer is untyped (tritonclient ships no stubs), hence the ignore.
-class OpenInferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):  # type: ignore[misc]
+class OpenInferenceServicer(
+    ModelInferCalls,
+    service_pb2_grpc.GRPCInferenceServiceServicer,  # type: ignore[misc]
+):
     """Answers the Open Inference Protocol on the router: a model is an endpoint."""
 
     def __init__(
@@ -272,18 +275,6 @@ class OpenInferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):  # t
             inputs=_tensor_metadata(signature.inputs),
             outputs=_tensor_metadata(signature.outputs),
         )
-
-    async def ModelInfer(self, request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
-        return await self._infer(request, context)
-
-    async def ModelStreamInfer(
-        self, request_iterator: AsyncIterator[Any], context: grpc.aio.ServicerContext[Any, Any]
-    ) -> AsyncIterator[Any]:
-        async def answer(request: Any) -> Any:
-            return await self._infer(request, context)
-
-        async for response in stream_infer(request_iterator, answer):
-            yield response
 
     async def _infer(self, request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
         """One ModelInfer, routed as Predict is, within the call's deadline."""
