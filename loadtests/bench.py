@@ -3,7 +3,8 @@
 Starts the local stack (redis-server, Triton, the five services), deploys the demo model,
 then for each concurrency drives five paths for a fixed time and prints p50/p95/p99
 latency and throughput, plus the ratios router/Triton and feature-service/Redis. The fifth
-is `PredictStream`: the same requests down one stream that every caller shares.
+is `PredictStream`: the same requests down one stream that every caller shares
+(`PredictStreamClient`).
 
     .venv/bin/python loadtests/bench.py --duration 5 --concurrency 1 16 64
 """
@@ -37,6 +38,7 @@ from modelserve_cli.stack import SERVICES, Stack, StackOptions
 from modelserve_demo import fraud
 from modelserve_features.redis_store import EntityKey, redis_key
 from modelserve_runtime.channels import create_channel
+from modelserve_runtime.predict_stream import PredictStreamClient
 from modelserve_triton.runner import TritonRunner
 
 
@@ -346,15 +348,13 @@ async def main(args: argparse.Namespace) -> None:
             ),
             "redis HGETALL (direct)": lambda i: redis_client.hgetall(keys[i % n]),
         }
-        stream = SharedStream(routers[0].PredictStream(), _predict_answer)
-        sequence = iter(range(1 << 62))
+        stream = await PredictStreamClient(router_channels[0]).__aenter__()
 
         def streamed(i: int) -> Awaitable[object]:
-            request_id = f"b{next(sequence)}"
             predict = router_pb.PredictRequest()
             predict.CopyFrom(requests[i % n])
-            predict.request_id = request_id
-            return stream.send(request_id, router_pb.PredictStreamRequest(request=predict))
+            predict.request_id = ""  # the client gives each its own
+            return stream.predict(predict)
 
         paths["router PredictStream (one stream)"] = streamed
         groups = process_groups(stack)
@@ -373,11 +373,6 @@ async def main(args: argparse.Namespace) -> None:
         await redis_client.aclose()
     finally:
         await stack.stop()
-
-
-def _predict_answer(response: router_pb.PredictStreamResponse) -> tuple[str, object, str]:
-    error = response.error.message if response.HasField("error") else ""
-    return response.request_id, response.response, error
 
 
 async def _triton_endpoint(stack: Stack) -> str:

@@ -3,6 +3,8 @@ with its own id, error, rate-limit draw and prediction record."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 from collections.abc import AsyncIterator
 
 import grpc
@@ -26,6 +28,7 @@ from modelserve.router.v1 import router_service_pb2_grpc as router_grpc
 from modelserve_router.server import build_server
 from modelserve_runtime.auth import Role, new_api_key
 from modelserve_runtime.channels import create_channel
+from modelserve_runtime.predict_stream import PredictFailed, PredictStreamClient
 
 pytestmark = pytest.mark.triton
 
@@ -130,3 +133,55 @@ class TestPredictStream:
             return len(await records(deps, made)) == 1
 
         await eventually(logged, "the record of the request the router named")
+
+
+class TestPredictStreamClient:
+    async def test_concurrent_predicts_share_one_stream(self, dependencies: Dependencies) -> None:
+        """`PredictStreamClient`: eight concurrent predicts over one stream with a burst of
+        five: five answers, three PredictFailed RATE_LIMITED with the retry delay; a request
+        without an endpoint raises INVALID_ARGUMENT naming it; a request without an id is
+        given one. Once the router stops, a predict raises the stream's error."""
+        deps = dependencies
+        await deploy(deps, ENDPOINT, V1)
+        settings = router_settings(
+            deps,
+            rate_limit={"requests_per_s": 0.01, "burst": 5},
+            server={"grace_period_s": 0.2},
+        )
+        unnamed = request(ENDPOINT)
+        unnamed.request_id = ""
+        async with contextlib.AsyncExitStack() as exits:
+            server, _, _ = await exits.enter_async_context(running(build_server, settings))
+            channel = create_channel(f"127.0.0.1:{server.port}")
+            client = PredictStreamClient(channel, timeout_s=60)
+            await client.__aenter__()
+            try:
+                bad = request(ENDPOINT)
+                bad.endpoint = ""
+                with pytest.raises(PredictFailed) as invalid:
+                    await client.predict(bad)
+                outcomes = await asyncio.gather(
+                    client.predict(unnamed),
+                    *(client.predict(request(ENDPOINT, amount=float(i))) for i in range(7)),
+                    return_exceptions=True,
+                )
+                await exits.aclose()  # the router stops
+                with pytest.raises(grpc.aio.AioRpcError):
+                    await client.predict(request(ENDPOINT))
+            finally:
+                await client.close()
+                await channel.close()
+
+        assert invalid.value.error.code is grpc.StatusCode.INVALID_ARGUMENT
+        assert [v.field for v in invalid.value.error.violations] == ["endpoint"]
+        answers = [o for o in outcomes if isinstance(o, router_pb.PredictResponse)]
+        refusals = [o for o in outcomes if isinstance(o, PredictFailed)]
+        assert (len(answers), len(refusals)) == (5, 3), outcomes
+        assert {a.model_version for a in answers} == {V1}
+        for refusal in refusals:
+            assert (refusal.error.code, refusal.error.reason) == (
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                "RATE_LIMITED",
+            )
+            assert refusal.error.retry_delay_s is not None and refusal.error.retry_delay_s > 0
+        assert len(unnamed.request_id) == 32
