@@ -10,7 +10,8 @@ first use, versions pinned and printed):
 
 Unless `--no-router`, it also starts the modelserve stack as `bench.py` does and measures the
 router's Predict for the same customers and amounts (the competitors get the very feature rows
-the router builds for them). For each concurrency every path runs for a fixed time after a
+the router builds for them), unary and as a streaming caller would send them (`PredictStream`,
+one stream that every concurrent caller shares). For each concurrency every path runs for a fixed time after a
 warm-up; it prints p50/p95/p99, req/s, the router's ratios to each competitor and the issue's
 targets at concurrency 64. Every process it starts is stopped at the end, also on Ctrl-C.
 
@@ -44,12 +45,15 @@ from bench import (
     start_demo_stack,
 )
 
+from modelserve.router.v1 import router_service_pb2 as router_pb
 from modelserve.router.v1 import router_service_pb2_grpc as router_grpc
 from modelserve_demo import fraud
 from modelserve_runtime.channels import create_channel
 from modelserve_runtime.convert import tensor_to_numpy
+from modelserve_runtime.predict_stream import PredictStreamClient
 
 ROUTER = "router Predict"
+ROUTER_STREAM = "router PredictStream (one stream)"
 KSERVE = "KServe ModelInfer (gRPC v2)"
 FASTAPI = "FastAPI POST /predict"
 
@@ -105,6 +109,21 @@ async def _run(
 
             calls[ROUTER] = lambda i: router.Predict(requests[i % n])
             answers[ROUTER] = router_answer
+            # A caller that streams: every concurrent caller shares one PredictStream.
+            stream = await exits.enter_async_context(PredictStreamClient(channel))
+
+            def streamed(i: int) -> Awaitable[router_pb.PredictResponse]:
+                request = router_pb.PredictRequest()
+                request.CopyFrom(requests[i % n])
+                return stream.predict(request)
+
+            async def stream_answer(i: int) -> npt.NDArray[Any]:
+                response = await streamed(i)
+                output = next(o for o in response.outputs if o.name == "probabilities")
+                return tensor_to_numpy(output)
+
+            calls[ROUTER_STREAM] = streamed
+            answers[ROUTER_STREAM] = stream_answer
         else:
             trained = fraud.train(seed=0)
         rows = baselines.feature_rows(requests, customers)
@@ -213,13 +232,14 @@ def _print(
         return
     print("\n| ratio | conc | p50 x | p99 x | req/s x |")
     print("|---|---:|---:|---:|---:|")
-    for competitor in competitors:
-        for c in args.concurrency:
-            a, b = by[(ROUTER, c)], by[(competitor, c)]
-            print(
-                f"| {ROUTER} / {competitor} | {c} | {a.percentile(50) / b.percentile(50):.2f} | "
-                f"{a.percentile(99) / b.percentile(99):.2f} | {a.rps / b.rps:.2f} |"
-            )
+    for ours in (ROUTER, ROUTER_STREAM):
+        for competitor in competitors:
+            for c in args.concurrency:
+                a, b = by[(ours, c)], by[(competitor, c)]
+                print(
+                    f"| {ours} / {competitor} | {c} | {a.percentile(50) / b.percentile(50):.2f} |"
+                    f" {a.percentile(99) / b.percentile(99):.2f} | {a.rps / b.rps:.2f} |"
+                )
     if 64 not in args.concurrency:
         return
     router_64 = by[(ROUTER, 64)]

@@ -10,6 +10,7 @@ from collections.abc import AsyncIterator
 import grpc
 import numpy as np
 import pytest
+from prometheus_client import REGISTRY
 from router_testing import (
     DOMAIN,
     V1,
@@ -37,6 +38,12 @@ TEST_SCRYPT_N = 16
 ENDPOINT = "predict-stream"
 
 
+def _predictions(version: str) -> float:
+    """The router's count of the endpoint's requests answered by `version` (not degraded)."""
+    labels = {"endpoint": ENDPOINT, "model_version": version, "code": "OK", "degraded": "false"}
+    return REGISTRY.get_sample_value("modelserve_router_predictions_total", labels) or 0.0
+
+
 def _stream_requests() -> list[router_pb.PredictStreamRequest]:
     """34 good requests (one without an id) and one without an endpoint (nor an id)."""
     items = []
@@ -58,7 +65,8 @@ class TestPredictStream:
         record is logged under it); the bad one, without an id too, gets one and INVALID_ARGUMENT
         naming `endpoint`; the
         four over the burst get RATE_LIMITED with a retry delay; the stream goes on through
-        all of it, and without a key it is refused at once."""
+        all of it, each request served is counted on /metrics, and without a key the stream is
+        refused at once."""
         deps = dependencies
         await deploy(deps, ENDPOINT, V1)
         streamer, streamer_record = new_api_key("sam", {Role.PREDICT}, n=TEST_SCRYPT_N)
@@ -79,9 +87,11 @@ class TestPredictStream:
 
         async with running(build_server, settings) as (server, _, _app):
             target = f"127.0.0.1:{server.port}"
+            counted_before = _predictions(V1)
             async with create_channel(target, api_key=streamer) as channel:
                 stub = router_grpc.RouterServiceStub(channel)
                 answers = [a async for a in stub.PredictStream(sent())]
+            counted = _predictions(V1) - counted_before
             async with create_channel(target) as keyless:
                 call = router_grpc.RouterServiceStub(keyless).PredictStream(iter(()))
                 unauthenticated = await refused(call.read())
@@ -97,6 +107,8 @@ class TestPredictStream:
 
         assert len(answers) == 35
         assert len(served) == 30
+        # Every request routed counts, one by one, though the stream is one RPC.
+        assert counted == 30
         (made,) = [request_id for request_id in served if not request_id.startswith("p")]
         assert len(made) == 32 and int(made, 16) >= 0
         for request_id, response in served.items():
@@ -137,15 +149,16 @@ class TestPredictStream:
 
 class TestPredictStreamClient:
     async def test_concurrent_predicts_share_one_stream(self, dependencies: Dependencies) -> None:
-        """`PredictStreamClient`: eight concurrent predicts over one stream with a burst of
-        five: five answers, three PredictFailed RATE_LIMITED with the retry delay; a request
+        """`PredictStreamClient`: eight concurrent predicts over one stream with five tokens
+        left: five answers, three PredictFailed RATE_LIMITED with the retry delay; a request
         without an endpoint raises INVALID_ARGUMENT naming it; a request without an id is
-        given one. Once the router stops, a predict raises the stream's error."""
+        given one. When the stream's deadline passes, the next predict opens a new one; once the
+        router stops, a predict raises the stream's error."""
         deps = dependencies
         await deploy(deps, ENDPOINT, V1)
         settings = router_settings(
             deps,
-            rate_limit={"requests_per_s": 0.01, "burst": 5},
+            rate_limit={"requests_per_s": 0.01, "burst": 7},
             server={"grace_period_s": 0.2},
         )
         unnamed = request(ENDPOINT)
@@ -153,13 +166,17 @@ class TestPredictStreamClient:
         async with contextlib.AsyncExitStack() as exits:
             server, _, _ = await exits.enter_async_context(running(build_server, settings))
             channel = create_channel(f"127.0.0.1:{server.port}")
-            client = PredictStreamClient(channel, timeout_s=60)
+            client = PredictStreamClient(channel, timeout_s=2)
             await client.__aenter__()
             try:
                 bad = request(ENDPOINT)
                 bad.endpoint = ""
                 with pytest.raises(PredictFailed) as invalid:
                     await client.predict(bad)
+                first = await client.predict(request(ENDPOINT))
+                # The stream's deadline passes: the next predict goes down a new stream.
+                await eventually(lambda: client.stream_ended, "the first stream's end")
+                again = await client.predict(request(ENDPOINT, amount=99.0))
                 outcomes = await asyncio.gather(
                     client.predict(unnamed),
                     *(client.predict(request(ENDPOINT, amount=float(i))) for i in range(7)),
@@ -185,3 +202,7 @@ class TestPredictStreamClient:
             )
             assert refusal.error.retry_delay_s is not None and refusal.error.retry_delay_s > 0
         assert len(unnamed.request_id) == 32
+        assert (first.model_version, again.model_version) == (V1, V1)
+        assert (
+            client.streams_opened == 3
+        )  # the first, the second, and one the stopped router refused

@@ -57,6 +57,7 @@ VALUES = {
     "quantile": {"0.5", "0.95", "0.99"},
     "code": {"OK"},
     "result": {"hit", "miss", "fallback"},
+    "degraded": {"true", "false"},
 }
 _METRIC = re.compile(r"\b(modelserve_[a-z0-9_]+)\s*(?:\{([^}]*)\})?")
 _MATCHER = re.compile(r'(\w+)\s*(=~|!~|!=|=)\s*"([^"]*)"')

@@ -8,8 +8,9 @@ Each `predict` sends its request down the one stream and waits for the answer th
 its `request_id` (one is made when the request has none), so callers in one process share a
 call the way they would share a channel. A request the router refuses raises
 `PredictFailed` with the status a unary Predict would have ended with; the stream goes on.
-When the stream itself ends (the router stops, the deadline passes), every waiting and every
-later `predict` raises the stream's error; open a new client to go on.
+When the stream itself ends (the router restarts, its deadline passes), every `predict`
+still waiting raises the stream's error (whether the router ran it is unknown), and the next
+`predict` opens a new stream.
 """
 
 from __future__ import annotations
@@ -26,6 +27,9 @@ import grpc
 from modelserve.router.v1 import router_service_pb2 as pb
 from modelserve.router.v1 import router_service_pb2_grpc as pb_grpc
 from modelserve_runtime.errors import DecodedError, FieldViolation
+
+#: The deadline of one stream; the next `predict` after it passes opens another.
+STREAM_TIMEOUT_S = 3600.0
 
 
 class PredictFailed(Exception):
@@ -62,11 +66,12 @@ class PredictStreamClient:
         self,
         channel: grpc.aio.Channel,
         *,
-        timeout_s: float | None = None,
+        timeout_s: float = STREAM_TIMEOUT_S,
         metadata: Sequence[tuple[str, str]] = (),
     ) -> None:
-        """`timeout_s`: the deadline of the whole stream (None: the channel's default);
-        `metadata`: sent once, with the call (an API key on a channel without one, say)."""
+        """`timeout_s`: the deadline of each stream (a channel's own default deadline, made for
+        unary calls, would end it early); `metadata`: sent with each stream (an API key on a
+        channel without one, say)."""
         self._stub = pb_grpc.RouterServiceStub(channel)
         self._timeout_s = timeout_s
         self._metadata = tuple(metadata)
@@ -75,13 +80,27 @@ class PredictStreamClient:
         self._waiting: dict[str, asyncio.Future[pb.PredictResponse]] = {}
         self._write = asyncio.Lock()
         self._ended: BaseException | None = None
+        self._closed = False
+        self.streams_opened = 0
+        """How many streams this client has opened: 1, plus one after each that ended."""
+
+    @property
+    def stream_ended(self) -> bool:
+        """Whether the current stream has ended (the next `predict` opens another)."""
+        return self._ended is not None
 
     async def __aenter__(self) -> PredictStreamClient:
+        self._open()
+        return self
+
+    def _open(self) -> None:
         self._call = self._stub.PredictStream(
             timeout=self._timeout_s, metadata=self._metadata or None
         )
+        self._ended = None
+        self._waiting = {}
         self._reader = asyncio.create_task(self._read(), name="predict-stream-reader")
-        return self
+        self.streams_opened += 1
 
     async def __aexit__(
         self,
@@ -94,10 +113,10 @@ class PredictStreamClient:
     async def predict(self, request: pb.PredictRequest) -> pb.PredictResponse:
         """Sends `request` down the stream and returns its answer. Raises PredictFailed
         when the router refuses it, and the stream's AioRpcError when the stream has ended."""
-        if self._call is None:
+        if self._call is None or self._closed:
             raise RuntimeError("PredictStreamClient is not open: use it with `async with`")
         if self._ended is not None:
-            raise self._ended
+            self._open()
         if not request.request_id:
             request.request_id = uuid.uuid4().hex
         if request.request_id in self._waiting:
@@ -116,6 +135,7 @@ class PredictStreamClient:
 
     async def close(self) -> None:
         """Ends the stream once every answer has come (requests still waiting get theirs)."""
+        self._closed = True
         if self._call is None or self._reader is None:
             return
         if self._ended is None:
@@ -125,9 +145,17 @@ class PredictStreamClient:
             await self._reader
 
     async def _read(self) -> None:
+        # This stream's own: a stream opened after this one ends has its own.
+        call, pending = self._call, self._waiting
+        ended: BaseException = grpc.aio.AioRpcError(
+            grpc.StatusCode.CANCELLED,
+            grpc.aio.Metadata(),
+            grpc.aio.Metadata(),
+            details="the stream has ended",
+        )
         try:
-            async for answer in self._call:
-                waiting = self._waiting.pop(answer.request_id, None)
+            async for answer in call:
+                waiting = pending.pop(answer.request_id, None)
                 if waiting is None or waiting.done():
                     continue  # a caller that gave up (cancelled) while its request ran
                 if answer.HasField("error"):
@@ -137,17 +165,11 @@ class PredictStreamClient:
                 else:
                     waiting.set_result(answer.response)
         except grpc.aio.AioRpcError as exc:
-            self._ended = exc
-            raise
+            ended = exc  # handed to every caller waiting, and to the next `predict`
         finally:
-            ended = self._ended or grpc.aio.AioRpcError(
-                grpc.StatusCode.CANCELLED,
-                grpc.aio.Metadata(),
-                grpc.aio.Metadata(),
-                details="the stream has ended",
-            )
-            self._ended = ended
-            for waiting in self._waiting.values():
+            if call is self._call:
+                self._ended = ended
+            for waiting in pending.values():
                 if not waiting.done():
                     waiting.set_exception(ended)
-            self._waiting.clear()
+            pending.clear()

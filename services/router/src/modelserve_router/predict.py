@@ -15,6 +15,7 @@ import numpy as np
 import numpy.typing as npt
 import structlog
 from google.protobuf.timestamp_pb2 import Timestamp
+from prometheus_client import Counter
 
 from modelserve.registry.v1 import registry_service_pb2 as registry_pb
 from modelserve.type.v1 import prediction_record_pb2
@@ -363,6 +364,7 @@ class Predictor:
             record.trace_id = current_trace_id()
             record.latency_us = int((time.perf_counter() - started) * 1e6)
             self._log.append(record if answered is None else _Answered(record, answered))
+            _count(record)
             # After the answer, so the copies never compete with it.
             for shadow in route.shadow:
                 self._shadows.submit(
@@ -716,6 +718,27 @@ def _failed(model_version: str, failure: ModelServeError) -> str:
     if isinstance(failure, FailedPreconditionError):
         return f"{model_version} not_ready"
     return f"{model_version} failed: {failure.reason or failure.code.name}"
+
+
+#: Requests answered or failed after routing, whatever brought them (Predict, PredictStream,
+#: the Open Inference Protocol); refusals before any work are in REFUSED (limits.py).
+PREDICTIONS = Counter(
+    "modelserve_router_predictions_total",
+    "Requests by endpoint, the version that answered (or was chosen, for a failure), status"
+    " code, and whether a fallback answered (degraded).",
+    ["endpoint", "model_version", "code", "degraded"],
+)
+_COUNTERS: dict[tuple[str, str, str, bool], Any] = {}
+"""Counter children by labels: `labels()` looks them up under a lock each time."""
+
+
+def _count(record: prediction_record_pb2.PredictionRecord) -> None:
+    key = (record.endpoint, record.model_version, record.error_code or "OK", record.degraded)
+    child = _COUNTERS.get(key)
+    if child is None:
+        labels = (*key[:3], "true" if key[3] else "false")
+        child = _COUNTERS[key] = PREDICTIONS.labels(*labels)
+    child.inc()
 
 
 def _record_failure(record: prediction_record_pb2.PredictionRecord, exc: BaseException) -> None:
