@@ -58,20 +58,23 @@ def stream_infer(
 
 class ModelInferCalls:
     """`ModelInfer` and `ModelStreamInfer` of an Open Inference Protocol servicer, both over
-    its `_infer(request, context)`: a stream's requests are each answered as ModelInfer
-    answers them, within the stream's deadline."""
+    its `_infer(request, context, streamed)`: a stream's requests are each answered as
+    ModelInfer answers them; `streamed` says that the call's deadline is the stream's, not
+    the request's own."""
 
-    async def _infer(self, request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+    async def _infer(
+        self, request: Any, context: grpc.aio.ServicerContext[Any, Any], streamed: bool
+    ) -> Any:
         raise NotImplementedError
 
     async def ModelInfer(self, request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
-        return await self._infer(request, context)
+        return await self._infer(request, context, False)
 
     async def ModelStreamInfer(
         self, request_iterator: AsyncIterator[Any], context: grpc.aio.ServicerContext[Any, Any]
     ) -> AsyncIterator[Any]:
         async def answer(request: Any) -> Any:
-            return await self._infer(request, context)
+            return await self._infer(request, context, True)
 
         async for response in stream_infer(request_iterator, answer):
             yield response

@@ -83,7 +83,10 @@ class OpenInferenceServicer(
             outputs=[_tensor_metadata(s) for s in held.outputs],
         )
 
-    async def _infer(self, request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+    async def _infer(
+        self, request: Any, context: grpc.aio.ServicerContext[Any, Any], streamed: bool
+    ) -> Any:
+        # A stream's requests, too, wait for Triton at most INFER_TIMEOUT_S (`_timeout`).
         held = self._versions.resolve(request.model_name, request.model_version)
         refuse_classification(request)
         # The request goes to Triton as it came (raw tensors checked, not decoded), and

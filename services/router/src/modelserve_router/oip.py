@@ -27,7 +27,13 @@ from modelserve.registry.v1 import registry_service_pb2 as registry_pb
 from modelserve.type.v1 import tensor_pb2
 from modelserve_features.views import Value
 from modelserve_router.access import PREDICT_ROLES
-from modelserve_router.predict import PredictionInput, PredictionResult, Predictor, pin
+from modelserve_router.predict import (
+    PredictionInput,
+    PredictionResult,
+    Predictor,
+    pin,
+    request_budget,
+)
 from modelserve_router.routing import Route, RoutingTable
 from modelserve_runtime.auth import Role, current_principal
 from modelserve_runtime.convert import TRITON_NAMES
@@ -276,8 +282,10 @@ class OpenInferenceServicer(
             outputs=_tensor_metadata(signature.outputs),
         )
 
-    async def _infer(self, request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
-        """One ModelInfer, routed as Predict is, within the call's deadline."""
+    async def _infer(
+        self, request: Any, context: grpc.aio.ServicerContext[Any, Any], streamed: bool
+    ) -> Any:
+        """One ModelInfer, routed as Predict is, within its budget (`request_budget`)."""
         if not request.model_name:
             raise InvalidArgumentError.for_field("model_name", "must name an endpoint")
         tensors = RequestTensors.from_request(request)
@@ -291,8 +299,9 @@ class OpenInferenceServicer(
             model_version=request.model_version,
             tensors=tensors,
         )
-        remaining = context.time_remaining()
-        budget = self._default_timeout_s if remaining is None else min(remaining, 3600.0)
+        budget = request_budget(
+            context.time_remaining(), self._default_timeout_s, streamed=streamed
+        )
         try:
             async with asyncio.timeout(budget):
                 result = await self._predictor.predict(prediction)

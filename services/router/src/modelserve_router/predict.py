@@ -78,6 +78,17 @@ class CallerTensors(Protocol):
         ...
 
 
+def request_budget(remaining_s: float | None, default_s: float, *, streamed: bool) -> float:
+    """How long one request may take: the caller's deadline (`remaining_s`, None: none), at
+    most an hour, else `default_s` (REQUEST_TIMEOUT_S). A request of a stream gets at most
+    `default_s` too: the stream's deadline is for all its requests, not each one's."""
+    if remaining_s is None:
+        return default_s
+    if streamed:
+        return min(remaining_s, default_s)
+    return min(remaining_s, 3600.0)
+
+
 @dataclass(frozen=True, slots=True)
 class PredictionInput:
     """A validated-shape Predict (or Open Inference Protocol ModelInfer) request, free of

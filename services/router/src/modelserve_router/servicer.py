@@ -11,7 +11,7 @@ import grpc
 
 from modelserve.router.v1 import router_service_pb2 as pb
 from modelserve.router.v1 import router_service_pb2_grpc as pb_grpc
-from modelserve_router.predict import PredictionInput, Predictor
+from modelserve_router.predict import PredictionInput, Predictor, request_budget
 from modelserve_runtime.auth import current_principal
 from modelserve_runtime.convert import numpy_to_tensor, value_from_proto
 from modelserve_runtime.errors import (
@@ -35,7 +35,7 @@ class RouterServicer(pb_grpc.RouterServiceServicer):
     async def Predict(
         self, request: pb.PredictRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> pb.PredictResponse:
-        return await self._predict(request, context)
+        return await self._predict(request, context, streamed=False)
 
     async def PredictStream(
         self,
@@ -47,16 +47,20 @@ class RouterServicer(pb_grpc.RouterServiceServicer):
             # The id names the answer, so a request without one gets it here, not deeper.
             if not request.request_id:
                 request.request_id = uuid.uuid4().hex
-            response = await self._predict(request, context)
+            response = await self._predict(request, context, streamed=True)
             return pb.PredictStreamResponse(request_id=response.request_id, response=response)
 
         async for response in answer_each(request_iterator, answer, _failed):
             yield response
 
     async def _predict(
-        self, request: pb.PredictRequest, context: grpc.aio.ServicerContext[Any, Any]
+        self,
+        request: pb.PredictRequest,
+        context: grpc.aio.ServicerContext[Any, Any],
+        *,
+        streamed: bool,
     ) -> pb.PredictResponse:
-        """One Predict within the call's deadline."""
+        """One Predict within its budget (`request_budget`)."""
         prediction = PredictionInput(
             endpoint=request.endpoint,
             entities=dict(request.entities),
@@ -72,8 +76,9 @@ class RouterServicer(pb_grpc.RouterServiceServicer):
             user_id=request.user_id,
             principal=current_principal(),
         )
-        remaining = context.time_remaining()
-        budget = self._default_timeout_s if remaining is None else min(remaining, 3600.0)
+        budget = request_budget(
+            context.time_remaining(), self._default_timeout_s, streamed=streamed
+        )
         try:
             async with asyncio.timeout(budget):
                 result = await self._predictor.predict(prediction)
