@@ -55,6 +55,11 @@ async def secured(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[tup
 
 
 async def _demo(targets: dict[str, str], *args: str, api_key: str | None = None) -> tuple[int, str]:
+    """Runs `modelserve demo` with the services' addresses in its environment."""
+    return await _cli(targets, "demo", *args, api_key=api_key)
+
+
+async def _cli(targets: dict[str, str], *args: str, api_key: str | None = None) -> tuple[int, str]:
     """Runs the console script with the services' addresses in its environment."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("MODELSERVE_")}
     env.update(
@@ -68,7 +73,7 @@ async def _demo(targets: dict[str, str], *args: str, api_key: str | None = None)
     if api_key is not None:
         env["MODELSERVE_API_KEY"] = api_key
     done = await asyncio.to_thread(
-        subprocess.run, [CLI, "demo", *args], env=env, capture_output=True, text=True, timeout=300
+        subprocess.run, [CLI, *args], env=env, capture_output=True, text=True, timeout=300
     )
     return done.returncode, done.stdout + done.stderr
 
@@ -91,7 +96,8 @@ class TestDemoCommand:
     ) -> None:
         """Without a key the registry refuses the first call and nothing is registered; with
         one, a version is registered, loaded and routed, the router answers from it as
-        onnxruntime does, and a second run rolls endpoint `fraud` on to a new version."""
+        onnxruntime does (`modelserve predict` too, with the key, and not without), and a
+        second run rolls endpoint `fraud` on to a new version."""
         stack, key = secured
 
         code, output = await _demo(stack.targets)
@@ -117,6 +123,12 @@ class TestDemoCommand:
         np.testing.assert_allclose(
             probabilities.contents.fp32_contents, expected_probabilities(demo, request), atol=1e-5
         )
+
+        predicted = await _cli(stack.targets, "predict", "--customer", "c-1003", api_key=key)
+        refused = await _cli(stack.targets, "predict", "--customer", "c-1003")
+        assert predicted[0] == 0, predicted[1]
+        assert "models/fraud/versions/1" in predicted[1], predicted[1]
+        assert refused[0] == 1 and "UNAUTHENTICATED" in refused[1], refused[1]
 
         code, output = await _demo(stack.targets, "--seed", "1", api_key=key)
         assert code == 0, output

@@ -184,7 +184,12 @@ def _fraud_probability(response: router_pb.PredictResponse) -> float:
 def predict_command(
     customer: str = typer.Option("c-1001", help="Customer id (entity `customer`)."),
     amount: float = typer.Option(420.0, help="Payment amount."),
-    router: str = typer.Option("127.0.0.1:50051", help="The router's host:port."),
+    router: str = typer.Option(
+        "127.0.0.1:50051", envvar="MODELSERVE_ROUTER", help="The router's host:port."
+    ),
+    api_key: str | None = typer.Option(
+        None, envvar="MODELSERVE_API_KEY", help="API key, when the router has auth on."
+    ),
 ) -> None:
     """Send one Predict for the demo `fraud` endpoint and print the answer (over TLS when
     MODELSERVE_TLS_* say so, as the registry commands)."""
@@ -196,7 +201,9 @@ def predict_command(
         console.print(f"[red]{exc}[/red]")
         raise typer.Exit(2) from None
     try:
-        response = asyncio.run(predict(router, demo_request(customer, amount), tls=tls))
+        response = asyncio.run(
+            predict(router, demo_request(customer, amount), tls=tls, api_key=api_key)
+        )
     except grpc.aio.AioRpcError as exc:
         error = decode_rpc_error(exc)
         console.print(f"[red]{error.code.name}[/red] {error.message} {error.violations or ''}")
