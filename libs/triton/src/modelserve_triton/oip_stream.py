@@ -21,7 +21,7 @@ from modelserve_runtime.errors import ModelServeError
 from modelserve_runtime.streams import STREAM_IN_FLIGHT, answer_each
 
 
-def error_response(request: Any, message: str) -> Any:
+def _error_response(request: Any, message: str) -> Any:
     """The stream's answer to `request` when it failed with `message`: prefixed with the
     request's id as Triton does (`[request id: 7] ...`), since tritonclient hands a stream's
     error to the caller as a message only."""
@@ -37,8 +37,8 @@ def error_response(request: Any, message: str) -> Any:
 
 def _failed(request: Any, error: ModelServeError | None) -> Any:
     if error is None:
-        return error_response(request, "INTERNAL: internal error")
-    return error_response(request, f"{error.code.name}: {error.message}")
+        return _error_response(request, "INTERNAL: internal error")
+    return _error_response(request, f"{error.code.name}: {error.message}")
 
 
 def stream_infer(
