@@ -13,6 +13,7 @@ from modelserve.monitor.v1 import monitor_service_pb2 as pb
 from modelserve.monitor.v1 import monitor_service_pb2_grpc as pb_grpc
 from modelserve.type.v1 import feature_value_pb2 as fv_pb
 from modelserve.type.v1 import prediction_record_pb2 as rec_pb
+from modelserve_monitor.aggregate import VALUE_LIMIT
 from modelserve_monitor.config import MonitorSettings
 from modelserve_monitor.metrics import export_windows
 from modelserve_monitor.server import MonitorApp
@@ -126,6 +127,29 @@ class TestWindows:
         present = [i for i in range(200) if i % 4]
         assert amount.values.mean == pytest.approx(np.mean(present))
         assert [(c.value, c.count) for c in country.categories] == [("DE", 100), ("NL", 100)]
+
+    async def test_huge_values_leave_the_window_readable(
+        self,
+        monitor: tuple[pb_grpc.MonitorServiceStub, MonitorApp],
+        redis_client: aioredis.Redis,
+    ) -> None:
+        """Finite values near a double's limit add up, in Redis's long doubles, to more than a
+        float holds. They are added bounded, so the window still reads back, with every record
+        counted, instead of failing each read of it with INTERNAL."""
+        stub, app = monitor
+        huge = 1.7e308
+        records = [_record(f"h{i}", features={"amount": huge, "age": -huge}) for i in range(3)]
+        await log_and_count(redis_client, app, records)
+        version = await _version(stub, pb.WINDOW_ONE_MINUTE)
+        assert version.request_count == 3
+        age, amount = version.features
+        assert (amount.count, amount.missing_rate) == (3, 0.0)
+        assert amount.values.mean == pytest.approx(VALUE_LIMIT)
+        assert age.values.mean == pytest.approx(-VALUE_LIMIT)
+        stats = await stub.GetEndpointStats(
+            pb.GetEndpointStatsRequest(endpoint="fraud", window=pb.WINDOW_ONE_HOUR)
+        )
+        assert stats.versions[0].request_count == 3
 
     async def test_metrics_export_the_windows(
         self,

@@ -11,6 +11,7 @@ from modelserve_monitor.aggregate import (
     _COUNTS,
     _SUMS,
     SEP,
+    VALUE_LIMIT,
     VersionAggregate,
     contribution,
     label_of,
@@ -110,6 +111,41 @@ class TestContribution:
         names = {name for name, _ in (*part.core, *part.detail)}
         assert not {"p_n", "p_sum", "p_sq"} & names
         assert f"f{SEP}amount{SEP}miss" in names
+
+    def test_huge_values_are_added_bounded(self) -> None:
+        """A finite value beyond VALUE_LIMIT is added as ±VALUE_LIMIT, sign kept, so that its
+        square and any sum of them stay finite; its histogram bucket is the last one."""
+        record = _record()
+        record.outputs.append(
+            tensor_pb2.Tensor(
+                name="score",
+                datatype=tensor_pb2.DATA_TYPE_FP64,
+                shape=[1],
+                contents=tensor_pb2.TensorContents(fp64_contents=[1.7e308]),
+            )
+        )
+        record.features["amount"].CopyFrom(fv_pb.FeatureValue(double_value=-1.7e308))
+        part = contribution(record, "1-0")
+        increments = dict((*part.core, *part.detail))
+        assert part.prediction == VALUE_LIMIT
+        assert increments["p_sum"] == VALUE_LIMIT
+        assert increments["p_sq"] == VALUE_LIMIT**2
+        assert increments[f"f{SEP}amount{SEP}sum"] == -VALUE_LIMIT
+        assert part.label == 1
+
+    def test_infinite_sum_read_back_does_not_fail(self) -> None:
+        """A sum stored before values were bounded can read back as infinity (Redis adds in
+        long double): the hash still reads, its counts intact."""
+        aggregate = VersionAggregate()
+        aggregate.add_hash(
+            {
+                b"n": b"2",
+                f"f{SEP}amount{SEP}vn".encode(): b"2",
+                f"f{SEP}amount{SEP}sum".encode(): b"2e308",
+            }
+        )
+        assert aggregate.requests == 2
+        assert aggregate.features["amount"].values.total == 2
 
     def test_record_without_endpoint_is_refused(self) -> None:
         """A record with no endpoint is a ValueError (the consumer counts it as malformed)."""

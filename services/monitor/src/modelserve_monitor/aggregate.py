@@ -19,6 +19,16 @@ SEP = "\x1f"
 
 Increment = tuple[str, int | float]
 
+#: The largest magnitude a counter adds: a prediction or feature value beyond it is added as
+#: ±VALUE_LIMIT. Redis adds floats in long double, whose sums outgrow a Python float, and
+#: predictions are also squared; bounded, no sum of any number of records reads back as
+#: infinity. The histograms already put such values in their last bucket.
+VALUE_LIMIT = 1e100
+
+
+def _bounded(value: float) -> float:
+    return max(-VALUE_LIMIT, min(VALUE_LIMIT, value))
+
 
 @dataclass(frozen=True, slots=True)
 class RecordContribution:
@@ -70,7 +80,7 @@ def prediction_of(record: prediction_record_pb2.PredictionRecord) -> float | Non
     if not values:
         return None
     value = values[1] if per_row == 2 and len(values) >= 2 else values[0]
-    return value if math.isfinite(value) else None
+    return _bounded(value) if math.isfinite(value) else None
 
 
 def label_of(record: prediction_record_pb2.PredictionRecord) -> int | None:
@@ -118,6 +128,7 @@ def contribution(
             # NaN and infinity mean "no value" here: the counters cannot add them.
             detail.append((prefix + "miss", 1))
         elif kind in ("int64_value", "double_value"):
+            number = _bounded(number)
             detail += [(prefix + "vn", 1), (prefix + "sum", number)]
             detail.append((f"{prefix}h{SEP}{bucket_of(number)}", 1))
         elif kind == "string_value":
@@ -206,7 +217,9 @@ class VersionAggregate:
                 del self.features[reference]
 
     def _add(self, name: str, value: float) -> None:
-        count = int(value)
+        # Counts are integers; a sum written before sums were bounded may read back as
+        # infinity, which is kept as it is rather than failing every read of the window.
+        count = int(value) if math.isfinite(value) else 0
         if name in _COUNTS:
             setattr(self, _COUNTS[name], getattr(self, _COUNTS[name]) + count)
         elif name in _SUMS:
