@@ -31,6 +31,7 @@ from modelserve_router.predict import (
     PredictionInput,
     PredictionResult,
     Predictor,
+    check_request_id,
     pin,
     request_budget,
 )
@@ -288,6 +289,7 @@ class OpenInferenceServicer(
         """One ModelInfer, routed as Predict is, within its budget (`request_budget`)."""
         if not request.model_name:
             raise InvalidArgumentError.for_field("model_name", "must name an endpoint")
+        check_request_id(request.id, "id")
         tensors = RequestTensors.from_request(request)
         prediction = PredictionInput(
             endpoint=request.model_name,

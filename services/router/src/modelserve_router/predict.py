@@ -78,6 +78,28 @@ class CallerTensors(Protocol):
         ...
 
 
+#: The longest caller-chosen request id. It travels as the `x-request-id` header of the calls
+#: a request makes, and into the prediction log and the monitor's keys.
+MAX_REQUEST_ID_LENGTH = 128
+
+
+def check_request_id(request_id: str, field_name: str = "request_id") -> None:
+    """InvalidArgumentError unless a caller's request id is empty (the router makes one) or up
+    to MAX_REQUEST_ID_LENGTH visible ASCII characters (`!` to `~`): a header value cannot carry
+    anything else, so the calls made for the request would fail."""
+    if len(request_id) > MAX_REQUEST_ID_LENGTH:
+        raise InvalidArgumentError.for_field(
+            field_name,
+            f"must be at most {MAX_REQUEST_ID_LENGTH} characters; got {len(request_id)}",
+        )
+    if request_id and not (
+        request_id.isascii() and request_id.isprintable() and " " not in request_id
+    ):
+        raise InvalidArgumentError.for_field(
+            field_name, f"must be visible ASCII characters (! to ~); got {request_id!r}"
+        )
+
+
 def request_budget(remaining_s: float | None, default_s: float, *, streamed: bool) -> float:
     """How long one request may take: the caller's deadline (`remaining_s`, None: none), at
     most an hour, else `default_s` (REQUEST_TIMEOUT_S). A request of a stream gets at most
@@ -294,6 +316,7 @@ class Predictor:
         received.GetCurrentTime()
         if not request.endpoint:
             raise InvalidArgumentError.for_field("endpoint", "must name an endpoint")
+        check_request_id(request.request_id)
         if self._rate_limits is not None:
             self._rate_limits.take(request.principal)
         request_id = request.request_id or uuid.uuid4().hex

@@ -112,7 +112,10 @@ class PredictRequest(_message.Message):
     endpoint: _builtins.str
     """Required. The endpoint to call: the id of its deployment (for example `fraud`)."""
     request_id: _builtins.str
-    """Optional. A caller-chosen id for this request; the router makes one when empty."""
+    """Optional. A caller-chosen id for this request, up to 128 visible ASCII characters (`!`
+    to `~`: it travels as the `x-request-id` header of the calls made for the request);
+    the router makes one when empty. Any other id is INVALID_ARGUMENT.
+    """
     user_id: _builtins.str
     """Optional. The end user's id; the sticky routing key of deployments whose
     `routing_key` is `user`.
