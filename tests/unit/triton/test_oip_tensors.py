@@ -90,6 +90,8 @@ class TestRawCodec:
             "model 'fraud' answered output 'probabilities' with 0 bytes, which do not make a"
             " FP32 tensor of shape [1, 2]"
         )
+        with pytest.raises(TritonError, match="answered output 'label' with 8 bytes"):
+            decode_output("fraud", "label", "BYTES", (1,), b"\xff\xff\x00\x00abcd")
 
 
 class TestReadInputs:
@@ -132,6 +134,28 @@ class TestReadInputs:
         ]
         assert _read_error(texts) == [("inputs[text].contents", "shape [3] needs 3 values, got 2")]
         assert _read_error(typed) == [("inputs[ids].contents", "shape [3] needs 3 values, got 1")]
+
+    def test_bytes_contents_that_are_not_length_prefixed(self) -> None:
+        """Raw BYTES contents whose lengths run past their end (float bytes sent as BYTES, a
+        cut-off element, a length cut in half) are refused naming the input's contents."""
+        floats = np.ones((2, 2), np.float32)
+        cases = {
+            floats.tobytes(): "element 0 declares 1065353216 bytes, 12 are left",
+            encode_raw(np.array([b"ab", b"cd"], dtype=np.object_))[:-1]: (
+                "element 1 declares 2 bytes, 1 are left"
+            ),
+            encode_raw(np.array([b"ab"], dtype=np.object_)) + b"\x01\x00": (
+                "element 1 has 2 bytes left for its 4-byte length"
+            ),
+        }
+        for raw, why in cases.items():
+            request = service_pb2.ModelInferRequest(model_name="churn")
+            request.inputs.add(name="text", datatype="BYTES", shape=[2])
+            request.raw_input_contents.append(raw)
+
+            assert _read_error(request) == [
+                ("inputs[text].contents", f"not length-prefixed BYTES elements: {why}")
+            ]
 
     def test_malformed_requests_are_named(self) -> None:
         """No inputs, raw contents that do not pair with the inputs, an unsupported datatype

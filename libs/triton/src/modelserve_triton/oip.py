@@ -9,6 +9,7 @@ tritonclient sends them); typed contents (`InferTensorContents`) become the same
 
 from __future__ import annotations
 
+import struct
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -56,6 +57,26 @@ def encode_raw(array: npt.NDArray[Any]) -> bytes:
     return np.ascontiguousarray(array).tobytes()
 
 
+def bytes_elements(raw: bytes) -> int:
+    """The number of elements in a BYTES tensor's raw content, each a 4-byte little-endian
+    length and then that many bytes; ValueError naming the first element that runs past the
+    end."""
+    size, offset, count = len(raw), 0, 0
+    while offset < size:
+        if size - offset < 4:
+            raise ValueError(
+                f"element {count} has {size - offset} bytes left for its 4-byte length"
+            )
+        (length,) = struct.unpack_from("<I", raw, offset)
+        if length > size - offset - 4:
+            raise ValueError(
+                f"element {count} declares {length} bytes, {size - offset - 4} are left"
+            )
+        offset += 4 + length
+        count += 1
+    return count
+
+
 def decode_raw(datatype: str, shape: Sequence[int], raw: bytes) -> npt.NDArray[Any]:
     """A raw tensor's bytes as an array of its datatype and shape (a read-only view of the
     bytes, except for BYTES, whose elements are copied out)."""
@@ -75,7 +96,7 @@ def decode_output(
     stub's numpy is one it was not built for)."""
     try:
         return decode_raw(datatype, shape, raw)
-    except ValueError as exc:
+    except (ValueError, struct.error) as exc:
         raise TritonError(
             f"model {model_name!r} answered output {name!r} with {len(raw)} bytes, which do not"
             f" make a {datatype} tensor of shape {list(shape)}"
@@ -148,7 +169,12 @@ def read_inputs(request: Any) -> dict[str, InputTensor]:
         else:
             raw = raw_contents[index]
             if datatype == "BYTES":
-                elements = deserialize_bytes_tensor(raw).size
+                try:
+                    elements = bytes_elements(raw)
+                except ValueError as exc:
+                    raise InvalidArgumentError.for_field(
+                        f"inputs[{name}].contents", f"not length-prefixed BYTES elements: {exc}"
+                    ) from exc
                 if elements != count:
                     raise InvalidArgumentError.for_field(
                         f"inputs[{name}].contents",
