@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 from datetime import UTC, datetime
 
+import numpy as np
 import pytest
 
 from modelserve.registry.v1 import registry_service_pb2 as registry_pb
@@ -13,7 +14,7 @@ from modelserve.type.v1 import tensor_pb2
 from modelserve_features.online import FeatureResult, FeatureStatus
 from modelserve_features.request_time import RequestFacts
 from modelserve_features.views import FeatureRef
-from modelserve_router.predict import VersionPlan, assemble_row
+from modelserve_router.predict import VersionPlan, assemble_row, check_range
 from modelserve_runtime.errors import InvalidArgumentError
 
 REFS = ("customer:avg", "customer:count", "request:amount")
@@ -73,3 +74,32 @@ class TestRows:
         assert [(v.field, v.description) for v in refused.value.violations] == [
             ("features.amount", "must be a number")
         ]
+
+
+class TestRange:
+    def test_a_finite_value_the_input_dtype_cannot_hold_is_refused_by_name(self) -> None:
+        """1.7e308 is a finite double but infinity as FP32, and 2**63 is beyond INT64: each is
+        refused naming the feature (the caller's as `features.<name>`, a stored one by its
+        ref), rather than cast into a value nobody sent. NaN is `assemble_row`'s to judge."""
+        fp32, int64 = np.dtype(np.float32), np.dtype(np.int64)
+
+        check_range(
+            REFS, [float(np.finfo(np.float32).max), -3.4e38, math.nan], fp32, "models/m/versions/1"
+        )
+        check_range(REFS, [2.0**62, -(2.0**62), 0.0], int64, "models/m/versions/1")
+        with pytest.raises(InvalidArgumentError) as as_fp32:
+            check_range(REFS, [1.7e308, 1.0, -1e39], fp32, "models/m/versions/1")
+        with pytest.raises(InvalidArgumentError) as as_int64:
+            check_range(REFS, [0.0, 2.0**63, 0.0], int64, "models/m/versions/1")
+
+        assert [(v.field, v.description) for v in as_fp32.value.violations] == [
+            (
+                "customer:avg",
+                "1.7e+308 is outside the range of models/m/versions/1's float32 input",
+            ),
+            (
+                "features.amount",
+                "-1e+39 is outside the range of models/m/versions/1's float32 input",
+            ),
+        ]
+        assert [v.field for v in as_int64.value.violations] == ["customer:count"]

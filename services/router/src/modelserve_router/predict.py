@@ -609,6 +609,7 @@ class Predictor:
             }
             if not_present:
                 log.warning("features_not_present", features=not_present)
+            check_range(plan.refs, row, plan.input_dtype, model_version)
             inputs = {plan.input_name: np.asarray([row], dtype=plan.input_dtype)}
         return _Input(plan, inputs, values, missing, statuses)
 
@@ -822,6 +823,42 @@ def _record_success(
     record.outputs.extend(numpy_to_tensor(n, a) for n, a in result.outputs.items())
 
 
+def _range_of(dtype: np.dtype[Any]) -> tuple[float, float]:
+    """The values a dtype holds, as [low, high): float32's largest value is exact as a float;
+    an integer type's bound above is 2**bits-1, which no float below it rounds to."""
+    if dtype.kind == "f":
+        finfo = np.finfo(dtype)
+        return float(finfo.min), math.nextafter(float(finfo.max), math.inf)
+    iinfo = np.iinfo(dtype)
+    return float(iinfo.min), float(iinfo.max) + 1.0
+
+
+def check_range(
+    refs: Sequence[str], row: Sequence[float], dtype: np.dtype[Any], model_version: str
+) -> None:
+    """InvalidArgumentError naming each finite value of `row` (one per ref) that the version's
+    input dtype cannot hold: 1e39 is infinity as FP32, and casting it would hand the model a
+    value nobody sent."""
+    low, high = _range_of(dtype)
+    problems = [
+        FieldViolation(
+            _violation_field(ref),
+            f"{value:g} is outside the range of {model_version}'s {dtype.name} input",
+        )
+        for ref, value in zip(refs, row, strict=True)
+        if math.isfinite(value) and not low <= value < high
+    ]
+    if problems:
+        raise InvalidArgumentError.from_violations(problems)
+
+
+def _violation_field(ref: str) -> str:
+    """The field a problem with a feature's value names: `features.<name>` for a value the
+    caller sends (`request:` refs), else the stored feature's ref."""
+    source, _, name = ref.partition(":")
+    return f"features.{name}" if source == REQUEST_ENTITY else ref
+
+
 def assemble_row(
     refs: Sequence[str],
     stored: Mapping[FeatureRef, FeatureResult],
@@ -870,7 +907,7 @@ def assemble_row(
         except ValueError:
             problems.append(
                 FieldViolation(
-                    f"features.{name}" if source == REQUEST_ENTITY else ref,
+                    _violation_field(ref),
                     "must be a number" if allow_non_finite else "must be a finite number",
                 )
             )
