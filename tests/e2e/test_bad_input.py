@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import hashlib
 import math
 import random
 import re
@@ -32,9 +33,11 @@ from tritonclient.grpc import service_pb2 as oip
 from tritonclient.grpc import service_pb2_grpc as oip_grpc
 
 from modelserve.feature.v1 import feature_service_pb2 as feature_pb
+from modelserve.feature.v1 import feature_service_pb2_grpc as feature_grpc
 from modelserve.inference.v1 import inference_service_pb2 as inference_pb
 from modelserve.monitor.v1 import monitor_service_pb2 as monitor_pb
 from modelserve.registry.v1 import registry_service_pb2 as registry_pb
+from modelserve.registry.v1 import registry_service_pb2_grpc as registry_grpc
 from modelserve.router.v1 import router_service_pb2 as router_pb
 from modelserve.router.v1 import router_service_pb2_grpc as router_grpc
 from modelserve.type.v1 import tensor_pb2
@@ -181,6 +184,8 @@ class Seed:
     request: Message
     response: type[Message]
     kind: str = "unary"
+    after: tuple[Message, ...] = ()
+    """What a client stream sends after the (mutated) request; none: the request again."""
 
 
 async def _call(channel: grpc.aio.Channel, seed: Seed, request: Message) -> set[grpc.StatusCode]:
@@ -192,7 +197,7 @@ async def _call(channel: grpc.aio.Channel, seed: Seed, request: Message) -> set[
             await channel.unary_unary(seed.method, serialize, deserialize)(request, timeout=10)
         elif seed.kind == "client-stream":
             upload = channel.stream_unary(seed.method, serialize, deserialize)
-            await upload(iter([request, request]), timeout=10)
+            await upload(iter([request, *(seed.after or (request,))]), timeout=10)
         else:
             exchange = channel.stream_stream(seed.method, serialize, deserialize)
             async for answer in exchange(iter([request, request]), timeout=10):
@@ -220,8 +225,29 @@ def _in_stream_code(answer: Message) -> grpc.StatusCode:
     return _NAMED[match.group(1)]
 
 
-def _seeds(demo: DemoDeployment) -> list[Seed]:
+async def _seeds(demo: DemoDeployment, channels: dict[str, grpc.aio.Channel]) -> list[Seed]:
     """A valid request for each RPC that takes input, those that change state last."""
+    registry_stub = registry_grpc.RegistryServiceStub(channels["registry"])
+    fetched = await registry_stub.GetModelVersion(
+        registry_pb.GetModelVersionRequest(name=demo.model_version), timeout=10
+    )
+    deployment = await registry_stub.GetDeployment(
+        registry_pb.GetDeploymentRequest(name="deployments/fraud"), timeout=10
+    )
+    view = await feature_grpc.FeatureServiceStub(channels["feature"]).GetFeatureView(
+        feature_pb.GetFeatureViewRequest(name="featureViews/customer"), timeout=10
+    )
+    artifact = demo.trained.onnx_bytes
+    new_version = registry_pb.ModelVersion()
+    new_version.CopyFrom(fetched.model_version)
+    new_version.ClearField("name")
+    upload = registry_pb.CreateModelVersionRequest(
+        upload=registry_pb.ModelVersionUpload(
+            parent="models/fraud",
+            model_version=new_version,
+            sha256=hashlib.sha256(artifact).hexdigest(),
+        )
+    )
     version = demo.model_version
     number = version.rsplit("/", 1)[1]
     customer = next(iter(demo.customers))
@@ -288,6 +314,21 @@ def _seeds(demo: DemoDeployment) -> list[Seed]:
         Seed("registry", registry + "StartRollout", registry_pb.StartRolloutRequest(deployment="deployments/fraud", candidate_version=version, strategy=canary), registry_pb.StartRolloutResponse),
         Seed("registry", registry + "SetModelVersionAlias", registry_pb.SetModelVersionAliasRequest(name=version, alias="champion"), registry_pb.SetModelVersionAliasResponse),
         Seed("inference", inference + "LoadModelVersion", inference_pb.LoadModelVersionRequest(name=version), inference_pb.LoadModelVersionResponse),
+        Seed("monitor", monitor + "JudgeCanary", monitor_pb.JudgeCanaryRequest(endpoint="fraud", canary_version=version, stable_version="models/fraud/versions/2"), monitor_pb.JudgeCanaryResponse),
+        Seed("monitor", monitor + "StartExperiment", monitor_pb.StartExperimentRequest(endpoint="fraud", arms=[version, "models/fraud/versions/2"], experiment_id="e-1"), monitor_pb.StartExperimentResponse),
+        Seed("monitor", monitor + "GetExperimentReport", monitor_pb.GetExperimentReportRequest(endpoint="fraud", arms=[version, "models/fraud/versions/2"], metric=monitor_pb.EXPERIMENT_METRIC_ERROR_RATE, sample_size=10), monitor_pb.GetExperimentReportResponse),
+        Seed("registry", registry + "CreateModelVersion", upload, registry_pb.CreateModelVersionResponse, "client-stream", (registry_pb.CreateModelVersionRequest(chunk=artifact),)),
+        Seed("registry", registry + "UpdateModel", registry_pb.UpdateModelRequest(model=registry_pb.Model(name="models/fraud", description="d")), registry_pb.UpdateModelResponse),
+        Seed("registry", registry + "UpdateModelVersion", registry_pb.UpdateModelVersionRequest(model_version=fetched.model_version), registry_pb.UpdateModelVersionResponse),
+        Seed("registry", registry + "TransitionModelVersionStage", registry_pb.TransitionModelVersionStageRequest(name=version, stage=registry_pb.STAGE_STAGING), registry_pb.TransitionModelVersionStageResponse),
+        Seed("registry", registry + "ApproveModelVersion", registry_pb.ApproveModelVersionRequest(name=version, reason="r"), registry_pb.ApproveModelVersionResponse),
+        Seed("registry", registry + "ListRollouts", registry_pb.ListRolloutsRequest(parent="deployments/fraud", page_size=1), registry_pb.ListRolloutsResponse),
+        Seed("registry", registry + "PauseRollout", registry_pb.PauseRolloutRequest(name="deployments/fraud/rollouts/1"), registry_pb.PauseRolloutResponse),
+        Seed("registry", registry + "UpdateDeployment", registry_pb.UpdateDeploymentRequest(deployment=deployment.deployment), registry_pb.UpdateDeploymentResponse),
+        Seed("registry", registry + "RollbackDeployment", registry_pb.RollbackDeploymentRequest(name="deployments/fraud"), registry_pb.RollbackDeploymentResponse),
+        Seed("feature", feature + "ApplyFeatureView", feature_pb.ApplyFeatureViewRequest(feature_view=view.feature_view), feature_pb.ApplyFeatureViewResponse),
+        Seed("inference", inference + "UnloadModelVersion", inference_pb.UnloadModelVersionRequest(name=version), inference_pb.UnloadModelVersionResponse),
+        Seed("feature", feature + "DeleteFeatureView", feature_pb.DeleteFeatureViewRequest(name="featureViews/customer"), feature_pb.DeleteFeatureViewResponse),
     ]  # fmt: skip
 
 
@@ -381,7 +422,7 @@ class TestBadInput:
         codes: dict[str, set[str]] = {}
         channels = {s: grpc.aio.insecure_channel(own_stack.targets[s]) for s in SERVICES}
         try:
-            for seed in _seeds(own_demo):
+            for seed in await _seeds(own_demo, channels):
                 name = f"{seed.service} {seed.method}"
                 # The unmutated request is valid: what the mutants change is what is tested.
                 assert not await _call(channels[seed.service], seed, seed.request) & CRASHED, name
