@@ -52,7 +52,7 @@ MUTANTS_PER_SEED = 80
 CRASHED = {grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN, grpc.StatusCode.DATA_LOSS}
 
 STRINGS = (
-    "", " ", "x" * 3000, "é😀", "a\x00b", "../..", "-1", "fraud", "customer", "c-1001",
+    "", " ", "x" * 3000, "é😀", "a\x00b", "a\x1fb", "{c-1}", "*", "../..", "-1", "fraud", "customer", "c-1001",
     "models/fraud", "models/fraud/versions/1", "models/fraud/versions/0", "models//versions/1",
     "deployments/fraud", "featureViews/customer", "customer:amount_mean_30d", "features",
     "probabilities", "label", "FP32", "BYTES", "INT64", "FP16", "champion",
