@@ -231,6 +231,38 @@ class TestRolloutCommands:
         assert deleted.code == 1 and "MODEL_IN_USE" in deleted.stderr
 
 
+class TestExpectedRevision:
+    async def test_set_and_rollback_against_a_stale_revision_change_nothing(
+        self, served: CliRegistry, tmp_path: Path
+    ) -> None:
+        """`--expected-revision` holds `set` and `rollback` to the revision the operator saw:
+        once someone else moved the deployment on, they fail with one ABORTED line and leave
+        it as it is; at the current revision they apply."""
+        path = tmp_path / "tiny.onnx"
+        target = ("--registry", served.address)
+        for weight in (1.0, 2.0):
+            path.write_bytes(tiny_onnx(weight=weight))
+            assert (
+                await cli("models", "register", "fraud", "--onnx", str(path), *target)
+            ).code == 0
+        created = await cli("deployments", "set", "fraud", "fraud/1=100", "--expected-revision", "0", *target)  # fmt: skip
+        moved = await cli("deployments", "set", "fraud", "fraud/2=100", *target)
+        stale_set = await cli("deployments", "set", "fraud", "fraud/1=50", "fraud/2=50", "--expected-revision", "1", *target)  # fmt: skip
+        stale_rollback = await cli("deployments", "rollback", "fraud", "--expected-revision", "1", *target)  # fmt: skip
+        current = await served.stub.GetDeployment(pb.GetDeploymentRequest(name="deployments/fraud"))
+        rolled = await cli("deployments", "rollback", "fraud", "--expected-revision", "2", *target)  # fmt: skip
+
+        assert (created.code, moved.code) == (0, 0), created.stderr + moved.stderr
+        for refused in (stale_set, stale_rollback):
+            assert refused.code == 1
+            assert refused.stderr.startswith("error: ABORTED CONCURRENT_CHANGE:"), refused.stderr
+            assert refused.stderr.count("\n") == 1
+        assert current.deployment.revision == 2
+        assert {t.model_version for t in current.deployment.traffic} == {"models/fraud/versions/2"}
+        assert rolled.code == 0, rolled.stderr
+        assert "deployments/fraud at revision 3" in rolled.stdout
+
+
 class TestInferenceSettings:
     async def test_configure_changes_only_what_it_is_given(
         self, served: CliRegistry, tmp_path: Path

@@ -176,6 +176,96 @@ class TestRollback:
         assert [r.deployment.revision for r in await revisions(stub)] == [1]
 
 
+def _update(
+    version: str, *, expected_revision: int | None, mask: tuple[str, ...] = ()
+) -> pb.UpdateDeploymentRequest:
+    request = pb.UpdateDeploymentRequest(
+        deployment=pb.Deployment(
+            name=FRAUD, traffic=[pb.TrafficTarget(model_version=version, percent=100)]
+        ),
+        allow_missing=True,
+    )
+    request.update_mask.paths.extend(mask)
+    if expected_revision is not None:
+        request.expected_revision = expected_revision
+    return request
+
+
+class TestExpectedRevision:
+    async def test_a_change_made_against_an_old_revision_is_aborted(
+        self, registry: RunningRegistry
+    ) -> None:
+        """Two writers read revision 1; the first one's change lands as revision 2, the second
+        one's is ABORTED naming the current revision, and changes nothing. 0 creates only a
+        deployment that does not exist yet."""
+        stub = registry.stub
+        await three_versions(stub)
+        created = await stub.UpdateDeployment(_update(V1, expected_revision=0))
+        assert created.deployment.revision == 1
+        again = await failure(stub.UpdateDeployment(_update(V2, expected_revision=0)))
+
+        first = await stub.UpdateDeployment(_update(V2, expected_revision=1))
+        second = await failure(stub.UpdateDeployment(_update(V3, expected_revision=1)))
+        # Whole (`*`) and merged writes are held to it alike.
+        whole = await failure(stub.UpdateDeployment(_update(V3, expected_revision=1, mask=("*",))))
+        merged = await failure(
+            stub.UpdateDeployment(_update(V3, expected_revision=1, mask=("traffic",)))
+        )
+        third = await stub.UpdateDeployment(_update(V3, expected_revision=2, mask=("traffic",)))
+        unconditional = await stub.UpdateDeployment(_update(V1, expected_revision=None))
+
+        assert first.deployment.revision == 2
+        for error in (again, second, whole, merged):
+            assert (error.code, error.reason) == (grpc.StatusCode.ABORTED, "CONCURRENT_CHANGE")
+        assert (again.metadata["revision"], again.metadata["expected_revision"]) == ("1", "0")
+        assert (second.metadata["revision"], second.metadata["expected_revision"]) == ("2", "1")
+        assert "read it again and retry" in second.message
+        assert (third.deployment.revision, traffic_of(third.deployment)) == (3, {(V3, 100)})
+        assert unconditional.deployment.revision == 4
+        assert [r.deployment.revision for r in await revisions(stub)] == [4, 3, 2, 1]
+
+    async def test_a_deployment_expected_at_a_revision_must_exist(
+        self, registry: RunningRegistry
+    ) -> None:
+        """With `allow_missing`, a change expecting revision 3 of a deployment that does not
+        exist is ABORTED (it is not created); a negative revision is INVALID_ARGUMENT."""
+        stub = registry.stub
+        await three_versions(stub)
+        missing = await failure(stub.UpdateDeployment(_update(V1, expected_revision=3)))
+        negative = await failure(stub.UpdateDeployment(_update(V1, expected_revision=-1)))
+
+        assert (missing.code, missing.metadata["revision"]) == (grpc.StatusCode.ABORTED, "0")
+        assert "does not exist" in missing.message
+        assert [v.field for v in negative.violations] == ["expected_revision"]
+        absent = await failure(stub.GetDeployment(pb.GetDeploymentRequest(name=FRAUD)))
+        assert absent.code is grpc.StatusCode.NOT_FOUND
+
+    async def test_rollback_against_an_old_revision_is_aborted(
+        self, registry: RunningRegistry
+    ) -> None:
+        stub = registry.stub
+        await three_versions(stub)
+        for version in (V1, V2, V3):
+            await set_traffic(stub, FRAUD, (version, 100))
+        stale = await failure(
+            stub.RollbackDeployment(pb.RollbackDeploymentRequest(name=FRAUD, expected_revision=2))
+        )
+        zero = await failure(
+            stub.RollbackDeployment(pb.RollbackDeploymentRequest(name=FRAUD, expected_revision=0))
+        )
+        rolled = await stub.RollbackDeployment(
+            pb.RollbackDeploymentRequest(name=FRAUD, expected_revision=3)
+        )
+
+        assert (stale.code, stale.reason, stale.metadata["revision"]) == (
+            grpc.StatusCode.ABORTED,
+            "CONCURRENT_CHANGE",
+            "3",
+        )
+        assert [v.field for v in zero.violations] == ["expected_revision"]
+        assert (rolled.deployment.revision, traffic_of(rolled.deployment)) == (4, {(V2, 100)})
+
+
 class TestWatchDeployments:
     async def test_reconnecting_watcher_gets_exactly_the_missed_revisions(
         self, registry: RunningRegistry

@@ -479,6 +479,15 @@ def parse_split(targets: list[str]) -> list[pb.TrafficTarget]:
     return split
 
 
+ExpectedRevision = Annotated[
+    int | None,
+    typer.Option(
+        help="Change it only if it is still at this revision (as `show` prints it; with `set`,"
+        " 0: only if it does not exist yet); else ABORTED, and nothing changes."
+    ),
+]
+
+
 @deployments_app.command("set")
 def set_deployment(
     name: Annotated[str, typer.Argument(help="The endpoint, e.g. fraud.")],
@@ -486,22 +495,23 @@ def set_deployment(
     registry: RegistryTarget,
     api_key: ApiKey = None,
     reason: Reason = "",
+    expected_revision: ExpectedRevision = None,
 ) -> None:
     """Set a deployment's traffic split as a new revision (creating the deployment)."""
     split = _split(targets)
+    request = pb.UpdateDeploymentRequest(
+        deployment=pb.Deployment(name=deployment_name(name), traffic=split),
+        # Only the split: shadow, fallback, inference settings and the rest stay.
+        update_mask=field_mask_pb2.FieldMask(paths=["traffic"]),
+        allow_missing=True,
+        reason=reason,
+    )
+    if expected_revision is not None:
+        request.expected_revision = expected_revision
 
     async def work() -> pb.Deployment:
         async with RegistryConnection(registry, api_key) as conn:
-            response = await conn.stub.UpdateDeployment(
-                pb.UpdateDeploymentRequest(
-                    deployment=pb.Deployment(name=deployment_name(name), traffic=split),
-                    # Only the split: shadow, fallback, inference settings and the rest stay.
-                    update_mask=field_mask_pb2.FieldMask(paths=["traffic"]),
-                    allow_missing=True,
-                    reason=reason,
-                ),
-                metadata=conn.metadata,
-            )
+            response = await conn.stub.UpdateDeployment(request, metadata=conn.metadata)
             return response.deployment
 
     _show_deployment(run(work()))
@@ -578,11 +588,17 @@ def configure_deployment(
     async def work() -> pb.Deployment:
         async with RegistryConnection(registry, api_key) as conn:
             config = pb.InferenceConfig()
+            request = pb.UpdateDeploymentRequest(
+                update_mask=field_mask_pb2.FieldMask(paths=["inference"]), reason=reason
+            )
             if not reset:
                 current = await conn.stub.GetDeployment(
                     pb.GetDeploymentRequest(name=deployment_name(name)), metadata=conn.metadata
                 )
                 config.CopyFrom(current.deployment.inference)
+                # Read, change, write: a change made by someone else in between is not lost
+                # under this one, the write is ABORTED instead.
+                request.expected_revision = current.deployment.revision
             if device is not None:
                 config.device = pb.DEVICE_GPU if device is DeviceName.GPU else pb.DEVICE_CPU
                 if device is DeviceName.CPU and gpu_ids is None:
@@ -603,14 +619,8 @@ def configure_deployment(
                 config.preferred_batch_sizes[:] = preferred
             if queue_delay_us is not None:
                 config.max_queue_delay_us = queue_delay_us
-            response = await conn.stub.UpdateDeployment(
-                pb.UpdateDeploymentRequest(
-                    deployment=pb.Deployment(name=deployment_name(name), inference=config),
-                    update_mask=field_mask_pb2.FieldMask(paths=["inference"]),
-                    reason=reason,
-                ),
-                metadata=conn.metadata,
-            )
+            request.deployment.CopyFrom(pb.Deployment(name=deployment_name(name), inference=config))
+            response = await conn.stub.UpdateDeployment(request, metadata=conn.metadata)
             return response.deployment
 
     _show_deployment(run(work()))
@@ -632,11 +642,14 @@ def rollback(
         int, typer.Option(help="The revision to restore; the previous one when 0.")
     ] = 0,
     reason: Reason = "",
+    expected_revision: ExpectedRevision = None,
 ) -> None:
     """Restore an earlier revision's traffic as a new revision."""
     request = pb.RollbackDeploymentRequest(
         name=deployment_name(name), revision=revision, reason=reason
     )
+    if expected_revision is not None:
+        request.expected_revision = expected_revision
     response = call_registry(
         registry,
         api_key,

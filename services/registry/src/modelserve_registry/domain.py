@@ -46,7 +46,7 @@ from modelserve_registry.resources import (
     VersionRef,
     VersionUpload,
 )
-from modelserve_registry.store import RegistryStore
+from modelserve_registry.store import RegistryStore, concurrent_change
 from modelserve_registry.validation import Validator
 from modelserve_runtime.errors import (
     FailedPreconditionError,
@@ -788,6 +788,7 @@ class Registry:
         inference: pb.InferenceConfig | None = None,
         hybrid: pb.HybridLookup | None = None,
         strategy: pb.RolloutStrategy | None = None,
+        expected_revision: int | None = None,
     ) -> Deployment:
         """Sets a deployment's traffic and routing policy; creates it only with `allow_missing`.
 
@@ -798,8 +799,12 @@ class Registry:
         hold as many values as their shape says.
         `update_mask` names the fields written; the others keep their value. When it is
         empty, `traffic` and whichever policy fields are set are written; `*` writes all.
+        With `expected_revision`, the deployment must still be at that revision (0: must not
+        exist yet), else AbortedError.
         """
         violations: list[FieldViolation] = []
+        if expected_revision is not None and expected_revision < 0:
+            violations.append(FieldViolation("expected_revision", "must not be negative"))
         deployment_id = ""
         try:
             deployment_id = parse_deployment_name(name, "deployment.name")
@@ -917,8 +922,15 @@ class Registry:
             allow_missing=allow_missing,
             change=self._change(actor, "UpdateDeployment"),
             policy=policy,
-            # A change merged into the current revision must land on that revision.
-            expected_revision=current.revision if current is not None else None,
+            # The caller's precondition, else: a change merged into the current revision must
+            # land on that revision.
+            expected_revision=(
+                expected_revision
+                if expected_revision is not None
+                else current.revision
+                if current is not None
+                else None
+            ),
             production_only=self._production_only,
         )
         if changed:
@@ -1049,13 +1061,23 @@ class Registry:
                 refs.append(ref)
         return refs
 
-    async def rollback_deployment(self, name: str, revision: int, actor: Actor) -> Deployment:
+    async def rollback_deployment(
+        self, name: str, revision: int, actor: Actor, *, expected_revision: int | None = None
+    ) -> Deployment:
         """Restores the traffic of `revision` (the one before the current when 0) as a new
-        revision. Restoring the traffic the deployment already has changes nothing."""
+        revision. Restoring the traffic the deployment already has changes nothing. With
+        `expected_revision`, the deployment must still be at that revision, else AbortedError.
+        """
         deployment_id = parse_deployment_name(name, "name")
         if revision < 0:
             raise InvalidArgumentError.for_field("revision", "must not be negative")
+        if expected_revision is not None and expected_revision < 1:
+            raise InvalidArgumentError.for_field(
+                "expected_revision", "must be a revision (1 or more) when set"
+            )
         current = await self.get_deployment(name)
+        if expected_revision is not None and current.revision != expected_revision:
+            raise concurrent_change(name, current.revision, expected_revision)
         wanted = revision or current.revision - 1
         if wanted < 1:
             raise FailedPreconditionError(
@@ -1077,6 +1099,7 @@ class Registry:
             change=self._change(actor, "RollbackDeployment"),
             restored_revision=wanted,
             policy=target.deployment.policy,
+            expected_revision=expected_revision,
         )
         if changed:
             await self._changes.send()

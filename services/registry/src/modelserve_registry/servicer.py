@@ -135,6 +135,9 @@ class RegistryServicer(pb_grpc.RegistryServiceServicer):
             inference=request.deployment.inference,
             hybrid=request.deployment.hybrid,
             strategy=request.deployment.strategy,
+            expected_revision=(
+                request.expected_revision if request.HasField("expected_revision") else None
+            ),
         )
         return pb.UpdateDeploymentResponse(deployment=deployment_to_proto(deployment))
 
@@ -155,7 +158,12 @@ class RegistryServicer(pb_grpc.RegistryServiceServicer):
         self, request: pb.RollbackDeploymentRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> pb.RollbackDeploymentResponse:
         deployment = await self._registry.rollback_deployment(
-            request.name, request.revision, _actor(request.reason)
+            request.name,
+            request.revision,
+            _actor(request.reason),
+            expected_revision=(
+                request.expected_revision if request.HasField("expected_revision") else None
+            ),
         )
         return pb.RollbackDeploymentResponse(deployment=deployment_to_proto(deployment))
 

@@ -655,6 +655,22 @@ def _revision_from_row(row: sqlite3.Row) -> DeploymentRevision:
     )
 
 
+def concurrent_change(name: str, revision: int, expected_revision: int) -> AbortedError:
+    """The error of a deployment change made against `expected_revision` when the deployment
+    is at `revision` (0: it does not exist)."""
+    now = f"revision {revision}" if revision else "it does not exist"
+    against = f"revision {expected_revision}" if expected_revision else "its absence"
+    return AbortedError(
+        f"{name} changed ({now}; the change was made against {against}); read it again and retry",
+        reason="CONCURRENT_CHANGE",
+        metadata={
+            "name": name,
+            "revision": str(revision),
+            "expected_revision": str(expected_revision),
+        },
+    )
+
+
 def _put_deployment(
     conn: sqlite3.Connection,
     deployment_id: str,
@@ -698,18 +714,13 @@ def _put_deployment(
             reason="DEPLOYMENT_NOT_FOUND",
             metadata={"name": f"deployments/{deployment_id}"},
         )
+    if row is None and expected_revision:
+        raise concurrent_change(f"deployments/{deployment_id}", 0, expected_revision)
     if row is not None:
         current = _deployment_from_row(row)
         if expected_revision is not None and current.revision != expected_revision:
-            raise AbortedError(
-                f"deployments/{deployment_id} changed (revision {current.revision}, the change"
-                f" was made against revision {expected_revision}); read it again and retry",
-                reason="CONCURRENT_CHANGE",
-                metadata={
-                    "name": f"deployments/{deployment_id}",
-                    "revision": str(current.revision),
-                    "expected_revision": str(expected_revision),
-                },
+            raise concurrent_change(
+                f"deployments/{deployment_id}", current.revision, expected_revision
             )
         # Order carries no meaning in a traffic split; only a real change is a
         # new revision, so watchers do not converge on nothing.

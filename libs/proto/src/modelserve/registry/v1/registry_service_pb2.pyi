@@ -1522,10 +1522,18 @@ class UpdateDeploymentRequest(_message.Message):
     UPDATE_MASK_FIELD_NUMBER: _builtins.int
     ALLOW_MISSING_FIELD_NUMBER: _builtins.int
     REASON_FIELD_NUMBER: _builtins.int
+    EXPECTED_REVISION_FIELD_NUMBER: _builtins.int
     allow_missing: _builtins.bool
     """Optional. Create the deployment when it does not exist."""
     reason: _builtins.str
     """Optional. Why the deployment changes; kept with the revision and in the audit trail."""
+    expected_revision: _builtins.int
+    """Optional. Apply the change only if the deployment is still at this revision (its
+    `revision` as the caller last read it), so that two writers cannot overwrite each other
+    unseen: ABORTED `CONCURRENT_CHANGE`, with the current `revision` in the error's metadata,
+    when it has moved on. 0: only if the deployment does not exist yet (with
+    `allow_missing`). Unset: whatever its revision.
+    """
     @_builtins.property
     def deployment(self) -> Global___Deployment:
         """Required. The deployment with its `name` set and the fields to change."""
@@ -1543,12 +1551,15 @@ class UpdateDeploymentRequest(_message.Message):
         update_mask: _field_mask_pb2.FieldMask | None = ...,
         allow_missing: _builtins.bool = ...,
         reason: _builtins.str = ...,
+        expected_revision: _builtins.int | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["deployment", b"deployment", "update_mask", b"update_mask"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_expected_revision", b"_expected_revision", "deployment", b"deployment", "expected_revision", b"expected_revision", "update_mask", b"update_mask"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["allow_missing", b"allow_missing", "deployment", b"deployment", "reason", b"reason", "update_mask", b"update_mask"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_expected_revision", b"_expected_revision", "allow_missing", b"allow_missing", "deployment", b"deployment", "expected_revision", b"expected_revision", "reason", b"reason", "update_mask", b"update_mask"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
+    _WhichOneofReturnType__expected_revision: _TypeAlias = _typing.Literal["expected_revision"]  # noqa: Y015
+    _WhichOneofArgType__expected_revision: _TypeAlias = _typing.Literal["_expected_revision", b"_expected_revision"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__expected_revision) -> _WhichOneofReturnType__expected_revision | None: ...
 
 Global___UpdateDeploymentRequest: _TypeAlias = UpdateDeploymentRequest  # noqa: Y015
 
@@ -1685,6 +1696,7 @@ class RollbackDeploymentRequest(_message.Message):
     NAME_FIELD_NUMBER: _builtins.int
     REVISION_FIELD_NUMBER: _builtins.int
     REASON_FIELD_NUMBER: _builtins.int
+    EXPECTED_REVISION_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """Required. Format: `deployments/{deployment}`."""
     revision: _builtins.int
@@ -1693,18 +1705,26 @@ class RollbackDeploymentRequest(_message.Message):
     """
     reason: _builtins.str
     """Optional. Why the deployment is rolled back; kept with the revision and in the audit trail."""
+    expected_revision: _builtins.int
+    """Optional. Roll back only if the deployment is still at this revision: ABORTED
+    `CONCURRENT_CHANGE`, with the current `revision` in the error's metadata, when it has
+    moved on. Unset: whatever its revision.
+    """
     def __init__(
         self,
         *,
         name: _builtins.str = ...,
         revision: _builtins.int = ...,
         reason: _builtins.str = ...,
+        expected_revision: _builtins.int | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_expected_revision", b"_expected_revision", "expected_revision", b"expected_revision"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["name", b"name", "reason", b"reason", "revision", b"revision"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_expected_revision", b"_expected_revision", "expected_revision", b"expected_revision", "name", b"name", "reason", b"reason", "revision", b"revision"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
+    _WhichOneofReturnType__expected_revision: _TypeAlias = _typing.Literal["expected_revision"]  # noqa: Y015
+    _WhichOneofArgType__expected_revision: _TypeAlias = _typing.Literal["_expected_revision", b"_expected_revision"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__expected_revision) -> _WhichOneofReturnType__expected_revision | None: ...
 
 Global___RollbackDeploymentRequest: _TypeAlias = RollbackDeploymentRequest  # noqa: Y015
 
