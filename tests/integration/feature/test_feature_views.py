@@ -13,6 +13,7 @@ from modelserve.feature.v1 import feature_service_pb2_grpc as pb_grpc
 from modelserve.feature.v1 import feature_view_pb2 as view_pb
 from modelserve.type.v1 import feature_value_pb2 as value_pb
 from modelserve_feature.server import build_server
+from modelserve_features.redis_store import view_history_key
 
 
 class TestApply:
@@ -120,6 +121,49 @@ class TestApply:
         ]
         assert [v.field for v in rpc_error(name_info).violations] == ["feature_view.name"]
         assert await redis_client.keys("*") == []
+
+
+def _apply(view: view_pb.FeatureView, expected_version: int) -> pb.ApplyFeatureViewRequest:
+    return pb.ApplyFeatureViewRequest(feature_view=view, expected_version=expected_version)
+
+
+class TestExpectedVersion:
+    async def test_a_change_made_against_an_old_version_is_aborted(
+        self, redis_url: str, redis_client: aioredis.Redis
+    ) -> None:
+        """Two teams read version 1; the first one's change lands as version 2, the second
+        one's is ABORTED naming the current version and stores nothing. 0 creates only a view
+        that does not exist; a negative version is INVALID_ARGUMENT."""
+        with_country = customer_view(country=view_pb.FEATURE_DTYPE_STRING)
+        with_region = customer_view(
+            country=view_pb.FEATURE_DTYPE_STRING, region=view_pb.FEATURE_DTYPE_STRING
+        )
+        async with running(build_server, settings(redis_url)) as (_, channel, _app):
+            stub = pb_grpc.FeatureServiceStub(channel)
+            created = await stub.ApplyFeatureView(_apply(customer_view(), 0))
+            with pytest.raises(grpc.aio.AioRpcError) as exists:
+                await stub.ApplyFeatureView(_apply(customer_view(), 0))
+            first = await stub.ApplyFeatureView(_apply(with_country, 1))
+            with pytest.raises(grpc.aio.AioRpcError) as second:
+                await stub.ApplyFeatureView(_apply(with_region, 1))
+            with pytest.raises(grpc.aio.AioRpcError) as negative:
+                await stub.ApplyFeatureView(_apply(with_region, -1))
+            current = await stub.GetFeatureView(
+                pb.GetFeatureViewRequest(name="featureViews/customer")
+            )
+            third = await stub.ApplyFeatureView(_apply(with_region, 2))
+        assert (created.feature_view.version, first.feature_view.version) == (1, 2)
+        for refused, version in ((exists, "1"), (second, "2")):
+            error = rpc_error(refused)
+            assert (error.code, error.reason) == (grpc.StatusCode.ABORTED, "CONCURRENT_CHANGE")
+            assert error.metadata["version"] == version
+        assert "read it again and retry" in rpc_error(second).message
+        assert [v.field for v in rpc_error(negative).violations] == ["expected_version"]
+        assert current.feature_view.version == 2
+        assert [f.name for f in current.feature_view.features][-1] == "country"
+        assert (third.changed, third.feature_view.version) == (True, 3)
+        # The refused change stored no version.
+        assert sorted(await redis_client.hkeys(view_history_key("customer"))) == [b"1", b"2", b"3"]
 
 
 class TestListAndDelete:

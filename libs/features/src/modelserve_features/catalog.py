@@ -21,7 +21,7 @@ from modelserve_features.views import (
     view_from_json,
     view_to_json,
 )
-from modelserve_runtime.errors import FailedPreconditionError, NotFoundError
+from modelserve_runtime.errors import AbortedError, FailedPreconditionError, NotFoundError
 from modelserve_runtime.redis_connect import RedisClient
 
 _APPLY_ATTEMPTS = 10
@@ -29,6 +29,21 @@ _APPLY_ATTEMPTS = 10
 
 def _now_us() -> int:
     return time.time_ns() // 1000
+
+
+def _concurrent_change(name: str, version: int, expected_version: int) -> AbortedError:
+    now = f"is at version {version}" if version else "does not exist"
+    against = f"version {expected_version}" if expected_version else "its absence"
+    return AbortedError(
+        f"feature view {name!r} {now}; the change was made against {against}: read it again"
+        " and retry",
+        reason="CONCURRENT_CHANGE",
+        metadata={
+            "feature_view": name,
+            "version": str(version),
+            "expected_version": str(expected_version),
+        },
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -127,10 +142,13 @@ class ViewCatalog:
         stored = await self._redis.hgetall(VIEWS_KEY)
         return sorted((view_from_json(v) for v in stored.values()), key=lambda v: v.name)
 
-    async def apply(self, view: FeatureView, *, force: bool = False) -> ApplyResult:
+    async def apply(
+        self, view: FeatureView, *, force: bool = False, expected_version: int | None = None
+    ) -> ApplyResult:
         """Creates or changes a view; a change that breaks readers needs `force`.
 
-        Raises FailedPreconditionError listing the breaking changes when not forced.
+        Raises FailedPreconditionError listing the breaking changes when not forced, and
+        AbortedError when `expected_version` is given and the view is not at it (0: exists).
         """
         for _ in range(_APPLY_ATTEMPTS):
             async with self._redis.pipeline(transaction=True) as pipe:
@@ -138,6 +156,9 @@ class ViewCatalog:
                     await pipe.watch(VIEWS_KEY)
                     raw = await pipe.hget(VIEWS_KEY, view.name)
                     current = None if raw is None else view_from_json(raw)
+                    version = 0 if current is None else current.version
+                    if expected_version is not None and version != expected_version:
+                        raise _concurrent_change(view.name, version, expected_version)
                     if current is not None and current.same_definition(view):
                         return ApplyResult(current, changed=False)
                     now = self._clock_us()

@@ -415,10 +415,12 @@ class OnlineStore:
         async with self.redis_call("views", timeout_s):
             return await self.catalog.views(names)
 
-    async def apply_view(self, view: FeatureView, *, force: bool = False) -> ApplyResult:
+    async def apply_view(
+        self, view: FeatureView, *, force: bool = False, expected_version: int | None = None
+    ) -> ApplyResult:
         """Creates or changes a view (see ViewCatalog.apply)."""
         async with self.redis_call("views"):
-            return await self.catalog.apply(view, force=force)
+            return await self.catalog.apply(view, force=force, expected_version=expected_version)
 
     async def get_view(self, name: str, version: int = 0) -> FeatureView:
         """A view's current definition, or an earlier version."""

@@ -158,7 +158,13 @@ class FeatureServicer(pb_grpc.FeatureServiceServicer):
         self, request: pb.ApplyFeatureViewRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> pb.ApplyFeatureViewResponse:
         view = view_from_proto(request.feature_view, request.feature_view.name)
-        result = await self._features.apply_view(view, force=request.force)
+        result = await self._features.apply_view(
+            view,
+            force=request.force,
+            expected_version=(
+                request.expected_version if request.HasField("expected_version") else None
+            ),
+        )
         return pb.ApplyFeatureViewResponse(
             feature_view=view_to_proto(result.view), changed=result.changed
         )

@@ -153,15 +153,20 @@ class OnlineFeatures:
             raise InvalidArgumentError.for_field("requests", "at least one batch is required")
         return BulkResult(batches=count, written=written, stale=stale)
 
-    async def apply_view(self, view: FeatureView, *, force: bool) -> ApplyResult:
-        """Creates or changes the view named `featureViews/{id}` in `view.name`."""
+    async def apply_view(
+        self, view: FeatureView, *, force: bool, expected_version: int | None = None
+    ) -> ApplyResult:
+        """Creates or changes the view named `featureViews/{id}` in `view.name`; with
+        `expected_version`, only while it is at that version (0: does not exist)."""
         named = replace(view, name=_view_id(view.name, "feature_view.name"))
         problems = view_problems(named)
+        if expected_version is not None and expected_version < 0:
+            raise InvalidArgumentError.for_field("expected_version", "must not be negative")
         if problems:
             raise InvalidArgumentError.from_violations(
                 [FieldViolation(f"feature_view.{path}", text) for path, text in problems]
             )
-        return await self._store.apply_view(named, force=force)
+        return await self._store.apply_view(named, force=force, expected_version=expected_version)
 
     async def get_view(self, name: str, version: int = 0) -> FeatureView:
         """A view, current or at `version`."""

@@ -485,8 +485,15 @@ class ApplyFeatureViewRequest(_message.Message):
 
     FEATURE_VIEW_FIELD_NUMBER: _builtins.int
     FORCE_FIELD_NUMBER: _builtins.int
+    EXPECTED_VERSION_FIELD_NUMBER: _builtins.int
     force: _builtins.bool
     """Optional. Apply a change that would break readers anyway."""
+    expected_version: _builtins.int
+    """Optional. Apply only while the view is at this version (its `version` as the caller
+    last read it), so that two writers cannot overwrite each other unseen: ABORTED
+    `CONCURRENT_CHANGE`, with the current `version` in the error's metadata, when it has
+    moved on. 0: only if the view does not exist yet. Unset: whatever its version.
+    """
     @_builtins.property
     def feature_view(self) -> _feature_view_pb2.FeatureView:
         """Required. The definition; output-only fields are ignored."""
@@ -496,12 +503,15 @@ class ApplyFeatureViewRequest(_message.Message):
         *,
         feature_view: _feature_view_pb2.FeatureView | None = ...,
         force: _builtins.bool = ...,
+        expected_version: _builtins.int | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["feature_view", b"feature_view"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_expected_version", b"_expected_version", "expected_version", b"expected_version", "feature_view", b"feature_view"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["feature_view", b"feature_view", "force", b"force"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_expected_version", b"_expected_version", "expected_version", b"expected_version", "feature_view", b"feature_view", "force", b"force"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
+    _WhichOneofReturnType__expected_version: _TypeAlias = _typing.Literal["expected_version"]  # noqa: Y015
+    _WhichOneofArgType__expected_version: _TypeAlias = _typing.Literal["_expected_version", b"_expected_version"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__expected_version) -> _WhichOneofReturnType__expected_version | None: ...
 
 Global___ApplyFeatureViewRequest: _TypeAlias = ApplyFeatureViewRequest  # noqa: Y015
 
