@@ -12,11 +12,17 @@ import time
 from typing import Any
 
 import grpc
+import grpc.experimental.gevent as grpc_gevent
 from locust import User, between, task
 
 from modelserve.router.v1 import router_service_pb2 as pb
 from modelserve.router.v1 import router_service_pb2_grpc as pb_grpc
 from modelserve.type.v1 import feature_value_pb2
+
+# Locust runs its users as greenlets. gRPC's calls wait in C, where gevent cannot switch, so
+# without this every call would stop the whole process until it returned: `-u 32` would make
+# one call at a time. After locust's monkey-patching, before any channel exists.
+grpc_gevent.init_gevent()
 
 
 class PredictUser(User):

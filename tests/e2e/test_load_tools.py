@@ -1,0 +1,123 @@
+"""The load tools the README hands to users work: `loadtests/locustfile.py` drives the router
+with as many concurrent calls as it has users (gRPC made gevent-friendly; otherwise each call
+would block the whole locust process, and `-u 32` would be one call at a time), and
+`loadtests/ghz-predict.json` is a Predict the router answers."""
+
+from __future__ import annotations
+
+import asyncio
+import csv
+import json
+import os
+import sys
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+from google.protobuf import json_format
+
+from modelserve.router.v1 import router_service_pb2 as router_pb
+from modelserve.router.v1 import router_service_pb2_grpc as router_grpc
+from modelserve_cli.demo import DemoDeployment
+from modelserve_cli.stack import Stack
+
+ROOT = Path(__file__).resolve().parents[2]
+LOCUSTFILE = ROOT / "loadtests" / "locustfile.py"
+GHZ_CONFIG = ROOT / "loadtests" / "ghz-predict.json"
+LOCUST = Path(sys.executable).parent / "locust"
+USERS = 4
+
+
+async def _locust(host: str, out: Path, seconds: int = 3) -> dict[str, int]:
+    """Runs the locustfile headless against `host`; its Predict row's request and failure
+    counts, and locust's exit code."""
+    process = await asyncio.create_subprocess_exec(
+        str(LOCUST),
+        "-f", str(LOCUSTFILE), "--headless", "-u", str(USERS), "-r", str(USERS),
+        "-t", f"{seconds}s", "--host", host, "--csv", str(out / "run"), "--only-summary",
+        "--loglevel", "WARNING",
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )  # fmt: skip
+    output, _ = await asyncio.wait_for(process.communicate(), seconds + 60)
+    with (out / "run_stats.csv").open() as stats:
+        rows = {row["Name"]: row for row in csv.DictReader(stats)}
+    assert "RouterService/Predict" in rows, output.decode()
+    row = rows["RouterService/Predict"]
+    return {
+        "requests": int(row["Request Count"]),
+        "failures": int(row["Failure Count"]),
+        "exit": process.returncode or 0,
+    }
+
+
+class _Together(router_grpc.RouterServiceServicer):
+    """Answers a Predict only once USERS calls are in flight at once (a cyclic barrier), so
+    calls made one at a time all fail their deadline instead."""
+
+    def __init__(self) -> None:
+        self.barrier = asyncio.Barrier(USERS)
+        self.answered = 0
+
+    async def Predict(self, request: Any, context: Any) -> router_pb.PredictResponse:
+        try:
+            async with asyncio.timeout(2.0):
+                await self.barrier.wait()
+        except TimeoutError:
+            await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, "alone at the barrier")
+        self.answered += 1
+        return router_pb.PredictResponse(model_version="models/fraud/versions/1")
+
+
+@pytest.fixture
+async def together() -> AsyncIterator[tuple[str, _Together]]:
+    server = grpc.aio.server()
+    servicer = _Together()
+    router_grpc.add_RouterServiceServicer_to_server(servicer, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    try:
+        yield f"127.0.0.1:{port}", servicer
+    finally:
+        await server.stop(grace=None)
+
+
+class TestLocust:
+    async def test_users_call_at_the_same_time(
+        self, together: tuple[str, _Together], tmp_path: Path
+    ) -> None:
+        host, servicer = together
+        counts = await _locust(host, tmp_path)
+        assert counts["failures"] == 0, counts
+        assert counts["requests"] >= 2 * USERS, counts
+        assert servicer.answered >= 2 * USERS
+
+    async def test_drives_the_router_without_failures(
+        self, stack: Stack, demo: DemoDeployment, tmp_path: Path
+    ) -> None:
+        counts = await _locust(stack.targets["router"], tmp_path)
+        assert counts == {"requests": counts["requests"], "failures": 0, "exit": 0}
+        assert counts["requests"] > USERS
+
+
+class TestGhz:
+    async def test_config_is_a_predict_the_router_answers(
+        self, stack: Stack, demo: DemoDeployment
+    ) -> None:
+        """The config's proto and import path exist where ghz looks (relative to the file),
+        its call is RouterService/Predict, and its data, read as protobuf JSON, is a request
+        the router answers from the demo deployment."""
+        config = json.loads(GHZ_CONFIG.read_text())
+        assert (GHZ_CONFIG.parent / config["proto"]).resolve().is_file()
+        assert all((GHZ_CONFIG.parent / p).is_dir() for p in config["import-paths"])
+        service, method = config["call"].rsplit(".", 1)
+        descriptor = router_pb.DESCRIPTOR.services_by_name[service.rsplit(".", 1)[1]]
+        assert descriptor.full_name == service and method in descriptor.methods_by_name
+        request = json_format.ParseDict(config["data"], router_pb.PredictRequest())
+        async with grpc.aio.insecure_channel(stack.targets["router"]) as channel:
+            answer = await router_grpc.RouterServiceStub(channel).Predict(request, timeout=10)
+        assert answer.model_version == demo.model_version
+        assert not answer.degraded
