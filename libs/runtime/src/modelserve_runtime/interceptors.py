@@ -75,17 +75,26 @@ def _wrap(handler: Any, method: str, scope: Scope) -> Any:
     """Returns the handler with every call run inside `scope(method, context)`.
 
     Streaming responses come either from an async generator or from a coroutine that
-    calls `context.write` (the health service's Watch does); each keeps its own style.
+    calls `context.write` (the health service's Watch does). Either way the wrapper is a
+    coroutine that writes each response itself: a wrapper that was an async generator would
+    be abandoned by gRPC when the caller cancels while an answer waits to be sent, and closed
+    later by Python from another task, outside the call's context, with the servicer's own
+    stream left open until then. Here a cancellation ends the call's scope in its own task
+    and closes the servicer's stream at once.
     """
     attribute, factory = _FACTORIES[(handler.request_streaming, handler.response_streaming)]
     inner = getattr(handler, attribute)
     wrapped: Callable[..., Any]
     if inspect.isasyncgenfunction(inner):
 
-        async def wrapped(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+        async def wrapped(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> None:
             async with scope(method, context):
-                async for response in inner(request, context):
-                    yield response
+                responses = inner(request, context)
+                try:
+                    async for response in responses:
+                        await context.write(response)
+                finally:
+                    await responses.aclose()
 
     else:
 
