@@ -4,13 +4,13 @@ demo model deployed and every span sent to an in-test OTLP receiver."""
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Iterator
-from pathlib import Path
 
 import pytest
 from otlp_receiver import OtlpReceiver
+from stacks import running_stack
 
 from modelserve_cli.demo import DemoDeployment, deploy_demo
-from modelserve_cli.stack import Stack, StackOptions
+from modelserve_cli.stack import Stack
 
 
 @pytest.fixture(scope="session")
@@ -26,25 +26,13 @@ def otlp() -> Iterator[OtlpReceiver]:
 async def stack(
     otlp: OtlpReceiver, tmp_path_factory: pytest.TempPathFactory
 ) -> AsyncIterator[Stack]:
-    """Every service running as its own process; fails (never skips) when one cannot start."""
-    run_dir: Path = tmp_path_factory.mktemp("stack")
-    stack = Stack(
-        StackOptions(
-            run_dir=run_dir,
-            otlp_endpoint=otlp.grpc_endpoint,
-            triton_trace_endpoint=otlp.http_endpoint,
-            # Through the feature and inference services; test_direct_path covers the default.
-            env={
-                "MODELSERVE_ROUTER_FEATURE_READER": "service",
-                "MODELSERVE_ROUTER_MODEL_RUNNER": "service",
-            },
-        )
-    )
-    await stack.start()
-    try:
+    """The session's stack, its spans sent to the in-test receiver."""
+    async with running_stack(
+        tmp_path_factory.mktemp("stack"),
+        otlp_endpoint=otlp.grpc_endpoint,
+        triton_trace_endpoint=otlp.http_endpoint,
+    ) as stack:
         yield stack
-    finally:
-        await stack.stop()
 
 
 @pytest.fixture(scope="session")

@@ -18,7 +18,6 @@ import random
 import re
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import grpc
@@ -29,6 +28,7 @@ from google.protobuf.duration_pb2 import Duration
 from google.protobuf.message import Message
 from google.protobuf.timestamp_pb2 import Timestamp
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from stacks import running_stack
 from tritonclient.grpc import service_pb2 as oip
 from tritonclient.grpc import service_pb2_grpc as oip_grpc
 
@@ -43,7 +43,7 @@ from modelserve.router.v1 import router_service_pb2_grpc as router_grpc
 from modelserve.type.v1 import tensor_pb2
 from modelserve.type.v1.feature_value_pb2 import FeatureValue
 from modelserve_cli.demo import DemoDeployment, deploy_demo
-from modelserve_cli.stack import SERVICES, Stack, StackOptions
+from modelserve_cli.stack import SERVICES, Stack
 from modelserve_demo import fraud
 from modelserve_runtime.errors import decode_rpc_error
 
@@ -334,21 +334,8 @@ async def _seeds(demo: DemoDeployment, channels: dict[str, grpc.aio.Channel]) ->
 
 @pytest.fixture(scope="module")
 async def own_stack(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Stack]:
-    run_dir: Path = tmp_path_factory.mktemp("fuzz-stack")
-    stack = Stack(
-        StackOptions(
-            run_dir=run_dir,
-            env={
-                "MODELSERVE_ROUTER_FEATURE_READER": "service",
-                "MODELSERVE_ROUTER_MODEL_RUNNER": "service",
-            },
-        )
-    )
-    await stack.start()
-    try:
+    async with running_stack(tmp_path_factory.mktemp("fuzz-stack")) as stack:
         yield stack
-    finally:
-        await stack.stop()
 
 
 @pytest.fixture(scope="module")

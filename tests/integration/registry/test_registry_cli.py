@@ -179,13 +179,8 @@ class TestRolloutCommands:
         """A canary started, shown, paused and aborted from the command line; a version tagged;
         validation without an inference service fails with one line; delete refused while the
         model is deployed."""
-        path = tmp_path / "tiny.onnx"
         target = ("--registry", served.address)
-        for weight in (1.0, 2.0):
-            path.write_bytes(tiny_onnx(weight=weight))
-            assert (
-                await cli("models", "register", "fraud", "--onnx", str(path), *target)
-            ).code == 0
+        await _register_two_versions(tmp_path, target)
         assert (await cli("deployments", "set", "fraud", "fraud/1=100", *target)).code == 0
         started = await cli(
             "deployments", "canary", "start", "fraud", "fraud/2", "--steps", "20,100",
@@ -231,6 +226,15 @@ class TestRolloutCommands:
         assert deleted.code == 1 and "MODEL_IN_USE" in deleted.stderr
 
 
+async def _register_two_versions(tmp_path: Path, target: tuple[str, ...]) -> None:
+    """Registers `fraud` versions 1 and 2 from the command line."""
+    path = tmp_path / "tiny.onnx"
+    for weight in (1.0, 2.0):
+        path.write_bytes(tiny_onnx(weight=weight))
+        registered = await cli("models", "register", "fraud", "--onnx", str(path), *target)
+        assert registered.code == 0, registered.stderr
+
+
 class TestExpectedRevision:
     async def test_set_and_rollback_against_a_stale_revision_change_nothing(
         self, served: CliRegistry, tmp_path: Path
@@ -238,13 +242,8 @@ class TestExpectedRevision:
         """`--expected-revision` holds `set` and `rollback` to the revision the operator saw:
         once someone else moved the deployment on, they fail with one ABORTED line and leave
         it as it is; at the current revision they apply."""
-        path = tmp_path / "tiny.onnx"
         target = ("--registry", served.address)
-        for weight in (1.0, 2.0):
-            path.write_bytes(tiny_onnx(weight=weight))
-            assert (
-                await cli("models", "register", "fraud", "--onnx", str(path), *target)
-            ).code == 0
+        await _register_two_versions(tmp_path, target)
         created = await cli("deployments", "set", "fraud", "fraud/1=100", "--expected-revision", "0", *target)  # fmt: skip
         moved = await cli("deployments", "set", "fraud", "fraud/2=100", *target)
         stale_set = await cli("deployments", "set", "fraud", "fraud/1=50", "fraud/2=50", "--expected-revision", "1", *target)  # fmt: skip
