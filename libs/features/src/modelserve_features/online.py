@@ -17,7 +17,7 @@ from types import TracebackType
 
 import redis.asyncio as redis
 from prometheus_client import Counter, Histogram
-from redis.exceptions import AuthenticationError, RedisClusterException
+from redis.exceptions import AuthenticationError, RedisClusterException, ResponseError
 
 from modelserve_features import metrics
 from modelserve_features.catalog import ApplyResult, ViewCatalog
@@ -38,6 +38,7 @@ from modelserve_features.views import (
     value_problem,
 )
 from modelserve_runtime.errors import (
+    DataLossError,
     FailedPreconditionError,
     FieldViolation,
     InvalidArgumentError,
@@ -283,6 +284,16 @@ class RedisCall:
         finally:
             self._latency.observe(time.perf_counter() - self._started)
         op = self._op
+        if isinstance(exc, ResponseError) and str(exc).startswith("WRONGTYPE"):
+            # Redis answered: one of the store's keys holds another kind of value than the
+            # hash (or stream, or string) the store keeps there. Not a Redis outage: retrying
+            # cannot help, and the service stays SERVING for every other key.
+            raise DataLossError(
+                f"a key of the feature store holds another kind of value ({op}): {exc}; it was"
+                " written by something other than the feature service",
+                reason="REDIS_WRONG_TYPE",
+                metadata={"operation": op},
+            ) from exc
         if isinstance(exc, AuthenticationError):
             raise UnavailableError(
                 f"redis refused the credentials ({op}): {exc}; check the username and password",

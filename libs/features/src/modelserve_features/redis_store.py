@@ -159,9 +159,19 @@ if ARGV[1] ~= '' then
   if epoch ~= ARGV[1] then return {-1} end
   first = 2
 end
+-- A stored value too short to hold an event time is not one of ours: older than any write.
 local function event_time(v)
+  if #v < 9 then return -1 end
   local a, b, c, d, e, f, g, h = string.byte(v, 2, 9)
   return ((((((a * 256 + b) * 256 + c) * 256 + d) * 256 + e) * 256 + f) * 256 + g) * 256 + h
+end
+-- Every key must be a hash (or absent) before anything is written: Redis does not undo the
+-- writes a script made before it failed, and the batch is all or nothing.
+for k = first, #KEYS do
+  local kind = redis.call('TYPE', KEYS[k]).ok
+  if kind ~= 'hash' and kind ~= 'none' then
+    return redis.error_reply('WRONGTYPE ' .. KEYS[k] .. ' holds a ' .. kind .. ', not a hash')
+  end
 end
 local out, arg = {}, 2
 for k = first, #KEYS do

@@ -122,6 +122,14 @@ class AbortedError(ModelServeError):
     default_reason = "ABORTED"
 
 
+class DataLossError(ModelServeError):
+    """Stored data is not what it must be (corrupted, or written by something else); retrying
+    will not help until someone repairs it."""
+
+    code = grpc.StatusCode.DATA_LOSS
+    default_reason = "DATA_LOSS"
+
+
 class UnauthenticatedError(ModelServeError):
     """The caller did not prove who it is."""
 
