@@ -3,18 +3,23 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Awaitable
 
 import grpc
 import numpy as np
 import pytest
+import redis
 import redis.asyncio as aioredis
 from support import running
 
 from modelserve.monitor.v1 import monitor_service_pb2 as pb
 from modelserve.monitor.v1 import monitor_service_pb2_grpc as pb_grpc
 from modelserve.type.v1 import prediction_record_pb2 as rec_pb
+from modelserve_monitor.aggregate import SEP
 from modelserve_monitor.config import MonitorSettings
+from modelserve_monitor.consumer import _refuses_the_data
 from modelserve_monitor.server import MonitorApp, build_server
+from modelserve_monitor.store import PREFIX
 from modelserve_runtime.errors import decode_rpc_error
 from modelserve_runtime.prediction_log import (
     DEFAULT_STREAM,
@@ -154,6 +159,77 @@ class TestMonitorService:
         assert response.request_count == 5
         assert app.consumer.malformed == 3
         assert pending["pending"] == 0
+
+    async def test_records_redis_refuses_do_not_stop_counting(
+        self, redis_url: str, redis_client: aioredis.Redis
+    ) -> None:
+        """A counter key of endpoint `poisoned` that something else overwrote with a string:
+        Redis refuses every batch holding one of its records. Those records are acknowledged
+        uncounted (refused, logged) and the rest of their batches, before and after, still
+        count; nothing stays pending and the foreign key is left as it was."""
+        foreign = f"{PREFIX}:agg:poisoned{SEP}{V1}:total"
+        await redis_client.set(foreign, "another tool's")
+        async with running(build_server, _settings(redis_url)) as (_, channel, app):
+            assert isinstance(app, MonitorApp)
+            for i in range(6):
+                if i in (1, 4):
+                    record = _record(f"bad-{i}", V1, 1000, endpoint="poisoned")
+                    await redis_client.xadd(DEFAULT_STREAM, encode_record(record))
+                await redis_client.xadd(DEFAULT_STREAM, encode_record(_record(f"ok-{i}", V1, 1000)))
+            response = await _stats_once_counted(pb_grpc.MonitorServiceStub(channel), "fraud", 6)
+            await app.consumer.drain(DEADLINE_S)
+            pending = await redis_client.xpending(DEFAULT_STREAM, "monitor")
+            later = _record("ok-later", V1, 1000)
+            await redis_client.xadd(DEFAULT_STREAM, encode_record(later))
+            again = await _stats_once_counted(pb_grpc.MonitorServiceStub(channel), "fraud", 7)
+        assert response.request_count == 6
+        assert again.request_count == 7
+        assert (app.consumer.refused, app.consumer.duplicates) == (2, 0)
+        assert pending["pending"] == 0
+        assert await redis_client.get(foreign) == b"another tool's"
+
+    async def test_only_refusals_of_the_data_are_refused_record_by_record(
+        self, redis_client: aioredis.Redis
+    ) -> None:
+        """Errors from a real Redis: a key of another kind and a counter that cannot take the
+        increment are about one batch's data (its records are counted one by one, the ones
+        Redis refuses dropped); out of memory, missing permissions and a failing script are
+        not (the batch waits in the stream and is retried whole)."""
+        await redis_client.set("not-a-hash", "x")
+        await redis_client.hset("counters", "n", "not a number")
+        await redis_client.acl_setuser("reader", enabled=True, nopass=True, commands=["+get"])
+
+        async def error(call: Awaitable[object]) -> redis.ResponseError:
+            with pytest.raises(redis.ResponseError) as info:
+                await call
+            return info.value
+
+        data = [
+            await error(redis_client.hincrby("not-a-hash", "n", 1)),
+            await error(redis_client.hincrby("counters", "n", 1)),
+            await error(redis_client.hincrbyfloat("counters", "n", 1.5)),
+            await error(redis_client.eval("return redis.call('HINCRBY', KEYS[1], 'n', 1)", 1, "not-a-hash")),
+        ]  # fmt: skip
+        others = [
+            await error(redis_client.eval("return nil + 1", 0)),
+        ]
+        reader = aioredis.Redis(
+            connection_pool=redis_client.connection_pool.__class__(
+                **{**redis_client.connection_pool.connection_kwargs, "username": "reader"}
+            )
+        )
+        try:
+            others.append(await error(reader.hincrby("counters", "m", 1)))
+        finally:
+            await reader.aclose()
+        await redis_client.config_set("maxmemory", "1")
+        try:
+            others.append(await error(redis_client.hincrby("counters", "m", 1)))
+        finally:
+            await redis_client.config_set("maxmemory", "0")
+        assert [_refuses_the_data(e) for e in data] == [True] * 4
+        assert [_refuses_the_data(e) for e in others] == [False] * 3
+        assert [type(e).__name__ for e in others[1:]] == ["NoPermissionError", "OutOfMemoryError"]
 
     async def test_records_logged_before_start_are_counted(
         self, redis_url: str, redis_client: aioredis.Redis

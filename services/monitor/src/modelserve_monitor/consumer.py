@@ -22,7 +22,8 @@ log = structlog.get_logger()
 
 RECORDS_READ = Counter(
     "modelserve_monitor_records_total",
-    "Prediction log entries read, by outcome (counted, duplicate, malformed).",
+    "Prediction log entries read, by outcome (counted, duplicate, malformed, refused: Redis"
+    " refused to count it).",
     ["outcome"],
 )
 
@@ -85,6 +86,8 @@ class PredictionLogConsumer:
         self.malformed = 0
         self.duplicates = 0
         self.claimed = 0
+        self.refused = 0
+        """Entries acknowledged uncounted because Redis refused their counters (see `_handle`)."""
 
     async def ensure_group(self) -> None:
         """Creates the group, and the stream, when missing; a new group reads from the start."""
@@ -235,9 +238,20 @@ class PredictionLogConsumer:
     async def _handle(self, entries: list[Entry]) -> None:
         parts = [(entry_id, self._contribution(entry_id, fields)) for entry_id, fields in entries]
         records = sum(1 for _, part in parts if part is not None)
-        counted = await self._store.count_and_ack(
-            stream=self._stream, group=self._group, entries=parts, now=self._clock()
-        )
+        try:
+            counted = await self._store.count_and_ack(
+                stream=self._stream, group=self._group, entries=parts, now=self._clock()
+            )
+        except redis.ResponseError as exc:
+            if not _refuses_the_data(exc):
+                raise
+            # Redis answered, refusing what this batch asks of it (a key of the monitor's
+            # that something else overwrote with another kind of value, a counter that
+            # cannot take the increment): the same batch would fail again on every retry and
+            # stop all counting. Each entry is counted on its own, and the ones Redis still
+            # refuses are acknowledged uncounted, counted as refused and logged.
+            counted, refused = await self._handle_one_by_one(parts)
+            records -= refused
         self.duplicates += records - counted
         if self._on_versions is not None:
             self._on_versions(
@@ -247,6 +261,35 @@ class PredictionLogConsumer:
         RECORDS_READ.labels("duplicate").inc(records - counted)
         async with self._progress:
             self._progress.notify_all()
+
+    async def _handle_one_by_one(
+        self, parts: list[tuple[bytes, RecordContribution | None]]
+    ) -> tuple[int, int]:
+        """Counts and acknowledges each entry on its own; (records counted, records refused)."""
+        counted = refused = 0
+        for entry_id, part in parts:
+            try:
+                counted += await self._store.count_and_ack(
+                    stream=self._stream,
+                    group=self._group,
+                    entries=[(entry_id, part)],
+                    now=self._clock(),
+                )
+            except redis.ResponseError as exc:
+                if not _refuses_the_data(exc):
+                    raise
+                await self._redis.xack(self._stream, self._group, entry_id)
+                self.refused += 1
+                refused += part is not None
+                RECORDS_READ.labels("refused").inc()
+                log.error(
+                    "prediction_record_refused_by_redis",
+                    entry_id=entry_id.decode(),
+                    endpoint=part.endpoint if part is not None else None,
+                    model_version=part.model_version if part is not None else None,
+                    error=str(exc),
+                )
+        return counted, refused
 
     def _contribution(
         self, entry_id: bytes, fields: Mapping[bytes, bytes] | None
@@ -260,6 +303,25 @@ class PredictionLogConsumer:
             RECORDS_READ.labels("malformed").inc()
             log.warning("prediction_record_malformed", entry_id=entry_id.decode(), error=str(exc))
             return None
+
+
+#: What Redis says when the data of one batch, not Redis, is at fault: a key of the monitor's
+#: that holds another kind of value, a counter that cannot take the increment.
+_DATA_REFUSALS = (
+    "WRONGTYPE",
+    "value is not",
+    "hash value is not",
+    "increment",
+)
+
+
+def _refuses_the_data(error: redis.ResponseError) -> bool:
+    """Whether Redis refused this batch's data. Any other refusal (out of memory, a read-only
+    replica, missing permissions, a failing script) is Redis's or the monitor's state: the
+    batch is retried whole and its records wait in the stream, uncounted, until it passes."""
+    # redis-py drops the generic `ERR ` of a reply; a script's error keeps Redis's words.
+    message = str(error).removeprefix("ERR ")
+    return type(error) is redis.ResponseError and message.startswith(_DATA_REFUSALS)
 
 
 def _entries(response: Any) -> list[Entry]:
