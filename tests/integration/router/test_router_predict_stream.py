@@ -183,6 +183,9 @@ class TestPredictStreamClient:
                     return_exceptions=True,
                 )
                 await exits.aclose()  # the router stops
+                # Once the client has seen its stream end (a predict sent before that would get
+                # the ending stream's error instead), the next predict opens a new stream.
+                await eventually(lambda: client.stream_ended, "the second stream's end")
                 with pytest.raises(grpc.aio.AioRpcError):
                     await client.predict(request(ENDPOINT))
             finally:
