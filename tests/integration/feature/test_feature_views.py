@@ -13,6 +13,7 @@ from modelserve.feature.v1 import feature_service_pb2_grpc as pb_grpc
 from modelserve.feature.v1 import feature_view_pb2 as view_pb
 from modelserve.type.v1 import feature_value_pb2 as value_pb
 from modelserve_feature.server import build_server
+from modelserve_features import catalog
 from modelserve_features.redis_store import view_history_key
 
 
@@ -164,6 +165,22 @@ class TestExpectedVersion:
         assert (third.changed, third.feature_view.version) == (True, 3)
         # The refused change stored no version.
         assert sorted(await redis_client.hkeys(view_history_key("customer"))) == [b"1", b"2", b"3"]
+
+    async def test_a_view_that_keeps_changing_under_an_apply_is_aborted(
+        self, redis_url: str, redis_client: aioredis.Redis, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """Every transaction of an apply lost its WATCH to another writer (here: no attempt
+        left): ABORTED, as a stale `expected_version` is, and nothing is stored."""
+        monkeypatch.setattr(catalog, "_APPLY_ATTEMPTS", 0)
+        async with running(build_server, settings(redis_url)) as (_, channel, _app):
+            stub = pb_grpc.FeatureServiceStub(channel)
+            with pytest.raises(grpc.aio.AioRpcError) as refused:
+                await stub.ApplyFeatureView(
+                    pb.ApplyFeatureViewRequest(feature_view=customer_view())
+                )
+        error = rpc_error(refused)
+        assert (error.code, error.reason) == (grpc.StatusCode.ABORTED, "CONCURRENT_CHANGE")
+        assert await redis_client.keys("fs:*") == []
 
 
 class TestListAndDelete:

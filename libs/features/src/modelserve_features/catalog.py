@@ -190,7 +190,7 @@ class ViewCatalog:
                     continue
             await self.load()
             return ApplyResult(new, changed=True)
-        raise FailedPreconditionError(
+        raise AbortedError(
             f"feature view {view.name!r} kept changing while it was applied; try again",
             reason="CONCURRENT_CHANGE",
             metadata={"feature_view": view.name},
