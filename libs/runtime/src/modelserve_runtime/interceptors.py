@@ -12,6 +12,9 @@ from typing import Any
 
 import grpc
 import structlog
+from grpc._cython.cygrpc import (  # type: ignore[import-not-found]
+    ExecuteBatchError,  # what a send on an ended call raises
+)
 from grpc.aio import AbortError
 from opentelemetry import context as otel_context
 from opentelemetry import propagate, trace
@@ -92,7 +95,14 @@ def _wrap(handler: Any, method: str, scope: Scope) -> Any:
                 responses = inner(request, context)
                 try:
                     async for response in responses:
-                        await context.write(response)
+                        try:
+                            await context.write(response)
+                        except ExecuteBatchError:
+                            # The call ended (the caller cancelled, its deadline passed) as the
+                            # answer went out, before gRPC told this task: the send fails. gRPC
+                            # ignores that failure for a caller that left, and the call ends
+                            # CANCELLED, not INTERNAL.
+                            raise asyncio.CancelledError from None
                 finally:
                     await responses.aclose()
 
