@@ -126,8 +126,14 @@ class PredictStreamClient:
         try:
             async with self._write:  # grpc.aio takes one write at a time per call
                 await self._call.write(pb.PredictStreamRequest(request=request))
-        except BaseException:
+        except BaseException as exc:
             self._waiting.pop(request.request_id, None)
+            if isinstance(exc, asyncio.InvalidStateError) and self._reader is not None:
+                # The stream finished before the write (the router refused a new stream, or
+                # it ended as we wrote) and its reader has not said why yet: it will, with
+                # the stream's own error, as soon as it runs.
+                with contextlib.suppress(Exception):
+                    await asyncio.shield(self._reader)
             if self._ended is not None:
                 raise self._ended from None
             raise
