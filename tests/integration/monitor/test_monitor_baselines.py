@@ -286,22 +286,27 @@ class TestValidationSetBaselines:
         self, tmp_path: Path, redis_url: str, redis_client: aioredis.Redis
     ) -> None:
         """While nothing listens at the registry's address the version keeps its first records
-        and is asked about again; once the registry answers, its validation set applies."""
+        and is asked about again; once the registry answers, its validation set applies.
+
+        The version is registered before the monitor starts and the registry stopped, so that
+        it comes back knowing the version: a retry that reached a registry not yet told about
+        it would settle on the first records for good, as it should for an unknown version."""
         port = free_port()
+        version = "models/late/versions/1"
+        async with _registry(tmp_path / "registry", port=port) as (_, registry_channel, _):
+            stub = registry_grpc.RegistryServiceStub(registry_channel)
+            assert await _register(stub, "late", validation_set=True) == version
         settings = _monitor_settings(redis_url, f"127.0.0.1:{port}")
         async with running(build_monitor, settings) as (_, channel, app):
             assert isinstance(app, MonitorApp)
             monitor = pb_grpc.MonitorServiceStub(channel)
-            version = "models/late/versions/1"
             await _log(redis_client, app, _live_records("late", version, 300, seed=4))
             await eventually(lambda: app.baselines.deferrals >= 2, "two deferred attempts")
             report = await _report(monitor, "late", version)
             assert report.baseline_source == "first_records"
             assert _drifted(report)[SHIFTED] is False
 
-            async with _registry(tmp_path / "registry", port=port) as (_, registry_channel, _):
-                stub = registry_grpc.RegistryServiceStub(registry_channel)
-                assert await _register(stub, "late", validation_set=True) == version
+            async with _registry(tmp_path / "registry", port=port):
                 report = await _source_becomes(monitor, "late", version, "validation_set")
             assert _drifted(report)[SHIFTED] is True
 
