@@ -76,30 +76,37 @@ class TestRows:
         ]
 
 
+def _plan(datatype: tensor_pb2.DataType.ValueType) -> VersionPlan:
+    signature = _signature(False)
+    signature.inputs[0].datatype = datatype
+    return VersionPlan.of(signature)
+
+
 class TestRange:
     def test_a_finite_value_the_input_dtype_cannot_hold_is_refused_by_name(self) -> None:
         """1.7e308 is a finite double but infinity as FP32, and 2**63 is beyond INT64: each is
         refused naming the feature (the caller's as `features.<name>`, a stored one by its
         ref), rather than cast into a value nobody sent. NaN is `assemble_row`'s to judge."""
-        fp32, int64 = np.dtype(np.float32), np.dtype(np.int64)
+        fp32, int64 = _plan(tensor_pb2.DATA_TYPE_FP32), _plan(tensor_pb2.DATA_TYPE_INT64)
+        version = "models/m/versions/1"
 
-        check_range(
-            REFS, [float(np.finfo(np.float32).max), -3.4e38, math.nan], fp32, "models/m/versions/1"
-        )
-        check_range(REFS, [2.0**62, -(2.0**62), 0.0], int64, "models/m/versions/1")
+        check_range(fp32, [float(np.finfo(np.float32).max), -3.4e38, math.nan], version)
+        check_range(int64, [2.0**62, -(2.0**62), 0.0], version)
         with pytest.raises(InvalidArgumentError) as as_fp32:
-            check_range(REFS, [1.7e308, 1.0, -1e39], fp32, "models/m/versions/1")
+            check_range(fp32, [1.7e308, 1.0, -1e39], version)
         with pytest.raises(InvalidArgumentError) as as_int64:
-            check_range(REFS, [0.0, 2.0**63, 0.0], int64, "models/m/versions/1")
+            check_range(int64, [0.0, 2.0**63, 0.0], version)
 
         assert [(v.field, v.description) for v in as_fp32.value.violations] == [
-            (
-                "customer:avg",
-                "1.7e+308 is outside the range of models/m/versions/1's float32 input",
-            ),
-            (
-                "features.amount",
-                "-1e+39 is outside the range of models/m/versions/1's float32 input",
-            ),
-        ]
+            ("customer:avg", "1.7e+308 is outside the range of models/m/versions/1's float32 input"),
+            ("features.amount", "-1e+39 is outside the range of models/m/versions/1's float32 input"),
+        ]  # fmt: skip
         assert [v.field for v in as_int64.value.violations] == ["customer:count"]
+
+    def test_an_input_that_is_not_a_number_type_has_no_range_to_keep(self) -> None:
+        """A BOOL or BYTES input: numpy has no range for them (asking once failed every
+        request), and any number casts."""
+        for datatype in (tensor_pb2.DATA_TYPE_BOOL, tensor_pb2.DATA_TYPE_BYTES):
+            plan = _plan(datatype)
+            assert plan.input_range == (-math.inf, math.inf)
+            check_range(plan, [1.7e308, -1e39, 0.0], "models/m/versions/1")

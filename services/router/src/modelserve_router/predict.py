@@ -171,22 +171,26 @@ class VersionPlan:
     allow_non_finite: bool = False
     """The input takes NaN and infinity (the signature says so): a feature without a value
     is NaN, the model's own missing value, instead of 0.0."""
+    input_range: tuple[float, float] = (-math.inf, math.inf)
+    """The finite values the input's dtype holds, [low, high) (see `value_range`)."""
 
     @classmethod
     def of(cls, signature: registry_pb.Signature) -> VersionPlan:
         refs = tuple(signature.feature_refs)
         stored = tuple(FeatureRef.parse(r) for r in refs if not r.startswith(REQUEST_ENTITY + ":"))
         first = signature.inputs[0] if signature.inputs else None
+        input_dtype = (
+            np.dtype(np.float32)
+            if first is None
+            else DTYPES.get(first.datatype, np.dtype(np.float32))
+        )
         return cls(
             refs=refs,
             stored=stored,
             views=tuple(sorted({r.view for r in stored})),
             input_name="" if first is None else first.name,
-            input_dtype=(
-                np.dtype(np.float32)
-                if first is None
-                else DTYPES.get(first.datatype, np.dtype(np.float32))
-            ),
+            input_dtype=input_dtype,
+            input_range=value_range(input_dtype),
             output_names=tuple(o.name for o in signature.outputs),
             output_shapes={o.name: list(o.shape) for o in signature.outputs},
             allow_non_finite=first is not None and first.allow_non_finite,
@@ -609,7 +613,7 @@ class Predictor:
             }
             if not_present:
                 log.warning("features_not_present", features=not_present)
-            check_range(plan.refs, row, plan.input_dtype, model_version)
+            check_range(plan, row, model_version)
             inputs = {plan.input_name: np.asarray([row], dtype=plan.input_dtype)}
         return _Input(plan, inputs, values, missing, statuses)
 
@@ -823,29 +827,30 @@ def _record_success(
     record.outputs.extend(numpy_to_tensor(n, a) for n, a in result.outputs.items())
 
 
-def _range_of(dtype: np.dtype[Any]) -> tuple[float, float]:
-    """The values a dtype holds, as [low, high): float32's largest value is exact as a float;
-    an integer type's bound above is 2**bits-1, which no float below it rounds to."""
+def value_range(dtype: np.dtype[Any]) -> tuple[float, float]:
+    """The finite values a numeric dtype holds, as [low, high): float32's largest value is
+    exact as a float; an integer type's bound above is 2**bits-1, which no float below it
+    rounds to. Any value for another dtype (bool, bytes): the cast decides."""
     if dtype.kind == "f":
         finfo = np.finfo(dtype)
         return float(finfo.min), math.nextafter(float(finfo.max), math.inf)
-    iinfo = np.iinfo(dtype)
-    return float(iinfo.min), float(iinfo.max) + 1.0
+    if dtype.kind in "iu":
+        iinfo = np.iinfo(dtype)
+        return float(iinfo.min), float(iinfo.max) + 1.0
+    return -math.inf, math.inf
 
 
-def check_range(
-    refs: Sequence[str], row: Sequence[float], dtype: np.dtype[Any], model_version: str
-) -> None:
-    """InvalidArgumentError naming each finite value of `row` (one per ref) that the version's
-    input dtype cannot hold: 1e39 is infinity as FP32, and casting it would hand the model a
-    value nobody sent."""
-    low, high = _range_of(dtype)
+def check_range(plan: VersionPlan, row: Sequence[float], model_version: str) -> None:
+    """InvalidArgumentError naming each finite value of `row` (one per ref of `plan`) that the
+    version's input dtype cannot hold: 1e39 is infinity as FP32, and casting it would hand the
+    model a value nobody sent."""
+    low, high = plan.input_range
     problems = [
         FieldViolation(
             _violation_field(ref),
-            f"{value:g} is outside the range of {model_version}'s {dtype.name} input",
+            f"{value:g} is outside the range of {model_version}'s {plan.input_dtype.name} input",
         )
-        for ref, value in zip(refs, row, strict=True)
+        for ref, value in zip(plan.refs, row, strict=True)
         if math.isfinite(value) and not low <= value < high
     ]
     if problems:
