@@ -158,10 +158,10 @@ class OnlineFeatures:
     ) -> ApplyResult:
         """Creates or changes the view named `featureViews/{id}` in `view.name`; with
         `expected_version`, only while it is at that version (0: does not exist)."""
-        named = replace(view, name=_view_id(view.name, "feature_view.name"))
-        problems = view_problems(named)
         if expected_version is not None and expected_version < 0:
             raise InvalidArgumentError.for_field("expected_version", "must not be negative")
+        named = replace(view, name=_view_id(view.name, "feature_view.name"))
+        problems = view_problems(named)
         if problems:
             raise InvalidArgumentError.from_violations(
                 [FieldViolation(f"feature_view.{path}", text) for path, text in problems]

@@ -916,21 +916,16 @@ class Registry:
             strategy=strategy_bytes,
         )
         await self._check_shared_inference(deployment_id, targets, policy)
+        if expected_revision is None and current is not None:
+            # A change merged into the current revision must land on that revision.
+            expected_revision = current.revision
         deployment, changed = await self._store.put_deployment(
             deployment_id,
             targets,
             allow_missing=allow_missing,
             change=self._change(actor, "UpdateDeployment"),
             policy=policy,
-            # The caller's precondition, else: a change merged into the current revision must
-            # land on that revision.
-            expected_revision=(
-                expected_revision
-                if expected_revision is not None
-                else current.revision
-                if current is not None
-                else None
-            ),
+            expected_revision=expected_revision,
             production_only=self._production_only,
         )
         if changed:
