@@ -11,7 +11,7 @@ import numpy as np
 import numpy.typing as npt
 import pytest
 
-from modelserve_router.coalesce import ENDPOINT_BUDGET, CoalescingRunner
+from modelserve_router.coalesce import ENDPOINT_BUDGET, WAIT_BOUNDED, CoalescingRunner
 from modelserve_router.routing import ServedVersion
 from modelserve_runtime.errors import UnavailableError
 
@@ -158,6 +158,60 @@ async def test_a_caller_that_gives_up_leaves_the_batch() -> None:
     await first
     np.testing.assert_allclose((await stays)["y"], rows(6.0)["x"] @ W)
     assert inner.calls[1] == (V1.model_version, 1)
+
+
+async def test_a_request_queued_behind_a_hung_call_fails_after_its_own_timeout() -> None:
+    """The call in flight hangs: the requests queued behind it fail `timeout_s` after they
+    joined (UNAVAILABLE, UPSTREAM_TIMEOUT, which the fallback chain answers), not after the
+    hung call's timeout and then their own; the lane goes on when the model answers again."""
+    inner = MatMulRunner()
+    runner = CoalescingRunner(inner, max_batches=1, timeout_s=0.2)
+    inner.gate.clear()
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    hung = asyncio.create_task(runner.run(V1, rows(1.0), ["y"]))
+    await until(lambda: len(inner.calls) == 1)
+    queued = asyncio.create_task(runner.run(V1, rows(2.0), ["y"]))
+    async with asyncio.timeout(5):  # the model never answers: only `timeout_s` ends them
+        results = await asyncio.gather(hung, queued, return_exceptions=True)
+    waited = loop.time() - started
+    for result in results:
+        assert isinstance(result, UnavailableError), result
+        assert result.reason == "UPSTREAM_TIMEOUT"
+        assert result.metadata == {
+            "model_version": V1.model_version,
+            "upstream_code": "DEADLINE_EXCEEDED",
+            "timeout_s": "0.200",
+        }
+    assert waited >= 0.19, waited
+    assert inner.calls == [(V1.model_version, 1)]  # the queued request was never sent
+    inner.gate.set()
+    out = await runner.run(V1, rows(3.0), ["y"])
+    np.testing.assert_allclose(out["y"], rows(3.0)["x"] @ W)
+
+
+async def test_a_shadow_copy_waits_within_its_own_deadline() -> None:
+    """With `WAIT_BOUNDED` off (a shadow copy, which has its own deadline), a request queued
+    behind a slow call waits for its answer past `timeout_s`."""
+    inner = MatMulRunner()
+    runner = CoalescingRunner(inner, max_batches=1, timeout_s=0.05)
+    inner.gate.clear()
+
+    async def shadow_copy(value: float) -> dict[str, npt.NDArray[Any]]:
+        WAIT_BOUNDED.set(False)  # in the copy's own task, as the predictor does
+        return await runner.run(V1, rows(value), ["y"])
+
+    first = asyncio.create_task(shadow_copy(1.0))
+    await until(lambda: len(inner.calls) == 1)
+    queued = asyncio.create_task(shadow_copy(2.0))
+    await until(lambda: runner.waiting(V1.model_version) == 1)
+    # A bounded request queued after them runs out of time; theirs would have run out first.
+    with pytest.raises(UnavailableError):
+        await runner.run(V2, rows(3.0), ["y"])
+    assert not first.done() and not queued.done()
+    inner.gate.set()
+    np.testing.assert_allclose((await queued)["y"], rows(2.0)["x"] @ W)
+    await first
 
 
 async def test_inputs_without_a_shared_row_count_go_alone() -> None:

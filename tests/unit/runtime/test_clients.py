@@ -7,7 +7,6 @@ import pytest
 
 from modelserve_runtime.clients import _translate
 from modelserve_runtime.errors import (
-    DeadlineExceededError,
     FieldViolation,
     InvalidArgumentError,
     NotFoundError,
@@ -32,21 +31,27 @@ class TestTranslate:
     def test_invalid_argument_passes_through_with_its_violations(self) -> None:
         """A refusal of the caller's input stays INVALID_ARGUMENT and keeps its field violations."""
         upstream = InvalidArgumentError.for_field("inputs[features]", "must be finite")
-        translated = _translate(_upstream(upstream), "models/fraud/versions/1")
+        translated = _translate(_upstream(upstream), "models/fraud/versions/1", 1.0)
         assert isinstance(translated, InvalidArgumentError)
         assert translated.violations == [FieldViolation("inputs[features]", "must be finite")]
 
     def test_not_found_stays_not_found(self) -> None:
         """An unknown upstream resource is NOT_FOUND for the caller too."""
-        translated = _translate(_upstream(NotFoundError("no such version")), "v")
+        translated = _translate(_upstream(NotFoundError("no such version")), "v", 1.0)
         assert isinstance(translated, NotFoundError)
 
-    def test_deadline_passes_through(self) -> None:
-        """An upstream deadline is the caller's deadline, not an outage."""
+    def test_own_timeout_is_an_upstream_timeout(self) -> None:
+        """The call ran on the client's own timeout, not the caller's deadline: a slow
+        upstream is UNAVAILABLE (UPSTREAM_TIMEOUT), which the router's fallbacks act on and
+        its circuit breaker counts, naming how long it waited."""
         error = grpc.aio.AioRpcError(
             grpc.StatusCode.DEADLINE_EXCEEDED, grpc.aio.Metadata(), grpc.aio.Metadata(), "late"
         )
-        assert isinstance(_translate(error, "features"), DeadlineExceededError)
+        translated = _translate(error, "features", 0.5)
+        assert isinstance(translated, UnavailableError)
+        assert translated.reason == "UPSTREAM_TIMEOUT"
+        assert translated.metadata == {"upstream_code": "DEADLINE_EXCEEDED", "timeout_s": "0.500"}
+        assert translated.message == "features: no answer within 0.500s (late)"
 
     @pytest.mark.parametrize(
         "code",
@@ -59,6 +64,6 @@ class TestTranslate:
     def test_everything_else_is_unavailable(self, code: grpc.StatusCode) -> None:
         """Other upstream failures are UNAVAILABLE (what the router's fallbacks act on)."""
         error = grpc.aio.AioRpcError(code, grpc.aio.Metadata(), grpc.aio.Metadata(), "boom")
-        translated = _translate(error, "features")
+        translated = _translate(error, "features", 1.0)
         assert isinstance(translated, UnavailableError)
         assert translated.metadata == {"upstream_code": code.name}

@@ -14,7 +14,6 @@ from modelserve.inference.v1 import inference_service_pb2_grpc as inference_grpc
 from modelserve.registry.v1 import registry_service_pb2 as registry_pb
 from modelserve.registry.v1 import registry_service_pb2_grpc as registry_grpc
 from modelserve_runtime.errors import (
-    DeadlineExceededError,
     InvalidArgumentError,
     NotFoundError,
     UnavailableError,
@@ -22,12 +21,14 @@ from modelserve_runtime.errors import (
 )
 
 
-def _translate(error: grpc.aio.AioRpcError, what: str) -> Exception:
+def _translate(error: grpc.aio.AioRpcError, what: str, timeout_s: float) -> Exception:
     """An upstream failure in our caller's terms.
 
-    NOT_FOUND stays NOT_FOUND; INVALID_ARGUMENT (with its field violations) and
-    DEADLINE_EXCEEDED pass through, since they are about the caller's request or budget;
-    anything else is UNAVAILABLE, which the router's fallbacks act on.
+    NOT_FOUND stays NOT_FOUND; INVALID_ARGUMENT (with its field violations) passes through,
+    since it is about the caller's request; anything else is UNAVAILABLE, which the router's
+    fallbacks act on. That includes DEADLINE_EXCEEDED: these calls run on our own timeout
+    (`timeout_s`), not the caller's deadline, so it means the upstream was too slow, reason
+    UPSTREAM_TIMEOUT (a proxy's 504), and the caller may still have time for a fallback.
     """
     code = error.code()
     if code is grpc.StatusCode.NOT_FOUND:
@@ -41,7 +42,11 @@ def _translate(error: grpc.aio.AioRpcError, what: str) -> Exception:
             metadata=decoded.metadata,
         )
     if code is grpc.StatusCode.DEADLINE_EXCEEDED:
-        return DeadlineExceededError(f"{what}: {error.details() or 'deadline exceeded'}")
+        return UnavailableError(
+            f"{what}: no answer within {timeout_s:.3f}s ({error.details() or 'deadline exceeded'})",
+            reason="UPSTREAM_TIMEOUT",
+            metadata={"upstream_code": code.name, "timeout_s": f"{timeout_s:.3f}"},
+        )
     return UnavailableError(
         f"{what}: upstream answered {code.name}: {error.details()}",
         reason="UPSTREAM_UNAVAILABLE",
@@ -63,7 +68,7 @@ class RegistryClient:
                 registry_pb.GetDeploymentRequest(name=name), timeout=self._timeout
             )
         except grpc.aio.AioRpcError as exc:
-            raise _translate(exc, name) from exc
+            raise _translate(exc, name, self._timeout) from exc
         return response.deployment
 
     async def get_model_version(self, name: str) -> registry_pb.ModelVersion:
@@ -73,7 +78,7 @@ class RegistryClient:
                 registry_pb.GetModelVersionRequest(name=name), timeout=self._timeout
             )
         except grpc.aio.AioRpcError as exc:
-            raise _translate(exc, name) from exc
+            raise _translate(exc, name, self._timeout) from exc
         return response.model_version
 
     async def watch_deployments(
@@ -94,7 +99,7 @@ class RegistryClient:
             async for message in call:
                 yield message.revision
         except grpc.aio.AioRpcError as exc:
-            raise _translate(exc, name or "deployments") from exc
+            raise _translate(exc, name or "deployments", timeout_s) from exc
         finally:
             call.cancel()
         raise UnavailableError(
@@ -110,7 +115,7 @@ class RegistryClient:
             ):
                 parts.append(chunk.chunk)
         except grpc.aio.AioRpcError as exc:
-            raise _translate(exc, name) from exc
+            raise _translate(exc, name, timeout_s) from exc
         return b"".join(parts)
 
 
@@ -128,7 +133,7 @@ class FeatureClient:
         try:
             return await self._stub.GetOnlineFeatures(request, timeout=self._timeout)
         except grpc.aio.AioRpcError as exc:
-            raise _translate(exc, "features") from exc
+            raise _translate(exc, "features", self._timeout) from exc
 
     async def get_feature_view(self, name: str) -> feature_view_pb2.FeatureView:
         """The view `featureViews/{id}`."""
@@ -137,7 +142,7 @@ class FeatureClient:
                 feature_pb.GetFeatureViewRequest(name=name), timeout=self._timeout
             )
         except grpc.aio.AioRpcError as exc:
-            raise _translate(exc, name) from exc
+            raise _translate(exc, name, self._timeout) from exc
         return response.feature_view
 
 
@@ -153,7 +158,7 @@ class InferenceClient:
         try:
             return await self._stub.Infer(request, timeout=self._timeout)
         except grpc.aio.AioRpcError as exc:
-            raise _translate(exc, request.name) from exc
+            raise _translate(exc, request.name, self._timeout) from exc
 
     async def list_model_versions(self) -> list[inference_pb.LoadedModelVersion]:
         """Every version inference holds."""
@@ -162,7 +167,7 @@ class InferenceClient:
                 inference_pb.ListModelVersionsRequest(), timeout=self._timeout
             )
         except grpc.aio.AioRpcError as exc:
-            raise _translate(exc, "model versions") from exc
+            raise _translate(exc, "model versions", self._timeout) from exc
         return list(response.model_versions)
 
 

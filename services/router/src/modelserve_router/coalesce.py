@@ -21,7 +21,11 @@ router from about 2,000 to 3,000-3,500 requests/s at concurrency 64 (loadtests/R
 A batch that fails because of an input (INVALID_ARGUMENT, from the runner or from Triton)
 is retried request by request, so a bad request fails alone; any other failure (Triton down,
 a deadline) is every member's failure. Each caller's deadline still applies: a caller that
-gives up leaves the batch, and its rows' answer is dropped.
+gives up leaves the batch, and its rows' answer is dropped. So does `timeout_s`, counted from
+when a request joins its lane: a request queued behind a call that hangs fails after it
+(UNAVAILABLE, UPSTREAM_TIMEOUT, as the call itself would) instead of waiting for that call's
+timeout and then its own, so the router's fallbacks still have time to answer. Shadow copies
+(`WAIT_BOUNDED` off) wait within their own deadline instead.
 """
 
 from __future__ import annotations
@@ -42,7 +46,7 @@ from prometheus_client import Histogram
 
 from modelserve_router.routing import ServedVersion
 from modelserve_router.sources import Arrays, ModelRunner
-from modelserve_runtime.errors import InvalidArgumentError, ModelServeError
+from modelserve_runtime.errors import InvalidArgumentError, ModelServeError, UnavailableError
 
 log = structlog.get_logger()
 
@@ -55,6 +59,10 @@ BATCH_REQUESTS = Histogram(
 ENDPOINT_BUDGET: ContextVar[float | None] = ContextVar("modelserve_coalesce_budget_s", default=None)
 """The micro-batching budget (seconds) of the endpoint whose request is calling the model, when
 it has one of its own; None: the runner's `budget_s`."""
+
+WAIT_BOUNDED: ContextVar[bool] = ContextVar("modelserve_coalesce_wait_bounded", default=True)
+"""Whether the runner's `timeout_s` bounds the calling request's wait from when it queues; a
+shadow copy, which has a deadline of its own for the whole copy, sets it False."""
 
 _LaneKey = tuple[
     str, float | None, str, int, tuple[str, ...], tuple[tuple[str, str, tuple[int, ...]], ...]
@@ -188,8 +196,12 @@ class CoalescingRunner:
         max_batches: int = 1,
         budget_s: float = 0.0,
         upstream: Upstream | None = None,
+        timeout_s: float | None = None,
     ) -> None:
+        """`timeout_s`: the longest a request waits for its answer, queued and sent (None:
+        only the inner runner's own timeout, from the send, bounds it)."""
         self._inner = inner
+        self._timeout_s = timeout_s
         self._max_rows = max_batch_rows
         self._max_batches = max_batches
         self._budget_s = budget_s
@@ -231,7 +243,15 @@ class CoalescingRunner:
             self.upstream.wake(version.model_version, budget_s)
         elif lane.in_flight < self._max_batches:
             self._dispatch(key, lane)
-        return await future
+        if self._timeout_s is None or not WAIT_BOUNDED.get():
+            return await future
+        timer = asyncio.get_running_loop().call_later(
+            self._timeout_s, _expire, future, version.model_version, self._timeout_s
+        )
+        try:
+            return await future
+        finally:
+            timer.cancel()
 
     def waiting(self, model_version: str) -> int:
         """Requests for the version queued behind its calls in flight."""
@@ -333,6 +353,23 @@ class CoalescingRunner:
         for task in list(self._tasks):
             with contextlib.suppress(Exception):
                 await task
+
+
+def _expire(future: asyncio.Future[Arrays], model_version: str, timeout_s: float) -> None:
+    """Fails a request still waiting for its answer after `timeout_s`; its lane skips it, or
+    drops its rows of the batch in flight."""
+    if not future.done():
+        future.set_exception(
+            UnavailableError(
+                f"{model_version} did not answer within {timeout_s:.3f}s",
+                reason="UPSTREAM_TIMEOUT",
+                metadata={
+                    "model_version": model_version,
+                    "upstream_code": "DEADLINE_EXCEEDED",
+                    "timeout_s": f"{timeout_s:.3f}",
+                },
+            )
+        )
 
 
 def _rows(inputs: Mapping[str, npt.NDArray[Any]]) -> int | None:

@@ -158,7 +158,9 @@ class RouterSettings(ServiceSettings):
     feature_timeout_s: float = Field(default=0.5, gt=0)
     """Deadline of the feature read."""
     inference_timeout_s: float = Field(default=1.5, gt=0)
-    """Deadline of the model call."""
+    """Deadline of the model call, counted from when the request queues for it (behind a
+    coalesced call in flight); when it passes the call is UNAVAILABLE and the fallback chain
+    answers."""
     endpoint_defaults: EndpointSettings = Field(default_factory=EndpointSettings)
     """Caching and limits of every endpoint without its own entry in `endpoints`."""
     endpoints: dict[str, EndpointSettings] = Field(default_factory=dict)

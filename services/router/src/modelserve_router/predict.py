@@ -30,7 +30,7 @@ from modelserve_router.breaker import (
     counts_against_version,
 )
 from modelserve_router.cache import CacheKey, PredictionCache, cache_key
-from modelserve_router.coalesce import ENDPOINT_BUDGET, Upstream
+from modelserve_router.coalesce import ENDPOINT_BUDGET, WAIT_BOUNDED, Upstream
 from modelserve_router.config import EndpointSettings
 from modelserve_router.hybrid import PrecomputedLookup
 from modelserve_router.limits import CallerRateLimits, InFlightLimit
@@ -544,6 +544,9 @@ class Predictor:
         record = self._record(request, request_id, model_version, "shadow", received)
         record.shadow = True
         answered: PredictionResult | None = None
+        # The copy's own deadline bounds it, queued behind other copies as well (the task
+        # is its own, so this stays with the copy).
+        WAIT_BOUNDED.set(False)
         try:
             async with asyncio.timeout(self._shadow_timeout_s):
                 result = await self._run(request, snapshot, model_version, "shadow", request_id)

@@ -168,6 +168,7 @@ async def build_server(settings: RouterSettings) -> tuple[GrpcServer, RouterApp]
             max_batch_rows=settings.coalesce_max_batch_rows,
             max_batches=settings.coalesce_max_batches,
             budget_s=settings.coalesce_budget_ms / 1000,
+            timeout_s=settings.inference_timeout_s,
         )
     prediction_log = PredictionLogWriter(
         # Annotated for Redis only; a RedisCluster's pipeline takes the same XADDs.
