@@ -40,6 +40,15 @@ $(BUF):
 	@mkdir -p .tools
 	npm install --silent --no-audit --no-fund --prefix .tools @bufbuild/buf@$(BUF_VERSION)
 
+.PHONY: client-node
+client-node: $(STAMP) $(BUF) ## Generate the Node.js client from the protos into clients/node/gen
+	@command -v npm >/dev/null || { echo "the Node.js client needs Node.js and npm"; exit 1; }
+	npm ci --silent --no-audit --no-fund --prefix clients/node
+	@rm -rf clients/node/gen clients/node/.rpc && mkdir -p clients/node/.rpc/google/rpc
+	@rpc=$$($(PY) -c 'import google.rpc.status_pb2 as m, os; print(os.path.dirname(m.__file__))') && \
+	  cp "$$rpc/status.proto" "$$rpc/error_details.proto" clients/node/.rpc/google/rpc/
+	cd clients/node && ../../$(BUF) generate
+
 .PHONY: protos
 protos: $(STAMP) $(BUF) ## Lint the protos and regenerate libs/proto (commit the result)
 	$(BUF) lint
