@@ -150,10 +150,13 @@ class TestGracefulShutdown:
 
 
 class TestMakeUp:
-    def test_up_serves_a_traced_prediction_and_ctrl_c_leaves_no_orphans(
+    def test_up_serves_a_traced_prediction_and_a_kill_leaves_no_orphans(
         self, tmp_path: Path
     ) -> None:
-        """`modelserve up` prints a prediction with its trace id; SIGINT stops every process it started."""
+        """`modelserve up` prints a prediction with its trace id. Killed outright (SIGKILL:
+        the OOM killer, `kill -9`), it has no chance to stop anything, and still every
+        process it started ends: the services, Redis, and through inference Triton and its
+        stubs (Linux signals each as its parent ends)."""
         env = dict(os.environ, NO_PROXY="127.0.0.1,localhost", COLUMNS="200", TERM="dumb")
         script = Path(sys.executable).parent / "modelserve"
         up = subprocess.Popen(
@@ -179,12 +182,19 @@ class TestMakeUp:
             descendants = [p.pid for p in psutil.Process(up.pid).children(recursive=True)]
             names = {psutil.Process(p).name() for p in descendants if not _gone(p)}
             assert "tritonserver" in names and "redis-server" in names, names
-            up.send_signal(signal.SIGINT)
-            rest, _ = up.communicate(timeout=120)
-            assert up.returncode == 0, text + rest
-            assert "stopped" in rest
-            leftover = [p for p in descendants if not _gone(p)]
-            assert leftover == [], leftover
+            # Redis, five services, Triton and at least one stub.
+            assert len(descendants) >= 8, names
+            up.kill()
+            up.communicate(timeout=120)
+            # (A test of blocking calls, so its one wait runs a loop of its own.)
+            asyncio.run(
+                eventually(
+                    lambda: all(_gone(p) for p in descendants),
+                    "every process that up started ends with it",
+                    within_s=60,
+                    explain=lambda: str([p for p in descendants if not _gone(p)]),
+                )
+            )
         finally:
             if up.poll() is None:
                 up.kill()

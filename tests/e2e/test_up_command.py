@@ -1,5 +1,5 @@
 """`modelserve up`, what `make up` runs: the whole suite from one command, the demo model
-answering, and Ctrl-C stopping every process it started."""
+answering, and Ctrl-C (or the terminal closing) stopping every process it started."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import psutil
+import pytest
 from support import eventually
 
 CLI = str(Path(sys.executable).parent / "modelserve")
@@ -27,9 +28,13 @@ def _started_under(run_dir: Path) -> list[psutil.Process]:
     return found
 
 
-async def test_up_serves_the_demo_and_ctrl_c_stops_everything(tmp_path: Path) -> None:
+@pytest.mark.parametrize("stop_signal", [signal.SIGINT, signal.SIGHUP], ids=["ctrl-c", "hangup"])
+async def test_up_serves_the_demo_and_ctrl_c_stops_everything(
+    tmp_path: Path, stop_signal: signal.Signals
+) -> None:
     """The command prints every service's address, deploys the demo model and prints its
-    prediction, then waits; SIGINT (Ctrl-C) stops it with exit 0 and leaves no process."""
+    prediction, then waits; SIGINT (Ctrl-C), or SIGHUP (its terminal closed), stops it in
+    order with exit 0 and leaves no process."""
     run_dir = tmp_path / "run"
     env = {k: v for k, v in os.environ.items() if not k.startswith(("MODELSERVE_", "OTEL_"))}
     process = await asyncio.create_subprocess_exec(
@@ -60,7 +65,7 @@ async def test_up_serves_the_demo_and_ctrl_c_stops_everything(tmp_path: Path) ->
         assert "from models/fraud/versions/1" in output, output
         assert _started_under(run_dir), "no process runs under the run directory"
     finally:
-        process.send_signal(signal.SIGINT)
+        process.send_signal(stop_signal)
         rest, _ = await asyncio.wait_for(process.communicate(), timeout=60)
     assert process.returncode == 0, "".join(lines) + rest.decode()
     assert rest.decode().rstrip().endswith("stopped"), rest.decode()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import sys
 import time
 from pathlib import Path
 
@@ -105,6 +106,59 @@ class TestTritonServer:
 
         _, alive = psutil.wait_procs([process, *children], timeout=0)
         assert alive == []
+
+    async def test_the_server_and_its_stubs_end_with_the_process_that_started_it(
+        self, tmp_path: Path
+    ) -> None:
+        """A service killed with SIGKILL (no chance to stop Triton) leaves neither
+        tritonserver nor its python-backend stubs behind: Linux ends the server with its
+        parent, and the server its stubs."""
+        script = tmp_path / "owner.py"
+        script.write_text(_OWNER)
+        owner = await asyncio.create_subprocess_exec(
+            sys.executable, str(script), str(tmp_path / "work"), stdout=asyncio.subprocess.PIPE
+        )
+        try:
+            assert owner.stdout is not None
+            async with asyncio.timeout(120):
+                line = b""
+                while not line.startswith(b"PID "):  # after the owner's own log lines
+                    line = await owner.stdout.readline()
+                    assert line, "the owner exited before Triton was up"
+            server = psutil.Process(int(line.split()[1]))
+            assert server.name() == "tritonserver"
+            stubs = server.children(recursive=True)
+            assert [stub.name() for stub in stubs] == ["triton_python_backend_stub"]
+        finally:
+            owner.kill()
+            await owner.wait()
+        _, alive = await asyncio.to_thread(psutil.wait_procs, [server, *stubs], timeout=60)
+        for process in alive:  # a failing run leaves nothing behind either
+            process.kill()
+        assert alive == []
+
+
+#: A service's part in the test above: start Triton, load a model (its stub), say Triton's pid.
+_OWNER = """
+import asyncio, sys
+from pathlib import Path
+from modelserve_demo.fraud import train
+from modelserve_triton.model_config import build_model_config, model_files
+from modelserve_triton.process import TritonOptions, TritonServer
+from modelserve_triton.runner import TritonRunner
+
+async def main() -> None:
+    server = TritonServer(TritonOptions(work_dir=Path(sys.argv[1])))
+    await server.start()
+    model = train(seed=0)
+    runner = TritonRunner(server.grpc_endpoint)
+    config = build_model_config("fraud", model.inputs, model.outputs)
+    await runner.load("fraud", config, model_files({1: model.onnx_bytes}))
+    print("PID", server.pid, flush=True)
+    await asyncio.Event().wait()
+
+asyncio.run(main())
+"""
 
 
 class TestTritonRunner:

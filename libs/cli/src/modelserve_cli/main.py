@@ -79,7 +79,10 @@ async def _up(options: StackOptions, exit_after_demo: bool) -> None:
     stack = Stack(options)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
+    # SIGHUP: the terminal closed. Its services are in sessions of their own and would not
+    # hear of it; without this they would still be stopped, by Linux as this process ends
+    # (Stack.spawn), but all at once instead of in order.
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         loop.add_signal_handler(sig, stop.set)
     try:
         with console.status("starting redis, triton and the services"):
@@ -106,9 +109,12 @@ async def _up(options: StackOptions, exit_after_demo: bool) -> None:
         if not exit_after_demo:
             await stop.wait()
     finally:
-        with console.status("stopping"):
+        try:
+            with console.status("stopping"):
+                await stack.stop()
+            console.print("stopped")
+        except OSError:  # the terminal is gone: stop without a word
             await stack.stop()
-        console.print("stopped")
 
 
 @app.command(name="demo")

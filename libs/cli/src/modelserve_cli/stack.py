@@ -20,6 +20,7 @@ import grpc
 import redis
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from modelserve_runtime.parent_death import dying_with_this_process
 from modelserve_triton.process import TRITON_LOG_FILE
 
 #: Start order; the reverse is the stop order (the router first, so no request is orphaned).
@@ -62,28 +63,31 @@ class RedisProcess:
         """The child's pid once started."""
         return None if self._process is None else self._process.pid
 
-    def start(self, timeout_s: float = 10.0) -> None:
-        """Starts the server and returns once it answers PING."""
+    def start(self, timeout_s: float = 10.0, *, end_with_caller: bool = False) -> None:
+        """Starts the server and returns once it answers PING. `end_with_caller`: Linux ends it
+        when this process does, even by SIGKILL (modelserve_runtime.parent_death); only from
+        a thread that lives as long as the process, since the calling thread's end counts."""
         binary = shutil.which("redis-server")
         if binary is None:
             raise StackError("redis-server is not installed (Debian: apt-get install redis-server)")
         self.work_dir.mkdir(parents=True, exist_ok=True)
         log_path = self.work_dir / "redis.log"
         with log_path.open("ab") as log_file:
+            argv = [
+                binary,
+                "--port",
+                str(self.port),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--dir",
+                str(self.work_dir),
+            ]
             self._process = subprocess.Popen(
-                [
-                    binary,
-                    "--port",
-                    str(self.port),
-                    "--bind",
-                    "127.0.0.1",
-                    "--save",
-                    "",
-                    "--appendonly",
-                    "no",
-                    "--dir",
-                    str(self.work_dir),
-                ],
+                dying_with_this_process(argv) if end_with_caller else argv,
                 stdout=log_file,
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,
@@ -200,12 +204,14 @@ class Stack:
         return [sys.executable, "-c", f"from modelserve_{service}.server import main; main()"]
 
     def spawn(self, service: str) -> subprocess.Popen[bytes]:
-        """Starts one service process (in its own session, so a terminal's Ctrl-C reaches only us)."""
+        """Starts one service process (in its own session, so a terminal's Ctrl-C reaches only
+        us) that Linux stops (SIGTERM) when this process ends, even by SIGKILL. Call it from
+        the event loop's thread, whose end counts (modelserve_runtime.parent_death)."""
         log_path = self.log_path(service)
         log_path.parent.mkdir(parents=True, exist_ok=True)
         with log_path.open("ab") as log_file:
             process = subprocess.Popen(
-                self._command(service),
+                dying_with_this_process(self._command(service)),
                 env=self._environment(service),
                 stdout=log_file,
                 stderr=subprocess.STDOUT,
@@ -218,7 +224,9 @@ class Stack:
     async def start(self) -> None:
         """Starts Redis, then every service, and returns once each reports SERVING."""
         self.options.run_dir.mkdir(parents=True, exist_ok=True)
-        await asyncio.to_thread(self.redis.start)
+        # In the loop's own thread, so that Redis too ends with this process (a moment's
+        # block: nothing else runs yet).
+        self.redis.start(end_with_caller=True)
         try:
             for service in self.services:
                 self.spawn(service)

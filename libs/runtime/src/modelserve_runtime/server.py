@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import gc
 import os
 import signal
@@ -31,6 +30,7 @@ from modelserve_runtime.config import (
 from modelserve_runtime.discovery import Discovery, StaticDiscovery, create_discovery
 from modelserve_runtime.interceptors import server_interceptors
 from modelserve_runtime.logs import configure_logging
+from modelserve_runtime.parent_death import ask_to_die_with_parent
 from modelserve_runtime.tracing import configure_tracing
 from modelserve_runtime.waiting import cancel_all
 from modelserve_runtime.worker_metrics import WorkerMetrics
@@ -378,7 +378,7 @@ class Workers:
         }
         # No preexec_fn: this process runs gRPC's threads by now, and Python code between
         # fork and exec can deadlock on a lock one of them held. The worker arranges to die
-        # with this process itself (`_die_with_parent`).
+        # with this process itself (`_die_with_parent`, see modelserve_runtime.parent_death).
         self._children[index] = subprocess.Popen(self._command, env=env)
         self._started_at[index] = time.monotonic()
 
@@ -417,12 +417,7 @@ def _die_with_parent(parent: int) -> None:
     """In a worker, before it serves: Linux sends it SIGTERM when the first process (`parent`)
     dies, even by SIGKILL, so no worker is left serving the port alone. A parent already gone
     ends the worker at once."""
-    import ctypes
-
-    pr_set_pdeathsig = 1
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
-    if os.getppid() != parent:
+    if not ask_to_die_with_parent(parent):
         log.warning("worker_parent_gone", parent=parent)
         raise SystemExit(0)
 

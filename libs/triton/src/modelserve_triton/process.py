@@ -17,6 +17,7 @@ from pathlib import Path
 
 import structlog
 
+from modelserve_runtime.parent_death import dying_with_this_process
 from modelserve_triton.runner import TritonError, TritonRunner
 
 log = structlog.get_logger()
@@ -217,7 +218,9 @@ class TritonServer:
         log_file = await asyncio.to_thread(self.log_path.open, "ab")
         try:
             self._process = await asyncio.create_subprocess_exec(
-                *argv,
+                # Not left behind, holding the models' memory and with fixed ports the
+                # ports a restarted service needs, when the service is killed outright.
+                *dying_with_this_process(argv),
                 stdin=asyncio.subprocess.DEVNULL,
                 stdout=log_file,
                 stderr=asyncio.subprocess.STDOUT,
