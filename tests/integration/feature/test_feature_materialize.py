@@ -179,6 +179,25 @@ class TestMaterialize:
         assert "row 2, column 'chargebacks_90d': expected int64, got 'oops'" in result.stderr
         assert [k async for k in redis_client.scan_iter("fs:{customer:*")] == []
 
+    async def test_epoch_milliseconds_are_refused_before_anything_is_written(
+        self, redis_client: aioredis.Redis, redis_url: str, tmp_path: Path
+    ) -> None:
+        """Epoch milliseconds in an epoch-seconds column put a row some 55,000 years ahead,
+        where it would outrank every true write: the file exits 1 naming the row, how far
+        ahead it is and the likely cause, and no entity is written."""
+        await setup_view(redis_client)
+        path = tmp_path / "t.csv"
+        path.write_text(
+            "entity_id,event_timestamp,avg_amount_30d,chargebacks_90d,segment,vip\n"
+            f"c-1,{T0},1.5,1,a,true\n"
+            f"c-2,{T0 * 1000},2.5,2,b,false\n"
+        )
+        result = await materialize(redis_url, path)
+        assert result.exit_code == 1
+        assert "row 2, column 'event_timestamp': is " in result.stderr
+        assert "epoch milliseconds read as seconds?" in result.stderr
+        assert [k async for k in redis_client.scan_iter("fs:{customer:*")] == []
+
     async def test_missing_feature_column_is_refused(
         self, redis_client: aioredis.Redis, redis_url: str, tmp_path: Path
     ) -> None:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 import grpc
 import pytest
@@ -821,6 +821,52 @@ class TestWrite:
         assert values["customer:avg_amount_30d"].double_value == 3.0
         assert values["customer:segment"].string_value == "new"
         assert values["customer:vip"].bool_value
+
+    async def test_an_event_time_from_the_future_is_refused(
+        self, redis_url: str, redis_client: aioredis.Redis
+    ) -> None:
+        """An event time more than MAX_EVENT_TIME_AHEAD_S after the service's clock (a day,
+        or epoch milliseconds read as seconds) is INVALID_ARGUMENT naming
+        `writes[i].event_time`, and nothing of its batch is written: stored, it would outrank
+        every true write until that time. A minute ahead (a drifting clock) is taken."""
+        far = at(datetime.now(UTC) + timedelta(days=1))
+        async with running(build_server, settings(redis_url, max_event_time_ahead_s=600)) as (
+            _,
+            channel,
+            _app,
+        ):
+            stub = pb_grpc.FeatureServiceStub(channel)
+            await _apply(stub)
+            keys_before = sorted(await redis_client.keys("*"))
+            with pytest.raises(grpc.aio.AioRpcError) as info:
+                await stub.WriteFeatures(
+                    pb.WriteFeaturesRequest(
+                        writes=[
+                            write("c-1", {"avg_amount_30d": double(1.0)}),
+                            write("c-2", {"avg_amount_30d": double(9.0)}, event_time=far),
+                        ]
+                    )
+                )
+            keys_after = sorted(await redis_client.keys("*"))
+            drifted = await stub.WriteFeatures(
+                pb.WriteFeaturesRequest(
+                    writes=[
+                        write(
+                            "c-2",
+                            {"avg_amount_30d": double(2.0)},
+                            event_time=at(datetime.now(UTC) + timedelta(seconds=60)),
+                        )
+                    ]
+                )
+            )
+        error = rpc_error(info)
+        assert error.code is grpc.StatusCode.INVALID_ARGUMENT
+        [(field, description)] = [(v.field, v.description) for v in error.violations]
+        assert field == "writes[1].event_time"
+        assert 86_000 < float(description.split()[1]) <= 86_400, description
+        assert "s after the writer's clock; at most 600 s ahead is taken" in description
+        assert keys_after == keys_before
+        assert drifted.values_written == 1
 
     async def test_bulk_write_streams_batches_and_stops_at_a_bad_one(
         self, redis_url: str, redis_client: aioredis.Redis

@@ -34,7 +34,13 @@ from rich.table import Table
 
 from modelserve_cli.output import fail
 from modelserve_cli.redis_targets import service_redis
-from modelserve_features.online import FeatureWrite, OnlineStore
+from modelserve_features.online import (
+    MAX_EVENT_TIME_AHEAD_S,
+    FeatureWrite,
+    OnlineStore,
+    event_time_problem,
+    now_us,
+)
 from modelserve_features.redis_store import EntityKey, decode_value, encode_value, redis_key
 from modelserve_features.views import FeatureDtype, FeatureView, Value, value_problem
 from modelserve_runtime.config import ConfigError
@@ -196,6 +202,8 @@ def read_latest(
     latest: dict[str, _Latest] = {}
     specs = view.features
     row0 = 0
+    clock_us = now_us()
+    max_ahead_us = round(MAX_EVENT_TIME_AHEAD_S * 1e6)
     for batch in batches:
         ids = batch.column(entity_column).to_pylist()
         times = batch.column(timestamp_column).to_pylist()
@@ -210,10 +218,9 @@ def read_latest(
                 event_time_us = _event_time_us(times[i])
             except ValueError as exc:
                 raise MaterializeError(f"row {row}, column {timestamp_column!r}: {exc}") from None
-            if event_time_us < 0:
-                raise MaterializeError(
-                    f"row {row}, column {timestamp_column!r}: must not be before 1970"
-                )
+            problem = event_time_problem(event_time_us, clock_us, max_ahead_us)
+            if problem:
+                raise MaterializeError(f"row {row}, column {timestamp_column!r}: {problem}")
             values: dict[str, Value] = {}
             for spec, column in zip(specs, columns, strict=True):
                 value, problem = _value(spec.dtype, column[i], text)

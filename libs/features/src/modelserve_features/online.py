@@ -70,6 +70,27 @@ def now_us() -> int:
     return time.time_ns() // 1000
 
 
+MAX_EVENT_TIME_AHEAD_S = 300.0
+"""Default of how far ahead of the writer's clock an event time may be: clocks drift."""
+
+
+def event_time_problem(event_time_us: int, clock_us: int, max_ahead_us: int) -> str | None:
+    """Why a write's event time is refused, or None. Before 1970, or more than
+    `max_ahead_us` after the writer's clock (`clock_us`): since an older event time never overwrites a newer one, a
+    value from the future would stay, and outrank every true write, until that time came
+    (epoch milliseconds read as seconds land tens of thousands of years ahead)."""
+    if event_time_us < 0:
+        return "must not be before 1970"
+    ahead_us = event_time_us - clock_us
+    if ahead_us > max_ahead_us:
+        return (
+            f"is {ahead_us / 1e6:.1f} s after the writer's clock; at most "
+            f"{max_ahead_us / 1e6:g} s ahead is taken, since a later event time would outrank "
+            "every true write until then (epoch milliseconds read as seconds?)"
+        )
+    return None
+
+
 class FeatureStatus(StrEnum):
     """Where a read value came from."""
 
@@ -386,8 +407,12 @@ class OnlineStore:
         cache_ttl_s: float = 0.0,
         cache_max_entries: int = 100_000,
         clock_us: Callable[[], int] = now_us,
+        max_ahead_s: float = MAX_EVENT_TIME_AHEAD_S,
     ) -> None:
+        """`max_ahead_s`: the latest event time a write may carry, in seconds after this
+        process's clock (`event_time_problem`)."""
         self._store = RedisFeatureStore(client)
+        self._max_ahead_us = round(max_ahead_s * 1e6)
         self.catalog = ViewCatalog(client, clock_us=clock_us)
         self._timeout_s = timeout_s
         self._clock_us = clock_us
@@ -683,10 +708,9 @@ class OnlineStore:
                     FieldViolation(f"writes[{i}].values", "at least one value is required")
                 )
             event_time = now if write.event_time_us is None else write.event_time_us
-            if event_time < 0:
-                violations.append(
-                    FieldViolation(f"writes[{i}].event_time", "must not be before 1970")
-                )
+            problem = event_time_problem(event_time, now, self._max_ahead_us)
+            if problem:
+                violations.append(FieldViolation(f"writes[{i}].event_time", problem))
             encoded: dict[str, bytes] = {}
             for name, value in write.values.items():
                 path = f"writes[{i}].values[{name!r}]"

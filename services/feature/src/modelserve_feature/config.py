@@ -5,6 +5,7 @@ from __future__ import annotations
 from pydantic import Field, model_validator
 from pydantic_settings import SettingsConfigDict
 
+from modelserve_features.online import MAX_EVENT_TIME_AHEAD_S
 from modelserve_runtime.config import ServiceSettings
 from modelserve_runtime.redis_connect import RedisConnection, with_redis_url
 
@@ -29,6 +30,9 @@ class FeatureSettings(ServiceSettings):
     """How long a read entity's values are reused in-process; 0 (the default) turns the cache off."""
     cache_max_entries: int = Field(default=100_000, ge=1)
     """Most entity x view hashes the cache holds (least recently used go first)."""
+    max_event_time_ahead_s: float = Field(default=MAX_EVENT_TIME_AHEAD_S, ge=0)
+    """How far after this service's clock a write's event time may be; a later one is
+    INVALID_ARGUMENT (it would outrank every true write until then)."""
     health_interval_s: float = Field(default=1.0, gt=0)
     """How often Redis is pinged to keep the health status current."""
 

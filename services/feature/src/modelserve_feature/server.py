@@ -80,6 +80,7 @@ async def build_server(settings: FeatureSettings) -> tuple[GrpcServer, FeatureAp
         timeout_s=settings.redis_timeout_s,
         cache_ttl_s=settings.cache_ttl_s,
         cache_max_entries=settings.cache_max_entries,
+        max_ahead_s=settings.max_event_time_ahead_s,
     )
     features = OnlineFeatures(
         store, max_entities=settings.max_entities, max_features=settings.max_features
