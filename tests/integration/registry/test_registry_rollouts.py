@@ -65,19 +65,36 @@ class Rollouts:
     def endpoint(self) -> str:
         return self.deployment.removeprefix("deployments/")
 
-    def answer(self, version: str, count: int, *, errors: int = 0, latency_us: int = 2000) -> None:
-        """Logs `count` answered requests of `version`, the first `errors` of them failed."""
+    def answer(
+        self,
+        version: str,
+        count: int,
+        *,
+        errors: int = 0,
+        latency_us: int = 2000,
+        degraded: int = 0,
+        fallback: str = "",
+    ) -> None:
+        """Logs `count` requests routed to `version`, the first `errors` of them failed, and
+        of the rest `degraded` answered by its fallback chain (by `fallback`, else by the
+        declared default outputs), as the router logs them."""
         for i in range(count):
+            fell_back = errors <= i < errors + degraded
             self.writer.append(
                 rec_pb.PredictionRecord(
                     request_id=uuid.uuid4().hex,
                     endpoint=self.endpoint,
-                    model_version=version,
+                    model_version=fallback if fell_back else version,
+                    routed_version=version,
                     latency_us=latency_us,
                     status=(
                         rec_pb.PREDICTION_STATUS_ERROR
                         if i < errors
                         else rec_pb.PREDICTION_STATUS_OK
+                    ),
+                    degraded=fell_back,
+                    degraded_reason=(
+                        f"{version} failed: UPSTREAM_TIMEOUT; answered by ..." if fell_back else ""
                     ),
                 )
             )
@@ -216,6 +233,22 @@ class TestCanary:
         rollback = events.audit_events[0]
         assert (rollback.principal, rollback.action) == (CONTROLLER, "RolloutGate")
         assert "aborted" in rollback.reason and "error rate" in rollback.reason
+
+    @pytest.mark.parametrize("fallback", ["", V1], ids=["default-outputs", "fallback-version"])
+    async def test_a_candidate_the_fallbacks_answer_for_is_rolled_back(
+        self, rollouts: Rollouts, fallback: str
+    ) -> None:
+        """A candidate that times out on 5 % of its requests, each answered by the fallback
+        chain (the declared default outputs, or the stable version as fallback), so that no
+        caller sees an error: the router logs them for the candidate, degraded, and the gate
+        fails it on them."""
+        started = await rollouts.start(canary(10, 50, 100))
+        rollouts.answer(V2, 100, degraded=5, fallback=fallback)
+        aborted = await rollouts.reaches(started.name, pb.ROLLOUT_STATE_ABORTED)
+        assert aborted.last_gate.verdict == pb.GATE_VERDICT_FAIL
+        assert aborted.last_gate.figures["error_rate"] == pytest.approx(0.05)
+        assert aborted.last_gate.figures["requests"] == 100
+        assert await rollouts.traffic() == {V1: 100}
 
     async def test_the_statistical_judge_catches_what_thresholds_let_through(
         self, rollouts: Rollouts

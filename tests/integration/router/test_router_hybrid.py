@@ -107,8 +107,8 @@ class TestHybridLookup:
             )
             np.testing.assert_array_equal(probabilities(answer), PROBABILITIES[i % 2 : i % 2 + 1])
             np.testing.assert_array_equal(label(answer), LABELS[i % 2 : i % 2 + 1])
-        assert [(r.route_reason, r.model_version, r.status) for r in logged] == [
-            ("precomputed", V1, prediction_record_pb2.PREDICTION_STATUS_OK)
+        assert [(r.route_reason, r.model_version, r.routed_version, r.status) for r in logged] == [
+            ("precomputed", V1, V1, prediction_record_pb2.PREDICTION_STATUS_OK)
         ]
         assert list(logged[0].outputs) == list(answers[0].outputs)
 

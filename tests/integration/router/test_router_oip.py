@@ -475,9 +475,10 @@ class TestFallbacks:
         assert answered["degraded_reason"].startswith(f"{V2} failed: TRITON_UNAVAILABLE")
         assert answered["degraded_reason"].endswith(f"answered by fallback {V1}")
         logged = await records(deps, "oip-fb-1")
-        assert [(r.model_version, r.route_reason, r.degraded) for r in logged] == [
-            (V1, "fallback", True)
-        ]
+        # Answered by V1, routed to V2: the monitor counts the degraded request for V2.
+        assert [
+            (r.model_version, r.routed_version, r.route_reason, r.degraded) for r in logged
+        ] == [(V1, V2, "fallback", True)]
 
     async def test_declared_default_answers_each_row(self, dependencies: Dependencies) -> None:
         """With no fallback version, the declared default outputs answer every row of the

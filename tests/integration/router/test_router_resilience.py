@@ -81,6 +81,8 @@ class TestCircuitBreaker:
         assert [(r.degraded, r.degraded_reason) for r in logged] == [
             (True, skipped[0].degraded_reason)
         ]
+        # No version answered (the declared defaults); the request was routed to V2.
+        assert [(r.model_version, r.routed_version) for r in logged] == [("", V2)]
         assert after == before + 1
         opened_events = [e for e in logs if e["event"] == "circuit_opened"]
         assert [(e["model_version"], e["failures"]) for e in opened_events] == [(V2, 3)]

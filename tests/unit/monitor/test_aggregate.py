@@ -74,6 +74,35 @@ class TestContribution:
         answer = contribution(_record(), "1-1")
         assert (answer.request_id, answer.shadow_request_id) == ("r1", "")
 
+    @pytest.mark.parametrize("answered_by", ["", "models/fraud/versions/1"])
+    def test_a_degraded_answer_counts_for_the_version_it_was_routed_to(
+        self, answered_by: str
+    ) -> None:
+        """Routed to v2, answered by the fallback chain (the declared default outputs, or the
+        fallback version v1): the request, its latency and its degradation are v2's, so a
+        failing canary shows them; the outputs are not v2's, so no prediction or label."""
+        record = _record(
+            model_version=answered_by,
+            routed_version="models/fraud/versions/2",
+            degraded=True,
+            degraded_reason="models/fraud/versions/2 failed: UPSTREAM_TIMEOUT; ...",
+        )
+        record.outputs.append(_probabilities((0.5, 0.5)))
+        part = contribution(record, "1-0")
+        assert part.model_version == "models/fraud/versions/2"
+        assert part.identity == SEP.join(("fraud", "models/fraud/versions/2", "r1"))
+        assert ("n", 1) in part.core and ("deg", 1) in part.core
+        assert (part.prediction, part.label) == (None, None)
+        assert not [name for name, _ in part.core if name.startswith("p_")]
+        assert not [name for name, _ in part.detail if name.startswith(f"p{SEP}")]
+
+    def test_a_record_from_before_routed_version_counts_for_its_model_version(self) -> None:
+        """Records written before `routed_version` existed count as they always did."""
+        record = _record()
+        record.outputs.append(_probabilities((0.25, 0.75)))
+        part = contribution(record, "1-0")
+        assert (part.model_version, part.prediction) == ("models/fraud/versions/1", 0.75)
+
     def test_label_is_the_argmax_of_many_classes_else_the_prediction_at_one_half(self) -> None:
         """Three or more values per row: the argmax; two: the positive-class probability at
         0.5 (a tie at 0.5 is 1, as outcomes read it); one value: that value at 0.5."""

@@ -104,9 +104,16 @@ def contribution(
 
     A record is identified by endpoint, version and request id (a shadow copy of a request
     has its id but another version), or by its stream entry id when it has no request id.
+
+    A request counts for the version it was routed to (`routed_version`; `model_version` in
+    records from before it), so that a version whose requests the fallback chain answered
+    shows them as degraded, as its canary gate needs. The outputs of such an answer are not
+    its own (a fallback version's, a cached one, the declared defaults): a degraded record
+    adds no prediction and no label for outcomes.
     """
     if not record.endpoint:
         raise ValueError("prediction record has no endpoint")
+    version = record.routed_version or record.model_version
     core: list[Increment] = [("n", 1), (f"lat{SEP}{bucket_of(record.latency_us / 1000.0)}", 1)]
     core.append(("lat_sum", record.latency_us / 1000.0))
     if record.status == prediction_record_pb2.PREDICTION_STATUS_ERROR:
@@ -114,7 +121,7 @@ def contribution(
     if record.degraded:
         core.append(("deg", 1))
     detail: list[Increment] = []
-    prediction = prediction_of(record)
+    prediction = None if record.degraded else prediction_of(record)
     if prediction is not None:
         # Count, sum and sum of squares go into the totals too (A/B tests over them).
         core += [("p_n", 1), ("p_sum", prediction), ("p_sq", prediction * prediction)]
@@ -138,16 +145,16 @@ def contribution(
         # Embeddings (float vectors) are counted as present; their distribution is not kept.
     request_id = record.request_id or f"entry:{entry_id}"
     return RecordContribution(
-        identity=SEP.join((record.endpoint, record.model_version, request_id)),
+        identity=SEP.join((record.endpoint, version, request_id)),
         endpoint=record.endpoint,
-        model_version=record.model_version,
+        model_version=version,
         # A shadow copy shares its caller's request id; outcomes join the answer the caller
         # got, and the shadow copy pairs with that answer instead.
         request_id="" if record.shadow else record.request_id,
         prediction=prediction,
         core=core,
         detail=detail,
-        label=label_of(record),
+        label=None if record.degraded else label_of(record),
         shadow_request_id=record.request_id if record.shadow else "",
     )
 

@@ -427,7 +427,8 @@ class Monitor:
 
         InvalidArgumentError without a request id or with neither (or both) outcomes;
         NotFoundError when the request's prediction is not (or no longer) remembered;
-        FailedPreconditionError when the request logged no prediction (it failed).
+        FailedPreconditionError when the request logged no prediction of its version (it
+        failed, or the fallback chain answered it: the outputs were not the version's).
         """
         violations = []
         if not request_id:
@@ -451,7 +452,8 @@ class Monitor:
             )
         if logged.prediction is None:
             raise FailedPreconditionError(
-                f"request {request_id!r} logged no prediction",
+                f"request {request_id!r} logged no prediction of its model version (it failed,"
+                " or the fallback chain answered it)",
                 reason="PREDICTION_MISSING",
                 metadata={"request_id": request_id},
             )

@@ -525,6 +525,8 @@ class Predictor:
             request_id=request_id,
             endpoint=request.endpoint,
             model_version=model_version,
+            # Stays when a fallback answers and model_version becomes the answering one.
+            routed_version=model_version,
             route_reason=reason,
             entities=dict(request.entities),
             request_time=received,

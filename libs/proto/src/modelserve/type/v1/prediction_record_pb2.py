@@ -27,7 +27,7 @@ from modelserve.type.v1 import feature_value_pb2 as modelserve_dot_type_dot_v1_d
 from modelserve.type.v1 import tensor_pb2 as modelserve_dot_type_dot_v1_dot_tensor__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n*modelserve/type/v1/prediction_record.proto\x12\x12modelserve.type.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a&modelserve/type/v1/feature_value.proto\x1a\x1fmodelserve/type/v1/tensor.proto\"\xff\x04\n\x10PredictionRecord\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x10\n\x08\x65ndpoint\x18\x02 \x01(\t\x12\x15\n\rmodel_version\x18\x03 \x01(\t\x12\x14\n\x0croute_reason\x18\x04 \x01(\t\x12\x44\n\x08\x65ntities\x18\x05 \x03(\x0b\x32\x32.modelserve.type.v1.PredictionRecord.EntitiesEntry\x12\x44\n\x08\x66\x65\x61tures\x18\x06 \x03(\x0b\x32\x32.modelserve.type.v1.PredictionRecord.FeaturesEntry\x12+\n\x07outputs\x18\x07 \x03(\x0b\x32\x1a.modelserve.type.v1.Tensor\x12\x12\n\nlatency_us\x18\x08 \x01(\x03\x12\x34\n\x06status\x18\t \x01(\x0e\x32$.modelserve.type.v1.PredictionStatus\x12\x12\n\nerror_code\x18\n \x01(\t\x12\x10\n\x08trace_id\x18\x0b \x01(\t\x12\x30\n\x0crequest_time\x18\x0c \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x10\n\x08\x64\x65graded\x18\r \x01(\x08\x12\x17\n\x0f\x64\x65graded_reason\x18\x0e \x01(\t\x12\x0e\n\x06shadow\x18\x14 \x01(\x08\x1a/\n\rEntitiesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x1aQ\n\rFeaturesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12/\n\x05value\x18\x02 \x01(\x0b\x32 .modelserve.type.v1.FeatureValue:\x02\x38\x01*l\n\x10PredictionStatus\x12!\n\x1dPREDICTION_STATUS_UNSPECIFIED\x10\x00\x12\x18\n\x14PREDICTION_STATUS_OK\x10\x01\x12\x1b\n\x17PREDICTION_STATUS_ERROR\x10\x02\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n*modelserve/type/v1/prediction_record.proto\x12\x12modelserve.type.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a&modelserve/type/v1/feature_value.proto\x1a\x1fmodelserve/type/v1/tensor.proto\"\x97\x05\n\x10PredictionRecord\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x10\n\x08\x65ndpoint\x18\x02 \x01(\t\x12\x15\n\rmodel_version\x18\x03 \x01(\t\x12\x14\n\x0croute_reason\x18\x04 \x01(\t\x12\x44\n\x08\x65ntities\x18\x05 \x03(\x0b\x32\x32.modelserve.type.v1.PredictionRecord.EntitiesEntry\x12\x44\n\x08\x66\x65\x61tures\x18\x06 \x03(\x0b\x32\x32.modelserve.type.v1.PredictionRecord.FeaturesEntry\x12+\n\x07outputs\x18\x07 \x03(\x0b\x32\x1a.modelserve.type.v1.Tensor\x12\x12\n\nlatency_us\x18\x08 \x01(\x03\x12\x34\n\x06status\x18\t \x01(\x0e\x32$.modelserve.type.v1.PredictionStatus\x12\x12\n\nerror_code\x18\n \x01(\t\x12\x10\n\x08trace_id\x18\x0b \x01(\t\x12\x30\n\x0crequest_time\x18\x0c \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x10\n\x08\x64\x65graded\x18\r \x01(\x08\x12\x17\n\x0f\x64\x65graded_reason\x18\x0e \x01(\t\x12\x0e\n\x06shadow\x18\x14 \x01(\x08\x12\x16\n\x0erouted_version\x18\x15 \x01(\t\x1a/\n\rEntitiesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x1aQ\n\rFeaturesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12/\n\x05value\x18\x02 \x01(\x0b\x32 .modelserve.type.v1.FeatureValue:\x02\x38\x01*l\n\x10PredictionStatus\x12!\n\x1dPREDICTION_STATUS_UNSPECIFIED\x10\x00\x12\x18\n\x14PREDICTION_STATUS_OK\x10\x01\x12\x1b\n\x17PREDICTION_STATUS_ERROR\x10\x02\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -38,12 +38,12 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_PREDICTIONRECORD_ENTITIESENTRY']._serialized_options = b'8\001'
   _globals['_PREDICTIONRECORD_FEATURESENTRY']._loaded_options = None
   _globals['_PREDICTIONRECORD_FEATURESENTRY']._serialized_options = b'8\001'
-  _globals['_PREDICTIONSTATUS']._serialized_start=814
-  _globals['_PREDICTIONSTATUS']._serialized_end=922
+  _globals['_PREDICTIONSTATUS']._serialized_start=838
+  _globals['_PREDICTIONSTATUS']._serialized_end=946
   _globals['_PREDICTIONRECORD']._serialized_start=173
-  _globals['_PREDICTIONRECORD']._serialized_end=812
-  _globals['_PREDICTIONRECORD_ENTITIESENTRY']._serialized_start=682
-  _globals['_PREDICTIONRECORD_ENTITIESENTRY']._serialized_end=729
-  _globals['_PREDICTIONRECORD_FEATURESENTRY']._serialized_start=731
-  _globals['_PREDICTIONRECORD_FEATURESENTRY']._serialized_end=812
+  _globals['_PREDICTIONRECORD']._serialized_end=836
+  _globals['_PREDICTIONRECORD_ENTITIESENTRY']._serialized_start=706
+  _globals['_PREDICTIONRECORD_ENTITIESENTRY']._serialized_end=753
+  _globals['_PREDICTIONRECORD_FEATURESENTRY']._serialized_start=755
+  _globals['_PREDICTIONRECORD_FEATURESENTRY']._serialized_end=836
 # @@protoc_insertion_point(module_scope)

@@ -108,6 +108,7 @@ class PredictionRecord(_message.Message):
     DEGRADED_FIELD_NUMBER: _builtins.int
     DEGRADED_REASON_FIELD_NUMBER: _builtins.int
     SHADOW_FIELD_NUMBER: _builtins.int
+    ROUTED_VERSION_FIELD_NUMBER: _builtins.int
     request_id: _builtins.str
     """Output only. The request id given to the caller."""
     endpoint: _builtins.str
@@ -131,6 +132,15 @@ class PredictionRecord(_message.Message):
     shadow: _builtins.bool
     """Output only. True for the record of a shadow copy of a request: the output of a
     shadow version, logged and never returned to the caller.
+    """
+    routed_version: _builtins.str
+    """Output only. The model version the request was routed to (traffic split, sticky
+    assignment, a pinned version; for a shadow copy, the shadow version). It differs from
+    `model_version` when the fallback chain answered (`degraded`: the fallback version, a
+    cached prediction, or no version for the declared default outputs); the request's
+    counts (requests, errors, degraded, latency) belong to this version, its outputs to
+    `model_version`. Format: `models/{model}/versions/{version}`; empty in records written
+    before it existed.
     """
     @_builtins.property
     def entities(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
@@ -166,10 +176,11 @@ class PredictionRecord(_message.Message):
         degraded: _builtins.bool = ...,
         degraded_reason: _builtins.str = ...,
         shadow: _builtins.bool = ...,
+        routed_version: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["request_time", b"request_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["degraded", b"degraded", "degraded_reason", b"degraded_reason", "endpoint", b"endpoint", "entities", b"entities", "error_code", b"error_code", "features", b"features", "latency_us", b"latency_us", "model_version", b"model_version", "outputs", b"outputs", "request_id", b"request_id", "request_time", b"request_time", "route_reason", b"route_reason", "shadow", b"shadow", "status", b"status", "trace_id", b"trace_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["degraded", b"degraded", "degraded_reason", b"degraded_reason", "endpoint", b"endpoint", "entities", b"entities", "error_code", b"error_code", "features", b"features", "latency_us", b"latency_us", "model_version", b"model_version", "outputs", b"outputs", "request_id", b"request_id", "request_time", b"request_time", "route_reason", b"route_reason", "routed_version", b"routed_version", "shadow", b"shadow", "status", b"status", "trace_id", b"trace_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
