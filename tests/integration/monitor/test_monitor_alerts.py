@@ -117,6 +117,25 @@ class TestAlerts:
         await app.alerts.evaluate()
         assert "error_rate_high" not in await _alerts(stub)
 
+    async def test_answers_from_the_fallbacks_count_as_errors(
+        self,
+        monitor: tuple[pb_grpc.MonitorServiceStub, MonitorApp],
+        redis_client: aioredis.Redis,
+    ) -> None:
+        """5 of 100 requests routed to v1 answered by the declared default outputs (the
+        router logs them degraded, with no answering version): no caller saw an error, and
+        the error rate rule goes pending for v1 all the same."""
+        stub, app = monitor
+        records = [_record(f"r{i}") for i in range(100)]
+        for record in records[:5]:
+            record.routed_version = V1
+            record.model_version = ""
+            record.degraded = True
+        await log_and_count(redis_client, app, records)
+        await app.alerts.evaluate()
+        alert = (await _alerts(stub))["error_rate_high"]
+        assert (alert.state, alert.model_version) == (pb.ALERT_STATE_PENDING, V1)
+
     async def test_latency_and_prediction_drift_rules(
         self,
         monitor: tuple[pb_grpc.MonitorServiceStub, MonitorApp],

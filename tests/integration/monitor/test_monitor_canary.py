@@ -126,6 +126,29 @@ class TestCanaryJudgement:
         assert response.window == pb.WINDOW_FIVE_MINUTES
         assert response.judge_time.ToSeconds() == int(T0)
 
+    async def test_failures_the_fallbacks_answered_count_against_the_canary(
+        self, monitor: tuple[pb_grpc.MonitorServiceStub, MonitorApp], redis_client: aioredis.Redis
+    ) -> None:
+        """5 % of the canary's requests answered by the fallback chain (the stable version
+        as fallback, as the router logs them: routed to the canary, answered by the stable
+        one, degraded) and no error at all: FAIL on the error rate all the same, and the
+        stable version is not charged with them."""
+        stub, app = monitor
+        canary = _traffic(CANARY, 2000, seed=2)
+        for record in canary[::20]:
+            record.routed_version = CANARY
+            record.model_version = STABLE
+            record.degraded = True
+            record.degraded_reason = f"{CANARY} failed: UPSTREAM_TIMEOUT; answered by fallback"
+        await log_and_count(redis_client, app, _traffic(STABLE, 2000, seed=1))
+        await log_and_count(redis_client, app, canary)
+        response = await _judge(stub)
+        errors = _checks(response)["error_rate"]
+        assert errors.verdict == pb.CANARY_CHECK_VERDICT_FAIL
+        assert (errors.canary_value, errors.stable_value) == (0.05, 0.0)
+        assert (errors.canary_count, errors.stable_count) == (2000, 2000)
+        assert response.verdict == pb.CANARY_VERDICT_FAIL
+
     async def test_equal_versions_pass(
         self, monitor: tuple[pb_grpc.MonitorServiceStub, MonitorApp], redis_client: aioredis.Redis
     ) -> None:

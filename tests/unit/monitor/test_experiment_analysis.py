@@ -5,7 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from modelserve_monitor.experiment import ExperimentMetric, ExperimentVerdict, analyse
+from modelserve_monitor.aggregate import VersionAggregate
+from modelserve_monitor.experiment import ExperimentMetric, ExperimentVerdict, analyse, sample_of
 from modelserve_monitor.significance import MeanSample, Proportion
 
 RUNS = 400
@@ -78,3 +79,11 @@ class TestFixedHorizonVerdicts:
         assert [arm.comparison for arm in report] == [None, None]
         assert [arm.value for arm in report] == [0.01, pytest.approx(400 / 999)]
         assert reason.startswith("COLLECTING: 100 % of the 1000 requests per arm (short: b 999)")
+
+
+class TestSamples:
+    def test_an_arms_error_rate_counts_what_the_fallbacks_answered(self) -> None:
+        """ERROR_RATE: an arm's requests that failed, or that its fallback chain answered
+        (degraded: the arm's version did not answer them), over its requests."""
+        arm = VersionAggregate(requests=100, errors=1, degraded=4)
+        assert sample_of(ExperimentMetric.ERROR_RATE, arm) == Proportion(5, 100)

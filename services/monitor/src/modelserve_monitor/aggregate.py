@@ -201,6 +201,12 @@ class VersionAggregate:
     agreeing_pairs: int = 0
     pair_difference_sum: float = 0.0
 
+    @property
+    def failures(self) -> int:
+        """Requests the version did not answer itself: failed, or answered by the fallback
+        chain (degraded). A record is one or the other, never both."""
+        return self.errors + self.degraded
+
     def add_hash(self, raw: Mapping[bytes, bytes]) -> None:
         """Adds the counters of one Redis hash (one bucket, the total, or the baseline)."""
         for raw_name, raw_value in raw.items():

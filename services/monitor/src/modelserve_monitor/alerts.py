@@ -443,7 +443,10 @@ class AlertEvaluator:
         if rule.signal is Signal.LATENCY_P99_MS:
             return summary.latency_p99_ms if summary.request_count else None
         if rule.signal is Signal.ERROR_RATE:
-            return summary.error_count / summary.request_count if summary.request_count else None
+            # A version failing behind its fallbacks fails all the same: its callers get
+            # degraded answers.
+            failed = summary.error_count + summary.degraded_count
+            return failed / summary.request_count if summary.request_count else None
         if rule.signal is Signal.FEATURE_PSI:
             if summary.request_count < rule.min_requests:
                 return None  # the rule cannot hold: spare the PSI of every feature

@@ -1,6 +1,7 @@
 """Canary judgement: a canary version against the stable version over the same window.
 
-Five checks, each asking "is the canary worse?": error rate (two-proportion z-test),
+Five checks, each asking "is the canary worse?": error rate (two-proportion z-test; failed
+requests and those the fallback chain answered, `VersionAggregate.failures`),
 latency (Mann-Whitney U from the latency histograms), prediction distribution
 (Kolmogorov-Smirnov on the prediction histograms), and, when outcomes were recorded,
 accuracy of labels (two-proportion z-test) and mean absolute error of values (Welch's t).
@@ -239,8 +240,8 @@ def _plans(
 ) -> list[_Plan]:
     def error_rate() -> _Evidence:
         c, s = (
-            Proportion(canary.errors, canary.requests),
-            Proportion(stable.errors, stable.requests),
+            Proportion(canary.failures, canary.requests),
+            Proportion(stable.failures, stable.requests),
         )
         result = two_proportion_z(c, s, Alternative.GREATER)
         return _Evidence(

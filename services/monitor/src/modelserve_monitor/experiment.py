@@ -123,7 +123,8 @@ Sample = Proportion | MeanSample
 def sample_of(metric: ExperimentMetric, aggregate: VersionAggregate) -> Sample:
     """The metric's samples in a version's figures."""
     if metric is ExperimentMetric.ERROR_RATE:
-        return Proportion(aggregate.errors, aggregate.requests)
+        # An arm whose requests the fallback chain answered did not answer them either.
+        return Proportion(aggregate.failures, aggregate.requests)
     if metric is ExperimentMetric.ACCURACY:
         return Proportion(aggregate.correct, aggregate.labels)
     if metric is ExperimentMetric.OUTCOME_MEAN:
