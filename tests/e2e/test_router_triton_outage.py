@@ -16,6 +16,8 @@ import pytest
 from stack_router import stack_router_settings
 from support import eventually, running
 
+from modelserve.monitor.v1 import monitor_service_pb2 as monitor_pb
+from modelserve.monitor.v1 import monitor_service_pb2_grpc as monitor_grpc
 from modelserve.registry.v1 import registry_service_pb2 as registry_pb
 from modelserve.registry.v1 import registry_service_pb2_grpc as registry_grpc
 from modelserve.router.v1 import router_service_pb2 as router_pb
@@ -25,6 +27,7 @@ from modelserve_cli.demo import DemoDeployment, demo_request
 from modelserve_cli.stack import Stack
 from modelserve_router.server import build_server
 from modelserve_runtime.channels import create_channel
+from modelserve_runtime.prediction_log import DEFAULT_STREAM
 
 pytestmark = pytest.mark.triton
 
@@ -72,7 +75,8 @@ class TestTritonKilled:
             )
         settings = stack_router_settings(
             stack,
-            "test:router-triton-outage",
+            # The stack's own prediction log, which its monitor counts.
+            DEFAULT_STREAM,
             # Probe the version again soon after it failed, so recovery shows quickly.
             circuit_breaker={"failure_threshold": 3, "cool_down_s": 0.5},
         )
@@ -106,3 +110,23 @@ class TestTritonKilled:
         assert (after.model_version, after.route_reason) == (demo.model_version, "single_target")
         np.testing.assert_allclose(_probabilities(after), _probabilities(before), rtol=1e-6)
         assert _tritonserver(stack).pid != killed.pid
+        # The monitor charges every request to the version it was routed to, the degraded
+        # answers included, though no version answered them: the figures a rollout gate reads.
+        async with create_channel(stack.targets["monitor"]) as channel:
+            monitor = monitor_grpc.MonitorServiceStub(channel)
+
+            async def counted() -> bool:
+                stats = await monitor.GetEndpointStats(
+                    monitor_pb.GetEndpointStatsRequest(endpoint=ENDPOINT)
+                )
+                figures = {v.model_version: v for v in stats.versions}
+                mine = figures.get(demo.model_version)
+                return mine is not None and mine.request_count == len(answers) + 1
+
+            await eventually(counted, "every request counted by the monitor", within_s=60)
+            stats = await monitor.GetEndpointStats(
+                monitor_pb.GetEndpointStatsRequest(endpoint=ENDPOINT)
+            )
+        assert [v.model_version for v in stats.versions] == [demo.model_version]
+        assert stats.versions[0].degraded_count == len(degraded)
+        assert stats.versions[0].error_count == 0

@@ -722,6 +722,19 @@ class TestListLayout:
         assert reads_after == reads_before
 
 
+async def _refused_writing_nothing(
+    stub: pb_grpc.FeatureServiceStub,
+    redis_client: aioredis.Redis,
+    writes: list[pb.EntityFeatureWrite],
+) -> DecodedError:
+    """The refusal of a WriteFeatures batch that must be refused whole; Redis unchanged."""
+    keys_before = sorted(await redis_client.keys("*"))
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await stub.WriteFeatures(pb.WriteFeaturesRequest(writes=writes))
+    assert sorted(await redis_client.keys("*")) == keys_before
+    return rpc_error(info)
+
+
 class TestWrite:
     async def test_bad_value_refuses_the_whole_batch(
         self, redis_url: str, redis_client: aioredis.Redis
@@ -732,30 +745,26 @@ class TestWrite:
         async with running(build_server, settings(redis_url)) as (_, channel, _app):
             stub = pb_grpc.FeatureServiceStub(channel)
             await _apply(stub)
-            keys_before = sorted(await redis_client.keys("*"))
-            with pytest.raises(grpc.aio.AioRpcError) as info:
-                await stub.WriteFeatures(
-                    pb.WriteFeaturesRequest(
-                        writes=[
-                            write("c-1", {"avg_amount_30d": double(1.0)}),
-                            write(
-                                "c-2",
-                                {
-                                    "avg_amount_30d": value_pb.FeatureValue(string_value="high"),
-                                    "nope": double(1.0),
-                                    "vip": value_pb.FeatureValue(),
-                                },
-                            ),
-                            write(
-                                "m-1",
-                                {"vip": value_pb.FeatureValue(bool_value=True)},
-                                entity_type="merchant",
-                            ),
-                        ]
-                    )
-                )
-            keys_after = sorted(await redis_client.keys("*"))
-        error = rpc_error(info)
+            error = await _refused_writing_nothing(
+                stub,
+                redis_client,
+                [
+                    write("c-1", {"avg_amount_30d": double(1.0)}),
+                    write(
+                        "c-2",
+                        {
+                            "avg_amount_30d": value_pb.FeatureValue(string_value="high"),
+                            "nope": double(1.0),
+                            "vip": value_pb.FeatureValue(),
+                        },
+                    ),
+                    write(
+                        "m-1",
+                        {"vip": value_pb.FeatureValue(bool_value=True)},
+                        entity_type="merchant",
+                    ),
+                ],
+            )
         assert error.code is grpc.StatusCode.INVALID_ARGUMENT
         violations = {v.field: v.description for v in error.violations}
         assert violations["writes[1].values['avg_amount_30d']"] == (
@@ -764,7 +773,6 @@ class TestWrite:
         assert "has no feature 'nope'" in violations["writes[1].values['nope']"]
         assert "expected bool, got no value" in violations["writes[1].values['vip']"]
         assert "keyed by 'customer'" in violations["writes[2].entity.entity_type"]
-        assert keys_after == keys_before
 
     async def test_older_event_time_never_overwrites_newer(
         self, redis_url: str, redis_client: aioredis.Redis
@@ -830,42 +838,29 @@ class TestWrite:
         `writes[i].event_time`, and nothing of its batch is written: stored, it would outrank
         every true write until that time. A minute ahead (a drifting clock) is taken."""
         far = at(datetime.now(UTC) + timedelta(days=1))
-        async with running(build_server, settings(redis_url, max_event_time_ahead_s=600)) as (
-            _,
-            channel,
-            _app,
-        ):
+        ahead = settings(redis_url, max_event_time_ahead_s=600)
+        async with running(build_server, ahead) as (_, channel, _app):
             stub = pb_grpc.FeatureServiceStub(channel)
             await _apply(stub)
-            keys_before = sorted(await redis_client.keys("*"))
-            with pytest.raises(grpc.aio.AioRpcError) as info:
-                await stub.WriteFeatures(
-                    pb.WriteFeaturesRequest(
-                        writes=[
-                            write("c-1", {"avg_amount_30d": double(1.0)}),
-                            write("c-2", {"avg_amount_30d": double(9.0)}, event_time=far),
-                        ]
-                    )
-                )
-            keys_after = sorted(await redis_client.keys("*"))
+            error = await _refused_writing_nothing(
+                stub,
+                redis_client,
+                [
+                    write("c-1", {"avg_amount_30d": double(1.0)}),
+                    write("c-2", {"avg_amount_30d": double(9.0)}, event_time=far),
+                ],
+            )
+            soon = at(datetime.now(UTC) + timedelta(seconds=60))
             drifted = await stub.WriteFeatures(
                 pb.WriteFeaturesRequest(
-                    writes=[
-                        write(
-                            "c-2",
-                            {"avg_amount_30d": double(2.0)},
-                            event_time=at(datetime.now(UTC) + timedelta(seconds=60)),
-                        )
-                    ]
+                    writes=[write("c-2", {"avg_amount_30d": double(2.0)}, event_time=soon)]
                 )
             )
-        error = rpc_error(info)
         assert error.code is grpc.StatusCode.INVALID_ARGUMENT
         [(field, description)] = [(v.field, v.description) for v in error.violations]
         assert field == "writes[1].event_time"
         assert 86_000 < float(description.split()[1]) <= 86_400, description
         assert "s after the writer's clock; at most 600 s ahead is taken" in description
-        assert keys_after == keys_before
         assert drifted.values_written == 1
 
     async def test_bulk_write_streams_batches_and_stops_at_a_bad_one(
