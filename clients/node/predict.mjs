@@ -2,6 +2,7 @@
 // one Predict, or the same request N times down one PredictStream. Prints each answer as one
 // line of protobuf JSON; a refusal as {"error": ...} with its code, reason and bad fields
 // decoded from the gRPC status details, and exits 1.
+import { readFileSync } from "node:fs";
 import { parseArgs } from "node:util";
 import { create, fromJson, toJson } from "@bufbuild/protobuf";
 import { Code, ConnectError, createClient } from "@connectrpc/connect";
@@ -25,19 +26,38 @@ const { values: args } = parseArgs({
     stream: { type: "string" },
     "api-key": { type: "string", default: process.env.MODELSERVE_API_KEY ?? "" },
     "timeout-ms": { type: "string", default: "2000" },
+    // TLS to a router serving it (SERVER__TLS__*): the CA to trust, and for mutual TLS a
+    // client certificate and key; the server name checked when it differs from the target's.
+    "ca-file": { type: "string" },
+    "cert-file": { type: "string" },
+    "key-file": { type: "string" },
+    "server-name": { type: "string" },
   },
 });
 if (!args.request) {
   console.error(
     "usage: node predict.mjs --request '<PredictRequest as JSON>' [--stream N] " +
-      "[--target host:port] [--api-key KEY] [--timeout-ms MS]",
+      "[--target host:port] [--api-key KEY] [--timeout-ms MS] " +
+      "[--ca-file PEM [--cert-file PEM --key-file PEM] [--server-name NAME]]",
   );
   process.exit(2);
 }
 
+const tls = args["ca-file"] !== undefined;
+const read = (path) => (path === undefined ? undefined : readFileSync(path));
 const client = createClient(
   RouterService,
-  createGrpcTransport({ baseUrl: `http://${args.target}` }),
+  createGrpcTransport({
+    baseUrl: `${tls ? "https" : "http"}://${args.target}`,
+    nodeOptions: tls
+      ? {
+          ca: read(args["ca-file"]),
+          cert: read(args["cert-file"]),
+          key: read(args["key-file"]),
+          servername: args["server-name"],
+        }
+      : undefined,
+  }),
 );
 const options = {
   timeoutMs: Number(args["timeout-ms"]),

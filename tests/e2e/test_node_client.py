@@ -5,56 +5,16 @@ with their code, reason and bad fields decoded from the gRPC status details."""
 
 from __future__ import annotations
 
-import asyncio
-import json
-import subprocess
-from pathlib import Path
 from typing import Any
 
-import pytest
 from google.protobuf import json_format
+from node_client import predict
 
 from modelserve.router.v1 import router_service_pb2 as router_pb
 from modelserve.router.v1 import router_service_pb2_grpc as router_grpc
 from modelserve_cli.demo import DemoDeployment, demo_request
 from modelserve_cli.stack import Stack
 from modelserve_runtime.channels import create_channel
-
-ROOT = Path(__file__).resolve().parents[2]
-CLIENT = ROOT / "clients" / "node"
-
-
-@pytest.fixture(scope="module")
-def generated() -> Path:
-    """The Node.js client, generated as the README says; fails (never skips) when it cannot be."""
-    made = subprocess.run(
-        ["make", "-s", "client-node"], cwd=ROOT, capture_output=True, text=True, timeout=300
-    )
-    if made.returncode != 0:
-        pytest.fail(f"make client-node failed:\n{made.stdout}\n{made.stderr}")
-    return CLIENT / "predict.mjs"
-
-
-async def _node(
-    script: Path, stack: Stack, request: dict[str, Any], *extra: str
-) -> tuple[int, list[Any]]:
-    """Runs the example client; its exit code and the JSON lines it printed."""
-    process = await asyncio.create_subprocess_exec(
-        "node",
-        str(script),
-        "--target",
-        stack.targets["router"],
-        "--request",
-        json.dumps(request),
-        "--timeout-ms",
-        "10000",
-        *extra,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-    )
-    out, err = await asyncio.wait_for(process.communicate(), timeout=60)
-    assert not err.strip(), err.decode()
-    return process.returncode or 0, [json.loads(line) for line in out.decode().splitlines()]
 
 
 def _json(request: router_pb.PredictRequest) -> dict[str, Any]:
@@ -63,12 +23,12 @@ def _json(request: router_pb.PredictRequest) -> dict[str, Any]:
 
 class TestNodeClient:
     async def test_predict_answers_as_the_python_stub(
-        self, stack: Stack, demo: DemoDeployment, generated: Path
+        self, stack: Stack, demo: DemoDeployment
     ) -> None:
         """The Node client's answer (printed as protobuf's canonical JSON, read back here) is the
         Python stub's for the same request, request and trace ids aside."""
         request = demo_request("c-1007", 12.5)
-        code, lines = await _node(generated, stack, _json(request))
+        code, lines = await predict(stack.targets["router"], _json(request))
         async with create_channel(stack.targets["router"]) as channel:
             expected = await router_grpc.RouterServiceStub(channel).Predict(request)
         assert code == 0
@@ -81,12 +41,10 @@ class TestNodeClient:
             message.ClearField("trace_id")
         assert answer == expected
 
-    async def test_a_stream_answers_each_request(
-        self, stack: Stack, demo: DemoDeployment, generated: Path
-    ) -> None:
+    async def test_a_stream_answers_each_request(self, stack: Stack, demo: DemoDeployment) -> None:
         """Three requests down one PredictStream (bidirectional streaming from Node.js) come
         back each under its own request id, each with the model's answer."""
-        code, lines = await _node(generated, stack, _json(demo_request()), "--stream", "3")
+        code, lines = await predict(stack.targets["router"], _json(demo_request()), "--stream", "3")
         assert code == 0
         assert sorted(line["requestId"] for line in lines) == ["node-0", "node-1", "node-2"]
         for line in lines:
@@ -94,20 +52,20 @@ class TestNodeClient:
             assert line["response"]["modelVersion"] == demo.model_version
 
     async def test_a_bad_field_is_named_in_the_details(
-        self, stack: Stack, demo: DemoDeployment, generated: Path
+        self, stack: Stack, demo: DemoDeployment
     ) -> None:
         """A string where the model needs a number: INVALID_ARGUMENT, and the BadRequest detail
         that a Node caller decodes names `features.amount`; down a stream, a PredictError."""
         request = _json(demo_request())
         request["features"]["amount"] = {"stringValue": "a lot"}
-        code, [line] = await _node(generated, stack, request)
+        code, [line] = await predict(stack.targets["router"], request)
         assert code == 1
         error = line["error"]
         assert (error["code"], error["domain"]) == ("InvalidArgument", "router.modelserve")
         assert [v["field"] for v in error["fieldViolations"]] == ["features.amount"]
         # Down a stream each such request is answered with its PredictError, and the stream
         # goes on to the end.
-        code, lines = await _node(generated, stack, request, "--stream", "2")
+        code, lines = await predict(stack.targets["router"], request, "--stream", "2")
         assert code == 0
         assert sorted((x["requestId"], x["error"]["code"]) for x in lines) == [
             ("node-0", "InvalidArgument"),
@@ -115,12 +73,12 @@ class TestNodeClient:
         ]
 
     async def test_an_unknown_endpoint_is_not_found_with_its_resource(
-        self, stack: Stack, demo: DemoDeployment, generated: Path
+        self, stack: Stack, demo: DemoDeployment
     ) -> None:
         """NOT_FOUND, with the ErrorInfo's reason and the resource in its metadata."""
         request = _json(demo_request())
         request["endpoint"] = "no-such-endpoint"
-        code, [line] = await _node(generated, stack, request)
+        code, [line] = await predict(stack.targets["router"], request)
         assert code == 1
         assert line["error"]["code"] == "NotFound"
         assert line["error"]["reason"] == "NOT_FOUND"
