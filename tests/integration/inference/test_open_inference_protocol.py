@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import threading
 from collections.abc import AsyncIterator
+from importlib.metadata import version as installed_version
 from typing import Any
 
 import grpc
@@ -89,7 +90,14 @@ class TestHealthAndMetadata:
         """is_server_live and is_server_ready answer True while Triton is up."""
         assert await client.is_server_live()
         assert await client.is_server_ready()
-        assert (await client.get_server_metadata()).name == "modelserve-inference"
+        server = await client.get_server_metadata()
+        # The installed modelserve's version, and the extensions served (not model_repository:
+        # loading and unloading stay UNIMPLEMENTED).
+        assert (server.name, server.version) == (
+            "modelserve-inference",
+            installed_version("modelserve"),
+        )
+        assert list(server.extensions) == ["model_configuration", "statistics", "parameters"]
 
     async def test_model_ready_per_version(self, client: InferenceServerClient) -> None:
         """A loaded version is ready, an unknown version or model is not."""

@@ -9,6 +9,7 @@ import asyncio
 import contextlib
 import socket
 from collections.abc import AsyncIterator, Sequence
+from importlib.metadata import version as installed_version
 from typing import Any
 
 import grpc
@@ -190,6 +191,10 @@ class TestClientsUnchanged:
             live = await triton.is_server_live()
             ready = await triton.is_server_ready()
             server = await triton.get_server_metadata()
+            assert (server.version, list(server.extensions)) == (
+                installed_version("modelserve"),
+                ["parameters"],
+            )
             model_ready = await triton.is_model_ready("oip-aio")
             unknown_ready = await triton.is_model_ready("oip-nowhere")
             metadata = await triton.get_model_metadata("oip-aio")

@@ -9,6 +9,7 @@ tritonclient sends them); typed contents (`InferTensorContents`) become the same
 
 from __future__ import annotations
 
+import importlib.metadata
 import struct
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -16,6 +17,7 @@ from typing import Any
 
 import numpy as np
 import numpy.typing as npt
+from tritonclient.grpc import service_pb2
 from tritonclient.utils import (
     deserialize_bytes_tensor,
     np_to_triton_dtype,
@@ -25,6 +27,19 @@ from tritonclient.utils import (
 
 from modelserve_runtime.errors import FieldViolation, InvalidArgumentError
 from modelserve_triton.errors import TritonError
+
+
+def server_metadata(name: str, extensions: Sequence[str]) -> Any:
+    """A ServerMetadataResponse: `name`, the installed modelserve's version (as Triton gives
+    its own), and the protocol extensions (Triton's names) that the server implements."""
+    try:
+        version = importlib.metadata.version("modelserve")
+    except importlib.metadata.PackageNotFoundError:
+        version = "unknown"
+    return service_pb2.ServerMetadataResponse(
+        name=name, version=version, extensions=list(extensions)
+    )
+
 
 #: Where each datatype's values sit in InferTensorContents; the datatypes a request may use.
 CONTENTS_FIELD = {

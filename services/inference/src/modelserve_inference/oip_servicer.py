@@ -20,7 +20,7 @@ from tritonclient.grpc import service_pb2, service_pb2_grpc
 from modelserve_inference.models import ModelVersions, VersionState
 from modelserve_runtime.errors import InvalidArgumentError, NotFoundError, UnavailableError
 from modelserve_triton.errors import TritonError
-from modelserve_triton.oip import refuse_classification
+from modelserve_triton.oip import refuse_classification, server_metadata
 from modelserve_triton.oip_stream import ModelInferCalls
 
 #: The name this facade answers ServerMetadata with.
@@ -54,7 +54,9 @@ class OpenInferenceServicer(
     async def ServerMetadata(
         self, request: Any, context: grpc.aio.ServicerContext[Any, Any]
     ) -> Any:
-        return service_pb2.ServerMetadataResponse(name=SERVER_NAME, version="v1")
+        # ModelConfig, ModelStatistics, and request parameters, which go to Triton as sent.
+        # Not model_repository: the index is served, loading and unloading are not.
+        return server_metadata(SERVER_NAME, ("model_configuration", "statistics", "parameters"))
 
     async def ModelReady(self, request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
         try:

@@ -51,6 +51,7 @@ from modelserve_triton.oip import (
     encode_raw,
     read_inputs,
     refuse_classification,
+    server_metadata,
     signature_violations,
 )
 from modelserve_triton.oip_stream import ModelInferCalls
@@ -249,7 +250,8 @@ class OpenInferenceServicer(
     async def ServerMetadata(
         self, request: Any, context: grpc.aio.ServicerContext[Any, Any]
     ) -> Any:
-        return service_pb2.ServerMetadataResponse(name=SERVER_NAME, version="v1")
+        # Parameters: `routing_key` in a request; `route_reason` and `degraded` in an answer.
+        return server_metadata(SERVER_NAME, ("parameters",))
 
     async def ModelReady(self, request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
         if not request.name:
