@@ -29,6 +29,8 @@ class ReceivedSpan:
     kind: int
     attributes: tuple[tuple[str, str], ...] = ()
     """String attributes (of spans received over gRPC), as (key, value) pairs."""
+    links: tuple[tuple[str, str], ...] = ()
+    """The spans it links to (of spans received over gRPC), as (trace id, span id) pairs."""
 
 
 def _hex(raw: bytes | str) -> str:
@@ -139,6 +141,7 @@ class OtlpReceiver:
                                 for a in span.attributes
                                 if a.value.HasField("string_value")
                             ),
+                            tuple((link.trace_id.hex(), link.span_id.hex()) for link in span.links),
                         )
                     )
         self._extend(found)

@@ -11,7 +11,7 @@ from pathlib import Path
 import grpc
 import numpy as np
 import pytest
-from otlp_receiver import OtlpReceiver
+from otlp_receiver import OtlpReceiver, ReceivedSpan
 from support import eventually, expected_probabilities
 
 from modelserve.monitor.v1 import monitor_service_pb2 as monitor_pb
@@ -105,6 +105,54 @@ class TestPredict:
         )
         assert by_id[triton_root.parent_span_id].name == "triton.infer"
         assert by_id[triton_root.parent_span_id].service == "inference"
+
+    async def test_each_request_of_a_stream_has_a_trace_of_its_own(
+        self, stack: Stack, demo: DemoDeployment, otlp: OtlpReceiver
+    ) -> None:
+        """Three requests down one PredictStream: three trace ids, none the stream's. Each
+        trace's root is the request's span, linked to the stream's span, with its feature
+        read under it; the stream's own trace holds no request's work. (The three requests
+        may share one coalesced model call, which is in the trace of the one that sent it.)"""
+        async with create_channel(stack.targets["router"]) as channel:
+            call = router_grpc.RouterServiceStub(channel).PredictStream(
+                iter(
+                    router_pb.PredictStreamRequest(request=demo_request(f"c-10{i:02d}", 10.0 + i))
+                    for i in range(1, 4)
+                ),
+                timeout=30,
+            )
+            answers = [item.response async for item in call]
+        traces = {a.trace_id for a in answers}
+        assert len(traces) == 3 and all(len(t) == 32 for t in traces)
+        name = "modelserve.router.v1.RouterService/PredictStream request"
+
+        def roots() -> list[ReceivedSpan]:
+            found = [s for t in traces for s in otlp.trace(t) if not s.parent_span_id]
+            return found if len(found) == 3 else []
+
+        def hops_seen() -> bool:
+            services = [{s.service for s in otlp.trace(t)} for t in traces]
+            return all({"router", "feature"} <= found for found in services) and any(
+                "inference" in found for found in services
+            )
+
+        await eventually(
+            lambda: bool(roots()) and hops_seen(),
+            "each stream request's trace, with its hops",
+            explain=lambda: str([otlp.trace(t) for t in traces]),
+        )
+        requests = roots()
+        assert {(r.service, r.name) for r in requests} == {("router", name)}
+        streams = {link for r in requests for link in r.links}
+        [(stream_trace, stream_span)] = streams  # all three link to the one stream span
+        assert stream_trace not in traces
+        await eventually(
+            lambda: any(s.span_id == stream_span for s in otlp.trace(stream_trace)),
+            "the stream's own span",
+        )
+        assert {s.name for s in otlp.trace(stream_trace)} == {
+            "modelserve.router.v1.RouterService/PredictStream"
+        }
 
     async def test_monitor_counts_the_predictions(self, stack: Stack, demo: DemoDeployment) -> None:
         """Each answered Predict lands in the prediction log and the monitor's count for its version."""

@@ -53,7 +53,13 @@ def stream_infer(
     async def answered(request: Any) -> Any:
         return service_pb2.ModelStreamInferResponse(infer_response=await answer(request))
 
-    return answer_each(requests, answered, _failed, max_in_flight=max_in_flight)
+    return answer_each(
+        requests,
+        answered,
+        _failed,
+        max_in_flight=max_in_flight,
+        span_name="inference.GRPCInferenceService/ModelStreamInfer request",
+    )
 
 
 class ModelInferCalls:

@@ -50,7 +50,12 @@ class RouterServicer(pb_grpc.RouterServiceServicer):
             response = await self._predict(request, context, streamed=True)
             return pb.PredictStreamResponse(request_id=response.request_id, response=response)
 
-        async for response in answer_each(request_iterator, answer, _failed):
+        async for response in answer_each(
+            request_iterator,
+            answer,
+            _failed,
+            span_name="modelserve.router.v1.RouterService/PredictStream request",
+        ):
             yield response
 
     async def _predict(
