@@ -12,7 +12,7 @@ import onnxruntime as ort
 import psutil
 import pytest
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
-from opentelemetry.trace import SpanKind
+from opentelemetry.trace import Link, SpanContext, SpanKind
 from otlp_receiver import OtlpReceiver
 from support import eventually
 from tritonclient.grpc.aio import InferenceServerClient
@@ -257,13 +257,18 @@ class TestTritonRunner:
         fraud_model: dict[int, TrainedModel],
         client_spans: InMemorySpanExporter,
     ) -> None:
-        """Each call is a CLIENT span "triton.infer" naming the model and version."""
+        """Each call is a CLIENT span "triton.infer" naming the model and version, linked to
+        the spans it is given (the other requests of a coalesced call)."""
         client_spans.clear()
         features, _ = make_dataset(1, seed=14)
+        other = SpanContext(trace_id=7, span_id=9, is_remote=True)
 
-        await infer_runner.infer(FRAUD, 2, {"features": features}, OUTPUTS, timeout_s=10)
+        await infer_runner.infer(
+            FRAUD, 2, {"features": features}, OUTPUTS, timeout_s=10, links=[Link(other)]
+        )
 
         (span,) = client_spans.get_finished_spans()
+        assert [link.context for link in span.links] == [other]
         assert span.name == "triton.infer"
         assert span.kind is SpanKind.CLIENT
         assert span.attributes is not None

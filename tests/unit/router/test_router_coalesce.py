@@ -10,9 +10,12 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 import pytest
+from opentelemetry import trace
+from opentelemetry.sdk.trace import TracerProvider
 
 from modelserve_router.coalesce import ENDPOINT_BUDGET, WAIT_BOUNDED, CoalescingRunner
 from modelserve_router.routing import ServedVersion
+from modelserve_router.sources import BATCH_LINKS
 from modelserve_runtime.errors import UnavailableError
 
 V1 = ServedVersion("models/m/versions/1", "triton:1", "m", 1)
@@ -26,6 +29,8 @@ class MatMulRunner:
 
     def __init__(self) -> None:
         self.calls: list[tuple[str, int]] = []
+        self.traced: list[tuple[trace.SpanContext, tuple[trace.Link, ...]]] = []
+        """Each call's current span and the links it was given (BATCH_LINKS)."""
         self.gate = asyncio.Event()
         self.gate.set()
         self.down = False
@@ -38,6 +43,7 @@ class MatMulRunner:
     ) -> dict[str, npt.NDArray[Any]]:
         x = inputs["x"]
         self.calls.append((version.model_version, x.shape[0]))
+        self.traced.append((trace.get_current_span().get_span_context(), BATCH_LINKS.get()))
         await self.gate.wait()
         if self.down:
             raise UnavailableError("triton is down", metadata={"upstream_code": "UNAVAILABLE"})
@@ -105,6 +111,34 @@ async def test_versions_never_mix_and_batches_respect_the_row_limit() -> None:
     # V1's six waiting rows split at the 4-row limit, never inside a request.
     assert inner.calls[2:] == [(V1.model_version, 4), (V1.model_version, 2)]
     np.testing.assert_allclose(answers[-1]["y"], rows(2.0)["x"] @ (W * 2))
+
+
+async def test_a_batch_call_is_its_first_members_and_links_the_others() -> None:
+    """A coalesced call runs under its first member's span (its trace continues into Triton
+    there), not under the span of whichever request's task drains the lane, and links the
+    other members' spans; a call alone runs under its own request's span."""
+    tracer = TracerProvider().get_tracer("test")
+    inner = MatMulRunner()
+    runner = CoalescingRunner(inner, max_batches=1)
+    inner.gate.clear()
+    spans: dict[str, trace.SpanContext] = {}
+
+    async def traced(name: str, value: float) -> dict[str, npt.NDArray[Any]]:
+        with tracer.start_as_current_span(name) as span:
+            spans[name] = span.get_span_context()
+            return await runner.run(V1, rows(value), ["y"])
+
+    first = asyncio.create_task(traced("first", 1.0))
+    await until(lambda: len(inner.calls) == 1)
+    rest = [asyncio.create_task(traced(name, 2.0)) for name in ("second", "third", "fourth")]
+    await until(lambda: runner.waiting(V1.model_version) == 3)
+    inner.gate.set()
+    await asyncio.gather(first, *rest)
+    (alone, no_links), (batch, links) = inner.traced
+    assert (alone, no_links) == (spans["first"], ())
+    # The drain task is the first request's; the batch is the second's, linked to the rest.
+    assert batch == spans["second"]
+    assert [link.context for link in links] == [spans["third"], spans["fourth"]]
 
 
 async def test_a_bad_request_fails_alone() -> None:

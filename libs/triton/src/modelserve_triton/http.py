@@ -378,12 +378,14 @@ class TritonHttpRunner:
         output_names: Sequence[str],
         *,
         timeout_s: float,
+        links: Sequence[trace.Link] = (),
     ) -> dict[str, npt.NDArray[Any]]:
         """Runs one version of a model on a batch, within `timeout_s`; the current trace
-        continues inside Triton (W3C `traceparent`). TritonError carries the gRPC code that
+        continues inside Triton (W3C `traceparent`), and the call's span links to `links`
+        (the other requests a coalesced call carries). TritonError carries the gRPC code that
         Triton's gRPC endpoint answers for the same failure: UNAVAILABLE when Triton cannot
         be reached, DEADLINE_EXCEEDED when the time ran out."""
-        span = self._span(model_name, version, None, ())
+        span = self._span(model_name, version, None, links)
         try:
             request = encode_infer(model_name, version, inputs, output_names, _carrier(span))
             status, headers, body = await self._call(request, timeout_s)

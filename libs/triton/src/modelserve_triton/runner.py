@@ -126,6 +126,7 @@ class TritonRunner:
         output_names: Sequence[str],
         *,
         timeout_s: float,
+        links: Sequence[trace.Link] = (),
     ) -> dict[str, npt.NDArray[Any]]:
         """Runs one version of a model on a batch; the current trace continues inside Triton.
 
@@ -133,7 +134,7 @@ class TritonRunner:
         `infer_request`, so there is one path to Triton (and one span shape) for every caller.
         """
         request = encode_request(model_name, version, inputs, output_names)
-        response = await self.infer_request(request, timeout_s=timeout_s)
+        response = await self.infer_request(request, timeout_s=timeout_s, links=links)
         return decode_outputs(response, output_names, model_name)
 
     async def infer_request(

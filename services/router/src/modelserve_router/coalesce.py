@@ -42,10 +42,12 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 import structlog
+from opentelemetry import context as otel_context
+from opentelemetry import trace
 from prometheus_client import Histogram
 
 from modelserve_router.routing import ServedVersion
-from modelserve_router.sources import Arrays, ModelRunner
+from modelserve_router.sources import BATCH_LINKS, Arrays, ModelRunner
 from modelserve_runtime.errors import InvalidArgumentError, ModelServeError, UnavailableError
 
 log = structlog.get_logger()
@@ -162,6 +164,8 @@ class _Call:
     inputs: Mapping[str, npt.NDArray[Any]]
     rows: int
     future: asyncio.Future[Arrays]
+    span: trace.SpanContext
+    """The calling request's span: a batch's call runs under its first member's."""
 
 
 @dataclass(slots=True)
@@ -237,7 +241,8 @@ class CoalescingRunner:
         if lane is None:
             lane = self._lanes[key] = _Lane(version, budget_s, tuple(output_names))
         future: asyncio.Future[Arrays] = asyncio.get_running_loop().create_future()
-        lane.waiting.append(_Call(inputs, rows, future))
+        span = trace.get_current_span().get_span_context()
+        lane.waiting.append(_Call(inputs, rows, future, span))
         if lane.gathering:
             # Company for the held call: it rides along, and the holder counts again.
             self.upstream.wake(version.model_version, budget_s)
@@ -319,6 +324,12 @@ class CoalescingRunner:
             return
         names = list(batch[0].inputs)
         stacked = {name: np.concatenate([c.inputs[name] for c in batch]) for name in names}
+        # The call belongs to its first member's trace (not to whichever request's task
+        # drains the lane) and links to the others', as inference's own coalescer does.
+        parent = otel_context.attach(
+            trace.set_span_in_context(trace.NonRecordingSpan(batch[0].span))
+        )
+        links = BATCH_LINKS.set(tuple(trace.Link(c.span) for c in batch[1:] if c.span.is_valid))
         try:
             outputs = await self._inner.run(lane.version, stacked, lane.output_names)
         except Exception as exc:  # each member gets the failure, or a retry alone
@@ -329,6 +340,9 @@ class CoalescingRunner:
                 if not call.future.done():
                     call.future.set_exception(exc)
             return
+        finally:
+            BATCH_LINKS.reset(links)
+            otel_context.detach(parent)
         start = 0
         for call in batch:
             end = start + call.rows
@@ -339,12 +353,15 @@ class CoalescingRunner:
     async def _one(self, lane: _Lane, call: _Call) -> None:
         if call.future.done():
             return
+        parent = otel_context.attach(trace.set_span_in_context(trace.NonRecordingSpan(call.span)))
         try:
             result = await self._inner.run(lane.version, call.inputs, lane.output_names)
         except Exception as exc:  # the caller's own failure
             if not call.future.done():
                 call.future.set_exception(exc)
             return
+        finally:
+            otel_context.detach(parent)
         if not call.future.done():
             call.future.set_result(result)
 

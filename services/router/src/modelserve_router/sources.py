@@ -5,10 +5,12 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import AsyncIterator, Mapping, Sequence
+from contextvars import ContextVar
 from typing import Any, Protocol
 
 import grpc
 import numpy.typing as npt
+from opentelemetry import trace
 
 from modelserve.feature.v1 import feature_service_pb2 as feature_pb
 from modelserve.inference.v1 import inference_service_pb2 as inference_pb
@@ -31,6 +33,10 @@ from modelserve_triton.http import TritonHttpRunner
 from modelserve_triton.runner import TritonError, TritonRunner
 
 Arrays = dict[str, npt.NDArray[Any]]
+
+BATCH_LINKS: ContextVar[tuple[trace.Link, ...]] = ContextVar("modelserve_batch_links", default=())
+"""The spans of the other requests a coalesced model call carries (set by the coalescer):
+the direct runner links its Triton call's span to them."""
 
 
 class FeatureReader(Protocol):
@@ -305,6 +311,7 @@ class TritonModelRunner:
                 inputs,
                 output_names,
                 timeout_s=self._timeout_s,
+                links=BATCH_LINKS.get(),
             )
         except TritonError as exc:
             code = (exc.status or "UNKNOWN").removeprefix("StatusCode.")
