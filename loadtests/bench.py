@@ -87,7 +87,7 @@ def process_groups(stack: Stack) -> dict[str, list[int]]:
 
 async def wait_workers(stack: Stack, service: str, timeout_s: float = 60.0) -> int:
     """Waits until the service's extra workers (`MODELSERVE_<SERVICE>_SERVER__WORKERS` - 1 in
-    this environment), which start once its first process serves, are its children; returns
+    this environment), which the first process waits for before it serves, are its children; returns
     how many workers it runs."""
     import psutil
 

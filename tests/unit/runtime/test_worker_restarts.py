@@ -1,9 +1,11 @@
 """The first process's care of its workers (`Workers`): a worker that keeps failing at start
-is started again after doubling waits, and every one is stopped with the service."""
+is started again after doubling waits, every one is stopped with the service, and the first
+process waits for each to report that it serves (or for its timeout) before serving itself."""
 
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 import psutil
 from structlog.testing import capture_logs
@@ -15,6 +17,13 @@ from modelserve_runtime.server import Workers
 FAILS_AT_ONCE = [sys.executable, "-c", "raise SystemExit(3)"]
 #: A worker that runs until it is signalled (SIGTERM ends it).
 RUNS_ON = [sys.executable, "-c", "import signal; signal.pause()"]
+#: A worker that reports that it serves, as a real one does once it is SERVING, and runs on.
+REPORTS_READY = [
+    sys.executable,
+    "-c",
+    "import os, signal; fd = int(os.environ['MODELSERVE_WORKER_READY_FD']);"
+    " os.write(fd, b'1'); os.close(fd); signal.pause()",
+]
 
 
 class _App:
@@ -56,3 +65,60 @@ async def test_stop_ends_every_worker_and_restarts_none() -> None:
 
     assert not [c for c in children if c.is_running() and c.status() != psutil.STATUS_ZOMBIE]
     assert not [e for e in logs if e["event"] in ("worker_exited", "worker_restarted")]
+
+
+async def test_the_wait_ends_when_every_worker_reports_it_serves() -> None:
+    settings = ServiceSettings(
+        server=ServerSettings(workers=3, port=1, grace_period_s=0, workers_ready_timeout_s=30)
+    )
+    workers = Workers(settings, None, command=REPORTS_READY, poll_s=0.01)
+    with capture_logs() as logs:
+        await workers.start_and_wait(_App())  # type: ignore[arg-type]
+        await workers.stop()
+    (ready,) = [e for e in logs if e["event"] == "workers_ready"]
+    assert ready["count"] == 2
+    assert ready["waited_s"] < 30
+    assert not [e for e in logs if e["event"] == "workers_not_ready"]
+
+
+async def test_workers_that_never_report_are_named_and_the_wait_ends() -> None:
+    """A worker stuck before serving (or one failing at start, restarted meanwhile) does not
+    hold the service back past `workers_ready_timeout_s`; it is named in a warning."""
+    settings = ServiceSettings(
+        server=ServerSettings(workers=3, port=1, grace_period_s=0, workers_ready_timeout_s=0.5)
+    )
+    workers = Workers(settings, None, command=RUNS_ON, poll_s=0.01)
+    with capture_logs() as logs:
+        await workers.start_and_wait(_App())  # type: ignore[arg-type]
+        await workers.stop()
+    (missing,) = [e for e in logs if e["event"] == "workers_not_ready"]
+    assert missing["workers"] == [1, 2]
+    assert missing["timeout_s"] == 0.5
+    assert not [e for e in logs if e["event"] == "workers_ready"]
+
+
+async def test_a_worker_that_exits_before_serving_is_waited_for_once_restarted(
+    tmp_path: Path,
+) -> None:
+    """Its pipe closes without a report; the first process starts it again and waits for
+    the new process's report."""
+    # Exits with 4 the first time (no marker yet), reports and runs on the second.
+    command = [
+        sys.executable,
+        "-c",
+        "import os, pathlib, signal, sys; p = pathlib.Path(sys.argv[1]); first = not p.exists();"
+        " p.touch(); first and sys.exit(4);"
+        " os.write(int(os.environ['MODELSERVE_WORKER_READY_FD']), b'1'); signal.pause()",
+        str(tmp_path / "ran-once"),
+    ]
+    settings = ServiceSettings(
+        server=ServerSettings(workers=2, port=1, grace_period_s=0, workers_ready_timeout_s=30)
+    )
+    workers = Workers(settings, None, command=command, poll_s=0.01, restart_initial_s=0.05)
+    with capture_logs() as logs:
+        await workers.start_and_wait(_App())  # type: ignore[arg-type]
+        await workers.stop()
+    assert [e["code"] for e in logs if e["event"] == "worker_exited"] == [4]
+    assert len([e for e in logs if e["event"] == "worker_restarted"]) == 1
+    assert len([e for e in logs if e["event"] == "workers_ready"]) == 1
+    assert not [e for e in logs if e["event"] == "workers_not_ready"]

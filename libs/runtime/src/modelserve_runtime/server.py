@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import gc
 import os
 import signal
@@ -148,13 +149,15 @@ async def serve(
     *,
     discovery: Discovery | None = None,
     stop_event: asyncio.Event | None = None,
+    before_serving: Callable[[ServiceApp], Awaitable[None]] | None = None,
     on_serving: Callable[[ServiceApp], None] | None = None,
     on_stopping: Callable[[], Awaitable[None]] | None = None,
 ) -> None:
     """Runs one service until SIGTERM/SIGINT (or `stop_event`), then stops it in order:
     health NOT_SERVING, deregister, `stop(grace)` letting in-flight calls finish, close clients.
-    `on_serving` is called once the service is SERVING and registered; `on_stopping` runs
-    alongside the drain, from the moment the service is NOT_SERVING, and ends before the
+    `before_serving` is awaited once the app's checks pass, before the service reports
+    SERVING; `on_serving` is called once the service is SERVING and registered; `on_stopping`
+    runs alongside the drain, from the moment the service is NOT_SERVING, and ends before the
     clients close.
     """
     grpc_server, app = await build(settings)
@@ -167,6 +170,8 @@ async def serve(
     await grpc_server.set_serving(False)
     try:
         await app.check_ready()
+        if before_serving is not None:
+            await before_serving(app)
         await grpc_server.set_serving(True)
         advertise = settings.discovery.advertise_host or settings.server.host
         await discovery.register(service, advertise, grpc_server.port)
@@ -204,6 +209,8 @@ async def serve(
 WORKER_ENV = "MODELSERVE_WORKER_INDEX"
 #: The pid of the process that started a worker, beside WORKER_ENV.
 WORKER_PARENT_ENV = "MODELSERVE_WORKER_PARENT"
+#: A pipe's write end (a file descriptor) on which a worker reports that it serves.
+WORKER_READY_FD_ENV = "MODELSERVE_WORKER_READY_FD"
 
 
 def run_service(
@@ -217,10 +224,12 @@ def run_service(
     """The body of every `modelserve-<service>` console script.
 
     With `server.workers` > 1 (only where `workers_allowed`) this process starts the other
-    workers once it serves, the same script with the same arguments on the same port, and
-    stops them when it stops; only it registers in discovery and serves metrics. An app with
-    a `worker_env()` method hands them what they need from it (its address, say) as
-    environment variables.
+    workers once its own checks pass, the same script with the same arguments on the same
+    port, and reports SERVING only once they serve too (up to `server.workers_ready_timeout_s`),
+    so that no client connects while this process is the only one listening; it stops them
+    when it stops; only it registers in discovery and serves metrics. An app with a
+    `worker_env()` method hands them what they need from it (its address, say) as environment
+    variables.
     """
     parser = argparse.ArgumentParser(prog=f"modelserve-{service}")
     parser.add_argument("--config", type=Path, help="YAML settings file (env vars override it)")
@@ -233,9 +242,12 @@ def run_service(
         raise SystemExit(2) from None
     worker = os.environ.get(WORKER_ENV)
     configure_logging(service, settings.telemetry.log_level, settings.telemetry.log_format)
+    ready_fd: int | None = None
     if worker:
         structlog.contextvars.bind_contextvars(worker=int(worker))
         _die_with_parent(int(os.environ[WORKER_PARENT_ENV]))
+        if WORKER_READY_FD_ENV in os.environ:
+            ready_fd = int(os.environ[WORKER_READY_FD_ENV])
     provider = configure_tracing(service, settings.otlp_endpoint)
     several = not worker and settings.server.workers > 1
     metrics = WorkerMetrics() if several and settings.telemetry.metrics_port is not None else None
@@ -245,7 +257,11 @@ def run_service(
             addr=settings.server.host,
             registry=REGISTRY if metrics is None else metrics.registry,
         )
-    workers = Workers(settings, argv, metrics=metrics) if several else None
+    workers = (
+        Workers(settings, argv, main_module=getattr(build, "__module__", None), metrics=metrics)
+        if several
+        else None
+    )
     # Only the first process registers the port in discovery.
     discovery = StaticDiscovery({}) if worker else None
     running = serve(
@@ -253,7 +269,8 @@ def run_service(
         settings,
         build,
         discovery=discovery,
-        on_serving=None if workers is None else workers.start,
+        before_serving=None if workers is None else workers.start_and_wait,
+        on_serving=None if ready_fd is None else lambda _: _report_ready(ready_fd),
         on_stopping=None if workers is None else workers.stop,
     )
     try:
@@ -303,7 +320,8 @@ class Workers:
     """Workers 1..n-1 of a service, run by its first process: this script again, with the
     same arguments and environment (so the same shared port).
 
-    Started once the first process serves (`start`). A worker that exits while the service
+    Started once the first process's own checks pass (`start`); `wait_ready` then waits for
+    each to report, through a pipe, that it serves. A worker that exits while the service
     runs is started again: at once after a run of `stable_s` or more, else after a wait that
     doubles from `restart_initial_s` up to `restart_max_s`, so a worker that cannot start
     does not spin. `stop` ends them all with the service.
@@ -319,21 +337,16 @@ class Workers:
         restart_initial_s: float = 0.5,
         restart_max_s: float = 30.0,
         command: Sequence[str] | None = None,
+        main_module: str | None = None,
         metrics: WorkerMetrics | None = None,
     ) -> None:
-        """`command` runs a worker; by default this script with its arguments (`argv`).
-        With `metrics`, the workers write their metrics where the first process reads them."""
+        """`command` runs a worker; by default this process's own start again, with its
+        arguments (`argv`): the script it runs, or `main_module`'s `main()` where it was not
+        started as a script (`python -c`, `python -m`). With `metrics`, the workers write
+        their metrics where the first process reads them."""
         self._count = settings.server.workers - 1
         self._stop_timeout_s = settings.server.grace_period_s + 5
-        self._command = (
-            list(command)
-            if command is not None
-            else [
-                sys.executable,
-                sys.argv[0],
-                *(sys.argv[1:] if argv is None else argv),
-            ]
-        )
+        self._command = list(command) if command is not None else _start_again(argv, main_module)
         self._poll_s = poll_s
         self._stable_s = stable_s
         self._restart_initial_s = restart_initial_s
@@ -343,6 +356,10 @@ class Workers:
         self._children: dict[int, subprocess.Popen[bytes]] = {}
         self._started_at: dict[int, float] = {}
         self._task: asyncio.Task[None] | None = None
+        self._ready: set[int] = set()
+        self._ready_changed = asyncio.Event()
+        self._ready_fds: dict[int, int] = {}
+        self._ready_timeout_s = settings.server.workers_ready_timeout_s
 
     def start(self, app: ServiceApp) -> None:
         """Starts every worker; an app with a `worker_env()` method adds what it returns to
@@ -356,31 +373,96 @@ class Workers:
         log.info("workers_started", pids=[c.pid for c in self._children.values()])
         self._task = asyncio.get_running_loop().create_task(self._watch(), name="workers-watch")
 
+    async def start_and_wait(self, app: ServiceApp) -> None:
+        """`start`, then `wait_ready` up to `server.workers_ready_timeout_s`; a worker not
+        ready by then is logged, and the service goes on without it."""
+        self.start(app)
+        started = time.monotonic()
+        missing = await self.wait_ready(self._ready_timeout_s)
+        waited_s = round(time.monotonic() - started, 3)
+        if missing:
+            log.warning(
+                "workers_not_ready",
+                workers=missing,
+                timeout_s=self._ready_timeout_s,
+                hint="see the worker's own log lines (worker=N) for why",
+            )
+        else:
+            log.info("workers_ready", count=self._count, waited_s=waited_s)
+
+    async def wait_ready(self, timeout_s: float) -> list[int]:
+        """Waits until every worker has reported that it serves (a worker that exited and
+        was started again reports anew), or `timeout_s`; returns the indices not ready."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            missing = sorted(set(self._children) - self._ready)
+            left = deadline - time.monotonic()
+            if not missing or left <= 0:
+                return missing
+            self._ready_changed.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._ready_changed.wait(), left)
+
+    def _on_ready_byte(self, index: int, fd: int) -> None:
+        try:
+            data = os.read(fd, 1)
+        except OSError:
+            data = b""
+        if data and self._ready_fds.get(index) == fd:
+            self._ready.add(index)
+        self._close_ready_fd(index, fd)
+        self._ready_changed.set()
+
+    def _close_ready_fd(self, index: int, fd: int) -> None:
+        asyncio.get_running_loop().remove_reader(fd)
+        os.close(fd)
+        if self._ready_fds.get(index) == fd:
+            del self._ready_fds[index]
+
     async def stop(self) -> None:
         """Stops restarting, then stops every worker (SIGTERM, SIGKILL after the grace period
         plus 5 s), alongside the first process's own drain."""
         if self._task is not None:
             await cancel_all([self._task])
+        for index, fd in list(self._ready_fds.items()):
+            self._close_ready_fd(index, fd)
         await asyncio.to_thread(self.stop_now)
 
     def stop_now(self) -> None:
         """`stop`, blocking, for when no loop runs any more."""
+        for fd in self._ready_fds.values():
+            os.close(fd)
+        self._ready_fds.clear()
         _stop_workers(list(self._children.values()), self._stop_timeout_s)
         if self._metrics is not None:
             self._metrics.close()
 
     def _spawn(self, index: int) -> None:
+        self._ready.discard(index)
+        if index in self._ready_fds:
+            self._close_ready_fd(index, self._ready_fds[index])
+        read_fd, write_fd = os.pipe()
         env = {
             **os.environ,
             **self._env,
             WORKER_ENV: str(index),
             WORKER_PARENT_ENV: str(os.getpid()),
+            WORKER_READY_FD_ENV: str(write_fd),
         }
         # No preexec_fn: this process runs gRPC's threads by now, and Python code between
         # fork and exec can deadlock on a lock one of them held. The worker arranges to die
         # with this process itself (`_die_with_parent`, see modelserve_runtime.parent_death).
-        self._children[index] = subprocess.Popen(self._command, env=env)
+        try:
+            self._children[index] = subprocess.Popen(self._command, env=env, pass_fds=(write_fd,))
+        except BaseException:
+            os.close(read_fd)
+            raise
+        finally:
+            os.close(write_fd)
         self._started_at[index] = time.monotonic()
+        # The worker writes one byte once it serves; EOF alone means it exited before that.
+        self._ready_fds[index] = read_fd
+        asyncio.get_running_loop().add_reader(read_fd, self._on_ready_byte, index, read_fd)
 
     async def _watch(self) -> None:
         waits = dict.fromkeys(self._children, self._restart_initial_s)
@@ -411,6 +493,32 @@ class Workers:
                     del due[index]
                     self._spawn(index)
                     log.info("worker_restarted", worker=index, pid=self._children[index].pid)
+
+
+def _start_again(argv: Sequence[str] | None, main_module: str | None) -> list[str]:
+    """The command that starts this process again: its script (a console script, say), or,
+    for `python -c` and `python -m`, which leave no script to run, `main_module.main()`."""
+    arguments = list(sys.argv[1:] if argv is None else argv)
+    script = sys.argv[0]
+    run_as_script = getattr(sys.modules.get("__main__"), "__spec__", None) is None
+    if run_as_script and script not in ("", "-c") and Path(script).is_file():
+        return [sys.executable, script, *arguments]
+    if main_module is None:
+        raise ConfigError(
+            "server.workers: this process was not started as a script, so its workers cannot"
+            " be started the same way; start it with its console script (modelserve-<service>)"
+        )
+    return [sys.executable, "-c", f"from {main_module} import main; main()", *arguments]
+
+
+def _report_ready(fd: int) -> None:
+    """In a worker, once it serves: tells the first process so (see `Workers.wait_ready`)."""
+    try:
+        os.write(fd, b"1")
+    except OSError as exc:
+        log.warning("worker_ready_report_failed", error=str(exc))
+    finally:
+        os.close(fd)
 
 
 def _die_with_parent(parent: int) -> None:
