@@ -87,16 +87,29 @@ def process_groups(stack: Stack) -> dict[str, list[int]]:
 
 async def wait_workers(stack: Stack, service: str, timeout_s: float = 60.0) -> int:
     """Waits until the service's extra workers (`MODELSERVE_<SERVICE>_SERVER__WORKERS` - 1 in
-    this environment), which the first process waits for before it serves, are its children; returns
-    how many workers it runs."""
+    this environment), which the first process waits for before it serves, are its children
+    and each listens on the service's port; returns how many processes serve it. A worker
+    that exits at start would otherwise be counted while every call went to the first."""
     import psutil
 
     workers = int(os.environ.get(f"MODELSERVE_{service.upper()}_SERVER__WORKERS", "1"))
+    port = int(stack.targets[service].rsplit(":", 1)[1])
     deadline = time.monotonic() + timeout_s
     first = psutil.Process(stack.processes[service].pid)
-    while len(first.children()) < workers - 1:
+
+    def listening(process: psutil.Process) -> bool:
+        try:
+            sockets = process.net_connections(kind="tcp")
+        except psutil.NoSuchProcess:
+            return False
+        return any(s.status == psutil.CONN_LISTEN and s.laddr.port == port for s in sockets)
+
+    while sum(map(listening, first.children())) < workers - 1:
         if time.monotonic() > deadline:
-            raise RuntimeError(f"{service}: {workers - 1} workers did not start in {timeout_s} s")
+            raise RuntimeError(
+                f"{service}: {workers - 1} workers did not listen on port {port} in {timeout_s} s"
+                f" (see {stack.log_path(service)})"
+            )
         await asyncio.sleep(0.1)
     return workers
 
