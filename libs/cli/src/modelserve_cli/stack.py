@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import json
 import os
+import random
 import shutil
 import signal
 import socket
@@ -31,8 +32,32 @@ class StackError(RuntimeError):
     """A process of the stack did not start; the message holds the tail of its log."""
 
 
+#: Where `free_port` looks when the kernel's ephemeral range leaves room below it.
+_LISTEN_PORTS_FROM = 20_000
+
+
+def _ephemeral_range() -> tuple[int, int]:
+    try:
+        low, high = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
+        return int(low), int(high)
+    except (OSError, ValueError):
+        return 32_768, 60_999
+
+
 def free_port() -> int:
-    """A TCP port on 127.0.0.1 that was free a moment ago."""
+    """A TCP port on 127.0.0.1 that was free a moment ago, taken below the kernel's ephemeral
+    range where it leaves room: a port from that range, once released, can become the local
+    port of any outgoing connection (to Redis, say) before the service binds it."""
+    low, _ = _ephemeral_range()
+    if low - _LISTEN_PORTS_FROM >= 1_000:
+        for _ in range(50):
+            port = random.randrange(_LISTEN_PORTS_FROM, low)
+            with socket.socket() as sock:
+                try:
+                    sock.bind(("127.0.0.1", port))
+                except OSError:
+                    continue
+                return port
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
@@ -150,6 +175,7 @@ class Stack:
         self.redis = RedisProcess(options.run_dir / "redis")
         self.targets = {s: f"127.0.0.1:{options.ports.get(s) or free_port()}" for s in SERVICES}
         self.processes: dict[str, subprocess.Popen[bytes]] = {}
+        self._log_offsets: dict[str, int] = {}
         unknown = set(options.services) - set(SERVICES)
         if unknown:
             raise StackError(f"unknown services {sorted(unknown)}; known: {list(SERVICES)}")
@@ -221,19 +247,53 @@ class Stack:
         self.processes[service] = process
         return process
 
-    async def start(self) -> None:
-        """Starts Redis, then every service, and returns once each reports SERVING."""
+    async def start(self, attempts: int = 3) -> None:
+        """Starts Redis, then every service, and returns once each reports SERVING. A
+        service whose port was taken between `free_port` and its bind (it exits saying
+        "cannot bind") gets another, and every service starts again with the new map, up
+        to `attempts` times; a port fixed in the options is never changed."""
         self.options.run_dir.mkdir(parents=True, exist_ok=True)
         # In the loop's own thread, so that Redis too ends with this process (a moment's
         # block: nothing else runs yet).
         self.redis.start(end_with_caller=True)
         try:
-            for service in self.services:
-                self.spawn(service)
-            await asyncio.gather(*(self.wait_serving(s) for s in self.services))
+            for attempt in range(1, attempts + 1):
+                try:
+                    await self._start_services()
+                    return
+                except StackError:
+                    taken = [s for s in self.services if self._could_not_bind(s)]
+                    if attempt == attempts or not taken or set(taken) & set(self.options.ports):
+                        raise
+                await self._stop_services()
+                for service in taken:
+                    self.targets[service] = f"127.0.0.1:{free_port()}"
         except BaseException:
             await self.stop()
             raise
+
+    async def _start_services(self) -> None:
+        self._log_offsets = {}
+        for service in self.services:
+            log_path = self.log_path(service)
+            self._log_offsets[service] = log_path.stat().st_size if log_path.exists() else 0
+            self.spawn(service)
+        waits = [asyncio.ensure_future(self.wait_serving(s)) for s in self.services]
+        try:
+            await asyncio.gather(*waits)
+        finally:
+            for wait in waits:
+                wait.cancel()
+            await asyncio.gather(*waits, return_exceptions=True)
+
+    def _could_not_bind(self, service: str) -> bool:
+        """Whether the service's last start ended on its port being taken."""
+        process = self.processes.get(service)
+        if process is None or process.poll() is None:
+            return False
+        with self.log_path(service).open("rb") as log_file:
+            log_file.seek(self._log_offsets.get(service, 0))
+            return b"server.port: cannot bind" in log_file.read()
 
     async def wait_serving(self, service: str) -> None:
         """Polls the service's standard health check until SERVING; fails when it exits first."""
@@ -275,6 +335,10 @@ class Stack:
 
     async def stop(self, grace_s: float = 15.0) -> None:
         """Stops services in reverse start order (SIGTERM, then SIGKILL after `grace_s`), then Redis."""
+        await self._stop_services(grace_s)
+        await asyncio.to_thread(self.redis.stop)
+
+    async def _stop_services(self, grace_s: float = 15.0) -> None:
         for service in reversed(self.services):
             process = self.processes.get(service)
             if process is None or process.poll() is not None:
@@ -285,4 +349,3 @@ class Stack:
             except subprocess.TimeoutExpired:
                 process.kill()
                 await asyncio.to_thread(process.wait)
-        await asyncio.to_thread(self.redis.stop)

@@ -127,12 +127,20 @@ def build_grpc_server(
     )
     address = f"{settings.server.host}:{settings.server.port}"
     tls = settings.server.tls
-    if tls.enabled:
-        port = server.add_secure_port(address, server_credentials(tls))
-    else:
-        port = server.add_insecure_port(address)
+    try:
+        if tls.enabled:
+            port = server.add_secure_port(address, server_credentials(tls))
+        else:
+            port = server.add_insecure_port(address)
+    except RuntimeError:
+        # grpcio raises where older versions returned 0; its own line (add_port.cc) on
+        # stderr says why, "Address already in use" most often.
+        port = 0
     if port == 0:
-        raise ConfigError(f"cannot bind {settings.server.host}:{settings.server.port}")
+        raise ConfigError(
+            f"server.port: cannot bind {address}: another process listens there, or"
+            f" {settings.server.host} is not an address of this machine"
+        )
     return GrpcServer(server=server, port=port, health=health_servicer, service_names=names)
 
 
@@ -280,6 +288,10 @@ def run_service(
             uvloop.run(running)
         else:
             asyncio.run(running)
+    except ConfigError as exc:
+        log.error("service_failed", error=str(exc))
+        print(f"modelserve-{service}: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
     except Exception:
         log.exception("service_failed")
         raise SystemExit(1) from None
