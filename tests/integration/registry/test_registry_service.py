@@ -232,6 +232,23 @@ class TestCreateModelVersion:
         assert [v.field for v in error.violations] == ["upload"]
         await self._assert_nothing_recorded(registry)
 
+    async def test_a_refused_large_upload_gets_its_refusal(self, registry: RunningRegistry) -> None:
+        """Refused for what its first message says while the client still writes megabytes:
+        the refusal reaches the client each time. Answered at once, grpcio's asyncio client
+        reported INTERNAL "Internal error from Core" in about 3 of 100 such calls."""
+        await create_model(registry.stub)
+        missing = upload_requests(b"x" * (12 << 20), parent="models/missing", chunk_bytes=3 << 20)
+        bad_first = [missing[1], *missing]
+        for attempt in range(200):
+            requests = missing if attempt % 2 else bad_first
+            with pytest.raises(grpc.aio.AioRpcError) as info:
+                await registry.stub.CreateModelVersion(stream(requests), timeout=30)
+            expected = (
+                grpc.StatusCode.NOT_FOUND if attempt % 2 else grpc.StatusCode.INVALID_ARGUMENT
+            )
+            assert info.value.code() is expected, (attempt, info.value.details())
+        await self._assert_nothing_recorded(registry)
+
     async def test_empty_stream_is_refused(self, registry: RunningRegistry) -> None:
         """An upload with no message at all is refused, naming `upload`."""
         error = await failure(registry.stub.CreateModelVersion(stream([])))

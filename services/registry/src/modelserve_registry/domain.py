@@ -52,6 +52,7 @@ from modelserve_runtime.errors import (
     FailedPreconditionError,
     FieldViolation,
     InvalidArgumentError,
+    ModelServeError,
     NotFoundError,
     ResourceExhaustedError,
 )
@@ -619,15 +620,19 @@ class Registry:
         and the version row written.
         """
         iterator = aiter(messages)
-        upload = await anext(iterator, None)
-        if not isinstance(upload, VersionUpload):
-            raise InvalidArgumentError.for_field(
-                "upload", "the first message must carry the upload metadata"
-            )
-        checked = _check_upload(upload)
-        model_id = checked.model_id
-        if await self._store.get_model(model_id) is None:
-            raise _model_not_found(model_id)
+        try:
+            upload = await anext(iterator, None)
+            if not isinstance(upload, VersionUpload):
+                raise InvalidArgumentError.for_field(
+                    "upload", "the first message must carry the upload metadata"
+                )
+            checked = _check_upload(upload)
+            model_id = checked.model_id
+            if await self._store.get_model(model_id) is None:
+                raise _model_not_found(model_id)
+        except ModelServeError:
+            await self._drain(iterator, 0)
+            raise
         staged = await self._artifacts.stage()
         try:
             await self._receive(iterator, staged)
@@ -664,6 +669,7 @@ class Registry:
     ) -> None:
         async for message in messages:
             if not isinstance(message, bytes):
+                await self._drain(messages, staged.size)
                 raise InvalidArgumentError.for_field(
                     "upload", "only the first message may carry the upload metadata"
                 )
@@ -675,6 +681,17 @@ class Registry:
                     metadata={"max_artifact_bytes": limit},
                 )
             await staged.write(message)
+
+    async def _drain(self, messages: AsyncIterator[VersionUpload | bytes], received: int) -> None:
+        """Reads what the caller still sends of an upload refused for what it said, not for
+        its size, up to the size limit, before the refusal is answered: grpcio's asyncio
+        client, refused while it is still writing a large message, reports INTERNAL ("Internal
+        error from Core") instead of the refusal (grpc/grpc#36066). An upload past the limit
+        is answered at once instead (`_receive`)."""
+        async for message in messages:
+            received += len(message) if isinstance(message, bytes) else 0
+            if received > self._max_artifact_bytes:
+                return
 
     async def _record(
         self,
