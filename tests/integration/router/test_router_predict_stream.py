@@ -40,7 +40,13 @@ ENDPOINT = "predict-stream"
 
 def _predictions(version: str) -> float:
     """The router's count of the endpoint's requests answered by `version` (not degraded)."""
-    labels = {"endpoint": ENDPOINT, "model_version": version, "code": "OK", "degraded": "false"}
+    labels = {
+        "endpoint": ENDPOINT,
+        "routed_version": version,
+        "model_version": version,
+        "code": "OK",
+        "degraded": "false",
+    }
     return REGISTRY.get_sample_value("modelserve_router_predictions_total", labels) or 0.0
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 import grpc
 import numpy as np
 import pytest
+from prometheus_client import REGISTRY
 from router_testing import (
     V1,
     V2,
@@ -33,6 +34,11 @@ from modelserve.router.v1 import router_service_pb2 as router_pb
 from modelserve.type.v1 import prediction_record_pb2
 
 pytestmark = pytest.mark.triton
+
+
+def _predictions(**labels: str) -> float:
+    """The router's `modelserve_router_predictions_total` for exactly these labels."""
+    return REGISTRY.get_sample_value("modelserve_router_predictions_total", labels) or 0.0
 
 
 class TestCircuitBreaker:
@@ -83,6 +89,10 @@ class TestCircuitBreaker:
         ]
         # No version answered (the declared defaults); the request was routed to V2.
         assert [(r.model_version, r.routed_version) for r in logged] == [("", V2)]
+        # The metric says the same: V2 was chosen, the declared defaults answered.
+        degraded = {"endpoint": "breaker-open", "code": "OK", "degraded": "true"}
+        assert _predictions(**degraded, routed_version=V2, model_version="") == len(failed) + 6
+        assert _predictions(**degraded, routed_version="", model_version="") == 0
         assert after == before + 1
         opened_events = [e for e in logs if e["event"] == "circuit_opened"]
         assert [(e["model_version"], e["failures"]) for e in opened_events] == [(V2, 3)]

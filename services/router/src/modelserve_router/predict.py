@@ -768,19 +768,26 @@ def _failed(model_version: str, failure: ModelServeError) -> str:
 #: the Open Inference Protocol); refusals before any work are in REFUSED (limits.py).
 PREDICTIONS = Counter(
     "modelserve_router_predictions_total",
-    "Requests by endpoint, the version that answered (or was chosen, for a failure), status"
-    " code, and whether a fallback answered (degraded).",
-    ["endpoint", "model_version", "code", "degraded"],
+    "Requests by endpoint, the version routing chose (routed_version), the version that"
+    " answered (model_version: a fallback's, empty for declared default outputs, the chosen"
+    " one for a failure), status code, and whether a fallback answered (degraded).",
+    ["endpoint", "routed_version", "model_version", "code", "degraded"],
 )
-_COUNTERS: dict[tuple[str, str, str, bool], Any] = {}
+_COUNTERS: dict[tuple[str, str, str, str, bool], Any] = {}
 """Counter children by labels: `labels()` looks them up under a lock each time."""
 
 
 def _count(record: prediction_record_pb2.PredictionRecord) -> None:
-    key = (record.endpoint, record.model_version, record.error_code or "OK", record.degraded)
+    key = (
+        record.endpoint,
+        record.routed_version,
+        record.model_version,
+        record.error_code or "OK",
+        record.degraded,
+    )
     child = _COUNTERS.get(key)
     if child is None:
-        labels = (*key[:3], "true" if key[3] else "false")
+        labels = (*key[:4], "true" if key[4] else "false")
         child = _COUNTERS[key] = PREDICTIONS.labels(*labels)
     child.inc()
 
