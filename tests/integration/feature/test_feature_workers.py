@@ -1,6 +1,6 @@
 """The feature service as several processes (`server.workers` > 1), started the two ways it is
-started: its console script, and `python -c` (what `modelserve up` runs where the console
-script is not installed). The first process reports SERVING only once every worker listens
+started: its console script, `python -c` (what `modelserve up` runs where the console
+script is not installed) and `python -m`. The first process reports SERVING only once every worker listens
 on the port, so that the connections of a client that starts with the service spread over
 all of them."""
 
@@ -28,11 +28,14 @@ from modelserve_cli.stack import free_port
 WORKERS = 3
 CONSOLE_SCRIPT = "console script"
 DASH_C = "python -c"
+DASH_M = "python -m"
 
 
 def _command(how: str) -> list[str]:
     if how == CONSOLE_SCRIPT:
         return [str(Path(sys.executable).parent / "modelserve-feature")]
+    if how == DASH_M:
+        return [sys.executable, "-m", "modelserve_feature.server"]
     return [sys.executable, "-c", "from modelserve_feature.server import main; main()"]
 
 
@@ -64,7 +67,7 @@ class Service:
         return "\n".join(map(str, self.events[-20:]))
 
 
-@pytest.fixture(params=[CONSOLE_SCRIPT, DASH_C])
+@pytest.fixture(params=[CONSOLE_SCRIPT, DASH_C, DASH_M])
 async def service(
     request: pytest.FixtureRequest, redis_url: str, tmp_path: Path
 ) -> AsyncIterator[Service]:

@@ -4,6 +4,7 @@ process waits for each to report that it serves (or for its timeout) before serv
 
 from __future__ import annotations
 
+import asyncio
 import sys
 from pathlib import Path
 
@@ -122,3 +123,45 @@ async def test_a_worker_that_exits_before_serving_is_waited_for_once_restarted(
     assert len([e for e in logs if e["event"] == "worker_restarted"]) == 1
     assert len([e for e in logs if e["event"] == "workers_ready"]) == 1
     assert not [e for e in logs if e["event"] == "workers_not_ready"]
+
+
+async def test_no_worker_serves_before_every_worker_is_ready(tmp_path: Path) -> None:
+    """A ready worker waits for the first process's word, which comes once all are ready:
+    until then a client could reach only the processes already listening."""
+    # Worker 2 is ready only once `release` exists; each worker, let serve, touches
+    # `served-<index>`.
+    command = [
+        sys.executable,
+        "-c",
+        "import os, pathlib, signal, sys, time; d = pathlib.Path(sys.argv[1]);"
+        " i = os.environ['MODELSERVE_WORKER_INDEX'];"
+        " i == '2' and [time.sleep(0.01) for _ in iter(lambda: (d / 'release').exists(), True)];"
+        " os.write(int(os.environ['MODELSERVE_WORKER_READY_FD']), b'1');"
+        " os.read(int(os.environ['MODELSERVE_WORKER_GO_FD']), 1) and (d / f'served-{i}').touch();"
+        " signal.pause()",
+        str(tmp_path),
+    ]
+    settings = ServiceSettings(
+        server=ServerSettings(workers=3, port=1, grace_period_s=0, workers_ready_timeout_s=30)
+    )
+    workers = Workers(settings, None, command=command, poll_s=0.01)
+    waiting = asyncio.create_task(workers.start_and_wait(_App()))  # type: ignore[arg-type]
+    try:
+        await eventually(lambda: 1 in workers._ready, "worker 1 ready")
+        assert not waiting.done()
+        assert _served(tmp_path) == set(), "a worker served before worker 2 was ready"
+        _release(tmp_path)
+        await asyncio.wait_for(waiting, 30)
+        await eventually(
+            lambda: _served(tmp_path) == {"served-1", "served-2"}, "both workers let serve"
+        )
+    finally:
+        await workers.stop()
+
+
+def _served(directory: Path) -> set[str]:
+    return {p.name for p in directory.glob("served-*")}
+
+
+def _release(directory: Path) -> None:
+    (directory / "release").touch()

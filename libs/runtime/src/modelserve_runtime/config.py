@@ -167,10 +167,10 @@ class ServerSettings(BaseModel):
     In-memory state (caches, breakers, rate limits) is per process."""
     workers_ready_timeout_s: float = Field(default=60.0, gt=0)
     """With several workers: how long the first process waits, after its own checks pass, for
-    every other worker to listen and pass its checks before it reports SERVING and registers
-    (a client that connected earlier would keep all its calls on the first process). A
-    worker not ready by then is logged (`workers_not_ready`) and the service serves without
-    it."""
+    every other worker to listen and pass its checks; until then no process reports SERVING
+    (a client that connected earlier would keep all its calls on the processes up first). A
+    worker not ready by then is logged (`workers_not_ready`), the service serves without it,
+    and it serves once ready."""
     event_loop: Literal["uvloop", "asyncio"] = "uvloop"
     """The event loop the service runs on: uvloop, or asyncio's own (the benchmarks compare
     both)."""

@@ -217,8 +217,10 @@ async def serve(
 WORKER_ENV = "MODELSERVE_WORKER_INDEX"
 #: The pid of the process that started a worker, beside WORKER_ENV.
 WORKER_PARENT_ENV = "MODELSERVE_WORKER_PARENT"
-#: A pipe's write end (a file descriptor) on which a worker reports that it serves.
+#: A pipe's write end (a file descriptor) on which a worker reports that it is ready to serve.
 WORKER_READY_FD_ENV = "MODELSERVE_WORKER_READY_FD"
+#: A pipe's read end on which the first process lets a ready worker serve.
+WORKER_GO_FD_ENV = "MODELSERVE_WORKER_GO_FD"
 
 
 def run_service(
@@ -233,9 +235,9 @@ def run_service(
 
     With `server.workers` > 1 (only where `workers_allowed`) this process starts the other
     workers once its own checks pass, the same script with the same arguments on the same
-    port, and reports SERVING only once they serve too (up to `server.workers_ready_timeout_s`),
-    so that no client connects while this process is the only one listening; it stops them
-    when it stops; only it registers in discovery and serves metrics. An app with a
+    port, and lets any process report SERVING only once they are all ready (up to
+    `server.workers_ready_timeout_s`), so that no client connects while only some of them
+    listen; it stops them when it stops; only it registers in discovery and serves metrics. An app with a
     `worker_env()` method hands them what they need from it (its address, say) as environment
     variables.
     """
@@ -250,12 +252,17 @@ def run_service(
         raise SystemExit(2) from None
     worker = os.environ.get(WORKER_ENV)
     configure_logging(service, settings.telemetry.log_level, settings.telemetry.log_format)
-    ready_fd: int | None = None
+    handshake: Callable[[ServiceApp], Awaitable[None]] | None = None
     if worker:
         structlog.contextvars.bind_contextvars(worker=int(worker))
         _die_with_parent(int(os.environ[WORKER_PARENT_ENV]))
-        if WORKER_READY_FD_ENV in os.environ:
+        if WORKER_READY_FD_ENV in os.environ and WORKER_GO_FD_ENV in os.environ:
             ready_fd = int(os.environ[WORKER_READY_FD_ENV])
+            go_fd = int(os.environ[WORKER_GO_FD_ENV])
+
+            async def handshake(_: ServiceApp) -> None:
+                await _ready_then_wait_to_serve(ready_fd, go_fd)
+
     provider = configure_tracing(service, settings.otlp_endpoint)
     several = not worker and settings.server.workers > 1
     metrics = WorkerMetrics() if several and settings.telemetry.metrics_port is not None else None
@@ -277,8 +284,7 @@ def run_service(
         settings,
         build,
         discovery=discovery,
-        before_serving=None if workers is None else workers.start_and_wait,
-        on_serving=None if ready_fd is None else lambda _: _report_ready(ready_fd),
+        before_serving=handshake if workers is None else workers.start_and_wait,
         on_stopping=None if workers is None else workers.stop,
     )
     try:
@@ -371,6 +377,8 @@ class Workers:
         self._ready: set[int] = set()
         self._ready_changed = asyncio.Event()
         self._ready_fds: dict[int, int] = {}
+        self._go_fds: dict[int, int] = {}
+        self._serving = False
         self._ready_timeout_s = settings.server.workers_ready_timeout_s
 
     def start(self, app: ServiceApp) -> None:
@@ -386,8 +394,10 @@ class Workers:
         self._task = asyncio.get_running_loop().create_task(self._watch(), name="workers-watch")
 
     async def start_and_wait(self, app: ServiceApp) -> None:
-        """`start`, then `wait_ready` up to `server.workers_ready_timeout_s`; a worker not
-        ready by then is logged, and the service goes on without it."""
+        """`start`, then `wait_ready` up to `server.workers_ready_timeout_s`, then lets the
+        ready workers serve (each waits for that, so that no process answers SERVING before
+        every one listens); a worker not ready by then is logged, the service goes on
+        without it, and it serves once ready."""
         self.start(app)
         started = time.monotonic()
         missing = await self.wait_ready(self._ready_timeout_s)
@@ -401,6 +411,20 @@ class Workers:
             )
         else:
             log.info("workers_ready", count=self._count, waited_s=waited_s)
+        self._serving = True
+        for index in sorted(self._ready):
+            self._let_serve(index)
+
+    def _let_serve(self, index: int) -> None:
+        fd = self._go_fds.pop(index, None)
+        if fd is None:
+            return
+        try:
+            os.write(fd, b"1")
+        except OSError:
+            pass  # The worker is gone; `_watch` starts it again.
+        finally:
+            os.close(fd)
 
     async def wait_ready(self, timeout_s: float) -> list[int]:
         """Waits until every worker has reported that it serves (a worker that exited and
@@ -422,6 +446,8 @@ class Workers:
             data = b""
         if data and self._ready_fds.get(index) == fd:
             self._ready.add(index)
+            if self._serving:
+                self._let_serve(index)
         self._close_ready_fd(index, fd)
         self._ready_changed.set()
 
@@ -442,9 +468,10 @@ class Workers:
 
     def stop_now(self) -> None:
         """`stop`, blocking, for when no loop runs any more."""
-        for fd in self._ready_fds.values():
+        for fd in [*self._ready_fds.values(), *self._go_fds.values()]:
             os.close(fd)
         self._ready_fds.clear()
+        self._go_fds.clear()
         _stop_workers(list(self._children.values()), self._stop_timeout_s)
         if self._metrics is not None:
             self._metrics.close()
@@ -453,27 +480,37 @@ class Workers:
         self._ready.discard(index)
         if index in self._ready_fds:
             self._close_ready_fd(index, self._ready_fds[index])
+        if index in self._go_fds:
+            os.close(self._go_fds.pop(index))
         read_fd, write_fd = os.pipe()
+        go_read_fd, go_write_fd = os.pipe()
         env = {
             **os.environ,
             **self._env,
             WORKER_ENV: str(index),
             WORKER_PARENT_ENV: str(os.getpid()),
             WORKER_READY_FD_ENV: str(write_fd),
+            WORKER_GO_FD_ENV: str(go_read_fd),
         }
         # No preexec_fn: this process runs gRPC's threads by now, and Python code between
         # fork and exec can deadlock on a lock one of them held. The worker arranges to die
         # with this process itself (`_die_with_parent`, see modelserve_runtime.parent_death).
         try:
-            self._children[index] = subprocess.Popen(self._command, env=env, pass_fds=(write_fd,))
+            self._children[index] = subprocess.Popen(
+                self._command, env=env, pass_fds=(write_fd, go_read_fd)
+            )
         except BaseException:
             os.close(read_fd)
+            os.close(go_write_fd)
             raise
         finally:
             os.close(write_fd)
+            os.close(go_read_fd)
         self._started_at[index] = time.monotonic()
-        # The worker writes one byte once it serves; EOF alone means it exited before that.
+        # The worker writes one byte once it is ready; EOF alone means it exited before that.
+        # It serves once it reads one byte from its go pipe (`_let_serve`).
         self._ready_fds[index] = read_fd
+        self._go_fds[index] = go_write_fd
         asyncio.get_running_loop().add_reader(read_fd, self._on_ready_byte, index, read_fd)
 
     async def _watch(self) -> None:
@@ -508,14 +545,17 @@ class Workers:
 
 
 def _start_again(argv: Sequence[str] | None, main_module: str | None) -> list[str]:
-    """The command that starts this process again: its script (a console script, say), or,
-    for `python -c` and `python -m`, which leave no script to run, `main_module.main()`."""
+    """The command that starts this process again: its script (a console script, say), the
+    same module for `python -m`, or, for `python -c`, which leaves nothing to run again,
+    `main_module.main()`."""
     arguments = list(sys.argv[1:] if argv is None else argv)
     script = sys.argv[0]
-    run_as_script = getattr(sys.modules.get("__main__"), "__spec__", None) is None
-    if run_as_script and script not in ("", "-c") and Path(script).is_file():
+    spec = getattr(sys.modules.get("__main__"), "__spec__", None)
+    if spec is not None:
+        return [sys.executable, "-m", spec.name, *arguments]
+    if script not in ("", "-c") and Path(script).is_file():
         return [sys.executable, script, *arguments]
-    if main_module is None:
+    if main_module is None or main_module == "__main__":
         raise ConfigError(
             "server.workers: this process was not started as a script, so its workers cannot"
             " be started the same way; start it with its console script (modelserve-<service>)"
@@ -523,14 +563,31 @@ def _start_again(argv: Sequence[str] | None, main_module: str | None) -> list[st
     return [sys.executable, "-c", f"from {main_module} import main; main()", *arguments]
 
 
-def _report_ready(fd: int) -> None:
-    """In a worker, once it serves: tells the first process so (see `Workers.wait_ready`)."""
+async def _ready_then_wait_to_serve(ready_fd: int, go_fd: int) -> None:
+    """In a worker whose checks passed and which listens: tells the first process so (see
+    `Workers.wait_ready`), then waits until it lets this worker serve. The first process
+    closing the pipe instead (it is stopping) ends the worker."""
     try:
-        os.write(fd, b"1")
-    except OSError as exc:
-        log.warning("worker_ready_report_failed", error=str(exc))
+        os.write(ready_fd, b"1")
     finally:
-        os.close(fd)
+        os.close(ready_fd)
+    loop = asyncio.get_running_loop()
+    readable: asyncio.Future[None] = loop.create_future()
+
+    def wake() -> None:
+        if not readable.done():
+            readable.set_result(None)
+
+    loop.add_reader(go_fd, wake)
+    try:
+        await readable
+        go = os.read(go_fd, 1)
+    finally:
+        loop.remove_reader(go_fd)
+        os.close(go_fd)
+    if not go:
+        log.info("worker_not_let_serve", reason="the first process is stopping")
+        raise SystemExit(0)
 
 
 def _die_with_parent(parent: int) -> None:

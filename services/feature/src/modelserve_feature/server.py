@@ -97,3 +97,7 @@ async def build_server(settings: FeatureSettings) -> tuple[GrpcServer, FeatureAp
 def main() -> None:
     """Console script `modelserve-feature`."""
     run_service(SERVICE, FeatureSettings, build_server, workers_allowed=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -378,3 +378,7 @@ def main() -> None:
         build_server if owner is None else functools.partial(build_worker, owner=owner)
     )
     run_service(SERVICE, InferenceSettings, build, workers_allowed=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -190,3 +190,7 @@ async def build_server(
 def main() -> None:
     """Console script `modelserve-monitor`."""
     run_service(SERVICE, MonitorSettings, build_server)
+
+
+if __name__ == "__main__":
+    main()

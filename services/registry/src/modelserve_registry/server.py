@@ -159,3 +159,7 @@ async def build_server(settings: RegistrySettings) -> tuple[GrpcServer, Registry
 def main() -> None:
     """Console script `modelserve-registry`."""
     run_service(SERVICE, RegistrySettings, build_server)
+
+
+if __name__ == "__main__":
+    main()

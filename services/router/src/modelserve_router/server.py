@@ -247,3 +247,7 @@ async def build_server(settings: RouterSettings) -> tuple[GrpcServer, RouterApp]
 def main() -> None:
     """Console script `modelserve-router`."""
     run_service(SERVICE, RouterSettings, build_server, workers_allowed=True)
+
+
+if __name__ == "__main__":
+    main()
