@@ -165,3 +165,39 @@ def _served(directory: Path) -> set[str]:
 
 def _release(directory: Path) -> None:
     (directory / "release").touch()
+
+
+async def test_a_worker_restarted_while_the_service_serves_serves_once_ready(
+    tmp_path: Path,
+) -> None:
+    """Killed (the OOM killer, say) and started again: the new process is let serve as soon
+    as it is ready, with nobody waiting for it."""
+    # Each worker, let serve, touches `served-<pid>`.
+    command = [
+        sys.executable,
+        "-c",
+        "import os, pathlib, signal, sys; d = pathlib.Path(sys.argv[1]);"
+        " os.write(int(os.environ['MODELSERVE_WORKER_READY_FD']), b'1');"
+        " os.read(int(os.environ['MODELSERVE_WORKER_GO_FD']), 1) and (d / f'served-{os.getpid()}').touch();"
+        " signal.pause()",
+        str(tmp_path),
+    ]
+    settings = ServiceSettings(
+        server=ServerSettings(workers=2, port=1, grace_period_s=0, workers_ready_timeout_s=30)
+    )
+    workers = Workers(settings, None, command=command, poll_s=0.01, restart_initial_s=0.05)
+    with capture_logs() as logs:
+        try:
+            await workers.start_and_wait(_App())  # type: ignore[arg-type]
+            (first,) = next(e["pids"] for e in logs if e["event"] == "workers_started")
+            await eventually(lambda: _served(tmp_path) == {f"served-{first}"}, "worker 1 serving")
+            psutil.Process(first).kill()
+            restarted = lambda: [e for e in logs if e["event"] == "worker_restarted"]  # noqa: E731
+            await eventually(lambda: len(restarted()) == 1, "worker 1 started again")
+            second = restarted()[0]["pid"]
+            await eventually(
+                lambda: _served(tmp_path) == {f"served-{first}", f"served-{second}"},
+                "the new worker 1 serving",
+            )
+        finally:
+            await workers.stop()
