@@ -177,9 +177,9 @@ async def serve(
     await grpc_server.server.start()
     await grpc_server.set_serving(False)
     try:
-        await app.check_ready()
-        if before_serving is not None:
-            await before_serving(app)
+        if not await _ready_unless_stopped(app, before_serving, stop):
+            log.info("service_stopping", grace_s=settings.server.grace_period_s, serving=False)
+            return
         await grpc_server.set_serving(True)
         advertise = settings.discovery.advertise_host or settings.server.host
         await discovery.register(service, advertise, grpc_server.port)
@@ -211,6 +211,37 @@ async def serve(
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(sig)
         log.info("service_stopped")
+
+
+async def _ready_unless_stopped(
+    app: ServiceApp,
+    before_serving: Callable[[ServiceApp], Awaitable[None]] | None,
+    stop: asyncio.Event,
+) -> bool:
+    """The app's checks, then `before_serving` (waiting for workers, say); False when the
+    service is told to stop first, which a start that waits on others must not hold up."""
+
+    async def ready() -> None:
+        await app.check_ready()
+        if before_serving is not None:
+            await before_serving(app)
+
+    readying = asyncio.ensure_future(ready())
+    stopping = asyncio.ensure_future(stop.wait())
+    try:
+        await asyncio.wait({readying, stopping}, return_when=asyncio.FIRST_COMPLETED)
+    except BaseException:
+        readying.cancel()
+        raise
+    finally:
+        stopping.cancel()
+    if readying.done():
+        readying.result()  # what the checks raised, if they did
+        return True
+    readying.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await readying
+    return False
 
 
 #: Set in the environment of the extra worker processes `run_service` starts.
