@@ -12,6 +12,8 @@ import numpy.typing as npt
 import pytest
 from opentelemetry import trace
 from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 from modelserve_router.coalesce import ENDPOINT_BUDGET, WAIT_BOUNDED, CoalescingRunner
 from modelserve_router.routing import ServedVersion
@@ -139,6 +141,45 @@ async def test_a_batch_call_is_its_first_members_and_links_the_others() -> None:
     # The drain task is the first request's; the batch is the second's, linked to the rest.
     assert batch == spans["second"]
     assert [link.context for link in links] == [spans["third"], spans["fourth"]]
+
+
+async def test_the_other_members_traces_show_their_time_in_the_batch_call() -> None:
+    """The call is in the first member's trace; each other member's trace gets a
+    `router.coalesced` span for its time from queueing to answer, under its own span and
+    linked to the first member's span, where the call is. A call alone needs none."""
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    tracer = provider.get_tracer("test")
+    inner = MatMulRunner()
+    runner = CoalescingRunner(inner, max_batches=1, tracer=tracer)
+    inner.gate.clear()
+    spans: dict[str, trace.SpanContext] = {}
+
+    async def traced(name: str, value: float) -> dict[str, npt.NDArray[Any]]:
+        with tracer.start_as_current_span(name) as span:
+            spans[name] = span.get_span_context()
+            return await runner.run(V1, rows(value), ["y"])
+
+    first = asyncio.create_task(traced("first", 1.0))
+    await until(lambda: len(inner.calls) == 1)
+    rest = [asyncio.create_task(traced(name, 2.0)) for name in ("second", "third", "fourth")]
+    await until(lambda: runner.waiting(V1.model_version) == 3)
+    inner.gate.set()
+    await asyncio.gather(first, *rest)
+    coalesced = [s for s in exporter.get_finished_spans() if s.name == "router.coalesced"]
+    assert sorted(
+        (s.parent.span_id, [link.context for link in s.links]) for s in coalesced if s.parent
+    ) == sorted((spans[name].span_id, [spans["second"]]) for name in ("third", "fourth"))
+    assert {s.context.trace_id for s in coalesced} == {
+        spans["third"].trace_id,
+        spans["fourth"].trace_id,
+    }
+    assert [s.attributes["modelserve.batch.requests"] for s in coalesced] == [3, 3]
+    by_name = {s.name: s for s in exporter.get_finished_spans()}
+    for span in coalesced:
+        assert span.start_time is not None and span.end_time is not None
+        assert span.start_time <= span.end_time <= by_name["fourth"].end_time
 
 
 async def test_a_bad_request_fails_alone() -> None:

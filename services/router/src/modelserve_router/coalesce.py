@@ -49,6 +49,7 @@ from prometheus_client import Histogram
 from modelserve_router.routing import ServedVersion
 from modelserve_router.sources import BATCH_LINKS, Arrays, ModelRunner
 from modelserve_runtime.errors import InvalidArgumentError, ModelServeError, UnavailableError
+from modelserve_runtime.tracing import tracer
 
 log = structlog.get_logger()
 
@@ -166,6 +167,11 @@ class _Call:
     future: asyncio.Future[Arrays]
     span: trace.SpanContext
     """The calling request's span: a batch's call runs under its first member's."""
+    queued_ns: int = 0
+    """When it joined its lane, where its own span records (else 0: nothing to trace)."""
+    carried_by: trace.SpanContext | None = None
+    """The first member's span, for the other members of a coalesced call."""
+    batch_requests: int = 0
 
 
 @dataclass(slots=True)
@@ -201,10 +207,13 @@ class CoalescingRunner:
         budget_s: float = 0.0,
         upstream: Upstream | None = None,
         timeout_s: float | None = None,
+        tracer: trace.Tracer | None = None,
     ) -> None:
         """`timeout_s`: the longest a request waits for its answer, queued and sent (None:
-        only the inner runner's own timeout, from the send, bounds it)."""
+        only the inner runner's own timeout, from the send, bounds it). `tracer` makes the
+        `router.coalesced` spans (the service's own by default)."""
         self._inner = inner
+        self._tracer = tracer
         self._timeout_s = timeout_s
         self._max_rows = max_batch_rows
         self._max_batches = max_batches
@@ -241,22 +250,41 @@ class CoalescingRunner:
         if lane is None:
             lane = self._lanes[key] = _Lane(version, budget_s, tuple(output_names))
         future: asyncio.Future[Arrays] = asyncio.get_running_loop().create_future()
-        span = trace.get_current_span().get_span_context()
-        lane.waiting.append(_Call(inputs, rows, future, span))
+        current = trace.get_current_span()
+        call = _Call(inputs, rows, future, current.get_span_context())
+        if current.is_recording():
+            call.queued_ns = time.time_ns()
+        lane.waiting.append(call)
         if lane.gathering:
             # Company for the held call: it rides along, and the holder counts again.
             self.upstream.wake(version.model_version, budget_s)
         elif lane.in_flight < self._max_batches:
             self._dispatch(key, lane)
-        if self._timeout_s is None or not WAIT_BOUNDED.get():
-            return await future
-        timer = asyncio.get_running_loop().call_later(
-            self._timeout_s, _expire, future, version.model_version, self._timeout_s
+        timer = (
+            None
+            if self._timeout_s is None or not WAIT_BOUNDED.get()
+            else asyncio.get_running_loop().call_later(
+                self._timeout_s, _expire, future, version.model_version, self._timeout_s
+            )
         )
         try:
             return await future
         finally:
-            timer.cancel()
+            if timer is not None:
+                timer.cancel()
+            if call.carried_by is not None:
+                self._trace_carried(call, call.carried_by)
+
+    def _trace_carried(self, call: _Call, carried_by: trace.SpanContext) -> None:
+        """A span in the request's own trace for its time in a call that runs in another
+        request's trace (the batch's first member's), linked to that request's span."""
+        span = (self._tracer or tracer()).start_span(
+            "router.coalesced",
+            start_time=call.queued_ns,
+            links=[trace.Link(carried_by, {"modelserve.link": "carried_by"})],
+            attributes={"modelserve.batch.requests": call.batch_requests},
+        )
+        span.end()
 
     def waiting(self, model_version: str) -> int:
         """Requests for the version queued behind its calls in flight."""
@@ -330,10 +358,16 @@ class CoalescingRunner:
             trace.set_span_in_context(trace.NonRecordingSpan(batch[0].span))
         )
         links = BATCH_LINKS.set(tuple(trace.Link(c.span) for c in batch[1:] if c.span.is_valid))
+        for call in batch[1:]:
+            if call.queued_ns and batch[0].span.is_valid:
+                call.carried_by = batch[0].span
+                call.batch_requests = len(batch)
         try:
             outputs = await self._inner.run(lane.version, stacked, lane.output_names)
         except Exception as exc:  # each member gets the failure, or a retry alone
             if _bad_input(exc):
+                for call in batch:
+                    call.carried_by = None  # each runs alone, in its own trace
                 await asyncio.gather(*(self._one(lane, call) for call in batch))
                 return
             for call in batch:
