@@ -238,7 +238,7 @@ class TestCoalescedCalls:
         runner = TritonRunner(
             inference_service.app.versions.triton_endpoint, tracer=provider.get_tracer("tests")
         )
-        coalescer = Coalescer(runner)
+        coalescer = Coalescer(runner, tracer=provider.get_tracer("coalescer"))
         yield coalescer, runner, provider
         await coalescer.close()
         await runner.close()
@@ -280,6 +280,25 @@ class TestCoalescedCalls:
         assert joined.attributes is not None
         assert joined.attributes["model.name"] == "fraud"
         assert joined.attributes["model.version"] == 1
+        # The callers whose rows rode along each have a span for it in their own trace,
+        # linked to the caller whose trace holds the call; the others need none.
+        carried = sorted(
+            (s for s in finished if s.name == "inference.coalesced"),
+            key=lambda s: s.parent.span_id if s.parent else 0,
+        )
+        expected = sorted(
+            (by_name["caller-2"], by_name["caller-3"]), key=lambda s: s.context.span_id
+        )
+        assert [s.parent.span_id if s.parent else None for s in carried] == [
+            c.context.span_id for c in expected
+        ]
+        assert [s.context.trace_id for s in carried] == [c.context.trace_id for c in expected]
+        for span in carried:
+            assert [link.context.span_id for link in span.links] == [
+                by_name["caller-1"].context.span_id
+            ]
+            assert span.attributes is not None
+            assert span.attributes["modelserve.batch.requests"] == 3
 
     async def test_triton_continues_the_trace_of_the_caller_each_call_is_made_for(
         self,

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+import time
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -21,6 +22,7 @@ from opentelemetry import trace
 from tritonclient.grpc import service_pb2
 
 from modelserve_inference.oip_requests import CheckedRequest
+from modelserve_runtime.tracing import tracer
 from modelserve_triton.runner import TritonError
 
 #: Statuses of a failed batched call that say something about one of its requests (its input,
@@ -55,6 +57,11 @@ class _Waiting:
     span: trace.SpanContext
     """The caller's span: the batched call's parent, or one of its links."""
     future: asyncio.Future[Any]
+    queued_ns: int = 0
+    """When it started waiting, where its caller's span records (else 0: nothing to trace)."""
+    carried_by: trace.SpanContext | None = None
+    """The first member's span, for the other members of a batched call."""
+    batch_requests: int = 0
 
 
 class _Lane:
@@ -71,8 +78,10 @@ class Coalescer:
     """Sends requests to Triton, at most `limit` calls per lane at a time when asked to, the
     requests that wait meanwhile joined into batches of up to `max_rows` rows."""
 
-    def __init__(self, triton: TritonInfer) -> None:
+    def __init__(self, triton: TritonInfer, *, tracer: trace.Tracer | None = None) -> None:
+        """`tracer` makes the `inference.coalesced` spans (the service's own by default)."""
         self._triton = triton
+        self._tracer = tracer
         self._lanes: dict[tuple[object, ...], _Lane] = {}
         self._tasks: set[asyncio.Task[None]] = set()
 
@@ -107,16 +116,29 @@ class Coalescer:
                 self._finished(key, lane, limit, max_rows)
         loop = asyncio.get_running_loop()
         future: asyncio.Future[Any] = loop.create_future()
-        lane.waiting.append(
-            _Waiting(
-                request,
-                checked,
-                loop.time() + timeout_s,
-                trace.get_current_span().get_span_context(),
-                future,
-            )
+        current = trace.get_current_span()
+        waiting = _Waiting(
+            request, checked, loop.time() + timeout_s, current.get_span_context(), future
         )
-        return await future
+        if current.is_recording():
+            waiting.queued_ns = time.time_ns()
+        lane.waiting.append(waiting)
+        try:
+            return await future
+        finally:
+            if waiting.carried_by is not None:
+                self._trace_carried(waiting, waiting.carried_by)
+
+    def _trace_carried(self, waiting: _Waiting, carried_by: trace.SpanContext) -> None:
+        """A span in the caller's own trace for its time in a call that runs in another
+        caller's trace (the batch's first member's), linked to that caller's span."""
+        span = (self._tracer or tracer()).start_span(
+            "inference.coalesced",
+            start_time=waiting.queued_ns,
+            links=[trace.Link(carried_by, {"modelserve.link": "carried_by"})],
+            attributes={"modelserve.batch.requests": waiting.batch_requests},
+        )
+        span.end()
 
     async def close(self) -> None:
         """Cancels the batched calls in flight; their callers are cancelled too."""
@@ -194,6 +216,10 @@ class Coalescer:
                     )
                 ]
             else:
+                for waiting in batch[1:]:
+                    if waiting.queued_ns and first.span.is_valid:
+                        waiting.carried_by = first.span
+                        waiting.batch_requests = len(batch)
                 parts = [(w.request, w.checked) for w in batch]
                 answer = await self._triton.infer_request(
                     join_requests(parts),
@@ -204,6 +230,8 @@ class Coalescer:
                 answers = split_response(answer, parts)
         except TritonError as exc:
             if len(batch) > 1 and exc.status in _PER_REQUEST:
+                for waiting in batch:
+                    waiting.carried_by = None  # each runs alone, in its own trace
                 await asyncio.gather(*(self._answer([w]) for w in batch))
                 return
             for waiting in batch:
