@@ -1,6 +1,6 @@
 """A port taken by another process: the service says so in one line and exits 2, and the
-local stack gives a service whose free port was taken before it could bind another one
-(a port the caller fixed, never)."""
+local stack gives a service (or its Redis) whose free port was taken before it could bind
+another one (a port the caller fixed, never)."""
 
 from __future__ import annotations
 
@@ -12,9 +12,10 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import redis
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from modelserve_cli.stack import Stack, StackError, StackOptions, free_port
+from modelserve_cli.stack import RedisProcess, Stack, StackError, StackOptions, free_port
 from modelserve_runtime.channels import create_channel
 
 
@@ -94,3 +95,39 @@ def test_free_ports_are_taken_below_the_ephemeral_range() -> None:
     for port in ports:
         with socket.socket() as sock:
             sock.bind(("127.0.0.1", port))
+
+
+def test_redis_moves_off_a_port_taken_before_it_binds(taken_port: int, tmp_path: Path) -> None:
+    server = RedisProcess(tmp_path / "redis")
+    server.port = taken_port  # as if another process took its free port meanwhile
+    server.start()
+    try:
+        assert server.port != taken_port
+        assert redis.Redis.from_url(server.url).info("server")["process_id"] == server.pid
+    finally:
+        server.stop()
+
+
+def test_redis_does_not_take_another_redis_for_its_own(tmp_path: Path) -> None:
+    """A Redis already on the port answers PING too: the server started must be the one
+    that answers."""
+    other = RedisProcess(tmp_path / "other")
+    other.start()
+    server = RedisProcess(tmp_path / "redis")
+    server.port = other.port
+    try:
+        server.start()
+        assert server.port != other.port
+        assert redis.Redis.from_url(server.url).info("server")["process_id"] == server.pid
+    finally:
+        server.stop()
+        other.stop()
+
+
+def test_redis_on_a_fixed_port_that_is_taken_fails_saying_so(
+    taken_port: int, tmp_path: Path
+) -> None:
+    server = RedisProcess(tmp_path / "redis", port=taken_port)
+    with pytest.raises(StackError, match="Address already in use"):
+        server.start()
+    assert server.port == taken_port

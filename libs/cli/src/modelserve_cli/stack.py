@@ -20,6 +20,8 @@ from pathlib import Path
 import grpc
 import redis
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 
 from modelserve_runtime.parent_death import dying_with_this_process
 from modelserve_triton.process import TRITON_LOG_FILE
@@ -70,12 +72,18 @@ def _tail(path: Path, lines: int = 30) -> str:
         return ""
 
 
+class _PortTaken(Exception):
+    """redis-server could not bind its port; the message is what it said."""
+
+
 class RedisProcess:
     """A redis-server child on a free port, persistence off; waited for by PING."""
 
     def __init__(self, work_dir: Path, port: int = 0) -> None:
+        """`port` 0: a free one, and another if it is taken before the server binds it."""
         self.work_dir = work_dir
         self.port = port or free_port()
+        self._port_fixed = bool(port)
         self._process: subprocess.Popen[bytes] | None = None
 
     @property
@@ -96,7 +104,18 @@ class RedisProcess:
         if binary is None:
             raise StackError("redis-server is not installed (Debian: apt-get install redis-server)")
         self.work_dir.mkdir(parents=True, exist_ok=True)
+        for attempt in range(1, 4):
+            try:
+                self._start_once(binary, timeout_s, end_with_caller)
+                return
+            except _PortTaken as taken:
+                if self._port_fixed or attempt == 3:
+                    raise StackError(f"redis-server did not start:\n{taken}") from None
+                self.port = free_port()
+
+    def _start_once(self, binary: str, timeout_s: float, end_with_caller: bool) -> None:
         log_path = self.work_dir / "redis.log"
+        offset = log_path.stat().st_size if log_path.exists() else 0
         with log_path.open("ab") as log_file:
             argv = [
                 binary,
@@ -118,20 +137,29 @@ class RedisProcess:
                 stdin=subprocess.DEVNULL,
                 start_new_session=True,
             )
-        client = redis.Redis(port=self.port, socket_connect_timeout=0.5)
+        # No retries: a port held by something that is not Redis must not stall the probe.
+        client = redis.Redis(
+            port=self.port,
+            socket_connect_timeout=0.5,
+            socket_timeout=0.5,
+            retry=Retry(NoBackoff(), 0),
+        )
         deadline = time.monotonic() + timeout_s
         try:
             while True:
-                try:
-                    client.ping()
-                    return
-                except redis.ConnectionError:
-                    if self._process.poll() is not None or time.monotonic() > deadline:
-                        self.stop()
-                        raise StackError(
-                            f"redis-server did not start:\n{_tail(log_path)}"
-                        ) from None
-                    time.sleep(0.02)
+                if self._process.poll() is not None or time.monotonic() > deadline:
+                    self.stop()
+                    with log_path.open("rb") as log:
+                        log.seek(offset)
+                        said = log.read().decode(errors="replace")
+                    if "Address already in use" in said:
+                        raise _PortTaken(said.strip())
+                    raise StackError(f"redis-server did not start:\n{_tail(log_path)}")
+                # The server that answers must be this one: another one may hold the port.
+                with contextlib.suppress(redis.RedisError):
+                    if client.info("server").get("process_id") == self._process.pid:
+                        return
+                time.sleep(0.02)
         finally:
             client.close()
 
