@@ -115,13 +115,11 @@ async def test_versions_never_mix_and_batches_respect_the_row_limit() -> None:
     np.testing.assert_allclose(answers[-1]["y"], rows(2.0)["x"] @ (W * 2))
 
 
-async def test_a_batch_call_is_its_first_members_and_links_the_others() -> None:
-    """A coalesced call runs under its first member's span (its trace continues into Triton
-    there), not under the span of whichever request's task drains the lane, and links the
-    other members' spans; a call alone runs under its own request's span."""
-    tracer = TracerProvider().get_tracer("test")
-    inner = MatMulRunner()
-    runner = CoalescingRunner(inner, max_batches=1)
+async def _first_alone_then_three_together(
+    runner: CoalescingRunner, inner: MatMulRunner, tracer: trace.Tracer
+) -> dict[str, trace.SpanContext]:
+    """Four requests, each in a span of its own: "first" goes alone and is held while
+    "second", "third" and "fourth" queue, then ride in one call. Returns their spans."""
     inner.gate.clear()
     spans: dict[str, trace.SpanContext] = {}
 
@@ -136,6 +134,17 @@ async def test_a_batch_call_is_its_first_members_and_links_the_others() -> None:
     await until(lambda: runner.waiting(V1.model_version) == 3)
     inner.gate.set()
     await asyncio.gather(first, *rest)
+    return spans
+
+
+async def test_a_batch_call_is_its_first_members_and_links_the_others() -> None:
+    """A coalesced call runs under its first member's span (its trace continues into Triton
+    there), not under the span of whichever request's task drains the lane, and links the
+    other members' spans; a call alone runs under its own request's span."""
+    tracer = TracerProvider().get_tracer("test")
+    inner = MatMulRunner()
+    runner = CoalescingRunner(inner, max_batches=1)
+    spans = await _first_alone_then_three_together(runner, inner, tracer)
     (alone, no_links), (batch, links) = inner.traced
     assert (alone, no_links) == (spans["first"], ())
     # The drain task is the first request's; the batch is the second's, linked to the rest.
@@ -153,20 +162,7 @@ async def test_the_other_members_traces_show_their_time_in_the_batch_call() -> N
     tracer = provider.get_tracer("test")
     inner = MatMulRunner()
     runner = CoalescingRunner(inner, max_batches=1, tracer=tracer)
-    inner.gate.clear()
-    spans: dict[str, trace.SpanContext] = {}
-
-    async def traced(name: str, value: float) -> dict[str, npt.NDArray[Any]]:
-        with tracer.start_as_current_span(name) as span:
-            spans[name] = span.get_span_context()
-            return await runner.run(V1, rows(value), ["y"])
-
-    first = asyncio.create_task(traced("first", 1.0))
-    await until(lambda: len(inner.calls) == 1)
-    rest = [asyncio.create_task(traced(name, 2.0)) for name in ("second", "third", "fourth")]
-    await until(lambda: runner.waiting(V1.model_version) == 3)
-    inner.gate.set()
-    await asyncio.gather(first, *rest)
+    spans = await _first_alone_then_three_together(runner, inner, tracer)
     coalesced = [s for s in exporter.get_finished_spans() if s.name == "router.coalesced"]
     assert sorted(
         (s.parent.span_id, [link.context for link in s.links]) for s in coalesced if s.parent

@@ -59,3 +59,24 @@ def current_trace_id() -> str:
     """The hex trace id of the current span, or an empty string outside a trace."""
     ctx = trace.get_current_span().get_span_context()
     return format(ctx.trace_id, "032x") if ctx.is_valid else ""
+
+
+def record_carried(
+    name: str,
+    started_ns: int,
+    carried_by: trace.SpanContext,
+    requests: int,
+    *,
+    with_tracer: trace.Tracer | None = None,
+) -> None:
+    """Ends, in the current trace, a span from `started_ns` to now for a request whose work
+    was done by a coalesced call of `requests` requests that runs in another request's trace
+    (`carried_by`, that request's span), linked to it: no request's trace has a hole where
+    its call was."""
+    span = (with_tracer or tracer()).start_span(
+        name,
+        start_time=started_ns,
+        links=[trace.Link(carried_by, {"modelserve.link": "carried_by"})],
+        attributes={"modelserve.batch.requests": requests},
+    )
+    span.end()

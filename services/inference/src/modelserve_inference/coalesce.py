@@ -22,7 +22,7 @@ from opentelemetry import trace
 from tritonclient.grpc import service_pb2
 
 from modelserve_inference.oip_requests import CheckedRequest
-from modelserve_runtime.tracing import tracer
+from modelserve_runtime.tracing import record_carried
 from modelserve_triton.runner import TritonError
 
 #: Statuses of a failed batched call that say something about one of its requests (its input,
@@ -127,18 +127,13 @@ class Coalescer:
             return await future
         finally:
             if waiting.carried_by is not None:
-                self._trace_carried(waiting, waiting.carried_by)
-
-    def _trace_carried(self, waiting: _Waiting, carried_by: trace.SpanContext) -> None:
-        """A span in the caller's own trace for its time in a call that runs in another
-        caller's trace (the batch's first member's), linked to that caller's span."""
-        span = (self._tracer or tracer()).start_span(
-            "inference.coalesced",
-            start_time=waiting.queued_ns,
-            links=[trace.Link(carried_by, {"modelserve.link": "carried_by"})],
-            attributes={"modelserve.batch.requests": waiting.batch_requests},
-        )
-        span.end()
+                record_carried(
+                    "inference.coalesced",
+                    waiting.queued_ns,
+                    waiting.carried_by,
+                    waiting.batch_requests,
+                    with_tracer=self._tracer,
+                )
 
     async def close(self) -> None:
         """Cancels the batched calls in flight; their callers are cancelled too."""

@@ -49,7 +49,7 @@ from prometheus_client import Histogram
 from modelserve_router.routing import ServedVersion
 from modelserve_router.sources import BATCH_LINKS, Arrays, ModelRunner
 from modelserve_runtime.errors import InvalidArgumentError, ModelServeError, UnavailableError
-from modelserve_runtime.tracing import tracer
+from modelserve_runtime.tracing import record_carried
 
 log = structlog.get_logger()
 
@@ -273,18 +273,13 @@ class CoalescingRunner:
             if timer is not None:
                 timer.cancel()
             if call.carried_by is not None:
-                self._trace_carried(call, call.carried_by)
-
-    def _trace_carried(self, call: _Call, carried_by: trace.SpanContext) -> None:
-        """A span in the request's own trace for its time in a call that runs in another
-        request's trace (the batch's first member's), linked to that request's span."""
-        span = (self._tracer or tracer()).start_span(
-            "router.coalesced",
-            start_time=call.queued_ns,
-            links=[trace.Link(carried_by, {"modelserve.link": "carried_by"})],
-            attributes={"modelserve.batch.requests": call.batch_requests},
-        )
-        span.end()
+                record_carried(
+                    "router.coalesced",
+                    call.queued_ns,
+                    call.carried_by,
+                    call.batch_requests,
+                    with_tracer=self._tracer,
+                )
 
     def waiting(self, model_version: str) -> int:
         """Requests for the version queued behind its calls in flight."""
