@@ -27,6 +27,16 @@ REPORTS_READY = [
 ]
 
 
+def _workers(count: int, command: list[str], *, ready_timeout_s: float, **tuning: float) -> Workers:
+    """`Workers` of `count` processes (the first included) running `command`."""
+    settings = ServiceSettings(
+        server=ServerSettings(
+            workers=count, port=1, grace_period_s=0, workers_ready_timeout_s=ready_timeout_s
+        )
+    )
+    return Workers(settings, None, command=command, **tuning)  # type: ignore[arg-type]
+
+
 class _App:
     """A service app with nothing to hand its workers."""
 
@@ -69,10 +79,7 @@ async def test_stop_ends_every_worker_and_restarts_none() -> None:
 
 
 async def test_the_wait_ends_when_every_worker_reports_it_serves() -> None:
-    settings = ServiceSettings(
-        server=ServerSettings(workers=3, port=1, grace_period_s=0, workers_ready_timeout_s=30)
-    )
-    workers = Workers(settings, None, command=REPORTS_READY, poll_s=0.01)
+    workers = _workers(3, REPORTS_READY, ready_timeout_s=30, poll_s=0.01)
     with capture_logs() as logs:
         await workers.start_and_wait(_App())  # type: ignore[arg-type]
         await workers.stop()
@@ -85,10 +92,7 @@ async def test_the_wait_ends_when_every_worker_reports_it_serves() -> None:
 async def test_workers_that_never_report_are_named_and_the_wait_ends() -> None:
     """A worker stuck before serving (or one failing at start, restarted meanwhile) does not
     hold the service back past `workers_ready_timeout_s`; it is named in a warning."""
-    settings = ServiceSettings(
-        server=ServerSettings(workers=3, port=1, grace_period_s=0, workers_ready_timeout_s=0.5)
-    )
-    workers = Workers(settings, None, command=RUNS_ON, poll_s=0.01)
+    workers = _workers(3, RUNS_ON, ready_timeout_s=0.5, poll_s=0.01)
     with capture_logs() as logs:
         await workers.start_and_wait(_App())  # type: ignore[arg-type]
         await workers.stop()
@@ -112,10 +116,7 @@ async def test_a_worker_that_exits_before_serving_is_waited_for_once_restarted(
         " os.write(int(os.environ['MODELSERVE_WORKER_READY_FD']), b'1'); signal.pause()",
         str(tmp_path / "ran-once"),
     ]
-    settings = ServiceSettings(
-        server=ServerSettings(workers=2, port=1, grace_period_s=0, workers_ready_timeout_s=30)
-    )
-    workers = Workers(settings, None, command=command, poll_s=0.01, restart_initial_s=0.05)
+    workers = _workers(2, command, ready_timeout_s=30, poll_s=0.01, restart_initial_s=0.05)
     with capture_logs() as logs:
         await workers.start_and_wait(_App())  # type: ignore[arg-type]
         await workers.stop()
@@ -141,10 +142,7 @@ async def test_no_worker_serves_before_every_worker_is_ready(tmp_path: Path) -> 
         " signal.pause()",
         str(tmp_path),
     ]
-    settings = ServiceSettings(
-        server=ServerSettings(workers=3, port=1, grace_period_s=0, workers_ready_timeout_s=30)
-    )
-    workers = Workers(settings, None, command=command, poll_s=0.01)
+    workers = _workers(3, command, ready_timeout_s=30, poll_s=0.01)
     waiting = asyncio.create_task(workers.start_and_wait(_App()))  # type: ignore[arg-type]
     try:
         await eventually(lambda: 1 in workers._ready, "worker 1 ready")
@@ -182,10 +180,7 @@ async def test_a_worker_restarted_while_the_service_serves_serves_once_ready(
         " signal.pause()",
         str(tmp_path),
     ]
-    settings = ServiceSettings(
-        server=ServerSettings(workers=2, port=1, grace_period_s=0, workers_ready_timeout_s=30)
-    )
-    workers = Workers(settings, None, command=command, poll_s=0.01, restart_initial_s=0.05)
+    workers = _workers(2, command, ready_timeout_s=30, poll_s=0.01, restart_initial_s=0.05)
     with capture_logs() as logs:
         try:
             await workers.start_and_wait(_App())  # type: ignore[arg-type]
