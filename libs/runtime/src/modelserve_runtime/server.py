@@ -268,9 +268,9 @@ def run_service(
     workers once its own checks pass, the same script with the same arguments on the same
     port, and lets any process report SERVING only once they are all ready (up to
     `server.workers_ready_timeout_s`), so that no client connects while only some of them
-    listen; it stops them when it stops; only it registers in discovery and serves metrics. An app with a
-    `worker_env()` method hands them what they need from it (its address, say) as environment
-    variables.
+    listen; it stops them when it stops; only it registers in discovery and serves metrics.
+    An app with a `worker_env()` method hands them what they need from it (its address, say)
+    as environment variables.
     """
     parser = argparse.ArgumentParser(prog=f"modelserve-{service}")
     parser.add_argument("--config", type=Path, help="YAML settings file (env vars override it)")
@@ -370,10 +370,11 @@ class Workers:
     same arguments and environment (so the same shared port).
 
     Started once the first process's own checks pass (`start`); `wait_ready` then waits for
-    each to report, through a pipe, that it serves. A worker that exits while the service
-    runs is started again: at once after a run of `stable_s` or more, else after a wait that
-    doubles from `restart_initial_s` up to `restart_max_s`, so a worker that cannot start
-    does not spin. `stop` ends them all with the service.
+    each to report, through a pipe, that it is ready, and `start_and_wait` then lets them
+    serve, through another. A worker that exits while the service runs is started again: at
+    once after a run of `stable_s` or more, else after a wait that doubles from
+    `restart_initial_s` up to `restart_max_s`, so a worker that cannot start does not spin.
+    `stop` ends them all with the service.
     """
 
     def __init__(
@@ -390,9 +391,9 @@ class Workers:
         metrics: WorkerMetrics | None = None,
     ) -> None:
         """`command` runs a worker; by default this process's own start again, with its
-        arguments (`argv`): the script it runs, or `main_module`'s `main()` where it was not
-        started as a script (`python -c`, `python -m`). With `metrics`, the workers write
-        their metrics where the first process reads them."""
+        arguments (`argv`): the script it runs, the module it runs (`python -m`), or
+        `main_module`'s `main()` (`python -c`). With `metrics`, the workers write their
+        metrics where the first process reads them."""
         self._count = settings.server.workers - 1
         self._stop_timeout_s = settings.server.grace_period_s + 5
         self._command = list(command) if command is not None else _start_again(argv, main_module)
