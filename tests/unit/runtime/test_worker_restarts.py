@@ -5,6 +5,7 @@ process waits for each to report that it serves (or for its timeout) before serv
 from __future__ import annotations
 
 import asyncio
+import os
 import sys
 from pathlib import Path
 
@@ -129,14 +130,15 @@ async def test_a_worker_that_exits_before_serving_is_waited_for_once_restarted(
 async def test_no_worker_serves_before_every_worker_is_ready(tmp_path: Path) -> None:
     """A ready worker waits for the first process's word, which comes once all are ready:
     until then a client could reach only the processes already listening."""
-    # Worker 2 is ready only once `release` exists; each worker, let serve, touches
-    # `served-<index>`.
+    # Worker 2 is ready only once something is written to the `release` FIFO (its read
+    # blocks until then); each worker, let serve, touches `served-<index>`.
+    os.mkfifo(tmp_path / "release")
     command = [
         sys.executable,
         "-c",
-        "import os, pathlib, signal, sys, time; d = pathlib.Path(sys.argv[1]);"
+        "import os, pathlib, signal, sys; d = pathlib.Path(sys.argv[1]);"
         " i = os.environ['MODELSERVE_WORKER_INDEX'];"
-        " i == '2' and [time.sleep(0.01) for _ in iter(lambda: (d / 'release').exists(), True)];"
+        " i == '2' and (d / 'release').read_text();"
         " os.write(int(os.environ['MODELSERVE_WORKER_READY_FD']), b'1');"
         " os.read(int(os.environ['MODELSERVE_WORKER_GO_FD']), 1) and (d / f'served-{i}').touch();"
         " signal.pause()",
@@ -162,7 +164,7 @@ def _served(directory: Path) -> set[str]:
 
 
 def _release(directory: Path) -> None:
-    (directory / "release").touch()
+    (directory / "release").write_text("go")
 
 
 async def test_a_worker_restarted_while_the_service_serves_serves_once_ready(
