@@ -24,6 +24,7 @@ from redis.backoff import NoBackoff
 from redis.retry import Retry
 
 from modelserve_runtime.parent_death import dying_with_this_process
+from modelserve_runtime.server import CANNOT_BIND
 from modelserve_triton.process import TRITON_LOG_FILE
 
 #: Start order; the reverse is the stop order (the router first, so no request is orphaned).
@@ -38,19 +39,19 @@ class StackError(RuntimeError):
 _LISTEN_PORTS_FROM = 20_000
 
 
-def _ephemeral_range() -> tuple[int, int]:
+def _ephemeral_low() -> int:
+    """The lowest port the kernel gives outgoing connections."""
     try:
-        low, high = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
-        return int(low), int(high)
-    except (OSError, ValueError):
-        return 32_768, 60_999
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32_768
 
 
 def free_port() -> int:
     """A TCP port on 127.0.0.1 that was free a moment ago, taken below the kernel's ephemeral
     range where it leaves room: a port from that range, once released, can become the local
     port of any outgoing connection (to Redis, say) before the service binds it."""
-    low, _ = _ephemeral_range()
+    low = _ephemeral_low()
     if low - _LISTEN_PORTS_FROM >= 1_000:
         for _ in range(50):
             port = random.randrange(_LISTEN_PORTS_FROM, low)
@@ -321,7 +322,7 @@ class Stack:
             return False
         with self.log_path(service).open("rb") as log_file:
             log_file.seek(self._log_offsets.get(service, 0))
-            return b"server.port: cannot bind" in log_file.read()
+            return CANNOT_BIND.encode() in log_file.read()
 
     async def wait_serving(self, service: str) -> None:
         """Polls the service's standard health check until SERVING; fails when it exits first."""

@@ -40,6 +40,10 @@ log = structlog.get_logger()
 
 SettingsT = TypeVar("SettingsT", bound=ServiceSettings)
 
+#: How a service that cannot bind its port starts its one-line error (the local stack looks
+#: for it to move the service to another port).
+CANNOT_BIND = "server.port: cannot bind"
+
 
 class ServiceApp(Protocol):
     """The domain side of a service: dependencies to check at start and close at stop."""
@@ -138,7 +142,7 @@ def build_grpc_server(
         port = 0
     if port == 0:
         raise ConfigError(
-            f"server.port: cannot bind {address}: another process listens there, or"
+            f"{CANNOT_BIND} {address}: another process listens there, or"
             f" {settings.server.host} is not an address of this machine"
         )
     return GrpcServer(server=server, port=port, health=health_servicer, service_names=names)
@@ -275,13 +279,15 @@ def run_service(
     parser = argparse.ArgumentParser(prog=f"modelserve-{service}")
     parser.add_argument("--config", type=Path, help="YAML settings file (env vars override it)")
     args = parser.parse_args(argv)
+    worker = os.environ.get(WORKER_ENV)
     try:
         settings = load_settings(settings_cls, args.config)
         _check_workers(service, settings, workers_allowed)
+        several = not worker and settings.server.workers > 1
+        worker_command = _start_again(argv, getattr(build, "__module__", None)) if several else None
     except ConfigError as exc:
         print(f"modelserve-{service}: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
-    worker = os.environ.get(WORKER_ENV)
     configure_logging(service, settings.telemetry.log_level, settings.telemetry.log_format)
     handshake: Callable[[ServiceApp], Awaitable[None]] | None = None
     if worker:
@@ -295,7 +301,6 @@ def run_service(
                 await _ready_then_wait_to_serve(ready_fd, go_fd)
 
     provider = configure_tracing(service, settings.otlp_endpoint)
-    several = not worker and settings.server.workers > 1
     metrics = WorkerMetrics() if several and settings.telemetry.metrics_port is not None else None
     if settings.telemetry.metrics_port is not None and not worker:
         start_http_server(
@@ -303,11 +308,7 @@ def run_service(
             addr=settings.server.host,
             registry=REGISTRY if metrics is None else metrics.registry,
         )
-    workers = (
-        Workers(settings, argv, main_module=getattr(build, "__module__", None), metrics=metrics)
-        if several
-        else None
-    )
+    workers = Workers(settings, argv, command=worker_command, metrics=metrics) if several else None
     # Only the first process registers the port in discovery.
     discovery = StaticDiscovery({}) if worker else None
     running = serve(
@@ -387,16 +388,14 @@ class Workers:
         restart_initial_s: float = 0.5,
         restart_max_s: float = 30.0,
         command: Sequence[str] | None = None,
-        main_module: str | None = None,
         metrics: WorkerMetrics | None = None,
     ) -> None:
         """`command` runs a worker; by default this process's own start again, with its
-        arguments (`argv`): the script it runs, the module it runs (`python -m`), or
-        `main_module`'s `main()` (`python -c`). With `metrics`, the workers write their
+        arguments (`argv`; see `_start_again`). With `metrics`, the workers write their
         metrics where the first process reads them."""
         self._count = settings.server.workers - 1
         self._stop_timeout_s = settings.server.grace_period_s + 5
-        self._command = list(command) if command is not None else _start_again(argv, main_module)
+        self._command = list(command) if command is not None else _start_again(argv, None)
         self._poll_s = poll_s
         self._stable_s = stable_s
         self._restart_initial_s = restart_initial_s
