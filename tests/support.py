@@ -33,6 +33,8 @@ async def running(
     """Builds and starts a service in this process; yields it, a channel to it, and its app."""
     grpc_server, app = await build(settings)
     await grpc_server.server.start()
+    if grpc_server.http is not None:
+        await grpc_server.http.start()
     channel = create_channel(f"127.0.0.1:{grpc_server.port}")
     try:
         # Inside the try: a service that fails its readiness check is still stopped, or the
@@ -43,6 +45,8 @@ async def running(
     finally:
         await channel.close()
         await grpc_server.server.stop(0)
+        if grpc_server.http is not None:
+            await grpc_server.http.stop()
         await app.close()
 
 

@@ -23,6 +23,9 @@ from modelserve_cli.stack import Stack, StackOptions
 from modelserve_runtime.channels import create_channel
 from modelserve_runtime.clients import RegistryAdminClient
 
+#: `modelserve up` with the router on free ports (gRPC and HTTP).
+_ANY_PORTS = ("--router-port", "0", "--router-http-port", "0")
+
 
 def _identity_model() -> bytes:
     graph = helper.make_graph(
@@ -160,7 +163,7 @@ class TestMakeUp:
         env = dict(os.environ, NO_PROXY="127.0.0.1,localhost", COLUMNS="200", TERM="dumb")
         script = Path(sys.executable).parent / "modelserve"
         up = subprocess.Popen(
-            [str(script), "up", "--router-port", "0", "--run-dir", str(tmp_path)],
+            [str(script), "up", *_ANY_PORTS, "--run-dir", str(tmp_path)],
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             env=env,

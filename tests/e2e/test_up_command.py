@@ -9,10 +9,14 @@ import re
 import signal
 import sys
 from pathlib import Path
+from typing import Any
 
+import aiohttp
 import psutil
 import pytest
 from support import eventually
+
+from modelserve_demo import fraud
 
 CLI = str(Path(sys.executable).parent / "modelserve")
 
@@ -26,6 +30,23 @@ def _started_under(run_dir: Path) -> list[psutil.Process]:
         if str(run_dir) in cmdline or str(run_dir) == (process.info["cwd"] or ""):
             found.append(process)
     return found
+
+
+async def _infer_over_http(url: str) -> dict[str, Any]:
+    """One row of the demo model's features, posted as curl would to the endpoint `fraud`."""
+    row = fraud.make_dataset(1, seed=5)[0]
+    body = {
+        "inputs": [
+            {"name": "features", "datatype": "FP32", "shape": list(row.shape), "data": row.tolist()}
+        ]
+    }
+    async with (
+        aiohttp.ClientSession() as session,
+        session.post(f"{url}/v2/models/fraud/infer", json=body) as response,
+    ):
+        assert response.status == 200, await response.text()
+        answer: dict[str, Any] = await response.json()
+        return answer
 
 
 @pytest.mark.parametrize("stop_signal", [signal.SIGINT, signal.SIGHUP], ids=["ctrl-c", "hangup"])
@@ -43,6 +64,8 @@ async def test_up_serves_the_demo_and_ctrl_c_stops_everything(
         "--run-dir",
         str(run_dir),
         "--router-port",
+        "0",
+        "--router-http-port",
         "0",
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.STDOUT,
@@ -64,6 +87,13 @@ async def test_up_serves_the_demo_and_ctrl_c_stops_everything(
         assert "prediction: fraud probability" in output, output
         assert "from models/fraud/versions/1" in output, output
         assert _started_under(run_dir), "no process runs under the run directory"
+        http = re.search(r"router \(HTTP\).*?(http://127\.0\.0\.1:\d+)", output)
+        assert http, output
+        answer = await _infer_over_http(http.group(1))
+        assert answer["model_version"] == "1", answer
+        (probabilities,) = [o for o in answer["outputs"] if o["name"] == "probabilities"]
+        assert probabilities["shape"] == [1, 2]
+        assert abs(sum(probabilities["data"]) - 1) < 1e-4
     finally:
         process.send_signal(stop_signal)
         rest, _ = await asyncio.wait_for(process.communicate(), timeout=60)

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import grpc
 import numpy as np
 import psutil
@@ -257,6 +258,31 @@ def _oip_request() -> Any:
     return request
 
 
+async def _http_infers(port: int, connections: int) -> list[dict[str, Any]]:
+    """One ModelInfer of ROWS over each of `connections` HTTP connections of their own."""
+    body = {
+        "inputs": [
+            {
+                "name": "features",
+                "datatype": "FP32",
+                "shape": list(ROWS.shape),
+                "data": ROWS.tolist(),
+            }
+        ]
+    }
+    answers = []
+    for _ in range(connections):
+        async with (
+            aiohttp.ClientSession() as session,
+            session.post(
+                f"http://127.0.0.1:{port}/v2/models/fraud/versions/1/infer", json=body
+            ) as r,
+        ):
+            assert r.status == 200, await r.text()
+            answers.append(await r.json())
+    return answers
+
+
 class TestConsoleScript:
     async def test_two_processes_serve_one_port_and_stop_together(
         self,
@@ -266,8 +292,9 @@ class TestConsoleScript:
     ) -> None:
         """`modelserve-inference` with SERVER__WORKERS=2: the first process starts Triton and
         then the worker; a version loaded through one answers through both (connections spread
-        over them); SIGTERM to the first stops both and removes the worker socket."""
-        port = free_port()
+        over them), over gRPC and over the shared HTTP port; SIGTERM to the first stops both
+        and removes the worker socket."""
+        port, http_port = free_port(), free_port()
         env = {k: v for k, v in os.environ.items() if not k.startswith("MODELSERVE_")}
         env |= {
             "MODELSERVE_INFERENCE_" + k.upper(): v
@@ -277,6 +304,7 @@ class TestConsoleScript:
                 "triton_work_dir": str(tmp_path / "triton"),
                 "server__port": str(port),
                 "server__workers": "2",
+                "server__http_port": str(http_port),
                 "telemetry__log_format": "json",
             }.items()
         }
@@ -327,6 +355,14 @@ class TestConsoleScript:
                 if e["event"] == "rpc" and e["rpc"].endswith("/Infer") and e["code"] == "OK"
             }
             assert answered_by == {0, 1}, "16 connections all reached one process"
+            http_answers = await _http_infers(http_port, connections=16)
+            assert {a["model_version"] for a in http_answers} == {"1"}
+            http_answered_by = {
+                e.get("worker", 0)
+                for e in events
+                if e["event"] == "rpc" and e["rpc"].endswith("/ModelInfer") and e["code"] == "OK"
+            }
+            assert http_answered_by == {0, 1}, "16 HTTP connections all reached one process"
 
             process.send_signal(signal.SIGTERM)
             assert await asyncio.wait_for(process.wait(), 60) == 0

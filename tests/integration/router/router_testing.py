@@ -130,9 +130,10 @@ async def deploy(
     fallback_version: str = "",
     shadow: Sequence[str] = (),
     hybrid: registry_pb.HybridLookup | None = None,
+    routing_key: str = "",
 ) -> registry_pb.Deployment:
-    """Routes all of `endpoint` to `version` (or splits it by the percent of each version),
-    with the declared default outputs."""
+    """Routes all of `endpoint` to `version` (or splits it by the percent of each version,
+    sticky by `routing_key` when set), with the declared default outputs."""
     traffic = {version: 100} if isinstance(version, str) else version
     response = await deps.registry.UpdateDeployment(
         registry_pb.UpdateDeploymentRequest(
@@ -147,6 +148,7 @@ async def deploy(
                 fallback_version=fallback_version,
                 shadow=list(shadow),
                 hybrid=hybrid,
+                routing_key=routing_key,
             ),
             allow_missing=True,
         )

@@ -344,6 +344,11 @@ class TestWorkers:
                 {"server__workers": "2", "server__port": "1"},
                 "registry keeps state in its process",
             ),
+            (
+                "modelserve-router",
+                {"server__workers": "2", "server__port": "1", "server__http_port": "0"},
+                "server.http_port must be set (not 0) or unset",
+            ),
         ],
     )
     def test_workers_are_refused_where_they_cannot_work(

@@ -51,6 +51,11 @@ def up(
         Path(".run"), help="Where logs, the registry and Triton's files go."
     ),
     router_port: int = typer.Option(50051, help="The router's port (0: any free port)."),
+    router_http_port: int = typer.Option(
+        8080,
+        help="The router's HTTP/REST port (the Open Inference Protocol, KServe v2 JSON):"
+        " 0 for any free port, -1 for none.",
+    ),
     otlp_endpoint: str | None = typer.Option(
         None,
         envvar="OTEL_EXPORTER_OTLP_ENDPOINT",
@@ -65,6 +70,7 @@ def up(
     options = StackOptions(
         run_dir=run_dir.resolve(),
         ports={"router": router_port} if router_port else {},
+        router_http_port=None if router_http_port < 0 else router_http_port,
         otlp_endpoint=otlp_endpoint,
         triton_trace_endpoint=triton_trace_endpoint,
     )
@@ -93,6 +99,12 @@ async def _up(options: StackOptions, exit_after_demo: bool) -> None:
         table.add_column("log")
         for service in SERVICES:
             table.add_row(service, stack.targets[service], str(stack.log_path(service)))
+            if service == "router" and stack.router_http_port is not None:
+                table.add_row(
+                    "router (HTTP)",
+                    f"http://127.0.0.1:{stack.router_http_port}",
+                    str(stack.log_path(service)),
+                )
         table.add_row("redis", stack.redis.url, str(options.run_dir / "redis" / "redis.log"))
         console.print(table)
         with console.status("training and deploying the demo fraud model"):

@@ -24,7 +24,7 @@ from redis.backoff import NoBackoff
 from redis.retry import Retry
 
 from modelserve_runtime.parent_death import dying_with_this_process
-from modelserve_runtime.server import CANNOT_BIND
+from modelserve_runtime.server import CANNOT_BIND, CANNOT_BIND_HTTP
 from modelserve_triton.process import TRITON_LOG_FILE
 
 #: Start order; the reverse is the stop order (the router first, so no request is orphaned).
@@ -191,6 +191,8 @@ class StackOptions:
     """Extra environment for every service (e.g. MODELSERVE_ROUTER_MODEL_RUNNER=triton)."""
     start_timeout_s: float = 180.0
     services: tuple[str, ...] = SERVICES
+    router_http_port: int | None = None
+    """The router's Open Inference Protocol HTTP/REST port: None for none, 0 for a free one."""
     """The services to run, a subset of SERVICES (started in SERVICES' order). A benchmark
     of the request path on a small machine leaves out the monitor, which in production runs
     on its own hosts and here would take CPU from the router."""
@@ -203,6 +205,9 @@ class Stack:
         self.options = options
         self.redis = RedisProcess(options.run_dir / "redis")
         self.targets = {s: f"127.0.0.1:{options.ports.get(s) or free_port()}" for s in SERVICES}
+        http_port = options.router_http_port
+        self.router_http_port = free_port() if http_port == 0 else http_port
+        """The router's HTTP/REST port, None without one."""
         self.processes: dict[str, subprocess.Popen[bytes]] = {}
         self._log_offsets: dict[str, int] = {}
         unknown = set(options.services) - set(SERVICES)
@@ -235,6 +240,8 @@ class Stack:
         )
         if service in ("feature", "router", "monitor"):
             env[f"{prefix}REDIS_URL"] = self.redis.url
+        if service == "router" and self.router_http_port is not None:
+            env[f"{prefix}SERVER__HTTP_PORT"] = str(self.router_http_port)
         if service == "registry":
             env[f"{prefix}DATA_DIR"] = str(self.options.run_dir / "registry")
             # The laptop stack runs without API keys, so no one could approve a version for
@@ -291,12 +298,18 @@ class Stack:
                     await self._start_services()
                     return
                 except StackError:
-                    taken = [s for s in self.services if self._could_not_bind(s)]
-                    if attempt == attempts or not taken or set(taken) & set(self.options.ports):
+                    taken = [s for s in self.services if self._could_not_bind(s, CANNOT_BIND)]
+                    http_taken = self._could_not_bind("router", CANNOT_BIND_HTTP)
+                    fixed = set(taken) & set(self.options.ports) or (
+                        http_taken and self.options.router_http_port != 0
+                    )
+                    if attempt == attempts or not (taken or http_taken) or fixed:
                         raise
                 await self._stop_services()
                 for service in taken:
                     self.targets[service] = f"127.0.0.1:{free_port()}"
+                if http_taken:
+                    self.router_http_port = free_port()
         except BaseException:
             await self.stop()
             raise
@@ -315,14 +328,15 @@ class Stack:
                 wait.cancel()
             await asyncio.gather(*waits, return_exceptions=True)
 
-    def _could_not_bind(self, service: str) -> bool:
-        """Whether the service's last start ended on its port being taken."""
+    def _could_not_bind(self, service: str, error: str) -> bool:
+        """Whether the service's last start ended on a port being taken (`error` starts the
+        service's line: CANNOT_BIND, or CANNOT_BIND_HTTP for its HTTP port)."""
         process = self.processes.get(service)
         if process is None or process.poll() is None:
             return False
         with self.log_path(service).open("rb") as log_file:
             log_file.seek(self._log_offsets.get(service, 0))
-            return CANNOT_BIND.encode() in log_file.read()
+            return error.encode() in log_file.read()
 
     async def wait_serving(self, service: str) -> None:
         """Polls the service's standard health check until SERVING; fails when it exits first."""

@@ -147,6 +147,12 @@ class ServerSettings(BaseModel):
     """Interface to bind; `0.0.0.0` in containers."""
     port: int = Field(default=0, ge=0, le=65535)
     """Port to bind; 0 picks a free one (tests)."""
+    http_port: int | None = Field(default=None, ge=0, le=65535)
+    """Port of the Open Inference Protocol's HTTP/REST binding (KServe v2 JSON, with Triton's
+    binary tensor extension), on the services that serve the protocol (router, inference):
+    health, metadata, model ready and infer, through the same checks, API keys, tracing, logs
+    and metrics as its gRPC binding, on `host`, with the same TLS. None: gRPC only; 0 picks
+    a free one. With several `workers` it must be fixed (not 0), as `port`."""
     grace_period_s: float = Field(default=10.0, ge=0)
     """On SIGTERM, how long in-flight RPCs may run before they are cancelled."""
     max_message_bytes: int = Field(default=4 * 1024 * 1024, ge=1024)

@@ -14,7 +14,7 @@ import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol, TypeVar
+from typing import Protocol, TypeVar, cast
 
 import grpc
 import structlog
@@ -43,6 +43,8 @@ SettingsT = TypeVar("SettingsT", bound=ServiceSettings)
 #: How a service that cannot bind its port starts its one-line error (the local stack looks
 #: for it to move the service to another port).
 CANNOT_BIND = "server.port: cannot bind"
+#: The same for the HTTP binding's port (`server.http_port`).
+CANNOT_BIND_HTTP = "server.http_port: cannot bind"
 
 
 class ServiceApp(Protocol):
@@ -62,6 +64,19 @@ class ServiceApp(Protocol):
         ...
 
 
+class HttpBinding(Protocol):
+    """A second front door beside the gRPC port (the Open Inference Protocol's HTTP/REST
+    binding), bound when built, serving once started."""
+
+    port: int
+
+    async def start(self) -> None: ...
+
+    async def stop(self) -> None:
+        """Stops listening and lets calls in flight finish, up to the grace period."""
+        ...
+
+
 @dataclass
 class GrpcServer:
     """A built, not yet started, server and the names of the services it hosts."""
@@ -70,6 +85,8 @@ class GrpcServer:
     port: int
     health: health.aio.HealthServicer
     service_names: list[str]
+    http: HttpBinding | None = None
+    """The HTTP/REST binding, with `server.http_port` set."""
 
     async def set_serving(self, serving: bool) -> None:
         """Sets the health of the server and of each hosted service."""
@@ -118,12 +135,14 @@ def build_grpc_server(
         ("grpc.http2.min_ping_interval_without_data_ms", settings.server.min_ping_interval_ms),
         ("grpc.keepalive_permit_without_calls", 1),
     ]
+    interceptors = server_interceptors(service, inner_interceptors)
     server = grpc.aio.server(
-        interceptors=server_interceptors(service, inner_interceptors),
+        interceptors=interceptors,
         options=options,
         maximum_concurrent_rpcs=settings.server.max_concurrent_rpcs,
     )
-    names = list(register(server))
+    recorder = _HandlerRecorder(server)
+    names = list(register(cast(grpc.aio.Server, recorder)))
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
@@ -145,7 +164,70 @@ def build_grpc_server(
             f"{CANNOT_BIND} {address}: another process listens there, or"
             f" {settings.server.host} is not an address of this machine"
         )
-    return GrpcServer(server=server, port=port, health=health_servicer, service_names=names)
+    http = (
+        None
+        if settings.server.http_port is None
+        else _http_binding(service, settings, names, recorder.handlers, interceptors)
+    )
+    return GrpcServer(
+        server=server, port=port, health=health_servicer, service_names=names, http=http
+    )
+
+
+class _HandlerRecorder:
+    """The gRPC server as `register` sees it, keeping the generic handlers it is given (the
+    HTTP binding calls the same ones)."""
+
+    def __init__(self, server: grpc.aio.Server) -> None:
+        self._server = server
+        self.handlers: list[grpc.GenericRpcHandler] = []
+
+    def add_generic_rpc_handlers(self, handlers: Sequence[grpc.GenericRpcHandler]) -> None:
+        self.handlers.extend(handlers)
+        self._server.add_generic_rpc_handlers(handlers)
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self._server, name)
+
+
+def _http_binding(
+    service: str,
+    settings: ServiceSettings,
+    names: Sequence[str],
+    handlers: Sequence[grpc.GenericRpcHandler],
+    interceptors: Sequence[grpc.aio.ServerInterceptor],
+) -> HttpBinding:
+    """The Open Inference Protocol's HTTP/REST binding over the registered handlers, bound
+    to `server.http_port`; ConfigError for a service without the protocol or a port taken."""
+    # Imported here: only the services that serve the protocol over HTTP need aiohttp.
+    from modelserve_triton.oip_http import SERVICE, OipHttpServer, bind, server_ssl_context
+
+    if SERVICE not in names:
+        raise ConfigError(
+            f"server.http_port: the {service} service does not serve the Open Inference"
+            " Protocol; only router and inference have an HTTP binding"
+        )
+    host, port = settings.server.host, settings.server.http_port or 0
+    try:
+        sock = bind(host, port, reuse_port=settings.server.workers > 1)
+    except OSError as exc:
+        raise ConfigError(f"{CANNOT_BIND_HTTP} {host}:{port}: {exc}") from None
+    tls = settings.server.tls
+    context = None
+    if tls.enabled and tls.cert_file is not None and tls.key_file is not None:
+        context = server_ssl_context(
+            str(tls.cert_file),
+            str(tls.key_file),
+            None if tls.client_ca_file is None else str(tls.client_ca_file),
+        )
+    return OipHttpServer(
+        handlers,
+        interceptors,
+        sock,
+        max_body_bytes=settings.server.max_message_bytes,
+        grace_s=settings.server.grace_period_s,
+        ssl_context=context,
+    )
 
 
 def _tls_mode(tls: ServerTlsSettings) -> str:
@@ -179,6 +261,8 @@ async def serve(
         loop.add_signal_handler(sig, stop.set)
     discovery = discovery or create_discovery(settings.discovery)
     await grpc_server.server.start()
+    if grpc_server.http is not None:
+        await grpc_server.http.start()
     await grpc_server.set_serving(False)
     try:
         if not await _ready_unless_stopped(app, before_serving, stop):
@@ -193,6 +277,7 @@ async def serve(
         log.info(
             "service_started",
             port=grpc_server.port,
+            http_port=None if grpc_server.http is None else grpc_server.http.port,
             host=settings.server.host,
             tls=_tls_mode(settings.server.tls),
             event_loop=type(asyncio.get_running_loop()).__module__,
@@ -208,7 +293,10 @@ async def serve(
         except Exception:
             log.exception("deregister_failed")
         await app.begin_shutdown()
-        await grpc_server.server.stop(settings.server.grace_period_s)
+        draining = [grpc_server.server.stop(settings.server.grace_period_s)]
+        if grpc_server.http is not None:
+            draining.append(grpc_server.http.stop())
+        await asyncio.gather(*draining)
         if stopping is not None:
             await stopping
         await app.close()
@@ -363,6 +451,11 @@ def _check_workers(service: str, settings: ServiceSettings, allowed: bool) -> No
     if settings.server.port == 0:
         raise ConfigError(
             f"server.workers: {workers} workers share one port, so server.port must be set (not 0)"
+        )
+    if settings.server.http_port == 0:
+        raise ConfigError(
+            f"server.workers: {workers} workers share one HTTP port, so server.http_port must be"
+            " set (not 0) or unset"
         )
 
 

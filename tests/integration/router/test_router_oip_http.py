@@ -1,0 +1,171 @@
+"""The Open Inference Protocol's HTTP/REST binding on the router: an endpoint is the model,
+routed as over gRPC (canary split, sticky routing key, pins, the prediction log), behind the
+same API keys and rate limits, with the caller's trace continued."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Any
+
+import aiohttp
+import numpy as np
+import onnxruntime as ort
+import pytest
+import tritonclient.http.aio as triton_http
+from router_testing import V1, V2, Dependencies, deploy, records, router_settings
+from support import running
+from tritonclient.http import InferInput
+
+from modelserve_demo import fraud
+from modelserve_router.server import RouterApp, build_server
+from modelserve_runtime.auth import Role, new_api_key
+
+pytestmark = pytest.mark.triton
+
+ROWS = fraud.make_dataset(4, seed=7)[0]
+TRACE_ID = "4bf92f3577b34da6a3ce929d0e0e4736"
+TRACEPARENT = f"00-{TRACE_ID}-00f067aa0ba902b7-01"
+#: Cheap scrypt for tests; production keys use the default cost.
+TEST_SCRYPT_N = 16
+
+
+@pytest.fixture(scope="module")
+def sessions() -> dict[str, ort.InferenceSession]:
+    """onnxruntime here on each version's bytes (version n is trained with seed n - 1)."""
+    return {
+        name: ort.InferenceSession(
+            fraud.train(seed=seed).onnx_bytes, providers=["CPUExecutionProvider"]
+        )
+        for seed, name in enumerate((V1, V2))
+    }
+
+
+def _probabilities(sessions: dict[str, ort.InferenceSession], version: str) -> Any:
+    return np.asarray(sessions[version].run(["probabilities"], {"features": ROWS})[0])
+
+
+def _body(**extra: Any) -> dict[str, Any]:
+    return {
+        "inputs": [
+            {
+                "name": "features",
+                "datatype": "FP32",
+                "shape": list(ROWS.shape),
+                "data": ROWS.tolist(),
+            }
+        ],
+        **extra,
+    }
+
+
+@pytest.fixture
+async def session() -> AsyncIterator[aiohttp.ClientSession]:
+    async with aiohttp.ClientSession() as client:
+        yield client
+
+
+async def _post(
+    session: aiohttp.ClientSession, url: str, body: dict[str, Any], **headers: str
+) -> tuple[int, dict[str, str], dict[str, Any]]:
+    async with session.post(url, json=body, headers=headers) as response:
+        return response.status, dict(response.headers), await response.json()
+
+
+class TestRouting:
+    async def test_split_sticky_pinned_and_logged(
+        self, dependencies: Dependencies, sessions: dict[str, ort.InferenceSession]
+    ) -> None:
+        """A 50/50 endpoint over HTTP: requests without a key reach both versions; a routing
+        key keeps one version; a pinned version answers as itself; each answer is the
+        version's own, says how it was routed, continues the caller's trace, and is in the
+        prediction log under its id."""
+        deps = dependencies
+        await deploy(deps, "http-split", {V1: 50, V2: 50}, routing_key="customer")
+        settings = router_settings(deps, server={"http_port": 0})
+        async with (
+            running(build_server, settings) as (server, _, app),
+            aiohttp.ClientSession() as session,
+        ):
+            assert isinstance(app, RouterApp)
+            assert server.http is not None
+            url = f"http://127.0.0.1:{server.http.port}/v2/models/http-split"
+            spread = [await _post(session, f"{url}/infer", _body()) for _ in range(24)]
+            sticky = [
+                await _post(session, f"{url}/infer", _body(parameters={"routing_key": "c-42"}))
+                for _ in range(8)
+            ]
+            pinned = await _post(session, f"{url}/versions/2/infer", _body())
+            traced = await _post(
+                session, f"{url}/infer", _body(id="http-traced"), traceparent=TRACEPARENT
+            )
+            logged = await records(deps, "http-traced")
+        versions = {answer["model_version"] for _, _, answer in spread}
+        assert versions == {"1", "2"}
+        for status, _, answer in [*spread, *sticky, pinned, traced]:
+            assert status == 200, answer
+            got = next(o for o in answer["outputs"] if o["name"] == "probabilities")
+            version = V1 if answer["model_version"] == "1" else V2
+            np.testing.assert_allclose(
+                np.asarray(got["data"]).reshape(got["shape"]),
+                _probabilities(sessions, version),
+                rtol=0,
+                atol=1e-5,
+            )
+        assert len({answer["model_version"] for _, _, answer in sticky}) == 1
+        assert {answer["parameters"]["route_reason"] for _, _, answer in sticky} == {"sticky"}
+        assert (pinned[2]["model_version"], pinned[2]["parameters"]["route_reason"]) == (
+            "2",
+            "pinned",
+        )
+        assert traced[2]["id"] == "http-traced"
+        assert traced[2]["parameters"]["trace_id"] == TRACE_ID
+        assert [(r.trace_id, r.endpoint) for r in logged] == [(TRACE_ID, "http-split")]
+
+
+class TestKeysAndLimits:
+    async def test_keys_and_the_rate_limit(self, dependencies: Dependencies) -> None:
+        """Auth on: health answers without a key; inference without a key or with a wrong
+        one is 401 saying so; with a key, tritonclient.http's headers carry it, and past the
+        key's burst the router answers 429 with Retry-After."""
+        deps = dependencies
+        await deploy(deps, "http-keys", V1)
+        key, record = new_api_key("hana", {Role.PREDICT}, n=TEST_SCRYPT_N)
+        settings = router_settings(
+            deps,
+            server={"http_port": 0},
+            auth={"enabled": True, "keys": [record.model_dump()]},
+            rate_limit={"requests_per_s": 0.01, "burst": 3},
+        )
+        async with (
+            running(build_server, settings) as (server, _, _app),
+            aiohttp.ClientSession() as session,
+        ):
+            assert server.http is not None
+            base = f"http://127.0.0.1:{server.http.port}"
+            async with session.get(f"{base}/v2/health/live") as live:
+                live_status = live.status
+            url = f"{base}/v2/models/http-keys/infer"
+            missing = await _post(session, url, _body())
+            wrong = await _post(session, url, _body(), **{"x-api-key": "ms_nope.nope"})
+            client = triton_http.InferenceServerClient(f"127.0.0.1:{server.http.port}")
+            try:
+                features = InferInput("features", list(ROWS.shape), "FP32")
+                features.set_data_from_numpy(ROWS)
+                served = [
+                    await client.infer("http-keys", [features], headers={"x-api-key": key})
+                    for _ in range(3)
+                ]
+            finally:
+                await client.close()
+            over = await _post(session, url, _body(), authorization=f"Bearer {key}")
+        assert live_status == 200
+        assert missing[0] == 401
+        assert missing[1]["Grpc-Status"] == "UNAUTHENTICATED"
+        assert "an API key is required" in missing[2]["error"]
+        assert wrong[0] == 401
+        assert "the API key is not valid" in wrong[2]["error"]
+        assert [s.get_response()["model_version"] for s in served] == ["1", "1", "1"]
+        assert over[0] == 429
+        assert over[1]["Grpc-Status"] == "RESOURCE_EXHAUSTED"
+        assert int(over[1]["Retry-After"]) >= 1
+        assert "hana" in over[2]["error"]

@@ -1,0 +1,73 @@
+"""The Open Inference Protocol's HTTP binding as `build_grpc_server` makes it from the
+handlers a service registers: only where the protocol is served, on a port of its own."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import aiohttp
+import grpc
+import pytest
+from tritonclient.grpc import service_pb2_grpc
+
+from modelserve_runtime.config import ConfigError, ServerSettings, ServiceSettings
+from modelserve_runtime.server import build_grpc_server
+
+
+def _settings(http_port: int) -> ServiceSettings:
+    return ServiceSettings(server=ServerSettings(http_port=http_port))
+
+
+def _register_protocol(server: grpc.aio.Server) -> Sequence[str]:
+    # The generated base servicer: every method answers UNIMPLEMENTED.
+    service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(
+        service_pb2_grpc.GRPCInferenceServiceServicer(), server
+    )
+    return ["inference.GRPCInferenceService"]
+
+
+async def test_a_method_the_servicer_lacks_is_501() -> None:
+    """The binding runs the servicer's own handler through the interceptors: a method it
+    does not implement is UNIMPLEMENTED, which HTTP says as 501 with the protocol's error."""
+    built = build_grpc_server("inference", _settings(0), _register_protocol)
+    assert built.http is not None
+    await built.http.start()
+    try:
+        async with (
+            aiohttp.ClientSession() as session,
+            session.get(f"http://127.0.0.1:{built.http.port}/v2/health/live") as response,
+        ):
+            answer = (response.status, response.headers["Grpc-Status"], await response.json())
+    finally:
+        await built.http.stop()
+    assert answer == (501, "UNIMPLEMENTED", {"error": "method not implemented"})
+
+
+def test_a_taken_port_fails_the_start_naming_the_setting() -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        with pytest.raises(ConfigError, match=f"server.http_port: cannot bind 127.0.0.1:{port}"):
+            build_grpc_server("inference", _settings(port), _register_protocol)
+
+
+def test_a_service_without_the_protocol_is_refused(tmp_path: Path) -> None:
+    """The feature service with an HTTP port set exits 2 saying which services have one."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MODELSERVE_")}
+    env["MODELSERVE_FEATURE_SERVER__HTTP_PORT"] = "0"
+    done = subprocess.run(
+        [str(Path(sys.executable).parent / "modelserve-feature")],
+        env=env,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 2, done.stderr
+    assert "the feature service does not serve the Open Inference Protocol" in done.stderr
