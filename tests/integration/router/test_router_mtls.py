@@ -5,10 +5,12 @@ reaches the registry with its own certificate, whose CN the registry maps to `vi
 
 from __future__ import annotations
 
+import ssl
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
+import aiohttp
 import grpc
 import pytest
 from google.protobuf import json_format
@@ -50,7 +52,11 @@ class SecuredStack:
     app: KeyPair
     #: A certificate with the same CN signed by another CA.
     stranger: KeyPair
+    #: A service's certificate: CN `svc`, which the router maps to `predict` (no key needed).
+    svc: KeyPair
     keys: dict[str, str]
+    #: `https://127.0.0.1:<port>` of the router's Open Inference Protocol over HTTP/REST.
+    http_url: str = ""
 
     def tls(self, client: KeyPair | None = None) -> ClientTlsSettings:
         """TLS that trusts the stack's CA, with `client` as the client certificate."""
@@ -96,6 +102,7 @@ async def stack(
         ca=ca,
         app=client_certificate(pki, "app", ca),
         stranger=client_certificate(pki / "other", "app", certificate_authority(pki, "other-ca")),
+        svc=client_certificate(pki, "svc", ca),
         keys=keys,
     )
     mutual = mutual_tls(server, ca)
@@ -124,11 +131,13 @@ async def stack(
             dependencies,
             registry_target=secured.registry_target,
             registry_tls=secured.tls(router_client),
-            server={"tls": mutual},
+            server={"tls": {**mutual, "client_roles": {"svc": ["predict"]}}, "http_port": 0},
             auth={"enabled": True, "keys": records},
         )
         async with running(build_server, settings) as (router, _, _):
             secured.router_target = f"127.0.0.1:{router.port}"
+            assert router.http is not None
+            secured.http_url = f"https://127.0.0.1:{router.http.port}"
             async with secured.channel(secured.router_target, "ada") as channel:
                 await eventually(
                     lambda: predicts(router_grpc.RouterServiceStub(channel)),
@@ -230,6 +239,57 @@ class TestMutualTls:
         error = decode_rpc_error(info.value)
         # No ErrorInfo: the status comes from the client's transport, not from the router.
         assert (error.code, error.domain) == (grpc.StatusCode.UNAVAILABLE, "")
+
+
+class TestHttpBinding:
+    """The router's Open Inference Protocol over HTTP/REST speaks TLS with the gRPC port's
+    files, demands the same client certificates, and takes a certificate's CN as the gRPC
+    port does."""
+
+    def _ssl(self, stack: SecuredStack, client: KeyPair | None) -> ssl.SSLContext:
+        context = ssl.create_default_context(cafile=str(stack.ca.cert))
+        if client is not None:
+            context.load_cert_chain(str(client.cert), str(client.key))
+        return context
+
+    async def _infer(
+        self, stack: SecuredStack, client: KeyPair | None, headers: dict[str, str]
+    ) -> tuple[int, dict[str, Any]]:
+        rows = fraud.make_dataset(2, seed=7)[0]
+        body = {
+            "inputs": [
+                {"name": "features", "datatype": "FP32", "shape": [2, 8], "data": rows.tolist()}
+            ]
+        }
+        async with (
+            aiohttp.ClientSession() as session,
+            session.post(
+                f"{stack.http_url}/v2/models/{ENDPOINT}/infer",
+                json=body,
+                headers=headers,
+                ssl=self._ssl(stack, client),
+            ) as response,
+        ):
+            return response.status, await response.json()
+
+    async def test_a_key_or_a_mapped_certificate_predicts(self, stack: SecuredStack) -> None:
+        """With a trusted certificate: a `predict` key predicts; CN `svc`, mapped to
+        `predict`, predicts without a key; CN `app`, mapped to nothing, without a key is 401."""
+        keyed = await self._infer(stack, stack.app, {"x-api-key": stack.keys["pia"]})
+        by_certificate = await self._infer(stack, stack.svc, {})
+        no_key = await self._infer(stack, stack.app, {})
+        assert (keyed[0], keyed[1]["model_version"]) == (200, "1")
+        assert (by_certificate[0], by_certificate[1]["model_version"]) == (200, "1")
+        assert no_key[0] == 401
+        assert "an API key is required" in no_key[1]["error"]
+
+    @pytest.mark.parametrize("client", ["none", "stranger"])
+    async def test_untrusted_client_cannot_connect(self, stack: SecuredStack, client: str) -> None:
+        """Without a client certificate, or with one another CA signed, a caller with a good
+        key fails in the TLS handshake: the router never sees a request."""
+        certificate = {"none": None, "stranger": stack.stranger}[client]
+        with pytest.raises(aiohttp.ClientError):
+            await self._infer(stack, certificate, {"x-api-key": stack.keys["pia"]})
 
 
 class TestNodeClient:
