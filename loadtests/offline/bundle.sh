@@ -28,7 +28,9 @@ for name in grpcio grpcio-health-checking grpcio-reflection grpcio-status protob
   opentelemetry-sdk opentelemetry-exporter-otlp-proto-grpc opentelemetry-exporter-otlp-proto-common \
   opentelemetry-exporter-otlp-common opentelemetry-proto opentelemetry-semantic-conventions \
   importlib_metadata lazy-importer redis hiredis py-consul typer rich skl2onnx tritonclient \
-  python-rapidjson ${EXTRA:-}; do
+  python-rapidjson aiohttp aiohappyeyeballs aiosignal attrs frozenlist multidict propcache yarl \
+  idna geventhttpclient gevent greenlet zope.event zope.interface brotli certifi urllib3 \
+  ${EXTRA:-}; do
   download "$out/wheels" "$(pin "$name")"
 done
 
