@@ -48,7 +48,7 @@ async def test_a_method_the_servicer_lacks_is_501() -> None:
     assert answer == (501, "UNIMPLEMENTED", {"error": "method not implemented"})
 
 
-def test_a_taken_port_fails_the_start_naming_the_setting() -> None:
+async def test_a_taken_port_fails_the_start_naming_the_setting() -> None:
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
