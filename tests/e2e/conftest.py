@@ -26,11 +26,13 @@ def otlp() -> Iterator[OtlpReceiver]:
 async def stack(
     otlp: OtlpReceiver, tmp_path_factory: pytest.TempPathFactory
 ) -> AsyncIterator[Stack]:
-    """The session's stack, its spans sent to the in-test receiver."""
+    """The session's stack, its spans sent to the in-test receiver, the router serving HTTP
+    too."""
     async with running_stack(
         tmp_path_factory.mktemp("stack"),
         otlp_endpoint=otlp.grpc_endpoint,
         triton_trace_endpoint=otlp.http_endpoint,
+        router_http_port=0,
     ) as stack:
         yield stack
 

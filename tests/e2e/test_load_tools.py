@@ -1,6 +1,7 @@
 """The load tools the README hands to users work: `loadtests/locustfile.py` drives the router
 with as many concurrent calls as it has users (gRPC made gevent-friendly; otherwise each call
-would block the whole locust process, and `-u 32` would be one call at a time), and
+would block the whole locust process, and `-u 32` would be one call at a time),
+`loadtests/locustfile_rest.py` drives its Open Inference Protocol over HTTP/REST, and
 `loadtests/ghz-predict.json` is a Predict the router answers, its API read from the router's
 server reflection."""
 
@@ -30,17 +31,24 @@ from modelserve_cli.stack import Stack
 
 ROOT = Path(__file__).resolve().parents[2]
 LOCUSTFILE = ROOT / "loadtests" / "locustfile.py"
+LOCUSTFILE_REST = ROOT / "loadtests" / "locustfile_rest.py"
 GHZ_CONFIG = ROOT / "loadtests" / "ghz-predict.json"
 LOCUST = Path(sys.executable).parent / "locust"
 USERS = 4
 
 
-async def _locust(host: str, out: Path, seconds: int = 3) -> dict[str, int]:
-    """Runs the locustfile headless against `host`; its Predict row's request and failure
+async def _locust(
+    host: str,
+    out: Path,
+    seconds: int = 3,
+    locustfile: Path = LOCUSTFILE,
+    row_name: str = "RouterService/Predict",
+) -> dict[str, int]:
+    """Runs a locustfile headless against `host`; its `row_name` row's request and failure
     counts, and locust's exit code."""
     process = await asyncio.create_subprocess_exec(
         str(LOCUST),
-        "-f", str(LOCUSTFILE), "--headless", "-u", str(USERS), "-r", str(USERS),
+        "-f", str(locustfile), "--headless", "-u", str(USERS), "-r", str(USERS),
         "-t", f"{seconds}s", "--host", host, "--csv", str(out / "run"), "--only-summary",
         "--loglevel", "WARNING",
         stdout=asyncio.subprocess.PIPE,
@@ -50,8 +58,8 @@ async def _locust(host: str, out: Path, seconds: int = 3) -> dict[str, int]:
     output, _ = await asyncio.wait_for(process.communicate(), seconds + 60)
     with (out / "run_stats.csv").open() as stats:
         rows = {row["Name"]: row for row in csv.DictReader(stats)}
-    assert "RouterService/Predict" in rows, output.decode()
-    row = rows["RouterService/Predict"]
+    assert row_name in rows, output.decode()
+    row = rows[row_name]
     return {
         "requests": int(row["Request Count"]),
         "failures": int(row["Failure Count"]),
@@ -104,6 +112,23 @@ class TestLocust:
         self, stack: Stack, demo: DemoDeployment, tmp_path: Path
     ) -> None:
         counts = await _locust(stack.targets["router"], tmp_path)
+        assert counts == {"requests": counts["requests"], "failures": 0, "exit": 0}
+        assert counts["requests"] > USERS
+
+
+class TestLocustRest:
+    async def test_drives_the_routers_http_binding_without_failures(
+        self, stack: Stack, demo: DemoDeployment, tmp_path: Path
+    ) -> None:
+        """`loadtests/locustfile_rest.py` posts JSON to the router's Open Inference Protocol
+        over HTTP/REST; every request is answered with outputs."""
+        assert stack.router_http_port is not None
+        counts = await _locust(
+            f"http://127.0.0.1:{stack.router_http_port}",
+            tmp_path,
+            locustfile=LOCUSTFILE_REST,
+            row_name="OIP REST infer",
+        )
         assert counts == {"requests": counts["requests"], "failures": 0, "exit": 0}
         assert counts["requests"] > USERS
 
