@@ -137,6 +137,39 @@ class TestTritonHttpClient:
             answers["1"].as_numpy("probabilities"), answers["2"].as_numpy("probabilities")
         )
 
+    async def test_triton_extensions_as_triton_answers_them(self, base_url: str) -> None:
+        """tritonclient.http's model config, statistics and repository index (what
+        perf_analyzer and Triton dashboards ask for) come back as Triton gives them, for the
+        versions the service holds; a model it does not hold is 404."""
+        client = triton_http.InferenceServerClient(base_url.removeprefix("http://"))
+        features = InferInput("features", list(ROWS.shape), "FP32")
+        features.set_data_from_numpy(ROWS)
+        try:
+            await client.infer(MODEL_ID, [features], model_version="1")
+            config = await client.get_model_config(MODEL_ID, "1")
+            statistics = await client.get_inference_statistics(MODEL_ID, "1")
+            every = await client.get_inference_statistics()
+            index = await client.get_model_repository_index()
+            with pytest.raises(InferenceServerException) as unknown:
+                await client.get_model_config("nope")
+        finally:
+            await client.close()
+        assert config["name"] == MODEL_ID
+        assert config["max_batch_size"] > 1
+        assert [i["name"] for i in config["input"]] == ["features"]
+        ((version_stats),) = statistics["model_stats"]
+        assert (version_stats["name"], version_stats["version"]) == (MODEL_ID, "1")
+        assert int(version_stats["inference_count"]) >= len(ROWS)
+        assert {(m["name"], m["version"]) for m in every["model_stats"]} >= {
+            (MODEL_ID, "1"),
+            (MODEL_ID, "2"),
+        }
+        assert {(m["name"], m["version"], m["state"]) for m in index} == {
+            (MODEL_ID, "1", "READY"),
+            (MODEL_ID, "2", "READY"),
+        }
+        assert unknown.value.status() == "404"
+
     async def test_tritonclient_http_sees_refusals(self, base_url: str) -> None:
         """A tensor of the wrong width reaches tritonclient as its exception, with the status
         and the field named."""

@@ -98,7 +98,10 @@ class TestRouting:
             traced = await _post(
                 session, f"{url}/infer", _body(id="http-traced"), traceparent=TRACEPARENT
             )
+            await app.prediction_log.flush()
             logged = await records(deps, "http-traced")
+            async with session.get(f"{url}/config") as response:
+                config = (response.status, await response.json())
         versions = {answer["model_version"] for _, _, answer in spread}
         assert versions == {"1", "2"}
         for status, _, answer in [*spread, *sticky, pinned, traced]:
@@ -120,6 +123,8 @@ class TestRouting:
         assert traced[2]["id"] == "http-traced"
         assert traced[2]["parameters"]["trace_id"] == TRACE_ID
         assert [(r.trace_id, r.endpoint) for r in logged] == [(TRACE_ID, "http-split")]
+        # Triton's model configuration has no sense for an endpoint: not implemented.
+        assert config == (501, {"error": "method not implemented"})
 
 
 class TestKeysAndLimits:
@@ -158,6 +163,10 @@ class TestKeysAndLimits:
             finally:
                 await client.close()
             over = await _post(session, url, _body(), authorization=f"Bearer {key}")
+            async with session.get(
+                f"{base}/v2/models/http-keys/stats", headers={"x-api-key": key}
+            ) as response:
+                statistics = (response.status, await response.json())
         assert live_status == 200
         assert missing[0] == 401
         assert missing[1]["Grpc-Status"] == "UNAUTHENTICATED"
@@ -169,3 +178,6 @@ class TestKeysAndLimits:
         assert over[1]["Grpc-Status"] == "RESOURCE_EXHAUSTED"
         assert int(over[1]["Retry-After"]) >= 1
         assert "hana" in over[2]["error"]
+        # Outside every role's table, as over gRPC.
+        assert statistics[0] == 403
+        assert "is not open to any role" in statistics[1]["error"]

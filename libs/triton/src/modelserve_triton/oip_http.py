@@ -11,12 +11,15 @@ same way over both bindings, with the same words.
 
 Routes: `GET /v2/health/live`, `GET /v2/health/ready`, `GET /v2` (server metadata),
 `GET /v2/models/<name>[/versions/<version>]` (model metadata), `GET .../ready` (model
-ready) and `POST .../infer`. Liveness and readiness answer 200, or 400 for false, as the
+ready) and `POST .../infer`; and Triton's `GET .../config`, `GET [/v2/models/<name>...]/stats`
+and `POST /v2/repository/index`, answered as Triton answers them (protobuf's JSON mapping)
+where the servicer implements them, 501 where it does not. Liveness and readiness answer 200, or 400 for false, as the
 protocol says.
 """
 
 from __future__ import annotations
 
+import json
 import math
 import socket
 import ssl
@@ -27,11 +30,13 @@ from typing import Any
 import grpc
 import structlog
 from aiohttp import web
+from google.protobuf import json_format
 from google.rpc import error_details_pb2, status_pb2
 from grpc.aio import AbortError
 from opentelemetry import trace
 from tritonclient.grpc import service_pb2
 
+from modelserve_runtime.errors import InvalidArgumentError
 from modelserve_triton.oip_json import (
     HEADER_LENGTH,
     encode_infer,
@@ -231,6 +236,9 @@ class OipHttpServer:
             "ModelMetadata",
             "ModelReady",
             "ModelInfer",
+            "ModelConfig",
+            "ModelStatistics",
+            "RepositoryIndex",
         ):
             self._inner[name] = self._innermost(handlers, name)
         self._sock = sock
@@ -268,6 +276,13 @@ class OipHttpServer:
                 web.get("/v2/health/live", self._server_live),
                 web.get("/v2/health/ready", self._server_ready),
                 web.get("/v2", self._server_metadata),
+                # Before `models`, which would take "stats" for a model's name.
+                web.get("/v2/models/stats", self._model_statistics),
+                web.get(f"{models}/stats", self._model_statistics),
+                web.get(f"{versions}/stats", self._model_statistics),
+                web.get(f"{models}/config", self._model_config),
+                web.get(f"{versions}/config", self._model_config),
+                web.post("/v2/repository/index", self._repository_index),
                 web.get(models, self._model_metadata),
                 web.get(versions, self._model_metadata),
                 web.get(f"{models}/ready", self._model_ready),
@@ -354,6 +369,53 @@ class OipHttpServer:
         )
         return _flag(answer, "ready", extra={"name": name})
 
+    async def _model_config(self, request: web.Request) -> web.Response:
+        name, version = _model(request)
+        answer = await self._call(
+            request,
+            "ModelConfig",
+            lambda: service_pb2.ModelConfigRequest(name=name, version=version),
+        )
+        # As Triton answers: the configuration itself, in protobuf's JSON mapping.
+        return _json(answer, lambda response: _proto_json(response.config))
+
+    async def _model_statistics(self, request: web.Request) -> web.Response:
+        name = request.match_info.get("name", "")
+        version = request.match_info.get("version", "")
+        answer = await self._call(
+            request,
+            "ModelStatistics",
+            lambda: service_pb2.ModelStatisticsRequest(name=name, version=version),
+        )
+        return _json(answer, _proto_json)
+
+    async def _repository_index(self, request: web.Request) -> web.Response:
+        body = await request.read()
+
+        def build() -> Any:
+            ready = False
+            if body.strip():
+                try:
+                    document = json.loads(body)
+                except ValueError as exc:
+                    raise InvalidArgumentError.for_field(
+                        "body", f"expected a JSON object: {exc}"
+                    ) from None
+                if not isinstance(document, dict) or not isinstance(
+                    document.get("ready", False), bool
+                ):
+                    raise InvalidArgumentError.for_field(
+                        "body", 'expected {"ready": true or false}'
+                    )
+                ready = document.get("ready", False)
+            return service_pb2.RepositoryIndexRequest(ready=ready)
+
+        answer = await self._call(request, "RepositoryIndex", build)
+        if answer.response is None:
+            return _error(answer)
+        # As Triton answers: the list of models itself.
+        return web.json_response(_proto_json(answer.response).get("models", []))
+
     async def _model_infer(self, request: web.Request) -> web.Response:
         name, version = _model(request)
         body = await request.read()
@@ -377,6 +439,13 @@ class OipHttpServer:
             content_type="application/octet-stream",
             headers={HEADER_LENGTH: str(json_length)},
         )
+
+
+def _proto_json(message: Any) -> dict[str, Any]:
+    """A message in protobuf's JSON mapping, with the .proto's field names (as Triton's
+    HTTP endpoint writes them)."""
+    document: dict[str, Any] = json_format.MessageToDict(message, preserving_proto_field_name=True)
+    return document
 
 
 def _model(request: web.Request) -> tuple[str, str]:
