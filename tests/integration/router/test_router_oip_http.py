@@ -4,6 +4,8 @@ same API keys and rate limits, with the caller's trace continued."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -12,8 +14,18 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 import tritonclient.http.aio as triton_http
-from router_testing import V1, V2, Dependencies, deploy, records, router_settings
-from support import running
+from router_testing import (
+    V1,
+    V2,
+    WAIT_S,
+    Dependencies,
+    deploy,
+    records,
+    router_settings,
+    slow_in_triton,
+)
+from structlog.testing import capture_logs
+from support import eventually, running
 from tritonclient.http import InferInput
 
 from modelserve_demo import fraud
@@ -181,3 +193,45 @@ class TestKeysAndLimits:
         # Outside every role's table, as over gRPC.
         assert statistics[0] == 403
         assert "is not open to any role" in statistics[1]["error"]
+
+
+class TestCallerGone:
+    async def test_a_caller_that_hangs_up_cancels_its_call(
+        self, dependencies: Dependencies
+    ) -> None:
+        """A caller that closes its connection while Triton still holds its request ends
+        the router's call at once: it is logged CANCELLED (not answered or timed out later),
+        and its in-flight slot is free for the next caller."""
+        deps = dependencies
+        await deploy(deps, "http-gone", V1)
+        settings = router_settings(
+            deps, server={"http_port": 0}, endpoints={"http-gone": {"max_in_flight": 1}}
+        )
+        async with (
+            running(build_server, settings) as (server, _, app),
+            slow_in_triton(deps, V1, queue_delay_us=1_000_000),
+        ):
+            assert isinstance(app, RouterApp)
+            assert server.http is not None
+            url = f"http://127.0.0.1:{server.http.port}/v2/models/http-gone/infer"
+            with capture_logs() as logs:
+                async with aiohttp.ClientSession() as session:
+                    posting = asyncio.ensure_future(session.post(url, json=_body()))
+                    await eventually(
+                        lambda: app.predictor.in_flight("http-gone") == 1,
+                        "the request in flight",
+                        within_s=WAIT_S,
+                    )
+                    posting.cancel()
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await posting
+                # The session is closed: so is the connection.
+                await eventually(
+                    lambda: any(e["event"] == "rpc" for e in logs),
+                    "the call's rpc line",
+                    within_s=WAIT_S,
+                )
+            in_flight_after = app.predictor.in_flight("http-gone")
+        calls = [(e["method"], e["code"]) for e in logs if e["event"] == "rpc"]
+        assert calls == [("/inference.GRPCInferenceService/ModelInfer", "CANCELLED")]
+        assert in_flight_after == 0
