@@ -7,7 +7,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import Any, cast
 
 import aiohttp
 import numpy as np
@@ -28,9 +28,12 @@ from structlog.testing import capture_logs
 from support import eventually, running
 from tritonclient.http import InferInput
 
+from modelserve_cli.stack import free_port
 from modelserve_demo import fraud
 from modelserve_router.server import RouterApp, build_server
 from modelserve_runtime.auth import Role, new_api_key
+from modelserve_runtime.discovery import StaticDiscovery
+from modelserve_runtime.server import serve
 
 pytestmark = pytest.mark.triton
 
@@ -235,3 +238,70 @@ class TestCallerGone:
         calls = [(e["method"], e["code"]) for e in logs if e["event"] == "rpc"]
         assert calls == [("/inference.GRPCInferenceService/ModelInfer", "CANCELLED")]
         assert in_flight_after == 0
+
+
+async def _answers(session: aiohttp.ClientSession, url: str) -> bool:
+    try:
+        status, _, _ = await _post(session, url, _body())
+    except aiohttp.ClientError:
+        return False
+    return status == 200
+
+
+class TestStopping:
+    @pytest.mark.parametrize("grace_s", [5.0, 0.0])
+    async def test_a_stop_lets_calls_in_flight_finish_and_takes_no_new_ones(
+        self, dependencies: Dependencies, grace_s: float
+    ) -> None:
+        """A stop (SIGTERM's event) while Triton holds an HTTP call: within the grace period
+        the call is answered (with none, it is cut at once, as gRPC cuts its calls), the
+        service stops, and its HTTP port takes no connection after."""
+        deps = dependencies
+        await deploy(deps, "http-drain", V1)
+        http_port = free_port()
+        settings = router_settings(
+            deps,
+            server={"port": free_port(), "http_port": http_port, "grace_period_s": grace_s},
+            # A limit, so that the router counts the endpoint's calls in flight.
+            endpoints={"http-drain": {"max_in_flight": 4}},
+        )
+        stop = asyncio.Event()
+        apps: list[RouterApp] = []
+        url = f"http://127.0.0.1:{http_port}/v2/models/http-drain/infer"
+        async with slow_in_triton(deps, V1, queue_delay_us=700_000):
+            serving = asyncio.create_task(
+                serve(
+                    "router",
+                    settings,
+                    build_server,
+                    discovery=StaticDiscovery({}),
+                    stop_event=stop,
+                    on_serving=lambda app: apps.append(cast(RouterApp, app)),
+                )
+            )
+            try:
+                await eventually(lambda: bool(apps), "the router serving", within_s=WAIT_S)
+                async with aiohttp.ClientSession() as session:
+                    await eventually(
+                        lambda: _answers(session, url), "an answer for http-drain", within_s=WAIT_S
+                    )
+                    in_flight = asyncio.ensure_future(_post(session, url, _body()))
+                    await eventually(
+                        lambda: apps[0].predictor.in_flight("http-drain") == 1,
+                        "the call in flight",
+                        within_s=WAIT_S,
+                    )
+                    stop.set()
+                    answered = await asyncio.gather(in_flight, return_exceptions=True)
+                await asyncio.wait_for(serving, 30)
+            finally:
+                stop.set()
+                await asyncio.wait_for(serving, 30)
+        if grace_s:
+            ((status, _, answer),) = answered
+            assert (status, answer["model_version"]) == (200, "1"), answer
+        else:
+            assert isinstance(answered[0], aiohttp.ServerDisconnectedError), answered
+        with pytest.raises(aiohttp.ClientConnectionError):
+            async with aiohttp.ClientSession() as session:
+                await _post(session, url, _body())

@@ -244,7 +244,8 @@ class OipHttpServer:
         self._sock = sock
         self._ssl = ssl_context
         self._max_body_bytes = max_body_bytes
-        self._grace_s = grace_s
+        # aiohttp reads a timeout of 0 as none at all; gRPC's stop(0) cancels at once.
+        self._grace_s = max(grace_s, 0.001)
         self.port: int = sock.getsockname()[1]
         self._runner: web.AppRunner | None = None
 
