@@ -398,6 +398,11 @@ class KServeServer:
         """`host:port` of the gRPC v2 endpoint."""
         return f"127.0.0.1:{self.grpc_port}"
 
+    @property
+    def url(self) -> str:
+        """`http://host:port` of the REST v2 endpoint."""
+        return f"http://127.0.0.1:{self.http_port}"
+
     def start(self) -> None:
         """Starts the server process; `wait_ready` awaits it."""
         self.process.start()
@@ -532,6 +537,59 @@ class FastAPIClient:
                 raise BaselineError(f"POST /predict answered {response.status}: {payload[:200]!r}")
         answer = json.loads(payload)
         return np.asarray(answer["probabilities"], dtype=np.float64)
+
+    async def close(self) -> None:
+        """Closes the session and its connections."""
+        if self._session is not None:
+            await self._session.close()
+
+
+class OipRestClient:
+    """The Open Inference Protocol over HTTP/REST (KServe v2 JSON), one row a call, with
+    aiohttp over keep-alive connections: `POST <base>/v2/models/<model>/infer`, the row as JSON
+    values, as curl sends it."""
+
+    def __init__(self, base_url: str, model: str, rows: npt.NDArray[np.float32]) -> None:
+        self._url = f"{base_url}/v2/models/{model}/infer"
+        self._bodies = [
+            json.dumps(
+                {
+                    # KServe's REST endpoint wants an id to answer with (it has none to make).
+                    "id": f"row-{index}",
+                    "inputs": [
+                        {
+                            "name": fraud.INPUT_SPEC.name,
+                            "datatype": "FP32",
+                            "shape": [1, rows.shape[1]],
+                            "data": [float(v) for v in row],
+                        }
+                    ],
+                }
+            ).encode()
+            for index, row in enumerate(rows)
+        ]
+        self._headers = {"content-type": "application/json"}
+        self._session: aiohttp.ClientSession | None = None
+
+    async def open(self) -> None:
+        """Opens the session (inside the event loop that uses it)."""
+        self._session = aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(limit=0),
+            timeout=aiohttp.ClientTimeout(total=30),
+        )
+
+    async def infer(self, i: int) -> npt.NDArray[np.float32]:
+        """The class probabilities of row `i` (modulo the number of rows)."""
+        if self._session is None:
+            raise RuntimeError("OipRestClient.open() first")
+        body = self._bodies[i % len(self._bodies)]
+        async with self._session.post(self._url, data=body, headers=self._headers) as response:
+            payload = await response.read()
+            if response.status != 200:
+                raise BaselineError(f"{self._url} answered {response.status}: {payload[:200]!r}")
+        answer = json.loads(payload)
+        probabilities = next(o for o in answer["outputs"] if o["name"] == "probabilities")
+        return np.asarray(probabilities["data"], dtype=np.float32)
 
     async def close(self) -> None:
         """Closes the session and its connections."""

@@ -235,7 +235,10 @@ async def start_demo_stack(
     services = SERVICES if with_monitor else tuple(s for s in SERVICES if s != "monitor")
     stack = Stack(
         StackOptions(
-            run_dir=run_dir, env=stack_env(model_runner, feature_reader), services=services
+            run_dir=run_dir,
+            env=stack_env(model_runner, feature_reader),
+            services=services,
+            router_http_port=0,
         )
     )
     await stack.start()

@@ -6,12 +6,17 @@ first use, versions pinned and printed):
 
 - KServe ModelInfer (gRPC v2): KServe's Python ModelServer with a custom `kserve.Model`,
   driven with `tritonclient.grpc.aio` (the Open Inference Protocol, as the router calls Triton);
-- FastAPI POST /predict: FastAPI + uvicorn + joblib as a tutorial writes it, driven with aiohttp.
+- FastAPI POST /predict: FastAPI + uvicorn + joblib as a tutorial writes it, driven with aiohttp;
+- KServe REST v2 infer (JSON rows): the same ModelServer's HTTP endpoint, one row as JSON
+  values per `POST /v2/models/fraud/infer`, driven with aiohttp.
 
 Unless `--no-router`, it also starts the modelserve stack as `bench.py` does and measures the
 router's Predict for the same customers and amounts (the competitors get the very feature rows
 the router builds for them), unary and as a streaming caller would send them (`PredictStream`,
-one stream that every concurrent caller shares). For each concurrency every path runs for a fixed time after a
+one stream that every concurrent caller shares), and the same rows the competitors get,
+sent to the router's Open Inference Protocol over HTTP/REST as KServe's REST endpoint gets
+them (`router REST v2 infer (JSON rows)`: no feature read, the model call and the prediction
+log). For each concurrency every path runs for a fixed time after a
 warm-up; it prints p50/p95/p99, req/s, the router's ratios to each competitor and the issue's
 targets at concurrency 64. Every process it starts is stopped at the end, also on Ctrl-C.
 
@@ -56,6 +61,8 @@ ROUTER = "router Predict"
 ROUTER_STREAM = "router PredictStream (one stream)"
 KSERVE = "KServe ModelInfer (gRPC v2)"
 FASTAPI = "FastAPI POST /predict"
+ROUTER_REST = "router REST v2 infer (JSON rows)"
+KSERVE_REST = "KServe REST v2 infer (JSON rows)"
 
 #: Largest difference in a class probability allowed between a path's answer and the
 #: in-process pipeline's (the router's ONNX model and KServe answer in float32).
@@ -124,10 +131,18 @@ async def _run(
 
             calls[ROUTER_STREAM] = streamed
             answers[ROUTER_STREAM] = stream_answer
+            rest_base = f"http://127.0.0.1:{stack.router_http_port}"
         else:
             trained = fraud.train(seed=0)
         rows = baselines.feature_rows(requests, customers)
         expected = trained.predict_proba(rows)
+        if args.router:
+            # The endpoint over the Open Inference Protocol's HTTP binding, on the caller's
+            # rows (no feature read), as KServe's REST endpoint gets them below.
+            router_rest = baselines.OipRestClient(rest_base, "fraud", rows)
+            await router_rest.open()
+            exits.push_async_callback(router_rest.close)
+            calls[ROUTER_REST] = answers[ROUTER_REST] = router_rest.infer
         model_path = baselines.save_model(trained, work_dir)
 
         servers: list[Coroutine[Any, Any, None]] = []
@@ -149,6 +164,10 @@ async def _run(
             kserve = baselines.KServeClient(kserve_server.target, rows)
             exits.push_async_callback(kserve.close)
             calls[KSERVE] = answers[KSERVE] = kserve.infer
+            kserve_rest = baselines.OipRestClient(kserve_server.url, baselines.MODEL_NAME, rows)
+            await kserve_rest.open()
+            exits.push_async_callback(kserve_rest.close)
+            calls[KSERVE_REST] = answers[KSERVE_REST] = kserve_rest.infer
         if fastapi_server is not None:
             http = baselines.FastAPIClient(fastapi_server.url, bodies)
             await http.open()
@@ -238,6 +257,18 @@ def _print(
                 a, b = by[(ours, c)], by[(competitor, c)]
                 print(
                     f"| {ours} / {competitor} | {c} | {a.percentile(50) / b.percentile(50):.2f} |"
+                    f" {a.percentile(99) / b.percentile(99):.2f} | {a.rps / b.rps:.2f} |"
+                )
+    if (ROUTER_REST, args.concurrency[0]) in by:
+        # The same model call from rows over HTTP: the router's binding against the others'.
+        for competitor in (KSERVE_REST, FASTAPI):
+            if (competitor, args.concurrency[0]) not in by:
+                continue
+            for c in args.concurrency:
+                a, b = by[(ROUTER_REST, c)], by[(competitor, c)]
+                print(
+                    f"| {ROUTER_REST} / {competitor} | {c} |"
+                    f" {a.percentile(50) / b.percentile(50):.2f} |"
                     f" {a.percentile(99) / b.percentile(99):.2f} | {a.rps / b.rps:.2f} |"
                 )
     if 64 not in args.concurrency:

@@ -13,9 +13,10 @@ from pathlib import Path
 import aiohttp
 import grpc
 import pytest
-from tritonclient.grpc import service_pb2_grpc
+from tritonclient.grpc import service_pb2, service_pb2_grpc
 
 from modelserve_runtime.config import ConfigError, ServerSettings, ServiceSettings
+from modelserve_runtime.interceptors import ServiceInterceptor
 from modelserve_runtime.server import build_grpc_server
 
 
@@ -71,3 +72,32 @@ def test_a_service_without_the_protocol_is_refused(tmp_path: Path) -> None:
     )
     assert done.returncode == 2, done.stderr
     assert "the feature service does not serve the Open Inference Protocol" in done.stderr
+
+
+async def test_both_bindings_keep_their_wrapped_handlers() -> None:
+    """Calls over gRPC and over HTTP, in turn, each reuse their binding's wrapped handler:
+    neither evicts the other's, so no call pays for wrapping its handler again."""
+    built = build_grpc_server("inference", _settings(0), _register_protocol)
+    assert built.http is not None
+    await built.server.start()
+    await built.http.start()
+    interceptor = next(i for i in built.interceptors if isinstance(i, ServiceInterceptor))
+    live = "/inference.GRPCInferenceService/ServerLive"
+    seen = []
+    try:
+        async with (
+            aiohttp.ClientSession() as session,
+            grpc.aio.insecure_channel(f"127.0.0.1:{built.port}") as channel,
+        ):
+            stub = service_pb2_grpc.GRPCInferenceServiceStub(channel)
+            for _ in range(3):
+                async with session.get(f"http://127.0.0.1:{built.http.port}/v2/health/live"):
+                    pass
+                with pytest.raises(grpc.aio.AioRpcError):
+                    await stub.ServerLive(service_pb2.ServerLiveRequest())
+                seen.append({k: v[1] for k, v in interceptor._wrapped.items() if k[0] == live})
+    finally:
+        await built.http.stop()
+        await built.server.stop(0)
+    assert len(seen[0]) == 2
+    assert seen[0] == seen[1] == seen[2]

@@ -119,6 +119,10 @@ def _wrap(handler: Any, method: str, scope: Scope) -> Any:
     )
 
 
+#: Wrapped handlers an interceptor keeps (a few per method in practice).
+_MAX_WRAPPED = 4096
+
+
 class _ScopeInterceptor(grpc.aio.ServerInterceptor):
     """An interceptor whose work is an async context manager around each call."""
 
@@ -128,10 +132,10 @@ class _ScopeInterceptor(grpc.aio.ServerInterceptor):
         raise NotImplementedError
 
     def __init__(self) -> None:
-        # The wrapped handler of each method, kept while the handler below stays the same
-        # object (it does: services register their handlers once), so a call does not
-        # rebuild it.
-        self._wrapped: dict[str, tuple[Any, Any]] = {}
+        # The wrapped handler of each method and handler below (services register their
+        # handlers once; the HTTP binding has its own for the methods it serves), so a call
+        # does not rebuild it, and calls of the two bindings do not evict each other's.
+        self._wrapped: dict[tuple[str, int], tuple[Any, Any]] = {}
 
     async def intercept_service(
         self,
@@ -142,11 +146,15 @@ class _ScopeInterceptor(grpc.aio.ServerInterceptor):
         if handler is None:
             return handler
         method = handler_call_details.method
-        cached = self._wrapped.get(method)
+        key = (method, id(handler))
+        cached = self._wrapped.get(key)
         if cached is not None and cached[0] is handler:
             return cached[1]
         wrapped = _wrap(handler, method, self.scope)
-        self._wrapped[method] = (handler, wrapped)
+        if len(self._wrapped) >= _MAX_WRAPPED:
+            # Only a service making handlers per call gets here; it rewraps, as it must.
+            self._wrapped.clear()
+        self._wrapped[key] = (handler, wrapped)
         return wrapped
 
 

@@ -87,6 +87,8 @@ class GrpcServer:
     service_names: list[str]
     http: HttpBinding | None = None
     """The HTTP/REST binding, with `server.http_port` set."""
+    interceptors: Sequence[grpc.aio.ServerInterceptor] = ()
+    """The server interceptors, outermost first, which the HTTP binding runs too."""
 
     async def set_serving(self, serving: bool) -> None:
         """Sets the health of the server and of each hosted service."""
@@ -170,7 +172,12 @@ def build_grpc_server(
         else _http_binding(service, settings, names, recorder.handlers, interceptors)
     )
     return GrpcServer(
-        server=server, port=port, health=health_servicer, service_names=names, http=http
+        server=server,
+        port=port,
+        health=health_servicer,
+        service_names=names,
+        http=http,
+        interceptors=interceptors,
     )
 
 
