@@ -32,6 +32,7 @@ import aiohttp
 import joblib  # type: ignore[import-untyped]  # joblib ships no type hints
 import numpy as np
 import numpy.typing as npt
+from google.protobuf import json_format
 from tritonclient.grpc import InferInput, InferRequestedOutput
 from tritonclient.grpc.aio import InferenceServerClient
 from tritonclient.utils import InferenceServerException
@@ -40,6 +41,7 @@ from modelserve.router.v1 import router_service_pb2 as router_pb
 from modelserve_cli.stack import free_port
 from modelserve_demo import fraud
 from modelserve_features.request_time import RequestFacts
+from modelserve_runtime.convert import tensor_to_numpy
 
 #: The competitors' own packages, pinned; scikit-learn, numpy and joblib are pinned to what
 #: this interpreter has (the project's pins), so the pickled pipeline loads as it was saved.
@@ -595,6 +597,32 @@ class OipRestClient:
         """Closes the session and its connections."""
         if self._session is not None:
             await self._session.close()
+
+
+class PredictJsonClient(OipRestClient):
+    """The router's Predict over HTTP: `POST <base>/v1/endpoints/<endpoint>:predict` with
+    each PredictRequest as JSON (protobuf's mapping)."""
+
+    def __init__(
+        self, base_url: str, endpoint: str, requests: Sequence[router_pb.PredictRequest]
+    ) -> None:
+        self._url = f"{base_url}/v1/endpoints/{endpoint}:predict"
+        self._bodies = [json_format.MessageToJson(r, indent=None).encode() for r in requests]
+        self._headers = {"content-type": "application/json"}
+        self._session = None
+
+    async def infer(self, i: int) -> npt.NDArray[np.float32]:
+        """The class probabilities of request `i` (modulo the number of requests)."""
+        if self._session is None:
+            raise RuntimeError("PredictJsonClient.open() first")
+        body = self._bodies[i % len(self._bodies)]
+        async with self._session.post(self._url, data=body, headers=self._headers) as response:
+            payload = await response.read()
+            if response.status != 200:
+                raise BaselineError(f"{self._url} answered {response.status}: {payload[:200]!r}")
+        answer = json_format.Parse(payload, router_pb.PredictResponse())
+        tensor = next(o for o in answer.outputs if o.name == "probabilities")
+        return np.asarray(tensor_to_numpy(tensor), dtype=np.float32)
 
 
 def save_model(trained: fraud.TrainedModel, directory: Path) -> Path:

@@ -16,7 +16,9 @@ the router builds for them), unary and as a streaming caller would send them (`P
 one stream that every concurrent caller shares), and the same rows the competitors get,
 sent to the router's Open Inference Protocol over HTTP/REST as KServe's REST endpoint gets
 them (`router REST v2 infer (JSON rows)`: no feature read, the model call and the prediction
-log). For each concurrency every path runs for a fixed time after a
+log), and the Predict requests themselves as JSON on the same HTTP port (`router Predict over
+HTTP (JSON)`: features read as over gRPC). For each concurrency every path runs for a fixed
+time after a
 warm-up; it prints p50/p95/p99, req/s, the router's ratios to each competitor and the issue's
 targets at concurrency 64. Every process it starts is stopped at the end, also on Ctrl-C.
 
@@ -62,6 +64,7 @@ ROUTER_STREAM = "router PredictStream (one stream)"
 KSERVE = "KServe ModelInfer (gRPC v2)"
 FASTAPI = "FastAPI POST /predict"
 ROUTER_REST = "router REST v2 infer (JSON rows)"
+ROUTER_JSON = "router Predict over HTTP (JSON)"
 KSERVE_REST = "KServe REST v2 infer (JSON rows)"
 
 #: Largest difference in a class probability allowed between a path's answer and the
@@ -143,6 +146,11 @@ async def _run(
             await router_rest.open()
             exits.push_async_callback(router_rest.close)
             calls[ROUTER_REST] = answers[ROUTER_REST] = router_rest.infer
+            # Predict itself (features read from Redis) over the same HTTP port, as JSON.
+            predict_json = baselines.PredictJsonClient(rest_base, "fraud", requests)
+            await predict_json.open()
+            exits.push_async_callback(predict_json.close)
+            calls[ROUTER_JSON] = answers[ROUTER_JSON] = predict_json.infer
         model_path = baselines.save_model(trained, work_dir)
 
         servers: list[Coroutine[Any, Any, None]] = []
@@ -259,15 +267,17 @@ def _print(
                     f"| {ours} / {competitor} | {c} | {a.percentile(50) / b.percentile(50):.2f} |"
                     f" {a.percentile(99) / b.percentile(99):.2f} | {a.rps / b.rps:.2f} |"
                 )
-    if (ROUTER_REST, args.concurrency[0]) in by:
-        # The same model call from rows over HTTP: the router's binding against the others'.
-        for competitor in (KSERVE_REST, FASTAPI):
+    for ours in (ROUTER_REST, ROUTER_JSON):
+        # Over HTTP: the router's binding against the others'.
+        if (ours, args.concurrency[0]) not in by:
+            continue
+        for competitor in (KSERVE, KSERVE_REST, FASTAPI):
             if (competitor, args.concurrency[0]) not in by:
                 continue
             for c in args.concurrency:
-                a, b = by[(ROUTER_REST, c)], by[(competitor, c)]
+                a, b = by[(ours, c)], by[(competitor, c)]
                 print(
-                    f"| {ROUTER_REST} / {competitor} | {c} |"
+                    f"| {ours} / {competitor} | {c} |"
                     f" {a.percentile(50) / b.percentile(50):.2f} |"
                     f" {a.percentile(99) / b.percentile(99):.2f} | {a.rps / b.rps:.2f} |"
                 )

@@ -14,13 +14,16 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 import tritonclient.http.aio as triton_http
+from google.protobuf import json_format
 from router_testing import (
     V1,
     V2,
     WAIT_S,
     Dependencies,
     deploy,
+    probabilities,
     records,
+    request,
     router_settings,
     slow_in_triton,
 )
@@ -28,6 +31,8 @@ from structlog.testing import capture_logs
 from support import eventually, running
 from tritonclient.http import InferInput
 
+from modelserve.router.v1 import router_service_pb2 as router_pb
+from modelserve.router.v1 import router_service_pb2_grpc as router_grpc
 from modelserve_cli.stack import free_port
 from modelserve_demo import fraud
 from modelserve_router.server import RouterApp, build_server
@@ -305,3 +310,60 @@ class TestStopping:
         with pytest.raises(aiohttp.ClientConnectionError):
             async with aiohttp.ClientSession() as session:
                 await _post(session, url, _body())
+
+
+class TestPredictOverHttp:
+    async def test_predict_as_json(self, dependencies: Dependencies) -> None:
+        """`POST /v1/endpoints/<endpoint>:predict` with a PredictRequest as JSON (protobuf's
+        mapping) answers what the gRPC Predict answers for the same request, features read
+        from Redis; a bad body, an endpoint the path contradicts, a missing entity or a
+        missing key are refused with their fields named."""
+        deps = dependencies
+        await deploy(deps, "http-predict", V1)
+        key, record = new_api_key("ines", {Role.PREDICT}, n=TEST_SCRYPT_N)
+        settings = router_settings(
+            deps, server={"http_port": 0}, auth={"enabled": True, "keys": [record.model_dump()]}
+        )
+        predict = request("http-predict", customer="c-1003", amount=812.5)
+        body = json_format.MessageToDict(predict)
+        del body["endpoint"]
+        no_customer = {k: v for k, v in body.items() if k != "entities"}
+        async with (
+            running(build_server, settings) as (server, channel, _app),
+            aiohttp.ClientSession() as session,
+        ):
+            assert server.http is not None
+            url = f"http://127.0.0.1:{server.http.port}/v1/endpoints/http-predict:predict"
+            by_grpc = await router_grpc.RouterServiceStub(channel).Predict(
+                predict, metadata=(("x-api-key", key),)
+            )
+            answered = await _post(session, url, body, **{"x-api-key": key})
+            refusals = {
+                "not a PredictRequest": await _post(
+                    session, url, {"endpoint_id": "x"}, **{"x-api-key": key}
+                ),
+                "another endpoint": await _post(
+                    session, url, {**body, "endpoint": "elsewhere"}, **{"x-api-key": key}
+                ),
+                "no customer": await _post(session, url, no_customer, **{"x-api-key": key}),
+                "no key": await _post(session, url, body),
+            }
+        status, _, answer = answered
+        assert status == 200, answer
+        by_http = json_format.ParseDict(answer, router_pb.PredictResponse())
+        assert (by_http.model_version, by_http.route_reason) == (V1, "single_target")
+        np.testing.assert_allclose(probabilities(by_http), probabilities(by_grpc), atol=1e-6)
+        assert len(by_http.request_id) == 32 and by_http.request_id != by_grpc.request_id
+        codes = {what: (r[0], r[2]["error"]) for what, r in refusals.items()}
+        assert codes["not a PredictRequest"][0] == 400
+        assert (
+            "body: expected modelserve.router.v1.PredictRequest as JSON"
+            in (codes["not a PredictRequest"][1])
+        )
+        assert codes["another endpoint"] == (
+            400,
+            "endpoint: the path says 'http-predict', the body 'elsewhere'",
+        )
+        assert codes["no customer"][0] == 400
+        assert "entities.customer" in codes["no customer"][1]
+        assert codes["no key"][0] == 401

@@ -14,7 +14,7 @@ import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol, TypeVar, cast
+from typing import TYPE_CHECKING, Protocol, TypeVar, cast
 
 import grpc
 import structlog
@@ -35,6 +35,9 @@ from modelserve_runtime.parent_death import ask_to_die_with_parent
 from modelserve_runtime.tracing import configure_tracing
 from modelserve_runtime.waiting import cancel_all
 from modelserve_runtime.worker_metrics import WorkerMetrics
+
+if TYPE_CHECKING:
+    from modelserve_triton.oip_http import JsonRoute
 
 log = structlog.get_logger()
 
@@ -120,11 +123,14 @@ def build_grpc_server(
     register: Callable[[grpc.aio.Server], Sequence[str]],
     *,
     inner_interceptors: Sequence[grpc.aio.ServerInterceptor] = (),
+    http_routes: Sequence[JsonRoute] = (),
 ) -> GrpcServer:
     """Creates the server with the standard interceptors, health and reflection, bound to its port.
 
     `register` adds the servicers and returns their full service names;
     `inner_interceptors` (authentication) run innermost, after the error interceptor.
+    With `server.http_port` set, the Open Inference Protocol's HTTP binding also serves
+    `http_routes` (unary methods as JSON).
     With `server.tls` set the port speaks only TLS (mutual TLS with `client_ca_file`).
     """
     options = [
@@ -169,7 +175,7 @@ def build_grpc_server(
     http = (
         None
         if settings.server.http_port is None
-        else _http_binding(service, settings, names, recorder.handlers, interceptors)
+        else _http_binding(service, settings, names, recorder.handlers, interceptors, http_routes)
     )
     return GrpcServer(
         server=server,
@@ -203,6 +209,7 @@ def _http_binding(
     names: Sequence[str],
     handlers: Sequence[grpc.GenericRpcHandler],
     interceptors: Sequence[grpc.aio.ServerInterceptor],
+    json_routes: Sequence[JsonRoute],
 ) -> HttpBinding:
     """The Open Inference Protocol's HTTP/REST binding over the registered handlers, bound
     to `server.http_port`; ConfigError for a service without the protocol or a port taken."""
@@ -234,6 +241,7 @@ def _http_binding(
         max_body_bytes=settings.server.max_message_bytes,
         grace_s=settings.server.grace_period_s,
         ssl_context=context,
+        json_routes=json_routes,
     )
 
 

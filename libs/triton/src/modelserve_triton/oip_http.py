@@ -195,6 +195,21 @@ class _Answer:
     trailing: tuple[tuple[str, str | bytes], ...]
 
 
+@dataclass(frozen=True, slots=True)
+class JsonRoute:
+    """A unary gRPC method of the service served on the HTTP binding as JSON (protobuf's JSON
+    mapping, as grpc-gateway and grpcurl write it): `POST <path>` with the request message
+    as the body, the answer message as JSON. Path parameters (`{endpoint}`) set the request
+    field of the same name; the body may repeat one only with the same value."""
+
+    path: str
+    """aiohttp's path pattern, e.g. `/v1/endpoints/{endpoint}:predict`."""
+    method: str
+    """The full gRPC method, e.g. `/modelserve.router.v1.RouterService/Predict`."""
+    request_type: Any
+    """The request message class."""
+
+
 def server_ssl_context(cert_file: str, key_file: str, client_ca_file: str | None) -> ssl.SSLContext:
     """TLS for the HTTP port from the gRPC port's files: the same certificate, and with a
     client CA the same demand for a client certificate signed by it."""
@@ -226,6 +241,7 @@ class OipHttpServer:
         max_body_bytes: int,
         grace_s: float,
         ssl_context: ssl.SSLContext | None = None,
+        json_routes: Sequence[JsonRoute] = (),
     ) -> None:
         self._interceptors = tuple(interceptors)
         self._inner: dict[str, Any] = {}
@@ -240,7 +256,10 @@ class OipHttpServer:
             "ModelStatistics",
             "RepositoryIndex",
         ):
-            self._inner[name] = self._innermost(handlers, name)
+            self._inner[f"/{SERVICE}/{name}"] = self._innermost(handlers, f"/{SERVICE}/{name}")
+        self._json_routes = tuple(json_routes)
+        for route in self._json_routes:
+            self._inner[route.method] = self._innermost(handlers, route.method)
         self._sock = sock
         self._ssl = ssl_context
         self._max_body_bytes = max_body_bytes
@@ -250,8 +269,7 @@ class OipHttpServer:
         self._runner: web.AppRunner | None = None
 
     @staticmethod
-    def _innermost(handlers: Sequence[grpc.GenericRpcHandler], name: str) -> Any:
-        method = f"/{SERVICE}/{name}"
+    def _innermost(handlers: Sequence[grpc.GenericRpcHandler], method: str) -> Any:
         for generic in handlers:
             handler = generic.service(_CallDetails(method, ()))
             if handler is not None:
@@ -290,6 +308,7 @@ class OipHttpServer:
                 web.get(f"{versions}/ready", self._model_ready),
                 web.post(f"{models}/infer", self._model_infer),
                 web.post(f"{versions}/infer", self._model_infer),
+                *(web.post(r.path, self._json_route_handler(r)) for r in self._json_routes),
             ]
         )
         runner = web.AppRunner(
@@ -321,7 +340,7 @@ class OipHttpServer:
         peername = request.transport.get_extra_info("peername") if request.transport else None
         peer = f"ipv4:{peername[0]}:{peername[1]}" if peername else "unknown"
         context = HttpCallContext(metadata, peer, _certificate_cn(request))
-        details = _CallDetails(f"/{SERVICE}/{name}", metadata)
+        details = _CallDetails(name if name.startswith("/") else f"/{SERVICE}/{name}", metadata)
         handler = await self._intercepted(iter(self._interceptors), details)
         try:
             response = await handler.unary_unary(_Pending(build, render), context)
@@ -335,7 +354,7 @@ class OipHttpServer:
     ) -> Any:
         interceptor = next(interceptors, None)
         if interceptor is None:
-            return self._inner[details.method.rpartition("/")[2]]
+            return self._inner[details.method]
 
         async def continuation(call_details: Any) -> Any:
             return await self._intercepted(interceptors, call_details)
@@ -369,6 +388,43 @@ class OipHttpServer:
             request, "ModelReady", lambda: service_pb2.ModelReadyRequest(name=name, version=version)
         )
         return _flag(answer, "ready", extra={"name": name})
+
+    def _json_route_handler(
+        self, route: JsonRoute
+    ) -> Callable[[web.Request], Awaitable[web.Response]]:
+        async def handle(request: web.Request) -> web.Response:
+            body = await request.read()
+            path_fields = dict(request.match_info)
+
+            def build() -> Any:
+                message = route.request_type()
+                if body.strip():
+                    try:
+                        json_format.Parse(body, message)
+                    except (json_format.ParseError, UnicodeDecodeError) as exc:
+                        raise InvalidArgumentError.for_field(
+                            "body", f"expected {message.DESCRIPTOR.full_name} as JSON: {exc}"
+                        ) from None
+                for field, value in path_fields.items():
+                    sent = getattr(message, field)
+                    if sent and sent != value:
+                        raise InvalidArgumentError.for_field(
+                            field, f"the path says {value!r}, the body {sent!r}"
+                        )
+                    setattr(message, field, value)
+                return message
+
+            answer = await self._call(
+                request,
+                route.method,
+                build,
+                lambda response: json_format.MessageToJson(response, indent=None).encode(),
+            )
+            if answer.response is None:
+                return _error(answer)
+            return web.Response(body=answer.response, content_type="application/json")
+
+        return handle
 
     async def _model_config(self, request: web.Request) -> web.Response:
         name, version = _model(request)

@@ -42,6 +42,7 @@ from modelserve_runtime.errors import UnavailableError
 from modelserve_runtime.prediction_log import PredictionLogWriter
 from modelserve_runtime.redis_connect import RedisClient, connect, ping
 from modelserve_runtime.server import GrpcServer, build_grpc_server, run_service
+from modelserve_triton.oip_http import JsonRoute
 
 SERVICE = "router"
 
@@ -241,7 +242,16 @@ async def build_server(settings: RouterSettings) -> tuple[GrpcServer, RouterApp]
         direct,
         prediction_log_flush_timeout_s=settings.prediction_log_flush_timeout_s,
     )
-    return build_grpc_server(SERVICE, settings, register, inner_interceptors=auth), app
+    # Predict over HTTP too (JSON), beside the Open Inference Protocol, with SERVER__HTTP_PORT.
+    predict_json = JsonRoute(
+        "/v1/endpoints/{endpoint}:predict",
+        f"/{pb.DESCRIPTOR.services_by_name['RouterService'].full_name}/Predict",
+        pb.PredictRequest,
+    )
+    server = build_grpc_server(
+        SERVICE, settings, register, inner_interceptors=auth, http_routes=[predict_json]
+    )
+    return server, app
 
 
 def main() -> None:
