@@ -244,20 +244,23 @@ async def unloaded(deps: Dependencies, version: str) -> AsyncIterator[None]:
 async def slow_in_triton(
     deps: Dependencies, model_version: str, *, queue_delay_us: int
 ) -> AsyncIterator[None]:
-    """Makes Triton hold every request to `model_version`'s model up to `queue_delay_us` (its
-    dynamic batcher waits that long for a batch that never fills), behind inference's back;
-    the delay is taken off on the way out."""
+    """Makes Triton hold every request to `model_version`'s model (all its versions) up to
+    `queue_delay_us` (its dynamic batcher waits that long for a batch that never fills),
+    behind inference's back; the delay is taken off on the way out."""
     model_id = model_version.split("/")[1]
 
     def slow(config: dict[str, Any]) -> dict[str, Any]:
         config.setdefault("dynamic_batching", {})["max_queue_delay_microseconds"] = queue_delay_us
         return config
 
-    before = await _reload_in_triton(deps, model_id, [model_version], slow)
+    # Every version Triton holds of the model, or the reload would drop the others.
+    versions = [v for v in (V1, V2) if v.split("/")[1] == model_id and v != model_version]
+    versions.append(model_version)
+    before = await _reload_in_triton(deps, model_id, versions, slow)
     try:
         yield
     finally:
-        await _reload_in_triton(deps, model_id, [model_version], lambda _: before)
+        await _reload_in_triton(deps, model_id, versions, lambda _: before)
 
 
 async def _version_stats(deps: Dependencies, version: str) -> dict[str, Any]:
