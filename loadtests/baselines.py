@@ -581,14 +581,17 @@ class OipRestClient:
         )
 
     async def infer(self, i: int) -> npt.NDArray[np.float32]:
-        """The class probabilities of row `i` (modulo the number of rows)."""
+        """The class probabilities of request `i` (modulo the number of requests)."""
         if self._session is None:
-            raise RuntimeError("OipRestClient.open() first")
+            raise RuntimeError("open() first")
         body = self._bodies[i % len(self._bodies)]
         async with self._session.post(self._url, data=body, headers=self._headers) as response:
             payload = await response.read()
             if response.status != 200:
                 raise BaselineError(f"{self._url} answered {response.status}: {payload[:200]!r}")
+        return self._probabilities(payload)
+
+    def _probabilities(self, payload: bytes) -> npt.NDArray[np.float32]:
         answer = json.loads(payload)
         probabilities = next(o for o in answer["outputs"] if o["name"] == "probabilities")
         return np.asarray(probabilities["data"], dtype=np.float32)
@@ -611,15 +614,7 @@ class PredictJsonClient(OipRestClient):
         self._headers = {"content-type": "application/json"}
         self._session = None
 
-    async def infer(self, i: int) -> npt.NDArray[np.float32]:
-        """The class probabilities of request `i` (modulo the number of requests)."""
-        if self._session is None:
-            raise RuntimeError("PredictJsonClient.open() first")
-        body = self._bodies[i % len(self._bodies)]
-        async with self._session.post(self._url, data=body, headers=self._headers) as response:
-            payload = await response.read()
-            if response.status != 200:
-                raise BaselineError(f"{self._url} answered {response.status}: {payload[:200]!r}")
+    def _probabilities(self, payload: bytes) -> npt.NDArray[np.float32]:
         answer = json_format.Parse(payload, router_pb.PredictResponse())
         tensor = next(o for o in answer.outputs if o.name == "probabilities")
         return np.asarray(tensor_to_numpy(tensor), dtype=np.float32)

@@ -26,7 +26,7 @@ from tritonclient.grpc import service_pb2
 from tritonclient.utils import serialize_byte_tensor, triton_to_np_dtype
 
 from modelserve_runtime.errors import InvalidArgumentError
-from modelserve_triton.oip import decode_raw
+from modelserve_triton.oip import CONTENTS_FIELD, decode_raw, encode_raw
 
 #: The header that says how many bytes of the body are JSON (the rest is raw tensor bytes).
 HEADER_LENGTH = "Inference-Header-Content-Length"
@@ -305,27 +305,13 @@ def _values(datatype: str, shape: Sequence[int], raw: bytes, field: str) -> list
 
 def _typed_raw(output: Any) -> bytes:
     """An output's typed contents (which no Triton answer uses, but a servicer may) as raw."""
-    field = {
-        "BOOL": "bool_contents",
-        "INT8": "int_contents",
-        "INT16": "int_contents",
-        "INT32": "int_contents",
-        "INT64": "int64_contents",
-        "UINT8": "uint_contents",
-        "UINT16": "uint_contents",
-        "UINT32": "uint_contents",
-        "UINT64": "uint64_contents",
-        "FP32": "fp32_contents",
-        "FP64": "fp64_contents",
-        "BYTES": "bytes_contents",
-    }.get(output.datatype)
+    field = CONTENTS_FIELD.get(output.datatype)
     if field is None:
         return b""
     values = list(getattr(output.contents, field))
     if output.datatype == "BYTES":
-        array = np.array(values, dtype=np.object_)
-        return bytes(serialize_byte_tensor(array).item()) if values else b""
-    return np.array(values, dtype=np.dtype(triton_to_np_dtype(output.datatype))).tobytes()
+        return encode_raw(np.array(values, dtype=np.object_))
+    return encode_raw(np.array(values, dtype=np.dtype(triton_to_np_dtype(output.datatype))))
 
 
 def encode_infer(response: Any, parsed: ParsedInfer) -> tuple[bytes, int | None]:
