@@ -528,15 +528,18 @@ class FastAPIClient:
             timeout=aiohttp.ClientTimeout(total=30),
         )
 
-    async def infer(self, i: int) -> npt.NDArray[np.float64]:
-        """The class probabilities of row `i` (modulo the number of rows)."""
+    async def infer(self, i: int) -> npt.NDArray[Any]:
+        """The class probabilities of request `i` (modulo the number of requests)."""
         if self._session is None:
-            raise RuntimeError("FastAPIClient.open() first")
+            raise RuntimeError("open() first")
         body = self._bodies[i % len(self._bodies)]
         async with self._session.post(self._url, data=body, headers=self._headers) as response:
             payload = await response.read()
             if response.status != 200:
-                raise BaselineError(f"POST /predict answered {response.status}: {payload[:200]!r}")
+                raise BaselineError(f"{self._url} answered {response.status}: {payload[:200]!r}")
+        return self._probabilities(payload)
+
+    def _probabilities(self, payload: bytes) -> npt.NDArray[Any]:
         answer = json.loads(payload)
         return np.asarray(answer["probabilities"], dtype=np.float64)
 
@@ -546,14 +549,13 @@ class FastAPIClient:
             await self._session.close()
 
 
-class OipRestClient:
+class OipRestClient(FastAPIClient):
     """The Open Inference Protocol over HTTP/REST (KServe v2 JSON), one row a call, with
     aiohttp over keep-alive connections: `POST <base>/v2/models/<model>/infer`, the row as JSON
     values, as curl sends it."""
 
     def __init__(self, base_url: str, model: str, rows: npt.NDArray[np.float32]) -> None:
-        self._url = f"{base_url}/v2/models/{model}/infer"
-        self._bodies = [
+        bodies = [
             json.dumps(
                 {
                     # KServe's REST endpoint wants an id to answer with (it has none to make).
@@ -570,49 +572,23 @@ class OipRestClient:
             ).encode()
             for index, row in enumerate(rows)
         ]
-        self._headers = {"content-type": "application/json"}
-        self._session: aiohttp.ClientSession | None = None
-
-    async def open(self) -> None:
-        """Opens the session (inside the event loop that uses it)."""
-        self._session = aiohttp.ClientSession(
-            connector=aiohttp.TCPConnector(limit=0),
-            timeout=aiohttp.ClientTimeout(total=30),
-        )
-
-    async def infer(self, i: int) -> npt.NDArray[np.float32]:
-        """The class probabilities of request `i` (modulo the number of requests)."""
-        if self._session is None:
-            raise RuntimeError("open() first")
-        body = self._bodies[i % len(self._bodies)]
-        async with self._session.post(self._url, data=body, headers=self._headers) as response:
-            payload = await response.read()
-            if response.status != 200:
-                raise BaselineError(f"{self._url} answered {response.status}: {payload[:200]!r}")
-        return self._probabilities(payload)
+        super().__init__(f"{base_url}/v2/models/{model}/infer", bodies)
 
     def _probabilities(self, payload: bytes) -> npt.NDArray[np.float32]:
         answer = json.loads(payload)
         probabilities = next(o for o in answer["outputs"] if o["name"] == "probabilities")
         return np.asarray(probabilities["data"], dtype=np.float32)
 
-    async def close(self) -> None:
-        """Closes the session and its connections."""
-        if self._session is not None:
-            await self._session.close()
 
-
-class PredictJsonClient(OipRestClient):
+class PredictJsonClient(FastAPIClient):
     """The router's Predict over HTTP: `POST <base>/v1/endpoints/<endpoint>:predict` with
     each PredictRequest as JSON (protobuf's mapping)."""
 
     def __init__(
         self, base_url: str, endpoint: str, requests: Sequence[router_pb.PredictRequest]
     ) -> None:
-        self._url = f"{base_url}/v1/endpoints/{endpoint}:predict"
-        self._bodies = [json_format.MessageToJson(r, indent=None).encode() for r in requests]
-        self._headers = {"content-type": "application/json"}
-        self._session = None
+        bodies = [json_format.MessageToJson(r, indent=None).encode() for r in requests]
+        super().__init__(f"{base_url}/v1/endpoints/{endpoint}:predict", bodies)
 
     def _probabilities(self, payload: bytes) -> npt.NDArray[np.float32]:
         answer = json_format.Parse(payload, router_pb.PredictResponse())
