@@ -15,6 +15,9 @@ import grpc
 import numpy as np
 import onnxruntime as ort
 import pytest
+from connectrpc.method import IdempotencyLevel, MethodInfo
+from google.protobuf import message_factory
+from google.protobuf.descriptor import ServiceDescriptor
 
 from modelserve.router.v1 import router_service_pb2 as router_pb
 from modelserve_cli.demo import DemoDeployment
@@ -24,6 +27,18 @@ from modelserve_runtime.channels import create_channel
 from modelserve_runtime.server import GrpcServer, ServiceApp
 
 S = TypeVar("S")
+
+
+def connect_method(service: ServiceDescriptor, name: str) -> MethodInfo[Any, Any]:
+    """connect-python's description of one method, from the protos (no generated client)."""
+    method = service.methods_by_name[name]
+    return MethodInfo(
+        name=name,
+        service_name=service.full_name,
+        input=message_factory.GetMessageClass(method.input_type),
+        output=message_factory.GetMessageClass(method.output_type),
+        idempotency_level=IdempotencyLevel.UNKNOWN,
+    )
 
 
 @asynccontextmanager

@@ -1,14 +1,10 @@
-"""The Open Inference Protocol's HTTP binding as `build_grpc_server` makes it from the
-handlers a service registers: only where the protocol is served, on a port of its own."""
+"""The HTTP port as `build_grpc_server` makes it from the handlers a service registers: the
+Open Inference Protocol only where the protocol is served, Connect everywhere."""
 
 from __future__ import annotations
 
-import os
 import socket
-import subprocess
-import sys
 from collections.abc import Sequence
-from pathlib import Path
 
 import aiohttp
 import grpc
@@ -58,20 +54,30 @@ async def test_a_taken_port_fails_the_start_naming_the_setting() -> None:
             build_grpc_server("inference", _settings(port), _register_protocol)
 
 
-def test_a_service_without_the_protocol_is_refused(tmp_path: Path) -> None:
-    """The feature service with an HTTP port set exits 2 saying which services have one."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MODELSERVE_")}
-    env["MODELSERVE_FEATURE_SERVER__HTTP_PORT"] = "0"
-    done = subprocess.run(
-        [str(Path(sys.executable).parent / "modelserve-feature")],
-        env=env,
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-    assert done.returncode == 2, done.stderr
-    assert "the feature service does not serve the Open Inference Protocol" in done.stderr
+async def test_a_service_without_the_protocol_serves_connect_only() -> None:
+    """A service that does not host the Open Inference Protocol gets an HTTP port too, with
+    Connect only: its /v2 routes are unknown, and the answer says what the port speaks."""
+    built = build_grpc_server("feature", _settings(0), lambda server: [])
+    assert built.http is not None
+    await built.http.start()
+    base = f"http://127.0.0.1:{built.http.port}"
+    try:
+        async with aiohttp.ClientSession() as session:
+            async with session.get(f"{base}/v2/health/live") as response:
+                unknown = (response.status, await response.json())
+            async with session.post(
+                f"{base}/grpc.health.v1.Health/Check",
+                json={},
+                headers={"Connect-Protocol-Version": "1"},
+            ) as response:
+                health = (response.status, await response.json())
+    finally:
+        await built.http.stop()
+    assert unknown[0] == 404
+    assert "this port speaks Connect (POST /<package.Service>/<Method>" in unknown[1]["error"]
+    assert "Open Inference Protocol" not in unknown[1]["error"]
+    # Health starts SERVING in grpcio's servicer until the service says otherwise.
+    assert health == (200, {"status": "SERVING"})
 
 
 async def test_both_bindings_keep_their_wrapped_handlers() -> None:

@@ -148,11 +148,13 @@ class ServerSettings(BaseModel):
     port: int = Field(default=0, ge=0, le=65535)
     """Port to bind; 0 picks a free one (tests)."""
     http_port: int | None = Field(default=None, ge=0, le=65535)
-    """Port of the Open Inference Protocol's HTTP/REST binding (KServe v2 JSON, with Triton's
-    binary tensor extension), on the services that serve the protocol (router, inference):
-    health, metadata, model ready and infer, through the same checks, API keys, tracing, logs
-    and metrics as its gRPC binding, on `host`, with the same TLS. None: gRPC only; 0 picks
-    a free one. With several `workers` it must be fixed (not 0), as `port`."""
+    """Port of the service's HTTP/1.1 front door: every RPC of the service over the Connect
+    protocol (`POST /<package.Service>/<Method>`, JSON or protobuf bodies), and on the
+    services that serve the Open Inference Protocol (router, inference) its HTTP/REST
+    binding (KServe v2 JSON, with Triton's binary tensor extension); through the same
+    checks, API keys, tracing, logs and metrics as the gRPC port, on `host`, with the same
+    TLS. None: gRPC only; 0 picks a free one. With several `workers` it must be fixed (not
+    0), as `port`."""
     grace_period_s: float = Field(default=10.0, ge=0)
     """On SIGTERM, how long in-flight RPCs may run before they are cancelled."""
     max_message_bytes: int = Field(default=4 * 1024 * 1024, ge=1024)

@@ -46,7 +46,9 @@ SettingsT = TypeVar("SettingsT", bound=ServiceSettings)
 #: How a service that cannot bind its port starts its one-line error (the local stack looks
 #: for it to move the service to another port).
 CANNOT_BIND = "server.port: cannot bind"
-#: The same for the HTTP binding's port (`server.http_port`).
+#: The Open Inference Protocol's gRPC service: a service hosting it serves its REST binding too.
+_OIP_SERVICE = "inference.GRPCInferenceService"
+#: The same for the HTTP port (`server.http_port`).
 CANNOT_BIND_HTTP = "server.http_port: cannot bind"
 
 
@@ -68,8 +70,8 @@ class ServiceApp(Protocol):
 
 
 class HttpBinding(Protocol):
-    """A second front door beside the gRPC port (the Open Inference Protocol's HTTP/REST
-    binding), bound when built, serving once started."""
+    """A second front door beside the gRPC port (HTTP/1.1: Connect, and the Open Inference
+    Protocol's REST binding), bound when built, serving once started."""
 
     port: int
 
@@ -129,8 +131,9 @@ def build_grpc_server(
 
     `register` adds the servicers and returns their full service names;
     `inner_interceptors` (authentication) run innermost, after the error interceptor.
-    With `server.http_port` set, the Open Inference Protocol's HTTP binding also serves
-    `http_routes` (unary methods as JSON).
+    With `server.http_port` set, the HTTP port serves every method over Connect, and on a
+    service with the Open Inference Protocol its REST binding and `http_routes` (unary
+    methods as JSON).
     With `server.tls` set the port speaks only TLS (mutual TLS with `client_ca_file`).
     """
     options = [
@@ -152,7 +155,7 @@ def build_grpc_server(
     recorder = _HandlerRecorder(server)
     names = list(register(cast(grpc.aio.Server, recorder)))
     health_servicer = health.aio.HealthServicer()
-    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, cast(grpc.aio.Server, recorder))
     reflection.enable_server_reflection(
         [*names, health.SERVICE_NAME, reflection.SERVICE_NAME], server
     )
@@ -175,7 +178,7 @@ def build_grpc_server(
     http = (
         None
         if settings.server.http_port is None
-        else _http_binding(service, settings, names, recorder.handlers, interceptors, http_routes)
+        else _http_binding(settings, names, recorder.handlers, interceptors, http_routes)
     )
     return GrpcServer(
         server=server,
@@ -204,23 +207,18 @@ class _HandlerRecorder:
 
 
 def _http_binding(
-    service: str,
     settings: ServiceSettings,
     names: Sequence[str],
     handlers: Sequence[grpc.GenericRpcHandler],
     interceptors: Sequence[grpc.aio.ServerInterceptor],
     json_routes: Sequence[JsonRoute],
 ) -> HttpBinding:
-    """The Open Inference Protocol's HTTP/REST binding over the registered handlers, bound
-    to `server.http_port`; ConfigError for a service without the protocol or a port taken."""
-    # Imported here: only the services that serve the protocol over HTTP need aiohttp.
-    from modelserve_triton.oip_http import SERVICE, OipHttpServer, bind, server_ssl_context
+    """The service's HTTP port (`server.http_port`): Connect for every hosted service (health
+    included), and the Open Inference Protocol's REST binding with `json_routes` where the
+    service serves the protocol; ConfigError for a port taken."""
+    from modelserve_runtime.connect import ConnectRoutes, service_methods
+    from modelserve_runtime.http_binding import HttpServer, bind, server_ssl_context
 
-    if SERVICE not in names:
-        raise ConfigError(
-            f"server.http_port: the {service} service does not serve the Open Inference"
-            " Protocol; only router and inference have an HTTP binding"
-        )
     host, port = settings.server.host, settings.server.http_port or 0
     try:
         sock = bind(host, port, reuse_port=settings.server.workers > 1)
@@ -234,15 +232,23 @@ def _http_binding(
             str(tls.key_file),
             None if tls.client_ca_file is None else str(tls.client_ca_file),
         )
-    return OipHttpServer(
+    server = HttpServer(
         handlers,
         interceptors,
         sock,
         max_body_bytes=settings.server.max_message_bytes,
         grace_s=settings.server.grace_period_s,
         ssl_context=context,
-        json_routes=json_routes,
     )
+    if _OIP_SERVICE in names:
+        # Imported here: only the services that serve the protocol need tritonclient.
+        from modelserve_triton.oip_http import OipRoutes
+
+        oip = OipRoutes(server, json_routes)
+        server.add_routes(oip.routes(), oip.speaks())
+    connect = ConnectRoutes(server, service_methods([*names, health.SERVICE_NAME]))
+    server.add_routes(connect.routes(), connect.speaks())
+    return server
 
 
 def _tls_mode(tls: ServerTlsSettings) -> str:
