@@ -1,12 +1,14 @@
 // Calls the router from Node.js through clients generated from protos/ (see README.md here):
-// one Predict, or the same request N times down one PredictStream. Prints each answer as one
-// line of protobuf JSON; a refusal as {"error": ...} with its code, reason and bad fields
-// decoded from the gRPC status details, and exits 1.
+// one Predict, or the same request N times down one PredictStream, over gRPC (the router's
+// port) or over the Connect protocol (`--protocol connect`: its HTTP port, SERVER__HTTP_PORT;
+// protobuf bodies, or JSON with --json). Prints each answer as one line of protobuf JSON; a
+// refusal as {"error": ...} with its code, reason and bad fields decoded from the status
+// details, and exits 1.
 import { readFileSync } from "node:fs";
 import { parseArgs } from "node:util";
 import { create, fromJson, toJson } from "@bufbuild/protobuf";
 import { Code, ConnectError, createClient } from "@connectrpc/connect";
-import { createGrpcTransport } from "@connectrpc/connect-node";
+import { createConnectTransport, createGrpcTransport } from "@connectrpc/connect-node";
 import {
   BadRequestSchema,
   ErrorInfoSchema,
@@ -26,6 +28,8 @@ const { values: args } = parseArgs({
     stream: { type: "string" },
     "api-key": { type: "string", default: process.env.MODELSERVE_API_KEY ?? "" },
     "timeout-ms": { type: "string", default: "2000" },
+    protocol: { type: "string", default: "grpc" },
+    json: { type: "boolean", default: false },
     // TLS to a router serving it (SERVER__TLS__*): the CA to trust, and for mutual TLS a
     // client certificate and key; the server name checked when it differs from the target's.
     "ca-file": { type: "string" },
@@ -34,10 +38,10 @@ const { values: args } = parseArgs({
     "server-name": { type: "string" },
   },
 });
-if (!args.request) {
+if (!args.request || !["grpc", "connect"].includes(args.protocol)) {
   console.error(
     "usage: node predict.mjs --request '<PredictRequest as JSON>' [--stream N] " +
-      "[--target host:port] [--api-key KEY] [--timeout-ms MS] " +
+      "[--target host:port] [--api-key KEY] [--timeout-ms MS] [--protocol grpc|connect [--json]] " +
       "[--ca-file PEM [--cert-file PEM --key-file PEM] [--server-name NAME]]",
   );
   process.exit(2);
@@ -45,19 +49,27 @@ if (!args.request) {
 
 const tls = args["ca-file"] !== undefined;
 const read = (path) => (path === undefined ? undefined : readFileSync(path));
+const transportOptions = {
+  baseUrl: `${tls ? "https" : "http"}://${args.target}`,
+  nodeOptions: tls
+    ? {
+        ca: read(args["ca-file"]),
+        cert: read(args["cert-file"]),
+        key: read(args["key-file"]),
+        servername: args["server-name"],
+      }
+    : undefined,
+};
 const client = createClient(
   RouterService,
-  createGrpcTransport({
-    baseUrl: `${tls ? "https" : "http"}://${args.target}`,
-    nodeOptions: tls
-      ? {
-          ca: read(args["ca-file"]),
-          cert: read(args["cert-file"]),
-          key: read(args["key-file"]),
-          servername: args["server-name"],
-        }
-      : undefined,
-  }),
+  args.protocol === "connect"
+    ? // The services' HTTP port speaks HTTP/1.1.
+      createConnectTransport({
+        ...transportOptions,
+        httpVersion: "1.1",
+        useBinaryFormat: !args.json,
+      })
+    : createGrpcTransport(transportOptions),
 );
 const options = {
   timeoutMs: Number(args["timeout-ms"]),

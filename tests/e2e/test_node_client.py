@@ -83,3 +83,57 @@ class TestNodeClient:
         assert line["error"]["code"] == "NotFound"
         assert line["error"]["reason"] == "NOT_FOUND"
         assert line["error"]["metadata"] == {"resource": "deployments/no-such-endpoint"}
+
+
+class TestNodeClientOverConnect:
+    """The same generated client over Connect's own protocol (connect-node's Connect
+    transport, HTTP/1.1) to the router's HTTP port."""
+
+    @staticmethod
+    def _target(stack: Stack) -> str:
+        assert stack.router_http_port is not None
+        return f"127.0.0.1:{stack.router_http_port}"
+
+    async def test_predict_answers_as_over_grpc(self, stack: Stack, demo: DemoDeployment) -> None:
+        """Protobuf and JSON bodies both give the Python stub's answer."""
+        request = demo_request("c-1007", 12.5)
+        async with create_channel(stack.targets["router"]) as channel:
+            expected = await router_grpc.RouterServiceStub(channel).Predict(request)
+        expected.ClearField("request_id")
+        expected.ClearField("trace_id")
+        for extra in ((), ("--json",)):
+            code, [line] = await predict(
+                self._target(stack), _json(request), "--protocol", "connect", *extra
+            )
+            assert code == 0, line
+            answer = json_format.ParseDict(line, router_pb.PredictResponse())
+            assert len(answer.request_id) == 32 and len(answer.trace_id) == 32
+            answer.ClearField("request_id")
+            answer.ClearField("trace_id")
+            assert answer == expected
+
+    async def test_a_bad_field_is_named_in_the_details(
+        self, stack: Stack, demo: DemoDeployment
+    ) -> None:
+        """Connect's error object carries the same details as the gRPC status: the Node
+        client decodes the BadRequest naming `features.amount` and the ErrorInfo."""
+        request = _json(demo_request())
+        request["features"]["amount"] = {"stringValue": "a lot"}
+        code, [line] = await predict(self._target(stack), request, "--protocol", "connect")
+        assert code == 1
+        error = line["error"]
+        assert (error["code"], error["domain"]) == ("InvalidArgument", "router.modelserve")
+        assert [v["field"] for v in error["fieldViolations"]] == ["features.amount"]
+
+    async def test_a_stream_sent_whole_answers_each_request(
+        self, stack: Stack, demo: DemoDeployment
+    ) -> None:
+        """PredictStream over Connect on HTTP/1.1: the requests go first, then each answer
+        comes back under its own request id."""
+        code, lines = await predict(
+            self._target(stack), _json(demo_request()), "--protocol", "connect", "--stream", "3"
+        )
+        assert code == 0, lines
+        assert sorted(line["requestId"] for line in lines) == ["node-0", "node-1", "node-2"]
+        for line in lines:
+            assert line["response"]["modelVersion"] == demo.model_version

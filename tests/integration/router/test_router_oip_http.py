@@ -1,6 +1,7 @@
-"""The Open Inference Protocol's HTTP/REST binding on the router: an endpoint is the model,
-routed as over gRPC (canary split, sticky routing key, pins, the prediction log), behind the
-same API keys and rate limits, with the caller's trace continued."""
+"""The router's HTTP port: the Open Inference Protocol's HTTP/REST binding (an endpoint is the
+model, routed as over gRPC: canary split, sticky routing key, pins, the prediction log), and
+Predict as JSON and over Connect, behind the same API keys and rate limits, with the caller's
+trace continued."""
 
 from __future__ import annotations
 
@@ -14,6 +15,9 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 import tritonclient.http.aio as triton_http
+from connectrpc.client import ConnectClient
+from connectrpc.code import Code
+from connectrpc.errors import ConnectError
 from google.protobuf import json_format
 from router_testing import (
     V1,
@@ -28,7 +32,7 @@ from router_testing import (
     slow_in_triton,
 )
 from structlog.testing import capture_logs
-from support import eventually, running
+from support import connect_method, eventually, running
 from tritonclient.http import InferInput
 
 from modelserve.router.v1 import router_service_pb2 as router_pb
@@ -367,3 +371,59 @@ class TestPredictOverHttp:
         assert codes["no customer"][0] == 400
         assert "entities.customer" in codes["no customer"][1]
         assert codes["no key"][0] == 401
+
+
+class TestConnect:
+    async def test_predict_and_predict_stream_over_connect(
+        self, dependencies: Dependencies
+    ) -> None:
+        """A Connect client (connect-python, protobuf) calls Predict and PredictStream on the
+        router's HTTP port: the answers gRPC gives for the same requests, features read from
+        Redis, the caller's trace continued, its API key checked."""
+        deps = dependencies
+        await deploy(deps, "connect-predict", V1)
+        key, record = new_api_key("ines", {Role.PREDICT}, n=TEST_SCRYPT_N)
+        settings = router_settings(
+            deps, server={"http_port": 0}, auth={"enabled": True, "keys": [record.model_dump()]}
+        )
+        predict = request("connect-predict", customer="c-1003", amount=812.5)
+        service = router_pb.DESCRIPTOR.services_by_name["RouterService"]
+        headers = {"x-api-key": key, "traceparent": TRACEPARENT}
+
+        async def stream() -> AsyncIterator[router_pb.PredictStreamRequest]:
+            for n in range(3):
+                item = router_pb.PredictRequest()
+                item.CopyFrom(predict)
+                item.request_id = f"s-{n}"
+                yield router_pb.PredictStreamRequest(request=item)
+
+        async with running(build_server, settings) as (server, channel, _app):
+            assert server.http is not None
+            client = ConnectClient(f"http://127.0.0.1:{server.http.port}")
+            by_grpc = await router_grpc.RouterServiceStub(channel).Predict(
+                predict, metadata=(("x-api-key", key),)
+            )
+            by_connect = await client.execute_unary(
+                request=predict, method=connect_method(service, "Predict"), headers=headers
+            )
+            streamed = [
+                item
+                async for item in client.execute_bidi_stream(
+                    request=stream(),
+                    method=connect_method(service, "PredictStream"),
+                    headers={"x-api-key": key},
+                )
+            ]
+            with pytest.raises(ConnectError) as refused:
+                await client.execute_unary(
+                    request=predict, method=connect_method(service, "Predict")
+                )
+        assert (by_connect.model_version, by_connect.route_reason) == (V1, "single_target")
+        assert by_connect.trace_id == TRACE_ID
+        np.testing.assert_allclose(probabilities(by_connect), probabilities(by_grpc), atol=1e-6)
+        assert sorted(item.request_id for item in streamed) == ["s-0", "s-1", "s-2"]
+        for item in streamed:
+            np.testing.assert_allclose(
+                probabilities(item.response), probabilities(by_grpc), atol=1e-6
+            )
+        assert refused.value.code is Code.UNAUTHENTICATED
