@@ -596,6 +596,22 @@ class PredictJsonClient(FastAPIClient):
         return np.asarray(tensor_to_numpy(tensor), dtype=np.float32)
 
 
+class PredictConnectClient(FastAPIClient):
+    """The router's Predict over the Connect protocol on its HTTP port:
+    `POST <base>/modelserve.router.v1.RouterService/Predict` with each PredictRequest as
+    binary protobuf (`application/proto`), the answer the same way."""
+
+    def __init__(self, base_url: str, requests: Sequence[router_pb.PredictRequest]) -> None:
+        bodies = [r.SerializeToString() for r in requests]
+        super().__init__(f"{base_url}/modelserve.router.v1.RouterService/Predict", bodies)
+        self._headers = {"content-type": "application/proto", "connect-protocol-version": "1"}
+
+    def _probabilities(self, payload: bytes) -> npt.NDArray[np.float32]:
+        answer = router_pb.PredictResponse.FromString(payload)
+        tensor = next(o for o in answer.outputs if o.name == "probabilities")
+        return np.asarray(tensor_to_numpy(tensor), dtype=np.float32)
+
+
 def save_model(trained: fraud.TrainedModel, directory: Path) -> Path:
     """Saves the scikit-learn pipeline with joblib, as the tutorials do; returns the file."""
     path = directory / "fraud.joblib"

@@ -65,6 +65,7 @@ KSERVE = "KServe ModelInfer (gRPC v2)"
 FASTAPI = "FastAPI POST /predict"
 ROUTER_REST = "router REST v2 infer (JSON rows)"
 ROUTER_JSON = "router Predict over HTTP (JSON)"
+ROUTER_CONNECT = "router Predict over Connect (protobuf)"
 KSERVE_REST = "KServe REST v2 infer (JSON rows)"
 
 #: Largest difference in a class probability allowed between a path's answer and the
@@ -151,6 +152,11 @@ async def _run(
             await predict_json.open()
             exits.push_async_callback(predict_json.close)
             calls[ROUTER_JSON] = answers[ROUTER_JSON] = predict_json.infer
+            # And over the Connect protocol on the same port, as binary protobuf.
+            predict_connect = baselines.PredictConnectClient(rest_base, requests)
+            await predict_connect.open()
+            exits.push_async_callback(predict_connect.close)
+            calls[ROUTER_CONNECT] = answers[ROUTER_CONNECT] = predict_connect.infer
         model_path = baselines.save_model(trained, work_dir)
 
         servers: list[Coroutine[Any, Any, None]] = []
@@ -267,7 +273,7 @@ def _print(
                     f"| {ours} / {competitor} | {c} | {a.percentile(50) / b.percentile(50):.2f} |"
                     f" {a.percentile(99) / b.percentile(99):.2f} | {a.rps / b.rps:.2f} |"
                 )
-    for ours in (ROUTER_REST, ROUTER_JSON):
+    for ours in (ROUTER_REST, ROUTER_JSON, ROUTER_CONNECT):
         # Over HTTP: the router's binding against the others'.
         if (ours, args.concurrency[0]) not in by:
             continue

@@ -191,6 +191,7 @@ class ConnectRoutes:
             method.path,
             lambda: codec.decode(body, method.request_type),
             codec.encode,
+            protocol="connect",
             context=context,
         )
         if answer.response is None:
@@ -246,7 +247,12 @@ class ConnectRoutes:
 
         if method.client_streaming:
             answer = await self._server.call(
-                request, method.path, lambda: requests, lambda r: r, context=context
+                request,
+                method.path,
+                lambda: requests,
+                lambda r: r,
+                protocol="connect",
+                context=context,
             )
         else:
             # The one request is read before the call, and refused inside it if it is bad.
@@ -263,7 +269,7 @@ class ConnectRoutes:
                 return first[0]
 
             answer = await self._server.call(
-                request, method.path, build_one, lambda r: r, context=context
+                request, method.path, build_one, lambda r: r, protocol="connect", context=context
             )
         if not initial:
             initial.append(answer.initial)

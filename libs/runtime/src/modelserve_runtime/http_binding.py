@@ -322,7 +322,7 @@ class HttpServer:
     ) -> None:
         self.handlers = tuple(handlers)
         self._interceptors = tuple(interceptors)
-        self._inner: dict[str, Any] = {}
+        self._inner: dict[tuple[str, str], Any] = {}
         self._routes: list[web.RouteDef] = []
         self.speaks: list[str] = []
         self._sock = sock
@@ -334,13 +334,14 @@ class HttpServer:
         self._runner: web.AppRunner | None = None
 
     def serve(self, method: str, *, protocol: str) -> bool:
-        """Makes `method` callable through `call`; False when no servicer implements it."""
-        if method in self._inner:
+        """Makes `method` callable through `call` with `protocol` (named on its spans); False
+        when no servicer implements it."""
+        if (method, protocol) in self._inner:
             return True
         handler = find_handler(self.handlers, method)
         if handler is None:
             return False
-        self._inner[method] = _innermost(handler, protocol)
+        self._inner[(method, protocol)] = _innermost(handler, protocol)
         return True
 
     def add_routes(self, routes: Sequence[web.RouteDef], speaks: str) -> None:
@@ -392,6 +393,7 @@ class HttpServer:
         build: Callable[[], Any],
         render: Callable[[Any], Any] = lambda response: response,
         *,
+        protocol: str,
         context: HttpCallContext | None = None,
     ) -> Answer:
         """Runs `method` (served by `serve`) on the request `build` makes, through the
@@ -400,7 +402,7 @@ class HttpServer:
         if context is None:
             context = self.context(request)
         details = CallDetails(method, context.invocation_metadata())
-        handler = await self._intercepted(iter(self._interceptors), details)
+        handler = await self._intercepted(iter(self._interceptors), details, protocol)
         attribute = _KINDS[(handler.request_streaming, handler.response_streaming)][0]
         timer = None
         task = asyncio.current_task()
@@ -438,14 +440,17 @@ class HttpServer:
         )
 
     async def _intercepted(
-        self, interceptors: Iterator[grpc.aio.ServerInterceptor], details: CallDetails
+        self,
+        interceptors: Iterator[grpc.aio.ServerInterceptor],
+        details: CallDetails,
+        protocol: str,
     ) -> Any:
         interceptor = next(interceptors, None)
         if interceptor is None:
-            return self._inner[details.method]
+            return self._inner[(details.method, protocol)]
 
         async def continuation(call_details: Any) -> Any:
-            return await self._intercepted(interceptors, call_details)
+            return await self._intercepted(interceptors, call_details, protocol)
 
         return await interceptor.intercept_service(continuation, details)
 

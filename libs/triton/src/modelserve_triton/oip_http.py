@@ -118,7 +118,7 @@ class OipRoutes:
         render: Callable[[Any], Any] = lambda response: response,
     ) -> Answer:
         method = name if name.startswith("/") else f"/{SERVICE}/{name}"
-        return await self._server.call(request, method, build, render)
+        return await self._server.call(request, method, build, render, protocol="http")
 
     async def _server_live(self, request: web.Request) -> web.Response:
         answer = await self._call(request, "ServerLive", service_pb2.ServerLiveRequest)
