@@ -27,7 +27,9 @@ they never compete for the CPU), it drives for `--duration` seconds after a warm
   event loop (`--feast-mode threads`: the synchronous call from that many threads).
 
 Every loop runs on uvloop, client and Feast driver alike. Before timing, each path's answer
-is checked against the written values. Prints p50/p95/p99 and req/s per path, entities and
+is checked against the written values. The lists read is also made over the Connect protocol
+on the service's HTTP port (binary protobuf, aiohttp client), beside a bare aiohttp server
+that answers the body it gets (the HTTP hop it wraps). Prints p50/p95/p99 and req/s per path, entities and
 concurrency; the CPU microseconds per request (user + system, over the timed window) of each
 process: the feature service, Redis, the echo server, this client and the Feast driver, the
 number to compare changes by on a shared machine, where throughput moves with whatever else
@@ -85,6 +87,10 @@ _ECHO_SERVICE, _ECHO_METHOD = "bench.Echo", "Echo"
 _FEATURE_SERVICE, _FEATURE_METHOD = "modelserve.feature.v1.FeatureService", "GetOnlineFeatures"
 ECHO, PROXY = "echo (bare hop)", "bare Redis proxy"
 SERVICE, SERVICE_LISTS = "feature GetOnlineFeatures", "feature GetOnlineFeatures (lists)"
+#: The same call over the Connect protocol on the service's HTTP port (binary protobuf), and
+#: the bare hop it wraps: an aiohttp server answering the body it gets.
+CONNECT_LISTS = "feature GetOnlineFeatures (lists) over Connect"
+HTTP_ECHO = "HTTP echo (bare aiohttp hop)"
 #: The event time of every written value (microseconds); well within both views' max age.
 _MAX_AGE_S = 7 * 86_400
 
@@ -337,8 +343,9 @@ def _answer(message: dict[str, Any]) -> None:
 
 
 def serve_echo() -> None:
-    """A bare grpc.aio server whose one unary method answers the request's bytes; prints
-    its port on stdout."""
+    """A bare grpc.aio server whose one unary method answers the request's bytes, and a bare
+    aiohttp server doing the same for `POST /bench.Echo/Echo`; prints the gRPC port, then
+    the HTTP port, on stdout."""
     loop = _new_event_loop()
     try:
         loop.run_until_complete(_serve_echo())
@@ -347,10 +354,22 @@ def serve_echo() -> None:
 
 
 async def _serve_echo() -> None:
+    from aiohttp import web
+
     async def echo(request: bytes, context: Any) -> bytes:
         return request
 
-    await _serve_unary(_ECHO_SERVICE, _ECHO_METHOD, echo)
+    async def http_echo(request: web.Request) -> web.Response:
+        return web.Response(body=await request.read(), content_type="application/proto")
+
+    app = web.Application()
+    app.add_routes([web.post(f"/{_ECHO_SERVICE}/{_ECHO_METHOD}", http_echo)])
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    http_port = runner.addresses[0][1]
+    await _serve_unary(_ECHO_SERVICE, _ECHO_METHOD, echo, then=str(http_port))
 
 
 def serve_redis_proxy(url: str) -> None:
@@ -386,9 +405,10 @@ async def _serve_redis_proxy(url: str) -> None:
 
 
 async def _serve_unary(
-    service: str, method: str, answer: Callable[[bytes, Any], Awaitable[bytes]]
+    service: str, method: str, answer: Callable[[bytes, Any], Awaitable[bytes]], then: str = ""
 ) -> None:
-    """Serves one unary method on bytes on a free port, printed on stdout, until killed."""
+    """Serves one unary method on bytes on a free port, printed on stdout (followed by the
+    line `then` when given), until killed."""
     import grpc
 
     handler = grpc.method_handlers_generic_handler(
@@ -399,6 +419,8 @@ async def _serve_unary(
     port = server.add_insecure_port("127.0.0.1:0")
     await server.start()
     print(port, flush=True)
+    if then:
+        print(then, flush=True)
     await server.wait_for_termination()
 
 
@@ -503,7 +525,7 @@ def feast_python(args: argparse.Namespace) -> tuple[Path | None, str]:
 
 
 async def harness(args: argparse.Namespace) -> None:
-    from modelserve_cli.stack import Stack, StackOptions
+    from modelserve_cli.stack import Stack, StackOptions, free_port
 
     task = asyncio.current_task()
     if task is not None:
@@ -512,9 +534,11 @@ async def harness(args: argparse.Namespace) -> None:
         asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, task.cancel)
 
     run_dir = Path(tempfile.mkdtemp(prefix="modelserve-bench-features-"))
-    stack = Stack(
-        StackOptions(run_dir=run_dir, env={"MODELSERVE_FEATURE_TELEMETRY__LOG_LEVEL": "warning"})
-    )
+    env = {"MODELSERVE_FEATURE_TELEMETRY__LOG_LEVEL": "warning"}
+    # The HTTP port too, for the Connect path (fixed: workers share it).
+    http_port = int(os.environ.get("MODELSERVE_FEATURE_SERVER__HTTP_PORT") or free_port())
+    env["MODELSERVE_FEATURE_SERVER__HTTP_PORT"] = str(http_port)
+    stack = Stack(StackOptions(run_dir=run_dir, env=env))
     echo = await asyncio.create_subprocess_exec(
         sys.executable,
         __file__,
@@ -543,6 +567,7 @@ async def harness(args: argparse.Namespace) -> None:
         workers = await wait_workers(stack, "feature")
         assert echo.stdout is not None
         echo_target = f"127.0.0.1:{(await echo.stdout.readline()).decode().strip()}"
+        http_echo_url = f"http://127.0.0.1:{(await echo.stdout.readline()).decode().strip()}"
         event_time_us = time.time_ns() // 1000
         written = await _write(stack, args.entities, event_time_us)
         print(
@@ -576,7 +601,12 @@ async def harness(args: argparse.Namespace) -> None:
         assert echo.pid is not None
         assert proxy.pid is not None
         results = await _measure(
-            args, stack, (echo_target, echo.pid), (proxy_target, proxy.pid), driver
+            args,
+            stack,
+            (echo_target, echo.pid),
+            (proxy_target, proxy.pid),
+            driver,
+            (f"http://127.0.0.1:{http_port}", http_echo_url),
         )
         _print(results, args, feast_note.splitlines()[0])
     finally:
@@ -640,7 +670,9 @@ async def _measure(
     echo_server: tuple[str, int],
     proxy_server: tuple[str, int],
     driver: FeastDriver | None,
+    http: tuple[str, str],
 ) -> list[Result]:
+    import aiohttp
     import grpc
     import redis.asyncio as aioredis
     from bench import cpu_seconds, process_groups
@@ -703,6 +735,27 @@ async def _measure(
                 pipe.hgetall(key)
             return await pipe.execute()
 
+    feature_url, http_echo_url = http
+    session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0))
+    connect_url = f"{feature_url}/{_FEATURE_SERVICE}/{_FEATURE_METHOD}"
+    list_payloads = {b: [r.SerializeToString() for r in rs] for b, rs in list_requests.items()}
+    proto = {"content-type": "application/proto", "connect-protocol-version": "1"}
+
+    async def post(url: str, body: bytes) -> bytes:
+        async with session.post(url, data=body, headers=proto) as response:
+            payload = await response.read()
+            if response.status != 200:
+                raise RuntimeError(f"{url} answered {response.status}: {payload[:200]!r}")
+            return payload
+
+    async def connect_read(batch: int, i: int) -> object:
+        body = await post(connect_url, list_payloads[batch][i % slots])
+        return pb.GetOnlineFeaturesResponse.FromString(body)
+
+    http_echo_path = f"{http_echo_url}/{_ECHO_SERVICE}/{_ECHO_METHOD}"
+    over_connect = await connect_read(1, 3)
+    if list(over_connect.results[0].ordered_statuses) != [pb.FEATURE_STATUS_PRESENT] * len(REFS):
+        raise RuntimeError("GetOnlineFeatures over Connect does not find the written features")
     await _check_feature_service(features, requests[1][3], pb.FEATURE_STATUS_PRESENT)
     await _check_feature_service_lists(features, list_requests[1][3], pb.FEATURE_STATUS_PRESENT)
     if len(await redis_read(1, 3)) != len(FEATURES):  # type: ignore[arg-type]
@@ -715,6 +768,8 @@ async def _measure(
         "redis raw": redis_read,
         ECHO: lambda b, i: echo(payloads[b][i % slots]),
         PROXY: lambda b, i: proxy(payloads[b][i % slots]),
+        CONNECT_LISTS: connect_read,
+        HTTP_ECHO: lambda b, i: post(http_echo_path, payloads[b][i % slots]),
     }
     warmup = min(1.0, args.duration)
     # The feature service, Redis and this client (as bench.py groups them), and the echo server.
@@ -747,6 +802,7 @@ async def _measure(
         await echo_channel.close()
         await proxy_channel.close()
         await redis_client.aclose()
+        await session.close()
     return results
 
 
@@ -834,7 +890,11 @@ def _ratios(out: IO[str], by: dict[tuple[str, int, int], Result], args: argparse
     for batch in BATCHES:
         for c in args.concurrency:
             r, e, f = by[(redis_raw, batch, c)], by[(echo, batch, c)], by.get((feast, batch, c))
-            for layout, service in (("maps", SERVICE), ("lists", SERVICE_LISTS)):
+            for layout, service in (
+                ("maps", SERVICE),
+                ("lists", SERVICE_LISTS),
+                ("lists, Connect", CONNECT_LISTS),
+            ):
                 s = by[(service, batch, c)]
                 print(
                     f"| {layout} | {batch} | {c} | {ratio(s.rps, e.rps)} | "
@@ -862,6 +922,12 @@ def _ratios(out: IO[str], by: dict[tuple[str, int, int], Result], args: argparse
                     f"{_verdict(s.percentile(99) <= 1.5 * e.percentile(99))} |"
                 )
             if c == 16:
+                connect, http_echo = by[(CONNECT_LISTS, batch, c)], by[(HTTP_ECHO, batch, c)]
+                targets.append(
+                    f"| {batch} | lists, Connect, against its own hop ({HTTP_ECHO}): req/s, p99"
+                    f" | {ratio(connect.rps, http_echo.rps)},"
+                    f" {ratio(connect.percentile(99), http_echo.percentile(99))} | |"
+                )
                 floor = by[(PROXY, batch, c)]
                 targets.append(
                     f"| {batch} | the floor, {PROXY}: req/s / echo, p99 / echo | "
