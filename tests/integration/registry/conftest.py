@@ -7,10 +7,10 @@ from pathlib import Path
 
 import pytest
 from registry_testing import (
-    PRINCIPALS,
     AuthRegistry,
     RunningRegistry,
     create_model,
+    principal_keys,
     set_traffic,
     upload_version,
 )
@@ -20,10 +20,8 @@ from modelserve.registry.v1 import registry_service_pb2 as pb
 from modelserve.registry.v1 import registry_service_pb2_grpc as pb_grpc
 from modelserve_registry.config import RegistrySettings
 from modelserve_registry.server import RegistryApp, build_server
-from modelserve_runtime.auth import AuthSettings, new_api_key
+from modelserve_runtime.auth import AuthSettings
 
-#: Cheap scrypt for tests; production keys use the default cost.
-TEST_SCRYPT_N = 16
 V1 = "models/fraud/versions/1"
 
 
@@ -47,12 +45,7 @@ async def registry(registry_settings: RegistrySettings) -> AsyncIterator[Running
 async def secured(tmp_path: Path) -> AsyncIterator[AuthRegistry]:
     """A registry with auth on, a key for each of PRINCIPALS, and `models/fraud` version 1
     in STAGING deployed to `deployments/fraud`."""
-    keys: dict[str, str] = {}
-    records = []
-    for principal, roles in PRINCIPALS.items():
-        key, record = new_api_key(principal, roles, n=TEST_SCRYPT_N)
-        keys[principal] = key
-        records.append(record)
+    keys, records = principal_keys()
     # The stage tests here are about approvals; validation runs need inference and are
     # tested with a real one in test_registry_validation.py.
     settings = RegistrySettings(

@@ -18,7 +18,7 @@ from modelserve.registry.v1 import registry_service_pb2_grpc as pb_grpc
 from modelserve.type.v1 import tensor_pb2
 from modelserve_registry.config import RegistrySettings
 from modelserve_registry.server import RegistryApp
-from modelserve_runtime.auth import Role
+from modelserve_runtime.auth import ApiKeyRecord, Role, new_api_key
 from modelserve_runtime.errors import DecodedError, decode_rpc_error
 
 
@@ -193,6 +193,21 @@ PRINCIPALS: dict[str, set[Role]] = {
     "ada": {Role.ADMIN},
     "sam": {Role.DEPLOYER, Role.APPROVER},
 }
+#: Cheap scrypt for tests; production keys use the default cost.
+TEST_SCRYPT_N = 16
+
+
+def principal_keys() -> tuple[dict[str, str], list[ApiKeyRecord]]:
+    """A fresh key for each of PRINCIPALS, and the records a registry keeps of them."""
+    keys: dict[str, str] = {}
+    records = []
+    for principal, roles in PRINCIPALS.items():
+        key, record = new_api_key(principal, roles, n=TEST_SCRYPT_N)
+        keys[principal] = key
+        records.append(record)
+    return keys, records
+
+
 #: The principal that holds each single role.
 ROLE_HOLDER = {
     Role.PREDICT: "pia",

@@ -13,10 +13,10 @@ from connectrpc.client import ConnectClient
 from connectrpc.code import Code
 from connectrpc.errors import ConnectError
 from registry_testing import (
-    PRINCIPALS,
     AuthRegistry,
     create_model,
     files_under,
+    principal_keys,
     set_traffic,
     stream,
     tiny_onnx,
@@ -29,11 +29,10 @@ from modelserve.registry.v1 import registry_service_pb2 as pb
 from modelserve.registry.v1 import registry_service_pb2_grpc as pb_grpc
 from modelserve_registry.config import RegistrySettings
 from modelserve_registry.server import build_server
-from modelserve_runtime.auth import AuthSettings, new_api_key
+from modelserve_runtime.auth import AuthSettings
 from modelserve_runtime.config import ServerSettings
 
 REGISTRY = pb.DESCRIPTOR.services_by_name["RegistryService"]
-TEST_SCRYPT_N = 16
 
 
 class _Connect:
@@ -47,12 +46,7 @@ class _Connect:
 
 @pytest.fixture
 async def served(tmp_path: Path) -> AsyncIterator[tuple[AuthRegistry, _Connect, Path]]:
-    keys: dict[str, str] = {}
-    records = []
-    for principal, roles in PRINCIPALS.items():
-        key, record = new_api_key(principal, roles, n=TEST_SCRYPT_N)
-        keys[principal] = key
-        records.append(record)
+    keys, records = principal_keys()
     data_dir = tmp_path / "registry"
     settings = RegistrySettings(
         production_traffic_only=False,

@@ -316,6 +316,17 @@ class TestStopping:
                 await _post(session, url, _body())
 
 
+async def _keyed_router(deps: Dependencies, endpoint: str) -> tuple[str, Any]:
+    """`endpoint` deployed on V1, and settings of a router with an HTTP port and auth on; the
+    key of a caller who may predict."""
+    await deploy(deps, endpoint, V1)
+    key, record = new_api_key("ines", {Role.PREDICT}, n=TEST_SCRYPT_N)
+    settings = router_settings(
+        deps, server={"http_port": 0}, auth={"enabled": True, "keys": [record.model_dump()]}
+    )
+    return key, settings
+
+
 class TestPredictOverHttp:
     async def test_predict_as_json(self, dependencies: Dependencies) -> None:
         """`POST /v1/endpoints/<endpoint>:predict` with a PredictRequest as JSON (protobuf's
@@ -323,11 +334,7 @@ class TestPredictOverHttp:
         from Redis; a bad body, an endpoint the path contradicts, a missing entity or a
         missing key are refused with their fields named."""
         deps = dependencies
-        await deploy(deps, "http-predict", V1)
-        key, record = new_api_key("ines", {Role.PREDICT}, n=TEST_SCRYPT_N)
-        settings = router_settings(
-            deps, server={"http_port": 0}, auth={"enabled": True, "keys": [record.model_dump()]}
-        )
+        key, settings = await _keyed_router(deps, "http-predict")
         predict = request("http-predict", customer="c-1003", amount=812.5)
         body = json_format.MessageToDict(predict)
         del body["endpoint"]
@@ -381,11 +388,7 @@ class TestConnect:
         router's HTTP port: the answers gRPC gives for the same requests, features read from
         Redis, the caller's trace continued, its API key checked."""
         deps = dependencies
-        await deploy(deps, "connect-predict", V1)
-        key, record = new_api_key("ines", {Role.PREDICT}, n=TEST_SCRYPT_N)
-        settings = router_settings(
-            deps, server={"http_port": 0}, auth={"enabled": True, "keys": [record.model_dump()]}
-        )
+        key, settings = await _keyed_router(deps, "connect-predict")
         predict = request("connect-predict", customer="c-1003", amount=812.5)
         service = router_pb.DESCRIPTOR.services_by_name["RouterService"]
         headers = {"x-api-key": key, "traceparent": TRACEPARENT}
