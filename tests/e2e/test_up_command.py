@@ -49,12 +49,31 @@ async def _infer_over_http(url: str) -> dict[str, Any]:
         return answer
 
 
+async def _demo_customer_over_connect(url: str) -> str:
+    """The status of one demo customer's feature, read over Connect as JSON, as curl would."""
+    body = {
+        "entities": [{"entityType": "customer", "entityId": "c-1001"}],
+        "features": ["customer:avg_amount_30d"],
+        "layout": "FEATURE_LAYOUT_LISTS",
+    }
+    async with (
+        aiohttp.ClientSession() as session,
+        session.post(
+            f"{url}/modelserve.feature.v1.FeatureService/GetOnlineFeatures", json=body
+        ) as response,
+    ):
+        assert response.status == 200, await response.text()
+        answer: dict[str, Any] = await response.json()
+    (status,) = answer["results"][0]["orderedStatuses"]
+    return str(status).removeprefix("FEATURE_STATUS_")
+
+
 @pytest.mark.parametrize("stop_signal", [signal.SIGINT, signal.SIGHUP], ids=["ctrl-c", "hangup"])
 async def test_up_serves_the_demo_and_ctrl_c_stops_everything(
     tmp_path: Path, stop_signal: signal.Signals
 ) -> None:
-    """The command prints every service's address, deploys the demo model and prints its
-    prediction, then waits; SIGINT (Ctrl-C), or SIGHUP (its terminal closed), stops it in
+    """The command prints every service's address (each one's HTTP port too), deploys the
+    demo model and prints its prediction, then waits; SIGINT (Ctrl-C), or SIGHUP (its terminal closed), stops it in
     order with exit 0 and leaves no process."""
     run_dir = tmp_path / "run"
     env = {k: v for k, v in os.environ.items() if not k.startswith(("MODELSERVE_", "OTEL_"))}
@@ -94,6 +113,10 @@ async def test_up_serves_the_demo_and_ctrl_c_stops_everything(
         (probabilities,) = [o for o in answer["outputs"] if o["name"] == "probabilities"]
         assert probabilities["shape"] == [1, 2]
         assert abs(sum(probabilities["data"]) - 1) < 1e-4
+        # Every other service has an HTTP port too: the feature store answers over Connect.
+        feature_http = re.search(r"feature \(HTTP\).*?(http://127\.0\.0\.1:\d+)", output)
+        assert feature_http, output
+        assert await _demo_customer_over_connect(feature_http.group(1)) == "PRESENT"
     finally:
         process.send_signal(stop_signal)
         rest, _ = await asyncio.wait_for(process.communicate(), timeout=60)

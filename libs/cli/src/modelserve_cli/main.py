@@ -53,8 +53,11 @@ def up(
     router_port: int = typer.Option(50051, help="The router's port (0: any free port)."),
     router_http_port: int = typer.Option(
         8080,
-        help="The router's HTTP/REST port (the Open Inference Protocol, KServe v2 JSON):"
-        " 0 for any free port, -1 for none.",
+        help="The router's HTTP port (Connect, and the Open Inference Protocol's KServe v2"
+        " JSON): 0 for any free port, -1 for none.",
+    ),
+    http: bool = typer.Option(
+        True, help="Give every other service an HTTP port too (Connect), a free one."
     ),
     otlp_endpoint: str | None = typer.Option(
         None,
@@ -71,6 +74,7 @@ def up(
         run_dir=run_dir.resolve(),
         ports={"router": router_port} if router_port else {},
         router_http_port=None if router_http_port < 0 else router_http_port,
+        http=http,
         otlp_endpoint=otlp_endpoint,
         triton_trace_endpoint=triton_trace_endpoint,
     )
@@ -99,10 +103,13 @@ async def _up(options: StackOptions, exit_after_demo: bool) -> None:
         table.add_column("log")
         for service in SERVICES:
             table.add_row(service, stack.targets[service], str(stack.log_path(service)))
-            if service == "router" and stack.router_http_port is not None:
+            http_port = (
+                stack.router_http_port if service == "router" else stack.http_ports.get(service)
+            )
+            if http_port is not None:
                 table.add_row(
-                    "router (HTTP)",
-                    f"http://127.0.0.1:{stack.router_http_port}",
+                    f"{service} (HTTP)",
+                    f"http://127.0.0.1:{http_port}",
                     str(stack.log_path(service)),
                 )
         table.add_row("redis", stack.redis.url, str(options.run_dir / "redis" / "redis.log"))

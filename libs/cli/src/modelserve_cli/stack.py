@@ -191,11 +191,14 @@ class StackOptions:
     """Extra environment for every service (e.g. MODELSERVE_ROUTER_MODEL_RUNNER=triton)."""
     start_timeout_s: float = 180.0
     services: tuple[str, ...] = SERVICES
-    router_http_port: int | None = None
-    """The router's Open Inference Protocol HTTP/REST port: None for none, 0 for a free one."""
     """The services to run, a subset of SERVICES (started in SERVICES' order). A benchmark
     of the request path on a small machine leaves out the monitor, which in production runs
     on its own hosts and here would take CPU from the router."""
+    router_http_port: int | None = None
+    """The router's HTTP port (Connect, and the Open Inference Protocol's HTTP/REST binding):
+    None for none, 0 for a free one."""
+    http: bool = False
+    """Every other service gets an HTTP port too (Connect), a free one."""
 
 
 class Stack:
@@ -207,7 +210,11 @@ class Stack:
         self.targets = {s: f"127.0.0.1:{options.ports.get(s) or free_port()}" for s in SERVICES}
         http_port = options.router_http_port
         self.router_http_port = free_port() if http_port == 0 else http_port
-        """The router's HTTP/REST port, None without one."""
+        """The router's HTTP port, None without one."""
+        self.http_ports = (
+            {s: free_port() for s in SERVICES if s != "router"} if options.http else {}
+        )
+        """The HTTP port (Connect) of each other service, with `options.http`."""
         self.processes: dict[str, subprocess.Popen[bytes]] = {}
         self._log_offsets: dict[str, int] = {}
         unknown = set(options.services) - set(SERVICES)
@@ -242,6 +249,8 @@ class Stack:
             env[f"{prefix}REDIS_URL"] = self.redis.url
         if service == "router" and self.router_http_port is not None:
             env[f"{prefix}SERVER__HTTP_PORT"] = str(self.router_http_port)
+        if service in self.http_ports:
+            env[f"{prefix}SERVER__HTTP_PORT"] = str(self.http_ports[service])
         if service == "registry":
             env[f"{prefix}DATA_DIR"] = str(self.options.run_dir / "registry")
             # The laptop stack runs without API keys, so no one could approve a version for
@@ -299,17 +308,22 @@ class Stack:
                     return
                 except StackError:
                     taken = [s for s in self.services if self._could_not_bind(s, CANNOT_BIND)]
-                    http_taken = self._could_not_bind("router", CANNOT_BIND_HTTP)
+                    http_taken = [
+                        s for s in self.services if self._could_not_bind(s, CANNOT_BIND_HTTP)
+                    ]
                     fixed = set(taken) & set(self.options.ports) or (
-                        http_taken and self.options.router_http_port != 0
+                        "router" in http_taken and self.options.router_http_port != 0
                     )
                     if attempt == attempts or not (taken or http_taken) or fixed:
                         raise
                 await self._stop_services()
                 for service in taken:
                     self.targets[service] = f"127.0.0.1:{free_port()}"
-                if http_taken:
-                    self.router_http_port = free_port()
+                for service in http_taken:
+                    if service == "router":
+                        self.router_http_port = free_port()
+                    else:
+                        self.http_ports[service] = free_port()
         except BaseException:
             await self.stop()
             raise
