@@ -77,8 +77,8 @@ def test_the_kustomization_lists_every_base_manifest() -> None:
 
 def test_every_service_runs_with_settings_it_accepts(monkeypatch: pytest.MonkeyPatch) -> None:
     """Each service container's MODELSERVE_* variables name real settings and load without
-    error; the gRPC port is the one its ports, probes and Service use, the metrics port the
-    one it exposes."""
+    error; the gRPC port is the one its ports, probes and Service use, the metrics and HTTP
+    ports the ones it exposes."""
     seen = set()
     for _, container in _containers():
         command = container.get("command", [""])[0]
@@ -92,6 +92,9 @@ def test_every_service_runs_with_settings_it_accepts(monkeypatch: pytest.MonkeyP
         assert container["readinessProbe"]["grpc"]["port"] == grpc_port
         assert container["livenessProbe"]["grpc"]["port"] == grpc_port
         assert settings.telemetry.metrics_port == _port(container, "metrics"), command
+        # Every service serves HTTP too (Connect; the router and inference also the Open
+        # Inference Protocol's REST binding), on the port its pods name `http`.
+        assert settings.server.http_port == _port(container, "http"), command
     assert seen == set(SETTINGS)
 
 
