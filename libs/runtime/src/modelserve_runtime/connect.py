@@ -99,7 +99,7 @@ def service_methods(services: Sequence[str]) -> list[ConnectMethod]:
     return methods
 
 
-class ConnectError(Exception):
+class _Refusal(Exception):
     """A refusal made by the protocol before any servicer ran (a bad header, a body that is
     not a message)."""
 
@@ -183,7 +183,7 @@ class ConnectRoutes:
             encoding = _encoding(request.headers.get("Content-Encoding"), "Content-Encoding")
             # aiohttp inflates a gzipped body as it reads it (within the same size limit).
             body = await _read_body(request, self._server.max_body_bytes, encoding)
-        except ConnectError as exc:
+        except _Refusal as exc:
             return _unary_error(exc.code, exc.message, (), (), accept)
         context = self._server.context(request, timeout_s=timeout_s)
         answer = await self._server.call(
@@ -238,7 +238,7 @@ class ConnectRoutes:
             encoding = _encoding(
                 request.headers.get("Connect-Content-Encoding"), "Connect-Content-Encoding"
             )
-        except ConnectError as exc:
+        except _Refusal as exc:
             await send(_end_stream(exc.code, exc.message, ()), _FLAG_END)
             await response.write_eof()
             return response
@@ -342,7 +342,7 @@ def _too_large(size: int, limit: int) -> ResourceExhaustedError:
 
 def _check_version(version: str | None) -> None:
     if version is not None and version.strip() != "1":
-        raise ConnectError(
+        raise _Refusal(
             grpc.StatusCode.INVALID_ARGUMENT,
             f"Connect-Protocol-Version: expected 1, got {version!r}",
         )
@@ -353,7 +353,7 @@ def _timeout_s(request: web.Request) -> float | None:
     if value is None:
         return None
     if not _TIMEOUT.fullmatch(value.strip()):
-        raise ConnectError(
+        raise _Refusal(
             grpc.StatusCode.INVALID_ARGUMENT,
             f"Connect-Timeout-Ms: expected a whole number of milliseconds (at most 10 digits),"
             f" got {value!r}",
@@ -364,7 +364,7 @@ def _timeout_s(request: web.Request) -> float | None:
 def _encoding(value: str | None, header: str) -> str:
     encoding = (value or "identity").strip().lower()
     if encoding not in ENCODINGS:
-        raise ConnectError(
+        raise _Refusal(
             grpc.StatusCode.UNIMPLEMENTED,
             f"{header}: {encoding!r} is not supported; supported: {', '.join(ENCODINGS)}",
         )
@@ -384,13 +384,13 @@ async def _read_body(request: web.Request, limit: int, encoding: str) -> bytes:
     try:
         return await request.read()
     except web.HTTPRequestEntityTooLarge:
-        raise ConnectError(
+        raise _Refusal(
             grpc.StatusCode.RESOURCE_EXHAUSTED,
             f"the body is larger than this server's limit of {limit} bytes"
             " (server.max_message_bytes)",
         ) from None
     except (ContentEncodingError, RequestPayloadError):
-        raise ConnectError(
+        raise _Refusal(
             grpc.StatusCode.INVALID_ARGUMENT, f"Content-Encoding: the body is not {encoding}"
         ) from None
 
