@@ -83,6 +83,27 @@ class TestMaterializeTopologies:
         finally:
             await master.aclose()
 
+    async def test_the_services_yaml_file_as_the_service_reads_it(
+        self, sentinel: SentinelSetup, tmp_path: Path
+    ) -> None:
+        """`--config` (or MODELSERVE_CONFIG): the feature service's own YAML file names the
+        Sentinel, the master and the database; the environment names nothing."""
+        path = write_parquet(tmp_path / "t.parquet", rows_table(ROWS))
+        config = tmp_path / "feature.yaml"
+        config.write_text(
+            "server:\n  port: 50053\n"
+            "redis:\n"
+            "  mode: sentinel\n"
+            f"  nodes: ['127.0.0.1:{sentinel.sentinel.port}']\n"
+            f"  master_name: {MASTER_NAME}\n"
+            "  db: 3\n"
+        )
+        master = aioredis.Redis(port=await sentinel.master_port(), db=3)
+        try:
+            await _lands(master, path, {"MODELSERVE_CONFIG": str(config)})
+        finally:
+            await master.aclose()
+
     async def test_a_cluster(self, cluster: ClusterSetup, tmp_path: Path) -> None:
         path = write_parquet(tmp_path / "t.parquet", rows_table(ROWS))
         client = aioredis.RedisCluster(host="127.0.0.1", port=cluster.nodes[0].port)
@@ -115,6 +136,7 @@ class TestMaterializeTopologies:
                 ("--redis-url", "redis://127.0.0.1:1/0"),
                 "redis_url is the shorthand for standalone mode",
             ),
+            ({}, ("--config", "no-such.yaml"), "config file no-such.yaml does not exist"),
         ],
     )
     async def test_settings_that_cannot_work_stop_it_before_it_reads(

@@ -352,10 +352,20 @@ def materialize_command(
         show_default=False,
     ),
     batch_entities: int = typer.Option(1000, min=1, help="Entities per write script call."),
+    config: Path | None = typer.Option(
+        None,
+        "--config",
+        envvar="MODELSERVE_CONFIG",
+        help="The feature service's YAML settings file: its redis and redis_url are read as"
+        " the service reads them, the environment winning.",
+        show_default=False,
+    ),
 ) -> None:
     """Load the latest value per entity from a table into Redis; reruns change nothing."""
     try:
-        connection = service_redis("feature", redis_url, timeout_s=MATERIALIZE_TIMEOUT_S)
+        connection = service_redis(
+            "feature", redis_url, timeout_s=MATERIALIZE_TIMEOUT_S, config_file=config
+        )
     except ConfigError as exc:
         fail(str(exc))
 

@@ -11,11 +11,17 @@ does. A command line's `--redis-url` names a standalone server instead.
 from __future__ import annotations
 
 import os
+from pathlib import Path
 from typing import Annotated, Literal
 
 import typer
 from pydantic import ValidationError
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    YamlConfigSettingsSource,
+)
 
 from modelserve_runtime.config import ConfigError, settings_problems
 from modelserve_runtime.redis_connect import RedisConnection, with_redis_url
@@ -79,13 +85,46 @@ def configured(owner: Owner) -> bool:
     )
 
 
-def service_redis(owner: Owner, url: str | None, *, timeout_s: float) -> RedisConnection:
-    """`owner`'s Redis as its settings in the environment say, with `url` (a command line's
+def _with_file(cls: type[_ServiceRedis], config_file: Path) -> type[_ServiceRedis]:
+    """`cls` reading the service's YAML settings file too, below the environment, as the
+    service itself reads it."""
+
+    class FromFile(cls):  # type: ignore[valid-type,misc]
+        @classmethod
+        def settings_customise_sources(
+            cls,
+            settings_cls: type[BaseSettings],
+            init_settings: PydanticBaseSettingsSource,
+            env_settings: PydanticBaseSettingsSource,
+            dotenv_settings: PydanticBaseSettingsSource,
+            file_secret_settings: PydanticBaseSettingsSource,
+        ) -> tuple[PydanticBaseSettingsSource, ...]:
+            return (
+                init_settings,
+                env_settings,
+                YamlConfigSettingsSource(settings_cls, yaml_file=config_file),
+                file_secret_settings,
+            )
+
+    return FromFile
+
+
+def service_redis(
+    owner: Owner, url: str | None, *, timeout_s: float, config_file: Path | None = None
+) -> RedisConnection:
+    """`owner`'s Redis as its settings in the environment (and in `config_file`, the
+    service's YAML settings file, below the environment) say, with `url` (a command line's
     `--redis-url`) as the standalone server when given, and `timeout_s` as the socket timeout
-    unless the settings set one. ConfigError naming the variable when they are invalid."""
+    unless the settings set one. ConfigError naming the variable or the file when they are
+    invalid."""
     prefix = _prefix(owner)
+    cls = _SETTINGS[owner]
+    if config_file is not None:
+        if not config_file.is_file():
+            raise ConfigError(f"config file {config_file} does not exist")
+        cls = _with_file(cls, config_file)
     try:
-        settings = _SETTINGS[owner]()
+        settings = cls()
         return with_redis_url(
             settings.redis,
             url if url is not None else settings.redis_url,
