@@ -1,7 +1,8 @@
 """The load tools the README hands to users work: `loadtests/locustfile.py` drives the router
 with as many concurrent calls as it has users (gRPC made gevent-friendly; otherwise each call
 would block the whole locust process, and `-u 32` would be one call at a time),
-`loadtests/locustfile_rest.py` drives its Open Inference Protocol over HTTP/REST, and
+`loadtests/locustfile_rest.py` drives its Open Inference Protocol over HTTP/REST and Predict
+over Connect, and
 `loadtests/ghz-predict.json` is a Predict the router answers, its API read from the router's
 server reflection."""
 
@@ -46,6 +47,14 @@ async def _locust(
 ) -> dict[str, int]:
     """Runs a locustfile headless against `host`; its `row_name` row's request and failure
     counts, and locust's exit code."""
+    return (await _locust_rows(host, out, seconds, locustfile, (row_name,)))[row_name]
+
+
+async def _locust_rows(
+    host: str, out: Path, seconds: int, locustfile: Path, row_names: tuple[str, ...]
+) -> dict[str, dict[str, int]]:
+    """Runs a locustfile headless against `host`; for each of `row_names` its request and
+    failure counts, and locust's exit code."""
     process = await asyncio.create_subprocess_exec(
         str(LOCUST),
         "-f", str(locustfile), "--headless", "-u", str(USERS), "-r", str(USERS),
@@ -58,13 +67,15 @@ async def _locust(
     output, _ = await asyncio.wait_for(process.communicate(), seconds + 60)
     with (out / "run_stats.csv").open() as stats:
         rows = {row["Name"]: row for row in csv.DictReader(stats)}
-    assert row_name in rows, output.decode()
-    row = rows[row_name]
-    return {
-        "requests": int(row["Request Count"]),
-        "failures": int(row["Failure Count"]),
-        "exit": process.returncode or 0,
-    }
+    counts = {}
+    for name in row_names:
+        assert name in rows, output.decode()
+        counts[name] = {
+            "requests": int(rows[name]["Request Count"]),
+            "failures": int(rows[name]["Failure Count"]),
+            "exit": process.returncode or 0,
+        }
+    return counts
 
 
 class _Together(router_grpc.RouterServiceServicer):
@@ -121,16 +132,19 @@ class TestLocustRest:
         self, stack: Stack, demo: DemoDeployment, tmp_path: Path
     ) -> None:
         """`loadtests/locustfile_rest.py` posts JSON to the router's Open Inference Protocol
-        over HTTP/REST; every request is answered with outputs."""
+        over HTTP/REST, and Predict requests over Connect; every request is answered with
+        outputs."""
         assert stack.router_http_port is not None
-        counts = await _locust(
+        rows = await _locust_rows(
             f"http://127.0.0.1:{stack.router_http_port}",
             tmp_path,
-            locustfile=LOCUSTFILE_REST,
-            row_name="OIP REST infer",
+            3,
+            LOCUSTFILE_REST,
+            ("OIP REST infer", "Connect Predict"),
         )
-        assert counts == {"requests": counts["requests"], "failures": 0, "exit": 0}
-        assert counts["requests"] > USERS
+        for counts in rows.values():
+            assert counts == {"requests": counts["requests"], "failures": 0, "exit": 0}
+            assert counts["requests"] > USERS // 2
 
 
 def _reflected_request(target: str, method: str, data: dict[str, Any]) -> tuple[str, bytes]:
