@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import json
 import os
 import signal
 import time
@@ -27,9 +28,11 @@ from reconcile_testing import (
     tiny_onnx,
 )
 from structlog.testing import capture_logs
-from support import eventually
+from support import eventually, running
 
 from modelserve.inference.v1 import inference_service_pb2 as pb
+from modelserve.inference.v1 import inference_service_pb2_grpc as pb_grpc
+from modelserve_inference import server as inference_server
 from modelserve_inference.config import InferenceSettings
 from modelserve_inference.reconcile import Reconciler
 from modelserve_triton.runner import TritonRunner
@@ -261,6 +264,35 @@ class TestPinning:
         assert error.reason == "VERSION_IN_USE"
         assert error.metadata == {"name": v1, "deployments": "deployments/theta"}
         await ready(stub, v2)
+
+    async def test_pins_survive_a_restart(
+        self,
+        inference_settings: InferenceSettings,
+        registry: RestartableRegistry,
+        tmp_path_factory: pytest.TempPathFactory,
+    ) -> None:
+        """A version pinned by LoadModelVersion (no deployment references it) is kept in
+        `pins.json` in the work directory; a service started again over that directory loads
+        it by itself, READY and answering; UnloadModelVersion takes it off the list."""
+        settings = inference_settings.model_copy(
+            update={"triton_work_dir": tmp_path_factory.mktemp("triton-pins")}
+        )
+        pins = settings.triton_work_dir / "pins.json"
+        await registry.create_model("iota")
+        v1 = await registry.upload("iota", tiny_onnx(3.0))
+        async with running(inference_server.build_server, settings) as (_, channel, _app):
+            stub = pb_grpc.InferenceServiceStub(channel)
+            await stub.LoadModelVersion(pb.LoadModelVersionRequest(name=v1))
+            kept = json.loads(pins.read_text())
+        async with running(inference_server.build_server, settings) as (_, channel, _app):
+            stub = pb_grpc.InferenceServiceStub(channel)
+            await ready(stub, v1)
+            answered = await answer(stub, v1)
+            await stub.UnloadModelVersion(pb.UnloadModelVersionRequest(name=v1))
+            released = json.loads(pins.read_text())
+        assert kept == [v1]
+        np.testing.assert_allclose(answered, expected(3.0))
+        assert released == []
 
 
 class TestWatchModelStates:

@@ -62,6 +62,10 @@ class InferenceSettings(ServiceSettings):
     """Follow the registry's WatchDeployments and make Triton hold exactly the versions the
     deployments reference (traffic targets, shadow and fallback versions) plus those pinned by
     LoadModelVersion. Off: Triton holds only what LoadModelVersion loads."""
+    pins_file: Path | None = None
+    """Where the versions pinned by LoadModelVersion are kept (a JSON list), so that the
+    service, restarted, loads them again by itself; none: `pins.json` in `triton_work_dir`.
+    With `reconcile` on (the pins are the reconcile loop's)."""
     unload_grace_s: float = Field(default=10.0, ge=0)
     """How long a version no deployment references any more stays loaded before it is
     unloaded, so that a rollback coming right back finds it still READY."""

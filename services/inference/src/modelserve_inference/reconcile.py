@@ -5,8 +5,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator
+import json
+import os
+from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Protocol
 
 import structlog
@@ -58,6 +61,40 @@ class _Retry:
     at: float
 
 
+class PinFile:
+    """The pinned versions on disk (a JSON list of names), written whole on each change
+    (a temporary file renamed over the old one), so a restart finds the last set whole."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def read(self) -> set[str]:
+        """The pins kept, none when there is no file; a file that is not a list of version
+        names is logged and ignored (the service starts without its pins)."""
+        try:
+            names = json.loads(self.path.read_text())
+        except FileNotFoundError:
+            return set()
+        except (OSError, ValueError) as exc:
+            log.error("pins_unreadable", path=str(self.path), error=str(exc))
+            return set()
+        pins = set()
+        for name in names if isinstance(names, list) else [names]:
+            try:
+                parse_version_name(name)
+            except (ModelServeError, TypeError, AttributeError):
+                log.error("pin_ignored", path=str(self.path), pin=repr(name))
+                continue
+            pins.add(name)
+        return pins
+
+    def write(self, pins: Iterable[str]) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        scratch = self.path.with_name(f".{self.path.name}.{os.getpid()}")
+        scratch.write_text(json.dumps(sorted(pins)))
+        scratch.replace(self.path)
+
+
 class Reconciler:
     """Follows the registry's WatchDeployments and converges Triton to what it asks for.
 
@@ -87,8 +124,10 @@ class Reconciler:
         retry_max_s: float,
         watch_backoff_max_s: float,
         watch_backoff_initial_s: float = 0.05,
+        pin_file: PinFile | None = None,
     ) -> None:
         self._versions = versions
+        self._pin_file = pin_file
         self._feed = feed
         self._unload_grace_s = unload_grace_s
         self._slots = asyncio.Semaphore(max_concurrent_loads)
@@ -117,8 +156,14 @@ class Reconciler:
         versions.feed.add_listener(self._wake.set)
 
     def start(self) -> None:
-        """Starts following the registry and converging."""
+        """Starts following the registry and converging, with the pins kept by an earlier
+        run: the loop loads them as it loads what deployments reference."""
         if not self._tasks:
+            if self._pin_file is not None:
+                kept = self._pin_file.read()
+                if kept:
+                    log.info("pins_restored", pins=sorted(kept))
+                self._pinned |= kept
             self._tasks = [
                 asyncio.create_task(self._follow(), name="inference-watch-deployments"),
                 asyncio.create_task(self._converge(), name="inference-reconcile"),
@@ -154,11 +199,15 @@ class Reconciler:
         self._pinned.add(name)
         self._pinning.add(name)
         try:
-            return await self._versions.load(name, config=self.model_configs().get(model))
+            held = await self._versions.load(name, config=self.model_configs().get(model))
         except BaseException:
             if not already:
                 self._pinned.discard(name)
             raise
+        else:
+            if not already:
+                self._save_pins()
+            return held
         finally:
             self._pinning.discard(name)
             self._wake.set()
@@ -167,7 +216,9 @@ class Reconciler:
         """UnloadModelVersion: releases the pin and unloads the version at once, unless a
         deployment references it (FailedPreconditionError naming the deployments)."""
         parse_version_name(name)
-        self._pinned.discard(name)
+        if name in self._pinned:
+            self._pinned.discard(name)
+            self._save_pins()
         self._versions.get(name)
         users = sorted(d.name for d in self._deployments.values() if name in d.versions)
         if users:
@@ -178,6 +229,15 @@ class Reconciler:
             )
         await self._versions.unload(name)
         self._wake.set()
+
+    def _save_pins(self) -> None:
+        if self._pin_file is None:
+            return
+        try:
+            self._pin_file.write(self._pinned)
+        except OSError as exc:
+            # The pin holds in this run; only a restart would forget it.
+            log.error("pins_not_saved", path=str(self._pin_file.path), error=str(exc))
 
     def apply(self, sequence: int, needs: DeploymentNeeds) -> None:
         """Takes one deployment revision in (an older revision than the one held changes

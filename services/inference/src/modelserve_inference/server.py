@@ -20,7 +20,7 @@ from modelserve_inference import oip_servicer
 from modelserve_inference.config import InferenceSettings
 from modelserve_inference.models import ArtifactSource, ModelVersions
 from modelserve_inference.oip_servicer import OpenInferenceServicer
-from modelserve_inference.reconcile import Reconciler
+from modelserve_inference.reconcile import PinFile, Reconciler
 from modelserve_inference.registry_source import RegistryArtifactSource, RegistryDeploymentFeed
 from modelserve_inference.servicer import InferenceServicer
 from modelserve_inference.supervisor import TritonHost, TritonSupervisor
@@ -183,6 +183,7 @@ async def build_server(settings: InferenceSettings) -> tuple[GrpcServer, Inferen
             retry_initial_s=settings.load_retry_initial_s,
             retry_max_s=settings.load_retry_max_s,
             watch_backoff_max_s=settings.watch_backoff_max_s,
+            pin_file=PinFile(settings.pins_file or settings.triton_work_dir / "pins.json"),
         )
         if settings.reconcile
         else None
