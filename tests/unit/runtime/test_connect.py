@@ -378,3 +378,73 @@ async def test_large_answers_are_gzipped_when_accepted(
     assert plain[0] is None
     assert json.loads(gzip.decompress(zipped[1])) == json.loads(plain[1])
     assert json.loads(plain[1])["requestId"] == "x" * 2000
+
+
+@pytest.mark.parametrize("allowed", [("https://app.example",), ("*",)])
+async def test_browsers_of_allowed_origins_get_cors(allowed: tuple[str, ...]) -> None:
+    """With `server.http_cors_origins`, a preflight from an allowed origin is answered (POST
+    and GET, the headers it asks for), and the answer names the origin and exposes its
+    headers, trailers and refusals included; another origin's preflight is refused."""
+    router = _Router()
+
+    def register(server: grpc.aio.Server) -> Sequence[str]:
+        router_grpc.add_RouterServiceServicer_to_server(router, server)
+        return [ROUTER.full_name]
+
+    settings = ServiceSettings(server=ServerSettings(http_port=0, http_cors_origins=allowed))
+    built = build_grpc_server("router", settings, register)
+    assert built.http is not None
+    await built.http.start()
+    url = f"http://127.0.0.1:{built.http.port}/modelserve.router.v1.RouterService/Predict"
+    origin = {"Origin": "https://app.example"}
+    asking = {
+        "Access-Control-Request-Method": "POST",
+        "Access-Control-Request-Headers": "content-type,connect-protocol-version,x-api-key",
+    }
+    try:
+        async with aiohttp.ClientSession() as session:
+            async with session.options(url, headers={**origin, **asking}) as response:
+                preflight = (response.status, dict(response.headers))
+            async with session.post(url, json={"endpoint": "fraud"}, headers=origin) as response:
+                answered = (response.status, dict(response.headers))
+            async with session.post(url, json={"endpoint": "bad"}, headers=origin) as response:
+                refused = (response.status, dict(response.headers))
+            async with session.options(
+                url, headers={"Origin": "https://evil.example", **asking}
+            ) as response:
+                other = (response.status, dict(response.headers))
+    finally:
+        await built.http.stop()
+    assert preflight[0] == 204
+    assert preflight[1]["Access-Control-Allow-Origin"] == "https://app.example"
+    assert preflight[1]["Access-Control-Allow-Methods"] == "POST, GET"
+    assert preflight[1]["Access-Control-Allow-Headers"] == asking["Access-Control-Request-Headers"]
+    assert answered[0] == 200
+    assert answered[1]["Access-Control-Allow-Origin"] == "https://app.example"
+    exposed = answered[1]["Access-Control-Expose-Headers"].lower().split(", ")
+    assert {"x-answered-by", "trailer-x-cost", "trailer-x-blob-bin"} <= set(exposed)
+    assert refused[0] == 400
+    assert refused[1]["Access-Control-Allow-Origin"] == "https://app.example"
+    if allowed == ("*",):
+        assert other[0] == 204
+        assert other[1]["Access-Control-Allow-Origin"] == "https://evil.example"
+    else:
+        assert other[0] == 403
+        assert "Access-Control-Allow-Origin" not in other[1]
+
+
+async def test_without_cors_origins_a_preflight_is_not_answered(
+    served: tuple[GrpcServer, _Router, str],
+) -> None:
+    """No `server.http_cors_origins`: no CORS headers, a preflight is a 405."""
+    _, _, base = served
+    url = f"{base}/modelserve.router.v1.RouterService/Predict"
+    origin = {"Origin": "https://app.example", "Access-Control-Request-Method": "POST"}
+    async with aiohttp.ClientSession() as session:
+        async with session.options(url, headers=origin) as response:
+            preflight = (response.status, dict(response.headers))
+        async with session.post(url, json={"endpoint": "fraud"}, headers=origin) as response:
+            answered = dict(response.headers)
+    assert preflight[0] == 405
+    assert "Access-Control-Allow-Origin" not in preflight[1]
+    assert "Access-Control-Allow-Origin" not in answered

@@ -155,6 +155,12 @@ class ServerSettings(BaseModel):
     checks, API keys, tracing, logs and metrics as the gRPC port, on `host`, with the same
     TLS. None: gRPC only; 0 picks a free one. With several `workers` it must be fixed (not
     0), as `port`."""
+    http_cors_origins: tuple[str, ...] = ()
+    """Origins (`https://app.example.com`, scheme, host and port as a browser sends them)
+    whose pages may call the HTTP port from a browser (CORS: Connect's web clients, the Open
+    Inference Protocol's REST binding): preflights are answered, and answers carry
+    `Access-Control-Allow-Origin` and expose their headers. `*` allows every origin (avoid in
+    production). Empty: no CORS, browsers refuse calls from other origins."""
     grace_period_s: float = Field(default=10.0, ge=0)
     """On SIGTERM, how long in-flight RPCs may run before they are cancelled."""
     max_message_bytes: int = Field(default=4 * 1024 * 1024, ge=1024)

@@ -59,6 +59,25 @@ DEADLINE_EXCEEDED = "Deadline Exceeded"
 _CERTIFICATE_CN = "x509_common_name"
 
 Metadata = tuple[tuple[str, str | bytes], ...]
+#: Response headers a browser shows a page without being told (CORS-safelisted), and those
+#: CORS itself sets.
+_SAFELISTED = frozenset(
+    {
+        "cache-control",
+        "content-language",
+        "content-length",
+        "content-type",
+        "expires",
+        "last-modified",
+        "pragma",
+        "vary",
+        "access-control-allow-origin",
+        "access-control-expose-headers",
+        "date",
+        "server",
+        "transfer-encoding",
+    }
+)
 
 
 @dataclass(slots=True)
@@ -319,7 +338,9 @@ class HttpServer:
         max_body_bytes: int,
         grace_s: float,
         ssl_context: ssl.SSLContext | None = None,
+        cors_origins: Sequence[str] = (),
     ) -> None:
+        self._cors = frozenset(cors_origins)
         self.handlers = tuple(handlers)
         self._interceptors = tuple(interceptors)
         self._inner: dict[tuple[str, str], Any] = {}
@@ -349,7 +370,12 @@ class HttpServer:
         self.speaks.append(speaks)
 
     async def start(self) -> None:
-        app = web.Application(client_max_size=self.max_body_bytes, middlewares=[self._errors])
+        middlewares = [self._errors]
+        if self._cors:
+            middlewares.insert(0, self._preflight)
+        app = web.Application(client_max_size=self.max_body_bytes, middlewares=middlewares)
+        if self._cors:
+            app.on_response_prepare.append(self._allow_origin)
         app.add_routes(self._routes)
         runner = web.AppRunner(
             app, handler_cancellation=True, access_log=None, shutdown_timeout=self._grace_s
@@ -453,6 +479,49 @@ class HttpServer:
             return await self._intercepted(interceptors, call_details, protocol)
 
         return await interceptor.intercept_service(continuation, details)
+
+    def _allowed(self, origin: str | None) -> bool:
+        return origin is not None and ("*" in self._cors or origin in self._cors)
+
+    @web.middleware
+    async def _preflight(
+        self,
+        request: web.Request,
+        handler: Callable[[web.Request], Awaitable[web.StreamResponse]],
+    ) -> web.StreamResponse:
+        """A browser's CORS preflight (OPTIONS with Access-Control-Request-Method): allowed
+        origins may POST and GET with whatever headers they ask for; others are refused."""
+        wanted = request.headers.get("Access-Control-Request-Method")
+        if request.method != "OPTIONS" or wanted is None:
+            return await handler(request)
+        origin = request.headers.get("Origin")
+        if not self._allowed(origin):
+            return web.json_response(
+                {"error": f"origin {origin!r} may not call this port (server.http_cors_origins)"},
+                status=403,
+            )
+        headers = {
+            "Access-Control-Allow-Origin": str(origin),
+            "Access-Control-Allow-Methods": "POST, GET",
+            "Access-Control-Max-Age": "7200",
+            "Vary": "Origin, Access-Control-Request-Method, Access-Control-Request-Headers",
+        }
+        asked = request.headers.get("Access-Control-Request-Headers")
+        if asked:
+            headers["Access-Control-Allow-Headers"] = asked
+        return web.Response(status=204, headers=headers)
+
+    async def _allow_origin(self, request: web.Request, response: web.StreamResponse) -> None:
+        """An answer to an allowed origin names it, and lets its page read every header the
+        answer has (status, Retry-After, Connect's trailers)."""
+        origin = request.headers.get("Origin")
+        if request.method == "OPTIONS" or not self._allowed(origin):
+            return
+        response.headers["Access-Control-Allow-Origin"] = str(origin)
+        response.headers.add("Vary", "Origin")
+        exposed = sorted({name for name in response.headers if name.lower() not in _SAFELISTED})
+        if exposed:
+            response.headers["Access-Control-Expose-Headers"] = ", ".join(exposed)
 
     @web.middleware
     async def _errors(

@@ -239,6 +239,7 @@ def _http_binding(
         max_body_bytes=settings.server.max_message_bytes,
         grace_s=settings.server.grace_period_s,
         ssl_context=context,
+        cors_origins=settings.server.http_cors_origins,
     )
     if _OIP_SERVICE in names:
         # Imported here: only the services that serve the protocol need tritonclient.
