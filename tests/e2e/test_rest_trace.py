@@ -101,3 +101,43 @@ async def test_a_rest_call_is_answered_and_traced_through_every_hop(
         s for s in spans if s.service == "triton" and by_id[s.parent_span_id].service != "triton"
     )
     assert by_id[triton_root.parent_span_id].service == "inference"
+
+
+async def test_a_connect_call_is_traced_as_connect(
+    stack: Stack, demo: DemoDeployment, otlp: OtlpReceiver
+) -> None:
+    """ModelInfer over Connect on the same port (the method the REST route runs too): the
+    caller's trace continues, and the router's span says `modelserve.protocol=connect`."""
+    assert stack.router_http_port is not None
+    trace_id = secrets.token_hex(16)
+    body = {
+        "modelName": "fraud",
+        "inputs": [
+            {
+                "name": "features",
+                "datatype": "FP32",
+                "shape": [str(n) for n in ROWS.shape],
+                "contents": {"fp32Contents": ROWS.reshape(-1).tolist()},
+            }
+        ],
+    }
+    async with (
+        aiohttp.ClientSession() as session,
+        session.post(
+            f"http://127.0.0.1:{stack.router_http_port}/inference.GRPCInferenceService/ModelInfer",
+            json=body,
+            headers={"traceparent": f"00-{trace_id}-{CALLER_SPAN}-01"},
+        ) as response,
+    ):
+        assert response.status == 200, await response.text()
+        answer = await response.json()
+    assert answer["parameters"]["trace_id"]["stringParam"] == trace_id
+
+    def root() -> Any:
+        spans = [s for s in otlp.trace(trace_id) if s.parent_span_id == CALLER_SPAN]
+        return spans[0] if spans else None
+
+    await eventually(lambda: root() is not None, "the router's span of the Connect call")
+    span = root()
+    assert (span.service, span.name) == ("router", "inference.GRPCInferenceService/ModelInfer")
+    assert ("modelserve.protocol", "connect") in span.attributes
