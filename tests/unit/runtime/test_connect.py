@@ -21,7 +21,7 @@ from connectrpc.code import Code
 from connectrpc.errors import ConnectError
 from google.rpc import error_details_pb2
 from grpc_health.v1 import health_pb2
-from support import connect_method
+from support import connect_method, eventually
 
 from modelserve.feature.v1 import feature_service_pb2 as feature_pb
 from modelserve.feature.v1 import feature_service_pb2_grpc as feature_grpc
@@ -448,3 +448,41 @@ async def test_without_cors_origins_a_preflight_is_not_answered(
     assert preflight[0] == 405
     assert "Access-Control-Allow-Origin" not in preflight[1]
     assert "Access-Control-Allow-Origin" not in answered
+
+
+async def test_the_in_flight_limit_holds_on_the_http_port() -> None:
+    """`server.max_concurrent_rpcs` on the HTTP port too: with one call in flight and a limit
+    of 1, the next is refused at once with resource_exhausted (429), its servicer never run;
+    once the first ends, calls go through again."""
+    router = _Router()
+
+    def register(server: grpc.aio.Server) -> Sequence[str]:
+        router_grpc.add_RouterServiceServicer_to_server(router, server)
+        return [ROUTER.full_name]
+
+    settings = ServiceSettings(server=ServerSettings(http_port=0, max_concurrent_rpcs=1))
+    built = build_grpc_server("router", settings, register)
+    assert built.http is not None
+    await built.http.start()
+    url = f"http://127.0.0.1:{built.http.port}/modelserve.router.v1.RouterService/Predict"
+    try:
+        async with aiohttp.ClientSession() as session:
+
+            async def post(endpoint: str, **headers: str) -> tuple[int, Any]:
+                async with session.post(url, json={"endpoint": endpoint}, headers=headers) as r:
+                    return r.status, await r.json()
+
+            slow = asyncio.create_task(post("slow", **{"Connect-Timeout-Ms": "1500"}))
+            await eventually(lambda: len(router.seen) == 1, "the slow call in its servicer")
+            refused = await post("fraud")
+            ran_meanwhile = len(router.seen)
+            slow_answer = await slow
+            after = await post("fraud")
+    finally:
+        await built.http.stop()
+    assert refused[0] == 429
+    assert refused[1]["code"] == "resource_exhausted"
+    assert "server.max_concurrent_rpcs" in refused[1]["message"]
+    assert ran_meanwhile == 1
+    assert slow_answer[0] == 504
+    assert after[0] == 200

@@ -166,7 +166,8 @@ class ServerSettings(BaseModel):
     max_message_bytes: int = Field(default=4 * 1024 * 1024, ge=1024)
     """Largest request or response message accepted; larger ones get RESOURCE_EXHAUSTED."""
     max_concurrent_rpcs: int | None = Field(default=None, ge=1)
-    """In-flight RPC limit; further calls are refused with RESOURCE_EXHAUSTED. None: no limit."""
+    """In-flight RPC limit, on the gRPC port and, on its own, on the HTTP port; further calls
+    are refused with RESOURCE_EXHAUSTED (HTTP 429) before any handler runs. None: no limit."""
     tls: ServerTlsSettings = Field(default_factory=ServerTlsSettings)
     """TLS and mutual TLS; off (plaintext) by default."""
     workers: int = Field(default=1, ge=1, le=64)

@@ -339,8 +339,11 @@ class HttpServer:
         grace_s: float,
         ssl_context: ssl.SSLContext | None = None,
         cors_origins: Sequence[str] = (),
+        max_in_flight: int | None = None,
     ) -> None:
         self._cors = frozenset(cors_origins)
+        self._max_in_flight = max_in_flight
+        self._in_flight = 0
         self.handlers = tuple(handlers)
         self._interceptors = tuple(interceptors)
         self._inner: dict[tuple[str, str], Any] = {}
@@ -427,6 +430,30 @@ class HttpServer:
         context's deadline the call is cancelled and answers DEADLINE_EXCEEDED."""
         if context is None:
             context = self.context(request)
+        if self._max_in_flight is not None and self._in_flight >= self._max_in_flight:
+            # As gRPC refuses a call over `maximum_concurrent_rpcs`: before any handler runs.
+            return Answer(
+                None,
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"{self._max_in_flight} calls are in flight on this port, its limit"
+                " (server.max_concurrent_rpcs)",
+                (),
+            )
+        self._in_flight += 1
+        try:
+            return await self._call(request, method, build, render, protocol, context)
+        finally:
+            self._in_flight -= 1
+
+    async def _call(
+        self,
+        request: web.Request,
+        method: str,
+        build: Callable[[], Any],
+        render: Callable[[Any], Any],
+        protocol: str,
+        context: HttpCallContext,
+    ) -> Answer:
         details = CallDetails(method, context.invocation_metadata())
         handler = await self._intercepted(iter(self._interceptors), details, protocol)
         attribute = _KINDS[(handler.request_streaming, handler.response_streaming)][0]

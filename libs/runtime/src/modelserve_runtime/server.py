@@ -240,6 +240,7 @@ def _http_binding(
         grace_s=settings.server.grace_period_s,
         ssl_context=context,
         cors_origins=settings.server.http_cors_origins,
+        max_in_flight=settings.server.max_concurrent_rpcs,
     )
     if _OIP_SERVICE in names:
         # Imported here: only the services that serve the protocol need tritonclient.
