@@ -278,8 +278,8 @@ class TestPinning:
             update={"triton_work_dir": tmp_path_factory.mktemp("triton-pins")}
         )
         pins = settings.triton_work_dir / "pins.json"
-        await registry.create_model("iota")
-        v1 = await registry.upload("iota", tiny_onnx(3.0))
+        await registry.create_model("sigma")
+        v1 = await registry.upload("sigma", tiny_onnx(3.0))
         async with running(inference_server.build_server, settings) as (_, channel, _app):
             stub = pb_grpc.InferenceServiceStub(channel)
             await stub.LoadModelVersion(pb.LoadModelVersionRequest(name=v1))
