@@ -28,7 +28,7 @@ from modelserve.feature.v1 import feature_service_pb2_grpc as feature_grpc
 from modelserve.router.v1 import router_service_pb2 as router_pb
 from modelserve.router.v1 import router_service_pb2_grpc as router_grpc
 from modelserve_runtime.config import ServerSettings, ServiceSettings
-from modelserve_runtime.errors import InvalidArgumentError, NotFoundError
+from modelserve_runtime.errors import InvalidArgumentError, NotFoundError, ResourceExhaustedError
 from modelserve_runtime.server import GrpcServer, build_grpc_server
 
 ROUTER = router_pb.DESCRIPTOR.services_by_name["RouterService"]
@@ -52,6 +52,8 @@ class _Router(router_grpc.RouterServiceServicer):
             await asyncio.sleep(30)
         if request.endpoint == "missing":
             raise NotFoundError("endpoint 'missing' is not deployed", metadata={"endpoint": "x"})
+        if request.endpoint == "busy":
+            raise ResourceExhaustedError("fraud is at its limit", retry_delay_s=2.5)
         if request.endpoint == "bad":
             raise InvalidArgumentError.for_field("entities.customer", "expected an entity id")
         await context.send_initial_metadata((("x-answered-by", "router-1"),))
@@ -486,3 +488,23 @@ async def test_the_in_flight_limit_holds_on_the_http_port() -> None:
     assert ran_meanwhile == 1
     assert slow_answer[0] == 504
     assert after[0] == 200
+
+
+async def test_a_retry_delay_is_retry_after_too(served: tuple[GrpcServer, _Router, str]) -> None:
+    """A refusal whose status carries a RetryInfo of 2.5 s: the detail in Connect's error,
+    and `Retry-After: 3` for HTTP clients and proxies that read no details."""
+    _, _, base = served
+    async with (
+        aiohttp.ClientSession() as session,
+        session.post(
+            f"{base}/modelserve.router.v1.RouterService/Predict", json={"endpoint": "busy"}
+        ) as response,
+    ):
+        status, retry, error = (
+            response.status,
+            response.headers.get("Retry-After"),
+            await response.json(),
+        )
+    assert (status, retry, error["code"]) == (429, "3", "resource_exhausted")
+    (detail,) = [d for d in error["details"] if d["type"] == "google.rpc.RetryInfo"]
+    assert detail["debug"] == {"retryDelay": "2.500s"}

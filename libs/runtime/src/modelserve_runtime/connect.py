@@ -49,7 +49,13 @@ from modelserve_runtime.errors import (
     ModelServeError,
     ResourceExhaustedError,
 )
-from modelserve_runtime.http_binding import HTTP_STATUS, STATUS_DETAILS, HttpServer, Metadata
+from modelserve_runtime.http_binding import (
+    HTTP_STATUS,
+    STATUS_DETAILS,
+    HttpServer,
+    Metadata,
+    retry_after,
+)
 
 #: Connect's name of each status code.
 CODES: dict[grpc.StatusCode, str] = {
@@ -462,6 +468,7 @@ def _unary_error(
 ) -> web.Response:
     headers = _headers(initial)
     headers.update(_headers(trailing, prefix="trailer-"))
+    headers.update(retry_after(trailing))
     content, encoding = _compress(json.dumps(error_json(code, message, trailing)).encode(), accept)
     if encoding != "identity":
         headers["Content-Encoding"] = encoding

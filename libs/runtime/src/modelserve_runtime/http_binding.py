@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import inspect
+import math
 import socket
 import ssl
 from collections.abc import Awaitable, Callable, Iterator, Sequence
@@ -26,6 +27,7 @@ from typing import Any
 import grpc
 import structlog
 from aiohttp import web
+from google.rpc import error_details_pb2, status_pb2
 from grpc.aio import AbortError
 from opentelemetry import trace
 
@@ -255,6 +257,21 @@ def header_metadata(request: web.Request) -> Metadata:
         else:
             metadata.append((key, value))
     return tuple(metadata)
+
+
+def retry_after(trailing: Metadata) -> dict[str, str]:
+    """`Retry-After` (whole seconds, rounded up) from a RetryInfo among a refusal's status
+    details, for HTTP clients and proxies that read no details; none without one."""
+    for key, value in trailing:
+        if key != STATUS_DETAILS or not isinstance(value, bytes):
+            continue
+        for detail in status_pb2.Status.FromString(value).details:
+            if detail.Is(error_details_pb2.RetryInfo.DESCRIPTOR):
+                info = error_details_pb2.RetryInfo()
+                detail.Unpack(info)
+                seconds = info.retry_delay.ToTimedelta().total_seconds()
+                return {"Retry-After": str(max(1, math.ceil(seconds)))}
+    return {}
 
 
 def certificate_cn(request: web.Request) -> str | None:

@@ -17,18 +17,16 @@ protocol says.
 from __future__ import annotations
 
 import json
-import math
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from aiohttp import web
 from google.protobuf import json_format
-from google.rpc import error_details_pb2, status_pb2
 from tritonclient.grpc import service_pb2
 
 from modelserve_runtime.errors import InvalidArgumentError
-from modelserve_runtime.http_binding import HTTP_STATUS, STATUS_DETAILS, Answer, HttpServer
+from modelserve_runtime.http_binding import HTTP_STATUS, Answer, HttpServer, retry_after
 from modelserve_triton.oip_json import (
     HEADER_LENGTH,
     encode_infer,
@@ -284,25 +282,9 @@ def _json(answer: Answer, render: Callable[[Any], dict[str, object]]) -> web.Res
 def _error(answer: Answer) -> web.Response:
     """A refused call as the protocol's error object, with the status's HTTP code; a
     RetryInfo among the status's details becomes `Retry-After` (whole seconds, rounded up)."""
-    headers = {"Grpc-Status": answer.code.name}
-    retry = _retry_after_s(answer.trailing)
-    if retry is not None:
-        headers["Retry-After"] = str(max(1, math.ceil(retry)))
+    headers = {"Grpc-Status": answer.code.name, **retry_after(answer.trailing)}
     return web.json_response(
         {"error": answer.details or answer.code.name},
         status=HTTP_STATUS.get(answer.code, 500),
         headers=headers,
     )
-
-
-def _retry_after_s(trailing: Sequence[tuple[str, str | bytes]]) -> float | None:
-    for key, value in trailing:
-        if key != STATUS_DETAILS or not isinstance(value, bytes):
-            continue
-        status = status_pb2.Status.FromString(value)
-        for detail in status.details:
-            if detail.Is(error_details_pb2.RetryInfo.DESCRIPTOR):
-                info = error_details_pb2.RetryInfo()
-                detail.Unpack(info)
-                return float(info.retry_delay.ToTimedelta().total_seconds())
-    return None
