@@ -36,11 +36,13 @@ FEATURE = feature_pb.DESCRIPTOR.services_by_name["FeatureService"]
 
 
 class _Router(router_grpc.RouterServiceServicer):
-    """Predict echoes the endpoint, says what its context saw, or sleeps or refuses as the
+    """Predict echoes the endpoint, says what its context saw, or holds (until `released`,
+    which no test sets: only the caller's deadline ends the call) or refuses as the
     endpoint's name asks; PredictStream answers each request with its id."""
 
     def __init__(self) -> None:
         self.seen: list[dict[str, Any]] = []
+        self.released = asyncio.Event()
 
     async def Predict(
         self, request: router_pb.PredictRequest, context: grpc.aio.ServicerContext[Any, Any]
@@ -49,7 +51,7 @@ class _Router(router_grpc.RouterServiceServicer):
             {"remaining": context.time_remaining(), "metadata": context.invocation_metadata()}
         )
         if request.endpoint == "slow":
-            await asyncio.sleep(30)
+            await self.released.wait()
         if request.endpoint == "missing":
             raise NotFoundError("endpoint 'missing' is not deployed", metadata={"endpoint": "x"})
         if request.endpoint == "busy":
@@ -170,7 +172,7 @@ async def test_refusal_is_connects_error_with_the_status_details(
 
 async def test_timeout_is_the_deadline(served: tuple[GrpcServer, _Router, str]) -> None:
     """`Connect-Timeout-Ms` is the servicer's `time_remaining()` and, once past, cancels the
-    call: deadline_exceeded (504) well before the servicer's 30 s sleep ends."""
+    call, which the servicer would hold forever: deadline_exceeded (504)."""
     _, router, base = served
     client = ConnectClient(base)
     await client.execute_unary(
