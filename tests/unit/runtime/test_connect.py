@@ -268,9 +268,11 @@ async def test_a_unary_method_over_the_stream_content_type(
     async with aiohttp.ClientSession() as session:
         async with session.post(url, data=one, headers=headers) as response:
             ok = (response.status, _envelopes(await response.read()))
+            answered_by = response.headers.get("x-answered-by")
         async with session.post(url, data=one + one, headers=headers) as response:
             twice = (response.status, _envelopes(await response.read()))
     assert ok[0] == 200
+    assert answered_by == "router-1"
     assert [flags for flags, _ in ok[1]] == [0, 2]
     assert json.loads(ok[1][0][1]) == {"modelVersion": "fraud", "requestId": "r-9"}
     assert json.loads(ok[1][1][1]) == {"metadata": {"x-cost": ["7"], "x-blob-bin": ["AP8"]}}

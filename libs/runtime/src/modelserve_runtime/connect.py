@@ -81,7 +81,6 @@ class ConnectMethod:
     path: str
     """`/<package.Service>/<Method>`, also the gRPC method's name."""
     request_type: Any
-    response_type: Any
     client_streaming: bool
     server_streaming: bool
 
@@ -97,7 +96,6 @@ def service_methods(services: Sequence[str]) -> list[ConnectMethod]:
                 ConnectMethod(
                     path=f"/{service.full_name}/{method.name}",
                     request_type=message_factory.GetMessageClass(method.input_type),
-                    response_type=message_factory.GetMessageClass(method.output_type),
                     client_streaming=method.client_streaming,
                     server_streaming=method.server_streaming,
                 )
@@ -223,20 +221,19 @@ class ConnectRoutes:
         if answer_encoding != "identity":
             response.headers["Connect-Content-Encoding"] = answer_encoding
         limit = self._server.max_body_bytes
-        initial: list[Metadata] = []
 
-        async def send(data: bytes, flags: int) -> None:
+        async def send(data: bytes, flags: int, initial: Metadata = ()) -> None:
+            """Sends one envelope; the first sends the headers, with `initial` (the servicer's
+            initial metadata) among them."""
             if not response.prepared:
-                response.headers.update(_headers(initial[0] if initial else ()))
+                response.headers.update(_headers(initial))
                 await response.prepare(request)
             if answer_encoding == "gzip" and flags == 0 and len(data) >= COMPRESS_MIN_BYTES:
                 data, flags = gzip.compress(data, compresslevel=6), flags | _FLAG_COMPRESSED
             await response.write(_ENVELOPE.pack(flags, len(data)) + data)
 
         async def write(message: Any) -> None:
-            if not initial:
-                initial.append(context.initial)
-            await send(codec.encode(message), 0)
+            await send(codec.encode(message), 0, context.initial)
 
         try:
             _check_version(request.headers.get("Connect-Protocol-Version"))
@@ -262,30 +259,27 @@ class ConnectRoutes:
             )
         else:
             # The one request is read before the call, and refused inside it if it is bad.
-            first: list[Any] = []
-            error: list[ModelServeError] = []
+            only: Any
             try:
-                first.append(await _single(requests))
+                only = await _single(requests)
             except ModelServeError as exc:
-                error.append(exc)
+                only = exc
 
             def build_one() -> Any:
-                if error:
-                    raise error[0]
-                return first[0]
+                if isinstance(only, ModelServeError):
+                    raise only
+                return only
 
             answer = await self._server.call(
                 request, method.path, build_one, lambda r: r, protocol="connect", context=context
             )
-        if not initial:
-            initial.append(answer.initial)
         if answer.response is not None and not method.server_streaming:
             await write(answer.response)
         if answer.code is grpc.StatusCode.OK:
             end = _end_ok(answer.trailing)
         else:
             end = _end_stream(answer.code, answer.details, answer.trailing)
-        await send(end, _FLAG_END)
+        await send(end, _FLAG_END, answer.initial)
         await response.write_eof()
         return response
 
